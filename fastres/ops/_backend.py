@@ -1,0 +1,270 @@
+"""Which implementation of an op runs: ``torch`` (the reference), ``triton`` or ``cuda``.
+
+Every op in :mod:`fastres.ops` has one contract and several implementations. An
+implementation registers itself here with :func:`register_impl` together with a
+``supports(*args)`` predicate; the op's body then asks :func:`choose` which one to run.
+
+The preferred backend comes from, in order: :func:`use_backend` (a context manager),
+:func:`set_backend`, the ``FASTRES_BACKEND`` environment variable, and ``"auto"``.
+
+``auto`` picks, per call: ``cuda`` then ``triton`` for CUDA tensors (where registered and
+supported), ``triton`` for CPU tensors only when the Triton interpreter is on
+(``TRITON_INTERPRET=1``), and ``torch`` otherwise. A named backend that cannot run a call
+falls back along ``cuda -> triton -> torch`` and says so once per (op, backend, reason).
+
+Measured choice (CUDA tensors): when a call runs on a GPU, :mod:`fastres.tuning` decides
+instead of the fixed order above. With ``auto`` it times every registered implementation
+that supports the call (and every kernel configuration an implementation offers through
+:func:`register_configs`) once per (op, shapes, dtypes, layout, GPU, versions) and remembers
+the fastest on disk; with a named backend only that backend's configurations compete. With
+``FASTRES_TUNE=0`` or ``torch.use_deterministic_algorithms(True)`` the choice is pinned:
+``triton`` (its first configuration), else ``cuda``, else ``torch`` — see
+:func:`fastres.tuning.mode`. CPU tensors keep the fixed order (nothing is timed).
+
+Why ``torch.library.custom_op`` and not ``triton_op``: ``triton_op`` would let inductor see
+(and fuse around) the Triton kernels, but it fails to compile on a machine without a GPU
+(DESIGN.md), and the measured choice between ``triton``/``cuda``/``torch`` happens inside the
+op body at run time, which ``triton_op`` (one fixed kernel per op) cannot express. Whether a
+CUDA-only ``triton_op`` variant is worth it is to be measured on a GPU before switching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("fastres")
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+_FALLBACK_ORDER = ("cuda", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of one op.
+
+    ``fn`` has the op's exact signature. ``supports(*args, **kwargs)`` returns ``None`` when
+    the implementation can run the call, or a short reason why not (used in the fallback
+    message).
+    """
+
+    op: str
+    backend: str
+    fn: Callable
+    supports: Callable[..., str | None]
+
+
+@dataclass(frozen=True)
+class ConfigProvider:
+    """Kernel configurations an implementation offers to the tuner.
+
+    ``configs(*args, **kwargs)`` lists the candidate configurations for one call (first =
+    the pinned default); ``run(config, *args, **kwargs)`` runs the call with one of them.
+    A configuration is a JSON-able value or has ``as_dict()``; ``str(config)`` names it.
+    """
+
+    configs: Callable[..., list]
+    run: Callable[..., object]
+
+
+_IMPLS: dict[str, dict[str, Impl]] = {}
+_CONFIGS: dict[tuple[str, str], ConfigProvider] = {}
+_state = threading.local()
+_global_backend: str | None = None
+_warned: set[tuple[str, str, str]] = set()
+# Bumped whenever an implementation or provider is (re)registered: the tuner's per-process
+# memo of choices is dropped then.
+_generation = 0
+# Device types whose calls go through the measured choice (tests may add "cpu" with a fake
+# timer through fastres.tuning.configure).
+_TUNED_DEVICE_TYPES: frozenset[str] = frozenset({"cuda"})
+_tuned_choose: Callable | None = None  # fastres.tuning.choose, imported on first use
+
+
+def _always(*args, **kwargs) -> str | None:
+    return None
+
+
+def register_impl(op: str, backend: str, fn: Callable, supports: Callable | None = None) -> None:
+    """Register ``fn`` as the ``backend`` implementation of ``op``."""
+    global _generation
+    if backend not in _FALLBACK_ORDER:
+        raise ValueError(f"backend must be one of {_FALLBACK_ORDER}, got {backend!r}")
+    _IMPLS.setdefault(op, {})[backend] = Impl(op, backend, fn, supports or _always)
+    _generation += 1
+
+
+def register_configs(op: str, backend: str, configs: Callable[..., list],
+                     run: Callable[..., object]) -> None:
+    """Offer ``backend``'s kernel configurations for ``op`` to the tuner (see
+    :class:`ConfigProvider`). Without a provider an implementation is one candidate."""
+    global _generation
+    if backend not in _FALLBACK_ORDER:
+        raise ValueError(f"backend must be one of {_FALLBACK_ORDER}, got {backend!r}")
+    _CONFIGS[(op, backend)] = ConfigProvider(configs, run)
+    _generation += 1
+
+
+def config_provider(op: str, backend: str) -> ConfigProvider | None:
+    """The configurations ``backend`` offers for ``op``, if any."""
+    return _CONFIGS.get((op, backend))
+
+
+def implementations(op: str) -> dict[str, Impl]:
+    """The registered implementations of ``op``, by backend name."""
+    _load_optional_backends()
+    return dict(_IMPLS.get(op, {}))
+
+
+def _validate(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"fastres backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend preference in force for this thread."""
+    local = getattr(_state, "stack", None)
+    if local:
+        return local[-1]
+    if _global_backend is not None:
+        return _global_backend
+    return _validate(os.environ.get("FASTRES_BACKEND", "auto"))
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide backend preference (``None`` returns to ``FASTRES_BACKEND``)."""
+    global _global_backend
+    _global_backend = None if name is None else _validate(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed code with backend preference ``name`` (this thread only)."""
+    name = _validate(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _say_once(op: str, backend: str, reason: str) -> None:
+    key = (op, backend, reason)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(
+        f"fastres: {op} cannot run on the {backend!r} backend ({reason}); falling back",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+_optional_loaded = False
+_missing: dict[str, str] = {}
+
+
+def note_missing(backend: str, reason: str) -> None:
+    """Record that an optional backend could not be loaded (e.g. ``fastres._C`` not built).
+
+    The first call that would have used it on a device it serves says so once.
+    """
+    _missing[backend] = reason
+
+
+def _load_optional_backends() -> None:
+    """Import the Triton and CUDA implementations once; each registers itself if it can."""
+    global _optional_loaded
+    if _optional_loaded:
+        return
+    _optional_loaded = True
+    for module in ("fastres.kernels.triton_impls", "fastres._ext_impls"):
+        try:
+            __import__(module)
+        except ImportError as exc:  # a missing optional backend is not an error
+            log.info("fastres: optional backend %s not available: %s", module, exc)
+
+
+def _device_ok(backend: str, device: torch.device) -> str | None:
+    if backend == "torch":
+        return None
+    if backend == "cuda":
+        return None if device.type == "cuda" else f"tensors are on {device.type}, not cuda"
+    if backend == "triton":
+        if device.type == "cuda" or triton_interpreted():
+            return None
+        return f"tensors are on {device.type} and TRITON_INTERPRET is not set"
+    return "unknown backend"
+
+
+def choose(op: str, device: torch.device, *args, **kwargs) -> Impl:
+    """The implementation of ``op`` that runs this call."""
+    _load_optional_backends()
+    impls = _IMPLS.get(op)
+    if not impls or "torch" not in impls:
+        raise RuntimeError(f"fastres: op {op!r} has no reference implementation registered")
+    pref = get_backend()
+    if pref == "torch":
+        return impls["torch"]
+    if device.type in _TUNED_DEVICE_TYPES:
+        global _tuned_choose
+        if _tuned_choose is None:
+            from fastres.tuning import choose as _tuned_choose
+        return _tuned_choose(op, device, pref, impls, args, kwargs)
+    if pref == "auto":
+        return auto_choice(op, device, impls, args, kwargs)
+    return named_choice(op, device, pref, impls, args, kwargs)
+
+
+def runnable(op: str, backend: str, device: torch.device, impls: dict[str, Impl], args,
+             kwargs) -> Impl | None:
+    """``impls[backend]`` when it is registered and can run this call on ``device``."""
+    impl = impls.get(backend)
+    if impl is None and backend in _missing and _device_ok(backend, device) is None:
+        _say_once("fastres", backend, _missing[backend])
+    if impl is None or _device_ok(backend, device) is not None:
+        return None
+    return impl if impl.supports(*args, **kwargs) is None else None
+
+
+def auto_choice(op: str, device: torch.device, impls: dict[str, Impl], args, kwargs) -> Impl:
+    """The fixed ``auto`` order: ``cuda``, ``triton``, ``torch`` (first that runs the call)."""
+    for backend in _FALLBACK_ORDER:
+        impl = runnable(op, backend, device, impls, args, kwargs)
+        if impl is not None:
+            return impl
+    return impls["torch"]
+
+
+def named_choice(op: str, device: torch.device, pref: str, impls: dict[str, Impl], args,
+                 kwargs) -> Impl:
+    """A named backend: use it, or fall back along the chain and say why once."""
+    start = _FALLBACK_ORDER.index(pref)
+    for backend in _FALLBACK_ORDER[start:]:
+        impl = impls.get(backend)
+        if impl is None:
+            reason = "not built or not installed" if backend != "torch" else "missing"
+            _say_once(op, backend, reason)
+            continue
+        reason = _device_ok(backend, device) or impl.supports(*args, **kwargs)
+        if reason is None:
+            return impl
+        _say_once(op, backend, reason)
+    return impls["torch"]

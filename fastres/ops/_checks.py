@@ -1,0 +1,63 @@
+"""Argument checks shared by the ops: each error says what was expected and what was given."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_activation(name: str, x: torch.Tensor, op: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{op}: {name} must be 4-D [N, C, H, W], got {x.dim()}-D shape {tuple(x.shape)}"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def conv_output_size(h, w, r, s, stride, padding, dilation) -> tuple[int, int]:
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return p, q
+
+
+def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual) -> None:
+    op = "conv_bias_act"
+    check_float_activation("x", x, op)
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: weight must be 4-D [C_out, C_in/groups, R, S], "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight dtype must equal x's ({x.dtype}), got {weight.dtype}")
+    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
+        raise ValueError(f"{op}: groups={groups} must divide C_in={x.shape[1]} and "
+                         f"C_out={weight.shape[0]}")
+    if weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"{op}: weight expects {weight.shape[1] * groups} input channels "
+                         f"(C_in/groups={weight.shape[1]}, groups={groups}), x has {x.shape[1]}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), "
+                         f"got {tuple(bias.shape)}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{op}: stride and dilation must be >= 1 and padding >= 0, got "
+                         f"stride={stride}, padding={padding}, dilation={dilation}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, x is on {x.device}")
+    p, q = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3],
+                            stride, padding, dilation)
+    if p < 1 or q < 1:
+        raise ValueError(f"{op}: input {tuple(x.shape[2:])} is too small for a "
+                         f"{tuple(weight.shape[2:])} kernel with padding {padding}, "
+                         f"dilation {dilation} (output would be {p}x{q})")
+    if residual is not None:
+        expected = (x.shape[0], weight.shape[0], p, q)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"{op}: residual must have shape {expected}, "
+                             f"got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{op}: residual dtype must equal x's ({x.dtype}), "
+                            f"got {residual.dtype}")

@@ -1,0 +1,96 @@
+"""``preprocess``: uint8 images -> normalized float batch (torchvision's ToTensor + Normalize), one op.
+
+Contract: ``preprocess(images, layout="NHWC", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+dtype=torch.float32) -> [N, 3, H, W]``
+
+- ``images``: uint8, ``[N, H, W, 3]`` when ``layout == "NHWC"`` (what image decoders give) or
+  ``[N, 3, H, W]`` when ``layout == "NCHW"``; any strides.
+- ``mean``, ``std``: 3 floats each, in 0..1 units (as ``torchvision.transforms.Normalize`` after
+  ``ToTensor``); ``std`` finite and non-zero.
+- ``dtype``: float32, float16 or bfloat16.
+- returns ``((images / 255) - mean) / std`` computed in fp32 (those operations, in that order)
+  and rounded once to ``dtype``, shape ``[N, 3, H, W]`` in ``torch.channels_last`` memory format
+  (ready for the model's NHWC path).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fastres.ops import _backend
+from fastres.ops._checks import FLOAT_DTYPES
+
+OP = "preprocess"
+LAYOUTS = ("NHWC", "NCHW")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def preprocess_reference(images: torch.Tensor, layout: str, mean: list[float], std: list[float],
+                         dtype: torch.dtype) -> torch.Tensor:
+    """Plain-torch reference of :func:`preprocess` (see the module docstring)."""
+    x = images.permute(0, 3, 1, 2) if layout == "NHWC" else images
+    x = x.float() / 255.0
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return ((x - m) / s).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+_backend.register_impl(OP, "torch", preprocess_reference)
+
+
+@torch.library.custom_op("fastres::preprocess", mutates_args=())
+def _preprocess_op(images: torch.Tensor, layout: str, mean: list[float], std: list[float],
+                   dtype: torch.dtype) -> torch.Tensor:
+    impl = _backend.choose(OP, images.device, images, layout, mean, std, dtype)
+    return impl.fn(images, layout, mean, std, dtype)
+
+
+def _out_shape(images: torch.Tensor, layout: str) -> tuple:
+    if layout == "NHWC":
+        n, h, w, _ = images.shape
+    else:
+        n, _, h, w = images.shape
+    return n, 3, h, w
+
+
+@_preprocess_op.register_fake
+def _(images, layout, mean, std, dtype):
+    return torch.empty(_out_shape(images, layout), dtype=dtype, device=images.device,
+                       memory_format=torch.channels_last)
+
+
+def preprocess(images: torch.Tensor, layout: str = "NHWC",
+               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images -> ``((x / 255) - mean) / std`` as channels-last ``[N, 3, H, W]`` ``dtype``.
+
+    See the module docstring for the contract. Arguments are checked here, with errors that
+    say what was expected and what was given.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{OP}: images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"{OP}: images must be uint8, got {images.dtype}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"{OP}: layout must be one of {LAYOUTS}, got {layout!r}")
+    if images.dim() != 4:
+        raise ValueError(f"{OP}: images must be 4-D ([N, H, W, 3] or [N, 3, H, W]), got "
+                         f"{images.dim()}-D shape {tuple(images.shape)}")
+    cdim = 3 if layout == "NHWC" else 1
+    if images.shape[cdim] != 3:
+        expected = "[N, H, W, 3]" if layout == "NHWC" else "[N, 3, H, W]"
+        raise ValueError(f"{OP}: layout {layout} expects images {expected}, got "
+                         f"{tuple(images.shape)}")
+    mean = [float(v) for v in mean]
+    std = [float(v) for v in std]
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"{OP}: mean and std must have 3 values, got {len(mean)} and {len(std)}")
+    if any(s == 0.0 or not math.isfinite(s) for s in std):
+        raise ValueError(f"{OP}: std values must be finite and non-zero, got {std}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{OP}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    return _preprocess_op(images, layout, mean, std, dtype)
