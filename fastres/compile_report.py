@@ -1,0 +1,385 @@
+"""Compile every fastres Triton kernel in every autotune configuration for H100 (sm_90) — no
+GPU needed — and check what makes it fast.
+
+    python -m fastres.compile_report [--quick] [--jobs N] [--json PATH] [--dtype fp16 ...]
+
+For representative ResNet-50/ResNeXt-50 layer shapes (batch 32) in fp16, bf16 and fp32
+(TF32), every configuration the autotuner would try is compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` (integer arguments that
+are multiples of 16 get the divisibility attribute and 1 is specialized, as at a real launch,
+except the shape arguments the kernels mark ``do_not_specialize``)
+and checked:
+
+- ``smem``: shared memory <= 232448 bytes (H100's per-block maximum);
+- ``spill``: no stack or local memory (``cuobjdump --dump-resource-usage`` from Triton's
+  bundled binaries), registers <= 255;
+- ``wgmma``: the dot runs on Hopper tensor cores (``wgmma.mma_async`` in the PTX);
+- ``A16``/``B16``: the activation and weight tiles are loaded with 16-byte async copies
+  (``ttg.async_copy_global_to_local`` of the tile with contiguity x element size >= 16 in the
+  TTGIR, lowered to ``cp.async ... 0x10``). The stem's activation rows (3 channels, 7 taps,
+  stride 2) cannot be 16-byte aligned: that column reads ``n/a`` there;
+- max-pool and global average pool: no spills and 16-byte vector loads (``ld.global.v4``).
+
+Prints a table and exits non-zero when any check fails. A failing configuration is removed
+from :mod:`fastres.kernels.configs` (or fixed), not kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+SMEM_LIMIT = 232448
+_DT = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+# Representative layers (batch 32): name, N, C, H, W, C_out, R, S, stride, pad, dil, groups,
+# residual in the epilogue (Bottleneck conv3; BasicBlock conv2 of resnet18/34).
+SHAPES = [
+    ("stem 7x7/2", 32, 3, 224, 224, 64, 7, 7, 2, 3, 1, 1, False),
+    ("l1 1x1 64>64", 32, 64, 56, 56, 64, 1, 1, 1, 0, 1, 1, False),
+    ("l1 1x1 64>256 +res", 32, 64, 56, 56, 256, 1, 1, 1, 0, 1, 1, True),
+    ("l1 1x1 256>64", 32, 256, 56, 56, 64, 1, 1, 1, 0, 1, 1, False),
+    ("l1 3x3 64", 32, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, False),
+    ("l1 3x3 64 +res", 32, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, True),
+    ("l2 3x3/2 128", 32, 128, 56, 56, 128, 3, 3, 2, 1, 1, 1, False),
+    ("l2 down 1x1/2", 32, 256, 56, 56, 512, 1, 1, 2, 0, 1, 1, False),
+    ("l3 3x3 256", 32, 256, 14, 14, 256, 3, 3, 1, 1, 1, 1, False),
+    ("l3 3x3 256 +res", 32, 256, 14, 14, 256, 3, 3, 1, 1, 1, 1, True),
+    ("l4 3x3 512", 32, 512, 7, 7, 512, 3, 3, 1, 1, 1, 1, False),
+    ("l4 1x1 512>2048 +res", 32, 512, 7, 7, 2048, 1, 1, 1, 0, 1, 1, True),
+    ("dil2 3x3 256", 32, 256, 28, 28, 256, 3, 3, 1, 2, 2, 1, False),
+    ("x50 3x3 g32x4", 32, 128, 56, 56, 128, 3, 3, 1, 1, 1, 32, False),
+    ("x50 3x3/2 g32x8", 32, 256, 56, 56, 256, 3, 3, 2, 1, 1, 32, False),
+    ("x50 3x3 g32x32", 32, 1024, 7, 7, 1024, 3, 3, 1, 1, 1, 32, False),
+    ("fc 2048>1000", 32, 2048, 1, 1, 1000, 1, 1, 1, 0, 1, 1, False),
+]
+QUICK_SHAPES = ["stem 7x7/2", "l1 1x1 64>256 +res", "l1 3x3 64", "l2 3x3/2 128",
+                "x50 3x3 g32x4"]
+
+
+@dataclass
+class Job:
+    kernel: str  # conv | maxpool | avgpool
+    layer: str
+    dtype: str
+    config: str
+    signature: dict
+    constexprs: dict  # arg name -> value
+    ints: dict  # arg name -> value (for the divisibility attribute)
+    options: dict
+    tiles: dict = field(default_factory=dict)  # "A"/"B" -> (rows, cols) or None (n/a)
+    dot: bool = True
+
+    def key(self) -> str:
+        _, plain = _kernel(self.kernel)
+        attrs = {k: (v == 1, v % 16 == 0) for k, v in self.ints.items() if k not in plain}
+        return json.dumps([self.kernel, self.signature, self.constexprs, attrs, self.options],
+                          sort_keys=True, default=str)
+
+
+def _jit(fn):
+    """The kernel as a JITFunction (under TRITON_INTERPRET=1 ``@triton.jit`` gives an
+    InterpretedFunction, which ``triton.compile`` cannot take)."""
+    from triton.runtime.jit import JITFunction
+
+    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+
+
+def _kernel(name: str):
+    """(kernel as a JITFunction, names of its integer arguments that are not specialized)."""
+    if name == "conv":
+        from fastres.kernels.conv import NO_SPECIALIZE
+        from fastres.kernels.conv import conv_bias_act_kernel as k
+    elif name == "maxpool":
+        from fastres.kernels.pool import NO_SPECIALIZE
+        from fastres.kernels.pool import max_pool_nhwc_kernel as k
+    else:
+        from fastres.kernels.head import NO_SPECIALIZE
+        from fastres.kernels.head import global_avgpool_nhwc_kernel as k
+    return _jit(k), set(NO_SPECIALIZE)
+
+
+def conv_jobs(shapes, dtypes, first_only_dtypes=()) -> list[Job]:
+    import torch
+
+    from fastres.kernels.configs import TABLES, prune
+    from fastres.kernels.conv import ConvProblem, launch_params
+
+    jobs = []
+    for name, n, c, h, w, k, r, s, st, pad, dil, g, res in shapes:
+        for dt in dtypes:
+            prob = ConvProblem(n, c, h, w, k, r, s, (st, st), (pad, pad), (dil, dil), g,
+                               getattr(torch, _DT[dt]), has_res=res, relu=True,
+                               tf32=dt == "fp32")
+            kind = prob.kind
+            k_extent = prob.s * prob.c_g if kind == "stem" else prob.c_g
+            cands = prune(TABLES[kind], kind, prob.m, prob.k_g, k_extent, _BYTES[dt], res)
+            if dt in first_only_dtypes:
+                cands = cands[:1]
+            p, q = prob.pq
+            for cfg in cands:
+                lp = launch_params(prob, cfg, interpreted=False)
+                params = dict(lp.params)
+                options = {"num_warps": params.pop("num_warps"),
+                           "num_stages": params.pop("num_stages")}
+                ints = dict(M=prob.m, H=h, W=w, C=c, P=p, Q=q, K_OUT=k, C_G=lp.c_g,
+                            K_G=lp.k_g, stride_h=st, stride_w=st, pad_h=pad, pad_w=pad,
+                            dil_h=dil, dil_w=dil)
+                ptr = _PTR[dt]
+                sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32", "r_ptr": ptr,
+                       "o_ptr": ptr}
+                bm, bn, bk = params["BLOCK_M"], params["BLOCK_N"], params["BLOCK_K"]
+                tiles = {"A": (bm, bk) if kind != "stem" else None, "B": (bk, bn)}
+                jobs.append(Job("conv", f"{name} [{kind}]", dt, str(cfg), sig, params, ints,
+                                options, tiles))
+    return jobs
+
+
+def pool_jobs(dtypes) -> list[Job]:
+    jobs = []
+    for dt in dtypes:
+        ptr = _PTR[dt]
+        ints = dict(M=32 * 56 * 56, H=112, W=112, C=64, P=56, Q=56, stride=2, pad=1)
+        jobs.append(Job("maxpool", "maxpool 3x3/2 64ch", dt, "64x64 w4", {"x_ptr": ptr,
+                        "o_ptr": ptr}, dict(KS=3, INDEX64=False, BLOCK_M=64, BLOCK_C=64),
+                        ints, {"num_warps": 4, "num_stages": 1}, dot=False))
+        ints = dict(HW=49, C=2048)
+        jobs.append(Job("avgpool", "avgpool 7x7 2048ch", dt, "16x128 w4", {"x_ptr": ptr,
+                        "o_ptr": ptr}, dict(INDEX64=False, BLOCK_HW=16, BLOCK_C=128),
+                        ints, {"num_warps": 4, "num_stages": 1}, dot=False))
+    return jobs
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", path],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    out = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", text)
+        out[key.lower()] = int(m.group(1)) if m else None
+    return out
+
+
+_COPY = re.compile(r"ttg\.async_copy_global_to_local.*?(\{[^}]*contiguity\s*=\s*(\d+)[^}]*\})?"
+                   r"\s*:\s*tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>")
+_ELEM = {"f16": 2, "bf16": 2, "f32": 4}
+
+
+def _tile_copies(ttgir: str) -> list[tuple[int, int, int | None]]:
+    """(rows, cols, bytes per copy or None) of every async global->shared tile copy."""
+    out = []
+    for line in ttgir.splitlines():
+        if "async_copy_global_to_local" not in line:
+            continue
+        m = _COPY.search(line)
+        if not m:
+            continue
+        contig = int(m.group(2)) if m.group(2) else None
+        size = contig * _ELEM.get(m.group(5), 0) if contig else None
+        out.append((int(m.group(3)), int(m.group(4)), size))
+    return out
+
+
+def compile_job(job: Job) -> dict:
+    """Compile one job for sm_90 and evaluate the checks (in a process where Triton is not
+    interpreted: see :func:`compile_jobs`)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, plain = _kernel(job.kernel)
+    names = fn.arg_names
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        if name in job.constexprs:
+            sig[name] = "constexpr"
+            consts[(i,)] = job.constexprs[name]
+        elif name in job.signature:
+            sig[name] = job.signature[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        else:
+            v = job.ints[name]
+            if name in plain:  # do_not_specialize: as at a launch, no attribute
+                sig[name] = "i32" if v < 2**31 else "i64"
+            elif v == 1:  # specialized like a launch does
+                sig[name] = "constexpr"
+                consts[(i,)] = 1
+            else:
+                sig[name] = "i32" if v < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+    t0 = time.time()
+    res = {"kernel": job.kernel, "layer": job.layer, "dtype": job.dtype, "config": job.config}
+    try:
+        ck = triton.compile(ASTSource(fn, sig, consts, attrs),
+                            target=GPUTarget("cuda", 90, 32), options=job.options)
+    except Exception as exc:  # a config that does not compile fails the report
+        res.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-600:]}")
+        return res
+    res["compile_s"] = round(time.time() - t0, 1)
+    ptx, ttgir = ck.asm["ptx"], ck.asm["ttgir"]
+    rsc = _resources(ck.asm["cubin"])
+    shared = int(ck.metadata.shared)
+    res.update(smem=shared, regs=rsc["reg"], stack=rsc["stack"], local=rsc["local"])
+    checks = {
+        "smem": shared <= SMEM_LIMIT,
+        "spill": rsc["stack"] == 0 and rsc["local"] == 0 and (rsc["reg"] or 0) <= 255,
+    }
+    if job.dot:
+        checks["wgmma"] = "wgmma.mma_async" in ptx
+        copies = _tile_copies(ttgir)
+        ptx_sizes = set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(0x[0-9a-f]+)",
+                                   ptx))
+        for tile, shape in job.tiles.items():
+            if shape is None:
+                res[tile + "16"] = "n/a"
+                continue
+            mine = [c for c in copies if (c[0], c[1]) == tuple(shape)]
+            if not mine:
+                checks[tile + "16"] = False  # not an async copy at all
+            elif all(c[2] is not None for c in mine):
+                checks[tile + "16"] = all(c[2] >= 16 for c in mine)
+            else:  # no contiguity attribute in this Triton's TTGIR: judge by the PTX
+                checks[tile + "16"] = ptx_sizes == {"0x10"}
+    else:
+        checks["v4"] = bool(re.search(r"ld\.global(\.\w+)*\.v4\.", ptx))
+    res["checks"] = checks
+    res["ok"] = all(checks.values())
+    return res
+
+
+def compile_jobs(jobs: list[Job], workers: int | None = None) -> list[dict]:
+    """Run :func:`compile_job` for each job in fresh worker processes.
+
+    Workers are spawned with ``TRITON_INTERPRET=0``: in a process where Triton was imported
+    interpreted, ``triton.language``'s own jitted helpers (``tl.cdiv``...) are interpreter
+    functions and cannot be compiled.
+    """
+    import multiprocessing as mp
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            return list(pool.map(compile_job, jobs))
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def _fmt(res: dict) -> list[str]:
+    def mark(name):
+        if name in res.get("checks", {}):
+            return "ok" if res["checks"][name] else "FAIL"
+        return res.get(name, "-")
+
+    if "error" in res:
+        return [res["layer"], res["dtype"], res["config"], "-", "-", "-", "-", "-", "-",
+                "FAIL: " + res["error"][:60]]
+    wg = mark("wgmma") if res["kernel"] == "conv" else "-"
+    a = mark("A16") if res["kernel"] == "conv" else mark("v4")
+    b = mark("B16") if res["kernel"] == "conv" else "-"
+    spill = "0" if res["checks"]["spill"] else f"FAIL st{res['stack']}/lc{res['local']}"
+    return [res["layer"], res["dtype"], res["config"], f"{res['smem'] / 1024:.0f}",
+            str(res["regs"]), spill, wg, a, b, "ok" if res["ok"] else "FAIL"]
+
+
+HEADER = ["layer [schedule]", "dtype", "config (MxNxK group warps stages)", "smem KiB",
+          "regs", "spill", "wgmma", "A/act 16B", "B/wt 16B", "status"]
+
+
+def table(results: list[dict]) -> str:
+    rows = [HEADER] + [_fmt(r) for r in results]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(HEADER))]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append("| " + " | ".join(str(v).ljust(w) for v, w in zip(row, widths)) + " |")
+        if j == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def build_jobs(quick: bool, dtypes: list[str]) -> list[Job]:
+    shapes = [s for s in SHAPES if s[0] in QUICK_SHAPES] if quick else SHAPES
+    if quick:  # every config in fp16; the first config of each layer in the other dtypes
+        jobs = conv_jobs(shapes, ["fp16"]) + conv_jobs(
+            shapes, [d for d in dtypes if d != "fp16"],
+            first_only_dtypes=("bf16", "fp32"))
+    else:
+        jobs = conv_jobs(shapes, dtypes)
+    return jobs + pool_jobs(dtypes if not quick else ["fp16"])
+
+
+def run(quick: bool = False, jobs: int | None = None, dtypes=("fp16", "bf16", "fp32"),
+        json_path: str | None = None, out=sys.stdout) -> int:
+    """Compile and check; print the table; return the number of failing rows."""
+    all_jobs = build_jobs(quick, list(dtypes))
+    # Many layers share one compiled kernel (same constexprs and divisibility): compile once.
+    unique: dict[str, Job] = {}
+    for j in all_jobs:
+        unique.setdefault(j.key(), j)
+    t0 = time.time()
+    ordered = list(unique.values())
+    results = compile_jobs(ordered, jobs)
+    by_key = {j.key(): r for j, r in zip(ordered, results)}
+    rows = []
+    for j in all_jobs:
+        r = dict(by_key[j.key()])
+        r.update(layer=j.layer, dtype=j.dtype, config=j.config)
+        rows.append(r)
+    import triton
+
+    print(f"fastres compile report: Triton {triton.__version__}, target sm_90 "
+          f"(H100), {len(rows)} kernel/config/layer rows, {len(ordered)} distinct compiles, "
+          f"{time.time() - t0:.0f} s", file=out)
+    print(table(rows), file=out)
+    failures = [r for r in rows if not r.get("ok")]
+    print(f"\n{len(rows) - len(failures)} passed, {len(failures)} failed", file=out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return len(failures)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastres.compile_report",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="a subset (5 layers; every config in fp16, the first in bf16/fp32)")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPUs)")
+    ap.add_argument("--dtype", nargs="+", default=["fp16", "bf16", "fp32"],
+                    choices=["fp16", "bf16", "fp32"])
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    failures = run(args.quick, args.jobs, args.dtype, args.json)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

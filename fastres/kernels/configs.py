@@ -1,0 +1,155 @@
+"""Autotuning candidates for fastres's Triton kernels, as data.
+
+Each kernel class has a table of :class:`KernelConfig` rows. :func:`prune` drops the rows that
+cannot fit (shared memory, registers) or that waste most of a tile on a small layer; the tuner
+in :mod:`fastres.kernels.conv` times what is left, once per shape key. Every row here compiles
+for sm_90 without spills and uses wgmma and 16-byte async copies — ``python -m
+fastres.compile_report`` checks that and a row that fails it is removed from this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# H100: 227 KiB of shared memory per block (opt-in maximum).
+SMEM_LIMIT = 232448
+# fp32 accumulator registers per thread we allow (the rest of the 255 go to addresses,
+# masks and the epilogue); BLOCK_M * BLOCK_N / (32 * num_warps) above this spills.
+ACC_REGS_LIMIT = 128
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration of the implicit-GEMM convolution kernel.
+
+    ``block_k`` is the channel block of one K step. In block-diagonal grouped mode it is the
+    number of input channels one program packs (``groups_per_block * C_in/groups``).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
+                f"w{self.num_warps} s{self.num_stages}")
+
+
+C = KernelConfig
+
+# 1x1 stride-1 convolutions are plain GEMMs [N*H*W, C_in] x [C_in, C_out]: large tiles, deep
+# pipelining, 8 warps (the wrong-results report pytorch#173068 concerns non-1x1 templates).
+GEMM_CONFIGS = [
+    C(128, 256, 64, 8, 8, 3),
+    C(128, 128, 64, 8, 8, 4),
+    C(128, 128, 64, 8, 4, 3),
+    C(128, 64, 64, 8, 4, 4),
+    C(64, 128, 64, 8, 4, 4),
+    C(64, 64, 64, 8, 4, 4),
+]
+
+# Implicit GEMM (3x3, strided 1x1, dilated). 4 warps only: inductor caps non-1x1 conv templates
+# at 4 warps because 8 warps gave wrong results (pytorch#173068). Candidate to verify on a GPU
+# against the reference before adding: C(128, 128, 64, 8, 8, 3) and C(256, 128, 64, 8, 8, 3).
+CONV_CONFIGS = [
+    C(128, 128, 64, 8, 4, 3),
+    C(128, 64, 64, 8, 4, 4),
+    C(64, 128, 64, 8, 4, 4),
+    C(64, 64, 64, 8, 4, 4),
+    C(128, 128, 32, 8, 4, 4),
+    # 32 channels per group (ResNeXt layer3/4: 32x4d, 64x4d, 32x8d): N and K tiles of 32
+    C(128, 32, 32, 8, 4, 4),
+    C(64, 32, 32, 8, 4, 4),
+]
+
+# Grouped convolutions with few channels per group (ResNeXt): block-diagonal packing, one
+# program covers block_k input channels (several groups) and the matching output channels.
+GROUPED_CONFIGS = [
+    C(128, 64, 64, 8, 4, 3),
+    C(64, 64, 64, 8, 4, 4),
+    C(128, 32, 32, 8, 4, 4),
+    C(64, 32, 32, 8, 4, 4),
+]
+
+# The stem (7x7/2, C_in = 3): K per kernel row = S * C_in (21), padded to the next power of two
+# (the launcher sets block_k from the shape; the column here is nominal).
+# Removed by the compile report: C(256, 64, 32, 8, 4, 3) (255 registers, 144-byte stack spill:
+# the per-element tap masks of a 256-row activation tile).
+STEM_CONFIGS = [
+    C(128, 64, 32, 8, 4, 3),
+    C(64, 64, 32, 8, 4, 4),
+]
+
+# Under the Triton interpreter (it cannot benchmark) one configuration runs per problem,
+# without timing: :func:`interpreter_config`, tiles up to 64 wide (the interpreter's cost is
+# per block operation, so whole-model tests need large tiles). INTERPRETER_CONFIG is the small
+# one tests pass explicitly to cover several blocks and the masks on small shapes.
+INTERPRETER_CONFIG = C(32, 32, 16, 4, 4, 1)
+
+TABLES = {
+    "gemm": GEMM_CONFIGS,
+    "conv": CONV_CONFIGS,
+    "grouped": GROUPED_CONFIGS,
+    "stem": STEM_CONFIGS,
+}
+
+
+def _pow2_at_least(v: int, lo: int = 16) -> int:
+    p = lo
+    while p < v:
+        p *= 2
+    return p
+
+
+def interpreter_config(m: int, n_per_group: int, k_per_group: int) -> KernelConfig:
+    """The single configuration used under the interpreter for this problem size."""
+    return KernelConfig(min(64, _pow2_at_least(m)), min(64, _pow2_at_least(n_per_group)),
+                        min(64, _pow2_at_least(k_per_group)), 4, 4, 1)
+
+
+def smem_bytes(cfg: KernelConfig, elem_bytes: int) -> int:
+    """Shared memory of the pipelined A and B tiles (the estimate inductor prunes with)."""
+    return (cfg.block_m + cfg.block_n) * cfg.block_k * elem_bytes * cfg.num_stages
+
+
+def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
+          elem_bytes: int, has_res: bool = False) -> list[KernelConfig]:
+    """The rows of ``table`` worth trying for this problem (never empty).
+
+    ``m``: output pixels N*P*Q; ``n_per_group``: output channels per group; ``k_per_group``:
+    the channel extent of one K step (C_in/groups, or S*C_in for the stem); ``has_res``: the
+    epilogue reads a residual tile.
+    """
+    keep = []
+    max_n = _pow2_at_least(n_per_group)
+    max_k = _pow2_at_least(k_per_group)
+    max_m = _pow2_at_least(m, 64)
+    for cfg in table:
+        if smem_bytes(cfg, elem_bytes) > SMEM_LIMIT:
+            continue
+        acc_regs = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+        if acc_regs > ACC_REGS_LIMIT:
+            continue
+        # Compile report (sm_90): a 128-register accumulator plus the residual tile of the
+        # epilogue spills (stack 8-304 bytes, every dtype, 4 and 8 warps).
+        if has_res and acc_regs >= 128:
+            continue
+        if kind in ("gemm", "conv"):
+            if cfg.block_n > max_n or cfg.block_k > max_k or cfg.block_m > max_m:
+                continue
+            if cfg.block_n < 64 <= n_per_group:  # narrow tiles only for narrow groups
+                continue
+        if kind in ("stem", "grouped") and cfg.block_m > max_m:
+            continue
+        if kind == "grouped" and cfg.block_k < 2 * k_per_group:
+            continue
+        keep.append(cfg)
+    if not keep:  # tiny layer: the smallest row still runs correctly (masks)
+        keep = [min(table, key=lambda c: (c.block_m * c.block_n * c.block_k, c.num_stages))]
+    return keep

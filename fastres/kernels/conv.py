@@ -1,0 +1,546 @@
+"""Implicit-GEMM convolution + bias (+ residual) (+ ReLU) in Triton, over NHWC activations.
+
+The GEMM view: M = N*P*Q output pixels, N = C_out, K = R*S*C_in/groups ordered (r, s, c) with
+c fastest. Activations are read channels-last (``[N, H, W, C]`` physically) and weights as
+``[C_out, R, S, C_in/groups]`` (a ``[C_out, C_in/groups, R, S]`` tensor in channels-last memory
+format), so both tiles of a K step are contiguous runs of channels: 16-byte async copies.
+
+One kernel, four schedules (the ``MODE`` constexpr and a weight packing, chosen by the
+launcher):
+
+- ``gemm``: 1x1, stride 1, no padding, one group. Plain ``[M, C_in] x [C_in, C_out]``, grouped
+  program order, large tiles and deep pipelining.
+- ``conv``: everything else dense (3x3, strided 1x1, dilation, groups with >= 32 channels per
+  group): one flattened loop over (tap, channel block); padding through masked loads.
+- ``grouped``: few channels per group (ResNeXt, 4..16): block-diagonal packing. ``gpb``
+  consecutive groups become one group of ``gpb * C_in/groups`` channels whose weight is
+  dense with zeros off the diagonal blocks (packed once per weight, cached), then the
+  ``conv`` schedule runs it. Wastes FLOPs, keeps loads 16-byte and the dot on tensor cores
+  (wgmma needs N, K >= 16; a per-group dot of 4..8 channels would not).
+- ``stem``: few input channels (the 7x7 stem, C_in = 3): the S*C inputs of one kernel row are
+  contiguous in NHWC (and in the weight), so K steps over kernel rows with S*C merged.
+
+Epilogue in fp32: + bias, + residual, ReLU (NaN-preserving like ``torch.relu``), one cast at
+the store. fp32 inputs use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is true.
+Under the Triton interpreter dot operands are upcast to fp32 (bf16 ``tl.dot`` is wrong there,
+triton#11584) and one small configuration runs (the interpreter cannot benchmark).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fastres.kernels.configs import (
+    TABLES,
+    KernelConfig,
+    _pow2_at_least,
+    interpreter_config,
+    prune,
+)
+from fastres.ops._checks import conv_output_size
+
+MODE_GEMM, MODE_CONV, MODE_STEM = 0, 1, 2
+_MODES = {"gemm": MODE_GEMM, "conv": MODE_CONV, "grouped": MODE_CONV, "stem": MODE_STEM}
+_INT32_LIMIT = 2**31 - 1
+
+
+# Shape arguments that are not specialized (no divisibility / ==1 variants): one compiled
+# kernel serves every batch and spatial size. The channel counts stay specialized: their
+# divisibility by 16 is what makes the tile loads 16-byte aligned.
+NO_SPECIALIZE = ["M", "H", "W", "P", "Q", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
+                 "dil_w"]
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def conv_bias_act_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
+    M, H, W, C, P, Q, K_OUT, C_G, K_G,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R: tl.constexpr, S: tl.constexpr, MODE: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, EVEN_C: tl.constexpr,
+    INDEX64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out[m, g*N_EXT + n] = act(sum_k x_im2col[m, k] * w[n, k] + bias (+ res)).
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(K_G, BLOCK_N), groups). x: NHWC contiguous [N, H, W, C];
+    w: [K_OUT, R, S, C_G] contiguous (MODE 2: [K_OUT, R, BLOCK_K], zero-padded); out/res:
+    [M, K_OUT] contiguous.
+    """
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K_G, BLOCK_N)
+    # Grouped program order: GROUP_M row blocks share each weight column block in L2.
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % num_in_group) % group_size)
+    pid_n = (pid % num_in_group) // group_size
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < K_G
+    n_glob = g * K_G + rn
+    if INDEX64:
+        rm_i = rm.to(tl.int64)
+    else:
+        rm_i = rm
+    if MODE == 2:
+        w_row = n_glob * (R * BLOCK_K)
+    else:
+        w_row = n_glob * (R * S * C_G)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if MODE == 0:
+        # 1x1 stride 1: x is already the [M, C] A matrix.
+        x_row = rm_i * C
+        for kb in range(0, tl.cdiv(C, BLOCK_K)):
+            c = kb * BLOCK_K + rk
+            a_ptrs = x_ptr + x_row[:, None] + c[None, :]
+            b_ptrs = w_ptr + w_row[None, :] + c[:, None]
+            if EVEN_C:
+                a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                c_ok = c < C
+                a = tl.load(a_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        q = rm % Q
+        t = rm // Q
+        p = t % P
+        img = t // P
+        if INDEX64:
+            img = img.to(tl.int64)
+        ih0 = p * stride_h - pad_h
+        iw0 = q * stride_w - pad_w
+        # Offset of the group's first channel at (img, ih0, iw0); may point into the padding
+        # (negative or past the row): such rows are masked, never dereferenced.
+        x_row = ((img * H + ih0) * W + iw0) * C + g * C_G
+        if MODE == 1:
+            cb_per_tap = tl.cdiv(C_G, BLOCK_K)
+            for it in range(0, R * S * cb_per_tap):
+                tap = it // cb_per_tap
+                cb = it - tap * cb_per_tap
+                r = tap // S
+                s = tap - r * S
+                ih = ih0 + r * dil_h
+                iw = iw0 + s * dil_w
+                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                c = cb * BLOCK_K + rk
+                a_ptrs = x_ptr + (x_row + (r * dil_h * W + s * dil_w) * C)[:, None] + c[None, :]
+                b_ptrs = w_ptr + w_row[None, :] + (tap * C_G + c)[:, None]
+                if EVEN_C:
+                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+                else:
+                    c_ok = c < C_G
+                    a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        else:
+            # Stem: K step = one kernel row r; the S*C inputs of that row are contiguous, and
+            # the packed weight row is [S*C zero-padded to BLOCK_K].
+            k_ok = rk < S * C_G
+            iw = iw0[:, None] + (rk // C_G)[None, :]
+            col_ok = k_ok[None, :] & (iw >= 0) & (iw < W)
+            for r in range(0, R):
+                ih = ih0 + r * dil_h
+                row_ok = m_ok & (ih >= 0) & (ih < H)
+                a_ptrs = x_ptr + (x_row + r * dil_h * W * C)[:, None] + rk[None, :]
+                b_ptrs = w_ptr + w_row[None, :] + (r * BLOCK_K + rk)[:, None]
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & col_ok, other=0.0)
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    # Epilogue in fp32, one rounding at the store.
+    bias = tl.load(b_ptr + n_glob, mask=n_ok, other=0.0)
+    acc = acc + bias.to(tl.float32)[None, :]
+    o_off = rm_i[:, None] * K_OUT + n_glob[None, :]
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        res = tl.load(r_ptr + o_off, mask=o_mask, other=0.0)
+        acc = acc + res.to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
+    tl.store(o_ptr + o_off, acc.to(o_ptr.dtype.element_ty), mask=o_mask)
+
+
+# -- problem description and launch parameters ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvProblem:
+    """The shape facts of one ``conv_bias_act`` call that decide schedule and configuration."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k_out: int
+    r: int
+    s: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    dtype: torch.dtype
+    has_res: bool = False
+    relu: bool = True
+    tf32: bool = False
+
+    @property
+    def pq(self) -> tuple[int, int]:
+        return conv_output_size(self.h, self.w, self.r, self.s, self.stride, self.padding,
+                                self.dilation)
+
+    @property
+    def m(self) -> int:
+        p, q = self.pq
+        return self.n * p * q
+
+    @property
+    def c_g(self) -> int:
+        return self.c // self.groups
+
+    @property
+    def k_g(self) -> int:
+        return self.k_out // self.groups
+
+    @property
+    def kind(self) -> str:
+        return conv_kind(self)
+
+    def key(self) -> tuple:
+        """Autotuning key: everything that changes the best configuration."""
+        return (self.kind, str(self.dtype), self.n, self.c, self.h, self.w, self.k_out, self.r,
+                self.s, self.stride, self.padding, self.dilation, self.groups, self.has_res,
+                self.tf32)
+
+    def index64(self) -> bool:
+        p, q = self.pq
+        biggest = max(self.n * self.h * self.w * self.c, self.n * p * q * self.k_out)
+        return biggest + self.c * 8 > _INT32_LIMIT  # margin: padded-row offsets past the end
+
+    def elem_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @staticmethod
+    def from_tensors(x, weight, stride, padding, dilation, groups, residual=None, relu=True):
+        n, c, h, w = x.shape
+        return ConvProblem(
+            n, c, h, w, weight.shape[0], weight.shape[2], weight.shape[3],
+            tuple(int(v) for v in stride), tuple(int(v) for v in padding),
+            tuple(int(v) for v in dilation), int(groups), x.dtype, residual is not None,
+            bool(relu), x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32,
+        )
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _pow2_divisor(v: int) -> int:
+    return v & -v
+
+
+def conv_kind(prob: ConvProblem) -> str:
+    """Which schedule runs ``prob``: ``gemm``, ``conv``, ``grouped`` or ``stem``."""
+    c_g, k_g = prob.c_g, prob.k_g
+    if (prob.groups == 1 and prob.r == prob.s == 1 and prob.stride == (1, 1)
+            and prob.padding == (0, 0)):
+        return "gemm"
+    if prob.groups == 1 and c_g < 16 and prob.s * c_g <= 64 and prob.dilation[1] == 1:
+        return "stem"
+    gmax = _pow2_divisor(prob.groups)
+    if (prob.groups > 1 and c_g <= 16 and k_g <= 16 and _pow2(c_g) and _pow2(k_g)
+            and gmax >= 2 and gmax * min(c_g, k_g) >= 16):
+        return "grouped"
+    return "conv"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one configuration runs one problem: kernel constexprs/options, grid, and the
+    kernel's view of the groups after packing (``pack``: how the weight is repacked)."""
+
+    params: dict
+    grid: tuple[int, int]
+    groups: int
+    c_g: int
+    k_g: int
+    pack: tuple | None  # None | ("blockdiag", groups_per_block) | ("rows", block_k)
+
+
+def launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool | None = None,
+                  index64: bool | None = None) -> Launch:
+    """The kernel's constexpr arguments, launch options and grid for ``cfg`` on ``prob``."""
+    if interpreted is None:
+        interpreted = _interpreted()
+    kind = prob.kind
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    groups, c_g, k_g, pack, even_c = prob.groups, prob.c_g, prob.k_g, None, False
+    if kind == "gemm":
+        even_c = prob.c % bk == 0
+    elif kind == "conv":
+        even_c = c_g % bk == 0
+    elif kind == "grouped":
+        # Block-diagonal packing: gpb groups become one group of gpb*c_g input channels.
+        gpb = max(bk // c_g, 2, 16 // c_g, 16 // k_g)
+        gpb = min(gpb, _pow2_divisor(prob.groups))
+        groups, c_g, k_g, pack = prob.groups // gpb, gpb * c_g, gpb * k_g, ("blockdiag", gpb)
+        bk, bn, even_c = c_g, max(min(bn, k_g), 16), True
+    else:  # stem: K step = one kernel row, S*C zero-padded to a power of two
+        bk = _pow2_at_least(prob.s * prob.c_g, 16)
+        pack = ("rows", bk)
+    if prob.dtype != torch.float32:
+        # irrelevant to fp16/bf16 tensor-core dots: Triton's default; exact fp32 operands when
+        # interpreted (UPCAST)
+        precision = "ieee" if interpreted else "tf32"
+    else:
+        precision = "tf32" if prob.tf32 and not interpreted else "ieee"
+    params = dict(
+        R=prob.r, S=prob.s, MODE=_MODES[kind], HAS_RES=prob.has_res, RELU=prob.relu,
+        EVEN_C=even_c, INDEX64=prob.index64() if index64 is None else index64,
+        UPCAST=bool(interpreted), PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    grid = (triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn), groups)
+    return Launch(params, grid, groups, c_g, k_g, pack)
+
+
+def pack_block_diagonal(weight: torch.Tensor, groups: int, gpb: int) -> torch.Tensor:
+    """``[C_out, C_g, R, S]`` grouped weight -> ``[C_out, R, S, gpb*C_g]`` contiguous, where
+    each output channel's row holds its group's C_g weights and zeros for the other gpb-1
+    groups of its block: the same convolution with ``groups // gpb`` groups."""
+    k_out, c_g, r, s = weight.shape
+    k_g = k_out // groups
+    w = weight.permute(0, 2, 3, 1).reshape(groups // gpb, gpb, k_g, r, s, c_g)
+    out = weight.new_zeros((groups // gpb, gpb, k_g, r, s, gpb, c_g))
+    for j in range(gpb):
+        out[:, j, :, :, :, j, :] = w[:, j]
+    return out.reshape(k_out, r, s, gpb * c_g)
+
+
+def pack_rows(weight: torch.Tensor, block_k: int) -> torch.Tensor:
+    """``[C_out, C, R, S]`` -> ``[C_out, R, block_k]``: each kernel row's S*C weights in
+    (s, c) order, zero-padded to ``block_k`` (16-byte aligned rows, no mask in the kernel)."""
+    k_out, c, r, s = weight.shape
+    w = weight.permute(0, 2, 3, 1).reshape(k_out, r, s * c)
+    return torch.nn.functional.pad(w, (0, block_k - s * c)).contiguous()
+
+
+_PACKED: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _packed_weight(weight: torch.Tensor, groups: int, pack: tuple) -> torch.Tensor:
+    """``weight`` repacked per ``pack``, cached while the weight object lives unchanged."""
+    try:
+        version = weight._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = -1
+    key = (id(weight), weight.data_ptr(), version, weight.dtype, weight.device, pack)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0]() is weight:
+        return hit[1]
+    for k in [k for k, (ref, _) in _PACKED.items() if ref() is None]:
+        del _PACKED[k]
+    with torch.no_grad():
+        if pack[0] == "blockdiag":
+            packed = pack_block_diagonal(weight, groups, pack[1])
+        else:
+            packed = pack_rows(weight, pack[1])
+    _PACKED[key] = (weakref.ref(weight), packed)
+    return packed
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
+    """Candidate configurations for ``prob`` (one, the small one, under the interpreter)."""
+    kind = prob.kind
+    k_extent = prob.s * prob.c_g if kind == "stem" else prob.c_g
+    if _interpreted():  # grouped: 64 packed channels -> few, large programs
+        return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else k_extent)]
+    return prune(TABLES[kind], kind, prob.m, prob.k_g, k_extent, prob.elem_bytes(),
+                 prob.has_res)
+
+
+def conv_configs(x, weight, stride, padding, dilation, groups, residual=None,
+                 relu=True) -> list[KernelConfig]:
+    """Candidate configurations for this call (the tuning engine times these)."""
+    return problem_configs(
+        ConvProblem.from_tensors(x, weight, stride, padding, dilation, groups, residual, relu))
+
+
+# -- autotuning ------------------------------------------------------------------------------
+
+_TUNED: dict[tuple, KernelConfig] = {}
+
+
+def tuned_config(prob: ConvProblem) -> KernelConfig | None:
+    """The configuration remembered for ``prob``'s key, if it was tuned (or set)."""
+    return _TUNED.get(prob.key())
+
+
+def set_tuned_config(prob: ConvProblem, cfg: KernelConfig) -> None:
+    """Pin ``cfg`` for ``prob``'s key (used by a tuning cache loaded from disk)."""
+    _TUNED[prob.key()] = cfg
+
+
+def _time_ms(fn, reps: int = 10) -> float:
+    fn()  # compile / warm
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _choose_config(prob: ConvProblem, run) -> KernelConfig:
+    """Best configuration for ``prob``: remembered, else timed once (GPU), else the first."""
+    cfg = _TUNED.get(prob.key())
+    if cfg is not None:
+        return cfg
+    cands = problem_configs(prob)
+    if len(cands) == 1 or _interpreted():
+        return cands[0]
+    if (os.environ.get("FASTRES_TUNE", "1").strip().lower() in ("0", "false", "off", "no")
+            or torch.are_deterministic_algorithms_enabled()
+            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+        # pinned mode: the first candidate; and no timing inside a CUDA graph capture
+        # (tune before capturing)
+        return cands[0]
+    best, best_ms, errors = None, float("inf"), []
+    for cand in cands:
+        try:
+            ms = _time_ms(lambda cand=cand: run(cand))
+        except Exception as exc:  # out of resources on this GPU: not a candidate here
+            errors.append(f"{cand}: {exc}")
+            continue
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    if best is None:
+        raise RuntimeError("fastres: no Triton conv configuration ran:\n" + "\n".join(errors))
+    _TUNED[prob.key()] = best
+    return best
+
+
+# -- launcher --------------------------------------------------------------------------------
+
+
+def conv_bias_act_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups: int = 1,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    *,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+    tf32: bool | None = None,
+    index64: bool | None = None,
+) -> torch.Tensor:
+    """``relu?(conv2d(x, weight) + bias + residual)`` by the Triton implicit-GEMM kernel.
+
+    x: ``[N, C_in, H, W]`` fp32/fp16/bf16 (read channels-last; copied if not); weight:
+    ``[C_out, C_in/groups, R, S]`` (read as channels-last); bias: ``[C_out]`` (fp32);
+    residual: ``None`` or ``[N, C_out, P, Q]`` in x's dtype. Returns ``[N, C_out, P, Q]`` in
+    x's dtype, channels-last. ``config``: an explicit :class:`KernelConfig` (``None``: the
+    tuned one); ``out``: a channels-last contiguous tensor to write (tests poison it);
+    ``tf32``: override ``torch.backends.cudnn.allow_tf32``; ``index64``: force 64-bit
+    offsets (``None``: when a tensor has more than 2**31 elements).
+    """
+    cl = torch.channels_last
+    stride, padding, dilation = (_pair(v) for v in (stride, padding, dilation))
+    prob = ConvProblem.from_tensors(x, weight, stride, padding, dilation, groups, residual,
+                                    relu)
+    if tf32 is not None:
+        prob = ConvProblem(**{**prob.__dict__, "tf32": bool(tf32) and x.dtype == torch.float32})
+    x = x.contiguous(memory_format=cl)
+    weight = weight.to(x.dtype)
+    packable = weight  # packing reads any layout; keep the caller's object (cache key)
+    weight = weight.contiguous(memory_format=cl)
+    bias = bias.to(torch.float32).contiguous()
+    if residual is not None:
+        residual = residual.to(x.dtype).contiguous(memory_format=cl)
+    p, q = prob.pq
+    shape = (prob.n, prob.k_out, p, q)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=cl)
+    elif (tuple(out.shape) != shape or out.dtype != x.dtype
+          or not out.is_contiguous(memory_format=cl)):
+        raise ValueError(f"conv_bias_act_triton: out must be a channels-last {x.dtype} tensor "
+                         f"of shape {shape}, got {out.dtype} {tuple(out.shape)}")
+    if prob.m == 0 or prob.k_out == 0:
+        return out
+    res = residual if residual is not None else out  # never read when HAS_RES is False
+
+    def run(cfg: KernelConfig) -> None:
+        lp = launch_params(prob, cfg, index64=index64)
+        w = weight if lp.pack is None else _packed_weight(packable, prob.groups, lp.pack)
+        conv_bias_act_kernel[lp.grid](
+            x, w, bias, res, out,
+            prob.m, prob.h, prob.w, prob.c, p, q, prob.k_out, lp.c_g, lp.k_g,
+            prob.stride[0], prob.stride[1], prob.padding[0], prob.padding[1],
+            prob.dilation[0], prob.dilation[1],
+            **lp.params,
+        )
+
+    run(config if config is not None else _choose_config(prob, run))
+    return out
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(i) for i in v)
+    if len(v) != 2:
+        raise ValueError(f"expected an int or a pair, got {v}")
+    return v
+
+
+def supports_conv(x, weight, bias, stride, padding, dilation, groups, residual=None,
+                  relu=True) -> str | None:
+    """``None`` when the Triton kernel runs this call, else why not."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} (Triton conv runs float32, float16, bfloat16)"
+    if weight.dtype != x.dtype:
+        return f"weight dtype {weight.dtype} differs from x's {x.dtype}"
+    if x.device.type != "cuda" and not _interpreted():
+        return f"tensors on {x.device.type}"
+    if x.shape[0] * max(x.shape[2] * x.shape[3], 1) >= _INT32_LIMIT:
+        return "more than 2**31 output pixels"
+    return None
