@@ -1,0 +1,94 @@
+"""Loader of the compiled extension ``fastres._C`` (operators ``torch.ops.fastres_C.*``).
+
+``load()`` returns the module, or ``None`` when it is not built, not importable on this machine
+(e.g. built against another torch), or disabled with ``FASTRES_DISABLE_EXTENSION=1``; it never
+raises, so ``import fastres`` works without it. ``error()`` says why it is missing.
+
+On first successful load it registers a fake (meta) implementation for every compiled op, so
+``torch.compile`` / ``torch.export`` can trace calls to ``torch.ops.fastres_C.*``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import ModuleType
+
+import torch
+
+_lock = threading.Lock()
+_tried = False
+_module: ModuleType | None = None
+_error: str | None = None
+
+# op name -> schema arguments, for the checks below (kept in sync with csrc/ops.cpp).
+OPS = ("preprocess", "stem", "avgpool_linear", "conv1x1")
+
+
+def _stem_shape(x, weight):
+    n, _, h, w = x.shape
+    h1, w1 = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    return n, weight.shape[0], (h1 - 1) // 2 + 1, (w1 - 1) // 2 + 1
+
+
+def _register_fakes() -> None:
+    def fake_preprocess(images, layout, mean, std, dtype):
+        if layout == "NHWC":
+            n, h, w, _ = images.shape
+        else:
+            n, _, h, w = images.shape
+        return torch.empty((n, 3, h, w), dtype=dtype, device=images.device,
+                           memory_format=torch.channels_last)
+
+    def fake_stem(x, weight, bias):
+        return torch.empty(_stem_shape(x, weight), dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
+
+    def fake_avgpool_linear(x, weight, bias, allow_tf32):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    def fake_conv1x1(x, weight, bias, stride, residual, relu, allow_tf32):
+        n, _, h, w = x.shape
+        shape = (n, weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1)
+        return torch.empty(shape, dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
+
+    for name, fn in (("preprocess", fake_preprocess), ("stem", fake_stem),
+                     ("avgpool_linear", fake_avgpool_linear), ("conv1x1", fake_conv1x1)):
+        torch.library.register_fake(f"fastres_C::{name}")(fn)
+
+
+def load() -> ModuleType | None:
+    """The extension module, or ``None`` (see :func:`error` for why); never raises."""
+    global _tried, _module, _error
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        try:
+            if os.environ.get("FASTRES_DISABLE_EXTENSION", "0") not in ("", "0"):
+                raise ImportError("disabled by FASTRES_DISABLE_EXTENSION")
+            from fastres import _C as module  # runs the TORCH_LIBRARY registrations
+
+            missing = [op for op in OPS if not hasattr(torch.ops.fastres_C, op)]
+            if missing:
+                raise ImportError(f"fastres._C lacks ops {missing}; rebuild it")
+            _register_fakes()
+            _module = module
+        except Exception as exc:  # noqa: BLE001 - ImportError, OSError (undefined symbol), skew
+            _module = None
+            _error = f"{type(exc).__name__}: {exc}"
+        _tried = True
+    return _module
+
+
+def available() -> bool:
+    """True when ``fastres._C`` is built and loads."""
+    return load() is not None
+
+
+def error() -> str | None:
+    """Why the extension is unavailable (``None`` when it loaded)."""
+    load()
+    return _error

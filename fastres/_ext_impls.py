@@ -1,0 +1,93 @@
+"""Registers the ``cuda`` implementations (the compiled extension ``fastres._C``) with
+:mod:`fastres.ops._backend`.
+
+Imported lazily by ``_backend._load_optional_backends()``. When the extension is missing it
+registers nothing and calls ``note_missing``, so the first op that would have used it on a CUDA
+tensor says so once and falls back (Triton, then the torch reference).
+
+Implementations (each obeys its op's contract in :mod:`fastres.ops`):
+
+- ``stem``: fused 7x7/2 conv + bias + ReLU + 3x3/2 max-pool, never writing the pre-pool
+  activation (``torch.ops.fastres_C.stem``);
+- ``conv_bias_act``: 1x1 convolutions (stride 1 or strided, groups 1, no padding) as a cuBLASLt
+  GEMM with bias (+ ReLU) epilogue and the residual as the accumulated C operand;
+- ``avgpool_linear``: global-average-pool kernel + cuBLASLt linear with bias epilogue;
+- ``preprocess``: uint8 -> normalized channels-last float in one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastres import _ext
+from fastres.ops import _backend
+from fastres.ops import preprocess as _preprocess_contract  # noqa: F401  (registers the op)
+
+OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STEM_MAX_CIN = 8  # the stem kernel keeps C_in * 7 * 7 * 64 fp32 weights in shared memory
+
+
+def _stem(x, weight, bias):
+    return torch.ops.fastres_C.stem(x, weight, bias)
+
+
+def supports_stem(x, weight, bias) -> str | None:
+    if x.shape[1] > STEM_MAX_CIN:
+        return f"C_in={x.shape[1]} > {STEM_MAX_CIN} (shared-memory limit of the fused stem)"
+    if bias.dtype != torch.float32:
+        return f"bias dtype {bias.dtype} (needs float32)"
+    return None
+
+
+def _conv1x1(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True):
+    return torch.ops.fastres_C.conv1x1(x, weight, bias, int(stride[0]), residual, bool(relu),
+                                       bool(torch.backends.cudnn.allow_tf32))
+
+
+def supports_conv1x1(x, weight, bias, stride, padding, dilation, groups, residual=None,
+                     relu=True) -> str | None:
+    """``None`` when the cuBLASLt 1x1 path runs this call, else why not."""
+    if tuple(weight.shape[2:]) != (1, 1):
+        return f"kernel {tuple(weight.shape[2:])} is not 1x1 (cuBLASLt path is 1x1 only)"
+    if groups != 1:
+        return f"groups={groups} (cuBLASLt path needs groups=1)"
+    if any(int(p) != 0 for p in padding):
+        return f"padding {list(padding)} (cuBLASLt path needs padding 0)"
+    if int(stride[0]) != int(stride[1]):
+        return f"stride {list(stride)} is not square"
+    if x.dtype not in OP_DTYPES:
+        return f"dtype {x.dtype} (needs float16, bfloat16 or float32)"
+    if bias.dtype != torch.float32:
+        return f"bias dtype {bias.dtype} (needs float32)"
+    # Rows of A (C_in) and of D / C (C_out) 16-byte aligned: what cuBLASLt's tensor-core
+    # kernels need; every ResNet 1x1 layer qualifies, odd channel counts go to Triton.
+    size = x.element_size()
+    if (x.shape[1] * size) % 16 or (weight.shape[0] * size) % 16:
+        return (f"C_in={x.shape[1]}, C_out={weight.shape[0]} not multiples of "
+                f"{16 // size} (16-byte rows for cuBLASLt)")
+    return None
+
+
+def _avgpool_linear(x, weight, bias):
+    return torch.ops.fastres_C.avgpool_linear(x, weight, bias,
+                                              bool(torch.backends.cuda.matmul.allow_tf32))
+
+
+def _preprocess(images, layout, mean, std, dtype):
+    return torch.ops.fastres_C.preprocess(images, layout, list(mean), list(std), dtype)
+
+
+def register() -> bool:
+    """Register the ``cuda`` implementations; False (and ``note_missing``) without ``_C``."""
+    if _ext.load() is None:
+        _backend.note_missing("cuda", f"the CUDA extension fastres._C is not available "
+                                      f"({_ext.error()}); running without it")
+        return False
+    _backend.register_impl("stem", "cuda", _stem, supports_stem)
+    _backend.register_impl("conv_bias_act", "cuda", _conv1x1, supports_conv1x1)
+    _backend.register_impl("avgpool_linear", "cuda", _avgpool_linear)
+    _backend.register_impl("preprocess", "cuda", _preprocess)
+    return True
+
+
+REGISTERED = register()
