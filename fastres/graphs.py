@@ -1,0 +1,216 @@
+"""CUDA graphs for the eval-mode forward: :func:`optimize`.
+
+``fastres.optimize(model, cuda_graphs=True, max_graphs=8)`` returns a
+:class:`CUDAGraphModule` wrapping ``model``. Its eval-mode forward on CUDA input:
+
+1. looks up a graph by *graph key*: input shape, input dtype, device, autocast state (enabled
+   and dtype), inference mode, TF32 flags and the backend preference;
+2. on first sight of a key: copies the input into a static buffer, warms up on a side stream
+   (this builds the inference plan and tunes every layer — :mod:`fastres.tuning` never times
+   during capture), captures ``model(static_input)`` into a ``torch.cuda.CUDAGraph`` (all of
+   this module's graphs share one memory pool; replays are serialized on the caller's
+   stream), then replays it;
+3. on later calls: copies the input in, replays, and returns ``static_output.clone()``.
+
+Aliasing rule: **every call returns a fresh tensor** (a copy of the graph's static output),
+so a result the caller holds is never overwritten by a later call. The copy is one
+``[N, num_classes]`` tensor per call.
+
+Bound: at most ``max_graphs`` keys are captured; calls with further keys run the model
+without a graph (said once). Invalidation: the graphs read the inference plan's folded
+weights, so they are valid exactly while the plan is (:meth:`fastres.plan._PlanCache.valid_for`:
+no parameter or buffer changed, was replaced or moved). When it is not, every graph is
+dropped and keys are captured again on their next call (the bound counts from zero).
+``param.data`` edits bypass version counters, as for the plan: call
+``model.invalidate_plan()`` (or :meth:`CUDAGraphModule.reset`) after them.
+
+Everything else runs the wrapped model unchanged: train mode, autograd recording, CPU input
+(with a one-time note), ``torch.compile`` tracing, and calls made while another graph is being
+captured. Not thread-safe: one wrapper serves one stream at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastres import plan as _plan
+from fastres.ops import _backend
+
+log = logging.getLogger("fastres")
+
+__all__ = ["CUDAGraphModule", "optimize"]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    static_input: Tensor
+    static_output: Tensor
+
+
+def optimize(model: nn.Module, cuda_graphs: bool = True, max_graphs: int = 8,
+             warmup: int = 2) -> nn.Module:
+    """Wrap ``model`` (a :class:`fastres.ResNet`) so its eval forward replays CUDA graphs.
+
+    ``cuda_graphs=False`` returns ``model`` itself. ``max_graphs``: how many input
+    signatures (shape, dtype, autocast state, ...) get a graph; further ones run without.
+    ``warmup``: eager calls on a side stream before each capture. See the module docstring
+    for the output aliasing rule (a fresh tensor per call) and invalidation.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    if int(max_graphs) < 0:
+        raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
+    if int(warmup) < 1:
+        raise ValueError(f"warmup must be >= 1, got {warmup}")
+    if not cuda_graphs:
+        return model
+    if isinstance(model, CUDAGraphModule):
+        model = model.module
+    return CUDAGraphModule(model, max_graphs=int(max_graphs), warmup=int(warmup))
+
+
+class CUDAGraphModule(nn.Module):
+    """``model`` with its eval forward captured in CUDA graphs (see :func:`optimize`).
+
+    ``state_dict``/``load_state_dict`` are the wrapped model's (no prefix), and attributes
+    not found here are looked up on the wrapped model, so the wrapper stands in for it.
+    """
+
+    def __init__(self, module: nn.Module, max_graphs: int = 8, warmup: int = 2):
+        super().__init__()
+        self.module = module
+        self.max_graphs = max_graphs
+        self.warmup = warmup
+        self._graphs: dict[tuple, _Graph] = {}
+        self._failed: set[tuple] = set()
+        self._plan_cache: Any = None
+        self._pool = None
+        self._said: set[str] = set()
+        self.captures = 0  # how many graphs were captured over this wrapper's life
+
+    # -- standing in for the wrapped model ----------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @property
+    def num_graphs(self) -> int:
+        """Graphs currently held."""
+        return len(self._graphs)
+
+    def reset(self) -> None:
+        """Drop every graph (and the model's plan): the next calls capture again."""
+        self._drop()
+        if hasattr(self.module, "invalidate_plan"):
+            self.module.invalidate_plan()
+
+    def _drop(self) -> None:
+        self._graphs.clear()
+        self._failed.clear()
+        self._plan_cache = None
+        self._pool = None
+
+    def _say_once(self, key: str, msg: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            warnings.warn(f"fastres: {msg}", RuntimeWarning, stacklevel=3)
+
+    # -- the forward --------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        model = self.module
+        if (model.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or not isinstance(x, Tensor)):
+            return model(x)
+        if x.device.type != "cuda":
+            self._say_once("cpu", f"CUDA graphs need CUDA input (got {x.device.type}); "
+                           "running the model without graphs")
+            return model(x)
+        if torch.cuda.is_current_stream_capturing():
+            return model(x)  # inside someone else's capture: just be captured
+        if _plan.eager_reason(model, x) is not None:
+            return model(x)  # train/autograd/unsupported: the model says why itself
+        self._check_valid()
+        key = self._key(x)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if key in self._failed:
+                return model(x)
+            if len(self._graphs) >= self.max_graphs:
+                self._say_once("bound", f"more than max_graphs={self.max_graphs} input "
+                               f"signatures; {tuple(x.shape)} {x.dtype} and further new ones "
+                               "run without a CUDA graph")
+                return model(x)
+            entry = self._capture(key, x)
+            if entry is None:
+                return model(x)
+        entry.static_input.copy_(x)
+        entry.graph.replay()
+        return entry.static_output.clone()
+
+    def _key(self, x: Tensor) -> tuple:
+        dev = x.device
+        return (tuple(x.shape), x.dtype, dev,
+                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+                torch.is_inference_mode_enabled(), torch.backends.cudnn.allow_tf32,
+                torch.backends.cuda.matmul.allow_tf32, _backend.get_backend())
+
+    def _check_valid(self) -> None:
+        """Drop every graph when the plan they read is gone or stale."""
+        if not self._graphs:
+            return
+        cache = self.module.__dict__.get("_plan_cache")
+        if cache is not self._plan_cache or cache is None or not cache.valid_for(self.module):
+            log.info("fastres: model parameters changed; dropping %d CUDA graph(s)",
+                     len(self._graphs))
+            self._drop()
+
+    def _capture(self, key: tuple, x: Tensor) -> _Graph | None:
+        model = self.module
+        with torch.inference_mode(False), torch.no_grad():
+            static_input = torch.empty_like(x)
+        static_input.copy_(x)
+        try:
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):  # builds the plan, tunes, compiles kernels
+                    model(static_input)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            cache = model.__dict__.get("_plan_cache")
+            if cache is None or not cache.valid_for(model):
+                raise RuntimeError("the model has no valid inference plan after warm-up")
+            if self._graphs and cache is not self._plan_cache:
+                self._drop()  # the warm-up rebuilt the plan: older graphs read stale weights
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                static_output = model(static_input)
+        except Exception as exc:
+            self._failed.add(key)
+            self._say_once(f"fail:{key}", f"CUDA graph capture failed for input "
+                           f"{tuple(x.shape)} {x.dtype} ({type(exc).__name__}: {exc}); that "
+                           "signature runs without a graph")
+            return None
+        self._plan_cache = cache
+        entry = _Graph(graph, static_input, static_output)
+        self._graphs[key] = entry
+        self.captures += 1
+        log.info("fastres: captured a CUDA graph for %s %s (%d held)", tuple(x.shape),
+                 x.dtype, len(self._graphs))
+        return entry

@@ -1,0 +1,129 @@
+"""``fastres tune``: measure and cache every layer's implementation choice ahead of time.
+
+::
+
+    fastres tune resnet50 --batch 1 32 --dtype bf16
+    fastres tune resnet50 --batch 1 8 32 --dtype fp16 bf16 --image-size 224
+
+The weights do not matter to the choices (only shapes, dtypes and layouts do), so the model is
+built with random weights unless ``--weights`` is given. Choices go to the tuning cache
+(``$FASTRES_CACHE_DIR`` or ``--cache-dir``; see :mod:`fastres.tuning`), where every later
+process on the same GPU and versions finds them.
+
+The work is :func:`tune_main`; :func:`add_arguments` / :func:`run` are its argparse front end,
+registered with the ``fastres`` CLI by :func:`fastres.tuning.register_cli` (the CLI's plugin
+hook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+
+__all__ = ["add_arguments", "run", "tune_main"]
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+HELP = "time every layer's implementations for a model and cache the fastest (ahead of time)"
+DESCRIPTION = (
+    "Measure which implementation and kernel configuration is fastest for every layer of "
+    "MODEL at the given batch sizes and dtypes, and store the choices in the tuning cache, so "
+    "that later processes on this GPU start with no tuning at all.")
+
+
+class TuneUsageError(ValueError):
+    """A bad argument (exit status 2)."""
+
+
+def parse_batches(values: Iterable) -> list[int]:
+    """``["1", "32"]``, ``["1,32"]`` or ints -> sorted unique positive ints (default [1])."""
+    out: list[int] = []
+    for v in values:
+        for part in str(v).replace(",", " ").split():
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise TuneUsageError(f"batch sizes are integers, got {part!r}") from None
+    if not out:
+        out = [1]
+    if min(out) < 1:
+        raise TuneUsageError(f"batch sizes must be >= 1, got {out}")
+    return sorted(set(out))
+
+
+def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf16",),
+              image_size: int = 224, device: str = "cuda", num_classes: int = 1000,
+              weights: str | None = None, cache_dir: str | None = None,
+              progress: bool | None = None, echo: Callable[[str], None] = print) -> int:
+    """Build ``model`` on ``device`` and :func:`fastres.tuning.tune_model` it for every
+    dtype and batch size; print one line per dtype and the cache file. Returns 0; raises
+    :class:`TuneUsageError` for bad arguments."""
+    from fastres import tuning
+    from fastres.models import MODEL_NAMES, get_model
+
+    if model not in MODEL_NAMES:
+        raise TuneUsageError(f"unknown model {model!r}; expected one of "
+                             f"{', '.join(MODEL_NAMES)}")
+    batch_list = parse_batches(batches)
+    if image_size < 32:
+        raise TuneUsageError(f"image size must be >= 32, got {image_size}")
+    dtype_list = list(dict.fromkeys(dtypes)) or ["bf16"]
+    try:
+        parsed = [tuning.parse_dtype(d) for d in dtype_list]
+        dev = torch.device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise TuneUsageError(str(exc)) from None
+    if cache_dir is not None:
+        os.environ["FASTRES_CACHE_DIR"] = str(cache_dir)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        echo("fastres tune: no CUDA device here; nothing to tune (CPU runs the reference "
+             "implementation, which needs no tuning).")
+        return 0
+    if tuning.mode() == "pinned":
+        echo("fastres tune: FASTRES_TUNE=0 or deterministic mode is on: choices are pinned, "
+             "nothing to tune.")
+        return 0
+    kwargs = {"weights": weights} if weights else {"num_classes": num_classes}
+    net = get_model(model, **kwargs).to(dev).eval()
+    for name, dtype in zip(dtype_list, parsed):
+        res = tuning.tune_model(net, batch_list, dtype, image_size, progress=progress)
+        echo(f"{model} {name} batch {', '.join(map(str, batch_list))} at {image_size}px: "
+             f"tuned {res['tuned']} layer(s), {res['disk_hits']} already cached, "
+             f"{res['timed']} candidate(s) timed in {res['seconds']:.1f} s")
+    echo(f"cache: {tuning.cache_path(dev)}")
+    return 0
+
+
+# -- argparse (the fastres CLI) ------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="architecture, e.g. resnet50")
+    p.add_argument("--batch", "-b", nargs="+", default=["1"], metavar="N",
+                   help="batch size(s): '--batch 1 32' or '--batch 1,32' (default 1)")
+    p.add_argument("--dtype", "-d", nargs="+", default=["bf16"], choices=DTYPE_CHOICES,
+                   help="compute dtype(s) (default bf16; fp16/bf16 run under autocast)")
+    p.add_argument("--image-size", type=int, default=224, help="input height/width (224)")
+    p.add_argument("--device", default="cuda", help="device to tune on (cuda)")
+    p.add_argument("--num-classes", type=int, default=1000,
+                   help="classifier width; the head is tuned too (1000)")
+    p.add_argument("--weights", default=None,
+                   help="optional checkpoint (only its num_classes matters for tuning)")
+    p.add_argument("--cache-dir", default=None,
+                   help="tuning cache directory (default $FASTRES_CACHE_DIR or "
+                        "~/.cache/fastres)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return tune_main(args.model, args.batch, args.dtype, args.image_size, args.device,
+                         args.num_classes, args.weights, args.cache_dir, args.progress)
+    except TuneUsageError as exc:
+        try:
+            from fastres.classify import UserError
+        except ImportError:  # pragma: no cover
+            raise SystemExit(f"fastres tune: error: {exc}") from None
+        raise UserError(str(exc)) from None

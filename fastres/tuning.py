@@ -1,0 +1,873 @@
+"""Measured choice of implementation and kernel configuration, remembered on disk.
+
+On a GPU, the first call of an op for a new *layer signature* — (op, argument shapes, dtypes
+and memory layout, TF32 flags for fp32, the competing backends) on a given GPU with given
+library versions — times every candidate once with CUDA events and keeps the fastest:
+
+- candidates are the registered implementations that support the call (``triton``, ``cuda``,
+  ``torch``; with a named backend, only that one), each expanded into the kernel
+  configurations it offers (:func:`fastres.ops._backend.register_configs`; the Triton
+  convolution offers its pruned autotuning table);
+- each candidate's output is checked against the ``torch`` reference before it is timed (a
+  configuration that computes garbage on this GPU is rejected, never chosen);
+- the choice goes into the tuning cache: one JSON file per environment under
+  :func:`cache_dir` (``$FASTRES_CACHE_DIR``, default ``$XDG_CACHE_HOME/fastres`` or
+  ``~/.cache/fastres``), so another process on the same GPU and versions starts with every
+  known layer already decided and times nothing. Triton's own compile cache
+  (``~/.triton/cache``) is left on, so it does not recompile either.
+
+Cache file (``tuning-<gpu>-<hash>.json``)::
+
+    {"format": "fastres-tuning-cache", "schema": 1,
+     "env": {"device_type": "cuda", "device": "NVIDIA H100 80GB HBM3", "capability": "9.0",
+             "torch": "2.11.0", "triton": "3.6.0", "fastres": "0.1.0", "cuda": "12.8"},
+     "entries": {"<layer key>": {"backend": "triton", "label": "128x128x64 g8 w4 s3",
+                                 "config": {...}, "ms": 0.0123, "timings": {...},
+                                 "rejected": {...}, "tuned_at": "..."}}}
+
+The environment is part of the key (the file name hashes it and the loader checks it). The
+file is written atomically (temporary file in the same directory + ``os.replace``) under a
+lock file (``<file>.lock``, :mod:`filelock`), merging what is on disk with this process's new
+entries, so concurrent tuners never lose or corrupt each other's work. A corrupt, truncated or
+foreign (other format, schema or environment) file is ignored with a
+:class:`TuningCacheWarning` and replaced at the next write; an unwritable cache directory
+keeps the choices in memory for the process (warned once). Nothing here raises into a
+forward pass.
+
+When nothing is timed:
+
+- ``FASTRES_TUNE=0`` (or ``torch.use_deterministic_algorithms(True)``): **pinned mode**. Each
+  op runs one documented choice — the first of ``triton``, ``cuda``, ``torch`` that supports
+  the call, with its *first* configuration (for the Triton convolution the first row of its
+  pruned table, :func:`fastres.kernels.conv.conv_configs`) — chosen without timing or
+  reading the cache, so results are bit-identical from run to run and process to process.
+  On CPU tensors the choice is :mod:`fastres.ops._backend`'s fixed order (``torch``, or the
+  interpreted ``triton`` under ``TRITON_INTERPRET=1``).
+- during CUDA graph capture (``torch.cuda.is_current_stream_capturing()``) or
+  ``torch.compile`` tracing: a layer that is not tuned yet runs the pinned choice for that
+  call (said once) and is tuned at its next ordinary call. Tune before capturing:
+  :func:`fastres.optimize` warms up first, :func:`tune_model` / ``fastres tune`` ahead of time.
+
+Tuning shows a progress bar (tqdm) when stderr is a terminal and is silent otherwise
+(decisions are logged at INFO on the ``fastres`` logger).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastres.ops import _backend
+
+log = logging.getLogger("fastres")
+
+FORMAT = "fastres-tuning-cache"
+SCHEMA = 1
+PINNED_ORDER = ("triton", "cuda", "torch")
+_LOCK_TIMEOUT_S = 60.0
+
+__all__ = [
+    "Candidate",
+    "TuningCache",
+    "TuningCacheWarning",
+    "cache_dir",
+    "cache_path",
+    "configure",
+    "mode",
+    "reset",
+    "stats",
+    "tune_model",
+]
+
+
+class TuningCacheWarning(UserWarning):
+    """A tuning cache file could not be used (corrupt, truncated, foreign or unwritable)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to run one call: a backend, optionally with a kernel configuration.
+
+    ``fn`` has the op's signature; ``label`` names the configuration (the backend's name when
+    it has none); ``config`` is its JSON-able description (recorded in the cache).
+    """
+
+    backend: str
+    label: str
+    config: Any
+    fn: Callable
+
+    @property
+    def name(self) -> str:
+        return self.backend if self.label == self.backend else f"{self.backend}:{self.label}"
+
+
+# -- settings (the injectable timer and candidates are for tests and experiments) ------------
+
+Timer = Callable[[Callable[[], Any], Candidate], float]
+CandidateHook = Callable[[str, torch.device, tuple, dict], "list[Candidate] | None"]
+
+
+@dataclasses.dataclass
+class _Settings:
+    timer: Timer | None = None  # None: CUDA events on CUDA, perf_counter elsewhere
+    candidates: CandidateHook | None = None
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+    check: bool = True  # compare each candidate with the torch reference before timing
+
+
+_settings = _Settings()
+_UNSET = object()
+
+
+def configure(*, timer: Timer | None | object = _UNSET,
+              devices: Iterable[str] | object = _UNSET,
+              candidates: CandidateHook | None | object = _UNSET,
+              progress: bool | None | object = _UNSET,
+              check: bool | object = _UNSET) -> None:
+    """Change how tuning runs (tests and experiments; defaults suit normal use).
+
+    ``timer(run, candidate) -> milliseconds``: how one candidate is timed (default: CUDA
+    events, median of repeated runs). ``devices``: device types whose calls are tuned
+    (default ``("cuda",)``; a test adds ``"cpu"`` with a fake timer). ``candidates(op,
+    device, args, kwargs)``: a list of :class:`Candidate` replacing the registered ones (or
+    ``None`` to keep them). ``progress``: force the progress bar on/off. ``check``: verify
+    candidates against the reference before timing. Clears the per-process memo of choices.
+    """
+    if timer is not _UNSET:
+        _settings.timer = timer  # type: ignore[assignment]
+    if candidates is not _UNSET:
+        _settings.candidates = candidates  # type: ignore[assignment]
+    if progress is not _UNSET:
+        _settings.progress = progress  # type: ignore[assignment]
+    if check is not _UNSET:
+        _settings.check = bool(check)
+    if devices is not _UNSET:
+        _backend._TUNED_DEVICE_TYPES = frozenset(devices)  # type: ignore[arg-type]
+    _memo.clear()
+
+
+def reset() -> None:
+    """Forget everything this process knows (memo, loaded caches, statistics, settings):
+    the next call behaves as in a fresh process."""
+    global _settings
+    _settings = _Settings()
+    _backend._TUNED_DEVICE_TYPES = frozenset({"cuda"})
+    _memo.clear()
+    _names.clear()
+    _caches.clear()
+    _envs.clear()
+    _said.clear()
+    for k in _stats:
+        _stats[k] = 0
+
+
+_OFF = ("0", "false", "off", "no")
+
+
+def mode() -> str:
+    """``"pinned"`` when ``FASTRES_TUNE=0`` (or ``false``/``off``/``no``) or deterministic
+    algorithms are on, else ``"tune"``. Pinned: no timing and no cache; each op runs the
+    first of ``triton``, ``cuda``, ``torch`` that supports the call, with its first
+    configuration."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "pinned"
+    v = os.environ.get("FASTRES_TUNE")
+    if v is not None and v.strip().lower() in _OFF:
+        return "pinned"
+    return "tune"
+
+
+_stats = {"tuned": 0, "timed": 0, "disk_hits": 0, "pinned": 0, "deferred": 0}
+
+
+def stats() -> dict[str, int]:
+    """Counters of this process: layers ``tuned`` (measured), candidates ``timed``,
+    ``disk_hits`` (choices read from the cache), ``pinned`` choices, ``deferred`` (untuned
+    layers met during graph capture or tracing)."""
+    return dict(_stats)
+
+
+# -- the cache file --------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """``$FASTRES_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastres``, else ``~/.cache/fastres``."""
+    env = os.environ.get("FASTRES_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "fastres"
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return None
+
+
+_envs: dict[torch.device, dict] = {}
+
+
+def environment(device: torch.device) -> dict:
+    """What, besides the layer, a choice depends on: GPU name and compute capability, torch,
+    triton, fastres and CUDA versions."""
+    env = _envs.get(device)
+    if env is not None:
+        return env
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        name = torch.cuda.get_device_name(idx)
+        cap = "{}.{}".format(*torch.cuda.get_device_capability(idx))
+    else:
+        name, cap = platform.processor() or platform.machine() or device.type, None
+    import fastres
+
+    triton_version = None
+    triton_mod = sys.modules.get("triton")
+    if triton_mod is not None:
+        triton_version = getattr(triton_mod, "__version__", None)
+    env = {
+        "device_type": device.type,
+        "device": name,
+        "capability": cap,
+        "torch": torch.__version__,
+        "triton": triton_version or _dist_version("triton"),
+        "fastres": getattr(fastres, "__version__", None),
+        "cuda": torch.version.cuda,
+    }
+    _envs[device] = env
+    return env
+
+
+def cache_path(device: torch.device | str = "cuda") -> Path:
+    """The cache file for ``device``'s environment (see :func:`environment`)."""
+    device = torch.device(device)
+    env = environment(device)
+    digest = hashlib.sha1(json.dumps(env, sort_keys=True).encode()).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", str(env["device"])).strip("-")[:40] or "device"
+    return cache_dir() / f"tuning-{slug}-{digest}.json"
+
+
+def _valid_record(rec: Any) -> bool:
+    return isinstance(rec, dict) and isinstance(rec.get("backend"), str) and \
+        isinstance(rec.get("label"), str)
+
+
+class TuningCache:
+    """One environment's choices: ``{layer key: record}``, backed by one JSON file.
+
+    :meth:`get` reads memory; :meth:`put` records a new choice and writes the file at once
+    (lock, re-read, merge, atomic replace). Every failure to read or write is a
+    :class:`TuningCacheWarning`, never an exception.
+    """
+
+    def __init__(self, path: str | os.PathLike, env: dict):
+        self.path = Path(path)
+        self.env = env
+        self.entries: dict[str, dict] = {}
+        self._new: dict[str, dict] = {}
+        self._write_failed = False
+        self.entries = self._read(warn=True)
+
+    # reading
+    def _read(self, warn: bool) -> dict[str, dict]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as exc:
+            if warn:
+                self._warn(f"cannot read tuning cache {self.path} ({exc}); ignoring it")
+            return {}
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            if warn:
+                self._warn(f"tuning cache {self.path} is corrupt or truncated ({exc}); "
+                           "ignoring it, it will be rewritten")
+            return {}
+        problem = self._foreign(data)
+        if problem:
+            if warn:
+                self._warn(f"tuning cache {self.path} is foreign ({problem}); ignoring it, it "
+                           "will be rewritten")
+            return {}
+        return {k: v for k, v in data["entries"].items() if _valid_record(v)}
+
+    def _foreign(self, data: Any) -> str | None:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            return f"not a {FORMAT} file"
+        if data.get("schema") != SCHEMA:
+            return f"schema {data.get('schema')!r}, this fastres reads schema {SCHEMA}"
+        if data.get("env") != self.env:
+            return f"written for {data.get('env')!r}, this process is {self.env!r}"
+        if not isinstance(data.get("entries"), dict):
+            return "no entries table"
+        return None
+
+    @staticmethod
+    def _warn(msg: str) -> None:
+        warnings.warn(f"fastres: {msg}", TuningCacheWarning, stacklevel=2)
+
+    # using
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, record: dict) -> None:
+        self.entries[key] = record
+        self._new[key] = record
+        self.save()
+
+    def save(self) -> None:
+        """Merge this process's new entries into the file, under the lock, atomically."""
+        if not self._new:
+            return
+        try:
+            import filelock
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with filelock.FileLock(str(self.path) + ".lock", timeout=_LOCK_TIMEOUT_S):
+                merged = self._read(warn=False)
+                merged.update(self._new)
+                self._write(merged)
+        except Exception as exc:  # read-only directory, lock timeout, disk full, ...
+            if not self._write_failed:
+                self._write_failed = True
+                self._warn(f"cannot write tuning cache {self.path} ({exc}); this process "
+                           "keeps its choices in memory")
+            return
+        self._new.clear()
+        merged.update(self.entries)  # keep what this process decided in memory
+        self.entries = merged
+
+    def _write(self, entries: dict[str, dict]) -> None:
+        data = {"format": FORMAT, "schema": SCHEMA, "env": self.env, "entries": entries}
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
+                                   dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+_caches: dict[Path, TuningCache] = {}
+
+
+def cache_for(device: torch.device) -> TuningCache:
+    """The (loaded) tuning cache of ``device``'s environment."""
+    path = cache_path(device)
+    cache = _caches.get(path)
+    if cache is None:
+        cache = _caches[path] = TuningCache(path, environment(device))
+    return cache
+
+
+# -- layer keys --------------------------------------------------------------------------------
+
+_DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
+       torch.float64: "f64"}
+
+
+def _layout(t: torch.Tensor) -> str:
+    if t.is_contiguous():
+        return ""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return ":cl"
+    return ":s" + ",".join(map(str, t.stride()))
+
+
+def _sig(a: Any) -> str:
+    if isinstance(a, torch.Tensor):
+        dt = _DT.get(a.dtype, str(a.dtype).replace("torch.", ""))
+        return f"{dt}[{','.join(map(str, a.shape))}]{_layout(a)}"
+    if isinstance(a, (list, tuple)):
+        return "[" + ",".join(_sig(v) for v in a) + "]"
+    return repr(a)
+
+
+def _has_fp32(args, kwargs) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.dtype == torch.float32
+               for a in (*args, *kwargs.values()))
+
+
+def layer_key(op: str, args: Sequence, kwargs: dict, backends: Iterable[str]) -> str:
+    """The cache key of one call: op, argument shapes/dtypes/layouts and scalars, the TF32
+    flags when an argument is fp32, and the backends that compete for it."""
+    parts = [_sig(a) for a in args] + [f"{k}={_sig(v)}" for k, v in sorted(kwargs.items())]
+    key = f"{op}({', '.join(parts)})"
+    if _has_fp32(args, kwargs):
+        key += (f" tf32={int(torch.backends.cudnn.allow_tf32)}"
+                f"{int(torch.backends.cuda.matmul.allow_tf32)}")
+    return key + " on " + ",".join(sorted(set(backends)))
+
+
+try:  # the property lookups cost ~0.9 us per call; these are what they read
+    _cudnn_tf32 = torch._C._get_cudnn_allow_tf32
+    _cublas_tf32 = torch._C._get_cublas_allow_tf32
+
+    def _tf32_flags() -> tuple[bool, bool]:
+        return _cudnn_tf32(), _cublas_tf32()
+except AttributeError:  # pragma: no cover - other torch versions
+    def _tf32_flags() -> tuple[bool, bool]:
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def _fast(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (a.shape, a.dtype, a.stride())
+    if isinstance(a, list):
+        return tuple(a)
+    return a
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+def _jsonable(cfg: Any) -> Any:
+    if hasattr(cfg, "as_dict"):
+        return cfg.as_dict()
+    if cfg is None or isinstance(cfg, (str, int, float, bool, list, dict)):
+        return cfg
+    return str(cfg)
+
+
+def _expand(op: str, impl: _backend.Impl, args, kwargs) -> list[Candidate]:
+    provider = _backend.config_provider(op, impl.backend)
+    if provider is not None:
+        try:
+            configs = list(provider.configs(*args, **kwargs))
+        except Exception as exc:  # a provider bug must not break the forward pass
+            log.warning("fastres: %s %s configurations unavailable: %s", op, impl.backend, exc)
+            configs = []
+        if configs:
+            run = provider.run
+            return [Candidate(impl.backend, str(cfg), _jsonable(cfg),
+                              _bind(run, cfg)) for cfg in configs]
+    return [Candidate(impl.backend, impl.backend, None, impl.fn)]
+
+
+def _bind(run: Callable, cfg: Any) -> Callable:
+    def fn(*args, **kwargs):
+        return run(cfg, *args, **kwargs)
+
+    return fn
+
+
+def candidates(op: str, device: torch.device, pref: str, impls: dict, args,
+               kwargs) -> list[Candidate]:
+    """The candidates for one call, pinned choice first (see :func:`mode`)."""
+    if _settings.candidates is not None:
+        hooked = _settings.candidates(op, device, tuple(args), dict(kwargs))
+        if hooked:
+            return list(hooked)
+    _ensure_default_providers()
+    if pref == "auto":
+        out: list[Candidate] = []
+        for backend in PINNED_ORDER:
+            impl = _backend.runnable(op, backend, device, impls, args, kwargs)
+            if impl is not None:
+                out.extend(_expand(op, impl, args, kwargs))
+        return out or [Candidate("torch", "torch", None, impls["torch"].fn)]
+    impl = _backend.named_choice(op, device, pref, impls, args, kwargs)
+    return _expand(op, impl, args, kwargs)
+
+
+_providers_done = False
+
+
+def _ensure_default_providers() -> None:
+    """Offer the Triton convolution's autotuning table to the tuner, for ``conv_bias_act``
+    and for the Triton ``stem`` (its 7x7 convolution then the max-pool), unless the kernels
+    registered providers themselves. Every Triton conv the tuner runs then gets an explicit
+    configuration, so the launcher's own in-memory autotuner never times anything (its
+    choices would be neither persisted nor pinned)."""
+    global _providers_done
+    if _providers_done:
+        return
+    _providers_done = True
+    want = [op for op in ("conv_bias_act", "stem")
+            if "triton" in _backend.implementations(op)
+            and _backend.config_provider(op, "triton") is None]
+    if not want:
+        return
+    try:
+        from fastres.kernels.conv import conv_bias_act_triton, conv_configs
+        from fastres.kernels.pool import max_pool2d_triton
+    except ImportError as exc:
+        log.info("fastres: Triton conv configurations not available: %s", exc)
+        return
+
+    def configs(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True):
+        return conv_configs(x, weight, stride, padding, dilation, groups, residual, relu)
+
+    def run(cfg, x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True):
+        return conv_bias_act_triton(x, weight, bias, stride, padding, dilation, groups,
+                                    residual, relu, config=cfg)
+
+    # the stem's contract: conv 7x7/2 pad 3 + bias + ReLU, then max-pool 3/2 pad 1
+    def stem_configs(x, weight, bias):
+        return conv_configs(x, weight, (2, 2), (3, 3), (1, 1), 1, None, True)
+
+    def stem_run(cfg, x, weight, bias):
+        y = conv_bias_act_triton(x, weight, bias, (2, 2), (3, 3), (1, 1), 1, None, True,
+                                 config=cfg)
+        return max_pool2d_triton(y, 3, 2, 1)
+
+    if "conv_bias_act" in want:
+        _backend.register_configs("conv_bias_act", "triton", configs, run)
+    if "stem" in want:
+        _backend.register_configs("stem", "triton", stem_configs, stem_run)
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+def cuda_event_timer(run: Callable[[], Any], candidate: Candidate | None = None) -> float:
+    """Median milliseconds of ``run()`` on the current CUDA stream, after warm-up.
+
+    Runs are grouped so each timed group lasts about 0.1 ms or more (event resolution);
+    7 groups, median of the group means.
+    """
+    run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    est = max(start.elapsed_time(end), 1e-3)
+    per_group = max(1, min(50, math.ceil(0.1 / est)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(7)]
+    for s, e in events:
+        s.record()
+        for _ in range(per_group):
+            run()
+        e.record()
+    events[-1][1].synchronize()
+    times = sorted(s.elapsed_time(e) / per_group for s, e in events)
+    return times[len(times) // 2]
+
+
+def wall_timer(run: Callable[[], Any], candidate: Candidate | None = None) -> float:
+    """Median milliseconds of ``run()`` by ``time.perf_counter`` (non-CUDA devices)."""
+    run()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _rel_err(out: Any, ref: Any) -> float:
+    if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor):
+        return 0.0
+    if out.shape != ref.shape:
+        return math.inf
+    ref64, out64 = ref.detach().double(), out.detach().double()
+    finite = torch.isfinite(ref64)
+    if not bool(finite.all()):
+        return 0.0  # nothing sensible to compare; the op tests cover non-finite inputs
+    den = float(torch.linalg.vector_norm(ref64))
+    num = float(torch.linalg.vector_norm(out64 - ref64))
+    if math.isnan(num):
+        return math.inf
+    return num / max(den, 1e-30)
+
+
+def _tolerance(args) -> float:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return 5e-3 if a.dtype == torch.float32 else 3e-2
+    return 3e-2
+
+
+def _progress(items: list, desc: str):
+    show = _settings.progress
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, leave=False, unit="cand", dynamic_ncols=True)
+
+
+# -- the choice --------------------------------------------------------------------------------
+
+_memo: dict[tuple, _backend.Impl] = {}
+_names: dict[tuple, str] = {}  # memo key -> chosen candidate's name (reports, tests)
+_memo_generation = -1
+_lock = threading.RLock()
+_said: set[str] = set()
+
+
+def _say_once(key: str, msg: str) -> None:
+    if key not in _said:
+        _said.add(key)
+        warnings.warn(f"fastres: {msg}", RuntimeWarning, stacklevel=4)
+
+
+def _tuning_allowed(device: torch.device) -> str | None:
+    if torch.compiler.is_compiling():
+        return "torch.compile tracing"
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "CUDA graph capture"
+    return None
+
+
+def choose(op: str, device: torch.device, pref: str, impls: dict, args: tuple,
+           kwargs: dict) -> _backend.Impl:
+    """The implementation (bound to its configuration) that runs this call; measured and
+    cached on first sight of the layer, pinned in :func:`mode` ``"pinned"``."""
+    global _memo_generation
+    md = mode()
+    mkey = (op, device, pref, md, _tf32_flags(), tuple([_fast(a) for a in args]),
+            tuple(sorted((k, _fast(v)) for k, v in kwargs.items())) if kwargs else ())
+    if _memo_generation != _backend._generation:
+        _memo.clear()
+        _names.clear()
+        _memo_generation = _backend._generation
+    hit = _memo.get(mkey)
+    if hit is not None:
+        return hit
+    with _lock:
+        cands = candidates(op, device, pref, impls, args, kwargs)
+        if md == "pinned" or len(cands) == 1:
+            if md == "pinned":
+                _stats["pinned"] += 1
+            return _remember(mkey, op, cands[0], impls)
+        key = layer_key(op, args, kwargs, (c.backend for c in cands))
+        cache = cache_for(device)
+        rec = cache.get(key)
+        if rec is not None:
+            chosen = _match(rec, cands)
+            if chosen is not None:
+                _stats["disk_hits"] += 1
+                return _remember(mkey, op, chosen, impls)
+        why_not = _tuning_allowed(device)
+        if why_not is not None:
+            _stats["deferred"] += 1
+            _say_once("deferred", f"{op} layer {key} is not tuned yet and cannot be tuned "
+                      f"during {why_not}; it runs the pinned choice there. Warm up (or run "
+                      "fastres.tuning.tune_model) before capturing or compiling.")
+            return _backend.Impl(op, cands[0].backend, cands[0].fn,
+                                 _supports_of(cands[0], impls))
+        chosen, record = _measure(op, key, cands, impls, args, kwargs)
+        if record is not None:
+            cache.put(key, record)
+        return _remember(mkey, op, chosen, impls)
+
+
+def _supports_of(cand: Candidate, impls: dict):
+    impl = impls.get(cand.backend)
+    return impl.supports if impl is not None else _backend._always
+
+
+def _remember(mkey: tuple, op: str, cand: Candidate, impls: dict) -> _backend.Impl:
+    impl = _backend.Impl(op, cand.backend, cand.fn, _supports_of(cand, impls))
+    _memo[mkey] = impl
+    _names[mkey] = cand.name
+    return impl
+
+
+def _match(rec: dict, cands: list[Candidate]) -> Candidate | None:
+    for c in cands:
+        if c.backend == rec.get("backend") and c.label == rec.get("label"):
+            return c
+    return None  # the cached choice is no longer offered (table changed): tune again
+
+
+def _measure(op: str, key: str, cands: list[Candidate], impls: dict, args,
+             kwargs) -> tuple[Candidate, dict | None]:
+    timer = _settings.timer
+    if timer is None:
+        timer = cuda_event_timer if any(
+            isinstance(a, torch.Tensor) and a.is_cuda for a in args) else wall_timer
+    ref = None
+    if _settings.check and any(c.backend != "torch" for c in cands):
+        with contextlib.suppress(Exception):
+            ref = impls["torch"].fn(*args, **kwargs)
+    tol = _tolerance(args)
+    timings: dict[str, float] = {}
+    rejected: dict[str, str] = {}
+    t0 = time.perf_counter()
+    for cand in _progress(cands, f"fastres: tuning {op}"):
+        try:
+            out = cand.fn(*args, **kwargs)  # first run: compiles, and is checked
+            if ref is not None and cand.backend != "torch":
+                err = _rel_err(out, ref)
+                if not err <= tol:
+                    rejected[cand.name] = f"relative error {err:.3g} > {tol:g}"
+                    continue
+            del out
+            _stats["timed"] += 1
+            ms = float(timer(lambda c=cand: c.fn(*args, **kwargs), cand))
+        except Exception as exc:  # out of resources, unsupported here, ...
+            rejected[cand.name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            continue
+        if math.isfinite(ms):
+            timings[cand.name] = ms
+    if rejected:
+        log.warning("fastres: tuning %s rejected %s", key, rejected)
+    if not timings:
+        _say_once(f"none:{key}", f"no candidate ran for {key} ({rejected}); using the "
+                  "reference implementation")
+        ref_cand = Candidate("torch", "torch", None, impls["torch"].fn)
+        return ref_cand, None
+    best = min((c for c in cands if c.name in timings), key=lambda c: timings[c.name])
+    _stats["tuned"] += 1
+    log.info("fastres: tuned %s -> %s (%.4f ms; %d candidates in %.1f s)", key, best.name,
+             timings[best.name], len(cands), time.perf_counter() - t0)
+    record = {
+        "backend": best.backend,
+        "label": best.label,
+        "config": best.config,
+        "ms": timings[best.name],
+        "timings": timings,
+        "rejected": rejected,
+        "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return best, record
+
+
+def choices() -> dict[str, str]:
+    """This process's remembered choices: ``{op and argument signature: candidate name}``
+    (for reports and tests)."""
+    return {f"{k[0]}{k[6]}": name for k, name in _names.items() if k in _memo}
+
+
+# -- ahead-of-time tuning ------------------------------------------------------------------
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "f32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+    "half": torch.float16, "f16": torch.float16, "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``, ``"fp16"``/``"half"``, ``"fp32"``/``"float"`` or a dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).strip().lower().replace("torch.", "")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype must be one of fp32, fp16, bf16 (or torch dtypes), got "
+                         f"{dtype!r}")
+    return _DTYPES[key]
+
+
+def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
+               dtype: str | torch.dtype | None = None,
+               image_size: int | tuple[int, int] = 224, *,
+               progress: bool | None = None) -> dict:
+    """Measure and cache every layer's choice for these batch sizes, ahead of time.
+
+    Runs one eval-mode forward under ``torch.no_grad()`` per batch size on random input
+    ``[B, 3, H, W]`` on the model's device: each layer not in the cache is timed then (see
+    the module docstring), each cached one costs nothing. ``dtype`` is the compute dtype
+    (default: the model's parameter dtype); fp16/bf16 on an fp32 model run under autocast,
+    which gives the same layers as a model converted to that dtype. The model's mode is
+    restored afterwards. Returns ``{"tuned", "disk_hits", "timed", "cache", "seconds"}``.
+    """
+    if isinstance(batch_sizes, int):
+        batch_sizes = [batch_sizes]
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    param = next(model.parameters())
+    device, pdtype = param.device, param.dtype
+    dtype = pdtype if dtype is None else parse_dtype(dtype)
+    before = stats()
+    t0 = time.perf_counter()
+    if mode() == "pinned":
+        log.info("fastres: FASTRES_TUNE=0 / deterministic mode: nothing to tune")
+    run_model, ctx = model, contextlib.nullcontext()
+    if dtype != pdtype:
+        if dtype in (torch.float16, torch.bfloat16):
+            ctx = torch.autocast(device.type, dtype=dtype)
+        else:
+            run_model = copy.deepcopy(model).to(dtype)
+            pdtype = dtype
+    in_ch = getattr(getattr(model, "conv1", None), "in_channels", 3)
+    was_training = run_model.training
+    run_model.eval()
+    old_progress = _settings.progress
+    if progress is not None:
+        _settings.progress = progress
+    bar = _progress_bar(len(batch_sizes), progress)
+    try:
+        for bs in batch_sizes:
+            x = torch.randn(bs, in_ch, *image_size, device=device, dtype=pdtype)
+            with torch.no_grad(), ctx:
+                run_model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        run_model.train(was_training)
+        _settings.progress = old_progress
+        if bar is not None:
+            bar.close()
+    after = stats()
+    return {
+        "tuned": after["tuned"] - before["tuned"],
+        "disk_hits": after["disk_hits"] - before["disk_hits"],
+        "timed": after["timed"] - before["timed"],
+        "cache": str(cache_path(device)),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _progress_bar(total: int, progress: bool | None):
+    show = sys.stderr.isatty() if progress is None else progress
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="fastres: tuning batch sizes", unit="batch")
+
+
+def register_cli(register_command) -> None:
+    """The ``fastres`` CLI's plugin hook: adds ``fastres tune`` (:mod:`fastres.tune_cli`)."""
+    from fastres import tune_cli
+
+    register_command("tune", tune_cli.HELP, tune_cli.add_arguments, tune_cli.run,
+                     description=tune_cli.DESCRIPTION)
