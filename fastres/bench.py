@@ -1,0 +1,867 @@
+"""End-to-end benchmark: fastres vs eager torchvision and ``torch.compile`` (``fastres bench``).
+
+For each model x dtype x batch size, in one run on one device:
+
+1. **Check first.** fastres's output (and every baseline's) on the first input batch is
+   compared with a precise reference (float64 on the CPU, fp32 with TF32 off on a GPU): relative
+   error ``||out - ref|| / ||ref||`` and top-1 agreement. fastres must be within
+   ``max(DESIGN.md bound, 2 x eager's own error in the same dtype)`` (see :mod:`fastres.verify`);
+   otherwise its rows are ``FAILED``, never timed, and the run exits non-zero.
+2. **Then time.** Warm-up (and, on a GPU, ``fastres.tuning.tune_model`` when it exists), then
+   ``iters`` calls timed with CUDA events (``time.perf_counter`` on the CPU), inputs rotated over a
+   few pre-made batches so caches do not flatter small batches. Reported: images/s (batch /
+   median), median and p90 latency per batch, peak GPU memory (the implementation's weights,
+   inputs and everything allocated during the timed calls), and speedups against each baseline
+   measured in the same run.
+
+Implementations (``IMPLS``):
+
+- ``eager_fp32``: torchvision eager, fp32, NCHW input (measured once per model and batch);
+- ``eager_amp_cl``: torchvision eager under ``torch.autocast(dtype)``, channels-last model and
+  fp32 channels-last input (for fp32 rows: channels-last fp32, no autocast);
+- ``compile`` / ``compile_max_autotune``: ``torch.compile(dynamic=False)`` of torchvision cast
+  to the dtype, channels-last (``max-autotune`` only when asked: it is slow to compile);
+- ``fastres``: fastres cast to the dtype, channels-last input in the dtype;
+- ``fastres_graphs``: ``fastres.optimize(model, cuda_graphs=True)`` when the engine provides it
+  (``n/a`` otherwise, and always on the CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fastres.classify import UserError, dtype_name
+from fastres.verify import (
+    design_tolerance,
+    eager_forward,
+    fastres_twin,
+    reference_forward,
+    rel_err,
+    topk_agreement,
+    torchvision_model,
+)
+
+IMPLS: dict[str, str] = {
+    "eager_fp32": "torchvision eager fp32",
+    "eager_amp_cl": "torchvision AMP + channels_last",
+    "compile": "torch.compile",
+    "compile_max_autotune": "torch.compile max-autotune",
+    "fastres": "fastres",
+    "fastres_graphs": "fastres + CUDA graphs",
+}
+BASELINES = ("eager_fp32", "eager_amp_cl", "compile")
+FASTRES_IMPLS = ("fastres", "fastres_graphs")
+
+# Defaults. CPU ones finish in about a minute on a 2-core machine (measured: ~30-40 s).
+GPU_DEFAULTS = {"models": ["resnet50"], "batch_sizes": [1, 32, 256], "dtypes": ["bf16"],
+                "image_size": 224, "iters": 50, "warmup": 10, "max_time": 10.0, "compile": True}
+CPU_DEFAULTS = {"models": ["resnet50"], "batch_sizes": [1, 4], "dtypes": ["fp32"],
+                "image_size": 224, "iters": 8, "warmup": 2, "max_time": 6.0, "compile": False}
+
+INPUT_BYTES_CAP = 1 << 30  # pre-made input batches per implementation, all rotations together
+
+
+def impl_label(impl: str, dtype: torch.dtype) -> str:
+    if impl == "eager_amp_cl" and dtype == torch.float32:
+        return "torchvision fp32 + channels_last"
+    return IMPLS[impl]
+
+
+@dataclass
+class BenchConfig:
+    """What ``fastres bench`` measures (see :data:`GPU_DEFAULTS` / :data:`CPU_DEFAULTS`)."""
+
+    models: list[str]
+    batch_sizes: list[int]
+    dtypes: list[torch.dtype]
+    device: torch.device
+    image_size: int = 224
+    iters: int = 50
+    warmup: int = 10
+    max_time: float = 10.0          # seconds per timed measurement (at least 5 calls are timed)
+    compile: bool = True
+    max_autotune: bool = False
+    compile_models: list[str] | None = None   # None: every model
+    compile_budget: float | None = None       # seconds of compiling, then compile rows skip
+    cuda_graphs: bool = True
+    tune: bool = True
+    weights: str | None = None
+    rotate: int = 4
+    time_budget: float | None = None          # seconds; later groups are skipped, not timed
+    seed: int = 0
+    progress: bool = True
+    threads: int | None = None                # CPU threads (None: see cpu_threads_default)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["dtypes"] = [dtype_name(t) for t in self.dtypes]
+        d["device"] = str(self.device)
+        return d
+
+
+@dataclass
+class Row:
+    """One implementation on one (model, dtype, batch)."""
+
+    model: str
+    dtype: str
+    batch: int
+    impl: str
+    label: str
+    status: str = "ok"              # ok | FAILED | error | n/a | skipped
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    images_per_s: float | None = None
+    peak_mib: float | None = None
+    iters: int = 0
+    rel_err: float | None = None
+    tolerance: float | None = None
+    top1: float | None = None
+    speedup: dict[str, float | None] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    env: dict
+    config: dict
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.status == "FAILED" for r in self.rows)
+
+    def to_json(self) -> dict:
+        return {"fastres_bench": 1, "ok": self.ok, "elapsed_s": round(self.elapsed_s, 2),
+                "env": self.env, "config": self.config, "notes": self.notes,
+                "rows": [asdict(r) for r in self.rows]}
+
+
+# -- environment -----------------------------------------------------------------------------
+
+
+def _version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "?")
+    except Exception:
+        return None
+
+
+def _gpu_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=10, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        v = torch._C._cuda_getDriverVersion()
+        return f"CUDA driver API {v // 1000}.{(v % 1000) // 10}"
+    except Exception:
+        return None
+
+
+def cpu_threads_default() -> tuple[int, str]:
+    """Threads for CPU timing: torch's default, fewer when other processes keep cores busy.
+
+    OpenMP spin-waits on every layer: with one of two cores taken by another process, two
+    threads run ResNet-50 ~10x slower than one (measured here), which says nothing about
+    either implementation. So use the cores the 1-minute load average leaves idle.
+    """
+    n = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return n, ""
+    cores = os.cpu_count() or n
+    idle = max(1, int(cores - load + 0.5))
+    if idle < n:
+        return idle, (f"{idle} of {n} threads: the load average ({load:.1f}) says other "
+                      "processes are using the rest (--threads overrides)")
+    return n, ""
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and hardware, printed with every table."""
+    import fastres
+
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "triton": _version("triton"),
+        "fastres": fastres.__version__,
+        "fastres_backend": fastres.get_backend(),
+        "fastres_extension": importlib.util.find_spec("fastres._C") is not None,
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            gpu=torch.cuda.get_device_name(device),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            compute_capability=f"{props.major}.{props.minor}",
+            driver=_gpu_driver(),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+        )
+    return env
+
+
+def format_env(env: dict) -> str:
+    if str(env.get("device", "cpu")).startswith("cuda"):
+        hw = (f"GPU: {env.get('gpu')} ({env.get('gpu_memory_gib')} GiB, sm "
+              f"{env.get('compute_capability')}), driver {env.get('driver')}, CUDA "
+              f"{env.get('cuda')}, cuDNN {env.get('cudnn')}, TF32 conv "
+              f"{'on' if env.get('cudnn_tf32') else 'off'}")
+    else:
+        hw = f"CPU: {env.get('cpu')}, {env.get('cpu_threads')} threads (no GPU)"
+    sw = (f"torch {env.get('torch')}, torchvision {env.get('torchvision')}, triton "
+          f"{env.get('triton')}, fastres {env.get('fastres')} (backend "
+          f"{env.get('fastres_backend')}, CUDA extension "
+          f"{'built' if env.get('fastres_extension') else 'not built'}), Python "
+          f"{env.get('python')}")
+    return f"{hw}\n{sw}\n{env.get('date')}"
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[Tensor], object], inputs: Sequence[Tensor], warmup: int,
+               iters: int, max_time: float, device: torch.device) -> list[float]:
+    """Per-call latencies in ms: ``warmup`` untimed calls, then up to ``iters`` timed ones.
+
+    On a GPU each call sits between two CUDA events on the current stream (no sync between
+    calls, so a CPU-bound call shows its launch gaps and a GPU-bound one its kernel time); on
+    the CPU, ``time.perf_counter``. Timing stops early after ``max_time`` seconds once at least
+    ``min(iters, 5)`` calls are timed. Inputs rotate over ``inputs``.
+    """
+    k = len(inputs)
+    with torch.inference_mode():
+        for i in range(warmup):
+            fn(inputs[i % k])
+        _sync(device)
+        least = min(iters, 5)
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            events = []
+            for i in range(iters):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(inputs[i % k])
+                end.record()
+                events.append((start, end))
+                if i + 1 >= least and time.perf_counter() - t0 > max_time:
+                    break
+            torch.cuda.synchronize(device)
+            return [s.elapsed_time(e) for s, e in events]
+        times = []
+        for i in range(iters):
+            s = time.perf_counter()
+            fn(inputs[i % k])
+            times.append((time.perf_counter() - s) * 1e3)
+            if i + 1 >= least and time.perf_counter() - t0 > max_time:
+                break
+        return times
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (``q`` in [0, 100]), as numpy's default."""
+    v = sorted(values)
+    if len(v) == 1:
+        return v[0]
+    pos = (len(v) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def _tensor_bytes(ts: Sequence[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _param_bytes(model: nn.Module | None) -> int:
+    if model is None:
+        return 0
+    return sum(t.numel() * t.element_size()
+               for t in list(model.parameters()) + list(model.buffers()))
+
+
+# -- implementations -------------------------------------------------------------------------
+
+
+class _Impl:
+    """A callable under test: its model, how its inputs are made, and how it runs."""
+
+    def __init__(self, key: str, fn: Callable[[Tensor], Tensor], make_input: Callable,
+                 model: nn.Module | None = None):
+        self.key, self.fn, self.make_input, self.model = key, fn, make_input, model
+
+
+def _fastres_optimize():
+    import fastres
+
+    return getattr(fastres, "optimize", None)
+
+
+def _fastres_tuner():
+    try:
+        tuning = importlib.import_module("fastres.tuning")
+    except ImportError:
+        return None
+    return getattr(tuning, "tune_model", None)
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+class Runner:
+    """Runs the whole comparison; :func:`run_bench` is the entry point."""
+
+    def __init__(self, config: BenchConfig, on_update: Callable[[BenchReport], None] | None):
+        self.cfg = config
+        self.dev = config.device
+        self.on_update = on_update
+        self.report = BenchReport(environment(self.dev), config.to_json())
+        self.t0 = time.perf_counter()
+        self.compile_spent = 0.0
+        self.eager_fp32_cache: dict[tuple[str, int], Row] = {}
+
+    # inputs: the same random batches for every implementation, in each one's format
+    def base_inputs(self, batch: int) -> list[Tensor]:
+        per = batch * 3 * self.cfg.image_size ** 2 * 4
+        k = max(1, min(self.cfg.rotate, INPUT_BYTES_CAP // max(per, 1)))
+        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1000 + batch)
+        return [torch.randn(batch, 3, self.cfg.image_size, self.cfg.image_size, generator=g)
+                .to(self.dev) for _ in range(k)]
+
+    def over_budget(self) -> bool:
+        b = self.cfg.time_budget
+        return b is not None and time.perf_counter() - self.t0 > b
+
+    def run(self) -> BenchReport:
+        cfg = self.cfg
+        groups = [(m, d, b) for m in cfg.models for d in cfg.dtypes for b in cfg.batch_sizes]
+        from tqdm import tqdm
+
+        show = cfg.progress and sys.stderr.isatty()
+        bar = tqdm(total=len(groups), desc="fastres bench", disable=not show, leave=False,
+                   file=sys.stderr)
+        try:
+            for model_name in cfg.models:
+                if self.over_budget():
+                    for d in cfg.dtypes:
+                        for b in cfg.batch_sizes:
+                            self.skip_group(model_name, d, b, "time budget spent")
+                            bar.update(1)
+                    continue
+                bar.set_postfix_str(f"{model_name}: building")
+                tv = torchvision_model(model_name, cfg.weights, self.dev)
+                for dtype in cfg.dtypes:
+                    self.run_model_dtype(model_name, tv, dtype, bar)
+                del tv
+                self.eager_fp32_cache.clear()
+                if self.compile_wanted(model_name):
+                    import torch._dynamo
+
+                    torch._dynamo.reset()  # drop this model's compiled graphs
+                if self.dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        finally:
+            bar.close()
+        self.report.elapsed_s = time.perf_counter() - self.t0
+        self.update()
+        return self.report
+
+    def update(self) -> None:
+        self.report.elapsed_s = time.perf_counter() - self.t0
+        if self.on_update is not None:
+            self.on_update(self.report)
+
+    def skip_group(self, model: str, dtype: torch.dtype, batch: int, why: str) -> None:
+        for impl in self.impl_keys(model):
+            self.report.rows.append(Row(model, dtype_name(dtype), batch, impl,
+                                        impl_label(impl, dtype), status="skipped", note=why))
+
+    def impl_keys(self, model: str) -> list[str]:
+        keys = ["eager_fp32", "eager_amp_cl"]
+        if self.compile_wanted(model):
+            keys.append("compile")
+            if self.cfg.max_autotune:
+                keys.append("compile_max_autotune")
+        return keys + ["fastres", "fastres_graphs"]
+
+    def compile_wanted(self, model: str) -> bool:
+        cm = self.cfg.compile_models
+        return self.cfg.compile and (cm is None or model in cm)
+
+    def run_model_dtype(self, name: str, tv: nn.Module, dtype: torch.dtype, bar) -> None:
+        cfg, dev = self.cfg, self.dev
+        dn = dtype_name(dtype)
+        ref64 = copy.deepcopy(tv).double() if dev.type == "cpu" else None
+        # eager in the dtype itself (sets the tolerance), AMP baseline, compile baseline
+        cast = tv if dtype == torch.float32 else copy.deepcopy(tv).to(dtype)
+        tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
+        cast_cl = tv_cl if dtype == torch.float32 else cast.to(memory_format=torch.channels_last)
+        fr = fastres_twin(tv, dtype)
+
+        # Tuning happens before anything is timed (GPU only; the engine may not exist yet).
+        tuner = _fastres_tuner()
+        if cfg.tune and tuner is not None and dev.type == "cuda" and not self.over_budget():
+            bar.set_postfix_str(f"{name} {dn}: tuning")
+            t = time.perf_counter()
+            try:
+                tuner(fr, list(cfg.batch_sizes), dtype)
+                self.report.notes.append(f"{name} {dn}: tuned in {time.perf_counter() - t:.1f} s")
+            except Exception as exc:
+                self.report.notes.append(f"{name} {dn}: tuning failed ({_short(exc)}); timed "
+                                         "untuned")
+        elif cfg.tune and tuner is None and dev.type == "cuda":
+            note = "fastres.tuning.tune_model not available: fastres timed untuned"
+            if note not in self.report.notes:
+                self.report.notes.append(note)
+
+        graphs, graphs_why = None, ""
+        optimize = _fastres_optimize()
+        if not cfg.cuda_graphs:
+            graphs_why = "--no-cuda-graphs"
+        elif dev.type != "cuda":
+            graphs_why = "CUDA graphs need a GPU"
+        elif optimize is None:
+            graphs_why = "fastres.optimize not available"
+        else:
+            try:
+                graphs = optimize(fr, cuda_graphs=True)
+            except Exception as exc:
+                graphs_why = f"fastres.optimize failed: {_short(exc)}"
+
+        autocast = dtype != torch.float32
+
+        def amp_fn(x: Tensor) -> Tensor:
+            if autocast:
+                with torch.autocast(dev.type, dtype=dtype):
+                    return tv_cl(x)
+            return tv_cl(x)
+
+        compiled: dict[str, object] = {}
+        if self.compile_wanted(name):
+            compiled["compile"] = None
+            if cfg.max_autotune:
+                compiled["compile_max_autotune"] = None
+
+        def to_fp32_nchw(x: Tensor) -> Tensor:
+            return x.contiguous()
+
+        def to_fp32_cl(x: Tensor) -> Tensor:
+            return x.contiguous(memory_format=torch.channels_last)
+
+        def to_dtype_cl(x: Tensor) -> Tensor:
+            return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+        for batch in cfg.batch_sizes:
+            bar.set_postfix_str(f"{name} {dn} batch {batch}")
+            if self.over_budget():
+                self.skip_group(name, dtype, batch, "time budget spent")
+                bar.update(1)
+                self.update()
+                continue
+            base = self.base_inputs(batch)
+            x0 = base[0]
+            ref = reference_forward(tv, x0, ref64)
+            eager_same = eager_forward(tv, x0, dtype, cast)
+            tol_design = design_tolerance(dtype, dev)
+            eager_err = rel_err(eager_same, ref)
+            tol = max(tol_design, 2 * eager_err) if math.isfinite(eager_err) else tol_design
+
+            impls: list[tuple[str, _Impl | None, str]] = []
+            impls.append(("eager_fp32", _Impl("eager_fp32", tv, to_fp32_nchw, tv), ""))
+            impls.append(("eager_amp_cl", _Impl("eager_amp_cl", amp_fn, to_fp32_cl, tv_cl), ""))
+            for key in compiled:
+                impls.append((key, self.compiled_impl(key, cast_cl, to_dtype_cl), ""))
+            impls.append(("fastres", _Impl("fastres", fr, to_dtype_cl, fr), ""))
+            impls.append(("fastres_graphs",
+                          _Impl("fastres_graphs", graphs, to_dtype_cl, fr) if graphs else None,
+                          graphs_why))
+
+            rows: dict[str, Row] = {}
+            for key, impl, why in impls:
+                row = Row(name, dn, batch, key, impl_label(key, dtype),
+                          tolerance=tol if key in FASTRES_IMPLS else None)
+                rows[key] = row
+                self.report.rows.append(row)
+                if impl is None:
+                    row.status = "n/a"
+                    row.note = why
+                    continue
+                if key == "eager_fp32" and (name, batch) in self.eager_fp32_cache:
+                    cached = self.eager_fp32_cache[(name, batch)]
+                    for f in ("status", "median_ms", "p90_ms", "images_per_s", "peak_mib",
+                              "iters", "rel_err", "top1", "note"):
+                        setattr(row, f, getattr(cached, f))
+                    continue
+                if key.startswith("compile") and impl.fn is None:
+                    row.status, row.note = "skipped", "compile budget spent"
+                    continue
+                self.check_and_time(row, impl, base, ref, key in FASTRES_IMPLS)
+                if key == "eager_fp32":
+                    self.eager_fp32_cache[(name, batch)] = row
+            for row in rows.values():
+                for b in BASELINES:
+                    base_row = rows.get(b)
+                    ok = (base_row is not None and base_row.status == "ok"
+                          and row.status == "ok" and row.median_ms)
+                    row.speedup[b] = (base_row.median_ms / row.median_ms) if ok else None
+            rows["fastres"].note = (rows["fastres"].note + "; " if rows["fastres"].note else "") \
+                + f"eager {dn} error {eager_err:.1e}"
+            del base, ref, eager_same
+            bar.update(1)
+            self.update()
+
+    def compiled_impl(self, key: str, model: nn.Module, make_input) -> _Impl:
+        """A ``torch.compile`` implementation; compiling happens lazily on the first call."""
+        budget = self.cfg.compile_budget
+        if budget is not None and self.compile_spent > budget:
+            return _Impl(key, None, make_input, model)
+        mode = "max-autotune" if key == "compile_max_autotune" else None
+        # Every model, dtype and batch size is one more compiled entry on torchvision's
+        # ResNet.forward: past dynamo's recompile limit (8) it would silently run eager.
+        import torch._dynamo
+
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit,
+                        max(256, getattr(torch._dynamo.config, limit)))
+        compiled = torch.compile(model, mode=mode, dynamic=False)
+        return _Impl(key, compiled, make_input, model)
+
+    def check_and_time(self, row: Row, impl: _Impl, base: list[Tensor], ref: Tensor,
+                       must_agree: bool) -> None:
+        """Check the output on ``base[0]``, then time (only if it agrees, for fastres)."""
+        cfg, dev = self.cfg, self.dev
+        inputs = [impl.make_input(x) for x in base]
+        is_compile = row.impl.startswith("compile")
+        try:
+            t = time.perf_counter()
+            with torch.inference_mode():
+                out = impl.fn(inputs[0])
+                out = out.clone() if isinstance(out, Tensor) else out
+            _sync(dev)
+            first_call = time.perf_counter() - t
+            if is_compile:
+                self.compile_spent += first_call
+                row.note = f"first call (compile) {first_call:.1f} s"
+        except Exception as exc:
+            row.status = "FAILED" if must_agree else "error"
+            row.note = f"raised {_short(exc)}"
+            return
+        if not isinstance(out, Tensor) or out.shape != ref.shape:
+            row.status = "FAILED" if must_agree else "error"
+            row.note = f"output {getattr(out, 'shape', type(out).__name__)} != {tuple(ref.shape)}"
+            return
+        row.rel_err = rel_err(out, ref)
+        row.top1 = topk_agreement(out, ref, 1)
+        if must_agree and not row.rel_err <= row.tolerance:
+            row.status = "FAILED"
+            row.note = (f"relative error {row.rel_err:.2e} > tolerance {row.tolerance:.1e}: "
+                        "not timed")
+            return
+        del out
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            before = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            times = time_calls(impl.fn, inputs, cfg.warmup, cfg.iters, cfg.max_time, dev)
+        except Exception as exc:
+            row.status = "FAILED" if must_agree else "error"
+            row.note = f"raised while timed: {_short(exc)}"
+            return
+        if dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(dev) - before
+            peak += _tensor_bytes(inputs) + _param_bytes(impl.model)
+            row.peak_mib = peak / 2**20
+        row.iters = len(times)
+        row.median_ms = statistics.median(times)
+        row.p90_ms = percentile(times, 90)
+        row.images_per_s = row.batch / (row.median_ms / 1e3) if row.median_ms > 0 else None
+
+
+def run_bench(config: BenchConfig, on_update: Callable[[BenchReport], None] | None = None
+              ) -> BenchReport:
+    """Check, then time every implementation; ``on_update`` is called after each group."""
+    from fastres import models
+
+    for m in config.models:
+        if m not in models.MODEL_NAMES:
+            raise UserError(f"unknown model {m!r}; expected one of {', '.join(models.MODEL_NAMES)}")
+    if not config.batch_sizes or any(b < 1 for b in config.batch_sizes):
+        raise UserError(f"batch sizes must be >= 1, got {config.batch_sizes}")
+    if config.image_size < 32:
+        raise UserError(f"--image-size must be at least 32, got {config.image_size}")
+    if config.iters < 1 or config.warmup < 0:
+        raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {config.iters}, "
+                        f"{config.warmup}")
+    torch.manual_seed(config.seed)
+    saved_threads = torch.get_num_threads()
+    note = ""
+    if config.device.type == "cpu":
+        threads = config.threads
+        if threads is None:
+            threads, note = cpu_threads_default()
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        runner = Runner(config, on_update)
+        if note:
+            runner.report.notes.append(note)
+        return runner.run()
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _speed(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+TABLE_COLUMNS = ("model", "dtype", "batch", "implementation", "img/s", "median ms", "p90 ms",
+                 "peak MiB", "rel err", "top-1", "x eager fp32", "x AMP+CL", "x compile",
+                 "status")
+
+
+def _table_cells(row: Row) -> list[str]:
+    status = row.status if not row.note or row.status == "ok" else f"{row.status}: {row.note}"
+    if row.status == "ok" and row.note and row.impl.startswith("compile"):
+        status = f"ok ({row.note})"
+    return [row.model, row.dtype, str(row.batch), row.label, _fmt(row.images_per_s, ".1f"),
+            _fmt(row.median_ms, ".2f"), _fmt(row.p90_ms, ".2f"), _fmt(row.peak_mib, ".0f"),
+            _fmt(row.rel_err, ".1e"), "-" if row.top1 is None else f"{row.top1 * 100:.0f}%",
+            _speed(row.speedup.get("eager_fp32")), _speed(row.speedup.get("eager_amp_cl")),
+            _speed(row.speedup.get("compile")), status]
+
+
+def format_table(report: BenchReport) -> str:
+    """The terminal table: environment, one line per implementation, then notes."""
+    cells = [list(TABLE_COLUMNS)] + [_table_cells(r) for r in report.rows]
+    widths = [max(len(c[i]) for c in cells[:]) if i < len(TABLE_COLUMNS) - 1 else 0
+              for i in range(len(TABLE_COLUMNS))]
+    right = {4, 5, 6, 7, 8, 9, 10, 11, 12}
+    lines = [format_env(report.env), ""]
+    for n, c in enumerate(cells):
+        parts = [(c[i].rjust(widths[i]) if i in right else c[i].ljust(widths[i]))
+                 for i in range(len(c))]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("-" * min(160, sum(widths) + 2 * (len(widths) - 1) + 6))
+    lines.append("")
+    lines.extend(summary_lines(report))
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def summary_lines(report: BenchReport) -> list[str]:
+    """One line per (model, dtype, batch): fastres's agreement and speedups."""
+    out = []
+    groups: dict[tuple, dict[str, Row]] = {}
+    for r in report.rows:
+        groups.setdefault((r.model, r.dtype, r.batch), {})[r.impl] = r
+    for (model, dtype, batch), rows in groups.items():
+        fr = rows.get("fastres")
+        if fr is None:
+            continue
+        best = fr
+        g = rows.get("fastres_graphs")
+        if g is not None and g.status == "ok" and (best.status != "ok"
+                                                  or g.median_ms < best.median_ms):
+            best = g
+        head = f"{model} {dtype} batch {batch}: "
+        if fr.status == "FAILED":
+            out.append(head + f"fastres FAILED the check ({fr.note})")
+            continue
+        if best.status != "ok":
+            out.append(head + f"fastres {best.status} ({best.note})")
+            continue
+        short = {"eager_fp32": "eager fp32", "eager_amp_cl": "AMP+CL", "compile": "compile"}
+        speed = ", ".join(f"{best.speedup[b]:.2f}x vs {short[b]}"
+                          for b in BASELINES if best.speedup.get(b))
+        out.append(head + f"{best.label} {best.images_per_s:.1f} img/s ({speed}); "
+                   f"agrees with torchvision: rel err {fr.rel_err:.1e} <= {fr.tolerance:.1e}, "
+                   f"top-1 {fr.top1 * 100:.0f}%")
+    out.append("result: " + ("all outputs agree" if report.ok
+                             else "FAILED: fastres outputs disagree with torchvision (not timed)"))
+    return out
+
+
+def to_markdown(report: BenchReport) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = ["# fastres bench", ""]
+    lines += [f"- {esc(line)}" for line in format_env(report.env).splitlines()]
+    lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |",
+              "|" + "|".join("---:" if i in (2, 4, 5, 6, 7, 8, 9, 10, 11, 12) else "---"
+                             for i in range(len(TABLE_COLUMNS))) + "|"]
+    for r in report.rows:
+        lines.append("| " + " | ".join(esc(c) for c in _table_cells(r)) + " |")
+    lines += [""] + [f"- {esc(s)}" for s in summary_lines(report)]
+    lines += [f"- note: {esc(n)}" for n in report.notes]
+    lines += ["", "Speedup columns: the baseline's median latency / this row's median latency "
+              "(same run, same inputs). Relative error against torchvision "
+              + ("float64" if str(report.env.get("device")) == "cpu" else "fp32 with TF32 off")
+              + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: BenchReport, path: str) -> str | None:
+    """``bench.png``: throughput vs batch size per implementation (top) and fastres's speedup
+    over each baseline (bottom), one column per model. Returns a note if it could not plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: bench.png not written"
+    ok = [r for r in report.rows if r.status == "ok" and r.images_per_s]
+    models = list(dict.fromkeys(r.model for r in report.rows)) or ["(none)"]
+    fig, axes = plt.subplots(2, len(models), figsize=(max(9.0, 6.5 * len(models)), 9),
+                             squeeze=False)
+    for col, model in enumerate(models):
+        ax = axes[0][col]
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in ok:
+            if r.model != model:
+                continue
+            key = r.label if r.impl == "eager_fp32" else f"{r.label} ({r.dtype})"
+            pts = series.setdefault(key, [])
+            if all(b != r.batch for b, _ in pts):
+                pts.append((r.batch, r.images_per_s))
+        for key, pts in series.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        if series:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        ax.set_title(f"{model}: throughput")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images / s")
+        ax.grid(True, which="both", alpha=0.3)
+
+        ax = axes[1][col]
+        groups = []
+        for r in report.rows:
+            if r.model == model and r.impl == "fastres" and (r.dtype, r.batch) not in groups:
+                groups.append((r.dtype, r.batch))
+        present = [b for b in BASELINES
+                   if any(r.speedup.get(b) for r in ok if r.model == model)] or ["eager_fp32"]
+        width = 0.8 / len(present)
+        for j, b in enumerate(present):
+            vals = []
+            for dt, bs in groups:
+                cands = [r for r in ok if r.model == model and r.dtype == dt and r.batch == bs
+                         and r.impl in FASTRES_IMPLS and r.speedup.get(b)]
+                vals.append(max((r.speedup[b] for r in cands), default=0.0))
+            ax.bar([i + (j - (len(present) - 1) / 2) * width for i in range(len(groups))],
+                   vals, width, label=f"vs {IMPLS[b]}")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{dt}\nb{bs}" for dt, bs in groups])
+        ax.set_title(f"{model}: fastres speedup (best of plain / CUDA graphs)")
+        ax.set_ylabel("speedup (x)")
+        ax.legend(fontsize=7)
+    dev = report.env.get("gpu") or report.env.get("cpu")
+    fig.suptitle(f"fastres bench on {dev}\nfastres {report.env.get('fastres')}, torch "
+                 f"{report.env.get('torch')}, {report.env.get('date')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def _finite(obj):
+    """JSON-safe: non-finite floats become the strings "inf" / "-inf" / "nan"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[str]:
+    """Write ``bench.json`` and ``bench.md`` (and ``bench.png``) under ``out_dir``."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    jpath = os.path.join(out_dir, "bench.json")
+    tmp = jpath + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_finite(report.to_json()), f, indent=1, default=str, allow_nan=False)
+    os.replace(tmp, jpath)
+    paths.append(jpath)
+    mpath = os.path.join(out_dir, "bench.md")
+    with open(mpath, "w") as f:
+        f.write(to_markdown(report))
+    paths.append(mpath)
+    if png:
+        ppath = os.path.join(out_dir, "bench.png")
+        note = plot(report, ppath)
+        if note is None:
+            paths.append(ppath)
+        elif note not in report.notes:
+            report.notes.append(note)
+    return paths

@@ -1,0 +1,332 @@
+"""ImageNet classification of image files, and torchvision's ImageNet preprocessing recipe.
+
+The recipe is torchvision's ``ImageClassification`` transform for ResNets: resize the shorter
+side to 256 (bilinear, antialiased), center-crop 224x224, scale to [0, 1], normalize with the
+ImageNet mean and standard deviation. Resize and crop run in PIL (exactly torchvision's PIL
+path); the uint8 -> normalized channels-last step runs through the fused
+``fastres.ops.preprocess`` op when it is available and agrees with plain torch on the batch,
+and through plain torch otherwise.
+
+Used by ``fastres classify`` and by ``fastres verify`` (for its real photographs).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_SIZE = 256
+CROP_SIZE = 224
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
+                 "bfloat16": "bf16"}
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (bad file, bad option): reported without a
+    traceback, exit status 2."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``fp32`` / ``fp16`` / ``bf16`` (or ``float32``, ``half``, ...) -> ``torch.dtype``."""
+    key = DTYPE_ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def parse_device(name: str | None) -> torch.device:
+    """``auto`` (CUDA when there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} asked for, but this machine has no CUDA GPU "
+                            "(torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r} asked for, but there are only "
+                            f"{torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device {name!r}; expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def class_names(num_classes: int) -> list[str]:
+    """ImageNet-1k names for a 1000-class head, ``class N`` otherwise."""
+    if num_classes == 1000:
+        try:
+            from torchvision.models._meta import _IMAGENET_CATEGORIES as names
+        except ImportError:
+            from fastres.imagenet_classes import IMAGENET_CATEGORIES as names
+        return list(names)
+    return [f"class {i}" for i in range(num_classes)]
+
+
+# -- images --------------------------------------------------------------------------------------
+
+def to_pil_rgb(image):
+    """A PIL RGB image from a PIL image or an ``HxW`` / ``HxWx{1,3,4}`` uint8 array."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        image = Image.fromarray(arr)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def load_image(path: str | os.PathLike):
+    """Open an image file as PIL RGB; a missing or unreadable file is a :class:`UserError`."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"image file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{path!r} is a directory, expected an image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_pil_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise UserError(f"cannot read {path!r} as an image: {exc}") from exc
+
+
+def resize_center_crop(image, resize: int = RESIZE_SIZE, crop: int = CROP_SIZE) -> np.ndarray:
+    """torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image.
+
+    Returns ``[crop, crop, 3]`` uint8 (HWC). The shorter side becomes ``resize`` (the longer
+    one ``int(resize * long / short)``, as torchvision computes it), bilinear with PIL's
+    antialiasing; the crop offsets are ``int(round((size - crop) / 2))``.
+    """
+    from PIL import Image
+
+    image = to_pil_rgb(image)
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    if new_w < crop or new_h < crop:
+        raise UserError(f"image of {w}x{h} is too small for a {crop}x{crop} crop after "
+                        f"resizing to {new_w}x{new_h}")
+    top = round((new_h - crop) / 2.0)
+    left = round((new_w - crop) / 2.0)
+    image = image.crop((left, top, left + crop, top + crop))
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def normalize_torch(images: Tensor, dtype: torch.dtype = torch.float32,
+                    mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> Tensor:
+    """Plain-torch uint8 ``[N, H, W, 3]`` -> normalized ``[N, 3, H, W]`` channels-last ``dtype``.
+
+    Computed in fp32 (``(x / 255 - mean) / std``), then cast: torchvision's ``ToTensor`` +
+    ``Normalize`` followed by ``.to(dtype)``.
+    """
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    x = (x - m) / s
+    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _fused_preprocess():
+    try:
+        from fastres.ops.preprocess import preprocess
+    except Exception:  # not written / not importable yet: plain torch is the fallback
+        return None
+    return preprocess
+
+
+_said_fallback: set[str] = set()
+
+
+def _say_fallback_once(reason: str) -> None:
+    if reason not in _said_fallback:
+        _said_fallback.add(reason)
+        warnings.warn(f"fastres: fused preprocess not used ({reason}); using plain torch",
+                      RuntimeWarning, stacklevel=3)
+
+
+def normalize(images: Tensor, dtype: torch.dtype = torch.float32,
+              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+              prefer_fused: bool = True) -> tuple[Tensor, str]:
+    """uint8 ``[N, H, W, 3]`` -> normalized channels-last ``[N, 3, H, W]`` in ``dtype``.
+
+    Uses ``fastres.ops.preprocess`` when it is importable and agrees with
+    :func:`normalize_torch` on this batch (relative error within the dtype's rounding);
+    otherwise plain torch, said once. Returns ``(tensor, "fused" | "torch")``.
+    """
+    ref = normalize_torch(images, dtype, mean, std)
+    fused = _fused_preprocess() if prefer_fused else None
+    if fused is None:
+        return ref, "torch"
+    try:
+        out = fused(images, "NHWC", tuple(mean), tuple(std), dtype)
+    except Exception as exc:  # the op refused this call: fall back, say so once
+        _say_fallback_once(f"{type(exc).__name__}: {exc}")
+        return ref, "torch"
+    if not isinstance(out, Tensor) or tuple(out.shape) != tuple(ref.shape):
+        _say_fallback_once(f"returned shape {getattr(out, 'shape', None)}, expected "
+                           f"{tuple(ref.shape)}")
+        return ref, "torch"
+    err = float(torch.linalg.vector_norm((out.double() - ref.double()).flatten())
+                / torch.linalg.vector_norm(ref.double().flatten()).clamp_min(1e-30))
+    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    if not err <= limit:
+        _say_fallback_once(f"disagrees with torchvision's recipe: relative error {err:.2e}")
+        return ref, "torch"
+    return out.to(dtype).contiguous(memory_format=torch.channels_last), "fused"
+
+
+def imagenet_batch(images: Sequence, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, prefer_fused: bool = True
+                   ) -> tuple[Tensor, str]:
+    """PIL images / arrays -> a normalized ``[N, 3, 224, 224]`` channels-last batch.
+
+    Returns ``(batch, "fused" | "torch")`` (which implementation normalized it).
+    """
+    arrays = [resize_center_crop(img) for img in images]
+    u8 = torch.from_numpy(np.stack(arrays)).to(device)
+    return normalize(u8, dtype, prefer_fused=prefer_fused)
+
+
+# -- classification ------------------------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    path: str
+    topk: list[tuple[int, str, float]]  # (class index, name, probability)
+
+
+def guess_architecture(state_dict) -> str | None:
+    """Which of fastres's models a state_dict fits (keys and shapes, any ``num_classes``)."""
+    from fastres import models
+
+    want = {k: tuple(v.shape) for k, v in state_dict.items()
+            if hasattr(v, "shape") and not k.startswith("fc.")}
+    for name in models.MODEL_NAMES:
+        with torch.device("meta"):
+            sd = models.get_model(name).state_dict()
+        have = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith("fc.")}
+        if have == want:
+            return name
+    return None
+
+
+def describe_mismatch(model_name: str, state_dict, source: str) -> str:
+    """A short message for a checkpoint that does not fit ``model_name``."""
+    from fastres import models
+
+    with torch.device("meta"):
+        expected = models.get_model(model_name).state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in expected if k in state_dict and k != "fc.weight" and k != "fc.bias"
+                  and tuple(getattr(state_dict[k], "shape", ())) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if mismatched:
+        k = mismatched[0]
+        parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: checkpoint "
+                     f"{list(state_dict[k].shape)}, {model_name} {list(expected[k].shape)})")
+    msg = f"the checkpoint {source} does not fit {model_name}: " + "; ".join(parts or ["?"])
+    guess = guess_architecture(state_dict)
+    if guess is not None and guess != model_name:
+        msg += f". It looks like a {guess} checkpoint: pass --model {guess}"
+    return msg
+
+
+def load_checkpoint(weights) -> dict:
+    """``fastres.models.load_weights`` with errors as one-line :class:`UserError`."""
+    from fastres import models
+
+    try:
+        return models.load_weights(weights)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        text = str(exc).removeprefix("fastres: ").strip()
+        if "Weights only load failed" in text:  # torch's long weights_only explanation
+            text = (text.split(":", 1)[0] + ": torch.load(weights_only=True) refused it "
+                    "(not a state_dict of tensors)")
+        lines = text.splitlines()
+        raise UserError(lines[0] if lines else type(exc).__name__) from exc
+
+
+def build_model(model_name: str, weights, device: torch.device, dtype: torch.dtype):
+    """A fastres model with ``weights`` loaded, on ``device`` in ``dtype``, eval mode."""
+    from fastres import models
+
+    if model_name not in models.MODEL_NAMES:
+        raise UserError(f"unknown model {model_name!r}; expected one of "
+                        f"{', '.join(models.MODEL_NAMES)}")
+    sd = load_checkpoint(weights)
+    try:
+        model = models.get_model(model_name, weights=sd)
+    except (ValueError, RuntimeError) as exc:
+        source = repr(os.fspath(weights)) if isinstance(weights, (str, os.PathLike)) else ""
+        raise UserError(describe_mismatch(model_name, sd, source)) from exc
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def classify(paths: Sequence[str], weights, model_name: str = "resnet50", topk: int = 5,
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             batch_size: int = 32) -> list[Prediction]:
+    """Top-``topk`` ImageNet classes (softmax probabilities) for each image file.
+
+    All images are read before the model is built, so a bad file fails fast.
+    """
+    if topk < 1:
+        raise UserError(f"--topk must be at least 1, got {topk}")
+    device = torch.device(device)
+    images = [load_image(p) for p in paths]
+    model = build_model(model_name, weights, device, dtype)
+    names = class_names(model.fc.out_features)
+    k = min(topk, len(names))
+    preds: list[Prediction] = []
+    for start in range(0, len(images), batch_size):
+        batch, _ = imagenet_batch(images[start:start + batch_size], device, dtype)
+        with torch.inference_mode():
+            logits = model(batch)
+        probs = torch.softmax(logits.float(), dim=1).cpu()
+        values, indices = probs.topk(k, dim=1)
+        for i, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):
+            preds.append(Prediction(paths[start + i],
+                                    [(j, names[j], v) for j, v in zip(idxs, vals)]))
+    return preds
+
+
+def format_predictions(preds: Sequence[Prediction]) -> str:
+    lines = []
+    for pred in preds:
+        lines.append(f"{pred.path}:")
+        for idx, name, prob in pred.topk:
+            lines.append(f"  {prob:8.4f}  {name} ({idx})")
+    return "\n".join(lines)

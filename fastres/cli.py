@@ -1,0 +1,350 @@
+"""The ``fastres`` command line (``fastres ...`` or ``python -m fastres ...``).
+
+Subcommands: ``bench`` (fastres vs torchvision / torch.compile, outputs checked first),
+``verify`` (side-by-side correctness on random batches and real photographs), ``classify``
+(top-k ImageNet classes of image files with a local checkpoint).
+
+The CLI is thin: the work is in :mod:`fastres.bench`, :mod:`fastres.verify` and
+:mod:`fastres.classify`. Exit status: 0 success; 1 a check failed (outputs disagree); 2 a
+usage error (bad option, missing or unreadable file, wrong checkpoint), reported on stderr in
+one line without a traceback.
+
+Adding a subcommand: write ``add_arguments(parser)`` and ``run(args) -> int`` and call
+:func:`register_command` -- here, next to the built-in ones, or from a module listed in
+``PLUGIN_MODULES`` that defines ``register_cli(register_command)`` (imported when present,
+so an optional part of fastres can add its command without editing this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fastres.classify import DTYPES, UserError
+
+PROG = "fastres"
+# Optional modules that may add subcommands (each defines register_cli(register_command)).
+PLUGIN_MODULES = ("fastres.tuning",)
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                     run: Callable[[argparse.Namespace], int],
+                     description: str | None = None) -> None:
+    """Add (or replace) subcommand ``name``; ``run(args)`` returns the exit status."""
+    COMMANDS[name] = Command(name, help, add_arguments, run, description)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports errors as ``fastres <cmd>: error: ...`` with exit status 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _model_list(values: Sequence[str]) -> list[str]:
+    from fastres.models import MODEL_NAMES
+
+    names = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    for n in names:
+        if n not in MODEL_NAMES:
+            raise UserError(f"unknown model {n!r}; expected one of {', '.join(MODEL_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+def _int_list(values: Sequence[str], what: str) -> list[int]:
+    out = []
+    for value in values:
+        for v in str(value).split(","):
+            if not v.strip():
+                continue
+            try:
+                n = int(v)
+            except ValueError:
+                raise UserError(f"{what} must be integers, got {v!r}") from None
+            if n < 1:
+                raise UserError(f"{what} must be >= 1, got {n}")
+            out.append(n)
+    return list(dict.fromkeys(out))
+
+
+def _dtype_list(values: Sequence[str]) -> list:
+    from fastres.classify import parse_dtype
+
+    names = [v for value in values for v in value.split(",") if v.strip()]
+    return list(dict.fromkeys(parse_dtype(n) for n in names))
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if there is a GPU, else CPU), cpu, cuda or cuda:N "
+                        "(default: auto)")
+
+
+# -- bench -------------------------------------------------------------------------------------
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from fastres.bench import CPU_DEFAULTS, GPU_DEFAULTS
+
+    def d(key):
+        return f"GPU: {GPU_DEFAULTS[key]}, CPU: {CPU_DEFAULTS[key]}"
+
+    p.add_argument("-m", "--model", "--models", dest="models", action="append", metavar="NAME",
+                   help=f"model(s), repeat or comma-separate (default: {d('models')})")
+    p.add_argument("-b", "--batch-size", "--batch-sizes", dest="batch_sizes", nargs="+",
+                   metavar="N", help=f"batch sizes (default: {d('batch_sizes')})")
+    p.add_argument("--dtype", "--dtypes", dest="dtypes", nargs="+", metavar="DTYPE",
+                   help=f"fp32, fp16, bf16 (default: {d('dtypes')})")
+    p.add_argument("--image-size", type=int, help=f"input height = width (default: "
+                   f"{GPU_DEFAULTS['image_size']})")
+    p.add_argument("--iters", type=int, help=f"timed calls per measurement ({d('iters')})")
+    p.add_argument("--warmup", type=int, help=f"untimed calls first ({d('warmup')})")
+    p.add_argument("--max-time", type=float,
+                   help=f"seconds per measurement before stopping early, at least 5 calls "
+                        f"timed ({d('max_time')})")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="time torch.compile (default: on with a GPU, off on the CPU)")
+    p.add_argument("--max-autotune", action="store_true",
+                   help="also time torch.compile(mode='max-autotune') (slow to compile)")
+    p.add_argument("--compile-models", action="append", metavar="NAME",
+                   help="only these models get the compile baseline (default: all)")
+    p.add_argument("--compile-budget", type=float, metavar="SECONDS",
+                   help="stop compiling new shapes after this many seconds of compiling")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="time fastres.optimize(model, cuda_graphs=True) too (default: on)")
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
+                   help="run fastres.tuning.tune_model before timing on a GPU (default: on)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="a torchvision checkpoint (default: random weights with realistic "
+                        "BatchNorm statistics); with several models, every model loads it")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="skip (not time) the groups that would start after this many seconds")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: torch's, fewer if other processes keep cores "
+                        "busy)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", metavar="DIR", help="write bench.json, bench.md, bench.png there")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device(p)
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    from fastres.bench import (
+        CPU_DEFAULTS,
+        GPU_DEFAULTS,
+        BenchConfig,
+        format_table,
+        run_bench,
+        write_outputs,
+    )
+    from fastres.classify import parse_device
+
+    device = parse_device(args.device)
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+
+    def pick(name):
+        value = getattr(args, name)
+        return defaults[name] if value is None else value
+
+    models = _model_list(args.models) if args.models else list(defaults["models"])
+    batch_sizes = (_int_list(args.batch_sizes, "batch sizes") if args.batch_sizes
+                   else list(defaults["batch_sizes"]))
+    dtypes = _dtype_list(args.dtypes if args.dtypes else defaults["dtypes"])
+    compile_models = _model_list(args.compile_models) if args.compile_models else None
+    if args.weights is not None and not os.path.isfile(args.weights):
+        raise UserError(f"weights file {args.weights!r} does not exist")
+    cfg = BenchConfig(
+        models=models, batch_sizes=batch_sizes, dtypes=dtypes, device=device,
+        image_size=pick("image_size"), iters=pick("iters"), warmup=pick("warmup"),
+        max_time=pick("max_time"), compile=pick("compile"), max_autotune=args.max_autotune,
+        compile_models=compile_models, compile_budget=args.compile_budget,
+        cuda_graphs=args.cuda_graphs, tune=args.tune, weights=args.weights,
+        time_budget=args.time_budget, seed=args.seed, progress=not args.no_progress,
+        threads=args.threads,
+    )
+    if cfg.max_autotune and not cfg.compile:
+        cfg.compile = True
+    out_dir = args.out
+
+    def checkpoint(report):
+        if out_dir:
+            write_outputs(report, out_dir, png=False)
+
+    report = run_bench(cfg, on_update=checkpoint)
+    written = write_outputs(report, out_dir) if out_dir else []
+    print(format_table(report))
+    for path in written:
+        print(f"wrote {path}")
+    return 0 if report.ok else 1
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    from fastres.models import MODEL_NAMES
+
+    p.add_argument("-m", "--model", default="resnet50", metavar="NAME",
+                   help=f"one of {', '.join(MODEL_NAMES)} (default: resnet50)")
+    p.add_argument("--dtype", default="fp32", type=str.lower,
+                   help=f"{', '.join(DTYPES)} (default: fp32)")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="default: 8")
+    p.add_argument("--batches", type=int, default=8,
+                   help="random batches to compare (default: 8)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="random batches' height = width (default: 224; photos are always 224)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="a torchvision checkpoint (default: random weights with realistic "
+                        "BatchNorm statistics)")
+    p.add_argument("--no-photos", action="store_true",
+                   help="skip scikit-image's sample photographs")
+    p.add_argument("--tol", type=float, metavar="REL",
+                   help="override DESIGN.md's bound (fp32 1e-5, TF32 2e-3, fp16/bf16 2e-2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    _add_device(p)
+
+
+def _verify_run(args: argparse.Namespace) -> int:
+    import json
+
+    from fastres.classify import parse_device, parse_dtype
+    from fastres.verify import verify
+
+    _model_list([args.model])
+    dtype = parse_dtype(args.dtype)
+    device = parse_device(args.device)
+    if args.weights is not None and not os.path.isfile(args.weights):
+        raise UserError(f"weights file {args.weights!r} does not exist")
+    if args.image_size < 32:
+        raise UserError(f"--image-size must be at least 32, got {args.image_size}")
+    result = verify(args.model, dtype, batch_size=args.batch_size, batches=args.batches,
+                    image_size=args.image_size, device=device, weights=args.weights,
+                    photos=not args.no_photos, seed=args.seed, tolerance=args.tol,
+                    progress=sys.stderr.isatty())
+    print(result.format())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_json(), f, indent=1, default=str)
+    return 0 if result.ok else 1
+
+
+# -- classify ----------------------------------------------------------------------------------
+
+
+def _classify_arguments(p: argparse.ArgumentParser) -> None:
+    from fastres.models import MODEL_NAMES
+
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
+    p.add_argument("--weights", required=True, metavar="FILE",
+                   help="a local torchvision checkpoint for --model (nothing is downloaded)")
+    p.add_argument("-m", "--model", default="resnet50", metavar="NAME",
+                   help=f"one of {', '.join(MODEL_NAMES)} (default: resnet50)")
+    p.add_argument("-k", "--topk", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--dtype", default="fp32", type=str.lower,
+                   help=f"{', '.join(DTYPES)} (default: fp32)")
+    _add_device(p)
+
+
+def _classify_run(args: argparse.Namespace) -> int:
+    from fastres.classify import classify, format_predictions, parse_device, parse_dtype
+
+    _model_list([args.model])
+    dtype = parse_dtype(args.dtype)
+    device = parse_device(args.device)
+    if not os.path.isfile(args.weights):
+        raise UserError(f"weights file {args.weights!r} does not exist")
+    preds = classify(args.images, args.weights, args.model, args.topk, device, dtype)
+    print(format_predictions(preds))
+    return 0
+
+
+register_command(
+    "bench", "time fastres against torchvision eager, AMP + channels_last and torch.compile",
+    _bench_arguments, _bench_run,
+    description="Check that fastres agrees with torchvision on the same input, then time it "
+                "against eager fp32, eager AMP + channels_last and torch.compile (same run, "
+                "same inputs). Without a GPU: ResNet-50 on the CPU, about a minute. Exit 1 if "
+                "any fastres output disagrees (those rows are FAILED and not timed).")
+register_command(
+    "verify", "compare fastres with torchvision on random batches and real photographs",
+    _verify_arguments, _verify_run,
+    description="Run fastres and torchvision side by side; print max/mean relative error and "
+                "top-1/top-5 agreement. Exit 1 above DESIGN.md's tolerance.")
+register_command(
+    "classify", "top-k ImageNet classes of image files with a local checkpoint",
+    _classify_arguments, _classify_run,
+    description="Classify images with a torchvision checkpoint (resize 256, center crop 224, "
+                "ImageNet normalization), printing class names and probabilities.")
+
+
+def _load_plugins() -> None:
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        except Exception as exc:  # a broken optional part must not break the other commands
+            print(f"{PROG}: warning: {name} failed to import ({type(exc).__name__}: {exc}); "
+                  "its subcommands are unavailable", file=sys.stderr)
+            continue
+        hook = getattr(module, "register_cli", None)
+        if callable(hook):
+            hook(register_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import fastres
+
+    _load_plugins()
+    parser = _ArgumentParser(prog=PROG, description="fastres: a drop-in, faster torchvision "
+                             "ResNet. Run a subcommand with --help for its options.")
+    parser.add_argument("--version", action="version", version=f"fastres {fastres.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description or cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_command=cmd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastres`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse's status (0 or 2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    cmd: Command | None = getattr(args, "_command", None)
+    if cmd is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(cmd.run(args) or 0)
+    except UserError as exc:
+        print(f"{PROG} {cmd.name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {cmd.name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
