@@ -1,0 +1,63 @@
+"""Test setup shared by every test file.
+
+Without a GPU, Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` must be set
+before ``triton`` is first imported, so it is set here, at collection time. On such a machine
+the default backend for the model tests is the plain-torch reference (interpreted Triton on a
+whole ResNet would take hours); Triton tests ask for ``use_backend("triton")`` explicitly. On
+a GPU machine nothing is overridden: the model tests then run the fast path.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("FASTRES_BACKEND", "torch")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+    """A fresh seed per test (from the test's id and a per-run salt) so inputs differ."""
+    salt = int(os.environ.get("FASTRES_TEST_SEED", torch.seed() % (2**31)))
+    seed = (hash(request.node.nodeid) ^ salt) % (2**31)
+    torch.manual_seed(seed)
+    yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64 (NaN if either has a NaN where the other has not)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if out64.shape != ref64.shape:
+        raise AssertionError(f"shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}")
+    if not torch.equal(torch.isnan(out64), torch.isnan(ref64)):
+        return float("nan")
+    mask = ~torch.isnan(ref64)
+    num = torch.linalg.vector_norm((out64 - ref64)[mask])
+    den = torch.linalg.vector_norm(ref64[mask]).clamp_min(1e-30)
+    return float(num / den)
+
+
+def assert_close_rel(out, ref, tol: float, what: str = "output") -> None:
+    """Assert relative error ``<= tol``; on failure say where the worst element is."""
+    err = rel_err(out, ref)
+    if not (err <= tol):
+        diff = (out.detach().double().cpu() - ref.detach().double().cpu()).abs()
+        diff = torch.nan_to_num(diff, nan=float("inf"))
+        idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{what}: relative error {err:.3e} > {tol:.1e}; worst at index {idx}: "
+            f"got {out[idx].item()!r}, expected {ref[idx].item()!r}"
+        )

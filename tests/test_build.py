@@ -1,0 +1,189 @@
+"""Building ``fastres._C``: toolkit discovery, the no-toolkit install, and the missing-extension
+message. Fast (a pure-Python wheel build into a temp dir, no compilation)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fastres import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_py():
+    """setup.py imported as a module (``setup()`` runs only as ``__main__``)."""
+    spec = importlib.util.spec_from_file_location("fastres_setup_under_test", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_toolkit(root: Path, cudart: bool = True) -> Path:
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho fake nvcc\n")
+    nvcc.chmod(nvcc.stat().st_mode | stat.S_IXUSR)
+    if cudart:
+        (root / "lib64").mkdir()
+        (root / "lib64" / "libcudart.so.13").write_bytes(b"")
+    return root
+
+
+def _which_in(path_dirs):
+    def which(cmd, path=None):
+        return shutil.which(cmd, path=os.pathsep.join(str(p) for p in path_dirs))
+    return which
+
+
+def test_extension_loads_when_built():
+    built = list((ROOT / "fastres").glob("_C*.so"))
+    if not built:
+        pytest.skip("fastres._C is not built in this checkout")
+    assert _ext.available(), _ext.error()
+    import torch
+
+    for op in _ext.OPS:
+        assert hasattr(torch.ops.fastres_C, op)
+
+
+def test_is_cuda_home_needs_nvcc_and_cudart(setup_py, tmp_path):
+    assert setup_py.is_cuda_home(str(_fake_toolkit(tmp_path / "ok")))
+    assert not setup_py.is_cuda_home(str(_fake_toolkit(tmp_path / "no_rt", cudart=False)))
+    (tmp_path / "empty").mkdir()
+    assert not setup_py.is_cuda_home(str(tmp_path / "empty"))
+    assert not setup_py.is_cuda_home(str(tmp_path / "missing"))
+    assert not setup_py.is_cuda_home(None)
+
+
+def test_wrapper_script_on_path_resolves_to_real_toolkit(setup_py, tmp_path):
+    real = _fake_toolkit(tmp_path / "opt" / "cuda-13.0")
+    wrap_bin = tmp_path / "wrap" / "bin"
+    wrap_bin.mkdir(parents=True)
+    wrapper = wrap_bin / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {real}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"PATH": str(wrap_bin)}
+    home, how = setup_py.find_cuda_home(env, which=_which_in([wrap_bin]))
+    assert home == str(real), how
+    # the wrapper's own parent is no toolkit (no libcudart) and comes first in the candidates
+    cands = setup_py.cuda_home_candidates(env, which=_which_in([wrap_bin]))
+    assert cands.index(str(tmp_path / "wrap")) < cands.index(str(real))
+
+
+def test_symlinked_nvcc_resolves(setup_py, tmp_path):
+    real = _fake_toolkit(tmp_path / "toolkit")
+    link_bin = tmp_path / "links"
+    link_bin.mkdir()
+    (link_bin / "nvcc").symlink_to(real / "bin" / "nvcc")
+    home, _ = setup_py.find_cuda_home({"PATH": str(link_bin)}, which=_which_in([link_bin]))
+    assert home == str(real)
+
+
+def test_cuda_home_env_is_respected_or_rejected(setup_py, tmp_path):
+    real = _fake_toolkit(tmp_path / "tk")
+    assert setup_py.find_cuda_home({"CUDA_HOME": str(real)})[0] == str(real)
+    (tmp_path / "empty").mkdir()
+    home, why = setup_py.find_cuda_home({"CUDA_HOME": str(tmp_path / "empty")})
+    assert home is None and "not a CUDA toolkit" in why
+
+
+def test_no_toolkit_skips_and_force_fails(setup_py, tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "empty"))
+    monkeypatch.delenv("FASTRES_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.delenv("FASTRES_FORCE_CUDA_BUILD", raising=False)
+    assert setup_py.cuda_extensions() == ([], {})
+    monkeypatch.setenv("FASTRES_FORCE_CUDA_BUILD", "1")
+    with pytest.raises(RuntimeError, match="not a CUDA toolkit"):
+        setup_py.cuda_extensions()
+    monkeypatch.setenv("FASTRES_SKIP_CUDA_BUILD", "1")  # skip wins over force
+    assert setup_py.cuda_extensions() == ([], {})
+
+
+def test_nvidia_pip_include_dirs_exist(setup_py):
+    for d in setup_py.nvidia_pip_include_dirs():
+        assert os.path.isdir(d) and d.endswith("include")
+
+
+# The snippet run in a fresh interpreter: the package imports and works without _C, and the
+# first op that would have used CUDA says once that it runs without the extension.
+_CHECK_MISSING = textwrap.dedent("""
+    import warnings, torch
+    import fastres
+    from fastres import _ext
+    from fastres.ops import _backend
+    from fastres.ops.preprocess import preprocess
+    assert not _ext.available(), "extension unexpectedly loaded"
+    assert _ext.error()
+    img = torch.randint(0, 256, (1, 4, 5, 3), dtype=torch.uint8)
+    assert preprocess(img).shape == (1, 3, 4, 5)          # works on the CPU reference
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):  # a CUDA call would have used the extension (device only is asked)
+            impl = _backend.choose("preprocess", torch.device("cuda"), img, "NHWC",
+                                   [0.5] * 3, [0.5] * 3, torch.float32)
+            assert impl.backend == "torch"
+    msgs = [str(w.message) for w in caught if "extension" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    print("MSG:", msgs[0])
+""")
+
+
+def _env_for_subprocess(**extra):
+    env = dict(os.environ)
+    env["FASTRES_BACKEND"] = "auto"
+    env.update(extra)
+    return env
+
+
+def test_disabled_extension_says_once():
+    """Runtime side of a missing extension, simulated with FASTRES_DISABLE_EXTENSION."""
+    r = subprocess.run([sys.executable, "-c", _CHECK_MISSING], cwd=ROOT, capture_output=True,
+                       check=False,
+                       text=True, timeout=120,
+                       env=_env_for_subprocess(FASTRES_DISABLE_EXTENSION="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "MSG:" in r.stdout and "FASTRES_DISABLE_EXTENSION" in r.stdout
+
+
+def test_install_without_toolkit(tmp_path):
+    """``pip install`` with FASTRES_SKIP_CUDA_BUILD=1 from a clean copy of the sources (no
+    compiled files) gives a package that imports, works, and says once it lacks _C."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "fastres", src / "fastres",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    target = tmp_path / "site"
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+         "--no-index", "--quiet", "--target", str(target), str(src)],
+        capture_output=True, check=False, text=True, timeout=240,
+        env=_env_for_subprocess(FASTRES_SKIP_CUDA_BUILD="1", PIP_DISABLE_PIP_VERSION_CHECK="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not list(target.glob("fastres/_C*.so"))
+    # An editable install of this checkout puts a finder on sys.meta_path that would win over
+    # PYTHONPATH: drop it, and check the temp install is what gets imported.
+    prelude = textwrap.dedent(f"""
+        import sys
+        sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+        import fastres
+        assert fastres.__file__.startswith({str(target)!r}), fastres.__file__
+    """)
+    r = subprocess.run([sys.executable, "-c", prelude + _CHECK_MISSING], cwd=tmp_path,
+                       capture_output=True, check=False, text=True, timeout=120,
+                       env=_env_for_subprocess(PYTHONPATH=str(target)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "fastres._C is not available" in r.stdout

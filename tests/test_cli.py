@@ -1,0 +1,412 @@
+"""The ``fastres`` command line: bench, verify, classify (CPU, small sizes), and gpu_check.sh.
+
+Commands run in-process through ``fastres.cli.main(argv)`` (the console script's entry point,
+which returns the exit status); one test runs ``python -m fastres`` as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import fastres
+from fastres import cli
+from fastres.models import ResNet
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Tiny sizes everywhere: resnet18 at 64x64, two timed calls.
+SMALL_BENCH = ["bench", "-m", "resnet18", "-b", "1", "2", "--image-size", "64", "--iters", "2",
+               "--warmup", "1", "--no-progress", "--device", "cpu"]
+SMALL_VERIFY = ["verify", "-m", "resnet18", "-b", "2", "--batches", "2", "--image-size", "64",
+                "--device", "cpu"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_usage_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture(scope="module")
+def r18_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight torchvision resnet18 checkpoint (realistic BN statistics)."""
+    from fastres.verify import realistic_bn
+
+    torch.manual_seed(0)
+    model = realistic_bn(torchvision.models.resnet18(weights=None))
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    """A real photograph bundled with scikit-image, saved as a JPEG file."""
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "chelsea.jpg"
+    Image.fromarray(data.chelsea()).save(path, quality=95)
+    return path
+
+
+def corrupt_fastres(monkeypatch, scale: float = 1.5) -> None:
+    """Make fastres's eval forward wrong (a check that can fail must fail here)."""
+    original = ResNet.forward
+
+    def wrong(self, x):
+        out = original(self, x)
+        return out * scale + 0.5
+
+    monkeypatch.setattr(ResNet, "forward", wrong)
+
+
+# -- the command itself ----------------------------------------------------------------------------
+
+
+def test_help_and_version(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    for name in ("bench", "verify", "classify"):
+        assert name in out
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and fastres.__version__ in out
+    for name in ("bench", "verify", "classify"):
+        code, out, _ = run_cli(capsys, name, "--help")
+        assert code == 0 and "--device" in out
+    code, _, _ = run_cli(capsys)
+    assert code == 2
+    code, _, err = run_cli(capsys, "no-such-command")
+    assert_usage_error(code, err, "invalid choice")
+
+
+def test_python_dash_m_subprocess(tmp_path):
+    """``python -m fastres`` in a real process: usage errors exit 2 without a traceback."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "fastres", "classify", str(tmp_path / "x.jpg"),
+                           "--weights", str(tmp_path / "w.pth"), "--model", "resnet18"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+                          check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_register_command_adds_a_subcommand(capsys, monkeypatch):
+    """Other parts of fastres (the tuning engine) add subcommands through register_command."""
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+    seen = {}
+
+    def add_arguments(p):
+        p.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
+
+    def run(args):
+        seen["batch_sizes"] = args.batch_sizes
+        return 0
+
+    cli.register_command("tune-demo", "a demo", add_arguments, run)
+    code, _, _ = run_cli(capsys, "tune-demo", "--batch-sizes", "1", "8")
+    assert code == 0 and seen["batch_sizes"] == [1, 8]
+
+
+# -- bench -------------------------------------------------------------------------------------
+
+
+def test_bench_small_writes_json_markdown_png(capsys, tmp_path):
+    out_dir = tmp_path / "bench"
+    code, out, err = run_cli(capsys, *SMALL_BENCH, "--dtype", "fp32", "bf16",
+                             "--out", str(out_dir))
+    assert code == 0, out + err
+    # the table: every implementation, the agreement, the environment
+    for needle in ("torchvision eager fp32", "torchvision AMP + channels_last", "fastres",
+                   "rel err", "agrees with torchvision", "torch 2", "fastres 0",
+                   "n/a: CUDA graphs need a GPU", "result: all outputs agree"):
+        assert needle in out, needle
+
+    report = json.loads((out_dir / "bench.json").read_text())
+    assert report["ok"] is True
+    assert report["env"]["device"] == "cpu" and report["env"]["torch"] == torch.__version__
+    rows = report["rows"]
+    fr = [r for r in rows if r["impl"] == "fastres"]
+    assert {(r["dtype"], r["batch"]) for r in fr} == {("fp32", 1), ("fp32", 2), ("bf16", 1),
+                                                      ("bf16", 2)}
+    for r in fr:
+        assert r["status"] == "ok"
+        assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] and r["images_per_s"] > 0
+        assert 0 <= r["rel_err"] <= r["tolerance"]
+        assert r["speedup"]["eager_fp32"] > 0 and r["iters"] == 2
+        if r["dtype"] == "fp32":
+            assert r["rel_err"] <= 1e-5  # DESIGN.md's fp32 bound on the CPU
+    assert all(r["status"] == "n/a" for r in rows if r["impl"] == "fastres_graphs")
+    assert not any(r["impl"] == "compile" for r in rows)  # compile is off on the CPU
+
+    md = (out_dir / "bench.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| model | dtype | batch | implementation | img/s")
+    assert set(table[1].replace("|", "").replace("-", "").replace(":", "").strip()) == set()
+    assert len(table) == 2 + len(rows)
+
+    png = out_dir / "bench.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    from PIL import Image
+
+    with Image.open(png) as img:
+        img.verify()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pixels = plt.imread(png)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+
+
+def test_bench_refuses_to_time_wrong_outputs(capsys, monkeypatch, tmp_path):
+    corrupt_fastres(monkeypatch)
+    code, out, _ = run_cli(capsys, *SMALL_BENCH, "--out", str(tmp_path))
+    assert code == 1
+    assert "FAILED" in out and "not timed" in out
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    fr = [r for r in rows if r["impl"] == "fastres"]
+    assert fr and all(r["status"] == "FAILED" and r["median_ms"] is None for r in fr)
+    assert all(r["status"] == "ok" for r in rows if r["impl"] == "eager_fp32")
+
+
+def test_bench_with_weights_file(capsys, r18_checkpoint):
+    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[5:],
+                             "--weights", str(r18_checkpoint))
+    assert code == 0, out + err
+    assert "result: all outputs agree" in out
+
+
+def test_bench_time_budget_skips_groups(capsys, tmp_path):
+    code, _, _ = run_cli(capsys, *SMALL_BENCH, "--time-budget", "0", "--out", str(tmp_path))
+    assert code == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert rows and all(r["status"] == "skipped" for r in rows)
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["-m", "resnet19"], ["unknown model 'resnet19'", "resnet18"]),
+    (["--dtype", "fp8"], ["unknown dtype 'fp8'", "bf16"]),
+    (["-b", "0"], ["batch sizes must be >= 1"]),
+    (["-b", "two"], ["integers"]),
+    (["--weights", "/no/such/file.pth"], ["does not exist"]),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"],
+     ["device"]),
+])
+def test_bench_usage_errors(capsys, extra, needles):
+    argv = [a for a in SMALL_BENCH if a not in ("--device", "cpu")] + extra
+    code, _, err = run_cli(capsys, *argv)
+    assert_usage_error(code, err, *needles)
+
+
+def test_bench_wrong_architecture_checkpoint(capsys, r18_checkpoint):
+    argv = ["bench", "-m", "resnet34", "-b", "1", "--image-size", "64", "--iters", "1",
+            "--no-progress", "--device", "cpu", "--weights", str(r18_checkpoint)]
+    code, _, err = run_cli(capsys, *argv)
+    assert_usage_error(code, err, "does not fit resnet34", "resnet18")
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+
+def test_verify_random_and_photos(capsys, tmp_path):
+    pytest.importorskip("skimage")
+    out_json = tmp_path / "verify.json"
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--json", str(out_json))
+    assert code == 0, out + err
+    for needle in ("random", "photos", "astronaut", "max rel err", "top-1", "top-5",
+                   "verify: PASSED"):
+        assert needle in out, needle
+    result = json.loads(out_json.read_text())
+    parts = {p["name"]: p for p in result["parts"]}
+    assert parts["random"]["images"] == 4 and parts["photos"]["images"] >= 3
+    assert parts["random"]["max_error"] <= 1e-5 and parts["photos"]["max_error"] <= 1e-5
+    assert parts["photos"]["top1"] == 1.0
+
+
+def test_verify_bf16_no_photos(capsys):
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--dtype", "bf16", "--no-photos")
+    assert code == 0, out + err
+    assert "skipped: --no-photos" in out and "verify: PASSED" in out
+
+
+def test_verify_fails_when_outputs_disagree(capsys, monkeypatch):
+    corrupt_fastres(monkeypatch)
+    code, out, _ = run_cli(capsys, *SMALL_VERIFY, "--no-photos")
+    assert code == 1
+    assert "FAILED" in out and "verify: FAILED" in out
+
+
+def test_verify_tolerance_is_a_real_bound(capsys, monkeypatch):
+    """A tiny perturbation passes the default bound and fails a tighter --tol."""
+    original = ResNet.forward
+    monkeypatch.setattr(ResNet, "forward", lambda self, x: original(self, x) * (1 + 1e-3))
+    argv = [*SMALL_VERIFY, "--no-photos", "--batches", "1"]
+    code, _, _ = run_cli(capsys, *argv)  # 1e-3 relative: over fp32's 1e-5
+    assert code == 1
+    code, _, _ = run_cli(capsys, *argv, "--tol", "2e-3")
+    assert code == 0
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["-m", "resnet19"], ["unknown model 'resnet19'", "resnet18"]),
+    (["--dtype", "int8"], ["unknown dtype 'int8'"]),
+    (["--weights", "/no/such/file.pth"], ["does not exist"]),
+])
+def test_verify_usage_errors(capsys, extra, needles):
+    code, _, err = run_cli(capsys, *SMALL_VERIFY, *extra)
+    assert_usage_error(code, err, *needles)
+
+
+def test_verify_wrong_architecture_checkpoint(capsys, r18_checkpoint):
+    code, _, err = run_cli(capsys, *SMALL_VERIFY[:2], "resnet50", *SMALL_VERIFY[3:],
+                           "--weights", str(r18_checkpoint))
+    assert_usage_error(code, err, "does not fit resnet50", "--model resnet18")
+
+
+# -- classify ------------------------------------------------------------------------------------
+
+
+def test_classify_photo_matches_torchvision_pipeline(capsys, r18_checkpoint, photo):
+    """Top-k from ``fastres classify`` equals torchvision's own transforms + model."""
+    from PIL import Image
+    from torchvision import transforms
+
+    code, out, err = run_cli(capsys, "classify", str(photo), str(photo), "--weights",
+                             str(r18_checkpoint), "--model", "resnet18", "--topk", "3",
+                             "--device", "cpu")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"{photo}:" and len(lines) == 8  # two images x (name + 3 classes)
+    probs = [float(line.split()[0]) for line in lines[1:4]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+
+    tv = torchvision.models.resnet18(weights=None)
+    tv.load_state_dict(torch.load(r18_checkpoint, weights_only=True))
+    tv.eval()
+    recipe = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                 transforms.ToTensor(),
+                                 transforms.Normalize([0.485, 0.456, 0.406],
+                                                      [0.229, 0.224, 0.225])])
+    with Image.open(photo) as img, torch.no_grad():
+        p = torch.softmax(tv(recipe(img.convert("RGB"))[None]), dim=1)[0]
+    top = p.topk(3)
+    from torchvision.models._meta import _IMAGENET_CATEGORIES as names
+
+    for line, idx, prob in zip(lines[1:4], top.indices.tolist(), top.values.tolist()):
+        assert line.endswith(f"{names[idx]} ({idx})"), (line, names[idx])
+        assert abs(float(line.split()[0]) - prob) < 1e-3
+
+
+def test_resize_center_crop_is_torchvisions():
+    from PIL import Image
+    from torchvision import transforms
+
+    from fastres.classify import resize_center_crop
+
+    g = torch.Generator().manual_seed(0)
+    recipe = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    for h, w in ((300, 451), (451, 300), (256, 256), (333, 1000)):
+        arr = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy()
+        img = Image.fromarray(arr)
+        ours = resize_center_crop(img)
+        theirs = torch.from_numpy(np.array(recipe(img)))
+        assert ours.shape == (224, 224, 3)
+        assert torch.equal(torch.from_numpy(ours), theirs), (h, w)
+
+
+def test_normalize_agrees_with_torchvision_normalize():
+    from torchvision import transforms
+
+    from fastres.classify import normalize
+
+    u8 = torch.randint(0, 256, (2, 40, 48, 3), dtype=torch.uint8)
+    ref = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])(
+        u8.permute(0, 3, 1, 2).float() / 255)
+    out, _ = normalize(u8, torch.float32)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["missing_image", "unreadable_image", "directory",
+                                  "missing_weights", "not_a_checkpoint", "wrong_arch",
+                                  "bad_model", "bad_dtype", "bad_topk"])
+def test_classify_errors(capsys, tmp_path, r18_checkpoint, photo, case):
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_text("this is not a JPEG")
+    image, weights, extra = str(photo), str(r18_checkpoint), ["--model", "resnet18"]
+    needles = []
+    if case == "missing_image":
+        image, needles = str(tmp_path / "missing.jpg"), ["does not exist"]
+    elif case == "unreadable_image":
+        image, needles = str(bad), ["cannot read", "as an image"]
+    elif case == "directory":
+        image, needles = str(tmp_path), ["is a directory"]
+    elif case == "missing_weights":
+        weights, needles = str(tmp_path / "missing.pth"), ["weights file", "does not exist"]
+    elif case == "not_a_checkpoint":
+        weights, needles = str(bad), ["checkpoint"]
+    elif case == "wrong_arch":
+        extra, needles = ["--model", "wide_resnet50_2"], ["does not fit wide_resnet50_2",
+                                                          "--model resnet18"]
+    elif case == "bad_model":
+        extra, needles = ["--model", "vgg16"], ["unknown model 'vgg16'"]
+    elif case == "bad_dtype":
+        extra, needles = ["--model", "resnet18", "--dtype", "fp64"], ["unknown dtype 'fp64'"]
+    elif case == "bad_topk":
+        extra, needles = ["--model", "resnet18", "--topk", "0"], ["--topk must be at least 1"]
+    code, _, err = run_cli(capsys, "classify", image, "--weights", weights, *extra,
+                             "--device", "cpu")
+    assert_usage_error(code, err, *needles)
+    assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+
+
+def test_classify_needs_weights(capsys, photo):
+    code, _, err = run_cli(capsys, "classify", str(photo))
+    assert_usage_error(code, err, "--weights")
+
+
+# -- helpers and the GPU check script ------------------------------------------------------------
+
+
+def test_percentile_and_timing_helpers():
+    from fastres.bench import percentile, time_calls
+
+    assert percentile([3.0], 90) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert percentile([0.0, 10.0], 90) == pytest.approx(9.0)
+    calls = []
+    times = time_calls(lambda x: calls.append(x), [torch.zeros(1), torch.ones(1)], warmup=2,
+                       iters=5, max_time=60, device=torch.device("cpu"))
+    assert len(times) == 5 and len(calls) == 7 and all(t >= 0 for t in times)
+    # inputs rotate over the pre-made batches
+    assert [float(c) for c in calls[2:]] == [0.0, 1.0, 0.0, 1.0, 0.0]
+
+
+def test_gpu_check_script_syntax():
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    text = script.read_text()
+    for needle in ("pip install --no-build-isolation --no-deps", "-m pytest ${GPU_CHECK_TESTS:-tests}",
+                   "--junitxml", "fastres bench", "all.tar.gz", "summary.md", "timeout"):
+        assert needle in text, needle

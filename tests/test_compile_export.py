@@ -1,0 +1,207 @@
+"""``torch.compile`` (fullgraph), ``torch.export`` and ``torch.jit.trace`` of a fastres ResNet.
+
+How a traced forward works (see :func:`fastres.plan.tracing`): the plan cache cannot be
+traced (storage pointers, version counters, Python-side mutation), so under tracing the eval
+forward folds BatchNorm as recorded ops on the parameters and calls the ``fastres.*`` custom
+ops — no graph break, and the graph never holds stale weights. Decisions:
+
+- eval under ``no_grad``/``inference_mode``: the graph has ``fastres.*`` ops;
+- eval with autograd recording (grad enabled and a parameter requires grad): the eager
+  torchvision path is traced (aten conv/batch_norm, exact gradients), as in eager mode;
+- train mode: torchvision's eager path, batch statistics and running-stat updates.
+
+CPU tests run the reference implementations (``FASTRES_BACKEND=torch`` from conftest) on
+resnet18 at 32x32; the ``cuda`` tests run the fast implementations.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close_rel
+
+import fastres
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def small_model(device=DEV, num_classes=10):
+    from _models import realistic_bn
+
+    m = fastres.resnet18(num_classes=num_classes).to(device)
+    return realistic_bn(m, size=32, device=device)
+
+
+def fastres_ops(gm_graph) -> set[str]:
+    return {str(n.target) for n in gm_graph.nodes
+            if n.op == "call_function" and "fastres" in str(n.target)}
+
+
+# -- torch.compile -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_eval_fullgraph(backend):
+    m = small_model("cpu")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        c = torch.compile(m, fullgraph=True, backend=backend)
+        y = c(x)
+        assert_close_rel(y, ref, 1e-5, f"{backend} eval")
+        x2 = torch.randn(1, 3, 32, 32)
+        assert_close_rel(c(x2), m(x2), 1e-5, f"{backend} eval, second input")
+
+
+def test_compile_eval_follows_weight_changes():
+    """The compiled graph folds from the parameters: an in-place change is seen, never a
+    stale plan."""
+    m = small_model("cpu")
+    x = torch.randn(1, 3, 32, 32)
+    c = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        before = c(x)
+        m.layer1[0].bn1.running_var.mul_(3.0)
+        m.fc.weight.mul_(-1.0)
+        after = c(x)
+        assert_close_rel(after, m(x), 1e-5)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_compile_eval_with_grad_runs_eager_path():
+    m = small_model("cpu")
+    x = torch.randn(1, 3, 32, 32)
+    c = torch.compile(m, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "runs eagerly" (said once, outside tracing)
+        y = c(x)
+        ref = m.forward_eager(x)
+    assert_close_rel(y, ref, 1e-5)
+    y.sum().backward()
+    assert m.conv1.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_train_fullgraph(backend):
+    torch.manual_seed(1)
+    m = small_model("cpu").train()
+    twin = copy.deepcopy(m)
+    x = torch.randn(4, 3, 32, 32)
+    c = torch.compile(m, fullgraph=True, backend=backend)
+    y = c(x)
+    ref = twin(x)
+    # layer4's batch statistics are over 4 values per channel (1x1 spatial), which amplifies
+    # inductor's reordered fp32 reductions; aot_eager is exact
+    tol = 1e-5 if backend == "aot_eager" else 2e-2
+    assert_close_rel(y, ref, tol, f"{backend} train output")
+    y.square().mean().backward()
+    ref.square().mean().backward()
+    for (name, p), q in zip(m.named_parameters(), twin.parameters()):
+        assert_close_rel(p.grad, q.grad, 10 * tol, f"grad of {name}")
+    assert_close_rel(m.layer1[0].bn1.running_mean, twin.layer1[0].bn1.running_mean, 1e-5)
+
+
+# -- torch.export ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_eval_no_grad_has_fastres_ops(strict):
+    m = small_model("cpu")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ep = torch.export.export(m, (x,), strict=strict)
+        ops = fastres_ops(ep.graph)
+        assert {"fastres.stem.default", "fastres.conv_bias_act.default",
+                "fastres.avgpool_linear.default"} <= ops, ops
+        x2 = torch.randn(1, 3, 32, 32)
+        assert_close_rel(ep.module()(x2), m(x2), 1e-5)
+    # the weights are the state_dict's tensors (inputs of the program), not folded copies
+    assert set(ep.state_dict) >= {"conv1.weight", "bn1.running_var", "fc.weight"}
+
+
+def test_export_eval_with_grad_is_the_eager_path():
+    m = small_model("cpu")
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(m, (x,))
+    assert fastres_ops(ep.graph) == set()
+    with torch.no_grad():
+        assert_close_rel(ep.module()(x), m(x), 1e-5)
+
+
+def test_export_save_load_roundtrip(tmp_path):
+    m = small_model("cpu")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ep = torch.export.export(m, (x,))
+    path = tmp_path / "resnet18.pt2"
+    torch.export.save(ep, path)
+    loaded = torch.export.load(path)
+    with torch.no_grad():
+        assert_close_rel(loaded.module()(x), m(x), 1e-5)
+
+
+# -- torch.jit.trace ------------------------------------------------------------------------
+
+def test_jit_trace_eval():
+    m = small_model("cpu")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, (x,))
+        assert "fastres::conv_bias_act" in str(traced.graph)
+        x2 = torch.randn(1, 3, 32, 32)
+        assert_close_rel(traced(x2), m(x2), 1e-5)
+        # folding is recorded, so the trace follows the module's weights
+        m.fc.bias.add_(1.0)
+        assert_close_rel(traced(x2), m(x2), 1e-5)
+
+
+# -- GPU: fast implementations -------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_gpu_compile_inductor_eval(dtype, mode):
+    m = small_model("cuda", num_classes=1000).to(dtype)
+    x = torch.randn(2, 3, 96, 96, device="cuda", dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        ref = m(x)  # tunes every layer before compiling
+        c = torch.compile(m, fullgraph=True, mode=mode)
+        for _ in range(3):  # reduce-overhead: warm-up, capture, replay
+            y = c(x)
+        assert_close_rel(y, ref, tol if dtype != torch.float32 else 2e-3)
+
+
+@pytest.mark.cuda
+def test_gpu_compile_train():
+    m = small_model("cuda").train()
+    twin = copy.deepcopy(m)
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    c = torch.compile(m, fullgraph=True)
+    y, ref = c(x), twin(x)
+    assert_close_rel(y, ref, 2e-3)
+    y.sum().backward()
+    ref.sum().backward()
+    assert_close_rel(m.conv1.weight.grad, twin.conv1.weight.grad, 2e-2)
+
+
+@pytest.mark.cuda
+def test_gpu_export_eval():
+    m = small_model("cuda").to(torch.bfloat16)
+    x = torch.randn(2, 3, 96, 96, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ep = torch.export.export(m, (x,))
+        assert "fastres.conv_bias_act.default" in fastres_ops(ep.graph)
+        assert_close_rel(ep.module()(x), m(x), 1e-2)

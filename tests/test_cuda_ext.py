@@ -1,0 +1,469 @@
+"""The compiled extension ``fastres._C`` (``torch.ops.fastres_C.*``) against the op references.
+
+CPU (runs wherever the extension is built, GPU or not): every op's CPU implementation, which
+runs the same per-element bodies (csrc/bodies.h) over the same grid as the CUDA kernels, against
+a float64 reference; fresh random inputs, odd sizes, every dtype and memory format; opcheck;
+registration with the backend registry.
+
+GPU (``@pytest.mark.cuda``): every CUDA implementation (fused stem, preprocess, head, cuBLASLt
+1x1 convolution with/without residual and ReLU, strided, fp16/bf16/tf32/fp32) against the
+reference, through the ``fastres`` ops with ``use_backend("cuda")``, and ResNet-50 end to end
+against torchvision.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, assert_close_rel, rel_err
+
+import fastres
+from fastres import _ext
+from fastres.ops import _backend
+from fastres.ops.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, preprocess_reference
+
+needs_ext = pytest.mark.skipif(not _ext.available(),
+                               reason=f"fastres._C not built: {_ext.error()}")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Relative error against a float64 reference of the same (dtype-rounded) inputs; the output
+# rounding alone is ~2^-9 (bf16) / 2^-12 (fp16) relative per element.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+MEAN, STD = list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
+def _fmt(t: torch.Tensor, fmt: str) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if fmt == "cl" else t.contiguous()
+
+
+def stem_f64(x, w, b):
+    """The stem in float64: conv 7x7/2 pad 3 + bias + ReLU + max-pool 3x3/2 pad 1."""
+    y = F.conv2d(x.double(), w.double(), b.double(), 2, 3)
+    return F.max_pool2d(torch.relu(y), 3, 2, 1)
+
+
+def head_f64(x, w, b):
+    """Contract of avgpool_linear: fp32 mean rounded to x's dtype, then the linear layer."""
+    pooled = x.float().mean(dim=(2, 3)).to(x.dtype).double()
+    return pooled @ w.double().t() + b.to(x.dtype).double()
+
+
+def conv1x1_f64(x, w, b, stride, residual, relu):
+    y = F.conv2d(x.double(), w.double(), b.double(), stride)
+    if residual is not None:
+        y = y + residual.double()
+    return torch.relu(y) if relu else y
+
+
+# -- registration and import ------------------------------------------------------------------
+
+def test_import_never_crashes():
+    # available() and error() agree, and neither raises whether or not _C is built.
+    assert _ext.available() == (_ext.error() is None)
+    assert _ext.load() is _ext.load()
+
+
+@needs_ext
+def test_ops_registered():
+    for op in _ext.OPS:
+        assert hasattr(torch.ops.fastres_C, op), op
+    impls = {op: _backend.implementations(op) for op in
+             ("stem", "conv_bias_act", "avgpool_linear", "preprocess")}
+    for op, by_backend in impls.items():
+        assert "cuda" in by_backend and "torch" in by_backend, (op, sorted(by_backend))
+
+
+def test_supports_conv1x1_reasons():
+    from fastres._ext_impls import supports_conv1x1
+
+    x = torch.randn(1, 8, 5, 5)
+    b = torch.zeros(4)
+    w1 = torch.randn(4, 8, 1, 1)
+    assert supports_conv1x1(x, w1, b, [1, 1], [0, 0], [1, 1], 1) is None
+    assert supports_conv1x1(x, w1, b, [2, 2], [0, 0], [1, 1], 1) is None
+    assert "1x1" in supports_conv1x1(x, torch.randn(4, 8, 3, 3), b, [1, 1], [1, 1], [1, 1], 1)
+    assert "groups" in supports_conv1x1(x, torch.randn(4, 4, 1, 1), b, [1, 1], [0, 0], [1, 1], 2)
+    assert "padding" in supports_conv1x1(x, w1, b, [1, 1], [1, 1], [1, 1], 1)
+    assert "bias" in supports_conv1x1(x, w1, b.half(), [1, 1], [0, 0], [1, 1], 1)
+    assert "16-byte" in supports_conv1x1(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 1, 1), b,
+                                         [1, 1], [0, 0], [1, 1], 1)
+
+
+# -- preprocess: contract wrapper ---------------------------------------------------------------
+
+def _images(n, h, w, layout):
+    img = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8)
+    return img if layout == "NHWC" else img.permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_preprocess_reference_matches_torchvision_recipe(layout, dtype):
+    img = _images(2, 5, 7, layout)
+    nchw = img.permute(0, 3, 1, 2) if layout == "NHWC" else img
+    x = nchw.double() / 255.0
+    m = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    s = torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+    out = preprocess(img, layout, MEAN, STD, dtype)
+    assert out.shape == (2, 3, 5, 7) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_rel(out, (x - m) / s, TOL[dtype] if dtype != torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (lambda: preprocess(torch.zeros(1, 4, 4, 3)), TypeError, "uint8"),
+    (lambda: preprocess(torch.zeros(1, 4, 4, 3, dtype=torch.uint8), "HWC"), ValueError, "layout"),
+    (lambda: preprocess(torch.zeros(1, 4, 4, 4, dtype=torch.uint8)), ValueError, "[N, H, W, 3]"),
+    (lambda: preprocess(torch.zeros(1, 4, 4, dtype=torch.uint8)), ValueError, "4-D"),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), std=(1, 0, 1)), ValueError,
+     "non-zero"),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), mean=(1, 2)), ValueError,
+     "3 values"),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), dtype=torch.int32),
+     TypeError, "dtype"),
+])
+def test_preprocess_argument_errors(bad, exc, msg):
+    with pytest.raises(exc, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        bad()
+
+
+def test_preprocess_compiles_and_exports():
+    img = _images(2, 6, 5, "NHWC")
+    fn = torch.compile(lambda t: preprocess(t, "NHWC", MEAN, STD, torch.float16),
+                       backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(fn(img), preprocess_reference(img, "NHWC", MEAN, STD,
+                                                             torch.float16), rtol=0, atol=0)
+
+
+# -- CPU implementations of the compiled ops -------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,h,w", [(2, 5, 7), (1, 13, 3), (3, 1, 1)])
+def test_preprocess_cpu_exact(layout, dtype, n, h, w):
+    img = _images(n, h, w, layout)
+    mean = torch.rand(3).tolist()
+    std = (torch.rand(3) + 0.1).tolist()
+    out = torch.ops.fastres_C.preprocess(img, layout, mean, std, dtype)
+    ref = preprocess_reference(img, layout, mean, std, dtype)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # Same fp32 operations in the same order, one rounding: bit-identical.
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@needs_ext
+def test_preprocess_cpu_strided_input():
+    big = torch.randint(0, 256, (3, 9, 11, 4), dtype=torch.uint8)
+    img = big[::2, 1::2, ::3, :3]  # non-contiguous NHWC view
+    out = torch.ops.fastres_C.preprocess(img, "NHWC", MEAN, STD, torch.float32)
+    torch.testing.assert_close(out, preprocess_reference(img.contiguous(), "NHWC", MEAN, STD,
+                                                         torch.float32), rtol=0, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("xfmt", ["contig", "cl"])
+@pytest.mark.parametrize("n,h,w,cout", [
+    (2, 37, 45, 64),   # several tiles, partial last tile in both directions
+    (1, 1, 1, 64),     # 1x1 input: one conv pixel, one pooled pixel
+    (3, 8, 9, 70),     # two channel chunks, the second partial
+    (1, 2, 66, 5),     # one row, many columns; C_out < chunk
+    (1, 35, 30, 64),   # odd/even mix
+])
+def test_stem_cpu(dtype, xfmt, n, h, w, cout):
+    x = _fmt(torch.randn(n, 3, h, w), xfmt).to(dtype)
+    wt = (torch.randn(cout, 3, 7, 7) * 0.2).to(dtype).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(cout)
+    out = torch.ops.fastres_C.stem(x, wt, b)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_rel(out, stem_f64(x, wt, b), TOL[dtype], f"stem {dtype} {tuple(x.shape)}")
+
+
+@needs_ext
+def test_stem_cpu_general_cin_and_weight_layout():
+    x = torch.randn(2, 5, 19, 23)  # C_in != 3 (the CPU path takes any C_in)
+    wt = torch.randn(7, 7, 5, 16).permute(3, 2, 0, 1)  # weirdly strided weight
+    b = torch.randn(16)
+    assert_close_rel(torch.ops.fastres_C.stem(x, wt, b), stem_f64(x, wt, b), 1e-5)
+
+
+@needs_ext
+def test_stem_cpu_nan_propagates_like_pytorch():
+    x = torch.randn(1, 3, 29, 31)
+    x[0, 1, 10, 12] = float("nan")
+    wt = torch.randn(8, 3, 7, 7) * 0.2
+    b = torch.randn(8)
+    out = torch.ops.fastres_C.stem(x, wt, b)
+    ref = stem_f64(x, wt, b)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isnan(out).any()
+    assert rel_err(out, ref) <= 1e-5
+
+
+@needs_ext
+def test_stem_cpu_empty_batch():
+    out = torch.ops.fastres_C.stem(torch.randn(0, 3, 9, 9), torch.randn(4, 3, 7, 7),
+                                   torch.randn(4))
+    assert out.shape == (0, 4, 3, 3)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias_fp32", [True, False])
+@pytest.mark.parametrize("n,c,h,w,k", [(3, 40, 5, 3, 13), (2, 64, 7, 7, 10), (1, 5, 1, 1, 3)])
+def test_head_cpu(dtype, bias_fp32, n, c, h, w, k):
+    x = _fmt(torch.randn(n, c, h, w) + 0.3, "cl").to(dtype)
+    wt = (torch.randn(k, c) / c ** 0.5).to(dtype)
+    b = torch.randn(k) if bias_fp32 else torch.randn(k).to(dtype)
+    out = torch.ops.fastres_C.avgpool_linear(x, wt, b, False)
+    assert out.shape == (n, k) and out.dtype == dtype
+    assert_close_rel(out, head_f64(x, wt, b), TOL[dtype], f"head {dtype}")
+
+
+@needs_ext
+@pytest.mark.parametrize("call,msg", [
+    (lambda: torch.ops.fastres_C.stem(torch.randn(1, 3, 9, 9), torch.randn(4, 3, 7, 7),
+                                      torch.randn(4).half()), "bias must be float32"),
+    (lambda: torch.ops.fastres_C.stem(torch.randn(1, 3, 9, 9), torch.randn(4, 3, 5, 5),
+                                      torch.randn(4)), r"weight must be \[C_out, 3, 7, 7\]"),
+    (lambda: torch.ops.fastres_C.stem(torch.randn(1, 3, 9, 9), torch.randn(4, 3, 7, 7).half(),
+                                      torch.randn(4)), "weight dtype must equal"),
+    (lambda: torch.ops.fastres_C.stem(torch.randn(3, 9, 9), torch.randn(4, 3, 7, 7),
+                                      torch.randn(4)), "4-D"),
+    (lambda: torch.ops.fastres_C.preprocess(torch.zeros(1, 2, 2, 3), "NHWC", MEAN, STD,
+                                            torch.float32), "uint8"),
+    (lambda: torch.ops.fastres_C.preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), "CHW",
+                                            MEAN, STD, torch.float32), "layout"),
+    (lambda: torch.ops.fastres_C.avgpool_linear(torch.randn(1, 4, 2, 2), torch.randn(3, 5),
+                                                torch.randn(3), False), r"num_classes, 4"),
+])
+def test_cpu_argument_errors(call, msg):
+    with pytest.raises(RuntimeError, match=msg):
+        call()
+
+
+@needs_ext
+@pytest.mark.parametrize("case", ["stem", "preprocess", "avgpool_linear"])
+def test_opcheck_cpu(case):
+    if case == "stem":
+        args = (torch.randn(2, 3, 13, 11), torch.randn(8, 3, 7, 7), torch.randn(8))
+    elif case == "preprocess":
+        args = (_images(2, 5, 4, "NHWC"), "NHWC", MEAN, STD, torch.bfloat16)
+    else:
+        args = (torch.randn(2, 6, 3, 3), torch.randn(5, 6), torch.randn(5), False)
+    torch.library.opcheck(getattr(torch.ops.fastres_C, case).default, args)
+
+
+# -- GPU: CUDA implementations -------------------------------------------------------------------
+
+DEV = torch.device("cuda") if HAS_CUDA else None
+
+
+def _poison_allocator(nbytes: int = 64 << 20) -> None:
+    """Fill a block of the caching allocator with NaN and free it, so an output the kernel
+    forgets to write shows up as NaN instead of a lucky zero."""
+    torch.full((nbytes // 4,), float("nan"), device=DEV).data_ptr()  # freed at once
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("xfmt", ["contig", "cl"])
+@pytest.mark.parametrize("n,h,w,cout", [(2, 224, 224, 64), (3, 37, 45, 64), (1, 1, 1, 64),
+                                        (2, 33, 64, 70), (1, 2, 66, 5)])
+def test_stem_cuda(dtype, xfmt, n, h, w, cout):
+    x = _fmt(torch.randn(n, 3, h, w, device=DEV), xfmt).to(dtype)
+    wt = (torch.randn(cout, 3, 7, 7, device=DEV) * 0.2).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    b = torch.randn(cout, device=DEV)
+    _poison_allocator()
+    out = torch.ops.fastres_C.stem(x, wt, b)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_rel(out, stem_f64(x, wt, b), TOL[dtype], f"stem cuda {dtype}")
+    # Same bodies as the CPU implementation: the two agree to fp32 rounding (FMA contraction).
+    cpu = torch.ops.fastres_C.stem(x.cpu(), wt.cpu(), b.cpu())
+    assert_close_rel(out, cpu, 1e-6 if dtype == torch.float32 else TOL[dtype] / 4, "cuda vs cpu")
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stem_through_op_uses_cuda(dtype, monkeypatch):
+    from fastres.ops.stem import stem
+
+    calls = _count_cuda_calls(monkeypatch, "stem")
+    x = torch.randn(4, 3, 64, 48, device=DEV).to(dtype)
+    wt = (torch.randn(64, 3, 7, 7, device=DEV) * 0.2).to(dtype)
+    b = torch.randn(64, device=DEV)
+    with fastres.use_backend("cuda"):
+        out = stem(x, wt, b)
+    assert calls["stem"] == 1
+    assert_close_rel(out, stem_f64(x, wt, b), TOL[dtype])
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,h,w", [(4, 224, 224), (3, 17, 5)])
+def test_preprocess_cuda(layout, dtype, n, h, w):
+    img = _images(n, h, w, layout).to(DEV)
+    _poison_allocator()
+    with fastres.use_backend("cuda"):
+        out = preprocess(img, layout, MEAN, STD, dtype)
+    ref = preprocess_reference(img.cpu(), layout, MEAN, STD, dtype)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias_fp32", [True, False])
+@pytest.mark.parametrize("n,c,h,w,k", [(32, 2048, 7, 7, 1000), (5, 40, 3, 5, 13),
+                                       (1, 512, 1, 1, 10)])
+def test_head_cuda(dtype, bias_fp32, n, c, h, w, k, monkeypatch):
+    from fastres.ops.head import avgpool_linear
+
+    calls = _count_cuda_calls(monkeypatch, "avgpool_linear")
+    x = _fmt(torch.randn(n, c, h, w, device=DEV) + 0.3, "cl").to(dtype)
+    wt = (torch.randn(k, c, device=DEV) / c ** 0.5).to(dtype)
+    b = torch.randn(k, device=DEV) if bias_fp32 else torch.randn(k, device=DEV).to(dtype)
+    _poison_allocator()
+    with fastres.use_backend("cuda"):
+        out = avgpool_linear(x, wt, b)
+    assert calls["avgpool_linear"] == 1
+    tol = TOL[dtype] if dtype != torch.float32 else (
+        2e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-5)
+    assert_close_rel(out, head_f64(x, wt, b), tol, f"head cuda {dtype}")
+
+
+CONV_PRECISIONS = [("fp16", torch.float16, False), ("bf16", torch.bfloat16, False),
+                   ("tf32", torch.float32, True), ("fp32", torch.float32, False)]
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("prec,dtype,tf32", CONV_PRECISIONS, ids=[p[0] for p in CONV_PRECISIONS])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("n,cin,cout,h,w,stride", [
+    (2, 64, 256, 56, 56, 1),    # layer1 expand
+    (4, 1024, 256, 14, 14, 1),  # layer3 reduce
+    (2, 512, 1024, 28, 28, 2),  # layer3 downsample (strided)
+    (3, 24, 40, 7, 9, 1),       # odd spatial size, small channels
+    (1, 3, 8, 5, 3, 2),         # tiny, unaligned C_in: falls back (not 16-byte rows), strided
+])
+def test_conv1x1_cuda(prec, dtype, tf32, residual, relu, n, cin, cout, h, w, stride,
+                      monkeypatch):
+    from fastres.ops.conv_bias_act import conv_bias_act
+
+    calls = _count_cuda_calls(monkeypatch, "conv_bias_act")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    x = _fmt(torch.randn(n, cin, h, w, device=DEV), "cl").to(dtype)
+    wt = (torch.randn(cout, cin, 1, 1, device=DEV) / cin ** 0.5).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    b = torch.randn(cout, device=DEV)
+    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    res = _fmt(torch.randn(n, cout, p, q, device=DEV), "cl").to(dtype) if residual else None
+    _poison_allocator()
+    aligned = (cin * x.element_size()) % 16 == 0 and (cout * x.element_size()) % 16 == 0
+    with fastres.use_backend("cuda"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback message, if unaligned
+        out = conv_bias_act(x, wt, b, stride, 0, 1, 1, res, relu)
+    assert calls["conv_bias_act"] == (1 if aligned else 0)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    tol = {"fp16": 2e-3, "bf16": 1e-2, "tf32": 2e-3, "fp32": 1e-5}[prec]
+    assert_close_rel(out, conv1x1_f64(x, wt, b, stride, res, relu), tol, f"conv1x1 {prec}")
+
+
+@pytest.mark.cuda
+@needs_ext
+def test_conv1x1_cuda_non_channels_last_residual_and_input():
+    x = torch.randn(2, 32, 9, 9, device=DEV, dtype=torch.float16)  # NCHW-contiguous
+    wt = torch.randn(48, 32, 1, 1, device=DEV, dtype=torch.float16) / 6
+    b = torch.randn(48, device=DEV)
+    res = torch.randn(2, 48, 9, 9, device=DEV, dtype=torch.float16)
+    out = torch.ops.fastres_C.conv1x1(x, wt, b, 1, res, True, False)
+    assert_close_rel(out, conv1x1_f64(x, wt, b, 1, res, True), 2e-3)
+
+
+@pytest.mark.cuda
+@needs_ext
+def test_conv_bias_act_falls_back_for_3x3(monkeypatch):
+    from fastres.ops.conv_bias_act import conv_bias_act, conv_bias_act_reference
+
+    calls = _count_cuda_calls(monkeypatch, "conv_bias_act")
+    monkeypatch.setattr(_backend, "_warned", set())  # the fallback message is said once
+    x = torch.randn(1, 16, 8, 8, device=DEV, dtype=torch.float16)
+    wt = torch.randn(16, 16, 3, 3, device=DEV, dtype=torch.float16) / 12
+    b = torch.randn(16, device=DEV)
+    with fastres.use_backend("cuda"), pytest.warns(RuntimeWarning, match="not 1x1"):
+        out = conv_bias_act(x, wt, b, 1, 1, 1, 1, None, True)
+    assert calls["conv_bias_act"] == 0
+    ref = conv_bias_act_reference(x, wt, b, [1, 1], [1, 1], [1, 1], 1, None, True)
+    assert_close_rel(out, ref, 2e-3)
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("case", ["stem", "preprocess", "avgpool_linear", "conv1x1"])
+def test_opcheck_cuda(case):
+    if case == "stem":
+        args = (torch.randn(2, 3, 13, 11, device=DEV), torch.randn(8, 3, 7, 7, device=DEV),
+                torch.randn(8, device=DEV))
+    elif case == "preprocess":
+        args = (_images(2, 5, 4, "NHWC").to(DEV), "NHWC", MEAN, STD, torch.bfloat16)
+    elif case == "avgpool_linear":
+        args = (torch.randn(2, 6, 3, 3, device=DEV), torch.randn(5, 6, device=DEV),
+                torch.randn(5, device=DEV), False)
+    else:
+        args = (torch.randn(2, 16, 5, 5, device=DEV, dtype=torch.half),
+                torch.randn(8, 16, 1, 1, device=DEV, dtype=torch.half),
+                torch.randn(8, device=DEV), 2, None, True, False)
+    torch.library.opcheck(getattr(torch.ops.fastres_C, case).default, args)
+
+
+def _count_cuda_calls(monkeypatch, *ops):
+    """Wrap the registered ``cuda`` implementations of ``ops`` to count their calls."""
+    counts = {op: 0 for op in ops}
+    for op in ops:
+        impl = _backend.implementations(op)["cuda"]
+
+        def counting(*args, _fn=impl.fn, _op=op, **kwargs):
+            counts[_op] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setitem(_backend._IMPLS[op], "cuda",
+                            _backend.Impl(op, "cuda", counting, impl.supports))
+    return counts
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_resnet50_end_to_end_cuda_backend(dtype, monkeypatch):
+    """fastres.resnet50 with realistic BN stats, under use_backend("cuda"), against torchvision
+    with the same state_dict; convolutions the extension does not cover (3x3, the max-pool-free
+    rest) fall back to Triton."""
+    import torchvision
+    from _models import assert_matches_torchvision, realistic_bn
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    calls = _count_cuda_calls(monkeypatch, "stem", "conv_bias_act", "avgpool_linear")
+    fr = realistic_bn(fastres.resnet50().to(DEV), device=DEV)
+    tv = torchvision.models.resnet50().to(DEV).eval()
+    tv.load_state_dict(fr.state_dict())
+    x = torch.randn(2, 3, 224, 224, device=DEV)
+    model = fr.to(dtype)
+    with fastres.use_backend("cuda"), torch.no_grad():
+        out = model(x.to(dtype))
+    assert calls["stem"] == 1 and calls["avgpool_linear"] == 1
+    assert calls["conv_bias_act"] >= 30  # ResNet-50 has 36 1x1 convolutions (incl. downsample)
+    assert out.dtype == dtype and out.shape == (2, 1000)
+    assert_matches_torchvision(out, tv, x, "resnet50 cuda backend", dtype)

@@ -1,0 +1,210 @@
+"""``fastres.optimize(model, cuda_graphs=True)``: CUDA graph capture and replay.
+
+GPU tests (``cuda`` marker): replay equals the plain forward, new signatures are captured,
+the bound, the aliasing rule (every call returns a fresh tensor), and invalidation when the
+weights change. The CPU test checks the fallback (the wrapper just runs the model).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close_rel
+
+import fastres
+from fastres.graphs import CUDAGraphModule
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def small_model(device="cpu"):
+    from _models import realistic_bn
+
+    torch.manual_seed(0)
+    m = fastres.resnet18(num_classes=10).to(device)
+    return realistic_bn(m, size=32, device=device)
+
+
+# -- CPU: the fallback -------------------------------------------------------------------------
+
+def test_cpu_fallback_runs_the_model_with_one_note():
+    m = small_model()
+    g = fastres.optimize(m, cuda_graphs=True, max_graphs=4)
+    assert isinstance(g, CUDAGraphModule) and g.module is m
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        with pytest.warns(RuntimeWarning, match="CUDA graphs need CUDA input"):
+            y = g(x)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            y2 = g(x)
+        assert not [w for w in seen if "CUDA graphs" in str(w.message)], "said once"
+    assert torch.equal(y, ref) and torch.equal(y2, ref)
+    assert g.num_graphs == 0
+
+
+def test_wrapper_stands_in_for_the_model():
+    m = small_model()
+    g = fastres.optimize(m)
+    assert g.fc is m.fc and g.conv1 is m.conv1
+    assert list(g.state_dict()) == list(m.state_dict())
+    g.load_state_dict(m.state_dict())
+    g.train()
+    assert m.training
+    x = torch.randn(2, 3, 32, 32)
+    assert g(x).shape == (2, 10)  # train mode: the model's eager forward
+    g.eval()
+    assert not m.training
+    assert fastres.optimize(m, cuda_graphs=False) is m
+    assert fastres.optimize(g).module is m  # no wrapper around a wrapper
+
+
+def test_optimize_rejects_bad_arguments():
+    m = small_model()
+    with pytest.raises(ValueError, match="max_graphs"):
+        fastres.optimize(m, max_graphs=-1)
+    with pytest.raises(ValueError, match="warmup"):
+        fastres.optimize(m, warmup=0)
+    with pytest.raises(TypeError, match="nn.Module"):
+        fastres.optimize("resnet18")
+
+
+# -- GPU -----------------------------------------------------------------------------------
+
+def cuda_twin():
+    m = small_model("cuda")
+    return m, fastres.optimize(m, cuda_graphs=True, max_graphs=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replay_equals_plain_forward(dtype):
+    m, g = cuda_twin()
+    m.to(dtype)
+    with torch.no_grad():
+        for _ in range(3):  # capture, then replays with fresh inputs
+            x = torch.randn(2, 3, 64, 64, device="cuda", dtype=dtype)
+            y = g(x)
+            assert_close_rel(y, m(x), 1e-5, "graph replay")
+    assert g.num_graphs == 1 and g.captures == 1
+
+
+@pytest.mark.cuda
+def test_new_signatures_are_captured_and_autocast_is_part_of_the_key():
+    m, g = cuda_twin()
+    with torch.no_grad():
+        for shape in [(1, 3, 64, 64), (2, 3, 64, 64), (1, 3, 64, 64)]:
+            x = torch.randn(*shape, device="cuda")
+            assert_close_rel(g(x), m(x), 1e-5)
+        assert g.num_graphs == 2
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            x = torch.randn(1, 3, 64, 64, device="cuda")
+            y = g(x)
+            assert y.dtype == torch.bfloat16
+            assert_close_rel(y, m(x), 1e-5)
+    assert g.num_graphs == 3 and g.captures == 3
+
+
+@pytest.mark.cuda
+def test_bound_then_no_graph_said_once():
+    m = small_model("cuda")
+    g = fastres.optimize(m, max_graphs=2)
+    with torch.no_grad():
+        for n in (1, 2):
+            g(torch.randn(n, 3, 64, 64, device="cuda"))
+        x = torch.randn(3, 3, 64, 64, device="cuda")
+        with pytest.warns(RuntimeWarning, match="max_graphs=2"):
+            y = g(x)
+        assert_close_rel(y, m(x), 1e-5)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            g(torch.randn(4, 3, 64, 64, device="cuda"))
+        assert not [w for w in seen if "max_graphs" in str(w.message)], "said once"
+    assert g.num_graphs == 2
+
+
+@pytest.mark.cuda
+def test_outputs_are_never_overwritten_by_later_calls():
+    m, g = cuda_twin()
+    with torch.no_grad():
+        x1, x2 = (torch.randn(2, 3, 64, 64, device="cuda") for _ in range(2))
+        y1 = g(x1)
+        keep = y1.clone()
+        y2 = g(x2)
+        y3 = g(x1)
+        assert torch.equal(y1, keep), "a later replay overwrote a returned result"
+        assert y1.data_ptr() != y2.data_ptr() != y3.data_ptr()
+        assert_close_rel(y2, m(x2), 1e-5)
+        y2.add_(1.0)  # the caller may modify its result; the next replay is unaffected
+        assert_close_rel(g(x2), m(x2), 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("how", ["inplace", "load_state_dict", "optimizer"])
+def test_weight_change_recaptures(how):
+    m, g = cuda_twin()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        before = g(x)
+    if how == "inplace":
+        with torch.no_grad():
+            m.layer2[0].conv1.weight.mul_(1.5)
+            m.layer3[1].bn2.running_var.mul_(2.0)
+    elif how == "load_state_dict":
+        sd = {k: (v * 0.9 if v.is_floating_point() else v) for k, v in m.state_dict().items()}
+        m.load_state_dict(sd)
+    else:
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        m.train()
+        m(torch.randn(2, 3, 64, 64, device="cuda")).square().mean().backward()
+        opt.step()
+        m.eval()
+    with torch.no_grad():
+        after = g(x)
+        ref = m(x)
+    assert_close_rel(after, ref, 1e-5, "after the weight change")
+    assert (after - before).abs().max() > 1e-3
+    assert g.captures == 2 and g.num_graphs == 1
+
+
+@pytest.mark.cuda
+def test_grad_and_train_mode_bypass_graphs():
+    _, g = cuda_twin()
+    x = torch.randn(2, 3, 64, 64, device="cuda", requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the model says once that it runs eagerly
+        y = g(x)  # eval + autograd recording: the model's eager path
+    y.sum().backward()
+    assert x.grad is not None and g.num_graphs == 0
+    g.train()
+    g(torch.randn(2, 3, 64, 64, device="cuda"))
+    assert g.num_graphs == 0
+
+
+@pytest.mark.cuda
+def test_graphs_make_batch1_faster_or_equal():
+    """Not a benchmark: a sanity check that replay is not slower than the plain forward."""
+    m = small_model("cuda").to(torch.bfloat16)
+    g = fastres.optimize(m)
+    x = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+
+    def median_ms(fn, n=30):
+        times = []
+        for _ in range(n):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn(x)
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        return sorted(times)[n // 2]
+
+    with torch.no_grad():
+        for _ in range(3):
+            g(x), m(x)
+        plain, graphed = median_ms(m), median_ms(g)
+    print(f"resnet18 bf16 batch 1: plain {plain:.3f} ms, graphed {graphed:.3f} ms")
+    assert graphed <= plain * 1.1

@@ -1,0 +1,154 @@
+"""Op contracts: the plain-torch references against eager modules, registration, checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_rel
+
+import fastres
+from fastres import ops
+from fastres.ops import _backend
+from fastres.ops.stem import stem
+
+
+def _bn_eval(c):
+    bn = torch.nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.3)
+    return bn.eval()
+
+
+@pytest.mark.parametrize("k, stride, dil, groups", [
+    (1, 1, 1, 1), (1, 2, 1, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 1), (3, 1, 4, 1),
+    (3, 1, 1, 4), (3, 2, 1, 8), (7, 2, 1, 1),
+])
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv_bias_act_reference_matches_conv_bn_relu(k, stride, dil, groups, residual):
+    """Folding BN into conv_bias_act reproduces eager conv -> BN (-> + residual) -> ReLU."""
+    cin, cout = (3, 16) if k == 7 else (16, 24)
+    conv = torch.nn.Conv2d(cin, cout, k, stride, padding=dil * (k // 2), dilation=dil,
+                           groups=groups, bias=False)
+    bn = _bn_eval(cout)
+    x = torch.randn(2, cin, 13, 11, dtype=torch.float64)
+    conv, bn = conv.double(), bn.double()
+    with torch.no_grad():
+        y = bn(conv(x))
+        res = torch.randn_like(y) if residual else None
+        ref = torch.relu(y + res if residual else y)
+        from fastres.plan import fold_batchnorm
+        step = fold_batchnorm(conv.float(), bn.float(), torch.float32)
+        out = ops.conv_bias_act(x.float(), step.weight, step.bias, step.stride, step.padding,
+                                step.dilation, step.groups,
+                                res.float() if residual else None, True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_rel(out, ref, 1e-5, "conv_bias_act reference")
+
+
+def test_max_pool_and_head_references():
+    x = torch.randn(2, 8, 15, 9)
+    torch.testing.assert_close(ops.max_pool2d(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1))
+    w, b = torch.randn(10, 8), torch.randn(10)
+    ref = F.linear(F.adaptive_avg_pool2d(x, 1).flatten(1), w, b)
+    torch.testing.assert_close(ops.avgpool_linear(x, w, b), ref, rtol=1e-5, atol=1e-5)
+    ws = torch.randn(16, 3, 7, 7)
+    bs = torch.randn(16)
+    xs = torch.randn(1, 3, 29, 31)
+    ref = F.max_pool2d(torch.relu(F.conv2d(xs, ws, bs, 2, 3)), 3, 2, 1)
+    torch.testing.assert_close(stem(xs, ws.contiguous(memory_format=torch.channels_last), bs),
+                               ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_are_registered_custom_ops():
+    for name in ("conv_bias_act", "max_pool2d", "avgpool_linear", "stem"):
+        assert hasattr(torch.ops.fastres, name), name
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(8)
+    r = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    with fastres.use_backend("torch"):
+        torch.library.opcheck(torch.ops.fastres.conv_bias_act.default,
+                              (x, w, b, [1, 1], [1, 1], [1, 1], 1, r, True))
+        torch.library.opcheck(torch.ops.fastres.max_pool2d.default, (x, 3, 2, 1))
+        torch.library.opcheck(torch.ops.fastres.avgpool_linear.default,
+                              (x, torch.randn(5, 8), torch.randn(5)))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda x, w, b: ops.conv_bias_act(x[0], w, b), ValueError, "4-D"),
+    (lambda x, w, b: ops.conv_bias_act(x.int(), w, b), TypeError, "float32"),
+    (lambda x, w, b: ops.conv_bias_act(x, w.half(), b), TypeError, "weight dtype"),
+    (lambda x, w, b: ops.conv_bias_act(x, w[:, :4], b), ValueError, "input channels"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b[:3]), ValueError, "bias must have shape"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, groups=3), ValueError, "groups=3"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, stride=0), ValueError, "stride"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, stride=(1, 1, 1)), ValueError, "pair"),
+    (lambda x, w, b: ops.conv_bias_act(x[:, :, :1, :1], w, b), ValueError, "too small"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, residual=torch.randn(1, 8, 2, 2)),
+     ValueError, "residual must have shape"),
+    (lambda x, w, b: ops.max_pool2d(x[:, :, :1, :1], 3, 2, 0), ValueError, "too small"),
+    (lambda x, w, b: ops.avgpool_linear(x, torch.randn(4, 3), torch.randn(4)), ValueError,
+     "weight must be"),
+])
+def test_op_argument_errors(call, exc, match):
+    x, w, b = torch.randn(2, 8, 6, 6), torch.randn(8, 8, 3, 3), torch.randn(8)
+    with pytest.raises(exc, match=match):
+        call(x, w, b)
+
+
+def test_backend_selection_and_fallback(monkeypatch):
+    x = torch.randn(1, 4, 5, 5)
+    assert _backend.choose("max_pool2d", x.device, x, 3, 2, 1).backend in ("torch", "triton")
+    with fastres.use_backend("torch"):
+        assert fastres.get_backend() == "torch"
+        assert _backend.choose("max_pool2d", x.device, x, 3, 2, 1).backend == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastres.set_backend("tpu")
+    monkeypatch.setenv("FASTRES_BACKEND", "cuda")
+    monkeypatch.setattr(_backend, "_global_backend", None)
+    _backend._warned.clear()
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        impl = _backend.choose("max_pool2d", x.device, x, 3, 2, 1)
+    assert impl.backend in ("triton", "torch")
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    given = None
+
+if given is not None:
+    @settings(max_examples=25, deadline=None)
+    @given(n=st.integers(1, 3), cin_g=st.integers(1, 6), cout_g=st.integers(1, 6),
+           groups=st.integers(1, 3), k=st.sampled_from([1, 3, 5, 7]),
+           stride=st.integers(1, 3), dil=st.integers(1, 3), pad=st.integers(0, 3),
+           h=st.integers(1, 14), w=st.integers(1, 14), relu=st.booleans(),
+           residual=st.booleans())
+    def test_conv_bias_act_shapes_property(n, cin_g, cout_g, groups, k, stride, dil, pad, h,
+                                           w, relu, residual):
+        """Any valid conv geometry: same shape and values as F.conv2d + bias (+ res) (+ ReLU)."""
+        from fastres.ops._checks import conv_output_size
+
+        p, q = conv_output_size(h, w, k, k, (stride,) * 2, (pad,) * 2, (dil,) * 2)
+        x = torch.randn(n, cin_g * groups, h, w)
+        wt = torch.randn(cout_g * groups, cin_g, k, k)
+        b = torch.randn(cout_g * groups)
+        if p < 1 or q < 1:
+            with pytest.raises(ValueError, match="too small"):
+                ops.conv_bias_act(x, wt, b, stride, pad, dil, groups)
+            return
+        res = torch.randn(n, cout_g * groups, p, q) if residual else None
+        with fastres.use_backend("torch"):
+            out = ops.conv_bias_act(x, wt, b, stride, pad, dil, groups, res, relu)
+        ref = F.conv2d(x.double(), wt.double(), b.double(), stride, pad, dil, groups)
+        if residual:
+            ref = ref + res.double()
+        if relu:
+            ref = ref.relu()
+        assert out.shape == ref.shape
+        assert_close_rel(out, ref, 1e-5, "conv_bias_act property")

@@ -1,0 +1,248 @@
+"""The inference plan: a cache that is never stale; train mode; bad input."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from _models import DEVICE, assert_matches_torchvision, twin
+
+import fastres
+import fastres.plan as plan_mod
+
+
+def _fresh_pair(arch="resnet18"):
+    tv, fr = twin(arch)
+    return tv, fr
+
+
+def _check_current(fr, x, what):
+    """fastres's eval output equals torchvision eager on fastres's *current* weights."""
+    tv = torchvision.models.get_model(_arch_of(fr), weights=None,
+                                      num_classes=fr.fc.out_features)
+    tv = tv.to(device=fr.conv1.weight.device, dtype=fr.conv1.weight.dtype)
+    tv.load_state_dict(fr.state_dict())
+    tv.eval()
+    with torch.no_grad():
+        out = fr(x.to(fr.conv1.weight.dtype))
+    assert_matches_torchvision(out.float(), tv.float(), x.float(), what,
+                               dtype=fr.conv1.weight.dtype)
+
+
+def _arch_of(fr):
+    return "resnet18" if isinstance(fr.layer1[0], fastres.BasicBlock) else "resnet50"
+
+
+def _plan(fr):
+    cache = fr.__dict__["_plan_cache"]
+    return None if cache is None else cache.plans.get(fr.conv1.weight.dtype)
+
+
+@pytest.fixture
+def pair():
+    return _fresh_pair()
+
+
+def _run(fr, x):
+    with torch.no_grad():
+        return fr(x)
+
+
+def test_plan_is_reused_when_nothing_changes(pair):
+    tv, fr = pair
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    _run(fr, x)
+    p1 = _plan(fr)
+    _run(fr, x)
+    assert _plan(fr) is p1 is not None
+
+
+@pytest.mark.parametrize("edit", ["inplace_weight", "inplace_bn_buffer", "buffer_assign",
+                                  "param_assign", "fc_replaced", "reset_classifier",
+                                  "load_state_dict", "optimizer_step"])
+def test_plan_rebuilt_after_change(pair, edit):
+    tv, fr = pair
+    x = torch.randn(2, 3, 33, 35, device=DEVICE)
+    before = _run(fr, x)
+    p1 = _plan(fr)
+    with torch.no_grad():
+        if edit == "inplace_weight":
+            fr.layer2[0].conv1.weight.mul_(1.5)
+        elif edit == "inplace_bn_buffer":
+            fr.layer3[1].bn2.running_var.mul_(3.0)
+        elif edit == "buffer_assign":
+            fr.bn1.running_mean = fr.bn1.running_mean + 0.5
+        elif edit == "param_assign":
+            fr.layer4[1].bn2.bias = torch.nn.Parameter(fr.layer4[1].bn2.bias + 1.0)
+        elif edit == "fc_replaced":
+            fr.fc = torch.nn.Linear(512, 1000).to(DEVICE)
+        elif edit == "reset_classifier":
+            fr.reset_classifier(1000)
+        elif edit == "load_state_dict":
+            other = torchvision.models.resnet18(weights=None).to(DEVICE)
+            fr.load_state_dict(other.state_dict())
+    if edit == "optimizer_step":
+        fr.train()
+        opt = torch.optim.SGD(fr.parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            fr(torch.randn(2, 3, 32, 32, device=DEVICE)).square().mean().backward()
+            opt.step()
+        fr.eval()
+    after = _run(fr, x)
+    assert _plan(fr) is not p1
+    assert not torch.allclose(before, after)
+    _check_current(fr, x, f"after {edit}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_plan_follows_dtype_changes(pair, dtype):
+    tv, fr = pair
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    _run(fr, x)
+    if dtype == torch.float16:
+        fr.half()
+    else:
+        fr.to(dtype)
+    if dtype == torch.float64:
+        # float64 is outside the plan's dtypes: eager, said once, still right
+        with pytest.warns(RuntimeWarning, match="eagerly"):
+            plan_mod._said.discard("compute dtype torch.float64 (the plan runs float32, "
+                                   "float16 and bfloat16)")
+            out = _run(fr, x.double())
+        with torch.no_grad():
+            ref = copy.deepcopy(tv).double()(x.double())
+        torch.testing.assert_close(out, ref)
+        return
+    out = _run(fr, x.to(dtype))
+    assert out.dtype == dtype and _plan(fr).dtype == dtype
+    _check_current(fr, x, f"after .to({dtype})")
+    fr.float()
+    _check_current(fr, x, "back to float32")
+
+
+def test_data_edits_need_invalidate_plan(pair):
+    """Edits through ``.data`` bypass the version counter: documented, and invalidate_plan()."""
+    tv, fr = pair
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    _run(fr, x)
+    fr.conv1.weight.data.mul_(2.0)
+    fr.invalidate_plan()
+    _check_current(fr, x, "after .data edit + invalidate_plan()")
+
+
+def test_plan_build_is_cheap():
+    import time
+
+    fr = fastres.resnet50().to(DEVICE).eval()
+    t0 = time.perf_counter()
+    plan_mod.get_plan(fr)
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(20):
+        fr.__dict__["_plan_cache"].valid_for(fr)
+    check = (time.perf_counter() - t0) / 20
+    # generous bounds for a loaded 2-core CI machine; typical: ~0.1 s build, ~50 us check
+    assert build < 2.0, f"building the ResNet-50 plan took {build:.2f} s"
+    assert check < 2e-3, f"validating the plan took {check * 1e6:.0f} us"
+
+
+# -- train mode ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_train_mode_matches_torchvision(arch):
+    tv = getattr(torchvision.models, arch)(weights=None).to(DEVICE)
+    fr = fastres.from_torchvision(tv)
+    tv.train()
+    fr.train()
+    x = torch.randn(4, 3, 48, 40, device=DEVICE)
+    target = torch.randint(0, 1000, (4,), device=DEVICE)
+    loss_tv = torch.nn.functional.cross_entropy(tv(x), target)
+    loss_fr = torch.nn.functional.cross_entropy(fr(x), target)
+    loss_tv.backward()
+    loss_fr.backward()
+    torch.testing.assert_close(loss_fr, loss_tv, rtol=0, atol=0)
+    for (name, p_tv), (_, p_fr) in zip(tv.named_parameters(), fr.named_parameters()):
+        assert p_fr.grad is not None, name
+        torch.testing.assert_close(p_fr.grad, p_tv.grad, rtol=1e-6, atol=1e-7, msg=name)
+    for (name, b_tv), (_, b_fr) in zip(tv.named_buffers(), fr.named_buffers()):
+        torch.testing.assert_close(b_fr, b_tv, rtol=0, atol=0, msg=name)
+    assert int(fr.bn1.num_batches_tracked) == 1
+
+
+def test_eval_with_autograd_runs_eagerly_with_gradients(pair):
+    tv, fr = pair
+    x = torch.randn(1, 3, 32, 32, device=DEVICE, requires_grad=True)
+    plan_mod._said.discard("grad")
+    with pytest.warns(RuntimeWarning, match="no_grad"):
+        out = fr(x)
+    out.sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    tv(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once only
+        fr(x)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda: torch.randn(3, 32, 32), ValueError, "4-D"),
+    (lambda: torch.randn(1, 1, 3, 32, 32), ValueError, "4-D"),
+    (lambda: torch.randn(2, 4, 32, 32), ValueError, "3 input channels, got 4"),
+    (lambda: torch.randn(2, 32, 32, 3), ValueError, "NHWC"),
+    (lambda: torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), TypeError,
+     "floating-point"),
+    (lambda: torch.ones(1, 3, 32, 32, dtype=torch.bool), TypeError, "floating-point"),
+    (lambda: torch.randn(1, 3, 32, 32, dtype=torch.float16), TypeError, "must match"),
+    (lambda: torch.randn(1, 3, 32, 32, device="meta"), ValueError, "is on meta"),
+    (lambda: [[1.0, 2.0]], TypeError, "torch.Tensor"),
+])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_bad_input_is_rejected_before_any_kernel(pair, bad, exc, match, mode, monkeypatch):
+    tv, fr = pair
+    fr.train(mode == "train")
+
+    def no_kernels(*a, **k):
+        raise AssertionError("a kernel ran before the input was checked")
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", no_kernels)
+    monkeypatch.setattr(plan_mod, "_stem", no_kernels)
+    with torch.no_grad(), pytest.raises(exc, match=match):
+        fr(bad())
+
+
+def test_empty_batch_returns_empty_result(pair):
+    tv, fr = pair
+    x = torch.randn(0, 3, 32, 32, device=DEVICE)
+    out = _run(fr, x)
+    assert out.shape == (0, 1000) and out.dtype == torch.float32
+
+
+def test_nan_stays_in_its_sample(pair):
+    tv, fr = pair
+    x = torch.randn(3, 3, 32, 32, device=DEVICE)
+    x[1, 2, 5, 7] = float("nan")
+    out = _run(fr, x)
+    assert torch.isnan(out[1]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+    clean = _run(fr, x[[0, 2]])
+    torch.testing.assert_close(out[[0, 2]], clean, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_fold_falls_back_to_eager(pair):
+    tv, fr = pair
+    with torch.no_grad():
+        fr.layer1[0].bn1.running_var[3] = 1e-12  # folded weight overflows fp16
+        fr.layer1[0].bn1.eps = 0.0
+    fr.half()
+    x = torch.randn(1, 3, 32, 32, device=DEVICE, dtype=torch.float16)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        out = _run(fr, x)
+    with torch.no_grad():
+        ref = fr.forward_eager(x)
+    torch.testing.assert_close(out, ref, equal_nan=True)

@@ -1,0 +1,351 @@
+"""The Triton implicit-GEMM ``conv_bias_act`` against a float64 ``F.conv2d`` reference.
+
+Runs interpreted on CPU (``TRITON_INTERPRET=1``, small shapes) and compiled on a GPU. Every
+schedule (1x1 GEMM, implicit 3x3/strided/dilated, block-diagonal grouped, stem rows) and every
+dtype, with and without residual and ReLU, odd sizes and channel counts off the block size,
+on NaN-poisoned output buffers.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, assert_close_rel
+
+import fastres
+from fastres.kernels import configs as kcfg
+from fastres.kernels.conv import (
+    ConvProblem,
+    conv_bias_act_triton,
+    conv_configs,
+    launch_params,
+    pack_block_diagonal,
+)
+from fastres.ops import _backend
+from fastres.ops.conv_bias_act import conv_bias_act
+
+pytestmark = pytest.mark.triton
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (name, N, C_in, H, W, C_out, R, S, stride, padding, dilation, groups)
+SHAPES = [
+    ("1x1s1", 2, 32, 5, 7, 48, 1, 1, 1, 0, 1, 1),
+    ("1x1s1-odd-ch", 2, 20, 7, 9, 24, 1, 1, 1, 0, 1, 1),
+    ("1x1s2", 1, 32, 7, 7, 48, 1, 1, 2, 0, 1, 1),
+    ("3x3s1", 2, 16, 9, 7, 40, 3, 3, 1, 1, 1, 1),
+    ("3x3s1-odd-ch", 1, 24, 7, 7, 20, 3, 3, 1, 1, 1, 1),
+    ("3x3s2-odd-hw", 1, 24, 9, 11, 16, 3, 3, 2, 1, 1, 1),
+    ("3x3-dil2", 1, 16, 9, 9, 16, 3, 3, 1, 2, 2, 1),
+    ("3x3-dil4", 1, 16, 11, 10, 32, 3, 3, 1, 4, 4, 1),
+    ("stem7x7s2", 1, 3, 21, 19, 16, 7, 7, 2, 3, 1, 1),
+    ("grouped-32x4", 1, 128, 5, 5, 128, 3, 3, 1, 1, 1, 32),
+    ("grouped-32x4-s2", 1, 128, 7, 7, 128, 3, 3, 2, 1, 1, 32),
+    ("grouped-32x8", 1, 256, 4, 4, 256, 3, 3, 1, 1, 1, 32),
+    ("grouped-64x4", 1, 256, 3, 3, 256, 3, 3, 1, 1, 1, 64),
+    ("grouped-32x32", 1, 1024, 3, 3, 1024, 3, 3, 1, 1, 1, 32),
+    ("grouped-3x4-odd", 1, 12, 6, 6, 18, 3, 3, 1, 1, 1, 3),
+]
+IDS = [s[0] for s in SHAPES]
+
+
+def make_case(shape, dtype, residual=True, channels_last=True, device=DEV):
+    _, n, c, h, w, k, r, s, st, pad, dil, g = shape
+    x = torch.randn(n, c, h, w, device=device).to(dtype)
+    wt = (torch.randn(k, c // g, r, s, device=device) * (c // g * r * s) ** -0.5).to(dtype)
+    b = torch.randn(k, device=device)
+    p = (h + 2 * pad - dil * (r - 1) - 1) // st + 1
+    q = (w + 2 * pad - dil * (s - 1) - 1) // st + 1
+    res = torch.randn(n, k, p, q, device=device).to(dtype) if residual else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        wt = wt.contiguous(memory_format=torch.channels_last)
+        if res is not None:
+            res = res.contiguous(memory_format=torch.channels_last)
+    return x, wt, b, (st, st), (pad, pad), (dil, dil), g, res
+
+
+def reference(x, wt, b, st, pad, dil, g, res, relu):
+    """float64 reference of the dtype-rounded inputs."""
+    y = F.conv2d(x.double(), wt.double(), None, st, pad, dil, g)
+    y = y + b.double().view(1, -1, 1, 1)
+    if res is not None:
+        y = y + res.double()
+    return torch.relu(y) if relu else y
+
+
+def poisoned(x, wt, st, pad, dil):
+    n, _, h, w = x.shape
+    k, _, r, s = wt.shape
+    p = (h + 2 * pad[0] - dil[0] * (r - 1) - 1) // st[0] + 1
+    q = (w + 2 * pad[1] - dil[1] * (s - 1) - 1) // st[1] + 1
+    return torch.full((n, k, p, q), float("nan"), dtype=x.dtype, device=x.device).contiguous(
+        memory_format=torch.channels_last)
+
+
+def run_and_check(case, relu, dtype, tol=None, **kw):
+    x, wt, b, st, pad, dil, g, res = case
+    out = poisoned(x, wt, st, pad, dil)
+    y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, relu, out=out, **kw)
+    assert y.data_ptr() == out.data_ptr()
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert_close_rel(y, reference(x, wt, b, st, pad, dil, g, res, relu), tol or TOL[dtype])
+    return y
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_conv_shapes_dtypes(shape, dtype):
+    run_and_check(make_case(shape, dtype), True, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_conv_small_tiles(shape):
+    """Small explicit tiles: several M, N and K blocks and every mask on small shapes."""
+    dtype = torch.float16
+    run_and_check(make_case(shape, dtype), True, dtype, config=kcfg.INTERPRETER_CONFIG)
+
+
+@pytest.mark.parametrize("residual,relu", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5], SHAPES[8], SHAPES[9]],
+                         ids=["gemm", "conv", "stem", "grouped"])
+def test_conv_epilogue_variants(shape, residual, relu):
+    dtype = torch.float16
+    run_and_check(make_case(shape, dtype, residual=residual), relu, dtype)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[8], SHAPES[11]],
+                         ids=["gemm", "conv", "stem", "grouped"])
+def test_conv_nchw_inputs(shape):
+    """Contiguous (NCHW) x, weight and residual are read correctly (made channels-last)."""
+    dtype = torch.bfloat16
+    run_and_check(make_case(shape, dtype, channels_last=False), True, dtype)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5], SHAPES[8], SHAPES[10]],
+                         ids=["gemm", "conv", "stem", "grouped"])
+def test_conv_index64_forced(shape):
+    """The 64-bit offset path (chosen for >2**31-element tensors) on a small shape."""
+    dtype = torch.float16
+    case = make_case(shape, dtype)
+    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6],
+                                    case[7])
+    assert not prob.index64()
+    assert launch_params(prob, kcfg.INTERPRETER_CONFIG, index64=True).params["INDEX64"]
+    run_and_check(case, True, dtype, index64=True)
+
+
+def test_index64_chosen_for_huge_tensors():
+    prob = ConvProblem(256, 64, 1024, 1024, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1,
+                       torch.float16)
+    assert prob.index64()
+    prob = ConvProblem(256, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1, torch.float16)
+    assert not prob.index64()
+
+
+@pytest.mark.parametrize("kind,shape", [
+    ("gemm", ("gemm", 1, 64, 6, 5, 64, 1, 1, 1, 0, 1, 1)),
+    ("conv", ("conv", 1, 64, 5, 5, 64, 3, 3, 1, 1, 1, 1)),
+    ("grouped", ("grouped", 1, 128, 4, 4, 128, 3, 3, 1, 1, 1, 32)),
+    ("stem", ("stem", 1, 3, 15, 13, 64, 7, 7, 2, 3, 1, 1)),
+])
+def test_every_table_config(kind, shape):
+    """Every autotune candidate of a schedule gives the same (right) answer."""
+    dtype = torch.float16
+    case = make_case(shape, dtype)
+    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6],
+                                    case[7])
+    assert prob.kind == kind
+    for cfg in kcfg.TABLES[kind]:
+        run_and_check(case, True, dtype, config=cfg)
+
+
+def test_candidates_pruned_and_interpreter_single():
+    x = torch.empty(32, 64, 56, 56)
+    w = torch.empty(64, 64, 3, 3)
+    cands = conv_configs(x, w, (1, 1), (1, 1), (1, 1), 1)
+    if not HAS_CUDA:
+        assert len(cands) == 1
+    for kind, table in kcfg.TABLES.items():
+        for dt_bytes in (2, 4):
+            kept = kcfg.prune(table, kind, 32 * 56 * 56, 64, 64 if kind != "stem" else 21,
+                              dt_bytes)
+            assert kept
+            for cfg in kept:
+                assert kcfg.smem_bytes(cfg, dt_bytes) <= kcfg.SMEM_LIMIT
+    # small layers drop tiles far larger than the problem
+    kept = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 49, 64, 64, 2)
+    assert all(c.block_n <= 64 and c.block_m <= 64 for c in kept)
+
+
+def test_block_diagonal_packing_is_the_same_conv():
+    g, gpb, c_g, k_g = 8, 4, 4, 4
+    w = torch.randn(g * k_g, c_g, 3, 3, dtype=torch.float64)
+    x = torch.randn(1, g * c_g, 5, 5, dtype=torch.float64)
+    packed = pack_block_diagonal(w, g, gpb)  # [C_out, R, S, gpb*c_g]
+    dense = packed.permute(0, 3, 1, 2)
+    ref = F.conv2d(x, w, None, 1, 1, 1, g)
+    assert torch.allclose(F.conv2d(x, dense, None, 1, 1, 1, g // gpb), ref)
+
+
+def test_nan_propagates_and_relu_keeps_nan():
+    dtype = torch.float32
+    case = list(make_case(SHAPES[3], dtype, residual=True))
+    case[7][0, 3, 2, 2] = float("nan")
+    x, wt, b, st, pad, dil, g, res = case
+    y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, True)
+    ref = reference(x, wt, b, st, pad, dil, g, res, True)
+    assert torch.isnan(y[0, 3, 2, 2])
+    assert torch.equal(torch.isnan(y.cpu()), torch.isnan(ref.cpu()))
+
+
+def test_empty_batch():
+    x = torch.randn(0, 16, 5, 5, device=DEV)
+    w = torch.randn(8, 16, 3, 3, device=DEV)
+    y = conv_bias_act_triton(x, w, torch.zeros(8, device=DEV), 1, 1, 1, 1)
+    assert y.shape == (0, 8, 5, 5)
+
+
+def test_op_dispatches_to_triton(monkeypatch):
+    """Through the public op under use_backend('triton'), the Triton implementation runs."""
+    import fastres.kernels.triton_impls as impls
+
+    calls = []
+    real = impls.conv_bias_act_triton
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(impls, "conv_bias_act_triton", counting)
+    dtype = torch.float16
+    x, wt, b, st, pad, dil, g, res = make_case(SHAPES[3], dtype)
+    with fastres.use_backend("triton"):
+        assert _backend.choose("conv_bias_act", x.device, x, wt, b, list(st), list(pad),
+                               list(dil), g, res, True).backend == "triton"
+        y = conv_bias_act(x, wt, b, st, pad, dil, g, res, True)
+    assert calls
+    assert_close_rel(y, reference(x, wt, b, st, pad, dil, g, res, True), TOL[dtype])
+
+
+def test_supports_rejects_other_dtypes():
+    from fastres.kernels.conv import supports_conv
+
+    x = torch.zeros(1, 4, 4, 4, dtype=torch.float64)
+    assert supports_conv(x, x.new_zeros(4, 4, 1, 1), None, 1, 0, 1, 1) is not None
+
+
+# -- GPU only -------------------------------------------------------------------------------
+
+RESNET50_SHAPES = [
+    # name, N, C, H, W, K, R, S, stride, pad, dil, groups
+    ("stem", 8, 3, 224, 224, 64, 7, 7, 2, 3, 1, 1),
+    ("l1-1x1", 8, 64, 56, 56, 64, 1, 1, 1, 0, 1, 1),
+    ("l1-3x3", 8, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1),
+    ("l1-1x1-up", 8, 64, 56, 56, 256, 1, 1, 1, 0, 1, 1),
+    ("l2-3x3s2", 8, 128, 56, 56, 128, 3, 3, 2, 1, 1, 1),
+    ("l2-down", 8, 256, 56, 56, 512, 1, 1, 2, 0, 1, 1),
+    ("l4-3x3", 8, 512, 7, 7, 512, 3, 3, 1, 1, 1, 1),
+    ("l4-1x1", 8, 512, 7, 7, 2048, 1, 1, 1, 0, 1, 1),
+    ("x50-g32x4", 8, 128, 56, 56, 128, 3, 3, 1, 1, 1, 32),
+    ("x50-g32x32", 8, 1024, 14, 14, 1024, 3, 3, 2, 1, 1, 32),
+    ("x101-g64x4", 8, 256, 56, 56, 256, 3, 3, 1, 1, 1, 64),
+    ("dil4", 4, 512, 28, 28, 512, 3, 3, 1, 4, 4, 1),
+]
+
+
+@pytest.fixture
+def pinned(monkeypatch):
+    """First candidate configuration, no timing (keeps the GPU test run short)."""
+    monkeypatch.setenv("FASTRES_TUNE", "0")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", RESNET50_SHAPES, ids=[s[0] for s in RESNET50_SHAPES])
+def test_gpu_resnet_shapes(shape, dtype, pinned):
+    run_and_check(make_case(shape, dtype), True, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [RESNET50_SHAPES[2], RESNET50_SHAPES[3]], ids=["3x3", "1x1"])
+def test_gpu_autotuned(shape):
+    """config=None on a GPU times the candidates once and remembers the winner."""
+    from fastres.kernels.conv import tuned_config
+
+    dtype = torch.bfloat16
+    case = make_case(shape, dtype)
+    run_and_check(case, True, dtype)
+    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6],
+                                    case[7])
+    cands = conv_configs(case[0], case[1], case[3], case[4], case[5], case[6], case[7])
+    if len(cands) > 1:
+        assert tuned_config(prob) in cands
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tf32", [False, True])
+@pytest.mark.parametrize("shape", RESNET50_SHAPES[:5], ids=[s[0] for s in RESNET50_SHAPES[:5]])
+def test_gpu_fp32_tf32_switch(shape, tf32, pinned):
+    torch.backends.cudnn.allow_tf32 = tf32
+    run_and_check(make_case(shape, torch.float32), True, torch.float32,
+                  tol=2e-3 if tf32 else 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16,
+                                   pytest.param(torch.float32, marks=pytest.mark.slow)],
+                         ids=str)
+@pytest.mark.parametrize("kind,shape", [
+    ("gemm", RESNET50_SHAPES[3]), ("conv", RESNET50_SHAPES[2]), ("conv", RESNET50_SHAPES[4]),
+    ("conv", RESNET50_SHAPES[11]), ("grouped", RESNET50_SHAPES[8]),
+    ("stem", RESNET50_SHAPES[0]),
+])
+def test_gpu_every_config(kind, shape, dtype):
+    """Each candidate configuration is right on the GPU (pytorch#173068-style failures);
+    tf32 when fp32 (the default of ``torch.backends.cudnn.allow_tf32``)."""
+    torch.backends.cudnn.allow_tf32 = True
+    case = make_case(shape, dtype)
+    for cfg in kcfg.TABLES[kind]:
+        run_and_check(case, True, dtype, config=cfg, tol=2e-3 if dtype == torch.float32
+                      else None)
+
+
+@pytest.mark.cuda
+def test_gpu_index64_large_batch(pinned):
+    """A tensor past 2**31 elements (needs ~6 GB): the launcher picks 64-bit offsets."""
+    shape = ("big", 2048, 64, 128, 128, 64, 1, 1, 1, 0, 1, 1)  # 2.1e9 elements
+    dtype = torch.float16
+    case = make_case(shape, dtype, residual=False)
+    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6])
+    assert prob.index64()
+    x, wt, b, st, pad, dil, g, _ = case
+    y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, None, True)
+    for i in (0, 2047):  # check the first and the last image against cuDNN
+        ref = reference(x[i:i + 1], wt, b, st, pad, dil, g, None, True)
+        assert_close_rel(y[i:i + 1], ref, TOL[dtype])
+
+
+def test_packed_weight_cache_follows_weight_changes():
+    """Grouped/stem weights are repacked once per weight and again after an in-place change."""
+    from fastres.kernels import conv as kc
+
+    dtype = torch.float32
+    for shape in (SHAPES[9], SHAPES[8]):  # block-diagonal grouped, stem rows
+        case = make_case(shape, dtype)
+        run_and_check(case, True, dtype)
+        n = len(kc._PACKED)
+        run_and_check(case, True, dtype)
+        assert len(kc._PACKED) == n  # reused
+        with torch.no_grad():
+            case[1].mul_(-1.5)  # in place: a new version of the same tensor
+        run_and_check(case, True, dtype)  # must see the new values

@@ -1,0 +1,122 @@
+"""The Triton NHWC max-pool and avgpool+linear head against ``torch.nn.functional``.
+
+Interpreted on CPU (small shapes), compiled on a GPU; every dtype, odd sizes, batch 1,
+channel counts off the block size, NaN propagation, poisoned output buffers.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, assert_close_rel
+
+import fastres
+from fastres.kernels.head import avgpool_linear_triton, global_avgpool_triton
+from fastres.kernels.pool import max_pool2d_triton
+from fastres.ops import _backend
+from fastres.ops.head import avgpool_linear, avgpool_linear_reference
+from fastres.ops.max_pool import max_pool2d
+
+pytestmark = pytest.mark.triton
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 16, 9, 9), (2, 24, 10, 7), (1, 70, 5, 6), (3, 8, 2, 3)],
+                         ids=str)
+def test_max_pool_exact(shape, dtype):
+    x = torch.randn(*shape, device=DEV).to(dtype).contiguous(memory_format=torch.channels_last)
+    ref = F.max_pool2d(x.float(), 3, 2, 1).to(dtype)
+    out = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEV).contiguous(
+        memory_format=torch.channels_last)
+    y = max_pool2d_triton(x, 3, 2, 1, out=out)
+    assert y.data_ptr() == out.data_ptr() and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, ref)  # max is exact
+
+
+def test_max_pool_nchw_input_and_other_windows():
+    x = torch.randn(2, 12, 11, 8, device=DEV)  # NCHW contiguous
+    for k, s, p in ((3, 2, 1), (2, 2, 0), (3, 1, 1), (5, 2, 2)):
+        assert torch.equal(max_pool2d_triton(x, k, s, p), F.max_pool2d(x, k, s, p))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_max_pool_nan_propagates(dtype):
+    x = torch.randn(1, 20, 8, 8, device=DEV).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    x[0, 3, 4, 4] = float("nan")
+    x[0, 19, 0, 0] = float("nan")
+    x[0, 5, 7, 7] = float("inf")
+    y = max_pool2d_triton(x)
+    ref = F.max_pool2d(x, 3, 2, 1)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.isnan(y).sum() > 0
+    mask = ~torch.isnan(ref)
+    assert torch.equal(y[mask], ref[mask])
+
+
+def test_max_pool_op_through_triton_backend():
+    x = torch.randn(1, 16, 7, 7, device=DEV).contiguous(memory_format=torch.channels_last)
+    with fastres.use_backend("triton"):
+        assert _backend.choose("max_pool2d", x.device, x, 3, 2, 1).backend == "triton"
+        y = max_pool2d(x, 3, 2, 1)
+    assert torch.equal(y, F.max_pool2d(x, 3, 2, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 64, 7, 7), (3, 40, 3, 5), (2, 130, 1, 1)], ids=str)
+def test_global_avgpool(shape, dtype):
+    x = torch.randn(*shape, device=DEV).to(dtype).contiguous(memory_format=torch.channels_last)
+    ref = x.double().mean(dim=(2, 3))
+    y = global_avgpool_triton(x)
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert_close_rel(y, ref, TOL[dtype] if dtype != torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c,hw,k", [(1, 64, 7, 10), (2, 48, 5, 37), (3, 130, 2, 1000)],
+                         ids=str)
+def test_avgpool_linear(n, c, hw, k, dtype):
+    x = torch.randn(n, c, hw, hw, device=DEV).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(k, c, device=DEV) * c**-0.5).to(dtype)
+    b = torch.randn(k, device=DEV)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        y = avgpool_linear_triton(x, w, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    pooled = x.double().mean(dim=(2, 3)).to(dtype).double()
+    ref = pooled @ w.double().t() + b.to(dtype).double()
+    assert y.shape == (n, k) and y.dtype == dtype
+    assert_close_rel(y, ref, TOL[dtype])
+    eager = avgpool_linear_reference(x, w, b)
+    assert_close_rel(y, eager.double(), TOL[dtype])
+
+
+def test_avgpool_linear_op_through_triton_backend():
+    x = torch.randn(2, 32, 3, 3, device=DEV).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(10, 32, device=DEV)
+    b = torch.randn(10, device=DEV)
+    with fastres.use_backend("triton"):
+        assert _backend.choose("avgpool_linear", x.device, x, w, b).backend == "triton"
+        y = avgpool_linear(x, w, b)
+    assert_close_rel(y, avgpool_linear_reference(x.double(), w.double(), b.double()), 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_pool_head_resnet_sizes(dtype):
+    x = torch.randn(64, 64, 112, 112, device="cuda").to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(max_pool2d_triton(x), F.max_pool2d(x, 3, 2, 1))
+    f = torch.randn(64, 2048, 7, 7, device="cuda").to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(1000, 2048, device="cuda") * 2048**-0.5).to(dtype)
+    b = torch.randn(1000, device="cuda")
+    ref = f.double().mean(dim=(2, 3)) @ w.double().t() + b.double()
+    assert_close_rel(avgpool_linear_triton(f, w, b), ref, 2e-3 if dtype == torch.float32
+                     else TOL[dtype])

@@ -1,0 +1,686 @@
+"""The measured choice and its on-disk cache (:mod:`fastres.tuning`).
+
+On CPU the tuner is exercised with fake candidates (each a plain-torch implementation, some
+deliberately wrong or failing) and an injectable timer that reports chosen numbers, through
+the real ops and the real model: keys, cache hits and misses, corrupt/truncated/foreign
+files, concurrent writers, pinned mode, and "a second process tunes nothing". The GPU tests
+(``cuda`` marker) time the real implementations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_close_rel
+
+import fastres
+from fastres import tuning
+from fastres.ops import _backend
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+
+
+# -- fixtures and fakes ------------------------------------------------------------------------
+
+class FakeTimer:
+    """Reports ``speeds[label]`` (default 5.0) ms, optionally per input shape; counts calls."""
+
+    def __init__(self, speeds=None, per_shape=None):
+        self.speeds = speeds or {"a": 3.0, "b": 1.0, "c": 2.0}
+        self.per_shape = per_shape or {}
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def __call__(self, run, cand):
+        run()
+        with self.lock:
+            self.calls.append(cand.label)
+        return self.speeds.get(cand.label, 5.0)
+
+
+def fake_candidates(labels=("a", "b", "c"), perturb=()):
+    """Candidates named ``labels`` that all run the op's torch reference (those in
+    ``perturb`` add a small offset, so a test can tell which one ran)."""
+
+    def hook(op, device, args, kwargs):
+        ref = _backend.implementations(op)["torch"].fn
+        out = []
+        for label in labels:
+            if label in perturb:
+                def fn(*a, _ref=ref, **k):
+                    return _ref(*a, **k) + 1e-3
+            else:
+                fn = ref
+            out.append(tuning.Candidate("torch", label, {"label": label}, fn))
+        return out
+
+    return hook
+
+
+@pytest.fixture
+def tuner(tmp_path, monkeypatch):
+    """A fresh tuner that tunes CPU calls with fake candidates a/b/c (b fastest)."""
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTRES_TUNE", raising=False)
+    tuning.reset()
+    timer = FakeTimer()
+    tuning.configure(timer=timer, devices=("cpu",), candidates=fake_candidates())
+    with _backend.use_backend("auto"):
+        yield timer
+    tuning.reset()
+
+
+def pool(x):
+    return torch.ops.fastres.max_pool2d(x, 3, 2, 1)
+
+
+def read_cache(device="cpu") -> dict:
+    return json.loads(tuning.cache_path(device).read_text())
+
+
+def new_process():
+    """Forget everything in memory, as a new process would (settings kept)."""
+    saved = (tuning._settings.timer, tuning._settings.candidates)
+    tuning.reset()
+    tuning.configure(timer=saved[0], devices=("cpu",), candidates=saved[1])
+
+
+# -- hit, miss, keys ---------------------------------------------------------------------------
+
+def test_miss_tunes_once_then_memo_then_disk_hit(tuner):
+    x = torch.randn(2, 8, 9, 9)
+    y = pool(x)
+    assert_close_rel(y, torch.nn.functional.max_pool2d(x, 3, 2, 1), 0.0)
+    assert sorted(tuner.calls) == ["a", "b", "c"]
+    assert tuning.stats()["tuned"] == 1
+    entries = read_cache()["entries"]
+    (key, rec), = entries.items()
+    assert key.startswith("max_pool2d(f32[2,8,9,9]")
+    assert rec["backend"] == "torch" and rec["label"] == "b" and rec["config"] == {"label": "b"}
+    assert set(rec["timings"]) == {"torch:a", "torch:b", "torch:c"}
+
+    pool(torch.randn(2, 8, 9, 9))  # same layer: memo, no timing, no disk
+    assert len(tuner.calls) == 3 and tuning.stats()["disk_hits"] == 0
+
+    new_process()
+    pool(torch.randn(2, 8, 9, 9))
+    assert len(tuner.calls) == 3, "a cached layer must not be timed again"
+    assert tuning.stats() == {**tuning.stats(), "tuned": 0, "disk_hits": 1, "timed": 0}
+    assert set(tuning.choices().values()) == {"torch:b"}
+
+
+def test_keys_separate_shape_dtype_and_layout(tuner):
+    x = torch.randn(1, 8, 9, 9)
+    pool(x)
+    pool(torch.randn(1, 8, 11, 9))                              # shape
+    pool(x.to(torch.bfloat16))                                  # dtype
+    pool(x.contiguous(memory_format=torch.channels_last))       # layout
+    pool(x.clone())                                             # same layer again
+    keys = sorted(read_cache()["entries"])
+    assert len(keys) == 4, keys
+    assert tuning.stats()["tuned"] == 4 and len(tuner.calls) == 12
+    assert any("bf16[1,8,9,9]" in k for k in keys)
+    assert any("f32[1,8,9,9]:cl" in k for k in keys)
+    assert any("f32[1,8,11,9]" in k for k in keys)
+    # fp32 keys carry the TF32 flags; other dtypes do not depend on them
+    assert all(("tf32=" in k) == ("f32[" in k) for k in keys)
+
+
+def test_tf32_flag_is_part_of_fp32_key(tuner):
+    x = torch.randn(1, 8, 9, 9)
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        pool(x)
+        torch.backends.cudnn.allow_tf32 = False
+        pool(x)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    assert len(read_cache()["entries"]) == 2
+
+
+def test_per_layer_winner(tmp_path, monkeypatch):
+    """Different layers may pick different candidates; each keeps its own."""
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    tuning.reset()
+
+    def timer(run, cand):
+        run()
+        return {"a": 1.0, "b": 2.0}[cand.label] if shape[0] == 9 else {"a": 2.0, "b": 1.0}[
+            cand.label]
+
+    tuning.configure(timer=timer, devices=("cpu",), candidates=fake_candidates(("a", "b")))
+    try:
+        with _backend.use_backend("auto"):
+            for shape in ([9], [13]):
+                pool(torch.randn(1, 4, shape[0], shape[0]))
+        labels = {k.split("(")[1].split(",")[2]: v["label"]
+                  for k, v in read_cache()["entries"].items()}
+        assert labels == {"9": "a", "13": "b"}, labels
+    finally:
+        tuning.reset()
+
+
+def test_wrong_or_failing_candidates_are_rejected(tmp_path, monkeypatch):
+    """A fast candidate whose output disagrees with the reference, or that raises, is never
+    chosen; the record says why."""
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    tuning.reset()
+
+    def hook(op, device, args, kwargs):
+        ref = _backend.implementations(op)["torch"].fn
+
+        def garbage(*a, **k):
+            return torch.randn_like(ref(*a, **k))
+
+        def broken(*a, **k):
+            raise RuntimeError("out of resources: shared memory")
+
+        return [tuning.Candidate("triton", "garbage", None, garbage),
+                tuning.Candidate("triton", "broken", None, broken),
+                tuning.Candidate("torch", "torch", None, ref)]
+
+    timer = FakeTimer({"garbage": 0.1, "broken": 0.1, "torch": 1.0})
+    tuning.configure(timer=timer, devices=("cpu",), candidates=hook)
+    try:
+        with _backend.use_backend("auto"):
+            x = torch.randn(1, 4, 9, 9)
+            assert_close_rel(pool(x), torch.nn.functional.max_pool2d(x, 3, 2, 1), 0.0)
+        (rec,) = read_cache()["entries"].values()
+        assert rec["label"] == "torch"
+        assert "relative error" in rec["rejected"]["triton:garbage"]
+        assert "out of resources" in rec["rejected"]["triton:broken"]
+        assert timer.calls == ["torch"]
+    finally:
+        tuning.reset()
+
+
+def test_no_tuning_while_tracing_or_capturing(tuner, monkeypatch):
+    """An untuned layer met during capture/tracing runs the pinned choice and is tuned at its
+    next ordinary call."""
+    x = torch.randn(1, 4, 9, 9)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        with pytest.warns(RuntimeWarning, match="cannot be tuned during torch.compile"):
+            y = pool(x)
+    assert_close_rel(y, torch.nn.functional.max_pool2d(x, 3, 2, 1), 0.0)
+    assert tuner.calls == [] and tuning.stats()["deferred"] == 1
+    assert not tuning.cache_path("cpu").exists()
+    pool(x)
+    assert sorted(tuner.calls) == ["a", "b", "c"]
+
+
+# -- the cache file ----------------------------------------------------------------------------
+
+def _assert_rewritten_valid(n_entries=1):
+    data = read_cache()
+    assert data["format"] == tuning.FORMAT and data["schema"] == tuning.SCHEMA
+    assert data["env"] == tuning.environment(torch.device("cpu"))
+    assert len(data["entries"]) == n_entries
+
+
+@pytest.mark.parametrize("content", [
+    "{\"format\": \"fastres-tuning-cache\", \"schema\": 1, \"entr",   # truncated JSON
+    "\x00\x01garbage\n",                                             # not JSON at all
+    "",                                                              # empty file
+])
+def test_corrupt_or_truncated_file_is_ignored_and_rewritten(tuner, content):
+    path = tuning.cache_path("cpu")
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.warns(tuning.TuningCacheWarning, match="corrupt or truncated"):
+        pool(torch.randn(1, 4, 9, 9))
+    assert len(tuner.calls) == 3
+    _assert_rewritten_valid()
+
+
+def test_truncated_real_file(tuner):
+    for s in (9, 11, 13):
+        pool(torch.randn(1, 4, s, s))
+    path = tuning.cache_path("cpu")
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    new_process()
+    with pytest.warns(tuning.TuningCacheWarning, match="corrupt or truncated"):
+        pool(torch.randn(1, 4, 9, 9))
+    assert tuning.stats()["tuned"] == 1
+    _assert_rewritten_valid(1)
+
+
+def _valid_doc():
+    return {"format": tuning.FORMAT, "schema": tuning.SCHEMA,
+            "env": dict(tuning.environment(torch.device("cpu"))), "entries": {}}
+
+
+@pytest.mark.parametrize("change", ["schema", "env", "format", "entries", "list"])
+def test_foreign_file_is_ignored_and_rewritten(tuner, change):
+    doc = _valid_doc()
+    if change == "schema":
+        doc["schema"] = 999
+    elif change == "env":
+        doc["env"]["torch"] = "0.0.1"
+    elif change == "format":
+        doc["format"] = "somebody-elses-cache"
+    elif change == "entries":
+        doc["entries"] = ["not", "a", "table"]
+    else:
+        doc = [1, 2, 3]
+    path = tuning.cache_path("cpu")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(doc))
+    with pytest.warns(tuning.TuningCacheWarning, match="foreign"):
+        pool(torch.randn(1, 4, 9, 9))
+    _assert_rewritten_valid()
+
+
+def test_malformed_records_are_skipped(tuner):
+    doc = _valid_doc()
+    doc["entries"] = {"max_pool2d(junk)": {"backend": 3}, "other": "x"}
+    path = tuning.cache_path("cpu")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(doc))
+    pool(torch.randn(1, 4, 9, 9))
+    _assert_rewritten_valid(1)
+
+
+def test_cached_choice_no_longer_offered_is_retuned(tuner):
+    pool(torch.randn(1, 4, 9, 9))
+    new_process()
+    tuning.configure(candidates=fake_candidates(("a", "c")))  # "b" is gone
+    pool(torch.randn(1, 4, 9, 9))
+    (rec,) = read_cache()["entries"].values()
+    assert rec["label"] == "c"
+
+
+def test_unwritable_cache_dir_keeps_working(tuner, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(blocker / "cache"))
+    x = torch.randn(1, 4, 9, 9)
+    with pytest.warns(tuning.TuningCacheWarning, match="cannot write"):
+        y = pool(x)
+    assert_close_rel(y, torch.nn.functional.max_pool2d(x, 3, 2, 1), 0.0)
+    pool(x)
+    assert len(tuner.calls) == 3  # remembered in memory
+
+
+def test_atomic_write_leaves_no_temporaries(tuner):
+    for s in (9, 10, 11):
+        pool(torch.randn(1, 4, s, s))
+    files = sorted(p.name for p in tuning.cache_path("cpu").parent.iterdir())
+    assert [f for f in files if f.endswith(".tmp")] == []
+    assert len([f for f in files if f.endswith(".json")]) == 1
+
+
+def test_merge_on_write_keeps_other_writers_entries(tmp_path):
+    env = {"device": "test"}
+    path = tmp_path / "c.json"
+    rec = {"backend": "torch", "label": "torch"}
+    a, b = tuning.TuningCache(path, env), tuning.TuningCache(path, env)
+    a.put("k1", rec)
+    b.put("k2", rec)          # b loaded before k1 existed: the merge keeps k1
+    a.put("k3", rec)
+    assert sorted(json.loads(path.read_text())["entries"]) == ["k1", "k2", "k3"]
+    assert sorted(tuning.TuningCache(path, env).entries) == ["k1", "k2", "k3"]
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+PREAMBLE = textwrap.dedent("""
+    import json, os, sys, time
+    import torch, fastres
+    from fastres import tuning as T
+    from fastres.ops import _backend
+
+    def candidates(labels=("a", "b", "c"), perturb=()):
+        def hook(op, device, args, kwargs):
+            ref = _backend.implementations(op)["torch"].fn
+            out = []
+            for label in labels:
+                fn = ref
+                if label in perturb:
+                    def fn(*a, _ref=ref, **k):
+                        return _ref(*a, **k) + 1e-3
+                out.append(T.Candidate("torch", label, {"label": label}, fn))
+            return out
+        return hook
+
+    SPEEDS = {"a": 3.0, "b": 1.0, "c": 2.0}
+    SLEEP = float(os.environ.get("FAKE_TIMER_SLEEP", "0"))
+
+    def timer(run, cand):
+        run()
+        time.sleep(SLEEP)
+        return SPEEDS[cand.label]
+
+    def model_and_input():
+        torch.manual_seed(0)
+        m = fastres.resnet18(num_classes=10)
+        m.train()
+        with torch.no_grad():
+            m(torch.randn(4, 3, 32, 32))  # realistic BN statistics, deterministic
+        m.eval()
+        return m, torch.randn(2, 3, 32, 32)
+""")
+
+
+def run_script(body: str, cache_dir: Path, extra_env=None, background=False):
+    env = dict(os.environ)
+    env.update({"FASTRES_CACHE_DIR": str(cache_dir), "FASTRES_BACKEND": "auto",
+                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
+    env.pop("FASTRES_TUNE", None)
+    env.update(extra_env or {})
+    args = [sys.executable, "-c", PREAMBLE + textwrap.dedent(body)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=str(REPO))
+    if background:
+        return proc
+    return finish(proc)
+
+
+def finish(proc) -> dict:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"subprocess failed:\n{err[-4000:]}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+MODEL_RUN = """
+    T.configure(timer=timer, devices=("cpu",), candidates=candidates(perturb=("b",)))
+    m, x = model_and_input()
+    with torch.no_grad():
+        y = m(x)
+    torch.save(y, sys.argv[-1] if len(sys.argv) > 1 else os.environ["OUT_FILE"])
+    print(json.dumps({"stats": T.stats(), "choices": sorted(set(T.choices().values())),
+                      "cache_exists": T.cache_path("cpu").exists()}))
+"""
+
+
+def test_second_process_does_no_tuning(tmp_path):
+    first = run_script(MODEL_RUN, tmp_path / "cache", {"OUT_FILE": str(tmp_path / "1.pt")})
+    assert first["stats"]["tuned"] > 5 and first["stats"]["timed"] == 3 * first["stats"]["tuned"]
+    assert first["choices"] == ["torch:b"]
+    second = run_script(MODEL_RUN, tmp_path / "cache", {"OUT_FILE": str(tmp_path / "2.pt")})
+    assert second["stats"]["tuned"] == 0 and second["stats"]["timed"] == 0
+    # every layer the first process decided (tuned, or found on disk when another call with
+    # a differently strided but same-layout argument had just tuned it) is a disk hit now
+    assert second["stats"]["disk_hits"] == first["stats"]["tuned"] + first["stats"]["disk_hits"]
+    assert second["choices"] == ["torch:b"]
+    assert torch.equal(torch.load(tmp_path / "1.pt"), torch.load(tmp_path / "2.pt"))
+
+
+def test_pinned_mode_is_bit_identical_across_processes(tmp_path):
+    """FASTRES_TUNE=0: the first candidate runs (here the unperturbed reference, while timing
+    would have picked the perturbed "b"), nothing is timed or written, outputs are equal
+    bit for bit."""
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"{i}.pt"
+        res = run_script(MODEL_RUN, tmp_path / "cache",
+                         {"OUT_FILE": str(out), "FASTRES_TUNE": "0"})
+        assert res["stats"]["timed"] == 0 and res["stats"]["tuned"] == 0
+        assert res["stats"]["pinned"] > 5
+        assert res["choices"] == ["torch:a"] and not res["cache_exists"]
+        outs.append(torch.load(out))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_deterministic_algorithms_pin_the_choice(tuner):
+    assert tuning.mode() == "tune"
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tuning.mode() == "pinned"
+        pool(torch.randn(1, 4, 9, 9))
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert tuner.calls == [] and tuning.stats()["pinned"] == 1
+    assert set(tuning.choices().values()) == {"torch:a"}
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false"])
+def test_fastres_tune_env_values(monkeypatch, value):
+    monkeypatch.setenv("FASTRES_TUNE", value)
+    assert tuning.mode() == "pinned"
+
+
+CONCURRENT = """
+    T.configure(timer=timer, devices=("cpu",), candidates=candidates())
+    start = float(os.environ["START_AT"])
+    while time.time() < start:
+        time.sleep(0.005)
+    first = int(os.environ["FIRST_SIZE"])
+    with _backend.use_backend("auto"):
+        for s in range(first, first + 12):
+            torch.ops.fastres.max_pool2d(torch.randn(1, 4, s, s), 3, 2, 1)
+    print(json.dumps(T.stats()))
+"""
+
+
+def test_concurrent_writers_do_not_corrupt_or_lose_entries(tmp_path):
+    cache = tmp_path / "cache"
+    start = str(time.time() + 6.0)  # both processes start tuning at the same moment
+    procs = [run_script(CONCURRENT, cache, {"START_AT": start, "FIRST_SIZE": str(first),
+                                            "FAKE_TIMER_SLEEP": "0.01"}, background=True)
+             for first in (8, 40)]
+    results = [finish(p) for p in procs]
+    assert [r["tuned"] for r in results] == [12, 12]
+    files = list(cache.glob("tuning-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert len(data["entries"]) == 24
+    assert not list(cache.glob("*.tmp"))
+
+
+# -- candidates from the registered implementations ------------------------------------------
+
+def test_default_candidates_pinned_order_and_triton_configs(monkeypatch):
+    """With Triton interpreted on CPU, the Triton conv (its configuration table) comes first,
+    the torch reference last; the pinned choice runs Triton's first configuration."""
+    pytest.importorskip("triton")
+    if not _backend.triton_interpreted() and not HAS_CUDA:
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    from fastres.kernels.conv import conv_configs
+
+    dev = torch.device("cuda" if HAS_CUDA else "cpu")
+    x = torch.randn(1, 16, 6, 6, device=dev).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 16, 3, 3, device=dev).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(16, device=dev)
+    args = (x, w, b, [1, 1], [1, 1], [1, 1], 1, None, True)
+    impls = _backend.implementations("conv_bias_act")
+    cands = tuning.candidates("conv_bias_act", dev, "auto", impls, args, {})
+    backends = [c.backend for c in cands]
+    assert backends[0] == "triton" and backends[-1] == "torch"
+    cfgs = conv_configs(x, w, [1, 1], [1, 1], [1, 1], 1, None, True)
+    assert [c.label for c in cands if c.backend == "triton"] == [str(c) for c in cfgs]
+    assert cands[0].config == cfgs[0].as_dict()
+
+    # the Triton stem offers its convolution's table too (no untracked in-kernel autotuning)
+    x3 = torch.randn(1, 3, 16, 16, device=dev)
+    w7 = torch.randn(16, 3, 7, 7, device=dev)
+    stem_args = (x3, w7, torch.randn(16, device=dev))
+    stem = tuning.candidates("stem", dev, "auto", _backend.implementations("stem"), stem_args,
+                             {})
+    if "triton" in _backend.implementations("stem"):
+        stem_cfgs = conv_configs(x3, w7, (2, 2), (3, 3), (1, 1), 1, None, True)
+        assert [c.label for c in stem if c.backend == "triton"] == [str(c) for c in stem_cfgs]
+    assert stem[-1].backend == "torch"
+
+    monkeypatch.setenv("FASTRES_TUNE", "0")
+    tuning.reset()
+    tuning.configure(devices=("cpu", "cuda"))
+    try:
+        with _backend.use_backend("auto"):
+            impl = _backend.choose("conv_bias_act", dev, *args)
+            assert impl.backend == "triton"
+            y = impl.fn(*args)
+        ref = _backend.implementations("conv_bias_act")["torch"].fn(*args)
+        assert_close_rel(y, ref, 1e-5 if not HAS_CUDA else 5e-3)
+        assert tuning.stats()["pinned"] == 1
+    finally:
+        tuning.reset()
+
+
+# -- ahead of time: tune_model and the CLI ------------------------------------------------------
+
+def test_tune_model_then_forward_needs_nothing(tuner):
+    m = fastres.resnet18(num_classes=10).eval()
+    res = tune_small(m)
+    assert res["tuned"] > 5 and res["cache"] == str(tuning.cache_path("cpu"))
+    assert m.training is False
+    calls = len(tuner.calls)
+    with torch.no_grad():
+        m(torch.randn(2, 3, 32, 32))
+    assert len(tuner.calls) == calls, "tune_model covered every layer of batch 2"
+    m.train()
+    res = tune_small(m)
+    assert res["tuned"] == 0 and m.training is True
+
+
+def tune_small(m):
+    return tuning.tune_model(m, [1, 2], "fp32", image_size=32)
+
+
+def test_tune_model_autocast_dtype(tuner):
+    m = fastres.resnet18(num_classes=10).eval()
+    res = tuning.tune_model(m, 1, "bf16", image_size=32)
+    assert res["tuned"] > 5
+    keys = list(read_cache()["entries"])
+    assert all("bf16[" in k for k in keys if k.startswith("conv_bias_act"))
+    assert next(m.parameters()).dtype == torch.float32
+
+
+def test_tune_model_rejects_bad_arguments():
+    m = fastres.resnet18(num_classes=10)
+    with pytest.raises(ValueError, match="batch sizes"):
+        tuning.tune_model(m, [0])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        tuning.tune_model(m, [1], "int8")
+
+
+def test_progress_bar_only_on_request_or_terminal(tuner, capsys):
+    pool(torch.randn(1, 4, 9, 9))  # stderr is not a terminal under pytest: quiet
+    assert "fastres: tuning" not in capsys.readouterr().err
+    tuning.configure(progress=True)
+    pool(torch.randn(1, 4, 10, 10))
+    assert "fastres: tuning max_pool2d" in capsys.readouterr().err
+
+
+def test_tune_cli_fastres_command(tuner, capsys):
+    """``fastres tune`` through the CLI's plugin hook (argparse)."""
+    cli = pytest.importorskip("fastres.cli")
+    code = cli.main(["tune", "resnet18", "--batch", "1", "2", "--dtype", "fp32",
+                     "--image-size", "32", "--device", "cpu", "--num-classes", "10"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "tuned" in out and len(read_cache()["entries"]) > 5
+    assert cli.main(["tune", "resnet18", "--batch", "0", "--device", "cpu"]) == 2
+    assert "batch sizes must be >= 1" in capsys.readouterr().err
+
+
+def test_tune_cli_without_gpu_says_so(capsys):
+    if HAS_CUDA:
+        pytest.skip("this machine has a GPU")
+    from fastres.tune_cli import tune_main
+
+    assert tune_main("resnet18", ["1"], ["bf16"]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+# -- GPU: the real implementations --------------------------------------------------------------
+
+GPU_RUN = """
+    torch.manual_seed(0)
+    m = fastres.resnet18().cuda().eval()  # small: a fresh cache means compiling every config
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    t0 = time.time()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = m(x)
+    torch.cuda.synchronize()
+    torch.save(y.cpu(), os.environ["OUT_FILE"])
+    print(json.dumps({"stats": T.stats(), "choices": T.choices(), "seconds": time.time() - t0,
+                      "path": str(T.cache_path("cuda"))}))
+"""
+
+
+@pytest.mark.cuda
+def test_gpu_tuning_is_cached_for_the_next_process(tmp_path):
+    first = run_script(GPU_RUN, tmp_path / "cache", {"OUT_FILE": str(tmp_path / "1.pt")})
+    assert first["stats"]["tuned"] > 8 and first["stats"]["timed"] > first["stats"]["tuned"]
+    data = json.loads(Path(first["path"]).read_text())
+    assert data["env"]["device"] == torch.cuda.get_device_name()
+    assert all(rec["ms"] > 0 for rec in data["entries"].values())
+    second = run_script(GPU_RUN, tmp_path / "cache", {"OUT_FILE": str(tmp_path / "2.pt")})
+    assert second["stats"]["tuned"] == 0 and second["stats"]["timed"] == 0
+    assert second["stats"]["disk_hits"] == first["stats"]["tuned"] + first["stats"]["disk_hits"]
+    assert second["choices"] == first["choices"]
+    print("first process", first["seconds"], "s; second", second["seconds"], "s")
+
+
+@pytest.mark.cuda
+def test_gpu_pinned_mode_bit_identical_across_processes(tmp_path):
+    outs = []
+    for i in range(2):
+        res = run_script(GPU_RUN, tmp_path / "cache",
+                         {"OUT_FILE": str(tmp_path / f"{i}.pt"), "FASTRES_TUNE": "0"})
+        assert res["stats"]["timed"] == 0 and res["stats"]["pinned"] > 8
+        assert "triton" in set(res["choices"].values())
+        outs.append(torch.load(tmp_path / f"{i}.pt"))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_tuned_model_matches_torchvision(tmp_path, monkeypatch, dtype):
+    from _models import twin
+
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    tuning.reset()
+    try:
+        tv, fr = twin("resnet50")
+        x = torch.randn(2, 3, 64, 64, device="cuda")
+        with torch.no_grad():
+            ref = tv.double()(x.double())
+            fr = fr.to(dtype)
+            y = fr(x.to(dtype))
+        assert tuning.stats()["tuned"] > 5
+        assert_close_rel(y, ref, 2e-2 if dtype != torch.float32 else 2e-3)
+    finally:
+        tuning.reset()
+
+
+@pytest.mark.cuda
+def test_gpu_untuned_layer_during_capture_runs_pinned(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    tuning.reset()
+    try:
+        x = torch.randn(1, 64, 28, 28, device="cuda").contiguous(
+            memory_format=torch.channels_last)
+        w = torch.randn(64, 64, 3, 3, device="cuda").contiguous(
+            memory_format=torch.channels_last)
+        b = torch.randn(64, device="cuda")
+        conv = torch.ops.fastres.conv_bias_act
+        monkeypatch.setenv("FASTRES_TUNE", "0")  # compile the pinned kernel outside capture
+        ref = conv(x, w, b, [1, 1], [1, 1], [1, 1], 1, None, True)
+        monkeypatch.delenv("FASTRES_TUNE")
+        g = torch.cuda.CUDAGraph()
+        with pytest.warns(RuntimeWarning, match="during CUDA graph capture"), \
+                torch.cuda.graph(g):
+            out = conv(x, w, b, [1, 1], [1, 1], [1, 1], 1, None, True)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref)
+        assert tuning.stats()["deferred"] == 1 and tuning.stats()["tuned"] == 0
+        conv(x, w, b, [1, 1], [1, 1], [1, 1], 1, None, True)  # ordinary call: tunes now
+        assert tuning.stats()["tuned"] == 1
+    finally:
+        tuning.reset()
