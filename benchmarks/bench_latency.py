@@ -1,0 +1,261 @@
+"""Batch-1 latency of ResNet-50: fastres with and without CUDA graphs vs eager and compile.
+
+    python benchmarks/bench_latency.py --out DIR [--dtypes bf16 fp32] [--iters 200]
+
+For each dtype, in one process on one GPU:
+
+- ``eager``: torchvision eager (fp32: fp32 NCHW; bf16: autocast + channels-last, the usual
+  mixed-precision baseline);
+- ``compile_reduce_overhead``: ``torch.compile(torchvision, mode="reduce-overhead")`` of the
+  model cast to the dtype, channels-last (inductor + CUDA graphs);
+- ``fastres``: the fastres eval forward (tuned, no graphs);
+- ``fastres_graphs``: ``fastres.optimize(model, cuda_graphs=True)``.
+
+Every implementation's output is first checked against a float64 reference of the same
+weights (relative error within ``max(DESIGN.md bound, 2 x eager's own error)``); one that fails
+is reported ``FAILED`` and not timed. Timing: warm-up (which tunes fastres and captures
+graphs), then ``--iters`` calls, each bracketed by CUDA events and followed by a synchronize
+(true per-call latency, launch overhead included); medians and p10/p90 are reported, with the
+speedup of each row over eager and over compile. Writes ``DIR/bench_latency.json`` and
+``DIR/bench_latency.md``. Phase times are printed so a slow first run (tuning, inductor
+compile) is visible; later runs reuse the tuning cache and Triton's and inductor's caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fastres
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DESIGN_TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
+
+
+def realistic_bn(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (a fresh init hides folding)."""
+    model.train()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+                m.momentum = 0.5
+        for _ in range(3):
+            model(torch.randn(4, 3, 96, 96, device=device) * 2 + 0.5)
+    return model.eval()
+
+
+def time_ms(fn, x, iters: int, warmup: int) -> dict:
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(x)
+        times = []
+        if x.is_cuda:
+            torch.cuda.synchronize()
+            for _ in range(iters):
+                s = torch.cuda.Event(enable_timing=True)
+                e = torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn(x)
+                e.record()
+                e.synchronize()
+                times.append(s.elapsed_time(e))
+        else:  # --smoke on a CPU machine
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+
+    def pct(q):
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    return {"median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9), "iters": iters}
+
+
+def env_info() -> dict:
+    import importlib.metadata as md
+
+    def ver(name):
+        try:
+            return md.version(name)
+        except Exception:
+            return None
+
+    cuda = torch.cuda.is_available()
+    return {
+        "gpu": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "capability": "{}.{}".format(*torch.cuda.get_device_capability()) if cuda else None,
+        "torch": torch.__version__,
+        "triton": ver("triton"),
+        "torchvision": ver("torchvision"),
+        "fastres": fastres.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "tf32_conv": torch.backends.cudnn.allow_tf32,
+        "fastres_tune": os.environ.get("FASTRES_TUNE", "1"),
+    }
+
+
+def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args) -> list[dict]:
+    device = args.device
+    torch.manual_seed(1)
+    x32 = torch.randn(1, 3, args.image_size, args.image_size, device=device)
+    cl = torch.channels_last
+    with torch.no_grad():
+        ref = copy.deepcopy(tv_fp32).double()(x32.double())
+
+    impls = {}
+    if dtype == torch.float32:
+        impls["eager"] = (lambda x: tv_fp32(x), x32)
+    else:
+        tv_cl = copy.deepcopy(tv_fp32).to(memory_format=cl)
+
+        def eager_amp(x, m=tv_cl):
+            with torch.autocast(device, dtype=dtype):
+                return m(x)
+
+        impls["eager"] = (eager_amp, x32.contiguous(memory_format=cl))
+    x_dt = x32.to(dtype).contiguous(memory_format=cl)
+    if args.compile:
+        tv_dt = copy.deepcopy(tv_fp32).to(dtype=dtype, memory_format=cl)
+        impls["compile_reduce_overhead"] = (torch.compile(tv_dt, mode="reduce-overhead"), x_dt)
+    fr = fastres.from_torchvision(tv_fp32).to(dtype).eval()
+    impls["fastres"] = (fr, x_dt)
+    impls["fastres_graphs"] = (fastres.optimize(fr, cuda_graphs=True), x_dt)
+
+    rows, eager_err = [], None
+    for impl, (fn, x) in impls.items():
+        row = {"dtype": name, "impl": impl, "batch": 1, "image_size": args.image_size}
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                out = fn(x)  # first call: compile / tune / capture
+                out = fn(x)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                row["first_calls_s"] = round(time.perf_counter() - t0, 2)
+                err = rel_err(out.float(), ref)
+                if impl == "eager":
+                    eager_err = err
+                tol = max(DESIGN_TOL[dtype], 2 * (eager_err or 0.0))
+                row.update(rel_err=err, tol=tol)
+                if not err <= tol:
+                    row["status"] = "FAILED"
+                    log(f"{name} {impl}: relative error {err:.3e} > {tol:.1e}: FAILED, not timed")
+                else:
+                    row.update(time_ms(fn, x, args.iters, args.warmup))
+                    row["status"] = "ok"
+        except Exception as exc:  # a baseline that cannot run is reported, not fatal
+            row.update(status="ERROR", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        log(f"{name} {impl}: {row.get('status')} "
+            f"median {row.get('median_ms', float('nan')):.3f} ms "
+            f"(first calls {row.get('first_calls_s', '-')} s)")
+        rows.append(row)
+    base = {r["impl"]: r.get("median_ms") for r in rows}
+    for r in rows:
+        for b in ("eager", "compile_reduce_overhead"):
+            if r.get("median_ms") and base.get(b):
+                r[f"speedup_vs_{b}"] = base[b] / r["median_ms"]
+    from fastres import tuning
+
+    log(f"{name}: tuning stats {tuning.stats()}, graphs held "
+        f"{impls['fastres_graphs'][0].num_graphs}")
+    return rows
+
+
+def to_markdown(report: dict) -> str:
+    env = report["env"]
+    lines = [
+        f"# {report['args']['model']} batch-1 latency ({env['gpu']})",
+        "",
+        (f"torch {env['torch']}, triton {env['triton']}, torchvision {env['torchvision']}, "
+         f"fastres {env['fastres']}, CUDA {env['cuda']}; {env['date']}; "
+         f"TF32 convolutions {'on' if env['tf32_conv'] else 'off'}."),
+        "",
+        ("| dtype | implementation | median ms | p10 | p90 | speedup vs eager "
+         "| vs compile (r-o) | rel err | status |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def f(v, spec):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['dtype']} | {r['impl']} | {f(r.get('median_ms'), '.3f')} | "
+            f"{f(r.get('p10_ms'), '.3f')} | {f(r.get('p90_ms'), '.3f')} | "
+            f"{f(r.get('speedup_vs_eager'), '.2f')} | "
+            f"{f(r.get('speedup_vs_compile_reduce_overhead'), '.2f')} | "
+            f"{f(r.get('rel_err'), '.1e')} | {r.get('status')} |")
+    lines += ["", f"Phases (s): {json.dumps(report['phases_s'])}", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile(mode='reduce-overhead') baseline")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script on a CPU machine (small sizes, wall-clock timing; "
+                        "the numbers mean nothing)")
+    args = p.parse_args(argv)
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cpu":
+        if not args.smoke:
+            print("bench_latency: needs a CUDA GPU (or --smoke)", file=sys.stderr)
+            return 2
+        args.compile = False
+    import torchvision
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, args.model)(weights=None).to(args.device)
+    tv = realistic_bn(tv, args.device)
+    phases, rows = {}, []
+    for name in args.dtypes:
+        t0 = time.perf_counter()
+        rows += bench_dtype(name, DTYPES[name], tv, args)
+        phases[name] = round(time.perf_counter() - t0, 1)
+    phases["total"] = round(time.perf_counter() - t_start, 1)
+    report = {"env": env_info(), "args": vars(args), "rows": rows, "phases_s": phases}
+    (out_dir / "bench_latency.json").write_text(json.dumps(report, indent=1))
+    md = to_markdown(report)
+    (out_dir / "bench_latency.md").write_text(md)
+    print(md)
+    return 1 if any(r.get("status") == "FAILED" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

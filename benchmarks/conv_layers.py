@@ -1,0 +1,341 @@
+"""Per-layer benchmark of fastres's Triton ``conv_bias_act`` against cuDNN on ResNet-50's
+convolutions.
+
+    python benchmarks/conv_layers.py --out DIR [--batch 1 32 256] [--dtype bf16 fp16]
+                                     [--arch resnet50] [--time-budget S]
+
+Every distinct convolution of the model (derived from the module tree, shapes traced on the
+meta device at 224x224) at each batch size and dtype, in one process on one GPU:
+
+- ``fastres``: the fused Triton kernel (conv + folded-BN bias [+ residual] [+ ReLU], one
+  launch), autotuned first (its candidate table, timed once per shape);
+- ``cudnn conv``: ``F.conv2d`` alone, channels-last, ``cudnn.benchmark`` on;
+- ``cudnn fused``: what eager PyTorch runs for the same layer: ``F.conv2d`` with bias, then
+  ``add_(residual)`` and ``relu_()`` where the layer has them.
+
+The fastres output is checked against the eager one (relative error <= 2e-2, DESIGN.md's
+bf16/fp16 bound) before anything is timed; a disagreeing layer is reported FAILED, not timed.
+Times are medians of CUDA-event timed groups after warm-up. Writes ``DIR/conv_layers.json``
+and ``DIR/conv_layers.md`` after every layer (a run that is stopped keeps what it measured)
+and prints the Markdown table at the end. ``--time-budget`` stops starting new layers after
+that many seconds (the rest are listed as not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 2e-3}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One distinct convolution of the model (batch left out)."""
+
+    name: str  # first module name with this shape
+    count: int  # how many modules share it
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int
+    s: int
+    stride: int
+    pad: int
+    dil: int
+    groups: int
+    residual: bool
+    relu: bool
+
+    def shape_str(self) -> str:
+        g = f" g{self.groups}" if self.groups > 1 else ""
+        d = f" d{self.dil}" if self.dil > 1 else ""
+        extra = (" +res" if self.residual else "") + ("" if self.relu else " norelu")
+        return (f"{self.c}x{self.h}x{self.w} -> {self.k} {self.r}x{self.s}/{self.stride}"
+                f"{d}{g}{extra}")
+
+    def out_hw(self) -> tuple[int, int]:
+        p = (self.h + 2 * self.pad - self.dil * (self.r - 1) - 1) // self.stride + 1
+        q = (self.w + 2 * self.pad - self.dil * (self.s - 1) - 1) // self.stride + 1
+        return p, q
+
+    def flops(self, batch: int) -> int:
+        p, q = self.out_hw()
+        return 2 * batch * p * q * self.k * (self.c // self.groups) * self.r * self.s
+
+
+def model_conv_layers(arch: str = "resnet50", size: int = 224) -> list[Layer]:
+    """Distinct convolutions of ``fastres.<arch>()`` in execution order, with the epilogue the
+    inference plan gives them (the last conv of a block carries the residual and the ReLU,
+    the downsample conv has no ReLU)."""
+    import fastres
+
+    model = getattr(fastres, arch)().to("meta").train()
+    seen: dict[tuple, list] = {}
+    hooks = []
+
+    def hook(name, mod):
+        def fn(_m, inputs, _out):
+            x = inputs[0]
+            block_last = name.endswith("conv3") or (
+                name.endswith("conv2") and not hasattr(_parent(model, name), "conv3"))
+            residual = name.startswith("layer") and block_last
+            relu = not name.endswith("downsample.0")
+            key = (x.shape[1], x.shape[2], x.shape[3], mod.out_channels, *mod.kernel_size,
+                   mod.stride[0], mod.padding[0], mod.dilation[0], mod.groups, residual, relu)
+            if key in seen:
+                seen[key][1] += 1
+            else:
+                seen[key] = [name, 1]
+        return fn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            hooks.append(mod.register_forward_hook(hook(name, mod)))
+    with torch.no_grad():
+        model(torch.empty(1, 3, size, size, device="meta"))
+    for h in hooks:
+        h.remove()
+    return [Layer(name, count, *key) for key, (name, count) in seen.items()]
+
+
+def _parent(model, name: str):
+    mod = model
+    for part in name.split(".")[:-1]:
+        mod = getattr(mod, part)
+    return mod
+
+
+def make_inputs(layer: Layer, batch: int, dtype: torch.dtype, device="cuda"):
+    """(x, weight, bias, residual) for one layer: channels-last, weights scaled like a folded
+    conv (unit-variance outputs), fp32 bias."""
+    cl = torch.channels_last
+    x = torch.randn(batch, layer.c, layer.h, layer.w, device=device).to(dtype)
+    x = x.contiguous(memory_format=cl)
+    fan_in = layer.c // layer.groups * layer.r * layer.s
+    w = (torch.randn(layer.k, layer.c // layer.groups, layer.r, layer.s, device=device)
+         * fan_in ** -0.5).to(dtype).contiguous(memory_format=cl)
+    b = torch.randn(layer.k, device=device) * 0.1
+    res = None
+    if layer.residual:
+        p, q = layer.out_hw()
+        res = torch.randn(batch, layer.k, p, q, device=device).to(dtype).contiguous(
+            memory_format=cl)
+    return x, w, b, res
+
+
+def fastres_fn(layer: Layer, x, w, b, res):
+    from fastres.kernels.conv import conv_bias_act_triton
+
+    st, pad, dil = (layer.stride,) * 2, (layer.pad,) * 2, (layer.dil,) * 2
+    return lambda: conv_bias_act_triton(x, w, b, st, pad, dil, layer.groups, res, layer.relu)
+
+
+def cudnn_conv_fn(layer: Layer, x, w, b, res):
+    return lambda: F.conv2d(x, w, None, layer.stride, layer.pad, layer.dil, layer.groups)
+
+
+def cudnn_fused_fn(layer: Layer, x, w, b, res):
+    """What eager PyTorch runs for conv + bias (+ residual) (+ ReLU)."""
+    bias = b.to(x.dtype)
+
+    def run():
+        y = F.conv2d(x, w, bias, layer.stride, layer.pad, layer.dil, layer.groups)
+        if res is not None:
+            y.add_(res)
+        if layer.relu:
+            y.relu_()
+        return y
+    return run
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+
+
+def time_ms(fn, min_group_ms: float = 0.2, groups: int = 9) -> float:
+    """Median per-call milliseconds over ``groups`` CUDA-event timed groups after warm-up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    est = max(start.elapsed_time(end), 1e-3)
+    per = max(1, min(200, int(min_group_ms / est) + 1))
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+           for _ in range(groups)]
+    for s, e in evs:
+        s.record()
+        for _ in range(per):
+            fn()
+        e.record()
+    torch.cuda.synchronize()
+    t = sorted(s.elapsed_time(e) / per for s, e in evs)
+    return t[len(t) // 2]
+
+
+def bench_layer(layer: Layer, batch: int, dtype: torch.dtype) -> dict:
+    """Check, then time, one layer; returns one result row."""
+    from fastres.kernels.conv import ConvProblem, tuned_config
+
+    x, w, b, res = make_inputs(layer, batch, dtype)
+    ours, conv, fused = (f(layer, x, w, b, res) for f in (fastres_fn, cudnn_conv_fn,
+                                                          cudnn_fused_fn))
+    row = {"layer": layer.name, "count": layer.count, "shape": layer.shape_str(),
+           "batch": batch, "dtype": str(dtype).split(".")[-1]}
+    t0 = time.time()
+    out = ours()  # autotunes on first call
+    torch.cuda.synchronize()
+    row["tune_s"] = round(time.time() - t0, 2)
+    st, pad, dil = (layer.stride,) * 2, (layer.pad,) * 2, (layer.dil,) * 2
+    prob = ConvProblem.from_tensors(x, w, st, pad, dil, layer.groups, res, layer.relu)
+    cfg = tuned_config(prob)
+    row["schedule"] = prob.kind
+    row["config"] = str(cfg) if cfg is not None else "(single candidate)"
+    err = rel_err(out, fused())
+    row["rel_err"] = err
+    if not err <= TOL[dtype]:
+        row["status"] = f"FAILED (relative error {err:.2e} vs eager)"
+        return row
+    row["fastres_ms"] = time_ms(ours)
+    row["cudnn_conv_ms"] = time_ms(conv)
+    row["cudnn_fused_ms"] = time_ms(fused)
+    fl = layer.flops(batch)
+    row["fastres_tflops"] = fl / row["fastres_ms"] / 1e9
+    row["cudnn_conv_tflops"] = fl / row["cudnn_conv_ms"] / 1e9
+    row["speedup_vs_cudnn_fused"] = row["cudnn_fused_ms"] / row["fastres_ms"]
+    row["speedup_vs_cudnn_conv"] = row["cudnn_conv_ms"] / row["fastres_ms"]
+    row["status"] = "ok"
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# fastres conv layers vs cuDNN — {meta['arch']}",
+             "",
+             (f"{meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, "
+              f"cuDNN {meta['cudnn']}; {meta['date']}. Times: median ms (CUDA events). "
+              "speedup = cuDNN time / fastres time (> 1: fastres faster). cuDNN fused = "
+              "conv2d(+bias) then add_(residual), relu_() as eager runs it."),
+             "",
+             ("| layer (xN) | shape | batch | dtype | schedule | fastres ms | TFLOP/s | "
+              "cuDNN conv ms | cuDNN conv+bias+(res)+ReLU ms | vs fused | vs conv | "
+              "config | status |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("status") == "ok":
+            lines.append(
+                f"| {r['layer']} (x{r['count']}) | {r['shape']} | {r['batch']} | {r['dtype']} "
+                f"| {r['schedule']} | {r['fastres_ms']:.4f} | {r['fastres_tflops']:.1f} | "
+                f"{r['cudnn_conv_ms']:.4f} | {r['cudnn_fused_ms']:.4f} | "
+                f"{r['speedup_vs_cudnn_fused']:.2f}x | {r['speedup_vs_cudnn_conv']:.2f}x | "
+                f"{r['config']} | ok |")
+        else:
+            lines.append(f"| {r['layer']} (x{r['count']}) | {r['shape']} | {r['batch']} | "
+                         f"{r['dtype']} | {r.get('schedule', '-')} | - | - | - | - | - | - | "
+                         f"{r.get('config', '-')} | {r.get('status')} |")
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if ok:
+        for dt in sorted({r["dtype"] for r in ok}):
+            for bs in sorted({r["batch"] for r in ok}):
+                sel = [r for r in ok if r["dtype"] == dt and r["batch"] == bs]
+                if not sel:
+                    continue
+                # model-weighted totals: each distinct layer counted as often as it occurs
+                ours = sum(r["fastres_ms"] * r["count"] for r in sel)
+                fused = sum(r["cudnn_fused_ms"] * r["count"] for r in sel)
+                conv = sum(r["cudnn_conv_ms"] * r["count"] for r in sel)
+                lines.append(f"\n**{dt}, batch {bs}** (all {len(sel)} measured shapes, "
+                             f"weighted by occurrence): fastres {ours:.3f} ms, cuDNN conv "
+                             f"{conv:.3f} ms, cuDNN fused {fused:.3f} ms -> "
+                             f"{fused / ours:.2f}x vs fused, {conv / ours:.2f}x vs conv alone")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp16"], choices=list(DTYPES))
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds; no new layer is started after this")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available():
+        print("conv_layers.py: needs a CUDA GPU; nothing measured", file=sys.stderr)
+        return 2
+    import triton
+
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    layers = model_conv_layers(args.arch)
+    meta = {"arch": args.arch, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
+            "python": platform.python_version(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "batches": args.batch, "dtypes": args.dtype, "layers": [asdict(x) for x in layers]}
+    rows: list[dict] = []
+
+    def write():
+        (out / "conv_layers.json").write_text(json.dumps({"meta": meta, "rows": rows},
+                                                         indent=1))
+        (out / "conv_layers.md").write_text(markdown(rows, meta))
+
+    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep what was measured
+        write()
+        print(markdown(rows, meta))
+        sys.exit(124)
+
+    signal.signal(signal.SIGTERM, on_term)
+    t_start = time.time()
+    print(f"{len(layers)} distinct convolutions of {args.arch}; batches {args.batch}; "
+          f"dtypes {args.dtype}", flush=True)
+    for dt_name in args.dtype:
+        dt = str(DTYPES[dt_name]).split(".")[-1]
+        for bs in args.batch:
+            for layer in layers:
+                if args.time_budget is not None and time.time() - t_start > args.time_budget:
+                    rows.append({"layer": layer.name, "count": layer.count,
+                                 "shape": layer.shape_str(), "batch": bs, "dtype": dt,
+                                 "status": "not run (time budget)"})
+                    continue
+                try:
+                    row = bench_layer(layer, bs, DTYPES[dt_name])
+                except Exception as exc:  # report and go on with the other layers
+                    row = {"layer": layer.name, "count": layer.count,
+                           "shape": layer.shape_str(), "batch": bs, "dtype": dt,
+                           "status": f"ERROR {type(exc).__name__}: {str(exc)[:200]}"}
+                rows.append(row)
+                print(f"[{time.time() - t_start:6.1f}s] {dt} b{bs} {layer.name:22s} "
+                      f"{row.get('status')} fastres {row.get('fastres_ms', float('nan')):.4f} "
+                      f"ms, cuDNN fused {row.get('cudnn_fused_ms', float('nan')):.4f} ms",
+                      flush=True)
+                write()
+    meta["total_s"] = round(time.time() - t_start, 1)
+    write()
+    print(markdown(rows, meta))
+    bad = [r for r in rows if r.get("status", "").startswith(("FAILED", "ERROR"))]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
