@@ -6,6 +6,7 @@
 // is what CUBLASLT_EPILOGUE_BIAS broadcasts.
 
 #include "cublaslt_gemm.h"
+#include "format.h"
 
 #include <cublasLt.h>
 
@@ -112,22 +113,22 @@ bool gemm_bias_act(const at::Tensor& a, const at::Tensor& b, const at::Tensor& b
                    const std::optional<at::Tensor>& c, const at::Tensor& d, bool relu,
                    bool allow_tf32) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && d.dim() == 2,
-              "fastres_C: gemm operands must be 2-D, got a ", a.sizes(), ", b ", b.sizes(),
-              ", d ", d.sizes());
+              "fastres_C: gemm operands must be 2-D, got a ", shape_str(a.sizes()), ", b ", shape_str(b.sizes()),
+              ", d ", shape_str(d.sizes()));
   const int64_t M = a.size(0), K = a.size(1), Nc = b.size(0);
   TORCH_CHECK(b.size(1) == K && d.size(0) == M && d.size(1) == Nc,
-              "fastres_C: gemm shapes disagree: a ", a.sizes(), ", b ", b.sizes(), ", d ",
-              d.sizes());
+              "fastres_C: gemm shapes disagree: a ", shape_str(a.sizes()), ", b ", shape_str(b.sizes()), ", d ",
+              shape_str(d.sizes()));
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && d.is_contiguous(),
               "fastres_C: gemm operands must be dense row-major");
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == Nc && bias.is_contiguous(),
               "fastres_C: gemm bias must be a dense float32 [", Nc, "], got ", bias.scalar_type(),
-              " ", bias.sizes());
+              " ", shape_str(bias.sizes()));
   if (c) {
     TORCH_CHECK(c->sizes() == d.sizes() && c->is_contiguous() &&
                     c->scalar_type() == d.scalar_type(),
-                "fastres_C: gemm C operand must be a dense ", d.scalar_type(), " ", d.sizes(),
-                ", got ", c->scalar_type(), " ", c->sizes());
+                "fastres_C: gemm C operand must be a dense ", d.scalar_type(), " ", shape_str(d.sizes()),
+                ", got ", c->scalar_type(), " ", shape_str(c->sizes()));
   }
   if (M == 0 || Nc == 0) return true;
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <optional>
 #include <string>
 #include <vector>
@@ -20,6 +21,7 @@
 #include <torch/library.h>
 
 #include "bodies.h"
+#include "format.h"
 #include "cublaslt_gemm.h"
 #include "kernels.h"
 
@@ -57,15 +59,15 @@ void check_float_activation(const char* op, const char* name, const at::Tensor& 
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a strided (dense) tensor, got ",
               t.layout());
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [N, C, H, W], got ", t.dim(),
-              "-D shape ", t.sizes());
+              "-D shape ", shape_str(t.sizes()));
   TORCH_CHECK(is_float_type(t.scalar_type()), op, ": ", name,
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
 void check_same_device(const char* op, const char* name, const at::Tensor& t,
                        const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device (", x.device(),
-              "), got ", t.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device (", device_str(x.device()),
+              "), got ", device_str(t.device()));
 }
 
 void check_int32_index(const char* op, const at::Tensor& t) {
@@ -91,7 +93,7 @@ PreprocessCall preprocess_prepare(const at::Tensor& images, c10::string_view lay
   TORCH_CHECK(images.scalar_type() == at::kByte, op, ": images must be uint8, got ",
               images.scalar_type());
   TORCH_CHECK(images.dim() == 4, op, ": images must be 4-D, got ", images.dim(), "-D shape ",
-              images.sizes());
+              shape_str(images.sizes()));
   const bool nhwc = layout == "NHWC";
   // (c10::string_view is std::string_view in recent torch, its own class in older ones.)
   const std::string layout_s(layout.data(), layout.size());
@@ -99,13 +101,13 @@ PreprocessCall preprocess_prepare(const at::Tensor& images, c10::string_view lay
               layout_s, "\"");
   const int cdim = nhwc ? 3 : 1;
   TORCH_CHECK(images.size(cdim) == 3, op, ": images must have 3 channels ([N, H, W, 3] for NHWC, "
-              "[N, 3, H, W] for NCHW), got shape ", images.sizes(), " with layout ",
+              "[N, 3, H, W] for NCHW), got shape ", shape_str(images.sizes()), " with layout ",
               layout_s);
   TORCH_CHECK(mean.size() == 3 && std_.size() == 3, op,
               ": mean and std must have 3 values, got ", mean.size(), " and ", std_.size());
   for (double s : std_) {
     TORCH_CHECK(s != 0.0 && std::isfinite(s), op, ": std values must be finite and non-zero, got ",
-                std_);
+                values_str(std_));
   }
   TORCH_CHECK(is_float_type(dtype), op, ": dtype must be float32, float16 or bfloat16, got ",
               dtype);
@@ -146,7 +148,7 @@ at::Tensor preprocess_cuda(const at::Tensor& images, c10::string_view layout,
                            at::ArrayRef<double> mean, at::ArrayRef<double> std_,
                            at::ScalarType dtype) {
   TORCH_CHECK(images.is_cuda(), "fastres_C::preprocess (CUDA): images must be a CUDA tensor, got ",
-              images.device());
+              device_str(images.device()));
   const c10::cuda::CUDAGuard guard(images.device());
   auto call = preprocess_prepare(images, layout, mean, std_, dtype);
   launch_preprocess(images.const_data_ptr<uint8_t>(), call.out.data_ptr(), to_dtype(dtype), call.g,
@@ -169,17 +171,17 @@ StemCall stem_prepare(const at::Tensor& x, const at::Tensor& weight, const at::T
   check_int32_index(op, x);
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 7 &&
                   weight.size(3) == 7,
-              op, ": weight must be [C_out, ", x.size(1), ", 7, 7], got ", weight.sizes());
+              op, ": weight must be [C_out, ", x.size(1), ", 7, 7], got ", shape_str(weight.sizes()));
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype must equal x's (",
               x.scalar_type(), "), got ", weight.scalar_type());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), op, ": bias must be [",
-              weight.size(0), "], got ", bias.sizes());
+              weight.size(0), "], got ", shape_str(bias.sizes()));
   TORCH_CHECK(bias.scalar_type() == at::kFloat, op, ": bias must be float32, got ",
               bias.scalar_type());
   check_same_device(op, "weight", weight, x);
   check_same_device(op, "bias", bias, x);
   TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": input must be at least 1x1, got ",
-              x.sizes());
+              shape_str(x.sizes()));
   StemGeom g{};
   g.N = x.size(0);
   g.Cin = static_cast<int>(x.size(1));
@@ -277,7 +279,7 @@ at::Tensor stem_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 }
 
 at::Tensor stem_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  TORCH_CHECK(x.is_cuda(), "fastres_C::stem (CUDA): x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.is_cuda(), "fastres_C::stem (CUDA): x must be a CUDA tensor, got ", device_str(x.device()));
   const c10::cuda::CUDAGuard guard(x.device());
   auto call = stem_prepare(x, weight, bias);
   if (call.out.numel() == 0) return call.out;
@@ -306,11 +308,11 @@ HeadCall head_prepare(const at::Tensor& x, const at::Tensor& weight, const at::T
   const char* op = "fastres_C::avgpool_linear";
   check_float_activation(op, "x", x);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op,
-              ": weight must be [num_classes, ", x.size(1), "], got ", weight.sizes());
+              ": weight must be [num_classes, ", x.size(1), "], got ", shape_str(weight.sizes()));
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype must equal x's (",
               x.scalar_type(), "), got ", weight.scalar_type());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), op, ": bias must be [",
-              weight.size(0), "], got ", bias.sizes());
+              weight.size(0), "], got ", shape_str(bias.sizes()));
   TORCH_CHECK(bias.scalar_type() == x.scalar_type() || bias.scalar_type() == at::kFloat, op,
               ": bias must be float32 or x's dtype (", x.scalar_type(), "), got ",
               bias.scalar_type());
@@ -353,7 +355,7 @@ at::Tensor avgpool_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor avgpool_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& bias, bool allow_tf32) {
   TORCH_CHECK(x.is_cuda(), "fastres_C::avgpool_linear (CUDA): x must be a CUDA tensor, got ",
-              x.device());
+              device_str(x.device()));
   const c10::cuda::CUDAGuard guard(x.device());
   auto call = head_prepare(x, weight, bias);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
@@ -376,28 +378,28 @@ at::Tensor conv1x1_cuda(const at::Tensor& x, const at::Tensor& weight, const at:
                         bool allow_tf32) {
   const char* op = "fastres_C::conv1x1";
   check_float_activation(op, "x", x);
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", device_str(x.device()));
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 1 &&
                   weight.size(3) == 1,
-              op, ": weight must be [C_out, ", x.size(1), ", 1, 1], got ", weight.sizes());
+              op, ": weight must be [C_out, ", x.size(1), ", 1, 1], got ", shape_str(weight.sizes()));
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype must equal x's (",
               x.scalar_type(), "), got ", weight.scalar_type());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0) &&
                   bias.scalar_type() == at::kFloat,
               op, ": bias must be float32 [", weight.size(0), "], got ", bias.scalar_type(), " ",
-              bias.sizes());
+              shape_str(bias.sizes()));
   TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
   check_same_device(op, "weight", weight, x);
   check_same_device(op, "bias", bias, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = weight.size(0);
-  TORCH_CHECK(H >= 1 && W >= 1, op, ": input must be at least 1x1, got ", x.sizes());
+  TORCH_CHECK(H >= 1 && W >= 1, op, ": input must be at least 1x1, got ", shape_str(x.sizes()));
   const int64_t P = (H - 1) / stride + 1, Q = (W - 1) / stride + 1;
   if (residual) {
     TORCH_CHECK(residual->sizes() == at::IntArrayRef({N, Cout, P, Q}), op,
                 ": residual must be [", N, ", ", Cout, ", ", P, ", ", Q, "], got ",
-                residual->sizes());
+                shape_str(residual->sizes()));
     TORCH_CHECK(residual->scalar_type() == x.scalar_type(), op,
                 ": residual dtype must equal x's (", x.scalar_type(), "), got ",
                 residual->scalar_type());
@@ -405,14 +407,17 @@ at::Tensor conv1x1_cuda(const at::Tensor& x, const at::Tensor& weight, const at:
   }
   // A strided 1x1 convolution reads every stride-th pixel: gather them into a dense NHWC tensor
   // (one copy kernel) so that the GEMM's A operand is [N*P*Q, C_in] row-major.
+  // NHWC views: [N, C, H, W] in channels_last permuted to [N, H, W, C] is dense row-major, and
+  // its [N*H*W, C] view is the GEMM operand (a view of the NCHW-ordered tensor would not be).
   at::Tensor xs = stride > 1 ? x.slice(2, 0, H, stride).slice(3, 0, W, stride) : x;
-  const at::Tensor a = xs.contiguous(at::MemoryFormat::ChannelsLast).view({N * P * Q, Cin});
+  const at::Tensor a = xs.permute({0, 2, 3, 1}).contiguous().view({N * P * Q, Cin});
   const at::Tensor b = weight.reshape({Cout, Cin}).contiguous();
-  at::Tensor out = at::empty({N, Cout, P, Q}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor out_nhwc = at::empty({N, P, Q, Cout}, x.options());
+  at::Tensor out = out_nhwc.permute({0, 3, 1, 2});  // [N, C_out, P, Q], channels_last strides
   if (out.numel() == 0) return out;
-  const at::Tensor d = out.view({N * P * Q, Cout});
+  const at::Tensor d = out_nhwc.view({N * P * Q, Cout});
   std::optional<at::Tensor> c;
-  if (residual) c = residual->contiguous(at::MemoryFormat::ChannelsLast).view({N * P * Q, Cout});
+  if (residual) c = residual->permute({0, 2, 3, 1}).contiguous().view({N * P * Q, Cout});
   TORCH_CHECK(gemm_bias_act(a, b, bias.contiguous(), c, d, relu, allow_tf32), op,
               ": cuBLASLt has no algorithm for M=", N * P * Q, ", N=", Cout, ", K=", Cin,
               " in ", x.scalar_type());
