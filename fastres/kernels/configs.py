@@ -140,6 +140,15 @@ def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_
         # epilogue spills (stack 8-304 bytes, every dtype, 4 and 8 warps).
         if has_res and acc_regs >= 128:
             continue
+        # Compile report (sm_90): fp32 implicit-GEMM tiles are rounded to TF32 in registers
+        # before the dot, so the A and B tiles live in registers next to the accumulator;
+        # past ~128 fp32 values per thread for the three together the 3x3 kernels spill
+        # (128x64x64 with 4 warps: stack 56 bytes; 128x128x64: 496 bytes).
+        if elem_bytes == 4 and kind in ("conv", "grouped"):
+            tile_vals = (cfg.block_m * cfg.block_n + cfg.block_m * cfg.block_k
+                         + cfg.block_k * cfg.block_n)
+            if tile_vals > 128 * 32 * cfg.num_warps:
+                continue
         if kind in ("gemm", "conv"):
             if cfg.block_n > max_n or cfg.block_k > max_k or cfg.block_m > max_m:
                 continue
