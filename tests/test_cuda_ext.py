@@ -440,6 +440,8 @@ def _count_cuda_calls(monkeypatch, *ops):
 
         monkeypatch.setitem(_backend._IMPLS[op], "cuda",
                             _backend.Impl(op, "cuda", counting, impl.supports))
+    # a new registry generation: choices remembered for the unpatched registry are dropped
+    monkeypatch.setattr(_backend, "_generation", _backend._generation + 1)
     return counts
 
 
