@@ -405,9 +405,10 @@ class Runner:
                 del tv
                 self.eager_fp32_cache.clear()
                 if self.compile_wanted(model_name):
-                    import torch._dynamo
+                    import torch._dynamo as dynamo  # (a bare "import torch._dynamo" here
+                    # would make ``torch`` local to this function)
 
-                    torch._dynamo.reset()  # drop this model's compiled graphs
+                    dynamo.reset()  # drop this model's compiled graphs
                 if self.dev.type == "cuda":
                     torch.cuda.empty_cache()
         finally:
@@ -568,12 +569,11 @@ class Runner:
         mode = "max-autotune" if key == "compile_max_autotune" else None
         # Every model, dtype and batch size is one more compiled entry on torchvision's
         # ResNet.forward: past dynamo's recompile limit (8) it would silently run eager.
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
         for limit in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, limit):
-                setattr(torch._dynamo.config, limit,
-                        max(256, getattr(torch._dynamo.config, limit)))
+            if hasattr(dynamo.config, limit):
+                setattr(dynamo.config, limit, max(256, getattr(dynamo.config, limit)))
         compiled = torch.compile(model, mode=mode, dynamic=False)
         return _Impl(key, compiled, make_input, model)
 
