@@ -61,3 +61,27 @@ def assert_close_rel(out, ref, tol: float, what: str = "output") -> None:
             f"{what}: relative error {err:.3e} > {tol:.1e}; worst at index {idx}: "
             f"got {out[idx].item()!r}, expected {ref[idx].item()!r}"
         )
+
+
+def pytest_runtest_logreport(report):
+    """Progress records for runs under a wall-clock cap (the GPU check), which may be cut short
+    before pytest writes its junit XML:
+
+    - ``FASTRES_FAILURE_LOG=FILE``: each failure appended as it happens (node id, phase,
+      duration, the last lines of the report);
+    - ``FASTRES_RESULT_LOG=FILE``: one tab-separated line per test phase (node id, phase,
+      outcome, seconds), for finding where the time goes.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # under xdist the controller writes (it also sees workers that crashed)
+    results = os.environ.get("FASTRES_RESULT_LOG")
+    if results and (report.when == "call" or not report.passed):
+        with open(results, "a", encoding="utf-8") as f:
+            f.write(f"{report.nodeid}\t{report.when}\t{report.outcome}\t{report.duration:.2f}\n")
+    path = os.environ.get("FASTRES_FAILURE_LOG")
+    if not path or not report.failed:
+        return
+    lines = str(report.longrepr).splitlines()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"=== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n")
+        f.write("\n".join(lines[-40:]) + "\n\n")

@@ -407,6 +407,6 @@ def test_gpu_check_script_syntax():
                           check=False)
     assert proc.returncode == 0, proc.stderr
     text = script.read_text()
-    for needle in ("pip install --no-build-isolation --no-deps", "-m pytest ${GPU_CHECK_TESTS:-tests}",
+    for needle in ("pip install --no-build-isolation --no-deps", "-m pytest ${GPU_CHECK_TESTS:-tests -m cuda}",
                    "--junitxml", "fastres bench", "all.tar.gz", "summary.md", "timeout"):
         assert needle in text, needle
