@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastres
+from fastres.verify import realistic_bn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DESIGN_TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -51,20 +52,6 @@ def log(msg: str) -> None:
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.detach().double(), ref.detach().double()
     return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
-
-
-def realistic_bn(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters (a fresh init hides folding)."""
-    model.train()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-                m.momentum = 0.5
-        for _ in range(3):
-            model(torch.randn(4, 3, 96, 96, device=device) * 2 + 0.5)
-    return model.eval()
 
 
 def time_ms(fn, x, iters: int, warmup: int) -> dict:
@@ -242,7 +229,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     torch.manual_seed(0)
     tv = getattr(torchvision.models, args.model)(weights=None).to(args.device)
-    tv = realistic_bn(tv, args.device)
+    tv = realistic_bn(tv, batch=4, size=96, device=args.device)
     phases, rows = {}, []
     for name in args.dtypes:
         t0 = time.perf_counter()

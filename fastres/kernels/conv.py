@@ -71,6 +71,19 @@ def _round_tf32(v):
     return tl.where(v != v, v, i.to(tl.float32, bitcast=True))  # NaN stays NaN
 
 
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b``: fp32 operands under the interpreter (UPCAST), TF32-rounded fp32
+    operands for TF32 dots (ROUND_TF32)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if ROUND_TF32:
+        a = _round_tf32(a)
+        b = _round_tf32(b)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def conv_bias_act_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
@@ -131,13 +144,7 @@ def conv_bias_act_kernel(
                 c_ok = c < C
                 a = tl.load(a_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if ROUND_TF32:
-                a = _round_tf32(a)
-                b = _round_tf32(b)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
     else:
         q = rm % Q
         t = rm // Q
@@ -170,13 +177,7 @@ def conv_bias_act_kernel(
                     c_ok = c < C_G
                     a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
                     b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                if ROUND_TF32:
-                    a = _round_tf32(a)
-                    b = _round_tf32(b)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
         else:
             # Stem: K step = one kernel row r; the S*C inputs of that row are contiguous, and
             # the packed weight row is [S*C zero-padded to BLOCK_K].
@@ -190,13 +191,7 @@ def conv_bias_act_kernel(
                 b_ptrs = w_ptr + w_row[None, :] + (r * BLOCK_K + rk)[:, None]
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & col_ok, other=0.0)
                 b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                if ROUND_TF32:
-                    a = _round_tf32(a)
-                    b = _round_tf32(b)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
 
     # Epilogue in fp32, one rounding at the store.
     bias = tl.load(b_ptr + n_glob, mask=n_ok, other=0.0)
