@@ -229,7 +229,7 @@ def test_head_cpu(dtype, bias_fp32, n, c, h, w, k):
     (lambda: torch.ops.fastres_C.stem(torch.randn(1, 3, 9, 9), torch.randn(4, 3, 7, 7),
                                       torch.randn(4).half()), "bias must be float32"),
     (lambda: torch.ops.fastres_C.stem(torch.randn(1, 3, 9, 9), torch.randn(4, 3, 5, 5),
-                                      torch.randn(4)), r"weight must be \[C_out, 3, 7, 7\]"),
+                                      torch.randn(4)), r"weight must be \[C_out, 3, 7, 7\], got \[4, 3, 5, 5\]$"),
     (lambda: torch.ops.fastres_C.stem(torch.randn(1, 3, 9, 9), torch.randn(4, 3, 7, 7).half(),
                                       torch.randn(4)), "weight dtype must equal"),
     (lambda: torch.ops.fastres_C.stem(torch.randn(3, 9, 9), torch.randn(4, 3, 7, 7),
@@ -239,7 +239,7 @@ def test_head_cpu(dtype, bias_fp32, n, c, h, w, k):
     (lambda: torch.ops.fastres_C.preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), "CHW",
                                             MEAN, STD, torch.float32), "layout"),
     (lambda: torch.ops.fastres_C.avgpool_linear(torch.randn(1, 4, 2, 2), torch.randn(3, 5),
-                                                torch.randn(3), False), r"num_classes, 4"),
+                                                torch.randn(3), False), r"num_classes, 4\], got \[3, 5\]$"),
 ])
 def test_cpu_argument_errors(call, msg):
     with pytest.raises(RuntimeError, match=msg):
