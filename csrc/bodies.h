@@ -190,6 +190,24 @@ FASTRES_HD float stem_pool_elem(const float* conv, const StemGeom& g, int tp, in
   return (m > 0.0f || m != m) ? m : 0.0f;
 }
 
+// Output o (0 <= o < STEM_TP*STEM_TQ*STEM_CC) of a work item: which pooled pixel and channel it
+// is, and its NHWC store (nothing past the image's edge or the last channel).
+template <typename T>
+FASTRES_HD void stem_store_elem(const float* conv, const StemGeom& g, int64_t n, int tp, int tq,
+                                int chunk, int o, T* out) {
+  const int cl = o % STEM_CC;
+  const int pq = o / STEM_CC;
+  const int pp = pq / STEM_TQ;
+  const int qq = pq % STEM_TQ;
+  const int p = tp * STEM_TP + pp;
+  const int q = tq * STEM_TQ + qq;
+  const int c = chunk * STEM_CC + cl;
+  if (p < g.P && q < g.Q && c < g.Cout) {
+    out[((n * g.P + p) * g.Q + q) * g.Cout + c] =
+        static_cast<T>(stem_pool_elem(conv, g, tp, tq, pp, qq, cl));
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // Head: global average pool (fp32 sum, mean rounded to x's dtype) + linear (fp32 accumulation).
 // ------------------------------------------------------------------------------------------

@@ -107,17 +107,7 @@ FASTRES_UNROLL
     __syncthreads();
 
     for (int o = tid; o < STEM_TP * STEM_TQ * STEM_CC; o += STEM_THREADS) {
-      const int cl = o % STEM_CC;
-      const int pq = o / STEM_CC;
-      const int pp = pq / STEM_TQ;
-      const int qq = pq % STEM_TQ;
-      const int p = tp * STEM_TP + pp;
-      const int q = tq * STEM_TQ + qq;
-      const int c = chunk * STEM_CC + cl;
-      if (p < g.P && q < g.Q && c < g.Cout) {
-        out[((n * g.P + p) * g.Q + q) * g.Cout + c] =
-            static_cast<T>(stem_pool_elem(conv, g, tp, tq, pp, qq, cl));
-      }
+      stem_store_elem(conv, g, n, tp, tq, chunk, o, out);
     }
   }
 }
