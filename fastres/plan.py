@@ -27,13 +27,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastres.ops import _backend
 from fastres.ops._checks import FLOAT_DTYPES
 
 SUPPORTED_COMPUTE_DTYPES = FLOAT_DTYPES  # float32, float16, bfloat16
 
-_conv = torch.ops.fastres.conv_bias_act.default
-_stem = torch.ops.fastres.stem.default
-_head = torch.ops.fastres.avgpool_linear.default
+# What the plan calls: the custom ops when a forward is traced (the graph records them), and
+# the same work without the torch.library dispatch otherwise (see _backend.direct).
+_OPS = (torch.ops.fastres.stem.default, torch.ops.fastres.conv_bias_act.default,
+        torch.ops.fastres.avgpool_linear.default)
+_DIRECT = (_backend.direct("stem"), _backend.direct("conv_bias_act"),
+           _backend.direct("avgpool_linear"))
 
 _said: set[str] = set()
 
@@ -162,9 +166,10 @@ class ConvStep:
     groups: int
     name: str
 
-    def __call__(self, x: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
-        return _conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                     self.groups, residual, relu)
+    def __call__(self, x: Tensor, residual: Tensor | None = None, relu: bool = True,
+                 conv=_OPS[1]) -> Tensor:
+        return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                    self.groups, residual, relu)
 
 
 @torch.no_grad()
@@ -250,18 +255,21 @@ class InferencePlan:
                 raise ValueError("forward_features on an empty batch is not supported")
             return x.new_empty((0, self.num_classes), dtype=self.dtype)
         x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
+        # plain tensors outside tracing skip the dispatcher; fake/functional tensors (export's
+        # non-strict tracing) and other subclasses go through the custom ops
+        stem, conv, head = _DIRECT if type(x) is Tensor and not tracing() else _OPS
         s = self.stem
-        x = _stem(x, s.weight, s.bias)
+        x = stem(x, s.weight, s.bias)
         for blk in self.blocks:
-            identity = x if blk.downsample is None else blk.downsample(x, None, False)
+            identity = x if blk.downsample is None else blk.downsample(x, None, False, conv)
             out = x
             last = len(blk.convs) - 1
-            for i, conv in enumerate(blk.convs):
-                out = conv(out, identity if i == last else None, True)
+            for i, step in enumerate(blk.convs):
+                out = step(out, identity if i == last else None, True, conv)
             x = out
         if features_only:
             return x
-        return _head(x, self.fc_weight, self.fc_bias)
+        return head(x, self.fc_weight, self.fc_bias)
 
 
 # -- the cache ---------------------------------------------------------------------------------

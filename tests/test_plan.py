@@ -211,7 +211,8 @@ def test_bad_input_is_rejected_before_any_kernel(pair, bad, exc, match, mode, mo
         raise AssertionError("a kernel ran before the input was checked")
 
     monkeypatch.setattr(torch.nn.functional, "conv2d", no_kernels)
-    monkeypatch.setattr(plan_mod, "_stem", no_kernels)
+    monkeypatch.setattr(plan_mod, "_OPS", (no_kernels,) * 3)
+    monkeypatch.setattr(plan_mod, "_DIRECT", (no_kernels,) * 3)
     with torch.no_grad(), pytest.raises(exc, match=match):
         fr(bad())
 
@@ -246,3 +247,23 @@ def test_non_finite_fold_falls_back_to_eager(pair):
     with torch.no_grad():
         ref = fr.forward_eager(x)
     torch.testing.assert_close(out, ref, equal_nan=True)
+
+
+def test_eager_forward_skips_the_op_dispatcher(pair, monkeypatch):
+    """Outside tracing the plan calls the ops' work directly (``_backend.direct``): the
+    torch.library dispatch costs more than a small layer. Same result as through the ops."""
+    tv, fr = pair
+    x = torch.randn(2, 3, 33, 31, device=DEVICE)
+    direct_fns = plan_mod._DIRECT
+    with monkeypatch.context() as mp, torch.no_grad():
+        mp.setattr(plan_mod, "_DIRECT", plan_mod._OPS)  # force the custom ops
+        through_ops = fr(x)
+
+    def no_dispatch(*a, **k):
+        raise AssertionError("the eager plan went through the custom op")
+
+    monkeypatch.setattr(plan_mod, "_OPS", (no_dispatch,) * 3)
+    assert plan_mod._DIRECT is direct_fns
+    with torch.no_grad():
+        direct = fr(x)
+    torch.testing.assert_close(direct, through_ops, rtol=0, atol=0)

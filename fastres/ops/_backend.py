@@ -233,6 +233,23 @@ def choose(op: str, device: torch.device, *args, **kwargs) -> Impl:
     return named_choice(op, device, pref, impls, args, kwargs)
 
 
+def direct(op: str) -> Callable:
+    """``op``'s work without the ``torch.library`` dispatch: ``fn(x, *args)`` chooses the
+    implementation for ``x``'s device and runs it, as the custom op's body does.
+
+    For eager callers only (the inference plan outside tracing, on plain tensors): the
+    dispatcher's Python layers cost ~50 us per call on a CPU, more than a small layer's
+    kernel. Traced code (``torch.compile``, ``torch.export``, ``torch.jit.trace``) must call
+    the custom op, which is what the graphs record.
+    """
+
+    def fn(x, *args):
+        return choose(op, x.device, x, *args).fn(x, *args)
+
+    fn.__name__ = f"{op}_direct"
+    return fn
+
+
 def runnable(op: str, backend: str, device: torch.device, impls: dict[str, Impl], args,
              kwargs) -> Impl | None:
     """``impls[backend]`` when it is registered and can run this call on ``device``."""
