@@ -380,8 +380,6 @@ def _tf32_nearest(v: torch.Tensor) -> torch.Tensor:
 
 def test_round_tf32_is_round_to_nearest_even():
     """The fp32 -> TF32 rounding the kernel applies before TF32 dots (Hopper truncates)."""
-    import triton
-
     ulp = 2.0 ** -10  # TF32 spacing in [1, 2)
     specials = torch.tensor([
         1.0 + ulp / 2,            # tie, even neighbour below: 1.0
