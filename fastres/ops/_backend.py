@@ -31,6 +31,7 @@ CUDA-only ``triton_op`` variant is worth it is to be measured on a GPU before sw
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -233,21 +234,21 @@ def choose(op: str, device: torch.device, *args, **kwargs) -> Impl:
     return named_choice(op, device, pref, impls, args, kwargs)
 
 
+def run(op: str, x: torch.Tensor, *args):
+    """Choose the implementation of ``op`` for ``x``'s device and run it: the body of every
+    fastres custom op, and what the inference plan calls directly outside tracing."""
+    return choose(op, x.device, x, *args).fn(x, *args)
+
+
 def direct(op: str) -> Callable:
-    """``op``'s work without the ``torch.library`` dispatch: ``fn(x, *args)`` chooses the
-    implementation for ``x``'s device and runs it, as the custom op's body does.
+    """``op``'s work without the ``torch.library`` dispatch: ``fn(x, *args)`` is :func:`run`.
 
     For eager callers only (the inference plan outside tracing, on plain tensors): the
     dispatcher's Python layers cost ~50 us per call on a CPU, more than a small layer's
     kernel. Traced code (``torch.compile``, ``torch.export``, ``torch.jit.trace``) must call
     the custom op, which is what the graphs record.
     """
-
-    def fn(x, *args):
-        return choose(op, x.device, x, *args).fn(x, *args)
-
-    fn.__name__ = f"{op}_direct"
-    return fn
+    return functools.partial(run, op)
 
 
 def runnable(op: str, backend: str, device: torch.device, impls: dict[str, Impl], args,

@@ -70,10 +70,7 @@ def _conv_bias_act_op(
     residual: torch.Tensor | None,
     relu: bool,
 ) -> torch.Tensor:
-    impl = _backend.choose(
-        OP, x.device, x, weight, bias, stride, padding, dilation, groups, residual, relu
-    )
-    return impl.fn(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+    return _backend.run(OP, x, weight, bias, stride, padding, dilation, groups, residual, relu)
 
 
 @_conv_bias_act_op.register_fake

@@ -29,8 +29,7 @@ _backend.register_impl(OP, "torch", avgpool_linear_reference)
 
 @torch.library.custom_op("fastres::avgpool_linear", mutates_args=())
 def _avgpool_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    impl = _backend.choose(OP, x.device, x, weight, bias)
-    return impl.fn(x, weight, bias)
+    return _backend.run(OP, x, weight, bias)
 
 
 @_avgpool_linear_op.register_fake

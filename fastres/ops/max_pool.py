@@ -31,8 +31,7 @@ _backend.register_impl(OP, "torch", max_pool2d_reference)
 
 @torch.library.custom_op("fastres::max_pool2d", mutates_args=())
 def _max_pool2d_op(x: torch.Tensor, kernel_size: int, stride: int, padding: int) -> torch.Tensor:
-    impl = _backend.choose(OP, x.device, x, kernel_size, stride, padding)
-    return impl.fn(x, kernel_size, stride, padding)
+    return _backend.run(OP, x, kernel_size, stride, padding)
 
 
 @_max_pool2d_op.register_fake

@@ -31,8 +31,7 @@ _backend.register_impl(OP, "torch", stem_reference)
 
 @torch.library.custom_op("fastres::stem", mutates_args=())
 def _stem_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    impl = _backend.choose(OP, x.device, x, weight, bias)
-    return impl.fn(x, weight, bias)
+    return _backend.run(OP, x, weight, bias)
 
 
 def _stem_shape(n, c, h, w):
