@@ -9,7 +9,6 @@ channels-last activations) through Triton / CUDA kernels where available.
 __version__ = "0.1.0"
 
 from fastres import ops  # noqa: E402  (registers the custom ops)
-from fastres.ops import stem as _stem_op  # noqa: E402,F401
 from fastres.models import (  # noqa: E402
     BasicBlock,
     Bottleneck,
