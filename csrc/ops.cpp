@@ -363,12 +363,20 @@ at::Tensor avgpool_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
 
 // -- 1x1 convolution through cuBLASLt -------------------------------------------------------------
 
-at::Tensor conv1x1_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                        int64_t stride, const std::optional<at::Tensor>& residual, bool relu,
-                        bool allow_tf32) {
-  const char* op = "fastres_C::conv1x1";
+// The GEMM operands of a 1x1 convolution, as row-major 2-D views of NHWC memory:
+// d[M, C_out] = act(a[M, C_in] @ b[C_out, C_in]^T + bias (+ c[M, C_out])), M = N*P*Q. `out` is
+// the [N, C_out, P, Q] channels-last tensor whose memory `d` views. The CUDA implementation
+// hands these to cuBLASLt and the CPU implementation to a host GEMM, so CPU tests check the
+// argument checks and every view and copy made here.
+struct Conv1x1Call {
+  at::Tensor a, b, bias, d, out;
+  std::optional<at::Tensor> c;
+};
+
+Conv1x1Call conv1x1_prepare(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bias, int64_t stride,
+                            const std::optional<at::Tensor>& residual) {
   check_float_activation(op, "x", x);
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", device_str(x.device()));
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 1 &&
                   weight.size(3) == 1,
               op, ": weight must be [C_out, ", x.size(1), ", 1, 1], got ", shape_str(weight.sizes()));
@@ -381,7 +389,6 @@ at::Tensor conv1x1_cuda(const at::Tensor& x, const at::Tensor& weight, const at:
   TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
   check_same_device(op, "weight", weight, x);
   check_same_device(op, "bias", bias, x);
-  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = weight.size(0);
   TORCH_CHECK(H >= 1 && W >= 1, op, ": input must be at least 1x1, got ", shape_str(x.sizes()));
@@ -395,23 +402,48 @@ at::Tensor conv1x1_cuda(const at::Tensor& x, const at::Tensor& weight, const at:
                 residual->scalar_type());
     check_same_device(op, "residual", *residual, x);
   }
+  Conv1x1Call call;
   // A strided 1x1 convolution reads every stride-th pixel: gather them into a dense NHWC tensor
   // (one copy kernel) so that the GEMM's A operand is [N*P*Q, C_in] row-major.
   // NHWC views: [N, C, H, W] in channels_last permuted to [N, H, W, C] is dense row-major, and
   // its [N*H*W, C] view is the GEMM operand (a view of the NCHW-ordered tensor would not be).
-  at::Tensor xs = stride > 1 ? x.slice(2, 0, H, stride).slice(3, 0, W, stride) : x;
-  const at::Tensor a = xs.permute({0, 2, 3, 1}).contiguous().view({N * P * Q, Cin});
-  const at::Tensor b = weight.reshape({Cout, Cin}).contiguous();
+  const at::Tensor xs = stride > 1 ? x.slice(2, 0, H, stride).slice(3, 0, W, stride) : x;
+  call.a = xs.permute({0, 2, 3, 1}).contiguous().view({N * P * Q, Cin});
+  call.b = weight.reshape({Cout, Cin}).contiguous();
+  call.bias = bias.contiguous();
   at::Tensor out_nhwc = at::empty({N, P, Q, Cout}, x.options());
-  at::Tensor out = out_nhwc.permute({0, 3, 1, 2});  // [N, C_out, P, Q], channels_last strides
-  if (out.numel() == 0) return out;
-  const at::Tensor d = out_nhwc.view({N * P * Q, Cout});
-  std::optional<at::Tensor> c;
-  if (residual) c = residual->permute({0, 2, 3, 1}).contiguous().view({N * P * Q, Cout});
-  TORCH_CHECK(gemm_bias_act(a, b, bias.contiguous(), c, d, relu, allow_tf32), op,
-              ": cuBLASLt has no algorithm for M=", N * P * Q, ", N=", Cout, ", K=", Cin,
-              " in ", x.scalar_type());
-  return out;
+  call.out = out_nhwc.permute({0, 3, 1, 2});  // [N, C_out, P, Q], channels_last strides
+  call.d = out_nhwc.view({N * P * Q, Cout});
+  if (residual) call.c = residual->permute({0, 2, 3, 1}).contiguous().view({N * P * Q, Cout});
+  return call;
+}
+
+at::Tensor conv1x1_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       int64_t stride, const std::optional<at::Tensor>& residual, bool relu,
+                       bool allow_tf32) {
+  auto call = conv1x1_prepare("fastres_C::conv1x1 (CPU)", x, weight, bias, stride, residual);
+  if (call.out.numel() == 0) return call.out;
+  // The host stand-in for the cuBLASLt GEMM of the CUDA path: the same operands and epilogue
+  // (fp32 accumulation, fp32 bias, the residual as the accumulated C, ReLU, one rounding).
+  at::Tensor acc = at::addmm(call.bias, call.a.to(at::kFloat), call.b.to(at::kFloat).t());
+  if (call.c) acc.add_(call.c->to(at::kFloat));
+  if (relu) acc.clamp_min_(0);  // NaN stays NaN, as in torch.relu
+  call.d.copy_(acc);
+  return call.out;
+}
+
+at::Tensor conv1x1_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                        int64_t stride, const std::optional<at::Tensor>& residual, bool relu,
+                        bool allow_tf32) {
+  const char* op = "fastres_C::conv1x1";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", device_str(x.device()));
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto call = conv1x1_prepare(op, x, weight, bias, stride, residual);
+  if (call.out.numel() == 0) return call.out;
+  TORCH_CHECK(gemm_bias_act(call.a, call.b, call.bias, call.c, call.d, relu, allow_tf32), op,
+              ": cuBLASLt has no algorithm for M=", call.a.size(0), ", N=", call.b.size(0),
+              ", K=", call.a.size(1), " in ", x.scalar_type());
+  return call.out;
 }
 
 }  // namespace
@@ -430,6 +462,7 @@ TORCH_LIBRARY_IMPL(fastres_C, CPU, m) {
   m.impl("preprocess", &fastres::preprocess_cpu);
   m.impl("stem", &fastres::stem_cpu);
   m.impl("avgpool_linear", &fastres::avgpool_linear_cpu);
+  m.impl("conv1x1", &fastres::conv1x1_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastres_C, CUDA, m) {

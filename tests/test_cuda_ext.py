@@ -1,8 +1,9 @@
 """The compiled extension ``fastres._C`` (``torch.ops.fastres_C.*``) against the op references.
 
 CPU (runs wherever the extension is built, GPU or not): every op's CPU implementation, which
-runs the same per-element bodies (csrc/bodies.h) over the same grid as the CUDA kernels, against
-a float64 reference; fresh random inputs, odd sizes, every dtype and memory format; opcheck;
+runs the same per-element bodies (csrc/bodies.h) over the same grid as the CUDA kernels (for the
+1x1 convolution: the same operand views, with a host GEMM in place of cuBLASLt), against a
+float64 reference; fresh random inputs, odd sizes, every dtype and memory format; opcheck;
 registration with the backend registry.
 
 GPU (``@pytest.mark.cuda``): every CUDA implementation (fused stem, preprocess, head, cuBLASLt
@@ -225,6 +226,54 @@ def test_head_cpu(dtype, bias_fp32, n, c, h, w, k):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("xfmt", ["contig", "cl"])
+@pytest.mark.parametrize("residual", [None, "contig", "cl"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("n,cin,cout,h,w,stride", [
+    (2, 16, 24, 7, 9, 1),   # odd spatial size
+    (3, 8, 40, 9, 6, 2),    # strided (the downsample), odd H
+    (1, 5, 3, 1, 1, 3),     # 1x1 input, stride larger than the input
+    (2, 32, 16, 4, 11, 2),  # P != Q
+])
+def test_conv1x1_cpu(dtype, xfmt, residual, relu, n, cin, cout, h, w, stride):
+    """The operands the CUDA path hands cuBLASLt (NHWC views, the strided gather, the residual
+    as C), fed to a host GEMM: the layout handling is checked here, the GEMM on a GPU."""
+    x = _fmt(torch.randn(n, cin, h, w), xfmt).to(dtype)
+    wt = (torch.randn(cout, cin, 1, 1) / cin ** 0.5).to(dtype)
+    b = torch.randn(cout)
+    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    res = None if residual is None else _fmt(torch.randn(n, cout, p, q), residual).to(dtype)
+    out = torch.ops.fastres_C.conv1x1(x, wt, b, stride, res, relu, False)
+    assert out.shape == (n, cout, p, q) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_rel(out, conv1x1_f64(x, wt, b, stride, res, relu), TOL[dtype],
+                     f"conv1x1 cpu {dtype}")
+
+
+@needs_ext
+def test_conv1x1_cpu_strided_views_and_empty_batch():
+    big = torch.randn(2, 24, 10, 12)
+    x = big[:, 4:20, 1:, ::2]  # non-contiguous in every dimension
+    wt = torch.randn(12, 32, 1, 1).permute(0, 1, 3, 2)[:, ::2]  # strided weight
+    b = torch.randn(12)
+    out = torch.ops.fastres_C.conv1x1(x, wt, b, 2, None, False, False)
+    assert_close_rel(out, conv1x1_f64(x, wt, b, 2, None, False), 1e-5)
+    empty = torch.ops.fastres_C.conv1x1(torch.randn(0, 8, 5, 5), torch.randn(4, 8, 1, 1),
+                                        torch.randn(4), 2, torch.randn(0, 4, 3, 3), True, False)
+    assert empty.shape == (0, 4, 3, 3)
+
+
+@needs_ext
+def test_conv1x1_cpu_relu_keeps_nan():
+    x = torch.randn(1, 8, 3, 3)
+    x[0, 2, 1, 1] = float("nan")
+    out = torch.ops.fastres_C.conv1x1(x, torch.randn(4, 8, 1, 1), torch.randn(4), 1, None,
+                                      True, False)
+    assert torch.isnan(out[0, :, 1, 1]).all() and not torch.isnan(out[0, :, 0, 0]).any()
+
+
+@needs_ext
 @pytest.mark.parametrize("call,msg", [
     (lambda: torch.ops.fastres_C.stem(torch.randn(1, 3, 9, 9), torch.randn(4, 3, 7, 7),
                                       torch.randn(4).half()), "bias must be float32"),
@@ -240,6 +289,21 @@ def test_head_cpu(dtype, bias_fp32, n, c, h, w, k):
                                             MEAN, STD, torch.float32), "layout"),
     (lambda: torch.ops.fastres_C.avgpool_linear(torch.randn(1, 4, 2, 2), torch.randn(3, 5),
                                                 torch.randn(3), False), r"num_classes, 4\], got \[3, 5\]$"),
+    (lambda: torch.ops.fastres_C.conv1x1(torch.randn(1, 4, 3, 3), torch.randn(2, 4, 3, 3),
+                                         torch.randn(2), 1, None, True, False),
+     r"weight must be \[C_out, 4, 1, 1\], got \[2, 4, 3, 3\]$"),
+    (lambda: torch.ops.fastres_C.conv1x1(torch.randn(1, 4, 3, 3), torch.randn(2, 4, 1, 1),
+                                         torch.randn(2).half(), 1, None, True, False),
+     "bias must be float32"),
+    (lambda: torch.ops.fastres_C.conv1x1(torch.randn(1, 4, 3, 3), torch.randn(2, 4, 1, 1),
+                                         torch.randn(2), 0, None, True, False),
+     "stride must be >= 1, got 0"),
+    (lambda: torch.ops.fastres_C.conv1x1(torch.randn(1, 4, 5, 5), torch.randn(2, 4, 1, 1),
+                                         torch.randn(2), 2, torch.randn(1, 2, 5, 5), True, False),
+     r"residual must be \[1, 2, 3, 3\], got \[1, 2, 5, 5\]$"),
+    (lambda: torch.ops.fastres_C.conv1x1(torch.randn(1, 4, 3, 3), torch.randn(2, 4, 1, 1).half(),
+                                         torch.randn(2), 1, None, True, False),
+     "weight dtype must equal"),
 ])
 def test_cpu_argument_errors(call, msg):
     with pytest.raises(RuntimeError, match=msg):
@@ -247,14 +311,17 @@ def test_cpu_argument_errors(call, msg):
 
 
 @needs_ext
-@pytest.mark.parametrize("case", ["stem", "preprocess", "avgpool_linear"])
+@pytest.mark.parametrize("case", ["stem", "preprocess", "avgpool_linear", "conv1x1"])
 def test_opcheck_cpu(case):
     if case == "stem":
         args = (torch.randn(2, 3, 13, 11), torch.randn(8, 3, 7, 7), torch.randn(8))
     elif case == "preprocess":
         args = (_images(2, 5, 4, "NHWC"), "NHWC", MEAN, STD, torch.bfloat16)
-    else:
+    elif case == "avgpool_linear":
         args = (torch.randn(2, 6, 3, 3), torch.randn(5, 6), torch.randn(5), False)
+    else:
+        args = (torch.randn(2, 16, 5, 5), torch.randn(8, 16, 1, 1), torch.randn(8), 2,
+                torch.randn(2, 8, 3, 3), True, False)
     torch.library.opcheck(getattr(torch.ops.fastres_C, case).default, args)
 
 
