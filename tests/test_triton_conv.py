@@ -6,6 +6,8 @@ dtype, with and without residual and ReLU, odd sizes and channel counts off the 
 on NaN-poisoned output buffers.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,6 +192,27 @@ def test_candidates_pruned_and_interpreter_single():
     assert all(c.block_n <= 64 and c.block_m <= 64 for c in kept)
 
 
+@pytest.mark.parametrize("kind,c_in,taps,deepest", [
+    ("gemm", 64, 1, 2),    # one K step (layer1 1x1 from 64 channels): 2 stages
+    ("gemm", 128, 1, 3),   # two K steps at block_k 64: 3 stages
+    ("gemm", 1024, 1, 4),  # long K loop: the table's depth
+    ("conv", 64, 9, 4),    # 3x3: nine taps, the table's depth
+    ("conv", 64, 1, 3),    # strided 1x1 from 64 channels: 2 stages, 3 for block_k 32 rows
+    ("stem", 21, 7, 4),    # seven kernel rows
+])
+def test_pipeline_depth_trimmed_to_k_loop(kind, c_in, taps, deepest):
+    """No configuration keeps more pipeline stages than its K loop has steps (+1), none
+    fewer than 2; the rest of the row is the table's, and no row is offered twice."""
+    table = kcfg.TABLES[kind]
+    kept = kcfg.prune(table, kind, 256 * 56 * 56, 256, c_in, 2, taps=taps)
+    assert len(kept) == len(set(kept))
+    assert max(c.num_stages for c in kept) == min(deepest, max(c.num_stages for c in table))
+    for cfg in kept:
+        steps = kcfg.k_steps(cfg, kind, c_in, taps)
+        assert 2 <= cfg.num_stages <= max(2, steps + 1)
+        assert any(replace(cfg, num_stages=row.num_stages) == row for row in table), cfg
+
+
 def test_block_diagonal_packing_is_the_same_conv():
     g, gpb, c_g, k_g = 8, 4, 4, 4
     w = torch.randn(g * k_g, c_g, 3, 3, dtype=torch.float64)
@@ -320,7 +343,8 @@ def test_gpu_every_config(kind, shape, dtype):
     torch.backends.cudnn.allow_tf32 = True
     case = make_case(shape, dtype)
     offered = conv_configs(case[0], case[1], case[3], case[4], case[5], case[6], case[7])
-    for cfg in kcfg.TABLES[kind]:
+    # the table rows, and the rows as offered for this layer (pipeline depth trimmed)
+    for cfg in dict.fromkeys([*kcfg.TABLES[kind], *offered]):
         if kcfg.smem_bytes(cfg, case[0].element_size()) > kcfg.SMEM_LIMIT:
             # over the H100's shared memory in this dtype: never offered, never run
             assert cfg not in offered, cfg

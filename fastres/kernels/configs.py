@@ -9,7 +9,7 @@ fastres.compile_report`` checks that and a row that fails it is removed from thi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 # H100: 227 KiB of shared memory per block (opt-in maximum).
 SMEM_LIMIT = 232448
@@ -118,14 +118,47 @@ def smem_bytes(cfg: KernelConfig, elem_bytes: int) -> int:
     return (cfg.block_m + cfg.block_n) * cfg.block_k * elem_bytes * cfg.num_stages
 
 
+def k_steps(cfg: KernelConfig, kind: str, k_per_group: int, taps: int) -> int:
+    """Iterations of the kernel's K loop: ``taps`` kernel positions (R*S; kernel rows for the
+    stem) times the channel blocks of one position (one for the stem and block-diagonal
+    grouped schedules, whose block covers the whole K step)."""
+    if kind in ("stem", "grouped"):
+        return taps
+    return taps * -(-k_per_group // cfg.block_k)
+
+
+def trim_stages(cfg: KernelConfig, steps: int) -> KernelConfig:
+    """``cfg`` with at most ``steps + 1`` pipeline stages (at least 2).
+
+    Triton's pipeliner keeps ``num_stages - 1`` K steps in flight and allocates shared memory
+    for all stages whether or not the loop has that many iterations. A layer with one or two
+    K steps (1x1 convolutions from 64 or 128 channels at block_k 64: ResNet layer1/layer2)
+    gains nothing from deeper pipelining, while the unused stages halve how many programs fit
+    on an SM (128x128x64, 4 stages, 16-bit: 128 KiB, one program per SM; 2 stages: 64 KiB).
+    Those layers are memory-bound, and more resident programs overlap one tile's loads with
+    another's epilogue.
+    """
+    stages = max(2, min(cfg.num_stages, steps + 1))
+    return cfg if stages == cfg.num_stages else replace(cfg, num_stages=stages)
+
+
 def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
-          elem_bytes: int, has_res: bool = False) -> list[KernelConfig]:
-    """The rows of ``table`` worth trying for this problem (never empty).
+          elem_bytes: int, has_res: bool = False, taps: int = 1) -> list[KernelConfig]:
+    """The rows of ``table`` worth trying for this problem (never empty), each with its
+    pipeline depth trimmed to the K loop's length (:func:`trim_stages`).
 
     ``m``: output pixels N*P*Q; ``n_per_group``: output channels per group; ``k_per_group``:
     the channel extent of one K step (C_in/groups, or S*C_in for the stem); ``has_res``: the
-    epilogue reads a residual tile.
+    epilogue reads a residual tile; ``taps``: kernel positions the K loop visits (R*S, or R
+    for the stem).
     """
+    return list(dict.fromkeys(
+        trim_stages(cfg, k_steps(cfg, kind, k_per_group, taps))
+        for cfg in _prune(table, kind, m, n_per_group, k_per_group, elem_bytes, has_res)))
+
+
+def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
+           elem_bytes: int, has_res: bool) -> list[KernelConfig]:
     keep = []
     max_n = _pow2_at_least(n_per_group)
     max_k = _pow2_at_least(k_per_group)

@@ -420,7 +420,7 @@ def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
     if _interpreted():  # grouped: 64 packed channels -> few, large programs
         return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else k_extent)]
     return prune(TABLES[kind], kind, prob.m, prob.k_g, k_extent, prob.elem_bytes(),
-                 prob.has_res)
+                 prob.has_res, taps=prob.r if kind == "stem" else prob.r * prob.s)
 
 
 def conv_configs(x, weight, stride, padding, dilation, groups, residual=None,
