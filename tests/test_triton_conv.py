@@ -6,7 +6,7 @@ dtype, with and without residual and ReLU, odd sizes and channel counts off the 
 on NaN-poisoned output buffers.
 """
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -211,6 +211,23 @@ def test_pipeline_depth_trimmed_to_k_loop(kind, c_in, taps, deepest):
         steps = kcfg.k_steps(cfg, kind, c_in, taps)
         assert 2 <= cfg.num_stages <= max(2, steps + 1)
         assert any(replace(cfg, num_stages=row.num_stages) == row for row in table), cfg
+
+
+def test_problem_is_cached_and_hash_agrees_with_eq(monkeypatch):
+    """The launcher's problem description: one cached instance per call shape (its derived
+    values computed once), hashing like any equal instance (it keys memoized launches)."""
+    x, w = torch.empty(2, 16, 9, 7), torch.empty(32, 16, 3, 3)
+    a = ConvProblem.from_tensors(x, w, [1, 1], (1, 1), 1, 1)
+    assert ConvProblem.from_tensors(x, w, (1, 1), [1, 1], [1, 1], 1) is a
+    twin = ConvProblem(*[getattr(a, f.name) for f in fields(a)])
+    assert twin == a and hash(twin) == hash(a) and twin is not a
+    assert a.pq == (9, 7) and a.m == 2 * 9 * 7 and a.kind == "conv"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert ConvProblem.from_tensors(x, w, 1, 1, 1, 1).tf32
+    assert not ConvProblem.from_tensors(x, w, 1, 1, 1, 1, tf32=False).tf32
+    assert not ConvProblem.from_tensors(x.half(), w.half(), 1, 1, 1, 1, tf32=True).tf32
+    with pytest.raises(ValueError, match="an int or a pair"):
+        ConvProblem.from_tensors(x, w, [1, 1, 1], 1, 1, 1)
 
 
 def test_block_diagonal_packing_is_the_same_conv():

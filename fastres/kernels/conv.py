@@ -28,6 +28,7 @@ triton#11584) and one small configuration runs (the interpreter cannot benchmark
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import weakref
@@ -232,12 +233,14 @@ class ConvProblem:
     relu: bool = True
     tf32: bool = False
 
-    @property
+    # Derived values are computed once per instance (a frozen dataclass still has a __dict__
+    # that functools.cached_property can fill); the launcher asks for them on every call.
+    @functools.cached_property
     def pq(self) -> tuple[int, int]:
         return conv_output_size(self.h, self.w, self.r, self.s, self.stride, self.padding,
                                 self.dilation)
 
-    @property
+    @functools.cached_property
     def m(self) -> int:
         p, q = self.pq
         return self.n * p * q
@@ -250,9 +253,16 @@ class ConvProblem:
     def k_g(self) -> int:
         return self.k_out // self.groups
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
         return conv_kind(self)
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    def __hash__(self) -> int:  # memoized launch parameters hash the problem on every call
+        return self._hash
 
     def key(self) -> tuple:
         """Autotuning key: everything that changes the best configuration."""
@@ -269,14 +279,30 @@ class ConvProblem:
         return torch.empty((), dtype=self.dtype).element_size()
 
     @staticmethod
-    def from_tensors(x, weight, stride, padding, dilation, groups, residual=None, relu=True):
-        n, c, h, w = x.shape
-        return ConvProblem(
-            n, c, h, w, weight.shape[0], weight.shape[2], weight.shape[3],
-            tuple(int(v) for v in stride), tuple(int(v) for v in padding),
-            tuple(int(v) for v in dilation), int(groups), x.dtype, residual is not None,
-            bool(relu), x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32,
-        )
+    def from_tensors(x, weight, stride, padding, dilation, groups, residual=None, relu=True,
+                     tf32: bool | None = None):
+        """The problem of one call; ``tf32`` overrides ``torch.backends.cudnn.allow_tf32``.
+        Equal calls get the same (cached) instance, with its derived values already known."""
+        if x.dtype == torch.float32:
+            tf32 = _cudnn_allow_tf32() if tf32 is None else bool(tf32)
+        else:
+            tf32 = False
+        return _problem(x.shape, weight.shape, _pair(stride), _pair(padding), _pair(dilation),
+                        int(groups), x.dtype, residual is not None, bool(relu), tf32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _problem(xs, ws, stride, padding, dilation, groups, dtype, has_res, relu, tf32):
+    n, c, h, w = xs
+    return ConvProblem(n, c, h, w, ws[0], ws[2], ws[3], stride, padding, dilation, groups,
+                       dtype, has_res, relu, tf32)
+
+
+try:  # the property costs ~1 us per read; this is what it reads
+    _cudnn_allow_tf32 = torch._C._get_cudnn_allow_tf32
+except AttributeError:  # pragma: no cover - other torch versions
+    def _cudnn_allow_tf32() -> bool:
+        return torch.backends.cudnn.allow_tf32
 
 
 def _pow2(v: int) -> bool:
@@ -517,18 +543,21 @@ def conv_bias_act_triton(
     offsets (``None``: when a tensor has more than 2**31 elements).
     """
     cl = torch.channels_last
-    stride, padding, dilation = (_pair(v) for v in (stride, padding, dilation))
     prob = ConvProblem.from_tensors(x, weight, stride, padding, dilation, groups, residual,
-                                    relu)
-    if tf32 is not None:
-        prob = ConvProblem(**{**prob.__dict__, "tf32": bool(tf32) and x.dtype == torch.float32})
+                                    relu, tf32)
+    # (dtype tests first: a no-op .to() still costs ~1 us of dispatch, on every layer)
     x = x.contiguous(memory_format=cl)
-    weight = weight.to(x.dtype)
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
     packable = weight  # packing reads any layout; keep the caller's object (cache key)
     weight = weight.contiguous(memory_format=cl)
-    bias = bias.to(torch.float32).contiguous()
+    if bias.dtype != torch.float32:
+        bias = bias.to(torch.float32)
+    bias = bias.contiguous()
     if residual is not None:
-        residual = residual.to(x.dtype).contiguous(memory_format=cl)
+        if residual.dtype != x.dtype:
+            residual = residual.to(x.dtype)
+        residual = residual.contiguous(memory_format=cl)
     p, q = prob.pq
     shape = (prob.n, prob.k_out, p, q)
     if out is None:
@@ -558,11 +587,13 @@ def conv_bias_act_triton(
 
 def _pair(v) -> tuple[int, int]:
     if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(i) for i in v)
-    if len(v) != 2:
-        raise ValueError(f"expected an int or a pair, got {v}")
-    return v
+        return (int(v), int(v))
+    t = tuple(v)
+    if len(t) != 2:
+        raise ValueError(f"expected an int or a pair, got {t}")
+    if type(t[0]) is int and type(t[1]) is int:
+        return t
+    return (int(t[0]), int(t[1]))
 
 
 def supports_conv(x, weight, bias, stride, padding, dilation, groups, residual=None,
