@@ -156,7 +156,8 @@ def pool_jobs(dtypes) -> list[Job]:
                         ints, {"num_warps": 4, "num_stages": 1}, dot=False))
         ints = dict(HW=49, C=2048)
         jobs.append(Job("avgpool", "avgpool 7x7 2048ch", dt, "16x128 w4", {"x_ptr": ptr,
-                        "o_ptr": ptr}, dict(INDEX64=False, BLOCK_HW=16, BLOCK_C=128),
+                        "o_ptr": ptr}, dict(INDEX64=False, BLOCK_HW=16, BLOCK_C=128,
+                                            INTERPRETED=False),
                         ints, {"num_warps": 4, "num_stages": 1}, dot=False))
     return jobs
 

@@ -20,6 +20,7 @@ from fastres.kernels import configs as kcfg
 from fastres.kernels.conv import (
     ConvProblem,
     _round_tf32,
+    _to_output,
     conv_bias_act_triton,
     conv_configs,
     launch_params,
@@ -406,6 +407,39 @@ def round_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     tl.store(o_ptr + offs, _round_tf32(tl.load(x_ptr + offs, mask=ok)), mask=ok)
+
+
+@triton.jit
+def store_kernel(x_ptr, o_ptr, n, INTERPRETED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    v = tl.load(x_ptr + offs, mask=ok)
+    tl.store(o_ptr + offs, _to_output(v, o_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 3.4e38
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_output_cast_rounds_like_torch(dtype):
+    """The kernels' fp32 -> output-dtype store rounds to nearest even, bit for bit as
+    ``Tensor.to`` does (ties, the carry into the exponent, overflow to inf, subnormals, -0.0,
+    NaN), also under the interpreter, whose own bf16 cast truncates."""
+    ulp = 2.0 ** -7  # bf16 spacing in [1, 2)
+    specials = torch.tensor([
+        1.0 + ulp / 2, 1.0 + 3 * ulp / 2, 1.0 + ulp / 2 + 2 ** -23, -(1.0 + 3 * ulp / 2),
+        2.0 - 2 ** -23, 3.4e38, -3.4e38, 65519.0, 65520.0, 1e-40, -1e-42, 0.0, -0.0,
+        float("inf"), float("-inf"),
+    ])
+    x = torch.cat([specials, torch.randn(2000) * torch.logspace(-30, 30, 2000)])
+    out = torch.empty(x.numel(), dtype=dtype)
+    store_kernel[(triton.cdiv(x.numel(), 512),)](x, out, x.numel(),
+                                                 INTERPRETED=_backend.triton_interpreted(),
+                                                 BLOCK=512)
+    ref = x.to(dtype)
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+    nan_out = torch.empty(4, dtype=dtype)
+    store_kernel[(1,)](torch.full((4,), float("nan")), nan_out, 4,
+                       INTERPRETED=_backend.triton_interpreted(), BLOCK=16)
+    assert torch.isnan(nan_out).all()
 
 
 def _tf32_nearest(v: torch.Tensor) -> torch.Tensor:

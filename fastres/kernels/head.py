@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres.kernels.conv import conv_bias_act_triton
+from fastres.kernels.conv import _interpreted, _to_output, conv_bias_act_triton
 
 NO_SPECIALIZE = ["HW"]
 
@@ -19,6 +19,7 @@ NO_SPECIALIZE = ["HW"]
 def global_avgpool_nhwc_kernel(
     x_ptr, o_ptr, HW, C,
     INDEX64: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    INTERPRETED: tl.constexpr = False,
 ):
     """out[n, c] = mean over HW of x[n, :, c] (fp32 sum); grid (N, cdiv(C, BLOCK_C))."""
     n = tl.program_id(0)
@@ -35,7 +36,8 @@ def global_avgpool_nhwc_kernel(
                     mask=(hw < HW)[:, None] & c_ok[None, :], other=0.0)
         acc += v.to(tl.float32)
     mean = tl.sum(acc, axis=0) / HW
-    tl.store(o_ptr + n * C + rc, mean.to(o_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(o_ptr + n * C + rc, _to_output(mean, o_ptr.dtype.element_ty, INTERPRETED),
+             mask=c_ok)
 
 
 def global_avgpool_triton(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +54,7 @@ def global_avgpool_triton(x: torch.Tensor) -> torch.Tensor:
     grid = (n, triton.cdiv(c, block_c))
     global_avgpool_nhwc_kernel[grid](
         x, out, h * w, c, INDEX64=x.numel() > 2**31 - 1, BLOCK_HW=block_hw, BLOCK_C=block_c,
-        num_warps=4,
+        INTERPRETED=_interpreted(), num_warps=4,
     )
     return out
 
