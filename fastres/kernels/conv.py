@@ -569,8 +569,8 @@ def conv_bias_act_triton(
     cl = torch.channels_last
     prob = ConvProblem.from_tensors(x, weight, stride, padding, dilation, groups, residual,
                                     relu, tf32)
-    # (dtype tests first: a no-op .to() still costs ~1 us of dispatch, on every layer)
     x = x.contiguous(memory_format=cl)
+    # (dtype tests first: a no-op .to() still costs ~1 us of dispatch, on every layer)
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
     packable = weight  # packing reads any layout; keep the caller's object (cache key)
