@@ -85,3 +85,25 @@ def pytest_runtest_logreport(report):
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"=== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n")
         f.write("\n".join(lines[-40:]) + "\n\n")
+
+
+@pytest.fixture
+def triton_calls(monkeypatch):
+    """Counts the calls that reach each Triton launcher (``conv``, ``pool``, ``head``)."""
+    import fastres.kernels.triton_impls as impls
+
+    counts = {"conv": 0, "pool": 0, "head": 0}
+
+    def wrap(name, key):
+        real = getattr(impls, name)
+
+        def counting(*args, **kwargs):
+            counts[key] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(impls, name, counting)
+
+    wrap("conv_bias_act_triton", "conv")
+    wrap("max_pool2d_triton", "pool")
+    wrap("avgpool_linear_triton", "head")
+    return counts

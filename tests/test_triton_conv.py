@@ -259,25 +259,15 @@ def test_empty_batch():
     assert y.shape == (0, 8, 5, 5)
 
 
-def test_op_dispatches_to_triton(monkeypatch):
+def test_op_dispatches_to_triton(triton_calls):
     """Through the public op under use_backend('triton'), the Triton implementation runs."""
-    import fastres.kernels.triton_impls as impls
-
-    calls = []
-    real = impls.conv_bias_act_triton
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(impls, "conv_bias_act_triton", counting)
     dtype = torch.float16
     x, wt, b, st, pad, dil, g, res = make_case(SHAPES[3], dtype)
     with fastres.use_backend("triton"):
         assert _backend.choose("conv_bias_act", x.device, x, wt, b, list(st), list(pad),
                                list(dil), g, res, True).backend == "triton"
         y = conv_bias_act(x, wt, b, st, pad, dil, g, res, True)
-    assert calls
+    assert triton_calls["conv"] >= 1  # more on a GPU: the tuner times candidates
     assert_close_rel(y, reference(x, wt, b, st, pad, dil, g, res, True), TOL[dtype])
 
 

@@ -11,31 +11,10 @@ from _models import assert_matches_torchvision, twin
 from conftest import HAS_CUDA
 
 import fastres
-import fastres.kernels.triton_impls as impls
 
 pytestmark = pytest.mark.triton
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
-
-
-@pytest.fixture
-def triton_calls(monkeypatch):
-    """Counts the calls that reach each Triton launcher."""
-    counts = {"conv": 0, "pool": 0, "head": 0}
-
-    def wrap(name, key):
-        real = getattr(impls, name)
-
-        def counting(*args, **kwargs):
-            counts[key] += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(impls, name, counting)
-
-    wrap("conv_bias_act_triton", "conv")
-    wrap("max_pool2d_triton", "pool")
-    wrap("avgpool_linear_triton", "head")
-    return counts
 
 
 def _n_convs(model) -> int:
