@@ -177,6 +177,25 @@ def test_bench_small_writes_json_markdown_png(capsys, tmp_path):
     assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
 
 
+def test_bench_compile_baseline_and_budget(capsys, tmp_path):
+    """The torch.compile baseline (inductor; on the CPU here, on a GPU in the GPU check):
+    compiled once per shape, checked, timed, and the budget stops compiling new shapes."""
+    code, out, err = run_cli(capsys, *SMALL_BENCH, "--dtype", "bf16", "--compile",
+                             "--compile-budget", "0", "--out", str(tmp_path))
+    assert code == 0, out + err
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    comp = {r["batch"]: r for r in rows if r["impl"] == "compile"}
+    assert set(comp) == {1, 2}
+    first, second = comp[1], comp[2]
+    assert first["status"] == "ok" and "first call (compile)" in first["note"]
+    assert first["median_ms"] > 0 and first["rel_err"] < 5e-2  # bf16 against fp32 eager
+    # budget 0 s: the first shape's compile spent it, the second shape is not compiled
+    assert second["status"] == "skipped" and "compile budget" in second["note"]
+    fr = [r for r in rows if r["impl"] == "fastres" and r["batch"] == 1][0]
+    assert fr["speedup"]["compile"] == pytest.approx(first["median_ms"] / fr["median_ms"])
+    assert "torch.compile" in out
+
+
 def test_bench_refuses_to_time_wrong_outputs(capsys, monkeypatch, tmp_path):
     corrupt_fastres(monkeypatch)
     code, out, _ = run_cli(capsys, *SMALL_BENCH, "--out", str(tmp_path))
