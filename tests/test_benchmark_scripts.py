@@ -1,6 +1,7 @@
 """The benchmark scripts that can run without a GPU still run (tiny sizes, in subprocesses: each
-changes process-wide state): ``bench_latency.py --smoke`` and ``host_overhead.py``. Their
-numbers mean nothing here; what is checked is that they finish, check outputs, and report."""
+changes process-wide state): ``bench_latency.py --smoke``, ``host_overhead.py`` and
+``tf32_emulation.py``. Timings mean nothing here; what is checked is that they finish, check
+outputs, and report."""
 
 from __future__ import annotations
 
@@ -55,3 +56,13 @@ def test_host_overhead_reports(path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     m = re.search(rf"resnet18 1x3x16x16, {path} path: ([0-9.]+) ms", res.stdout)
     assert m and float(m.group(1)) > 0, res.stdout
+
+
+def test_tf32_emulation_table():
+    res = _run("benchmarks/tf32_emulation.py", "--arch", "resnet18")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    row = [line for line in res.stdout.splitlines() if line.startswith("| resnet18 |")]
+    assert len(row) == 1, res.stdout
+    exact, rounded, truncated = (float(v) for v in row[0].split("|")[2:5])
+    # fp32 is near-exact; TF32 rounding costs ~1e-3 on resnet18; truncation costs more
+    assert exact < 1e-5 < rounded < truncated

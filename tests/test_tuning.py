@@ -644,6 +644,7 @@ def test_gpu_tuned_model_matches_torchvision(tmp_path, monkeypatch, dtype):
     from _models import twin
 
     monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTRES_TUNE", raising=False)  # the GPU check runs the suite pinned
     tuning.reset()
     try:
         tv, fr = twin("resnet50")
@@ -661,6 +662,7 @@ def test_gpu_tuned_model_matches_torchvision(tmp_path, monkeypatch, dtype):
 @pytest.mark.cuda
 def test_gpu_untuned_layer_during_capture_runs_pinned(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTRES_TUNE", raising=False)
     tuning.reset()
     try:
         x = torch.randn(1, 64, 28, 28, device="cuda").contiguous(
