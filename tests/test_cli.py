@@ -178,8 +178,9 @@ def test_bench_small_writes_json_markdown_png(capsys, tmp_path):
 
 
 def test_bench_compile_baseline_and_budget(capsys, tmp_path):
-    """The torch.compile baseline (inductor; on the CPU here, on a GPU in the GPU check):
-    compiled once per shape, checked, timed, and the budget stops compiling new shapes."""
+    """The torch.compile baseline (inductor on the CPU, ``--device cpu``; the GPU check runs
+    the same code on the GPU): compiled once per shape, checked, timed, and the budget stops
+    compiling new shapes."""
     code, out, err = run_cli(capsys, *SMALL_BENCH, "--dtype", "bf16", "--compile",
                              "--compile-budget", "0", "--out", str(tmp_path))
     assert code == 0, out + err

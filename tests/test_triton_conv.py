@@ -6,6 +6,7 @@ dtype, with and without residual and ReLU, odd sizes and channel counts off the 
 on NaN-poisoned output buffers.
 """
 
+import pickle
 from dataclasses import fields, replace
 
 import pytest
@@ -184,12 +185,12 @@ def test_candidates_pruned_and_interpreter_single():
     for kind, table in kcfg.TABLES.items():
         for dt_bytes in (2, 4):
             kept = kcfg.prune(table, kind, 32 * 56 * 56, 64, 64 if kind != "stem" else 21,
-                              dt_bytes)
+                              dt_bytes, taps=7 if kind == "stem" else 9)
             assert kept
             for cfg in kept:
                 assert kcfg.smem_bytes(cfg, dt_bytes) <= kcfg.SMEM_LIMIT
     # small layers drop tiles far larger than the problem
-    kept = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 49, 64, 64, 2)
+    kept = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 49, 64, 64, 2, taps=1)
     assert all(c.block_n <= 64 and c.block_m <= 64 for c in kept)
 
 
@@ -223,6 +224,8 @@ def test_problem_is_cached_and_hash_agrees_with_eq(monkeypatch):
     twin = ConvProblem(*[getattr(a, f.name) for f in fields(a)])
     assert twin == a and hash(twin) == hash(a) and twin is not a
     assert a.pq == (9, 7) and a.m == 2 * 9 * 7 and a.kind == "conv"
+    copied = pickle.loads(pickle.dumps(a))  # fields only: cached values are recomputed
+    assert copied == a and hash(copied) == hash(a) and "_hash" not in a.__getstate__()
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert ConvProblem.from_tensors(x, w, 1, 1, 1, 1).tf32
     assert not ConvProblem.from_tensors(x, w, 1, 1, 1, 1, tf32=False).tf32
@@ -344,6 +347,8 @@ def test_gpu_fp32_tf32_switch(shape, tf32, pinned):
     ("gemm", RESNET50_SHAPES[3]), ("conv", RESNET50_SHAPES[2]), ("conv", RESNET50_SHAPES[4]),
     ("conv", RESNET50_SHAPES[11]), ("grouped", RESNET50_SHAPES[8]),
     ("stem", RESNET50_SHAPES[0]),
+    # resnet18/34 layer2 downsample, 1x1/2 from 64 channels: one K step, 2-stage rows
+    ("conv", ("r18-down", 8, 64, 56, 56, 128, 1, 1, 2, 0, 1, 1)),
 ])
 def test_gpu_every_config(kind, shape, dtype):
     """Each candidate configuration is right on the GPU (pytorch#173068-style failures);
@@ -419,15 +424,15 @@ def test_output_cast_rounds_like_torch(dtype):
         2.0 - 2 ** -23, 3.4e38, -3.4e38, 65519.0, 65520.0, 1e-40, -1e-42, 0.0, -0.0,
         float("inf"), float("-inf"),
     ])
-    x = torch.cat([specials, torch.randn(2000) * torch.logspace(-30, 30, 2000)])
-    out = torch.empty(x.numel(), dtype=dtype)
+    x = torch.cat([specials, torch.randn(2000) * torch.logspace(-30, 30, 2000)]).to(DEV)
+    out = torch.empty(x.numel(), dtype=dtype, device=DEV)
     store_kernel[(triton.cdiv(x.numel(), 512),)](x, out, x.numel(),
                                                  INTERPRETED=_backend.triton_interpreted(),
                                                  BLOCK=512)
     ref = x.to(dtype)
-    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
-    nan_out = torch.empty(4, dtype=dtype)
-    store_kernel[(1,)](torch.full((4,), float("nan")), nan_out, 4,
+    assert torch.equal(out.view(torch.int16).cpu(), ref.view(torch.int16).cpu())
+    nan_out = torch.empty(4, dtype=dtype, device=DEV)
+    store_kernel[(1,)](torch.full((4,), float("nan"), device=DEV), nan_out, 4,
                        INTERPRETED=_backend.triton_interpreted(), BLOCK=16)
     assert torch.isnan(nan_out).all()
 
@@ -454,15 +459,16 @@ def test_round_tf32_is_round_to_nearest_even():
         1.0 + ulp * 0.49, 2.0 - 2 ** -23,  # down; up across the binade to 2.0
         0.0, -0.0, 1e-40, 3.0e38, float("inf"), float("-inf"),
     ])
-    x = torch.cat([specials, torch.randn(997) * torch.logspace(-20, 20, 997)])
+    x = torch.cat([specials, torch.randn(997) * torch.logspace(-20, 20, 997)]).to(DEV)
     out = torch.full_like(x, float("nan"))
     round_kernel[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256)
+    x, out = x.cpu(), out.cpu()
     ref = _tf32_nearest(x)
     assert torch.equal(out[:4], torch.tensor([1.0, 1.0 + 2 * ulp, 1.0 + ulp,
                                               -(1.0 + 2 * ulp)]))
     assert torch.equal(out[4:6], torch.tensor([1.0, 2.0]))
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))  # bit for bit, -0.0 too
     # NaN stays NaN
-    nan_out = torch.empty(1)
-    round_kernel[(1,)](torch.tensor([float("nan")]), nan_out, 1, BLOCK=16)
+    nan_out = torch.empty(1, device=DEV)
+    round_kernel[(1,)](torch.tensor([float("nan")], device=DEV), nan_out, 1, BLOCK=16)
     assert torch.isnan(nan_out).all()

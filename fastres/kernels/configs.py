@@ -128,7 +128,8 @@ def k_steps(cfg: KernelConfig, kind: str, k_per_group: int, taps: int) -> int:
 
 
 def trim_stages(cfg: KernelConfig, steps: int) -> KernelConfig:
-    """``cfg`` with at most ``steps + 1`` pipeline stages (at least 2).
+    """``cfg`` with at most ``steps + 1`` pipeline stages (but not below 2, and never more
+    than the row has).
 
     Triton's pipeliner keeps ``num_stages - 1`` K steps in flight and allocates shared memory
     for all stages whether or not the loop has that many iterations. A layer with one or two
@@ -138,19 +139,20 @@ def trim_stages(cfg: KernelConfig, steps: int) -> KernelConfig:
     Those layers are memory-bound, and more resident programs overlap one tile's loads with
     another's epilogue.
     """
-    stages = max(2, min(cfg.num_stages, steps + 1))
+    stages = min(cfg.num_stages, max(2, steps + 1))  # never deeper than the table's row
     return cfg if stages == cfg.num_stages else replace(cfg, num_stages=stages)
 
 
 def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
-          elem_bytes: int, has_res: bool = False, taps: int = 1) -> list[KernelConfig]:
+          elem_bytes: int, has_res: bool = False, *, taps: int) -> list[KernelConfig]:
     """The rows of ``table`` worth trying for this problem (never empty), each with its
     pipeline depth trimmed to the K loop's length (:func:`trim_stages`).
 
     ``m``: output pixels N*P*Q; ``n_per_group``: output channels per group; ``k_per_group``:
     the channel extent of one K step (C_in/groups, or S*C_in for the stem); ``has_res``: the
     epilogue reads a residual tile; ``taps``: kernel positions the K loop visits (R*S, or R
-    for the stem).
+    for the stem; required: a wrong count trims a 3x3 layer's pipeline). Shared memory is
+    checked at the row's full depth, before trimming (conservative).
     """
     return list(dict.fromkeys(
         trim_stages(cfg, k_steps(cfg, kind, k_per_group, taps))

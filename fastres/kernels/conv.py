@@ -288,6 +288,11 @@ class ConvProblem:
     def __hash__(self) -> int:  # memoized launch parameters hash the problem on every call
         return self._hash
 
+    def __getstate__(self) -> dict:
+        # the fields only: the cached values (the hash includes torch.dtype's per-process
+        # hash) are recomputed where the copy lives
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def key(self) -> tuple:
         """Autotuning key: everything that changes the best configuration."""
         return (self.kind, str(self.dtype), self.n, self.c, self.h, self.w, self.k_out, self.r,
