@@ -18,7 +18,7 @@
 # stages after it keep their minimum; a stage that fails or times out never stops later stages.
 #   stage            nominal cap   kept back for the stages after it
 #   env                    30 s      480 s
-#   build                 150 s      300 s   (skipped when fastres._C already imports)
+#   build                 150 s      300 s   (skipped when fastres._C imports, same sources)
 #   tests                 200 s      200 s   (GPU_CHECK_TESTS_S)
 #   conv_layers.py         60 s      150 s   (GPU_CHECK_CONV_S; its --time-budget 15 s less)
 #   pytest benchmarks      35 s      120 s
@@ -114,11 +114,22 @@ want env && run_stage env 30 480 "$D/env.log" bash -c "
 "
 
 # --- 1. build the extension -------------------------------------------------------------------
-# A warm machine already holds the build: skip it when fastres._C imports (GPU_CHECK_REBUILD=1
-# forces it).
-if want build && { [ "${GPU_CHECK_REBUILD:-0}" = 1 ] || ! "$PY" -c "import fastres._C" 2>/dev/null; }; then
+# A warm machine already holds the build: skip it when fastres._C imports and was built from
+# the same setup.py and csrc/ (a checksum stamp under build/, which git ignores; an extension
+# left from older sources is rebuilt). GPU_CHECK_REBUILD=1 forces the build.
+BUILD_STAMP=build/.fastres_ext_sources.sha256
+SRC_SUM=$(cat setup.py csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
+if want build && { [ "${GPU_CHECK_REBUILD:-0}" = 1 ] \
+        || [ "$(cat "$BUILD_STAMP" 2>/dev/null)" != "$SRC_SUM" ] \
+        || ! "$PY" -c "import fastres._C" 2>/dev/null; }; then
     run_stage build 150 300 "$D/build.log" \
         env MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+    if [ "$(tail -n 1 "$STAGES" | cut -f2)" = ok ]; then
+        mkdir -p build && echo "$SRC_SUM" > "$BUILD_STAMP"
+    fi
+elif want build; then
+    printf 'build\tskipped (already built from these sources)\t0\t-\n' >> "$STAGES"
+    echo "=== build: skipped, fastres._C is built from these sources"
 fi
 
 # --- 2. tests (cuda-marked ones run: a GPU is present) ----------------------------------------
