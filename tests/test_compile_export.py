@@ -114,9 +114,10 @@ def test_compile_train_fullgraph(backend):
 @pytest.mark.skipif(HAS_CUDA, reason="CPU interpreter check; on a GPU the cuda tests below "
                     "run the compiled Triton kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compile_eval_through_triton_interpreted(dtype, triton_calls):
+def test_compile_eval_through_triton_interpreted(dtype, triton_calls, monkeypatch):
     """A compiled forward's custom ops run the Triton implementation (interpreted here): the
     path the GPU compile tests take, minus the GPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32: exact comparison
     m = small_model("cpu").to(dtype)
     x = torch.randn(1, 3, 16, 16, dtype=dtype)
     with torch.no_grad():

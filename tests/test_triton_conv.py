@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from conftest import HAS_CUDA, assert_close_rel
+from conftest import HAS_CUDA, assert_close_rel, rel_err
 
 import fastres
 from fastres.kernels import configs as kcfg
@@ -446,6 +446,23 @@ def _tf32_nearest(v: torch.Tensor) -> torch.Tensor:
     # subnormals: fixed spacing 2**-136 (TF32 keeps fp32's exponent range)
     out = torch.where(d.abs() < 2.0 ** -126, torch.round(d / 2.0 ** -136) * 2.0 ** -136, out)
     return torch.where(torch.isfinite(v), out, d).float()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's emulation; test_gpu_fp32_tf32_switch "
+                    "checks the tensor cores")
+@pytest.mark.parametrize("shape", [SHAPES[i] for i in (0, 3, 8, 9)],
+                         ids=[IDS[i] for i in (0, 3, 8, 9)])  # gemm, conv, stem, grouped
+def test_interpreter_emulates_tf32(shape, monkeypatch):
+    """fp32 with ``cudnn.allow_tf32`` under the interpreter: the kernel rounds both operands
+    to TF32 and the dot is then exact, as on the tensor cores. The result is the float64
+    convolution of the TF32-rounded operands (to fp32 accumulation), not the fp32 one."""
+    x, wt, b, st, pad, dil, g, res = make_case(shape, torch.float32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, True)
+    rounded = reference(_tf32_nearest(x), _tf32_nearest(wt), b, st, pad, dil, g, res, True)
+    exact = reference(x, wt, b, st, pad, dil, g, res, True)
+    assert_close_rel(y, rounded, 1e-5, "TF32-emulated conv")
+    assert rel_err(y, exact) > 1e-5  # TF32 rounding really happened
 
 
 def test_round_tf32_is_round_to_nearest_even():

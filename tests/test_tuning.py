@@ -524,7 +524,8 @@ def test_default_candidates_pinned_order_and_triton_configs(monkeypatch):
             assert impl.backend == "triton"
             y = impl.fn(*args)
         ref = _backend.implementations("conv_bias_act")["torch"].fn(*args)
-        assert_close_rel(y, ref, 1e-5 if not HAS_CUDA else 5e-3)
+        # fp32 with cudnn.allow_tf32 (default on): TF32 on the GPU, emulated when interpreted
+        assert_close_rel(y, ref, 5e-3 if torch.backends.cudnn.allow_tf32 else 1e-5)
         assert tuning.stats()["pinned"] == 1
     finally:
         tuning.reset()

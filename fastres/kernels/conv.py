@@ -23,7 +23,8 @@ launcher):
 Epilogue in fp32: + bias, + residual, ReLU (NaN-preserving like ``torch.relu``), one cast at
 the store. fp32 inputs use TF32 exactly when ``torch.backends.cudnn.allow_tf32`` is true.
 Under the Triton interpreter dot operands are upcast to fp32 (bf16 ``tl.dot`` is wrong there,
-triton#11584) and one small configuration runs (the interpreter cannot benchmark).
+triton#11584), TF32 is emulated (operands rounded to TF32, then an exact fp32 dot), and one
+small configuration runs (the interpreter cannot benchmark).
 """
 
 from __future__ import annotations
@@ -411,7 +412,9 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         R=prob.r, S=prob.s, MODE=_MODES[kind], HAS_RES=prob.has_res, RELU=prob.relu,
         EVEN_C=even_c, INDEX64=prob.index64() if index64 is None else index64,
         UPCAST=bool(interpreted), PRECISION=precision,
-        ROUND_TF32=precision == "tf32" and prob.dtype == torch.float32,
+        # TF32 operands rounded also when interpreted: the interpreter's exact fp32 dot of
+        # rounded operands is what the tensor cores compute (CPU tests see TF32's error)
+        ROUND_TF32=prob.tf32 and prob.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
