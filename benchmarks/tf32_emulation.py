@@ -13,10 +13,15 @@ relative error of the model's output against the float64 torchvision result:
 - ``round``: round to nearest even to TF32 (cuDNN; fastres's Triton kernels since stop 8);
 - ``trunc``: truncation to TF32 (what the Triton kernels did before).
 
+With ``--triton`` a last column runs fastres's own Triton kernels under the interpreter with
+``cudnn.allow_tf32`` on, which rounds the operands in the kernel (``_round_tf32``) and then
+takes an exact dot: the kernels' arithmetic, checked end to end (slow: ~1 minute for
+resnet50).
+
 On an H100 (stop 8) the Triton path before the rounding fix measured resnet18 5.1e-3,
 resnet50 2.2e-2, resnet101 5.4e-2, and eager cuDNN TF32 1.1e-3, 5.0e-3, 1.26e-2: the ``trunc``
 and ``round`` columns here. Inputs: 2x3x45x39, torchvision models with realistic BatchNorm
-statistics. No GPU needed; about a minute.
+statistics. No GPU needed; seconds without ``--triton``.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (--triton runs on the CPU)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -73,6 +80,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", default=["resnet18", "resnet50", "resnet101"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--triton", action="store_true",
+                    help="also run fastres's Triton kernels (interpreted, TF32 emulated)")
     args = ap.parse_args(argv)
 
     import torchvision
@@ -82,8 +91,9 @@ def main(argv=None) -> int:
     from fastres.verify import realistic_bn
 
     reference = importlib.import_module("fastres.ops.conv_bias_act").conv_bias_act_reference
-    print("| model | exact fp32 | TF32 round to nearest | TF32 truncation | trunc / round |")
-    print("|---|---:|---:|---:|---:|")
+    head = "| model | exact fp32 | TF32 round to nearest | TF32 truncation | trunc / round |"
+    print(head + (" Triton kernels, TF32 |" if args.triton else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if args.triton else ""))
     try:
         for arch in args.arch:
             torch.manual_seed(args.seed)
@@ -97,8 +107,18 @@ def main(argv=None) -> int:
                 _backend.register_impl("conv_bias_act", "torch", emulated_conv(convert))
                 with torch.no_grad(), _backend.use_backend("torch"):
                     err[name] = rel_err(fr(x), ref)
-            print(f"| {arch} | {err['exact']:.2e} | {err['round']:.2e} | {err['trunc']:.2e} | "
-                  f"{err['trunc'] / err['round']:.1f} |")
+            _backend.register_impl("conv_bias_act", "torch", reference)
+            line = (f"| {arch} | {err['exact']:.2e} | {err['round']:.2e} | "
+                    f"{err['trunc']:.2e} | {err['trunc'] / err['round']:.1f} |")
+            if args.triton:
+                tf32 = torch.backends.cudnn.allow_tf32
+                torch.backends.cudnn.allow_tf32 = True
+                try:
+                    with torch.no_grad(), _backend.use_backend("triton"):
+                        line += f" {rel_err(fr(x), ref):.2e} |"
+                finally:
+                    torch.backends.cudnn.allow_tf32 = tf32
+            print(line, flush=True)
     finally:
         _backend.register_impl("conv_bias_act", "torch", reference)
     return 0
