@@ -93,8 +93,7 @@ def _to_output(v, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     Interpreted, bf16 is rounded here with integer ops and bit-cast, exactly as
     ``Tensor.to(torch.bfloat16)`` does; compiled code is unchanged."""
     if INTERPRETED and dtype == tl.bfloat16:
-        i = v.to(tl.int32, bitcast=True)
-        i = (i + (0x7FFF + ((i >> 16) & 1))) >> 16
+        i = _round_low_bits(v, 16).to(tl.int32, bitcast=True) >> 16  # the bf16 bits
         i = tl.where(v != v, 0x7FC0, i)  # NaN: the canonical quiet NaN
         return i.to(tl.int16).to(tl.bfloat16, bitcast=True)
     return v.to(dtype)
