@@ -122,9 +122,8 @@ def conv_jobs(shapes, dtypes, first_only_dtypes=()) -> list[Job]:
                                getattr(torch, _DT[dt]), has_res=res, relu=True,
                                tf32=dt == "fp32")
             kind = prob.kind
-            k_extent = prob.s * prob.c_g if kind == "stem" else prob.c_g
-            cands = prune(TABLES[kind], kind, prob.m, prob.k_g, k_extent, _BYTES[dt], res,
-                          taps=r if kind == "stem" else r * s)
+            cands = prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, _BYTES[dt], res,
+                          taps=prob.taps)
             if dt in first_only_dtypes:
                 cands = cands[:1]
             p, q = prob.pq

@@ -281,6 +281,16 @@ class ConvProblem:
     def kind(self) -> str:
         return conv_kind(self)
 
+    @property
+    def k_extent(self) -> int:
+        """Channels of one K step: C_in/groups, or S*C_in for the stem (a kernel row)."""
+        return self.s * self.c_g if self.kind == "stem" else self.c_g
+
+    @property
+    def taps(self) -> int:
+        """Kernel positions the K loop visits: R*S, or R kernel rows for the stem."""
+        return self.r if self.kind == "stem" else self.r * self.s
+
     @functools.cached_property
     def _hash(self) -> int:
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
@@ -473,11 +483,10 @@ def _interpreted() -> bool:
 def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
     """Candidate configurations for ``prob`` (one, the small one, under the interpreter)."""
     kind = prob.kind
-    k_extent = prob.s * prob.c_g if kind == "stem" else prob.c_g
     if _interpreted():  # grouped: 64 packed channels -> few, large programs
-        return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else k_extent)]
-    return prune(TABLES[kind], kind, prob.m, prob.k_g, k_extent, prob.elem_bytes(),
-                 prob.has_res, taps=prob.r if kind == "stem" else prob.r * prob.s)
+        return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else prob.k_extent)]
+    return prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, prob.elem_bytes(),
+                 prob.has_res, taps=prob.taps)
 
 
 def conv_configs(x, weight, stride, padding, dilation, groups, residual=None,
