@@ -175,22 +175,25 @@ class ConvStep:
 @torch.no_grad()
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
                    name: str = "", check: bool = True) -> ConvStep:
-    """Fold ``bn`` (eval statistics) into ``conv`` in fp32; weight cast to ``dtype``.
+    """Fold ``bn`` (eval statistics) into ``conv``: weight cast to ``dtype``, bias fp32.
 
     ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma / sqrt(var + eps)``
-    (+ the conv's own bias, if any). Raises ``FloatingPointError`` when the folded weight or
-    bias is not finite in ``dtype`` (for example a tiny running variance overflowing fp16);
-    ``check=False`` (traced forwards: the check is data-dependent) skips that check.
+    (+ the conv's own bias, if any), computed in float64 so each folded value is rounded once
+    (an fp32 fold rounds the rsqrt, the gamma product and the weight product in turn). Raises
+    ``FloatingPointError`` when the folded weight or bias is not finite in its dtype (for
+    example a tiny running variance overflowing fp16); ``check=False`` (traced forwards: the
+    check is data-dependent) skips that check.
     """
-    w = conv.weight.float()
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    w = conv.weight.double()
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.float()
-    shift = -bn.running_mean.float() * scale
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.float()
+        shift = shift + bn.bias.double()
     if conv.bias is not None:
-        shift = shift + conv.bias.float() * scale
+        shift = shift + conv.bias.double() * scale
+    shift = shift.float()
     folded = (w * scale.view(-1, 1, 1, 1)).to(dtype)
     if check and (not bool(torch.isfinite(folded).all())
                   or not bool(torch.isfinite(shift).all())):
