@@ -1,7 +1,7 @@
 """The benchmark scripts that can run without a GPU still run (tiny sizes, in subprocesses: each
-changes process-wide state): ``bench_latency.py --smoke``, ``host_overhead.py`` and
-``tf32_emulation.py``. Timings mean nothing here; what is checked is that they finish, check
-outputs, and report."""
+changes process-wide state): ``bench_latency.py --smoke``, ``host_overhead.py``,
+``tf32_emulation.py`` and ``bn_fold_precision.py``. Timings mean nothing here; what is checked
+is that they finish, check outputs, and report."""
 
 from __future__ import annotations
 
@@ -65,3 +65,14 @@ def test_tf32_emulation_table():
     exact, rounded, truncated = (float(v) for v in row[0].split("|")[2:5])
     # fp32 is near-exact; TF32 rounding costs ~1e-3 on resnet18; truncation costs more
     assert exact < 1e-5 < rounded < truncated
+
+
+def test_bn_fold_precision_table():
+    res = _run("benchmarks/bn_fold_precision.py", "--dtype", "fp32",
+               "--seed", str(torch.randint(0, 2**31, ()).item()))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| mean |")]
+    assert len(rows) == 1, res.stdout
+    f64, f32, epilogue = (float(v) for v in rows[0].split("|")[2:5])
+    # fastres's float64 fold rounds each weight once: less error than either fp32 scheme
+    assert 0 < f64 < 0.8 * min(f32, epilogue) < 1e-7

@@ -235,6 +235,33 @@ def test_nan_stays_in_its_sample(pair):
     torch.testing.assert_close(out[[0, 2]], clean, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_fold_rounds_each_value_once(dtype, conv_bias):
+    """The folded weight and bias are the float64 fold rounded once (to ``dtype`` and to fp32).
+
+    An fp32 fold rounds the rsqrt, the gamma product and the weight product in turn, and misses
+    this bit-exact check in every dtype."""
+    conv = torch.nn.Conv2d(24, 40, 3, bias=conv_bias)
+    bn = torch.nn.BatchNorm2d(40, eps=1e-5).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.2, 2.0)
+        bn.bias.normal_(0, 0.2)
+        bn.running_mean.normal_(0, 0.2)
+        bn.running_var.uniform_(0.01, 4.0)
+        if conv_bias:
+            conv.bias.normal_(0, 0.1)
+    step = plan_mod.fold_batchnorm(conv, bn, dtype)
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.double() - bn.running_mean.double() * scale
+    if conv_bias:
+        shift = shift + conv.bias.double() * scale
+    w = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    assert step.weight.dtype == dtype and step.bias.dtype == torch.float32
+    torch.testing.assert_close(step.weight, w.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(step.bias, shift.float(), rtol=0, atol=0)
+
+
 def test_non_finite_fold_falls_back_to_eager(pair):
     tv, fr = pair
     with torch.no_grad():
