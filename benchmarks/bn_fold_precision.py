@@ -46,7 +46,7 @@ def fastres_fold(w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, mean:
         for t, v in ((bn.weight, gamma), (bn.bias, beta), (bn.running_mean, mean),
                      (bn.running_var, var)):
             t.copy_(v)
-    step = fold_batchnorm(conv, bn, dtype, check=False)
+    step = fold_batchnorm(conv, bn, dtype)
     return step.weight.double(), step.bias.double()
 
 

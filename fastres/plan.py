@@ -3,8 +3,8 @@
 In ``eval()`` mode the model runs this plan instead of its modules:
 
 - every ``Conv2d`` + ``BatchNorm2d`` pair becomes one :func:`fastres.ops.conv_bias_act` with
-  the BatchNorm folded into the weights and a per-channel fp32 bias (folded in fp32, then cast
-  to the compute dtype and checked finite there);
+  the BatchNorm folded into the weights and a per-channel fp32 bias (folded in float64, then
+  rounded once to the compute dtype and checked finite there);
 - the second/third convolution of each block carries the residual add and the ReLU in its
   epilogue, the downsample convolution runs without ReLU;
 - the stem is :func:`fastres.ops.stem` (convolution + BN + ReLU + max-pool), the head is
@@ -174,28 +174,32 @@ class ConvStep:
 
 @torch.no_grad()
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
-                   name: str = "", check: bool = True) -> ConvStep:
+                   name: str = "", traced: bool = False) -> ConvStep:
     """Fold ``bn`` (eval statistics) into ``conv``: weight cast to ``dtype``, bias fp32.
 
     ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma / sqrt(var + eps)``
     (+ the conv's own bias, if any), computed in float64 so each folded value is rounded once
     (an fp32 fold rounds the rsqrt, the gamma product and the weight product in turn). Raises
     ``FloatingPointError`` when the folded weight or bias is not finite in its dtype (for
-    example a tiny running variance overflowing fp16); ``check=False`` (traced forwards: the
-    check is data-dependent) skips that check.
+    example a tiny running variance overflowing fp16).
+
+    ``traced=True`` (a traced forward, whose graph records the fold and runs it on every call)
+    folds in fp32, so an exported program run eagerly does not materialize float64 copies of
+    the weights per call, and skips the finiteness check (it is data-dependent).
     """
-    w = conv.weight.double()
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    work = torch.float32 if traced else torch.float64
+    w = conv.weight.to(work)
+    scale = torch.rsqrt(bn.running_var.to(work) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
+        scale = scale * bn.weight.to(work)
+    shift = -bn.running_mean.to(work) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.double()
+        shift = shift + bn.bias.to(work)
     if conv.bias is not None:
-        shift = shift + conv.bias.double() * scale
+        shift = shift + conv.bias.to(work) * scale
     shift = shift.float()
     folded = (w * scale.view(-1, 1, 1, 1)).to(dtype)
-    if check and (not bool(torch.isfinite(folded).all())
+    if not traced and (not bool(torch.isfinite(folded).all())
                   or not bool(torch.isfinite(shift).all())):
         raise FloatingPointError(f"folding {name or 'a BatchNorm'} gives non-finite weights in "
                                  f"{dtype}")
@@ -219,9 +223,9 @@ class BlockPlan:
 class InferencePlan:
     """The folded, fused forward of one model for one compute dtype."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, check: bool = True):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, traced: bool = False):
         self.dtype = dtype
-        self.stem = fold_batchnorm(model.conv1, model.bn1, dtype, "conv1", check)
+        self.stem = fold_batchnorm(model.conv1, model.bn1, dtype, "conv1", traced)
         self.blocks: list[BlockPlan] = []
         for li in range(1, 5):
             for bi, blk in enumerate(getattr(model, f"layer{li}")):
@@ -230,11 +234,11 @@ class InferencePlan:
                 if hasattr(blk, "conv3"):
                     pairs.append(("conv3", "bn3"))
                 convs = [fold_batchnorm(getattr(blk, c), getattr(blk, b), dtype,
-                                        f"{prefix}.{c}", check) for c, b in pairs]
+                                        f"{prefix}.{c}", traced) for c, b in pairs]
                 down = None
                 if blk.downsample is not None:
                     down = fold_batchnorm(blk.downsample[0], blk.downsample[1], dtype,
-                                          f"{prefix}.downsample", check)
+                                          f"{prefix}.downsample", traced)
                 self.blocks.append(BlockPlan(convs, down))
         with torch.no_grad():
             self.fc_weight = model.fc.weight.detach().to(dtype).contiguous()
@@ -350,11 +354,12 @@ def plan_for_input(model: nn.Module, x: Tensor) -> InferencePlan | None:
     Under :func:`tracing` a fresh, uncached plan is built from the parameters: the folding is
     recorded in the graph (``torch.export`` gets ``fastres.*`` ops whose weights are computed
     from the state_dict's tensors; ``torch.compile`` re-folds per call unless inductor's
-    ``freezing`` constant-folds it), and the finiteness check is skipped.
+    ``freezing`` constant-folds it), in fp32 rather than float64, and the finiteness check is
+    skipped.
     """
     dtype = compute_dtype(model, x)
     if tracing():
-        return InferencePlan(model, dtype, check=False)
+        return InferencePlan(model, dtype, traced=True)
     try:
         return get_plan(model, dtype)
     except FloatingPointError as exc:

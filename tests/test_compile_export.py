@@ -145,6 +145,10 @@ def test_export_eval_no_grad_has_fastres_ops(strict):
         assert_close_rel(ep.module()(x2), m(x2), 1e-5)
     # the weights are the state_dict's tensors (inputs of the program), not folded copies
     assert set(ep.state_dict) >= {"conv1.weight", "bn1.running_var", "fc.weight"}
+    # the recorded fold runs on every call: in fp32, with no float64 copies of the weights
+    f64 = [n for n in ep.graph.nodes
+           if getattr(n.meta.get("val"), "dtype", None) == torch.float64]
+    assert not f64, f64
 
 
 def test_export_eval_with_grad_is_the_eager_path():
