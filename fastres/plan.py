@@ -188,7 +188,6 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
     the weights per call, and skips the finiteness check (it is data-dependent).
     """
     work = torch.float32 if traced else torch.float64
-    w = conv.weight.to(work)
     scale = torch.rsqrt(bn.running_var.to(work) + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.to(work)
@@ -198,7 +197,8 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
     if conv.bias is not None:
         shift = shift + conv.bias.to(work) * scale
     shift = shift.float()
-    folded = (w * scale.view(-1, 1, 1, 1)).to(dtype)
+    # the weight is promoted to ``work`` inside the multiply (no converted copy of it)
+    folded = (conv.weight * scale.view(-1, 1, 1, 1)).to(dtype)
     if not traced and (not bool(torch.isfinite(folded).all())
                   or not bool(torch.isfinite(shift).all())):
         raise FloatingPointError(f"folding {name or 'a BatchNorm'} gives non-finite weights in "
