@@ -9,7 +9,7 @@ Contract
 - ``weight``: ``[C_out, C_in // groups, R, S]``, same dtype as ``x``. The inference plan keeps
   it in ``torch.channels_last`` memory format, which is the ``[C_out, R, S, C_in/groups]``
   packing the implicit-GEMM kernels read (K = (r, s, c), c fastest).
-- ``bias``: ``[C_out]``, float32 (the BatchNorm shift folded in fp32).
+- ``bias``: ``[C_out]``, float32 (the folded BatchNorm shift).
 - ``residual``: ``None`` or ``[N, C_out, P, Q]`` in ``x``'s dtype.
 - returns ``[N, C_out, P, Q]`` in ``x``'s dtype, ``torch.channels_last`` memory format, with
 
