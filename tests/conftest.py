@@ -34,15 +34,17 @@ def pytest_configure(config):
     os.environ.setdefault("FASTRES_TEST_SEED", str(torch.seed() % (2**31)))
 
 
-def pytest_report_header(config):
-    return (f"fastres test seed: FASTRES_TEST_SEED={os.environ['FASTRES_TEST_SEED']} "
-            "(set it to draw the same inputs again)")
+def pytest_terminal_summary(terminalreporter):
+    # printed under -q too (a report header is not), next to the failures it would repeat
+    terminalreporter.write_line(
+        f"fastres test seed: FASTRES_TEST_SEED={os.environ['FASTRES_TEST_SEED']} "
+        "(set it to draw the same inputs again)")
 
 
 @pytest.fixture(autouse=True)
 def _seed_per_test(request):
     """A fresh seed per test: the run's salt (``FASTRES_TEST_SEED``, new each run unless set,
-    printed in the report header) mixed with a stable hash of the test's id, so inputs differ
+    printed at the end of the run) mixed with a stable hash of the test's id, so inputs differ
     from run to run and a failing run can be repeated exactly."""
     salt = int(os.environ["FASTRES_TEST_SEED"])
     torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) ^ salt) % (2**31))
