@@ -143,6 +143,7 @@ PYTEST_TIMEOUT=""
 # shellcheck disable=SC2086
 want tests && run_stage tests "${GPU_CHECK_TESTS_S:-200}" 200 "$D/tests.log" \
     env FASTRES_TUNE=0 FASTRES_FAILURE_LOG="$D/test_failures.log" \
+    FASTRES_MARGIN_LOG="$D/test_margins.tsv" \
     FASTRES_RESULT_LOG="$D/test_results.tsv" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests -m cuda} -q -p no:cacheprovider \
     $XDIST $PYTEST_TIMEOUT -rfE --junitxml="$D/tests.xml"
 
@@ -230,6 +231,16 @@ except Exception as exc:
                     print("- " + line[4:].rstrip()[:300])
     except OSError:
         print("- none")
+try:  # how close the accuracy checks came to their bounds (err / bound)
+    with open(os.path.join(d, "test_margins.tsv")) as f:
+        checks = [line.rstrip("\n").split("\t") for line in f if line.count("\t") >= 4]
+    over = [c for c in checks if float(c[0]) > 1]
+    print(f"\naccuracy checks: {len(checks)}, {len(over)} over their bound (failures, or a "
+          "test that expects one); closest to their bound:")
+    for c in sorted((c for c in checks if float(c[0]) <= 1), key=lambda c: -float(c[0]))[:5]:
+        print(f"- {float(c[0]):.2f} (err {c[1]}, bound {c[2]}): {c[3]} {c[4]}"[:300])
+except OSError:
+    pass
 try:
     with open(os.path.join(out, "bench.json")) as f:
         rep = json.load(f)

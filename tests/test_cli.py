@@ -428,5 +428,6 @@ def test_gpu_check_script_syntax():
     assert proc.returncode == 0, proc.stderr
     text = script.read_text()
     for needle in ("pip install --no-build-isolation --no-deps", "-m pytest ${GPU_CHECK_TESTS:-tests -m cuda}",
-                   "--junitxml", "fastres bench", "all.tar.gz", "summary.md", "timeout"):
+                   "--junitxml", "fastres bench", "all.tar.gz", "summary.md", "timeout",
+                   "FASTRES_MARGIN_LOG"):
         assert needle in text, needle
