@@ -172,6 +172,15 @@ class ConvStep:
                     self.groups, residual, relu)
 
 
+_NO_FLOAT64 = frozenset({"mps"})  # device types whose tensors cannot be float64
+
+
+def fold_dtype(device: torch.device, traced: bool = False) -> torch.dtype:
+    """The dtype :func:`fold_batchnorm` computes in: float64, or fp32 when ``traced`` or on a
+    device without float64."""
+    return torch.float32 if traced or device.type in _NO_FLOAT64 else torch.float64
+
+
 @torch.no_grad()
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
                    name: str = "", traced: bool = False) -> ConvStep:
@@ -185,9 +194,10 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
 
     ``traced=True`` (a traced forward, whose graph records the fold and runs it on every call)
     folds in fp32, so an exported program run eagerly does not materialize float64 copies of
-    the weights per call, and skips the finiteness check (it is data-dependent).
+    the weights per call, and skips the finiteness check (it is data-dependent). Devices
+    without float64 (Apple's ``mps``) fold in fp32 too.
     """
-    work = torch.float32 if traced else torch.float64
+    work = fold_dtype(conv.weight.device, traced)
     scale = torch.rsqrt(bn.running_var.to(work) + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.to(work)

@@ -263,6 +263,14 @@ def test_fold_rounds_each_value_once(dtype, conv_bias):
     torch.testing.assert_close(step.bias, shift.float(), rtol=0, atol=0)
 
 
+def test_fold_dtype():
+    assert plan_mod.fold_dtype(torch.device("cpu")) == torch.float64
+    assert plan_mod.fold_dtype(torch.device("cuda", 0)) == torch.float64
+    assert plan_mod.fold_dtype(torch.device("cpu"), traced=True) == torch.float32
+    # MPS tensors cannot be float64: folding there must not ask for them
+    assert plan_mod.fold_dtype(torch.device("mps")) == torch.float32
+
+
 def test_non_finite_fold_falls_back_to_eager(pair):
     tv, fr = pair
     with torch.no_grad():
