@@ -47,6 +47,7 @@ from fastres.kernels.configs import (
     interpreter_config,
     prune,
 )
+from fastres.ops._backend import cudnn_allow_tf32
 from fastres.ops._checks import conv_output_size
 
 MODE_GEMM, MODE_CONV, MODE_STEM = 0, 1, 2
@@ -323,7 +324,7 @@ class ConvProblem:
         """The problem of one call; ``tf32`` overrides ``torch.backends.cudnn.allow_tf32``.
         Equal calls get the same (cached) instance, with its derived values already known."""
         if x.dtype == torch.float32:
-            tf32 = _cudnn_allow_tf32() if tf32 is None else bool(tf32)
+            tf32 = cudnn_allow_tf32() if tf32 is None else bool(tf32)
         else:
             tf32 = False
         return _problem(x.shape, weight.shape, _pair(stride), _pair(padding), _pair(dilation),
@@ -335,13 +336,6 @@ def _problem(xs, ws, stride, padding, dilation, groups, dtype, has_res, relu, tf
     n, c, h, w = xs
     return ConvProblem(n, c, h, w, ws[0], ws[2], ws[3], stride, padding, dilation, groups,
                        dtype, has_res, relu, tf32)
-
-
-try:  # the property costs ~1 us per read; this is what it reads
-    _cudnn_allow_tf32 = torch._C._get_cudnn_allow_tf32
-except AttributeError:  # pragma: no cover - other torch versions
-    def _cudnn_allow_tf32() -> bool:
-        return torch.backends.cudnn.allow_tf32
 
 
 def _pow2(v: int) -> bool:

@@ -43,6 +43,16 @@ import torch
 
 log = logging.getLogger("fastres")
 
+try:  # the property lookups cost ~1 us per read on the per-call paths; these are what they read
+    cudnn_allow_tf32 = torch._C._get_cudnn_allow_tf32
+    matmul_allow_tf32 = torch._C._get_cublas_allow_tf32
+except AttributeError:  # pragma: no cover - other torch versions
+    def cudnn_allow_tf32() -> bool:
+        return torch.backends.cudnn.allow_tf32
+
+    def matmul_allow_tf32() -> bool:
+        return torch.backends.cuda.matmul.allow_tf32
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
 _FALLBACK_ORDER = ("cuda", "triton", "torch")
 
