@@ -32,6 +32,13 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     # one salt per run, drawn here (before pytest-xdist starts its workers, which inherit it)
     os.environ.setdefault("FASTRES_TEST_SEED", str(torch.seed() % (2**31)))
+    if not HAS_CUDA:  # every Triton test would fail the same obscure way: say why, once
+        from fastres.ops._backend import interpreter_problem
+
+        problem = interpreter_problem()
+        if problem is not None:
+            pytest.exit(f"fastres tests need Triton's interpreter here, and {problem}",
+                        returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def pytest_terminal_summary(terminalreporter):

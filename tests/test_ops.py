@@ -116,6 +116,37 @@ def test_backend_selection_and_fallback(monkeypatch):
     assert impl.backend in ("triton", "torch")
 
 
+@pytest.mark.parametrize("triton_v, numpy_v, rejects, broken", [
+    ("3.6.0", "2.4.6", True, True),      # seen: every kernel with a runtime loop bound fails
+    ("3.6.0", "2.2.6", False, False),    # seen: the CPU suite passes
+    ("3.5.1+git1234", "2.3.0", True, True),
+    ("3.7.0", "2.4.6", True, False),     # 3.7 squeezes the array before int()
+    ("3.8.0", "2.4.6", True, False),     # seen: the CPU suite passes
+    ("3.10.0", "2.4.6", True, False),
+])
+def test_interpreter_problem_versions(triton_v, numpy_v, rejects, broken):
+    why = _backend.interpreter_problem_for(triton_v, numpy_v, rejects)
+    assert (why is not None) == broken
+    if broken:
+        assert triton_v in why and numpy_v in why and "numpy<2.3" in why
+
+
+def test_broken_interpreter_falls_back_to_torch_and_says_why(monkeypatch):
+    """Under an interpreter that cannot run the kernels, CPU calls run the reference and a
+    named ``triton`` backend says why, instead of failing inside the interpreter."""
+    why = _backend.interpreter_problem_for("3.6.0", "2.4.6", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend, "_interpreter_problem", lambda: why)
+    x = torch.randn(1, 4, 5, 5)
+    assert _backend.choose("max_pool2d", x.device, x, 3, 2, 1).backend == "torch"
+    _backend._warned.clear()
+    with fastres.use_backend("triton"), pytest.warns(RuntimeWarning, match="numpy<2.3"):
+        impl = _backend.choose("max_pool2d", x.device, x, 3, 2, 1)
+    assert impl.backend == "torch"
+    y = impl.fn(x, 3, 2, 1)
+    assert torch.equal(y, F.max_pool2d(x, 3, 2, 1))
+
+
 try:
     from hypothesis import given, settings
     from hypothesis import strategies as st

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -176,6 +177,53 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run fastres's kernels in this environment, or None.
+
+    Known case: Triton before 3.7 turns loop bounds into Python ints with ``int()`` of a
+    1-element array, which NumPy 2.3 and later reject ("only 0-dimensional arrays can be
+    converted to Python scalars"), so every kernel with a runtime loop bound fails (seen with
+    Triton 3.6.0 and NumPy 2.4.6; Triton 3.7 and 3.8 are fixed).
+    """
+    return _interpreter_problem()
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem() -> str | None:
+    try:
+        import numpy
+        import triton
+    except ImportError:  # no Triton: its implementations are not registered at all
+        return None
+    try:
+        int(numpy.zeros(1))
+        numpy_rejects = False
+    except TypeError:
+        numpy_rejects = True
+    return interpreter_problem_for(triton.__version__, numpy.__version__, numpy_rejects)
+
+
+def interpreter_problem_for(triton_version: str, numpy_version: str,
+                            numpy_rejects_1elem_int: bool) -> str | None:
+    """:func:`interpreter_problem` for given versions (and whether NumPy's ``int()`` rejects a
+    1-element array)."""
+    if not numpy_rejects_1elem_int or _leading_ints(triton_version) >= (3, 7):
+        return None
+    return (f"Triton {triton_version}'s interpreter cannot run with NumPy {numpy_version}: it "
+            "calls int() on 1-element arrays, which NumPy >= 2.3 rejects; install "
+            "'numpy<2.3' or Triton >= 3.7")
+
+
+def _leading_ints(version: str) -> tuple[int, ...]:
+    out = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
 def _say_once(op: str, backend: str, reason: str) -> None:
     key = (op, backend, reason)
     if key in _warned:
@@ -219,8 +267,10 @@ def _device_ok(backend: str, device: torch.device) -> str | None:
     if backend == "cuda":
         return None if device.type == "cuda" else f"tensors are on {device.type}, not cuda"
     if backend == "triton":
-        if device.type == "cuda" or triton_interpreted():
+        if device.type == "cuda":
             return None
+        if triton_interpreted():
+            return interpreter_problem()
         return f"tensors are on {device.type} and TRITON_INTERPRET is not set"
     return "unknown backend"
 
