@@ -276,8 +276,10 @@ def test_fold_dtype():
 def test_non_finite_fold_falls_back_to_eager(pair):
     tv, fr = pair
     with torch.no_grad():
-        fr.layer1[0].bn1.running_var[3] = 1e-12  # folded weight overflows fp16
-        fr.layer1[0].bn1.eps = 0.0
+        # folded weight overflows fp16: scale 1/sqrt(var + eps) ~ 1e6 (eps > 0: torch 2.11's
+        # batch_norm, the eager fallback, rejects eps = 0)
+        fr.layer1[0].bn1.running_var[3] = 1e-12
+        fr.layer1[0].bn1.eps = 1e-12
     fr.half()
     x = torch.randn(1, 3, 32, 32, device=DEVICE, dtype=torch.float16)
     with pytest.warns(RuntimeWarning, match="non-finite"):
