@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from _models import DEVICE, assert_matches_torchvision, twin
+from conftest import assert_close_rel
 
 import fastres
 import fastres.plan as plan_mod
@@ -307,3 +308,108 @@ def test_eager_forward_skips_the_op_dispatcher(pair, monkeypatch):
     with torch.no_grad():
         direct = fr(x)
     torch.testing.assert_close(direct, through_ops, rtol=0, atol=0)
+
+
+# -- what the plan does not fuse, and edits it must see ----------------------------------------
+
+class _HalvedBlock(fastres.BasicBlock):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def _cifar_stem(fr):
+    fr.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    fr.maxpool = torch.nn.Identity()
+
+
+_UNFUSED = {
+    "cifar stem": _cifar_stem,
+    "no maxpool": lambda fr: setattr(fr, "maxpool", torch.nn.Identity()),
+    "maxpool ceil_mode": lambda fr: setattr(fr.maxpool, "ceil_mode", True),
+    "leaky relu": lambda fr: setattr(fr, "relu", torch.nn.LeakyReLU(0.1)),
+    "block relu": lambda fr: setattr(fr.layer2[1], "relu", torch.nn.GELU()),
+    "max avgpool": lambda fr: setattr(fr, "avgpool", torch.nn.AdaptiveMaxPool2d(1)),
+    "fc identity": lambda fr: setattr(fr, "fc", torch.nn.Identity()),
+    "fc sequential": lambda fr: setattr(fr, "fc", torch.nn.Sequential(
+        torch.nn.Dropout(0.2), torch.nn.Linear(512, 7))),
+    "reflect padding": lambda fr: setattr(fr.layer1[0].conv1, "padding_mode", "reflect"),
+    "block class": lambda fr: setattr(fr.layer3[0], "__class__", _HalvedBlock),
+}
+
+
+@pytest.mark.parametrize("edit", list(_UNFUSED))
+def test_layouts_the_plan_cannot_fuse_run_eagerly(edit, monkeypatch):
+    """An edit the plan does not implement makes the forward torchvision's eager code (with a
+    warning), also when the plan was built before the edit. It used to run the plan anyway:
+    relative errors 0.4 to 0.9, or an AttributeError for ``fc``."""
+    _, fr = _fresh_pair()
+    x = torch.randn(2, 3, 40, 36, device=DEVICE)
+    _run(fr, x)  # a plan exists
+    _UNFUSED[edit](fr)
+    fr.to(DEVICE).eval()
+    monkeypatch.setattr(plan_mod, "_said", set())
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        out = _run(fr, x)
+    with torch.no_grad():
+        ref = fr.forward_eager(x)
+    assert torch.equal(out, ref)
+
+
+_REBUILT = {
+    "stride": lambda fr: (setattr(fr.layer4[0].conv1, "stride", (1, 1)),
+                          setattr(fr.layer4[0].downsample[0], "stride", (1, 1))),
+    "dilation": lambda fr: (setattr(fr.layer2[1].conv2, "dilation", (2, 2)),
+                            setattr(fr.layer2[1].conv2, "padding", (2, 2))),
+    "eps": lambda fr: setattr(fr.layer1[0].bn1, "eps", 0.5),
+    "buffer slot": lambda fr: fr.layer1[0].bn1._buffers.__setitem__(
+        "running_var", fr.layer1[0].bn1.running_var * 3),
+    "fc without bias": lambda fr: setattr(fr, "fc", torch.nn.Linear(512, 10, bias=False)),
+}
+
+
+@pytest.mark.parametrize("edit", list(_REBUILT))
+def test_edits_after_a_forward_rebuild_the_plan(edit):
+    """Module settings (stride, dilation, eps) and tensors put straight into a module's slot
+    change the plan: it is rebuilt and agrees with eager on the edited model (the stale plan
+    was off by 0.4 to 0.7)."""
+    _, fr = _fresh_pair()
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    _run(fr, x)
+    _REBUILT[edit](fr)
+    fr.to(DEVICE).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the plan runs: no eager fallback
+        out = _run(fr, x)
+    with torch.no_grad():
+        ref = fr.forward_eager(x)
+    assert out.shape == ref.shape
+    assert_close_rel(out, ref, 1e-4, f"after the {edit} edit")
+
+
+def test_functional_call_uses_the_tensors_it_is_given():
+    """``torch.func.functional_call`` swaps tensors into the module's slots without
+    registering them: the plan follows the swap, and the model's own tensors after it."""
+    from torch.func import functional_call
+
+    _, fr = _fresh_pair()
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    other = {k: v * 1.5 if v.is_floating_point() else v for k, v in fr.state_dict().items()}
+    swapped = copy.deepcopy(fr)
+    swapped.load_state_dict(other)
+    with torch.no_grad():
+        own_ref, other_ref = fr.forward_eager(x), swapped.forward_eager(x)
+        for _ in range(2):  # plan built from the own tensors first, then from the swapped ones
+            assert_close_rel(fr(x), own_ref, 1e-4, "own tensors")
+            assert_close_rel(functional_call(fr, other, (x,)), other_ref, 1e-4, "swapped in")
+
+
+def test_parameters_made_in_inference_mode():
+    """Inference tensors have no version counter: the plan cache must not need one."""
+    _, fr = _fresh_pair()
+    with torch.inference_mode():
+        fr = fr.to(torch.float64).to(torch.float32)  # new parameters, inference tensors
+        assert fr.conv1.weight.is_inference()
+        x = torch.randn(2, 3, 32, 32, device=DEVICE)
+        out = fr(x)
+        assert_close_rel(out, fr.forward_eager(x), 1e-4, "inference-tensor parameters")
+        assert _plan(fr) is not None
