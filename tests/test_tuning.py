@@ -205,6 +205,56 @@ def test_wrong_or_failing_candidates_are_rejected(tmp_path, monkeypatch):
         tuning.reset()
 
 
+@pytest.mark.parametrize("poison", ["nan", "inf", "empty"])
+def test_check_is_not_disarmed_by_a_non_finite_first_input(poison, tmp_path, monkeypatch):
+    """A layer first met on data with a NaN or an infinity (or on ``torch.empty()``) is still
+    checked: the check runs on fresh finite data of the same layout, so a fast candidate
+    that computes zeros is rejected, not chosen and saved (it used to be)."""
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    tuning.reset()
+
+    def hook(op, device, args, kwargs):
+        ref = _backend.implementations(op)["torch"].fn
+        return [tuning.Candidate("triton", "zeros", None,
+                                 lambda *a, **k: torch.zeros_like(ref(*a, **k))),
+                tuning.Candidate("triton", "good", None, ref)]
+
+    timer = FakeTimer({"zeros": 0.1, "good": 1.0})
+    tuning.configure(timer=timer, devices=("cpu",), candidates=hook)
+    try:
+        with _backend.use_backend("auto"):
+            x = torch.randn(1, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+            if poison == "empty":
+                x.fill_(float("nan"))  # what torch.empty may hold
+            else:
+                x[0, 3, 4, 4] = float(poison)
+            pool(x)
+            clean = torch.randn(1, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+            assert_close_rel(pool(clean), torch.nn.functional.max_pool2d(clean, 3, 2, 1), 0.0)
+        (rec,) = read_cache()["entries"].values()
+        assert rec["label"] == "good"
+        assert "relative error" in rec["rejected"]["triton:zeros"]
+        assert timer.calls == ["good"]  # timed on the real (non-finite) arguments
+    finally:
+        tuning.reset()
+
+
+def test_choices_name_each_layer():
+    tuning.reset()
+    tuning.configure(timer=lambda run, cand=None: 1.0, devices=("cpu",), progress=False)
+    try:
+        with _backend.use_backend("auto"):
+            for _ in range(2):  # (the first call may register the providers: memo cleared)
+                pool(torch.randn(1, 4, 9, 9))
+                pool(torch.randn(1, 4, 11, 9))
+        names = tuning.choices()
+        assert len(names) == 2, names  # one entry per layer (they used to collapse to one)
+        assert {k.split("]")[0] for k in names} == {
+            "max_pool2d((torch.Size([1, 4, 9, 9", "max_pool2d((torch.Size([1, 4, 11, 9"}
+    finally:
+        tuning.reset()
+
+
 def test_no_tuning_while_tracing_or_capturing(tuner, monkeypatch):
     """An untuned layer met during capture/tracing runs the pinned choice and is tuned at its
     next ordinary call."""
