@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres import plan as _plan
+from fastres import tuning as _tuning
 from fastres.ops import _backend
 
 log = logging.getLogger("fastres")
@@ -96,11 +97,28 @@ class CUDAGraphModule(nn.Module):
         self.captures = 0  # how many graphs were captured over this wrapper's life
 
     # -- standing in for the wrapped model ----------------------------------------------------
+    _OWN = frozenset({"module", "max_graphs", "warmup", "captures", "training"})
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("module"), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # ``wrapper.fc = nn.Linear(...)`` edits the wrapped model (it would otherwise land on
+        # the wrapper, where the forward never looks); the wrapper's own state stays here
+        module = self.__dict__.get("_modules", {}).get("module")
+        if (module is not None and not name.startswith("_") and name not in self._OWN
+                and hasattr(module, name)):
+            setattr(module, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __getstate__(self):  # deepcopy and pickling: the model, not its graphs
+        state = dict(self.__dict__)
+        state.update(_graphs={}, _failed=set(), _plan_cache=None, _pool=None)
+        return state
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)
@@ -167,7 +185,8 @@ class CUDAGraphModule(nn.Module):
         return (tuple(x.shape), x.dtype, dev,
                 torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
                 torch.is_inference_mode_enabled(), torch.backends.cudnn.allow_tf32,
-                torch.backends.cuda.matmul.allow_tf32, _backend.get_backend())
+                torch.backends.cuda.matmul.allow_tf32, _backend.get_backend(),
+                _tuning.mode())  # a graph keeps the kernels it captured: pinned vs tuned
 
     def _check_valid(self) -> None:
         """Drop every graph when the plan they read is gone or stale."""

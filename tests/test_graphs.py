@@ -62,6 +62,52 @@ def test_wrapper_stands_in_for_the_model():
     assert fastres.optimize(g).module is m  # no wrapper around a wrapper
 
 
+def test_setting_attributes_edits_the_wrapped_model():
+    """``g.fc = ...`` replaces the model's ``fc`` (it used to land on the wrapper, silently
+    ignored by the forward and by ``state_dict``)."""
+    m = small_model()
+    g = fastres.optimize(m)
+    g.fc = torch.nn.Linear(512, 7)
+    assert m.fc is g.fc and "fc" not in g._modules
+    assert g.state_dict()["fc.weight"].shape == (7, 512)
+    g.max_graphs = 3  # the wrapper's own settings stay on the wrapper
+    assert g.max_graphs == 3 and not hasattr(m, "max_graphs")
+    with torch.no_grad():
+        assert g.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_wrapper_copies_without_its_graphs():
+    import copy
+    import pickle
+    import threading
+
+    m = small_model()
+    g = fastres.optimize(m)
+    g._graphs[("a signature",)] = threading.Lock()  # stands in for a CUDAGraph: not copyable
+    g._failed.add(("another",))
+    for dup in (copy.deepcopy(g), pickle.loads(pickle.dumps(g))):
+        assert isinstance(dup, CUDAGraphModule) and dup.module is not m
+        assert dup.num_graphs == 0 and not dup._failed
+        assert list(dup.state_dict()) == list(m.state_dict())
+    assert g.num_graphs == 1  # the original keeps its graphs
+
+
+def test_graph_key_separates_pinned_and_tuned(monkeypatch):
+    """A graph replays the kernels it captured: one captured with measured choices must not
+    serve a pinned (``FASTRES_TUNE=0`` / deterministic) call, nor the reverse."""
+    g = fastres.optimize(small_model())
+    x = torch.randn(1, 3, 32, 32)
+    monkeypatch.delenv("FASTRES_TUNE", raising=False)
+    tuned = g._key(x)
+    monkeypatch.setenv("FASTRES_TUNE", "0")
+    assert g._key(x) != tuned
+    monkeypatch.delenv("FASTRES_TUNE")
+    assert g._key(x) == tuned
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        assert g._key(x) != tuned
+
+
 def test_optimize_rejects_bad_arguments():
     m = small_model()
     with pytest.raises(ValueError, match="max_graphs"):
