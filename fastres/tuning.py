@@ -292,12 +292,16 @@ class TuningCache:
         self.entries = self._read(warn=True)
 
     # reading
-    def _read(self, warn: bool) -> dict[str, dict]:
+    def _read(self, warn: bool, for_merge: bool = False) -> dict[str, dict]:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {}
         except (OSError, UnicodeDecodeError) as exc:
+            if for_merge and not isinstance(exc, UnicodeDecodeError):
+                # there but unreadable (permissions, ...): replacing it would drop what other
+                # processes saved in it
+                raise OSError(f"the existing file cannot be read ({exc}); not replacing it")
             if warn:
                 self._warn(f"cannot read tuning cache {self.path} ({exc}); ignoring it")
             return {}
@@ -349,7 +353,7 @@ class TuningCache:
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with filelock.FileLock(str(self.path) + ".lock", timeout=_LOCK_TIMEOUT_S):
-                merged = self._read(warn=False)
+                merged = self._read(warn=False, for_merge=True)
                 merged.update(self._new)
                 self._write(merged)
         except Exception as exc:  # read-only directory, lock timeout, disk full, ...
@@ -367,6 +371,8 @@ class TuningCache:
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
                                    dir=self.path.parent)
         try:
+            if hasattr(os, "fchmod"):  # mkstemp makes it 0600: other users could not read it
+                os.fchmod(fd, _FILE_MODE)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
                 f.write("\n")
@@ -379,6 +385,7 @@ class TuningCache:
             raise
 
 
+_FILE_MODE = 0o644  # a shared cache directory: everyone reads, the owner rewrites
 _caches: dict[Path, TuningCache] = {}
 
 

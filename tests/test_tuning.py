@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -382,6 +383,37 @@ def test_merge_on_write_keeps_other_writers_entries(tmp_path):
     a.put("k3", rec)
     assert sorted(json.loads(path.read_text())["entries"]) == ["k1", "k2", "k3"]
     assert sorted(tuning.TuningCache(path, env).entries) == ["k1", "k2", "k3"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
+def test_cache_file_is_readable_by_others(tmp_path):
+    path = tmp_path / "c.json"
+    tuning.TuningCache(path, {"device": "test"}).put("k1", {"backend": "torch", "label": "t"})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # mkstemp's 0600 locked other users out
+
+
+def test_unreadable_cache_file_is_not_replaced(tmp_path, monkeypatch):
+    """A file that is there but cannot be read (another user's, say) is left alone: replacing
+    it with this process's entries would drop everyone else's. Choices stay in memory."""
+    env, rec = {"device": "test"}, {"backend": "torch", "label": "t"}
+    path = tmp_path / "c.json"
+    tuning.TuningCache(path, env).put("theirs", rec)
+    before = path.read_text()
+    real_read = type(path).read_text
+
+    def read_text(self, *a, **k):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *a, **k)
+
+    monkeypatch.setattr(type(path), "read_text", read_text)
+    with pytest.warns(tuning.TuningCacheWarning, match="cannot read"):
+        mine = tuning.TuningCache(path, env)
+    with pytest.warns(tuning.TuningCacheWarning, match="not replacing it"):
+        mine.put("mine", rec)
+    assert mine.get("mine") == rec
+    monkeypatch.undo()
+    assert path.read_text() == before
 
 
 # -- processes ---------------------------------------------------------------------------------
