@@ -124,7 +124,9 @@ class ResNet(nn.Module):
       torchvision's.
     - Eval mode with autograd recording falls back to eager (warned once): wrap inference in
       ``torch.no_grad()`` / ``torch.inference_mode()`` for the fused path.
-    - A model whose norm layers are not ``BatchNorm2d`` with running statistics runs eagerly.
+    - A model whose norm layers are not ``BatchNorm2d`` with running statistics, or whose
+      layout the plan does not fuse (another stem, activation or pool, an ``fc`` that is not
+      ``nn.Linear``, a block with its own ``forward``), runs eagerly (warned once).
     - Edits through ``param.data`` bypass PyTorch's version counter: call
       :meth:`invalidate_plan` after them (ordinary in-place edits, optimizer steps,
       ``load_state_dict``, ``.to()`` and ``.half()`` are detected).
