@@ -606,6 +606,8 @@ def _finite_args(args: tuple) -> tuple:
 
 
 def _rel_err(out: Any, ref: Any) -> float:
+    """The larger of the norm-wise relative error and the worst element's error relative to
+    the largest reference magnitude (both in float64)."""
     if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor):
         return 0.0
     if out.shape != ref.shape:
@@ -614,11 +616,17 @@ def _rel_err(out: Any, ref: Any) -> float:
     finite = torch.isfinite(ref64)
     if not bool(finite.all()):  # (overflow in the reference) compare where it is finite
         ref64, out64 = ref64[finite], out64[finite]
+    if ref64.numel() == 0:
+        return 0.0
+    diff = out64 - ref64
     den = float(torch.linalg.vector_norm(ref64))
-    num = float(torch.linalg.vector_norm(out64 - ref64))
+    num = float(torch.linalg.vector_norm(diff))
     if math.isnan(num):
         return math.inf
-    return num / max(den, 1e-30)
+    # the norm-wise error, and the worst element against the largest reference value: a
+    # kernel that gets a few elements wrong (a tile edge) can pass a norm-wise bound
+    peak = float(diff.abs().max()) / max(float(ref64.abs().max()), 1e-30)
+    return max(num / max(den, 1e-30), peak)
 
 
 def _tolerance(args) -> float:

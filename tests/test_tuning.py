@@ -240,6 +240,41 @@ def test_check_is_not_disarmed_by_a_non_finite_first_input(poison, tmp_path, mon
         tuning.reset()
 
 
+def test_a_few_wrong_elements_are_rejected(tmp_path, monkeypatch):
+    """One element off by 2 in 262144 keeps the norm-wise error under the fp32 tolerance (5e-3);
+    the element-wise part of the check still rejects the candidate."""
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    tuning.reset()
+
+    def hook(op, device, args, kwargs):
+        ref = _backend.implementations(op)["torch"].fn
+
+        def one_wrong(*a, **k):
+            y = ref(*a, **k).clone()
+            y.view(-1)[y.numel() // 2] += 2.0
+            return y
+
+        return [tuning.Candidate("triton", "one_wrong", None, one_wrong),
+                tuning.Candidate("triton", "good", None, ref)]
+
+    tuning.configure(timer=FakeTimer({"one_wrong": 0.1, "good": 1.0}), devices=("cpu",),
+                     candidates=hook)
+    try:
+        with _backend.use_backend("auto"):
+            x = torch.randn(1, 16, 256, 256)
+            ref = torch.nn.functional.max_pool2d(x, 3, 2, 1)
+            bad = ref.clone()
+            bad.view(-1)[bad.numel() // 2] += 2.0
+            assert tuning._rel_err(bad, ref) > 5e-3
+            assert float(torch.linalg.vector_norm(bad - ref)
+                         / torch.linalg.vector_norm(ref)) < 5e-3  # the norm alone passes it
+            assert_close_rel(pool(x), ref, 0.0)
+        (rec,) = read_cache()["entries"].values()
+        assert rec["label"] == "good" and "triton:one_wrong" in rec["rejected"]
+    finally:
+        tuning.reset()
+
+
 def test_choices_name_each_layer():
     tuning.reset()
     tuning.configure(timer=lambda run, cand=None: 1.0, devices=("cpu",), progress=False)
