@@ -235,7 +235,7 @@ class ResNet(nn.Module):
         from fastres import plan as _plan
 
         plan = None
-        if _plan.eager_reason(self, x) is None:
+        if _plan.eager_reason(self, x) is None and x.shape[0] > 0:  # (eager: [0, C, h, w])
             plan = _plan.plan_for_input(self, x)
         if plan is None:
             return self.forward_features_eager(x)

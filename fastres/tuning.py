@@ -161,6 +161,8 @@ def configure(*, timer: Timer | None | object = _UNSET,
     if check is not _UNSET:
         _settings.check = bool(check)
     if devices is not _UNSET:
+        if isinstance(devices, str):  # "cuda", not the letters c, u, d, a
+            devices = (devices,)
         _backend._TUNED_DEVICE_TYPES = frozenset(devices)  # type: ignore[arg-type]
     _memo.clear()
 

@@ -224,6 +224,9 @@ def test_empty_batch_returns_empty_result(pair):
     x = torch.randn(0, 3, 32, 32, device=DEVICE)
     out = _run(fr, x)
     assert out.shape == (0, 1000) and out.dtype == torch.float32
+    with torch.no_grad():
+        feats = fr.forward_features(x)  # as eager: an empty feature map, not an error
+        assert feats.shape == fr.forward_features_eager(x).shape == (0, 512, 1, 1)
 
 
 def test_nan_stays_in_its_sample(pair):

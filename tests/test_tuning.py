@@ -275,6 +275,16 @@ def test_a_few_wrong_elements_are_rejected(tmp_path, monkeypatch):
         tuning.reset()
 
 
+def test_configure_takes_one_device_type_as_a_string():
+    from fastres.ops import _backend as backend
+
+    try:
+        tuning.configure(devices="cpu")
+        assert backend._TUNED_DEVICE_TYPES == frozenset({"cpu"})
+    finally:
+        tuning.reset()
+
+
 def test_choices_name_each_layer():
     tuning.reset()
     tuning.configure(timer=lambda run, cand=None: 1.0, devices=("cpu",), progress=False)
