@@ -158,6 +158,9 @@ class CUDAGraphModule(nn.Module):
             self._say_once("cpu", f"CUDA graphs need CUDA input (got {x.device.type}); "
                            "running the model without graphs")
             return model(x)
+        if x.device.index != torch.cuda.current_device():  # graphs and pools follow it
+            with torch.cuda.device(x.device):
+                return self.forward(x)
         if torch.cuda.is_current_stream_capturing():
             return model(x)  # inside someone else's capture: just be captured
         if _plan.eager_reason(model, x) is not None:
@@ -218,7 +221,9 @@ class CUDAGraphModule(nn.Module):
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # on x's device: the default capture stream is made once, on whichever device was
+            # current at the process's first capture
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
                 static_output = model(static_input)
         except Exception as exc:
             self._failed.add(key)
