@@ -397,6 +397,19 @@ def test_packed_weight_cache_follows_weight_changes():
         run_and_check(case, True, dtype)  # must see the new values
 
 
+def test_packed_weight_cache_separates_group_counts():
+    """One weight used with 16 and then 32 groups packs the same way (``blockdiag``, 16 groups
+    per block) but into different matrices: the cache must not hand back the first packing
+    (it did: max error 17)."""
+    w, b = torch.randn(64, 4, 1, 3), torch.randn(64)
+    for groups in (16, 32, 16):
+        x = torch.randn(1, 4 * groups, 2, 4)
+        with fastres.use_backend("triton"), torch.no_grad():
+            y = conv_bias_act(x, w, b, 1, (0, 1), 1, groups, relu=False)
+        ref = F.conv2d(x.double(), w.double(), b.double(), 1, (0, 1), 1, groups)
+        assert_close_rel(y, ref, 1e-5, f"groups={groups}")
+
+
 @triton.jit
 def round_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -450,12 +450,18 @@ _PACKED: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
 
 
 def _packed_weight(weight: torch.Tensor, groups: int, pack: tuple) -> torch.Tensor:
-    """``weight`` repacked per ``pack``, cached while the weight object lives unchanged."""
+    """``weight`` repacked per ``pack``, cached while the weight object lives unchanged.
+
+    Unchanged means the same object, storage and version counter: in-place edits through
+    ``.data``, or of an inference tensor inside ``torch.inference_mode()``, are not seen
+    (as for the inference plan); pass a new tensor after such an edit."""
     try:
         version = weight._version
     except RuntimeError:  # inference tensors have no version counter
         version = -1
-    key = (id(weight), weight.data_ptr(), version, weight.dtype, weight.device, pack)
+    # groups: the same weight packs differently for another group count with the same pack
+    key = (id(weight), weight.data_ptr(), version, weight.dtype, weight.device,
+           tuple(weight.shape), groups, pack)
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is weight:
         return hit[1]
