@@ -93,6 +93,23 @@ def test_ops_are_registered_custom_ops():
     (lambda x, w, b: ops.max_pool2d(x[:, :, :1, :1], 3, 2, 0), ValueError, "too small"),
     (lambda x, w, b: ops.avgpool_linear(x, torch.randn(4, 3), torch.randn(4)), ValueError,
      "weight must be"),
+    (lambda x, w, b: ops.conv_bias_act(x[:, :, :0], w, b, padding=2), ValueError, "H, W >= 1"),
+    (lambda x, w, b: ops.max_pool2d(x, 3, 2, -1), ValueError, "padding >= 0"),
+    (lambda x, w, b: ops.max_pool2d(x, 0, 1, 0), ValueError, "kernel_size and stride"),
+    (lambda x, w, b: ops.max_pool2d(x, 3, 0, 1), ValueError, "kernel_size and stride"),
+    (lambda x, w, b: ops.avgpool_linear(x, torch.randn(4, 8), torch.randn(4).double()),
+     TypeError, "bias dtype"),
+    (lambda x, w, b: ops.stem(x[:, :3, :0], torch.randn(8, 3, 7, 7), torch.randn(8)),
+     ValueError, "H, W >= 1"),
+    # the registered ops check too (they used to run the Triton kernel on a mismatched weight)
+    (lambda x, w, b: torch.ops.fastres.conv_bias_act(x, w[:, :4], b, [1, 1], [0, 0], [1, 1],
+                                                     1, None, True), ValueError,
+     "input channels"),
+    (lambda x, w, b: torch.ops.fastres.max_pool2d(x, 3, 2, -1), ValueError, "padding >= 0"),
+    (lambda x, w, b: torch.ops.fastres.avgpool_linear(x, torch.randn(4, 3), torch.randn(4)),
+     ValueError, "weight must be"),
+    (lambda x, w, b: torch.ops.fastres.stem(x, torch.randn(8, 3, 7, 7), torch.randn(8)),
+     ValueError, "weight must be"),
 ])
 def test_op_argument_errors(call, exc, match):
     x, w, b = torch.randn(2, 8, 6, 6), torch.randn(8, 8, 3, 3), torch.randn(8)
@@ -183,3 +200,9 @@ if given is not None:
             ref = ref.relu()
         assert out.shape == ref.shape
         assert_close_rel(out, ref, 1e-5, "conv_bias_act property")
+
+
+def test_conv_bias_none_means_zeros():
+    x, w = torch.randn(2, 6, 9, 9), torch.randn(4, 6, 3, 3)
+    y = ops.conv_bias_act(x, w, None, padding=1, relu=False)
+    assert_close_rel(y, F.conv2d(x.double(), w.double(), None, 1, 1), 1e-5)

@@ -300,6 +300,15 @@ def run(op: str, x: torch.Tensor, *args):
     return choose(op, x.device, x, *args).fn(x, *args)
 
 
+def run_op(op: str, x: torch.Tensor, *args):
+    """:func:`run` on ``x``'s CUDA device (the body of the custom ops, which anyone can call):
+    Triton launches on the current device, whatever device the tensors are on."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            return run(op, x, *args)
+    return run(op, x, *args)
+
+
 def direct(op: str) -> Callable:
     """``op``'s work without the ``torch.library`` dispatch: ``fn(x, *args)`` is :func:`run`.
 

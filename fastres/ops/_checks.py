@@ -41,12 +41,12 @@ def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), "
                          f"got {tuple(bias.shape)}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{op}: x must have H, W >= 1, got shape {tuple(x.shape)}")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"{op}: stride and dilation must be >= 1 and padding >= 0, got "
                          f"stride={stride}, padding={padding}, dilation={dilation}")
-    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device}, x is on {x.device}")
+    _check_same_device(op, x, weight=weight, bias=bias, residual=residual)
     p, q = conv_output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3],
                             stride, padding, dilation)
     if p < 1 or q < 1:
@@ -61,3 +61,56 @@ def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual
         if residual.dtype != x.dtype:
             raise TypeError(f"{op}: residual dtype must equal x's ({x.dtype}), "
                             f"got {residual.dtype}")
+
+
+def _check_same_device(op: str, x, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, x is on {x.device}")
+
+
+def check_stem_args(x, weight, bias) -> None:
+    op = "stem"
+    check_float_activation("x", x, op)
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1] or tuple(weight.shape[2:]) != (7, 7):
+        raise ValueError(f"{op}: weight must be [C_out, {x.shape[1]}, 7, 7], "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight dtype must equal x's ({x.dtype}), got {weight.dtype}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{op}: x must have H, W >= 1, got shape {tuple(x.shape)}")
+    _check_same_device(op, x, weight=weight, bias=bias)
+
+
+def check_max_pool_args(x, kernel_size: int, stride: int, padding: int) -> None:
+    op = "max_pool2d"
+    check_float_activation("x", x, op)
+    if kernel_size < 1 or stride < 1 or padding < 0:
+        raise ValueError(f"{op}: kernel_size and stride must be >= 1 and padding >= 0, got "
+                         f"kernel_size={kernel_size}, stride={stride}, padding={padding}")
+    if padding * 2 > kernel_size:
+        raise ValueError(f"{op}: padding must be at most half the kernel size, got "
+                         f"padding={padding}, kernel_size={kernel_size}")
+    p = (x.shape[2] + 2 * padding - kernel_size) // stride + 1
+    q = (x.shape[3] + 2 * padding - kernel_size) // stride + 1
+    if x.shape[2] < 1 or x.shape[3] < 1 or p < 1 or q < 1:
+        raise ValueError(f"{op}: input {tuple(x.shape[2:])} is too small for kernel "
+                         f"{kernel_size}, stride {stride}, padding {padding}")
+
+
+def check_head_args(x, weight, bias) -> None:
+    op = "avgpool_linear"
+    check_float_activation("x", x, op)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: weight must be [num_classes, {x.shape[1]}], "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight dtype must equal x's ({x.dtype}), got {weight.dtype}")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{op}: bias dtype must be x's ({x.dtype}) or float32, "
+                        f"got {bias.dtype}")
+    _check_same_device(op, x, weight=weight, bias=bias)

@@ -9,7 +9,8 @@ Contract
 - ``weight``: ``[C_out, C_in // groups, R, S]``, same dtype as ``x``. The inference plan keeps
   it in ``torch.channels_last`` memory format, which is the ``[C_out, R, S, C_in/groups]``
   packing the implicit-GEMM kernels read (K = (r, s, c), c fastest).
-- ``bias``: ``[C_out]``, float32 (the folded BatchNorm shift).
+- ``bias``: ``[C_out]``, float32 (the folded BatchNorm shift); ``None`` in the Python
+  function means zeros.
 - ``residual``: ``None`` or ``[N, C_out, P, Q]`` in ``x``'s dtype.
 - returns ``[N, C_out, P, Q]`` in ``x``'s dtype, ``torch.channels_last`` memory format, with
 
@@ -70,7 +71,10 @@ def _conv_bias_act_op(
     residual: torch.Tensor | None,
     relu: bool,
 ) -> torch.Tensor:
-    return _backend.run(OP, x, weight, bias, stride, padding, dilation, groups, residual, relu)
+    # checked here too: torch.ops.fastres.conv_bias_act can be called without the wrapper
+    check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
+    return _backend.run_op(OP, x, weight, bias, stride, padding, dilation, groups, residual,
+                           relu)
 
 
 @_conv_bias_act_op.register_fake
@@ -96,6 +100,8 @@ def conv_bias_act(
     Arguments are validated here, before any kernel runs, with errors that name what was
     expected and what was given.
     """
+    if bias is None:  # (a Conv2d(bias=False) alone): a zero shift
+        bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
     stride, padding, dilation = (_pair(v, name) for v, name in
                                  ((stride, "stride"), (padding, "padding"),
                                   (dilation, "dilation")))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.ops import _backend
-from fastres.ops._checks import check_float_activation
+from fastres.ops._checks import check_head_args
 
 OP = "avgpool_linear"
 
@@ -29,7 +29,8 @@ _backend.register_impl(OP, "torch", avgpool_linear_reference)
 
 @torch.library.custom_op("fastres::avgpool_linear", mutates_args=())
 def _avgpool_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return _backend.run(OP, x, weight, bias)
+    check_head_args(x, weight, bias)  # also for torch.ops.fastres.avgpool_linear directly
+    return _backend.run_op(OP, x, weight, bias)
 
 
 @_avgpool_linear_op.register_fake
@@ -39,12 +40,5 @@ def _(x, weight, bias):
 
 def avgpool_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Global average pool then ``x @ weight.T + bias``; see the module docstring."""
-    check_float_activation("x", x, OP)
-    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"{OP}: weight must be [num_classes, {x.shape[1]}], "
-                         f"got {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{OP}: weight dtype must equal x's ({x.dtype}), got {weight.dtype}")
-    if bias.shape != (weight.shape[0],):
-        raise ValueError(f"{OP}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_head_args(x, weight, bias)
     return _avgpool_linear_op(x, weight, bias)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.ops import _backend
-from fastres.ops._checks import check_float_activation
+from fastres.ops._checks import check_max_pool_args
 
 OP = "max_pool2d"
 
@@ -31,7 +31,8 @@ _backend.register_impl(OP, "torch", max_pool2d_reference)
 
 @torch.library.custom_op("fastres::max_pool2d", mutates_args=())
 def _max_pool2d_op(x: torch.Tensor, kernel_size: int, stride: int, padding: int) -> torch.Tensor:
-    return _backend.run(OP, x, kernel_size, stride, padding)
+    check_max_pool_args(x, kernel_size, stride, padding)  # also when called as torch.ops
+    return _backend.run_op(OP, x, kernel_size, stride, padding)
 
 
 @_max_pool2d_op.register_fake
@@ -44,12 +45,5 @@ def _(x, kernel_size, stride, padding):
 def max_pool2d(x: torch.Tensor, kernel_size: int = 3, stride: int = 2,
                padding: int = 1) -> torch.Tensor:
     """Max pooling with square window; see the module docstring."""
-    check_float_activation("x", x, OP)
-    if padding * 2 > kernel_size:
-        raise ValueError(f"{OP}: padding must be at most half the kernel size, got "
-                         f"padding={padding}, kernel_size={kernel_size}")
-    if _out(x.shape[2], kernel_size, stride, padding) < 1 or \
-            _out(x.shape[3], kernel_size, stride, padding) < 1:
-        raise ValueError(f"{OP}: input {tuple(x.shape[2:])} is too small for kernel "
-                         f"{kernel_size}, stride {stride}, padding {padding}")
+    check_max_pool_args(x, kernel_size, stride, padding)
     return _max_pool2d_op(x, int(kernel_size), int(stride), int(padding))

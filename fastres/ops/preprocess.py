@@ -45,7 +45,7 @@ _backend.register_impl(OP, "torch", preprocess_reference)
 @torch.library.custom_op("fastres::preprocess", mutates_args=())
 def _preprocess_op(images: torch.Tensor, layout: str, mean: list[float], std: list[float],
                    dtype: torch.dtype) -> torch.Tensor:
-    return _backend.run(OP, images, layout, mean, std, dtype)
+    return _backend.run_op(OP, images, layout, mean, std, dtype)
 
 
 def _out_shape(images: torch.Tensor, layout: str) -> tuple:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastres.ops import _backend
-from fastres.ops._checks import check_float_activation
+from fastres.ops._checks import check_stem_args
 from fastres.ops.conv_bias_act import conv_bias_act
 from fastres.ops.max_pool import max_pool2d
 
@@ -31,7 +31,8 @@ _backend.register_impl(OP, "torch", stem_reference)
 
 @torch.library.custom_op("fastres::stem", mutates_args=())
 def _stem_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return _backend.run(OP, x, weight, bias)
+    check_stem_args(x, weight, bias)  # also for torch.ops.fastres.stem called directly
+    return _backend.run_op(OP, x, weight, bias)
 
 
 def _stem_shape(n, c, h, w):
@@ -47,12 +48,5 @@ def _(x, weight, bias):
 
 def stem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Fused ResNet stem; see the module docstring."""
-    check_float_activation("x", x, OP)
-    if weight.dim() != 4 or weight.shape[1] != x.shape[1] or tuple(weight.shape[2:]) != (7, 7):
-        raise ValueError(f"{OP}: weight must be [C_out, {x.shape[1]}, 7, 7], "
-                         f"got {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{OP}: weight dtype must equal x's ({x.dtype}), got {weight.dtype}")
-    if bias.shape != (weight.shape[0],):
-        raise ValueError(f"{OP}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_stem_args(x, weight, bias)
     return _stem_op(x, weight, bias)
