@@ -456,6 +456,12 @@ TORCH_LIBRARY(fastres_C, m) {
   m.def("avgpool_linear(Tensor x, Tensor weight, Tensor bias, bool allow_tf32) -> Tensor");
   m.def("conv1x1(Tensor x, Tensor weight, Tensor bias, int stride, Tensor? residual, bool relu, "
         "bool allow_tf32) -> Tensor");
+  // the fused stem's shared memory per block, for the Python side to check against the GPU's
+  // limit before choosing the kernel (it needs more than some GPUs allow)
+  m.def("stem_smem_bytes(int cin) -> int", [](int64_t cin) -> int64_t {
+    TORCH_CHECK(cin >= 1, "fastres_C::stem_smem_bytes: cin must be >= 1, got ", cin);
+    return static_cast<int64_t>(fastres::stem_smem_bytes(static_cast<int>(cin)));
+  });
 }
 
 TORCH_LIBRARY_IMPL(fastres_C, CPU, m) {

@@ -17,6 +17,8 @@ Implementations (each obeys its op's contract in :mod:`fastres.ops`):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastres import _ext
@@ -36,7 +38,27 @@ def supports_stem(x, weight, bias) -> str | None:
         return f"C_in={x.shape[1]} > {STEM_MAX_CIN} (shared-memory limit of the fused stem)"
     if bias.dtype != torch.float32:
         return f"bias dtype {bias.dtype} (needs float32)"
+    if x.is_cuda:
+        return stem_smem_reason(int(x.shape[1]), _smem_optin(x.device.index))
     return None
+
+
+def stem_smem_reason(cin: int, limit: int | None) -> str | None:
+    """Why the fused stem cannot run with ``cin`` input channels on a GPU whose opt-in shared
+    memory per block is ``limit`` bytes (H100: 227 KiB; A100: 163 KiB; consumer Ampere/Ada:
+    99 KiB; T4: 64 KiB), or None."""
+    need = int(torch.ops.fastres_C.stem_smem_bytes(cin))
+    if limit is not None and need > limit:
+        return (f"C_in={cin} needs {need} bytes of shared memory per block, this GPU allows "
+                f"{limit}")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(index: int | None) -> int | None:
+    props = torch.cuda.get_device_properties(index if index is not None
+                                             else torch.cuda.current_device())
+    return getattr(props, "shared_memory_per_block_optin", None)
 
 
 def _conv1x1(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True):

@@ -206,6 +206,27 @@ def test_stem_cpu_nan_propagates_like_pytorch():
 
 
 @needs_ext
+def test_stem_shared_memory_limit_is_checked_before_choosing_it():
+    """The fused stem keeps C_in*7*7*64 fp32 weights and a patch in shared memory: 87824 bytes
+    for C_in=3 (in the limit of H100, A100 and consumer GPUs, not of a T4's 64 KiB) and
+    168480 for C_in=8 (over an A100's 166912). Over the limit the op is not chosen (it
+    used to raise there)."""
+    from fastres import _ext_impls
+
+    need3, need8 = (torch.ops.fastres_C.stem_smem_bytes(c) for c in (3, 8))
+    assert need3 == 4 * (64 * 3 * 49 + 64 + 4 * -(-897 * 3 // 4) + 9792) == 87824
+    assert need8 == 168480
+    assert _ext_impls.stem_smem_reason(3, 232448) is None        # H100
+    assert _ext_impls.stem_smem_reason(8, 232448) is None
+    assert "166912" in _ext_impls.stem_smem_reason(8, 166912)     # A100
+    assert _ext_impls.stem_smem_reason(3, 166912) is None
+    assert "65536" in _ext_impls.stem_smem_reason(3, 65536)       # T4
+    assert _ext_impls.stem_smem_reason(3, None) is None           # limit unknown: the op checks
+    with pytest.raises(RuntimeError, match="cin must be >= 1"):
+        torch.ops.fastres_C.stem_smem_bytes(0)
+
+
+@needs_ext
 def test_stem_cpu_empty_batch():
     out = torch.ops.fastres_C.stem(torch.randn(0, 3, 9, 9), torch.randn(4, 3, 7, 7),
                                    torch.randn(4))
