@@ -29,12 +29,13 @@ def global_avgpool_nhwc_kernel(
     c_ok = rc < C
     rh = tl.arange(0, BLOCK_HW)
     acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
-    base = x_ptr + n * HW * C
+    # the pointer advances each step: an offset h0 * C inside one image would overflow int32
+    # for images of 2**31 elements or more, which INDEX64 (the batch offset) does not cover
+    ptrs = x_ptr + n * HW * C + (rh * C)[:, None] + rc[None, :]
     for h0 in range(0, HW, BLOCK_HW):
-        hw = h0 + rh
-        v = tl.load(base + (hw * C)[:, None] + rc[None, :],
-                    mask=(hw < HW)[:, None] & c_ok[None, :], other=0.0)
+        v = tl.load(ptrs, mask=((h0 + rh) < HW)[:, None] & c_ok[None, :], other=0.0)
         acc += v.to(tl.float32)
+        ptrs += BLOCK_HW * C
     mean = tl.sum(acc, axis=0) / HW
     tl.store(o_ptr + n * C + rc, _to_output(mean, o_ptr.dtype.element_ty, INTERPRETED),
              mask=c_ok)
