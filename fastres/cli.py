@@ -62,6 +62,8 @@ def _model_list(values: Sequence[str]) -> list[str]:
     from fastres.models import MODEL_NAMES
 
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    if not names:
+        raise UserError(f"no model given; expected one of {', '.join(MODEL_NAMES)}")
     for n in names:
         if n not in MODEL_NAMES:
             raise UserError(f"unknown model {n!r}; expected one of {', '.join(MODEL_NAMES)}")
@@ -88,7 +90,38 @@ def _dtype_list(values: Sequence[str]) -> list:
     from fastres.classify import parse_dtype
 
     names = [v for value in values for v in value.split(",") if v.strip()]
+    if not names:
+        raise UserError("no dtype given; expected fp32, fp16 or bf16")
     return list(dict.fromkeys(parse_dtype(n) for n in names))
+
+
+_MAX_SEED = 2**53  # torch.manual_seed takes < 2**64; bench derives seed * 1000 + batch
+
+
+def _check_seed(seed: int) -> int:
+    if not 0 <= seed < _MAX_SEED:
+        raise UserError(f"--seed must be in [0, 2**53), got {seed}")
+    return seed
+
+
+def _writable_dir(path: str, what: str) -> str:
+    """Make ``path`` a directory (or check it is one) before any work is done."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{what} {path!r} cannot be used as a directory ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path!r} is not writable")
+    return path
+
+
+def _writable_file(path: str, what: str) -> str:
+    """Check that ``path`` can be written (its directory exists) before any work is done."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"{what} {path!r} cannot be written (is its directory there and "
+                        "writable?)")
+    return path
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -170,6 +203,9 @@ def _bench_run(args: argparse.Namespace) -> int:
     compile_models = _model_list(args.compile_models) if args.compile_models else None
     if args.weights is not None and not os.path.isfile(args.weights):
         raise UserError(f"weights file {args.weights!r} does not exist")
+    _check_seed(args.seed)
+    if args.out:
+        _writable_dir(args.out, "--out")
     cfg = BenchConfig(
         models=models, batch_sizes=batch_sizes, dtypes=dtypes, device=device,
         image_size=pick("image_size"), iters=pick("iters"), warmup=pick("warmup"),
@@ -225,6 +261,7 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
 def _verify_run(args: argparse.Namespace) -> int:
     import json
 
+    from fastres.bench import _finite
     from fastres.classify import parse_device, parse_dtype
     from fastres.verify import verify
 
@@ -235,6 +272,13 @@ def _verify_run(args: argparse.Namespace) -> int:
         raise UserError(f"weights file {args.weights!r} does not exist")
     if args.image_size < 32:
         raise UserError(f"--image-size must be at least 32, got {args.image_size}")
+    _check_seed(args.seed)
+    if args.tol is not None and not args.tol > 0:
+        raise UserError(f"--tol must be > 0, got {args.tol}")
+    if args.batches < 1 and args.no_photos:
+        raise UserError("nothing to compare: --batches 0 and --no-photos")
+    if args.json:
+        _writable_file(args.json, "--json")
     result = verify(args.model, dtype, batch_size=args.batch_size, batches=args.batches,
                     image_size=args.image_size, device=device, weights=args.weights,
                     photos=not args.no_photos, seed=args.seed, tolerance=args.tol,
@@ -242,7 +286,7 @@ def _verify_run(args: argparse.Namespace) -> int:
     print(result.format())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result.to_json(), f, indent=1, default=str)
+            json.dump(_finite(result.to_json()), f, indent=1, default=str, allow_nan=False)
     return 0 if result.ok else 1
 
 
