@@ -93,9 +93,31 @@ def to_pil_rgb(image):
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
         image = Image.fromarray(arr)
+    if image.mode.startswith("I") or image.mode == "F":
+        image = Image.fromarray(_to_uint8(np.asarray(image), image.mode))
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit integer and float grayscale as 8 bits (PIL's convert() clips them to
+    0..255, which turns a 16-bit photo white and a [0, 1] float one black). 16-bit data keeps
+    its top 8 bits, as torchvision's uint16 -> uint8 conversion does."""
+    a = arr.astype(np.float64)
+    if not np.isfinite(a).all() or a.size == 0:
+        raise ValueError(f"{mode} image has no finite pixel values")
+    lo, hi = float(a.min()), float(a.max())
+    if mode == "F":
+        if lo < 0 or hi > 255:
+            raise ValueError(f"float image values span [{lo:g}, {hi:g}], expected [0, 1] or "
+                             "[0, 255]")
+        return np.round(a * (255.0 if hi <= 1.0 else 1.0)).astype(np.uint8)
+    if lo < 0 or hi > 65535:
+        raise ValueError(f"{mode} image values span [{lo:g}, {hi:g}], expected 16-bit data")
+    if mode.startswith("I;16") or hi > 255:
+        return (arr.astype(np.int64) >> 8).astype(np.uint8)
+    return arr.astype(np.uint8)
 
 
 def load_image(path: str | os.PathLike):
@@ -111,7 +133,8 @@ def load_image(path: str | os.PathLike):
         with Image.open(path) as img:
             img.load()
             return to_pil_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError) as exc:
         raise UserError(f"cannot read {path!r} as an image: {exc}") from exc
 
 
