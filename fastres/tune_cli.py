@@ -70,23 +70,34 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
     if image_size < 32:
         raise TuneUsageError(f"image size must be >= 32, got {image_size}")
     dtype_list = list(dict.fromkeys(dtypes)) or ["bf16"]
+    if num_classes < 1:
+        raise TuneUsageError(f"--num-classes must be >= 1, got {num_classes}")
+    from fastres.classify import UserError, load_checkpoint, parse_device
+
     try:
         parsed = [tuning.parse_dtype(d) for d in dtype_list]
-        dev = torch.device(device)
-    except (ValueError, RuntimeError) as exc:
+        if str(device).strip().lower().startswith("cuda") and not torch.cuda.is_available():
+            echo("fastres tune: no CUDA device here; nothing to tune (CPU runs the reference "
+                 "implementation, which needs no tuning).")
+            return 0
+        dev = parse_device(device)
+        state = load_checkpoint(weights) if weights else None
+    except (ValueError, RuntimeError, UserError) as exc:
         raise TuneUsageError(str(exc)) from None
     if cache_dir is not None:
         os.environ["FASTRES_CACHE_DIR"] = str(cache_dir)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        echo("fastres tune: no CUDA device here; nothing to tune (CPU runs the reference "
-             "implementation, which needs no tuning).")
-        return 0
     if tuning.mode() == "pinned":
         echo("fastres tune: FASTRES_TUNE=0 or deterministic mode is on: choices are pinned, "
              "nothing to tune.")
         return 0
-    kwargs = {"weights": weights} if weights else {"num_classes": num_classes}
-    net = get_model(model, **kwargs).to(dev).eval()
+    try:
+        net = (get_model(model, weights=state) if state is not None
+               else get_model(model, num_classes=num_classes))
+    except (ValueError, RuntimeError) as exc:
+        from fastres.classify import describe_mismatch
+
+        raise TuneUsageError(describe_mismatch(model, state, repr(weights))) from exc
+    net = net.to(dev).eval()
     for name, dtype in zip(dtype_list, parsed):
         res = tuning.tune_model(net, batch_list, dtype, image_size, progress=progress)
         echo(f"{model} {name} batch {', '.join(map(str, batch_list))} at {image_size}px: "

@@ -715,6 +715,27 @@ def test_tune_cli_fastres_command(tuner, capsys):
     assert "batch sizes must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, needle", [
+    (["--num-classes", "-1"], "--num-classes must be >= 1"),
+    (["--num-classes", "0"], "--num-classes must be >= 1"),
+    (["--weights", "/no/such/file.pth"], "does not exist"),
+    (["--device", "meta"], "unsupported device 'meta'"),
+    (["--model-is-resnet50-for-an-r18-checkpoint"], "does not fit resnet50"),
+])
+def test_tune_cli_usage_errors(capsys, tmp_path, extra, needle):
+    """Bad arguments are one-line usage errors (exit 2), not tracebacks."""
+    cli = pytest.importorskip("fastres.cli")
+    model = "resnet18"
+    if extra == ["--model-is-resnet50-for-an-r18-checkpoint"]:
+        ckpt = tmp_path / "r18.pth"
+        torch.save(fastres.resnet18(num_classes=10).state_dict(), ckpt)
+        model, extra = "resnet50", ["--weights", str(ckpt)]
+    code = cli.main(["tune", model, "--batch", "1", "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err
+
+
 def test_tune_cli_without_gpu_says_so(capsys):
     if HAS_CUDA:
         pytest.skip("this machine has a GPU")
