@@ -216,10 +216,22 @@ def test_bench_with_weights_file(capsys, r18_checkpoint):
 
 
 def test_bench_time_budget_skips_groups(capsys, tmp_path):
-    code, _, _ = run_cli(capsys, *SMALL_BENCH, "--time-budget", "0", "--out", str(tmp_path))
+    code, out, _ = run_cli(capsys, *SMALL_BENCH, "--time-budget", "0", "--out", str(tmp_path))
     assert code == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert rows and all(r["status"] == "skipped" for r in rows)
+    assert "nothing was checked" in out and "all outputs agree" not in out
+
+
+def test_bench_and_verify_refuse_unusable_output_paths_before_running(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    code, _, err = run_cli(capsys, *SMALL_BENCH, "--out", str(afile))
+    assert_usage_error(code, err, "--out", "cannot be used as a directory")
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos",
+                             "--json", str(tmp_path / "no" / "such" / "dir" / "v.json"))
+    assert_usage_error(code, err, "--json", "cannot be written")
+    assert "verify:" not in out  # refused before comparing anything
 
 
 @pytest.mark.parametrize("extra, needles", [
@@ -230,11 +242,20 @@ def test_bench_time_budget_skips_groups(capsys, tmp_path):
     (["--weights", "/no/such/file.pth"], ["does not exist"]),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"],
      ["device"]),
+    (["--dtype", ","], ["no dtype given"]),
+    (["--seed", "-1"], ["--seed must be in"]),
+    (["--seed", str(2**64)], ["--seed must be in"]),
 ])
 def test_bench_usage_errors(capsys, extra, needles):
     argv = [a for a in SMALL_BENCH if a not in ("--device", "cpu")] + extra
     code, _, err = run_cli(capsys, *argv)
     assert_usage_error(code, err, *needles)
+
+
+def test_bench_empty_model_list(capsys):
+    argv = [a if a != "resnet18" else "," for a in SMALL_BENCH]
+    code, _, err = run_cli(capsys, *argv)
+    assert_usage_error(code, err, "no model given")
 
 
 def test_bench_wrong_architecture_checkpoint(capsys, r18_checkpoint):
@@ -290,6 +311,9 @@ def test_verify_tolerance_is_a_real_bound(capsys, monkeypatch):
     (["-m", "resnet19"], ["unknown model 'resnet19'", "resnet18"]),
     (["--dtype", "int8"], ["unknown dtype 'int8'"]),
     (["--weights", "/no/such/file.pth"], ["does not exist"]),
+    (["--batches", "0", "--no-photos"], ["nothing to compare"]),
+    (["--tol", "-1"], ["--tol must be > 0"]),
+    (["--seed", str(2**64)], ["--seed must be in"]),
 ])
 def test_verify_usage_errors(capsys, extra, needles):
     code, _, err = run_cli(capsys, *SMALL_VERIFY, *extra)
@@ -431,3 +455,37 @@ def test_gpu_check_script_syntax():
                    "--junitxml", "fastres bench", "all.tar.gz", "summary.md", "timeout",
                    "FASTRES_MARGIN_LOG"):
         assert needle in text, needle
+
+
+def test_classify_reads_16_bit_and_float_grayscale_like_8_bit(tmp_path):
+    """PIL's convert("RGB") clips 16-bit and float pixels to 0..255: a 16-bit photo came out
+    white (mean 255) and a [0, 1] float one black. They now load as their 8-bit selves."""
+    from PIL import Image
+
+    from fastres.classify import load_image
+
+    cam = np.asarray(Image.fromarray(
+        np.random.default_rng(int(torch.randint(0, 2**31, ()))).integers(
+            0, 256, (37, 41), dtype=np.uint8)))
+    ref = np.asarray(load_image(_save(tmp_path / "cam8.png", Image.fromarray(cam))))
+    cam16 = Image.fromarray(cam.astype(np.uint16) * 257)
+    got16 = np.asarray(load_image(_save(tmp_path / "cam16.png", cam16)))
+    assert np.array_equal(got16, ref)
+    camf = Image.fromarray(cam.astype(np.float32) / 255.0)
+    gotf = np.asarray(load_image(_save(tmp_path / "camf.tif", camf)))
+    assert np.abs(gotf.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_classify_refuses_a_decompression_bomb(capsys, tmp_path, r18_checkpoint, monkeypatch):
+    from PIL import Image
+
+    big = _save(tmp_path / "big.png", Image.new("RGB", (64, 64)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 4096 > 2 x 100: PIL refuses it
+    code, _, err = run_cli(capsys, "classify", str(big), "--weights", str(r18_checkpoint),
+                           "--model", "resnet18", "--device", "cpu")
+    assert_usage_error(code, err, "cannot read", "as an image")
+
+
+def _save(path, image):
+    image.save(path)
+    return path
