@@ -94,6 +94,8 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
         net = (get_model(model, weights=state) if state is not None
                else get_model(model, num_classes=num_classes))
     except (ValueError, RuntimeError) as exc:
+        if state is None:
+            raise TuneUsageError(str(exc)) from exc
         from fastres.classify import describe_mismatch
 
         raise TuneUsageError(describe_mismatch(model, state, repr(weights))) from exc
