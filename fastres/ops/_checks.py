@@ -30,17 +30,14 @@ def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual
     if weight.dim() != 4:
         raise ValueError(f"{op}: weight must be 4-D [C_out, C_in/groups, R, S], "
                          f"got shape {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: weight dtype must equal x's ({x.dtype}), got {weight.dtype}")
+    _check_weight_dtype(op, x, weight)
     if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
         raise ValueError(f"{op}: groups={groups} must divide C_in={x.shape[1]} and "
                          f"C_out={weight.shape[0]}")
     if weight.shape[1] * groups != x.shape[1]:
         raise ValueError(f"{op}: weight expects {weight.shape[1] * groups} input channels "
                          f"(C_in/groups={weight.shape[1]}, groups={groups}), x has {x.shape[1]}")
-    if bias.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), "
-                         f"got {tuple(bias.shape)}")
+    _check_bias_shape(op, weight, bias)
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"{op}: x must have H, W >= 1, got shape {tuple(x.shape)}")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
@@ -63,6 +60,17 @@ def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual
                             f"got {residual.dtype}")
 
 
+def _check_weight_dtype(op: str, x, weight) -> None:
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight dtype must equal x's ({x.dtype}), got {weight.dtype}")
+
+
+def _check_bias_shape(op: str, weight, bias) -> None:
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), "
+                         f"got {tuple(bias.shape)}")
+
+
 def _check_same_device(op: str, x, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
@@ -75,10 +83,8 @@ def check_stem_args(x, weight, bias) -> None:
     if weight.dim() != 4 or weight.shape[1] != x.shape[1] or tuple(weight.shape[2:]) != (7, 7):
         raise ValueError(f"{op}: weight must be [C_out, {x.shape[1]}, 7, 7], "
                          f"got {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: weight dtype must equal x's ({x.dtype}), got {weight.dtype}")
-    if bias.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _check_weight_dtype(op, x, weight)
+    _check_bias_shape(op, weight, bias)
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"{op}: x must have H, W >= 1, got shape {tuple(x.shape)}")
     _check_same_device(op, x, weight=weight, bias=bias)
@@ -106,10 +112,8 @@ def check_head_args(x, weight, bias) -> None:
     if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"{op}: weight must be [num_classes, {x.shape[1]}], "
                          f"got {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: weight dtype must equal x's ({x.dtype}), got {weight.dtype}")
-    if bias.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _check_weight_dtype(op, x, weight)
+    _check_bias_shape(op, weight, bias)
     if bias.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{op}: bias dtype must be x's ({x.dtype}) or float32, "
                         f"got {bias.dtype}")
