@@ -281,6 +281,16 @@ def test_supports_rejects_other_dtypes():
     assert supports_conv(x, x.new_zeros(4, 4, 1, 1), None, 1, 0, 1, 1) is not None
 
 
+def test_supports_counts_output_pixels():
+    """Pixel indices are int32: a small input padded to 2**31+ output pixels is declined
+    (the check used to count input pixels only)."""
+    from fastres.kernels.conv import supports_conv
+
+    x, w = torch.empty(1, 4, 8, 8, device="meta"), torch.empty(4, 4, 1, 1, device="meta")
+    assert supports_conv(x, w, None, 1, 0, 1, 1) is None
+    assert "output pixels" in supports_conv(x, w, None, 1, 30000, 1, 1)  # 60008**2 pixels
+
+
 # -- GPU only -------------------------------------------------------------------------------
 
 RESNET50_SHAPES = [

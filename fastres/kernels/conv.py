@@ -465,8 +465,8 @@ def _packed_weight(weight: torch.Tensor, groups: int, pack: tuple) -> torch.Tens
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is weight:
         return hit[1]
-    for k in [k for k, (ref, _) in _PACKED.items() if ref() is None]:
-        del _PACKED[k]
+    for k in [k for k, (ref, _) in list(_PACKED.items()) if ref() is None]:
+        _PACKED.pop(k, None)  # (another thread may have pruned it)
     with torch.no_grad():
         if pack[0] == "blockdiag":
             packed = pack_block_diagonal(weight, groups, pack[1])
@@ -645,6 +645,10 @@ def supports_conv(x, weight, bias, stride, padding, dilation, groups, residual=N
         return f"weight dtype {weight.dtype} differs from x's {x.dtype}"
     if x.device.type != "cuda" and not _interpreted():
         return f"tensors on {x.device.type}"
-    if x.shape[0] * max(x.shape[2] * x.shape[3], 1) >= _INT32_LIMIT:
-        return "more than 2**31 output pixels"
+    h, w = x.shape[2], x.shape[3]
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    p = (h + 2 * ph - dh * (weight.shape[2] - 1) - 1) // sh + 1
+    q = (w + 2 * pw - dw * (weight.shape[3] - 1) - 1) // sw + 1
+    if x.shape[0] * max(h * w, p * q, 1) >= _INT32_LIMIT:  # pixel indices are int32
+        return "2**31 or more input or output pixels"
     return None
