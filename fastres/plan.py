@@ -166,7 +166,7 @@ def _unsupported_reason(model: nn.Module) -> str | None:
                 return (f"{name} pads with padding={m.padding!r}, padding_mode="
                         f"{m.padding_mode!r} (the plan pads explicit sizes with zeros)")
     stem = getattr(model, "conv1", None)
-    if not (isinstance(stem, nn.Conv2d) and _geometry(stem)[:5] == _STEM):
+    if not (isinstance(stem, nn.Conv2d) and _geometry(stem) == _STEM):
         return (f"conv1 is {stem} (the fused stem is Conv2d(kernel_size=7, stride=2, "
                 "padding=3, dilation=1, groups=1))")
     pool = getattr(model, "maxpool", None)
@@ -212,7 +212,7 @@ def _pair(v) -> tuple:
 
 def _geometry(conv: nn.Conv2d) -> tuple:
     return (tuple(conv.kernel_size), tuple(conv.stride), _pair(conv.padding),
-            tuple(conv.dilation), conv.groups, conv.padding_mode)
+            tuple(conv.dilation), conv.groups)
 
 
 def _maxpool_geometry(pool: nn.MaxPool2d) -> tuple:

@@ -646,9 +646,8 @@ def supports_conv(x, weight, bias, stride, padding, dilation, groups, residual=N
     if x.device.type != "cuda" and not _interpreted():
         return f"tensors on {x.device.type}"
     h, w = x.shape[2], x.shape[3]
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    p = (h + 2 * ph - dh * (weight.shape[2] - 1) - 1) // sh + 1
-    q = (w + 2 * pw - dw * (weight.shape[3] - 1) - 1) // sw + 1
+    p, q = conv_output_size(h, w, weight.shape[2], weight.shape[3], _pair(stride),
+                            _pair(padding), _pair(dilation))
     if x.shape[0] * max(h * w, p * q, 1) >= _INT32_LIMIT:  # pixel indices are int32
         return "2**31 or more input or output pixels"
     return None
