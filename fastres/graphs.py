@@ -158,7 +158,7 @@ class CUDAGraphModule(nn.Module):
             self._say_once("cpu", f"CUDA graphs need CUDA input (got {x.device.type}); "
                            "running the model without graphs")
             return model(x)
-        if x.device.index != torch.cuda.current_device():  # graphs and pools follow it
+        if _backend.off_current_device(x):
             with torch.cuda.device(x.device):
                 return self.forward(x)
         if torch.cuda.is_current_stream_capturing():

@@ -390,9 +390,8 @@ class InferencePlan:
             if features_only:
                 raise ValueError("forward_features on an empty batch is not supported")
             return x.new_empty((0, self.num_classes), dtype=self.dtype)
-        if (x.is_cuda and type(x) is Tensor and not tracing()
-                and x.device.index != torch.cuda.current_device()):
-            with torch.cuda.device(x.device):  # Triton launches on the current device
+        if type(x) is Tensor and not tracing() and _backend.off_current_device(x):
+            with torch.cuda.device(x.device):
                 return self.run(x, features_only)
         x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
         # plain tensors outside tracing skip the dispatcher; fake/functional tensors (export's

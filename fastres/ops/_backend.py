@@ -300,10 +300,17 @@ def run(op: str, x: torch.Tensor, *args):
     return choose(op, x.device, x, *args).fn(x, *args)
 
 
+def off_current_device(x: torch.Tensor) -> bool:
+    """True when ``x`` is a CUDA tensor on another device than the current one. Triton
+    launches, CUDA graph capture and graph pools follow the current device, whatever device
+    the tensors are on: the callers switch to ``x.device`` first."""
+    return x.is_cuda and x.device.index != torch.cuda.current_device()
+
+
 def run_op(op: str, x: torch.Tensor, *args):
-    """:func:`run` on ``x``'s CUDA device (the body of the custom ops, which anyone can call):
-    Triton launches on the current device, whatever device the tensors are on."""
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
+    """:func:`run` on ``x``'s CUDA device (the body of the custom ops, which anyone can call;
+    see :func:`off_current_device`)."""
+    if off_current_device(x):
         with torch.cuda.device(x.device):
             return run(op, x, *args)
     return run(op, x, *args)
