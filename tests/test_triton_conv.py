@@ -512,3 +512,57 @@ def test_round_tf32_is_round_to_nearest_even():
     nan_out = torch.empty(1, device=DEV)
     round_kernel[(1,)](torch.tensor([float("nan")], device=DEV), nan_out, 1, BLOCK=16)
     assert torch.isnan(nan_out).all()
+
+
+# (N, C_in, H, W, C_out, groups): block-diagonal grouped layers, ResNeXt's (C_in/groups ==
+# C_out/groups) and channel-reducing ones (C_in/groups up to 16x C_out/groups)
+GROUPED_SHAPES = [(32, 128, 56, 56, 128, 32), (32, 512, 14, 14, 512, 32),
+                  (32, 256, 14, 14, 256, 64), (32, 256, 14, 14, 16, 16),
+                  (32, 128, 14, 14, 16, 16), (32, 64, 14, 14, 16, 4), (32, 64, 14, 14, 256, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grouped_launch_tiles_within_pruned_config(dtype):
+    """The block-diagonal schedule launches tiles no larger than the configuration the pruner
+    checked (shared memory is estimated from the table row). It used to pack 16/(C_out/groups)
+    groups when C_in/groups > C_out/groups: 256-channel K tiles for 16 -> 1 channels per group,
+    over the H100's shared memory in every fp32 candidate (compile report: 262 to 459 KiB), so
+    the pinned configuration failed at launch on the GPU."""
+    eb = torch.empty((), dtype=dtype).element_size()
+    for n, c, h, w, k, g in GROUPED_SHAPES:
+        prob = ConvProblem(n, c, h, w, k, 3, 3, (1, 1), (1, 1), (1, 1), g, dtype,
+                           tf32=dtype == torch.float32)
+        assert prob.kind == "grouped"
+        cands = kcfg.prune(kcfg.TABLES["grouped"], "grouped", prob.m, prob.k_g, prob.k_extent,
+                           eb, taps=prob.taps)
+        for cfg in cands:
+            p = launch_params(prob, cfg, interpreted=False).params
+            assert p["BLOCK_K"] <= cfg.block_k and p["BLOCK_N"] <= cfg.block_n, (prob, cfg)
+            launched = replace(cfg, block_m=p["BLOCK_M"], block_n=p["BLOCK_N"],
+                               block_k=p["BLOCK_K"], num_stages=p["num_stages"])
+            assert kcfg.smem_bytes(launched, eb) <= kcfg.SMEM_LIMIT, (prob, cfg)
+
+
+def test_grouped_channel_reducing():
+    """Block-diagonal packing with fewer output than input channels per group (16 -> 1):
+    a packed group narrower than the 16-column N tile (masked columns)."""
+    dtype = torch.float16
+    case = make_case(("g16to1", 1, 256, 3, 4, 16, 3, 3, 1, 1, 1, 16), dtype)
+    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6],
+                                    case[7])
+    assert prob.kind == "grouped"
+    for cfg in (kcfg.GROUPED_CONFIGS[-1], kcfg.GROUPED_CONFIGS[0]):
+        run_and_check(case, True, dtype, config=cfg)
+
+
+def test_supports_declines_more_groups_than_grid_y():
+    """The launch grid's y dimension is the group count (after block-diagonal packing), at
+    most 65535 on a GPU: a depthwise convolution with more (odd) groups is declined, not a
+    failed launch."""
+    from fastres.kernels.conv import supports_conv
+
+    for groups, ok in ((65535, True), (65537, False)):
+        x = torch.empty(1, groups, 4, 4, device="meta")
+        w = torch.empty(groups, 1, 3, 3, device="meta")
+        reason = supports_conv(x, w, None, 1, 1, 1, groups)
+        assert (reason is None) == ok, reason

@@ -120,3 +120,15 @@ def test_gpu_pool_head_resnet_sizes(dtype):
     ref = f.double().mean(dim=(2, 3)) @ w.double().t() + b.double()
     assert_close_rel(avgpool_linear_triton(f, w, b), ref, 2e-3 if dtype == torch.float32
                      else TOL[dtype])
+
+
+def test_max_pool_supports_counts_output_pixels():
+    """The max-pool kernel's output pixel index is int32 even on its 64-bit offset path: a
+    call with 2**31 or more output pixels (one channel, 46341**2 pixels) is declined instead
+    of wrapping to negative rows that pass the bounds mask."""
+    from fastres.kernels.pool import supports_max_pool
+
+    assert supports_max_pool(torch.empty(1, 1, 8, 8, device="meta"), 3, 1, 1) is None
+    assert "output pixels" in supports_max_pool(
+        torch.empty(1, 1, 46341, 46341, device="meta"), 3, 1, 1)
+    assert supports_max_pool(torch.empty(1, 1, 46341, 46341, device="meta"), 3, 2, 1) is None

@@ -16,7 +16,9 @@ launcher):
   consecutive groups become one group of ``gpb * C_in/groups`` channels whose weight is
   dense with zeros off the diagonal blocks (packed once per weight, cached), then the
   ``conv`` schedule runs it. Wastes FLOPs, keeps loads 16-byte and the dot on tensor cores
-  (wgmma needs N, K >= 16; a per-group dot of 4..8 channels would not).
+  (wgmma needs N, K >= 16; a per-group dot of 4..8 channels would not). The zeros multiply
+  the other groups' inputs: an inf or NaN input makes NaN in every group of its block (the
+  reference: its own group only).
 - ``stem``: few input channels (the 7x7 stem, C_in = 3): the S*C inputs of one kernel row are
   contiguous in NHWC (and in the weight), so K steps over kernel rows with S*C merged.
 
@@ -53,6 +55,7 @@ from fastres.ops._checks import conv_output_size
 MODE_GEMM, MODE_CONV, MODE_STEM = 0, 1, 2
 _MODES = {"gemm": MODE_GEMM, "conv": MODE_CONV, "grouped": MODE_CONV, "stem": MODE_STEM}
 _INT32_LIMIT = 2**31 - 1
+_GRID_Y_LIMIT = 65535  # CUDA's maximum gridDim.y
 
 
 # Shape arguments that are not specialized (no divisibility / ==1 variants): one compiled
@@ -397,8 +400,11 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
     elif kind == "conv":
         even_c = c_g % bk == 0
     elif kind == "grouped":
-        # Block-diagonal packing: gpb groups become one group of gpb*c_g input channels.
-        gpb = max(bk // c_g, 2, 16 // c_g, 16 // k_g)
+        # Block-diagonal packing: gpb groups become one group of gpb*c_g input channels, at
+        # most the row's block_k (the pruner's shared-memory estimate; a 16 // k_g term here
+        # packed 256 channels for 16 -> 1 channels per group, over the H100's limit). A packed
+        # group narrower than 16 output channels runs a 16-column N tile, masked.
+        gpb = max(bk // c_g, 2, 16 // c_g)
         gpb = min(gpb, _pow2_divisor(prob.groups))
         groups, c_g, k_g, pack = prob.groups // gpb, gpb * c_g, gpb * k_g, ("blockdiag", gpb)
         bk, bn, even_c = c_g, max(min(bn, k_g), 16), True
@@ -650,4 +656,6 @@ def supports_conv(x, weight, bias, stride, padding, dilation, groups, residual=N
                             _pair(padding), _pair(dilation))
     if x.shape[0] * max(h * w, p * q, 1) >= _INT32_LIMIT:  # pixel indices are int32
         return "2**31 or more input or output pixels"
+    if int(groups) > _GRID_Y_LIMIT:  # the grid's y dimension is the group count
+        return f"{groups} groups (the GPU grid's y dimension allows {_GRID_Y_LIMIT})"
     return None

@@ -98,4 +98,9 @@ def supports_max_pool(x, kernel_size, stride, padding) -> str | None:
         return f"kernel_size {kernel_size} > 7 (the window is unrolled)"
     if x.device.type != "cuda" and not _interpreted():
         return f"tensors on {x.device.type}"
+    n, _, h, w = x.shape
+    p = (h + 2 * padding - kernel_size) // stride + 1
+    q = (w + 2 * padding - kernel_size) // stride + 1
+    if n * p * q >= _INT32_LIMIT:  # the output pixel index is int32 (INDEX64 or not)
+        return "2**31 or more output pixels"
     return None
