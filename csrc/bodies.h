@@ -78,6 +78,9 @@ constexpr int STEM_CGROUPS = STEM_CC / STEM_NC;     // 16 channel groups of 4
 constexpr int STEM_PGROUPS = STEM_THREADS / STEM_CGROUPS;  // 16 pixel groups
 // Conv pixels per thread (register block): every thread covers its pixel group in one pass.
 constexpr int STEM_NPX = (STEM_CH * STEM_CW + STEM_PGROUPS - 1) / STEM_PGROUPS;
+// Largest C_in whose weight chunk (49 * C_in * STEM_CC floats, the largest per-work-item
+// extent) and patch are indexed with 32-bit ints below without overflow.
+constexpr int STEM_MAX_CIN_INDEX = std::numeric_limits<int>::max() / (49 * STEM_CC);
 
 struct StemGeom {
   int64_t N;

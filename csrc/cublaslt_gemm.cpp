@@ -131,6 +131,7 @@ bool gemm_bias_act(const at::Tensor& a, const at::Tensor& b, const at::Tensor& b
                 ", got ", c->scalar_type(), " ", shape_str(c->sizes()));
   }
   if (M == 0 || Nc == 0) return true;
+  if (K == 0) return false;  // (a 0-long reduction: no valid cuBLASLt layout; the caller's kernel)
 
   const cudaDataType_t dt = cuda_type(a.scalar_type());
   const void* c_ptr = c ? c->data_ptr() : d.data_ptr();
@@ -141,15 +142,23 @@ bool gemm_bias_act(const at::Tensor& a, const at::Tensor& b, const at::Tensor& b
   Layout lc = make_layout(dt, Nc, M, Nc);   // c, d: Nc x M col-major
   Layout ld = make_layout(dt, Nc, M, Nc);
 
+  // The epilogue's bias pointer has no alignment preference: cuBLASLt's heuristic reads its
+  // alignment from the pointer itself and may pick a kernel that assumes 16 bytes, which then
+  // faults ("misaligned address") on a bias that is an offset view. Give it an aligned copy
+  // in that case, and key the cached algorithm on the alignment it was chosen for.
+  const at::Tensor bias_al = alignment(bias.data_ptr()) >= 16 ? bias : bias.clone();
+
   const int device = a.get_device();
   const uint32_t al_a = alignment(a.data_ptr()), al_b = alignment(b.data_ptr()),
-                 al_c = alignment(c_ptr), al_d = alignment(d.data_ptr());
+                 al_c = alignment(c_ptr), al_d = alignment(d.data_ptr()),
+                 al_bias = alignment(bias_al.data_ptr());
   const std::string key = std::to_string(device) + ":" + std::to_string(M) + "," +
                           std::to_string(Nc) + "," + std::to_string(K) + ":" +
                           std::to_string(static_cast<int>(dt)) + ":" + (relu ? "r" : "-") +
                           (c ? "c" : "-") + (allow_tf32 ? "t" : "-") + ":" +
                           std::to_string(al_a) + "," + std::to_string(al_b) + "," +
-                          std::to_string(al_c) + "," + std::to_string(al_d);
+                          std::to_string(al_c) + "," + std::to_string(al_d) + "," +
+                          std::to_string(al_bias);
 
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device).stream();
@@ -157,8 +166,8 @@ bool gemm_bias_act(const at::Tensor& a, const at::Tensor& b, const at::Tensor& b
   // The bias as cuBLASLt will read it: float32 if allowed for this output type, else d's dtype.
   at::Tensor bias_lowp;
   auto bias_for = [&](bool float_bias) -> std::pair<cudaDataType_t, const void*> {
-    if (float_bias || dt == CUDA_R_32F) return {CUDA_R_32F, bias.data_ptr()};
-    if (!bias_lowp.defined()) bias_lowp = bias.to(a.scalar_type());
+    if (float_bias || dt == CUDA_R_32F) return {CUDA_R_32F, bias_al.data_ptr()};
+    if (!bias_lowp.defined()) bias_lowp = bias_al.to(a.scalar_type());  // a fresh, aligned copy
     return {dt, bias_lowp.data_ptr()};
   };
 
@@ -186,6 +195,14 @@ bool gemm_bias_act(const at::Tensor& a, const at::Tensor& b, const at::Tensor& b
     for (const auto& [attr, value] : aligns) {
       FASTRES_LT_CHECK(
           cublasLtMatmulPreferenceSetAttribute(pref.get(), attr, &value, sizeof(value)));
+    }
+    if (dt != CUDA_R_32F) {
+      // Split-K partial sums in fp32 only: the INPLACE and OUTPUT_TYPE schemes add them up in
+      // the 16-bit output type (one rounding per split), against fp32 accumulation.
+      const uint32_t schemes =
+          CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+      FASTRES_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+          pref.get(), CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes)));
     }
     // Try a float32 bias first (one rounding, as the contract says); fall back to a bias
     // rounded to the output dtype where cuBLASLt has no such kernel.

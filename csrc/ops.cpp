@@ -182,6 +182,8 @@ StemCall stem_prepare(const at::Tensor& x, const at::Tensor& weight, const at::T
   check_same_device(op, "bias", bias, x);
   TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op, ": input must be at least 1x1, got ",
               shape_str(x.sizes()));
+  TORCH_CHECK(x.size(1) <= STEM_MAX_CIN_INDEX, op, ": C_in = ", x.size(1),
+              " is too large (max ", STEM_MAX_CIN_INDEX, ": 32-bit tile indices)");
   StemGeom g{};
   g.N = x.size(0);
   g.Cin = static_cast<int>(x.size(1));
@@ -278,6 +280,9 @@ at::Tensor stem_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(smem <= props->sharedMemPerBlockOptin, "fastres_C::stem (CUDA): C_in = ",
               call.g.Cin, " needs ", smem, " bytes of shared memory per block, the device allows ",
               props->sharedMemPerBlockOptin);
+  TORCH_CHECK(call.g.chunks <= 65535, "fastres_C::stem (CUDA): C_out = ", call.g.Cout,
+              " is too large (max ", 65535 * STEM_CC, ": one grid row per ", STEM_CC,
+              " channels)");
   launch_stem(x.const_data_ptr(), call.wpacked.const_data_ptr<float>(),
               call.bias.const_data_ptr<float>(), call.out.data_ptr(), to_dtype(x.scalar_type()),
               call.g, props->multiProcessorCount, at::cuda::getCurrentCUDAStream().stream());
@@ -440,9 +445,14 @@ at::Tensor conv1x1_cuda(const at::Tensor& x, const at::Tensor& weight, const at:
   const c10::cuda::CUDAGuard guard(x.device());
   auto call = conv1x1_prepare(op, x, weight, bias, stride, residual);
   if (call.out.numel() == 0) return call.out;
-  TORCH_CHECK(gemm_bias_act(call.a, call.b, call.bias, call.c, call.d, relu, allow_tf32), op,
-              ": cuBLASLt has no algorithm for M=", call.a.size(0), ", N=", call.b.size(0),
+  // cuBLASLt's ReLU epilogue turns NaN into 0 (a max with 0 that drops NaN); torch.relu, the
+  // contract, the Triton kernel and the CPU implementation keep it. So the GEMM fuses bias and
+  // residual only, and the ReLU runs after it, NaN-preserving (clamp_min propagates NaN).
+  TORCH_CHECK(gemm_bias_act(call.a, call.b, call.bias, call.c, call.d, /*relu=*/false,
+                            allow_tf32),
+              op, ": cuBLASLt has no algorithm for M=", call.a.size(0), ", N=", call.b.size(0),
               ", K=", call.a.size(1), " in ", x.scalar_type());
+  if (relu) call.d.clamp_min_(0);
   return call.out;
 }
 
@@ -459,7 +469,9 @@ TORCH_LIBRARY(fastres_C, m) {
   // the fused stem's shared memory per block, for the Python side to check against the GPU's
   // limit before choosing the kernel (it needs more than some GPUs allow)
   m.def("stem_smem_bytes(int cin) -> int", [](int64_t cin) -> int64_t {
-    TORCH_CHECK(cin >= 1, "fastres_C::stem_smem_bytes: cin must be >= 1, got ", cin);
+    TORCH_CHECK(cin >= 1 && cin <= fastres::STEM_MAX_CIN_INDEX,
+                "fastres_C::stem_smem_bytes: cin must be >= 1 and <= ",
+                fastres::STEM_MAX_CIN_INDEX, ", got ", cin);
     return static_cast<int64_t>(fastres::stem_smem_bytes(static_cast<int>(cin)));
   });
 }

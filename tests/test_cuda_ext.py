@@ -227,6 +227,22 @@ def test_stem_shared_memory_limit_is_checked_before_choosing_it():
 
 
 @needs_ext
+def test_stem_rejects_c_in_past_32bit_tile_indices():
+    """The stem indexes its 49 * C_in * 64 weight floats with 32-bit ints: from C_in = 684785
+    on they overflowed (stem_smem_bytes came out negative or far too small, and the kernels
+    sized their weight buffer from the wrapped count). Such C_in is refused, before any work."""
+    limit = (2**31 - 1) // (49 * 64)
+    assert torch.ops.fastres_C.stem_smem_bytes(limit) >= 4 * 49 * 64 * limit
+    for cin in (limit + 1, 1369569):  # negative, resp. a wrapped weight count of 1088 floats
+        with pytest.raises(RuntimeError, match="cin must be >= 1 and <= 684784"):
+            torch.ops.fastres_C.stem_smem_bytes(cin)
+    x = torch.randn(1, limit + 1, 1, 1)
+    w = torch.zeros(1, 1, 1, 1).expand(1, limit + 1, 7, 7)  # never materialized
+    with pytest.raises(RuntimeError, match="C_in = 684785 is too large"):
+        torch.ops.fastres_C.stem(x, w, torch.zeros(1))
+
+
+@needs_ext
 def test_stem_cpu_empty_batch():
     out = torch.ops.fastres_C.stem(torch.randn(0, 3, 9, 9), torch.randn(4, 3, 7, 7),
                                    torch.randn(4))
@@ -478,6 +494,90 @@ def test_conv1x1_cuda_non_channels_last_residual_and_input():
     res = torch.randn(2, 48, 9, 9, device=DEV, dtype=torch.float16)
     out = torch.ops.fastres_C.conv1x1(x, wt, b, 1, res, True, False)
     assert_close_rel(out, conv1x1_f64(x, wt, b, 1, res, True), 2e-3)
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv1x1_cuda_relu_keeps_nan(dtype, residual):
+    """cuBLASLt's ReLU epilogue turns NaN into 0; the op must keep it, as torch.relu and the
+    CPU implementation do (NaN where the reference has NaN, nowhere else)."""
+    x = _fmt(torch.randn(2, 32, 5, 5, device=DEV), "cl").to(dtype)
+    x[1, 3, 2, 4] = float("nan")
+    wt = (torch.randn(16, 32, 1, 1, device=DEV) / 6).to(dtype)
+    b = torch.randn(16, device=DEV)
+    res = _fmt(torch.randn(2, 16, 5, 5, device=DEV), "cl").to(dtype) if residual else None
+    out = torch.ops.fastres_C.conv1x1(x, wt, b, 1, res, True, False)
+    ref = conv1x1_f64(x, wt, b, 1, res, True)
+    assert torch.isnan(out[1, :, 2, 4]).all()
+    assert torch.equal(torch.isnan(out).cpu(), torch.isnan(ref).cpu())
+    cpu = torch.ops.fastres_C.conv1x1(x.cpu(), wt.cpu(), b.cpu(), 1,
+                                      None if res is None else res.cpu(), True, False)
+    assert torch.equal(torch.isnan(out).cpu(), torch.isnan(cpu))
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cublaslt_misaligned_bias_after_aligned_one(dtype):
+    """cuBLASLt picks its algorithm from the bias pointer's alignment: a cached choice made
+    for an aligned bias must not be reused with a 4-byte-aligned view (misaligned address)."""
+    x = _fmt(torch.randn(3, 64, 6, 6, device=DEV), "cl").to(dtype)
+    wt = (torch.randn(48, 64, 1, 1, device=DEV) / 8).to(dtype)
+    aligned = torch.randn(48, device=DEV)
+    offset = torch.randn(49, device=DEV)[1:]  # 4 bytes past a 512-byte boundary
+    for b in (aligned, offset, aligned):
+        out = torch.ops.fastres_C.conv1x1(x, wt, b, 1, None, True, False)
+        torch.cuda.synchronize()
+        assert_close_rel(out, conv1x1_f64(x, wt, b, 1, None, True), TOL[dtype])
+    hx = torch.randn(4, 128, 3, 3, device=DEV).to(dtype)
+    hw = (torch.randn(40, 128, device=DEV) / 11).to(dtype)
+    for hb in (torch.randn(40, device=DEV), torch.randn(41, device=DEV)[1:]):
+        out = torch.ops.fastres_C.avgpool_linear(hx, hw, hb, False)
+        torch.cuda.synchronize()
+        assert_close_rel(out, head_f64(hx, hw, hb), TOL[dtype])
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cublaslt_16bit_accumulates_in_fp32(dtype):
+    """Small M, long K (layer4's reduce at batch 1; the head): shapes where cuBLASLt splits K.
+    Its partial sums must stay fp32 (no INPLACE/OUTPUT_TYPE split-K reduction): the error is
+    then that of the one final rounding, within a little of rounding the exact result. (Small
+    biases: a bias rounded to the output dtype, where cuBLASLt has no fp32-bias kernel, would
+    add an error of its own.)"""
+    x = _fmt(torch.randn(1, 2048, 7, 7, device=DEV), "cl").to(dtype)
+    wt = (torch.randn(512, 2048, 1, 1, device=DEV) / 45).to(dtype)
+    b = torch.randn(512, device=DEV) * 1e-3
+    out = torch.ops.fastres_C.conv1x1(x, wt, b, 1, None, False, False)
+    ref = conv1x1_f64(x, wt, b, 1, None, False)
+    floor = rel_err(ref.to(dtype), ref)  # one rounding of the exact result
+    assert rel_err(out, ref) <= 1.3 * floor + 1e-6, (rel_err(out, ref), floor)
+    hx = torch.randn(2, 2048, 7, 7, device=DEV).to(dtype)
+    hw = (torch.randn(1000, 2048, device=DEV) / 45).to(dtype)
+    hb = torch.randn(1000, device=DEV) * 1e-3
+    out = torch.ops.fastres_C.avgpool_linear(hx, hw, hb, False)
+    ref = head_f64(hx, hw, hb)
+    floor = rel_err(ref.to(dtype), ref)
+    assert rel_err(out, ref) <= 1.3 * floor + 1e-6, (rel_err(out, ref), floor)
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv1x1_cuda_single_row(dtype):
+    """M = N*P*Q = 1 (batch 1, 1x1 spatial: layer4 of a 32x32 input) and a one-image head."""
+    x = _fmt(torch.randn(1, 64, 1, 1, device=DEV), "cl").to(dtype)
+    wt = (torch.randn(32, 64, 1, 1, device=DEV) / 8).to(dtype)
+    b = torch.randn(32, device=DEV)
+    res = _fmt(torch.randn(1, 32, 1, 1, device=DEV), "cl").to(dtype)
+    out = torch.ops.fastres_C.conv1x1(x, wt, b, 1, res, True, False)
+    tol = TOL[dtype] if dtype != torch.float32 else 1e-5
+    assert_close_rel(out, conv1x1_f64(x, wt, b, 1, res, True), tol)
+    out = torch.ops.fastres_C.avgpool_linear(x, wt.view(32, 64), b, False)
+    assert_close_rel(out, head_f64(x, wt.view(32, 64), b), tol)
 
 
 @pytest.mark.cuda
