@@ -288,12 +288,13 @@ def describe_mismatch(model_name: str, state_dict, source: str) -> str:
     return msg
 
 
-def load_checkpoint(weights) -> dict:
-    """``fastres.models.load_weights`` with errors as one-line :class:`UserError`."""
+def load_checkpoint(weights, arch: str | None = None) -> dict:
+    """``fastres.models.load_weights`` with errors as one-line :class:`UserError` (``arch``
+    names the model, for the hint on torchvision weight names such as ``IMAGENET1K_V2``)."""
     from fastres import models
 
     try:
-        return models.load_weights(weights)
+        return models.load_weights(weights, arch)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         text = str(exc).removeprefix("fastres: ").strip()
         if "Weights only load failed" in text:  # torch's long weights_only explanation
@@ -310,7 +311,7 @@ def build_model(model_name: str, weights, device: torch.device, dtype: torch.dty
     if model_name not in models.MODEL_NAMES:
         raise UserError(f"unknown model {model_name!r}; expected one of "
                         f"{', '.join(models.MODEL_NAMES)}")
-    sd = load_checkpoint(weights)
+    sd = load_checkpoint(weights, model_name)
     try:
         model = models.get_model(model_name, weights=sd)
     except (ValueError, RuntimeError) as exc:

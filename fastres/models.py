@@ -9,7 +9,10 @@ fused ops in :mod:`fastres.ops`.
 
 from __future__ import annotations
 
+import copy
 import os
+import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -127,6 +130,10 @@ class ResNet(nn.Module):
     - A model whose norm layers are not ``BatchNorm2d`` with running statistics, or whose
       layout the plan does not fuse (another stem, activation or pool, an ``fc`` that is not
       ``nn.Linear``, a block with its own ``forward``), runs eagerly (warned once).
+    - Forward hooks or pre-hooks on any submodule (or global module hooks) make the eval
+      forward run eagerly (warned once), so they run as in torchvision: the plan runs no
+      submodule. Hooks on the model itself run around either path. ``torch.fx`` tracing
+      (``create_feature_extractor``) and ``torch.jit.script`` see torchvision's code.
     - Edits through ``param.data`` bypass PyTorch's version counter: call
       :meth:`invalidate_plan` after them (ordinary in-place edits, optimizer steps,
       ``load_state_dict``, ``.to()`` and ``.half()`` are detected).
@@ -202,6 +209,23 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     # -- torchvision's eager path ------------------------------------------------------------
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        """torchvision's ``_forward_impl``, op for op (TorchScript-compatible)."""
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return x
+
     def forward_features_eager(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
@@ -213,21 +237,31 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
     def forward_eager(self, x: Tensor) -> Tensor:
-        """torchvision's forward, op for op."""
-        return self.forward_head_eager(self.forward_features_eager(x))
+        """torchvision's forward, op for op (a subclass's own ``_forward_impl`` if it has one)."""
+        return self._forward_impl(x)
 
     # -- the fused path ----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # torch.jit.script: torchvision's code, as torchvision
+            return self._forward_impl(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
         from fastres import plan as _plan
 
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing (create_feature_extractor)
+            return self._forward_impl(x)
         reason = _plan.eager_reason(self, x)
+        if reason is None and type(self)._forward_impl is not ResNet._forward_impl:
+            reason = f"{type(self).__name__} overrides _forward_impl"
         if reason is not None:
             if reason != "train":
                 _plan.say_eager_once(reason)
-            return self.forward_eager(x)
+            return self._forward_impl(x)
         plan = _plan.plan_for_input(self, x)
         if plan is None:
-            return self.forward_eager(x)
+            return self._forward_impl(x)
         return plan.run(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -235,8 +269,13 @@ class ResNet(nn.Module):
         from fastres import plan as _plan
 
         plan = None
-        if _plan.eager_reason(self, x) is None and x.shape[0] > 0:  # (eager: [0, C, h, w])
+        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing
+            return self.forward_features_eager(x)
+        reason = _plan.eager_reason(self, x)
+        if reason is None and x.shape[0] > 0:  # (eager: [0, C, h, w])
             plan = _plan.plan_for_input(self, x)
+        elif reason not in (None, "train"):
+            _plan.say_eager_once(reason)
         if plan is None:
             return self.forward_features_eager(x)
         return plan.run(x, features_only=True)
@@ -280,17 +319,60 @@ _ARCHS: dict[str, tuple[type, list[int], dict[str, Any]]] = {
 MODEL_NAMES = tuple(_ARCHS)
 
 
-def load_weights(weights: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
+_TV_WEIGHTS_NAME = re.compile(r"^(?:\w+_Weights\.)?(?:DEFAULT|IMAGENET1K_\w+)$")
+
+
+def _torchvision_weights_enum(weights, arch: str | None):
+    """The torchvision ``WeightsEnum`` member ``weights`` is or names (``"IMAGENET1K_V2"``,
+    ``"ResNet50_Weights.DEFAULT"`` for ``arch``), else ``None``. Never downloads anything."""
+    try:
+        from torchvision.models import get_model_weights
+        from torchvision.models._api import WeightsEnum
+    except Exception:  # no torchvision (or a very old one): only the name can be recognized
+        return None
+    if isinstance(weights, WeightsEnum):
+        return weights
+    if isinstance(weights, str) and arch is not None and _TV_WEIGHTS_NAME.match(weights):
+        try:
+            return get_model_weights(arch).verify(weights)
+        except Exception:
+            return None
+    return None
+
+
+def _no_download_hint(arch: str | None, enum) -> str:
+    """How to get torchvision's weights into fastres without fastres downloading them."""
+    arch = arch or "resnet50"
+    where = ""
+    url = getattr(enum, "url", None)
+    if url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        where = (f" (torchvision keeps it at {path}, which exists here)" if os.path.isfile(path)
+                 else f" (torchvision downloads it to {path})")
+    name = f"{type(enum).__name__}.{enum.name}" if enum is not None else "..."
+    return (f"pass weights= the path of a local checkpoint file{where}, or convert torchvision's "
+            f"model: fastres.from_torchvision(torchvision.models.{arch}(weights={name}))")
+
+
+def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
+                 arch: str | None = None) -> dict[str, Tensor]:
     """A state_dict from a checkpoint path (``torch.load``, weights only) or a mapping.
 
     Checkpoints saved as ``{"state_dict": ...}`` or ``{"model": ...}`` are unwrapped.
-    Nothing is downloaded: torchvision's ``Weights`` enums are refused with a clear error.
+    Nothing is downloaded: torchvision's ``Weights`` enums and their names (``"DEFAULT"``,
+    ``"IMAGENET1K_V1"``) are refused with an error that says where torchvision keeps the file
+    (``arch``, when given, names the model they are for).
     """
     if isinstance(weights, Mapping):
         return dict(weights)
     if isinstance(weights, (str, os.PathLike)):
         path = os.fspath(weights)
         if not os.path.isfile(path):
+            if isinstance(weights, str) and _TV_WEIGHTS_NAME.match(weights):
+                enum = _torchvision_weights_enum(weights, arch)
+                raise FileNotFoundError(
+                    f"fastres: weights {path!r} is not a file but the name of torchvision "
+                    "weights, and fastres downloads nothing: " + _no_download_hint(arch, enum))
             raise FileNotFoundError(f"fastres: weights file {path!r} does not exist")
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -304,18 +386,47 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor]) -> dict[str,
             raise ValueError(f"fastres: {path!r} holds a {type(sd).__name__}, "
                              "expected a state_dict")
         return dict(sd)
+    enum = _torchvision_weights_enum(weights, arch)
+    if enum is not None:
+        raise TypeError(f"fastres: weights={type(enum).__name__}.{enum.name} is a torchvision "
+                        "weights enum, and nothing is downloaded: " + _no_download_hint(arch, enum))
     raise TypeError("fastres: weights must be a checkpoint path or a state_dict mapping "
                     f"(nothing is downloaded), got {type(weights).__name__}")
 
 
+def _legacy_pretrained(arch: str, weights, kwargs: dict[str, Any]):
+    """torchvision's deprecated ``pretrained=`` keyword: ``False`` is ``weights=None`` (with
+    torchvision's deprecation warning); ``True`` would download, so it is refused."""
+    if "pretrained" not in kwargs:
+        return weights
+    pretrained = kwargs.pop("pretrained")
+    if weights is not None:
+        raise TypeError(f"{arch}: pass weights= or the deprecated pretrained=, not both")
+    if pretrained:
+        enum = None
+        try:
+            from torchvision.models import get_model_weights
+
+            enum = get_model_weights(arch).IMAGENET1K_V1  # what torchvision's pretrained=True loads
+        except Exception:
+            pass
+        raise ValueError(f"fastres: {arch}(pretrained=True) would download torchvision's weights, "
+                         "and nothing is downloaded: " + _no_download_hint(arch, enum))
+    warnings.warn("The parameter 'pretrained' is deprecated (torchvision 0.13), please use "
+                  "'weights' instead: pretrained=False is weights=None", UserWarning,
+                  stacklevel=4)
+    return None
+
+
 def _build(arch: str, weights, progress: bool = True, **kwargs: Any) -> ResNet:
     block, layers, defaults = _ARCHS[arch]
+    weights = _legacy_pretrained(arch, weights, kwargs)
     for key, value in defaults.items():
         if key in kwargs and kwargs[key] != value:
             raise ValueError(f"{arch}: {key}={kwargs[key]} conflicts with the architecture's "
                              f"{key}={value}")
         kwargs[key] = value
-    sd = load_weights(weights) if weights is not None else None
+    sd = load_weights(weights, arch) if weights is not None else None
     if sd is not None and "num_classes" not in kwargs and "fc.weight" in sd:
         kwargs["num_classes"] = sd["fc.weight"].shape[0]
     model = ResNet(block, layers, **kwargs)
@@ -341,7 +452,9 @@ def _make_constructor(arch: str):
         "state_dict (nothing is downloaded; ``num_classes`` is taken from it when not given);\n"
         "other keywords (``num_classes``, ``zero_init_residual``, ``groups``,\n"
         "``width_per_group``, ``replace_stride_with_dilation``, ``norm_layer``) go to\n"
-        ":class:`ResNet`. ``progress`` is accepted for torchvision compatibility and ignored.\n"
+        ":class:`ResNet`. ``progress`` is accepted for torchvision compatibility and ignored;\n"
+        "so is torchvision's deprecated ``pretrained=False`` (``pretrained=True`` would download\n"
+        "and is refused, as are torchvision's ``Weights`` enums and their names).\n"
     )
     return constructor
 
@@ -366,13 +479,23 @@ def get_model(name: str, **kwargs: Any) -> ResNet:
     return globals()[name](**kwargs)
 
 
+def _is_norm_slot(name: str) -> bool:
+    """Where torchvision's ``norm_layer`` puts its modules: ``bn1``, ``layerI.J.bn1/2/3``,
+    ``layerI.J.downsample.1``."""
+    last = name.rsplit(".", 1)[-1]
+    return last in ("bn1", "bn2", "bn3") or name.endswith(".downsample.1")
+
+
 def from_torchvision(model: nn.Module) -> ResNet:
     """A fastres :class:`ResNet` with ``model``'s architecture, weights, mode, dtype, device.
 
     ``model`` is a ``torchvision.models.ResNet`` (any of the family, any ``num_classes``,
-    dilation or norm layer with BatchNorm's interface). The architecture is read off the
-    module tree; the weights are copied (``load_state_dict(strict=True)``), so the two models
-    do not share storage afterwards.
+    dilation or ``norm_layer``). The architecture is read off the module tree; the norm
+    modules (whatever ``norm_layer`` made them: ``BatchNorm2d`` with its own ``eps`` and
+    ``momentum``, ``GroupNorm``, ``FrozenBatchNorm2d``, ...) and an ``fc`` that is not a plain
+    ``nn.Linear`` are copied as modules (without their hooks); the weights are copied
+    (``load_state_dict(strict=True)``), so the two models do not share storage afterwards.
+    Each module's train/eval mode and each parameter's ``requires_grad`` are kept.
     """
     needed = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
     if not isinstance(model, nn.Module) or not all(hasattr(model, n) for n in needed):
@@ -395,12 +518,33 @@ def from_torchvision(model: nn.Module) -> ResNet:
         # torchvision replaces a stride-2 layer by stride 1 and dilation in the layers after.
         strided = (blk0.conv2 if block is Bottleneck else blk0.conv1).stride[0] == 2
         dilate.append(not strided)
-    norm_layer = type(model.bn1)
-    new = ResNet(block, layers, num_classes=model.fc.out_features, groups=groups,
-                 width_per_group=width_per_group, replace_stride_with_dilation=dilate,
-                 norm_layer=norm_layer if norm_layer is not nn.BatchNorm2d else None)
+    fc = model.fc
+    plain_fc = type(fc) is nn.Linear
+    # BatchNorm2d placeholders; the source's norm modules replace them below (a norm_layer is
+    # a factory, often a lambda or partial, that type(model.bn1) cannot rebuild: eps, momentum,
+    # GroupNorm's groups would be lost)
+    new = ResNet(block, layers, num_classes=fc.out_features if plain_fc else 1000,
+                 groups=groups, width_per_group=width_per_group,
+                 replace_stride_with_dilation=dilate)
     param = next(model.parameters())
     new = new.to(device=param.device, dtype=param.dtype)
+    for name, m in model.named_modules():
+        if _is_norm_slot(name) or (name == "fc" and not plain_fc):
+            twin = copy.deepcopy(m)
+            for sub in twin.modules():  # the source's hooks stay with the source
+                for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                              "_backward_pre_hooks"):
+                    getattr(sub, hooks, {}).clear()
+            parent, _, attr = name.rpartition(".")
+            setattr(new.get_submodule(parent), attr, twin)
+    new._norm_layer = getattr(model, "_norm_layer", nn.BatchNorm2d)
     new.load_state_dict(model.state_dict(), strict=True)
-    new.train(model.training)
+    params = dict(new.named_parameters())
+    for name, p in model.named_parameters():
+        if name in params:
+            params[name].requires_grad_(p.requires_grad)
+    modules = dict(new.named_modules())
+    for name, m in model.named_modules():
+        if name in modules:
+            modules[name].training = m.training
     return new

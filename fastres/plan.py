@@ -111,12 +111,37 @@ def eager_reason(model: nn.Module, x) -> str | None:
     check_input(model, x)
     if model.training:
         return "train"
-    if torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(model)):
+    # (torch.jit.trace records the fused plan with grad on too: its check re-runs the trace
+    # under no_grad, and the two graphs must agree)
+    if (torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and (x.requires_grad or _any_requires_grad(model))):
         return "grad"
     dt = compute_dtype(model, x)
     if dt not in SUPPORTED_COMPUTE_DTYPES:
         return f"compute dtype {dt} (the plan runs float32, float16 and bfloat16)"
-    return unsupported_reason(model)
+    return unsupported_reason(model) or hook_reason(model)
+
+
+def hook_reason(model: nn.Module) -> str | None:
+    """Why forward hooks keep the plan from running (``None``: no hook it would skip).
+
+    The plan runs none of the submodules, so their forward hooks and pre-hooks (feature
+    capture, ``torch.nn.utils.prune``, the old hook-based ``weight_norm``, hooks that edit a
+    module's input or output) would silently not run. Hooks on the model itself run around
+    either path (``nn.Module.__call__``). A registered hook edits a dict the memoized module
+    list holds, so this is ~5 us for ResNet-152 while no module is (re)registered.
+    """
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return ("global module forward hooks are registered (register_module_forward_hook / "
+                "register_module_forward_pre_hook), which the fused plan would skip")
+    if not any(_modules(model).hooks):
+        return None
+    for name, m in model.named_modules():
+        if name and (m._forward_hooks or m._forward_pre_hooks):
+            return f"{name} has forward hooks, which the fused plan would skip"
+    return None
 
 
 def _any_requires_grad(model: nn.Module) -> bool:
@@ -232,7 +257,7 @@ class _Modules:
     ``__dict__`` is read directly: a setattr lands there, and a dict lookup is ~4x cheaper
     than a module attribute lookup (~7 us per ResNet-50 structure instead of ~16)."""
 
-    __slots__ = ("modules", "convs", "bns", "model")
+    __slots__ = ("modules", "convs", "bns", "hooks", "model")
 
     def __init__(self, model: nn.Module):
         self.modules = list(model.modules())
@@ -240,6 +265,9 @@ class _Modules:
                       and all(k in vars(m) for k in _CONV_KEYS)]
         self.bns = [vars(m) for m in self.modules if isinstance(m, nn.BatchNorm2d)
                     and "eps" in vars(m)]
+        # every submodule's forward-hook and pre-hook dicts (registering a hook edits them)
+        self.hooks = [d for m in self.modules[1:] for d in (m._forward_hooks,
+                                                            m._forward_pre_hooks)]
         self.model = weakref.ref(model)
 
     def structure(self) -> tuple:
@@ -261,11 +289,15 @@ def structure(model: nn.Module) -> tuple:
     module's class. Editing one of them (say ``layer4[0].conv2.stride = (1, 1)``
     after a first forward) changes this value, which rebuilds the plan. ~8 us for ResNet-50
     (the module lists are kept while no module is registered anywhere)."""
+    return _modules(model).structure()
+
+
+def _modules(model: nn.Module) -> _Modules:
     hit = _modules_memo.get(model)
     if hit is None or hit[0] != _registrations or not _HOOKS:
         hit = (_registrations, _Modules(model))
         _modules_memo[model] = hit
-    return hit[1].structure()
+    return hit[1]
 
 
 # -- folding -----------------------------------------------------------------------------------

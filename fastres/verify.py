@@ -78,7 +78,7 @@ def torchvision_model(name: str, weights=None, device: torch.device | str = "cpu
         return realistic_bn(model, steps=bn_steps, device=device)
     from fastres.classify import describe_mismatch, load_checkpoint
 
-    sd = load_checkpoint(weights)
+    sd = load_checkpoint(weights, name)
     num_classes = sd["fc.weight"].shape[0] if "fc.weight" in sd else 1000
     model = getattr(tv.models, name)(weights=None, num_classes=num_classes)
     try:

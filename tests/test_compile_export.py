@@ -190,6 +190,21 @@ def test_jit_trace_eval():
         assert_close_rel(traced(x2), m(x2), 1e-5)
 
 
+def test_jit_trace_eval_with_grad_enabled():
+    """Tracing an eval model without no_grad records the fused plan too: the tracer's check
+    re-runs the forward under no_grad, and the two graphs used to differ (eager with grad,
+    fused without: TracingCheckError)."""
+    m = small_model("cpu")
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(m, (x,))
+    assert "fastres::conv_bias_act" in str(traced.graph)
+    x2 = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(traced(x2), m(x2), 1e-5)
+
+
 # -- GPU: fast implementations -------------------------------------------------------------------
 
 @pytest.mark.cuda

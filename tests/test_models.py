@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -221,3 +223,167 @@ def test_comparison_catches_a_wrong_fold(monkeypatch):
         out = fr(x)
     with pytest.raises(AssertionError, match="relative error"):
         assert_matches_torchvision(out, tv, x, "forgetful fold")
+
+
+# -- drop-in behaviours: hooks, tracing, scripting, from_torchvision, weights forms ------------
+
+def _small_twin(arch="resnet18", **kwargs):
+    """(torchvision, fastres) with equal weights and realistic BN statistics, eval mode."""
+    tv = getattr(torchvision.models, arch)(weights=None, **kwargs)
+    tv.train()
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+        for _ in range(2):
+            tv(torch.randn(2, 3, 32, 32) * 2 + 0.5)
+    tv.eval()
+    return tv, fastres.from_torchvision(tv)
+
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
+def test_eval_forward_runs_submodule_hooks():
+    """Forward hooks and pre-hooks on submodules run in eval mode, as in torchvision (the plan
+    runs no submodule, so a hooked model runs eagerly): feature capture, output-editing hooks,
+    global hooks, and torch.nn.utils.prune (a pre-hook recomputes the pruned weight)."""
+    tv, fr = _small_twin()
+    x = torch.randn(2, 3, 32, 32)
+    for m in (tv, fr):
+        m.feats = []
+        m.layer4.register_forward_hook(lambda mod, i, o, m=m: m.feats.append(o.clone()))
+        m.layer2[0].conv1.register_forward_pre_hook(lambda mod, i: (i[0] * 0.5,))
+        m.fc.register_forward_hook(lambda mod, i, o: o + 1.0)
+    with torch.no_grad():
+        ref, out = tv(x), fr(x)
+        feats_fr = fr.forward_features(x)
+    assert len(fr.feats) == 2 and len(tv.feats) == 1  # forward and forward_features
+    assert_close_rel(fr.feats[0], tv.feats[0], 1e-5, "hooked layer4 output")
+    assert_close_rel(feats_fr, tv.feats[0], 1e-5, "forward_features with hooks")
+    assert_close_rel(out, ref, 1e-5, "output with input/output-editing hooks")
+
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, i, o: calls.append(type(mod).__name__))
+    try:
+        with torch.no_grad():
+            fr(x)
+    finally:
+        handle.remove()
+    assert "Conv2d" in calls and "BasicBlock" in calls
+
+    import torch.nn.utils.prune as prune
+
+    tv, fr = _small_twin()
+    for m in (tv, fr):
+        prune.l1_unstructured(m.layer1[0].conv1, "weight", amount=0.5)
+        with torch.no_grad():
+            m.layer1[0].conv1.weight_orig.mul_(3.0)  # the pre-hook re-applies the mask
+    with torch.no_grad():
+        assert_close_rel(fr(x), tv(x), 1e-5, "pruned model")
+
+
+def test_eval_hooks_removed_plan_runs_again(monkeypatch):
+    import fastres.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "_said", set())  # the warning is said once per process
+    tv, fr = _small_twin()
+    x = torch.randn(1, 3, 32, 32)
+    handle = fr.layer3.register_forward_hook(lambda *a: None)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="layer3 has forward hooks"):
+        fr(x)
+    assert fr.__dict__["_plan_cache"] is None  # ran eagerly
+    handle.remove()
+    with torch.no_grad():
+        out = fr(x)
+    assert fr.__dict__["_plan_cache"] is not None  # the fused plan again
+    with torch.no_grad():
+        assert_close_rel(out, tv(x), 1e-5, "after the hook was removed")
+
+
+def test_fx_feature_extraction_like_torchvision():
+    from torchvision.models.feature_extraction import (
+        create_feature_extractor,
+        get_graph_node_names,
+    )
+
+    tv, fr = _small_twin("resnet50")
+    assert get_graph_node_names(fr) == get_graph_node_names(tv)
+    nodes = {"layer1.0.relu_1": "a", "layer3": "b", "flatten": "c"}
+    fe_tv, fe_fr = create_feature_extractor(tv, nodes), create_feature_extractor(fr, nodes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = fe_tv(x), fe_fr(x)
+    for k in ref:
+        assert_close_rel(out[k], ref[k], 1e-6, f"feature {k}")
+    gm = torch.fx.symbolic_trace(fr)
+    with torch.no_grad():
+        assert_close_rel(gm(x), tv(x), 1e-5, "fx.symbolic_trace")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_jit_script_like_torchvision():
+    tv, fr = _small_twin()
+    scripted = torch.jit.script(fr)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(scripted(x), tv(x), 1e-6, "torch.jit.script")
+
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
+def test_subclass_overriding_forward_impl_is_honoured():
+    class Features(fastres.ResNet):  # the torchvision pattern: override _forward_impl
+        def _forward_impl(self, x):
+            return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+
+    m = Features(fastres.BasicBlock, [1, 1, 1, 1]).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert m(x).shape == (1, 64, 8, 8)
+    m.train()
+    assert m(x).shape == (1, 64, 8, 8)
+
+
+def test_from_torchvision_keeps_norm_layers_fc_and_flags():
+    import functools
+
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    x = torch.randn(2, 3, 32, 32)
+    for norm_layer in (functools.partial(torch.nn.BatchNorm2d, eps=1e-3, momentum=0.3),
+                       lambda c: torch.nn.GroupNorm(8, c), FrozenBatchNorm2d,
+                       functools.partial(torch.nn.BatchNorm2d, track_running_stats=False)):
+        tv, fr = _small_twin(norm_layer=norm_layer)
+        assert type(fr.layer1[0].bn2) is type(tv.layer1[0].bn2)
+        assert repr(fr) == repr(tv)  # eps, momentum, num_groups, ... included
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            assert_close_rel(fr(x), tv(x), 1e-5, f"from_torchvision, {repr(tv.bn1)}")
+    tv = torchvision.models.resnet18(weights=None)
+    tv.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(512, 3))
+    tv.layer1.requires_grad_(False)
+    tv.train()
+    tv.layer1.eval()  # frozen BatchNorm statistics while fine-tuning
+    fr = fastres.from_torchvision(tv)
+    assert repr(fr.fc) == repr(tv.fc)
+    assert [p.requires_grad for p in fr.parameters()] == [p.requires_grad for p in tv.parameters()]
+    assert [m.training for m in fr.modules()] == [m.training for m in tv.modules()]
+    torch.manual_seed(0)
+    ref = tv(x)
+    torch.manual_seed(0)
+    assert_close_rel(fr(x), ref, 1e-6, "train mode, frozen layer1, dropout head")
+
+
+def test_torchvision_weights_forms(tmp_path):
+    with pytest.warns(UserWarning, match="pretrained"):
+        m = fastres.resnet18(pretrained=False)
+    assert isinstance(m, fastres.ResNet)
+    with pytest.raises(ValueError, match="nothing is downloaded.*resnet18-f37072fd.pth"):
+        fastres.resnet18(pretrained=True)
+    for name in ("IMAGENET1K_V2", "DEFAULT", "ResNet50_Weights.IMAGENET1K_V1"):
+        with pytest.raises(FileNotFoundError, match="name of torchvision weights.*resnet50-"):
+            fastres.resnet50(weights=name)
+    with pytest.raises(TypeError, match="nothing is downloaded.*resnet50-11ad3fa6.pth"):
+        fastres.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fastres.resnet50(weights=str(tmp_path / "IMAGENET1K_V1.pth"))
