@@ -230,27 +230,30 @@ def bench_layer(layer: Layer, batch: int, dtype: torch.dtype) -> dict:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# fastres conv layers vs cuDNN — {meta['arch']}",
              "",
-             (f"{meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, "
-              f"cuDNN {meta['cudnn']}; {meta['date']}. Times: median ms (CUDA events). "
+             (f"{meta['gpu']}, driver {meta.get('driver')}; torch {meta['torch']}, triton "
+              f"{meta['triton']}, cuDNN {meta['cudnn']}, fastres "
+              f"{meta.get('fastres_commit') or meta.get('fastres', '')}; {meta['date']}. "
+              "Times: median ms (CUDA events). "
               "speedup = cuDNN time / fastres time (> 1: fastres faster). cuDNN fused = "
               "conv2d(+bias) then add_(residual), relu_() as eager runs it."),
              "",
              ("| layer (xN) | shape | batch | dtype | schedule | fastres ms | TFLOP/s | "
-              "cuDNN conv ms | cuDNN conv+bias+(res)+ReLU ms | vs fused | vs conv | "
-              "config | status |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "cuDNN conv ms | cuDNN TFLOP/s | cuDNN conv+bias+(res)+ReLU ms | vs fused | "
+              "vs conv | config | status |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("status") == "ok":
             lines.append(
                 f"| {r['layer']} (x{r['count']}) | {r['shape']} | {r['batch']} | {r['dtype']} "
                 f"| {r['schedule']} | {r['fastres_ms']:.4f} | {r['fastres_tflops']:.1f} | "
-                f"{r['cudnn_conv_ms']:.4f} | {r['cudnn_fused_ms']:.4f} | "
+                f"{r['cudnn_conv_ms']:.4f} | {r['cudnn_conv_tflops']:.1f} | "
+                f"{r['cudnn_fused_ms']:.4f} | "
                 f"{r['speedup_vs_cudnn_fused']:.2f}x | {r['speedup_vs_cudnn_conv']:.2f}x | "
                 f"{r['config']} | ok |")
         else:
             lines.append(f"| {r['layer']} (x{r['count']}) | {r['shape']} | {r['batch']} | "
                          f"{r['dtype']} | {r.get('schedule', '-')} | - | - | - | - | - | - | "
-                         f"{r.get('config', '-')} | {r.get('status')} |")
+                         f"- | {r.get('config', '-')} | {r.get('status')} |")
     ok = [r for r in rows if r.get("status") == "ok"]
     if ok:
         for dt in sorted({r["dtype"] for r in ok}):
@@ -262,10 +265,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 ours = sum(r["fastres_ms"] * r["count"] for r in sel)
                 fused = sum(r["cudnn_fused_ms"] * r["count"] for r in sel)
                 conv = sum(r["cudnn_conv_ms"] * r["count"] for r in sel)
-                lines.append(f"\n**{dt}, batch {bs}** (all {len(sel)} measured shapes, "
+                total = len({r["layer"] for r in rows})
+                lines.append(f"\n**{dt}, batch {bs}** ({len(sel)} of {total} shapes measured, "
                              f"weighted by occurrence): fastres {ours:.3f} ms, cuDNN conv "
                              f"{conv:.3f} ms, cuDNN fused {fused:.3f} ms -> "
                              f"{fused / ours:.2f}x vs fused, {conv / ours:.2f}x vs conv alone")
+    if meta.get("interrupted"):
+        lines.append("\nINTERRUPTED: partial results (layers not run are listed as such).")
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +294,10 @@ def main(argv=None) -> int:
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = True
     layers = model_conv_layers(args.arch)
-    meta = {"arch": args.arch, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    from fastres.bench import _gpu_driver, _source_commit
+
+    meta = {"arch": args.arch, "gpu": torch.cuda.get_device_name(), "driver": _gpu_driver(),
+            "fastres_commit": _source_commit(), "torch": torch.__version__,
             "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
             "python": platform.python_version(),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -300,15 +309,38 @@ def main(argv=None) -> int:
                                                          indent=1))
         (out / "conv_layers.md").write_text(markdown(rows, meta))
 
-    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep what was measured
-        write()
-        print(markdown(rows, meta))
-        sys.exit(124)
+    def on_term(signum, frame):  # `timeout` sends SIGTERM: stop like Ctrl-C (below)
+        raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
     t_start = time.time()
     print(f"{len(layers)} distinct convolutions of {args.arch}; batches {args.batch}; "
           f"dtypes {args.dtype}", flush=True)
+    try:
+        run_all(args, layers, rows, write, t_start)
+    except KeyboardInterrupt:  # keep what was measured; the rest is listed as not run
+        done = {(r["layer"], r["batch"], r["dtype"]) for r in rows}
+        for dt_name in args.dtype:
+            dt = str(DTYPES[dt_name]).split(".")[-1]
+            for bs in args.batch:
+                rows.extend({"layer": x.name, "count": x.count, "shape": x.shape_str(),
+                             "batch": bs, "dtype": dt, "status": "not run (interrupted)"}
+                            for x in layers if (x.name, bs, dt) not in done)
+        meta["interrupted"] = True
+        meta["total_s"] = round(time.time() - t_start, 1)
+        write()
+        print(markdown(rows, meta))
+        return 130
+    meta["total_s"] = round(time.time() - t_start, 1)
+    write()
+    print(markdown(rows, meta))
+    bad = [r for r in rows if r.get("status", "").startswith(("FAILED", "ERROR"))]
+    return 1 if bad else 0
+
+
+def run_all(args, layers: list[Layer], rows: list[dict], write, t_start: float) -> None:
+    """Every layer at every batch size and dtype, appended to ``rows`` (``write()`` after
+    each)."""
     for dt_name in args.dtype:
         dt = str(DTYPES[dt_name]).split(".")[-1]
         for bs in args.batch:
@@ -330,11 +362,6 @@ def main(argv=None) -> int:
                       f"ms, cuDNN fused {row.get('cudnn_fused_ms', float('nan')):.4f} ms",
                       flush=True)
                 write()
-    meta["total_s"] = round(time.time() - t_start, 1)
-    write()
-    print(markdown(rows, meta))
-    bad = [r for r in rows if r.get("status", "").startswith(("FAILED", "ERROR"))]
-    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -1,298 +1,369 @@
 #!/usr/bin/env bash
-# The whole GPU check in one command, for a machine with a GPU and no network:
+# The whole GPU check, for a machine with a GPU and no network:
 #
-#   bash benchmarks/gpu_check.sh OUTDIR
+#   bash benchmarks/gpu_check.sh OUTDIR                            # every stage, one call
+#   GPU_CHECK_STAGES=part1 bash benchmarks/gpu_check.sh OUTDIR     # two calls of ~8 minutes
+#   GPU_CHECK_STAGES=part2 bash benchmarks/gpu_check.sh OUTDIR     #   (recommended)
+#   bash benchmarks/gpu_check.sh --digest                          # this checkout's digest
 #
-# 1. build the CUDA extension in place (pip install -e ., no build isolation, no deps)
-# 2. the GPU tests (`-m cuda`: the tests that need a GPU; CI runs the rest on every commit),
-#    14 pytest-xdist workers, junit XML + log + failures recorded as they happen.
-#    GPU_CHECK_TESTS="tests" runs the whole suite on the GPU (about 5 minutes of its own).
-# 3. kernel benchmarks (benchmarks/conv_layers.py, pytest-benchmark files in benchmarks/)
-# 4. `python3 -m fastres bench`: resnet18/50/101 x batch 1, 32, 256 x bf16, fp16, outputs
-#    checked against torchvision before anything is timed; compile baseline for resnet50 only
-# then OUTDIR/summary.md (printed LAST), OUTDIR/all.tar.gz (everything), and the bench's
-# JSON / Markdown / PNG beside them.
+# Stages (GPU_CHECK_STAGES: names in any order, run in this order; "all" = every stage,
+# "part1" = env build tests conv_layers pytest_benchmarks, "part2" = env build latency
+# fastres_bench; "build" is skipped when fastres._C loads and was built from these sources, so
+# keep it in every call: a machine that went cold between calls has no extension):
+#   env                the GPU, driver, CUDA, cuDNN, package versions -> details/env.json
+#   build              pip install --no-build-isolation --no-deps --no-index -e . (never downloads),
+#                      then checks that fastres._C loads
+#   tests              the GPU tests (`-m cuda`; GPU_CHECK_TESTS="tests" for the whole suite),
+#                      pytest-xdist workers, junit XML, failures and accuracy margins as they happen
+#   conv_layers        every ResNet-50 convolution, Triton kernel vs cuDNN, batch 1/32/256,
+#                      bf16/fp16, TFLOP/s and ratios (benchmarks/conv_layers.py)
+#   pytest_benchmarks  pytest-benchmark quick set (conv layers, CUDA-extension ops vs Triton
+#                      and eager)
+#   latency            ResNet-50 batch-1 latency, fastres with/without CUDA graphs vs eager and
+#                      torch.compile(mode="reduce-overhead") (benchmarks/bench_latency.py)
+#   fastres_bench      `python3 -m fastres bench`: resnet50, resnet101, resnet18 x batch 1, 32,
+#                      256 x bf16, fp16, outputs checked first; compile baseline for resnet50
+#                      (resnet101 before resnet18: its layers are resnet50's, already tuned)
 #
-# Time budget: the whole script must finish within 9 minutes on an H100 (the device tool
-# allows 10 per command). Stages are capped with `timeout`, and each stage's cap shrinks so the
-# stages after it keep their minimum; a stage that fails or times out never stops later stages.
-#   stage            nominal cap   kept back for the stages after it
-#   env                    30 s      480 s
-#   build                 150 s      300 s   (skipped when fastres._C imports, same sources)
-#   tests                 200 s      200 s   (GPU_CHECK_TESTS_S)
-#   conv_layers.py         60 s      150 s   (GPU_CHECK_CONV_S; its --time-budget 15 s less)
-#   pytest benchmarks      35 s      120 s
-#   latency                60 s       90 s   (GPU_CHECK_LATENCY_S)
-#   fastres bench    the rest (<= 220 s); its own --time-budget ends it 40 s early, so
-#                    it writes its results itself instead of being killed. Inside it: 30 timed
-#                    calls (at most 2 s) per measurement, 5 warm-up calls, torch.compile
-#                    only for resnet50 and at most ~70 s of compiling (about 3 shapes).
-#   summary + tar         ~10 s
-#   total deadline        530 s (GPU_CHECK_BUDGET_S overrides), 10 s under 9 minutes.
+# Time: everything ends within GPU_CHECK_BUDGET_S (default 520 s) plus at most 15 s, under
+# the 9 minutes a device call should take (its hard limit is 10). Each stage runs under
+# `timeout` with cap = min(its nominal cap, time left - the minimum of every selected stage
+# after it), so one slow stage cannot starve the others; the last stage gets the rest. On its
+# cap a stage gets SIGTERM and keeps what it measured (each benchmark writes its results as it
+# goes, and stops like Ctrl-C: pytest still writes its junit XML / benchmark JSON), then SIGKILL
+# 15 s later. A stage that fails or times out never stops the stages after it.
+#   stage              nominal cap (override)               minimum kept for it
+#   env                 30 s                                  10 s
+#   build              180 s                                  60 s (when it will run)
+#   tests              200 s (GPU_CHECK_TESTS_S)              90 s
+#   conv_layers        150 s (GPU_CHECK_CONV_S)               45 s
+#   pytest_benchmarks   90 s (GPU_CHECK_PYBENCH_S)            45 s
+#   latency            120 s (GPU_CHECK_LATENCY_S)            60 s
+#   fastres_bench      the rest (GPU_CHECK_BENCH_S)          120 s; its own --time-budget
+#                      stops starting groups 45 s before its cap
+# Estimated on an H100 with cold caches (a Triton compile of one kernel configuration for sm_90
+# takes 0.5-1.4 s of one CPU core; ResNet-50 has 38 distinct compiles per dtype over batch
+# 1/32/256, resnet18 adds 11, resnet101 none; a torch.compile of ResNet-50 ~30-45 s per shape):
+#   part1: checks 10 + env 5 + build 60-90 + tests <= 200 + conv_layers ~105 (76 compiles,
+#          144 rows) + pytest_benchmarks ~50 = ~450 s
+#   part2: checks 10 + env 5 + build 0 (warm) or 60-90 (cold) + latency ~80 (one compile,
+#          tuning at batch 1) + fastres_bench the rest, 330-420 s (it needs 300-360 s cold: tuning
+#          ~120 s, <= 100 s of torch.compile (resnet50 bf16 at 3 batch sizes), ~60 s timed;
+#          ~280 s when part1's Triton cache is warm)
+# A machine stays warm 30 s after a call: start part2 at once to keep the build and caches.
 #
-# The device tool brings back at most 8 files (<= 16 MiB each, <= 2 folders deep), so OUTDIR
-# ends with: summary.md, all.tar.gz, bench.json, bench.md, bench.png, gpu_check.log. Details
-# live in OUTDIR/details (re-tarred after every stage, so a run cut short still leaves an
-# all.tar.gz) and are removed once all.tar.gz is final (GPU_CHECK_KEEP=1 keeps them).
+# Output: OUTDIR holds at most 8 files, the device tool's limit: summary.md (printed LAST, also
+# rewritten after every stage), all.tar.gz (every log and result, rewritten after every stage),
+# gpu_check.log, bench.json, bench.md, bench.png, conv_layers.md, bench_latency.md. The details
+# are kept in a temporary folder (GPU_CHECK_KEEP=1 moves them to OUTDIR/details at the end).
+# GPU_CHECK_COMMIT names the commit in the summary when the machine has no .git.
 
 set -u -o pipefail
 
-if [ $# -lt 1 ]; then
-    echo "usage: bash benchmarks/gpu_check.sh OUTDIR" >&2
-    exit 2
-fi
 PY=${PYTHON:-python3}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-mkdir -p "$1"
-OUTDIR=$(cd "$1" && pwd)
-D="$OUTDIR/details"
-mkdir -p "$D"
 cd "$REPO" || exit 2
 
-START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-530}))
-STAGES="$D/stages.tsv"
-printf 'stage\tstatus\tseconds\tlog\n' > "$STAGES"
-
-exec > >(tee -a "$OUTDIR/gpu_check.log") 2>&1
-
-now() { date +%s; }
-# GPU_CHECK_STAGES selects stages (default: all), e.g. "env build tests conv_layers" for one
-# device call and "env build latency fastres_bench" for the next: a device call is capped at
-# 10 minutes, and a warm machine keeps the build and Triton's compile cache between calls.
-STAGE_LIST=" ${GPU_CHECK_STAGES:-env build tests conv_layers pytest_benchmarks latency fastres_bench} "
-want() { case "$STAGE_LIST" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-remaining() { echo $((DEADLINE - $(now))); }
-
-bundle() {
-    # Everything under details/ plus the top-level results, as one file for the trip back.
-    tar -czf "$OUTDIR/all.tar.gz.tmp" -C "$OUTDIR" details \
-        $(cd "$OUTDIR" && ls summary.md bench.json bench.md bench.png gpu_check.log 2>/dev/null) \
-        2>/dev/null && mv -f "$OUTDIR/all.tar.gz.tmp" "$OUTDIR/all.tar.gz"
+source_digest() {
+    # What the results were measured on: every source file the GPU machine runs (tracked or
+    # not), independent of git; the same command on a checkout gives the same digest.
+    find fastres csrc benchmarks tests setup.py pyproject.toml -type f \
+        \( -name '*.py' -o -name '*.cu' -o -name '*.cpp' -o -name '*.h' -o -name '*.sh' \
+           -o -name '*.toml' \) -not -path '*/__pycache__/*' 2>/dev/null \
+        | LC_ALL=C sort | xargs sha256sum 2>/dev/null | sha256sum | cut -c1-16
 }
 
-# run_stage NAME NOMINAL_S RESERVE_S LOG CMD...: run CMD under timeout, record its status.
-# RESERVE_S is the time kept back for the stages after this one.
+case "${1:-}" in
+    --digest) source_digest; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    "") echo "usage: bash benchmarks/gpu_check.sh OUTDIR   (--help for the stages)" >&2; exit 2 ;;
+esac
+
+ALL_STAGES="env build tests conv_layers pytest_benchmarks latency fastres_bench"
+SELECTED=""
+STAGES_ARG=${GPU_CHECK_STAGES:-all}
+for s in ${STAGES_ARG//,/ }; do
+    case $s in
+        all) SELECTED="$SELECTED $ALL_STAGES" ;;
+        part1) SELECTED="$SELECTED env build tests conv_layers pytest_benchmarks" ;;
+        part2) SELECTED="$SELECTED env build latency fastres_bench" ;;
+        env|build|tests|conv_layers|pytest_benchmarks|latency|fastres_bench) SELECTED="$SELECTED $s" ;;
+        *) echo "gpu_check.sh: unknown stage '$s' in GPU_CHECK_STAGES (stages: $ALL_STAGES," \
+                "or all, part1, part2)" >&2; exit 2 ;;
+    esac
+done
+
+mkdir -p "$1" || exit 2
+OUTDIR=$(cd "$1" && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastres_gpu_check.XXXXXX") || exit 2
+D="$WORK/details"
+mkdir -p "$D"
+# results of an earlier run in the same folder must not pass for this run's
+TOP_FILES="summary.md all.tar.gz gpu_check.log bench.json bench.md bench.png conv_layers.md bench_latency.md"
+for f in $TOP_FILES; do rm -f "$OUTDIR/$f"; done
+rm -rf "$OUTDIR/details"
+
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-520}
+DEADLINE=$((START + BUDGET))
+STAGES="$D/stages.tsv"
+printf 'stage\tstatus\tseconds\tlog\n' > "$STAGES"
+: > "$D/commands.tsv"
+INVOCATION="bash benchmarks/gpu_check.sh $1"
+for v in GPU_CHECK_STAGES GPU_CHECK_TESTS GPU_CHECK_BENCH_ARGS GPU_CHECK_LATENCY_ARGS \
+         GPU_CHECK_BUDGET_S FASTRES_TUNE FASTRES_BACKEND; do
+    [ -n "${!v:-}" ] && INVOCATION="$v=\"${!v}\" $INVOCATION"
+done
+export GPU_CHECK_DIGEST
+GPU_CHECK_DIGEST=$(source_digest)
+git_commit() {  # the checkout's commit (+dirty when tracked files differ), or "unknown (...)"
+    local head
+    head=$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null) \
+        || { echo "unknown (no git checkout here: set GPU_CHECK_COMMIT)"; return; }
+    git -C "$REPO" diff --quiet HEAD 2>/dev/null && echo "$head" || echo "$head+dirty"
+}
+export GPU_CHECK_COMMIT_RESOLVED=${GPU_CHECK_COMMIT:-$(git_commit)}
+
+exec > >(tee -a "$OUTDIR/gpu_check.log") 2>&1
+TEE_PID=$!
+
+now() { date +%s; }
+remaining() { echo $((DEADLINE - $(now))); }
+selected() { case " $SELECTED " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# Does the extension need building? Decided once, up front, so the time kept for the build
+# is known (a warm machine keeps the build: skip it when fastres._C loads and was built from
+# the same setup.py and csrc/, a checksum stamp under build/, which git ignores).
+BUILD_STAMP=build/.fastres_ext_sources.sha256
+SRC_SUM=$(cat setup.py csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
+EXT_LOADS=0
+timeout 120 "$PY" -c "import sys; from fastres import _ext; sys.exit(0 if _ext.available() else 1)" \
+    >/dev/null 2>&1 && EXT_LOADS=1
+NEED_BUILD=0
+if [ "${GPU_CHECK_REBUILD:-0}" = 1 ] || [ "$EXT_LOADS" = 0 ] \
+        || [ "$(cat "$BUILD_STAMP" 2>/dev/null)" != "$SRC_SUM" ]; then
+    NEED_BUILD=1
+fi
+if ! selected build && [ "$EXT_LOADS" = 0 ] && [ "${GPU_CHECK_AUTO_BUILD:-1}" = 1 ] && {
+        selected tests || selected conv_layers || selected pytest_benchmarks \
+        || selected latency || selected fastres_bench; }; then
+    echo "note: fastres._C does not load here: the build stage is added (GPU_CHECK_AUTO_BUILD=0: not)"
+    SELECTED="build $SELECTED"
+fi
+WANT=""
+for s in $ALL_STAGES; do selected "$s" && WANT="$WANT $s"; done
+
+nominal_of() {
+    case $1 in
+        env) echo 30 ;;
+        build) echo 180 ;;
+        tests) echo "${GPU_CHECK_TESTS_S:-200}" ;;
+        conv_layers) echo "${GPU_CHECK_CONV_S:-150}" ;;
+        pytest_benchmarks) echo "${GPU_CHECK_PYBENCH_S:-90}" ;;
+        latency) echo "${GPU_CHECK_LATENCY_S:-120}" ;;
+        fastres_bench) echo "${GPU_CHECK_BENCH_S:-100000}" ;;
+    esac
+}
+min_of() {
+    case $1 in
+        env) echo 10 ;;
+        build) [ "$NEED_BUILD" = 1 ] && echo 60 || echo 0 ;;
+        tests) echo 90 ;;
+        conv_layers|pytest_benchmarks) echo 45 ;;
+        latency) echo 60 ;;
+        fastres_bench) echo 120 ;;
+    esac
+}
+# reserve_after NAME: the time kept for the selected stages after NAME, and for the summary
+reserve_after() {
+    local r=10 after=0 s
+    for s in $WANT; do
+        [ "$after" = 1 ] && r=$((r + $(min_of "$s")))
+        [ "$s" = "$1" ] && after=1
+    done
+    echo "$r"
+}
+# stage_cap NAME: how long NAME may run now
+stage_cap() {
+    local nominal left
+    nominal=$(nominal_of "$1")
+    left=$(( $(remaining) - $(reserve_after "$1") ))
+    echo $(( nominal < left ? nominal : left ))
+}
+
+summarize() {
+    timeout 60 "$PY" benchmarks/gpu_check_report.py summary "$OUTDIR" "$D" \
+        "$(( $(now) - START ))" "$BUDGET" "$INVOCATION" > "$WORK/summary.md" \
+        2> "$D/summary.err" && cp -f "$WORK/summary.md" "$OUTDIR/summary.md"
+}
+bundle() {
+    # Everything under details/ plus the top-level results, as one file for the trip back;
+    # rewritten after every stage, so a run cut off by the device's limit still brings it back.
+    summarize
+    local top
+    top=$(cd "$OUTDIR" && ls summary.md bench.json bench.md bench.png gpu_check.log \
+        conv_layers.md bench_latency.md 2>/dev/null)
+    # shellcheck disable=SC2086  # $top: plain file names, no spaces
+    # (built beside the details, then copied: OUTDIR never holds a 9th, half-written file)
+    tar -czf "$WORK/all.tar.gz" -C "$WORK" details -C "$OUTDIR" $top 2>/dev/null \
+        && cp -f "$WORK/all.tar.gz" "$OUTDIR/all.tar.gz"
+}
+
+# run_stage NAME CAP LOG CMD...: run CMD under `timeout CAP`, record its status.
 run_stage() {
-    local name=$1 nominal=$2 reserve=$3 log=$4
-    shift 4
-    local left=$(( $(remaining) - reserve ))
-    local cap=$(( nominal < left ? nominal : left ))
+    local name=$1 cap=$2 log=$3
+    shift 3
     if [ "$cap" -lt 10 ]; then
         printf '%s\tskipped (no time left)\t0\t-\n' "$name" >> "$STAGES"
         echo "=== $name: skipped, no time left"
+        bundle
         return 0
     fi
-    echo "=== $name (cap ${cap}s): $*"
+    local shown="$*"
+    printf '%s\t%s\n' "$name" "${shown//$WORK\//}" >> "$D/commands.tsv"  # details/... paths
+    echo "=== $name (cap ${cap}s, $(( $(now) - START ))s elapsed): $*"
     local t0 rc status
     t0=$(now)
-    timeout -k 10 "$cap" "$@" > "$log" 2>&1
+    timeout -k 15 "$cap" "$@" > "$log" 2>&1 < /dev/null
     rc=$?
     case $rc in
         0) status=ok ;;
         124|137) status="TIMEOUT after ${cap}s" ;;
         *) status="FAILED (exit $rc)" ;;
     esac
-    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(now) - t0 ))" "${log#"$OUTDIR"/}" >> "$STAGES"
-    echo "=== $name: $status in $(( $(now) - t0 ))s (log: $log)"
-    tail -n 5 "$log" | sed 's/^/    /'
+    printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(now) - t0 ))" "details/${log#"$D"/}" >> "$STAGES"
+    echo "=== $name: $status in $(( $(now) - t0 ))s (log: details/${log#"$D"/})"
+    tail -n 5 "$log" | cut -c1-300 | sed 's/^/    /'
     bundle
     return 0
 }
+skip_stage() {  # skip_stage NAME WHY
+    printf '%s\tskipped (%s)\t0\t-\n' "$1" "$2" >> "$STAGES"
+    echo "=== $1: skipped ($2)"
+}
 
-# --- 0. environment ---------------------------------------------------------------------------
-want env && run_stage env 30 480 "$D/env.log" bash -c "
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-    $PY -c 'import sys, torch; print(\"python\", sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU\")'
-    $PY -c 'import triton; print(\"triton\", triton.__version__)' || true
-    $PY -c 'import torchvision; print(\"torchvision\", torchvision.__version__)' || true
-    for p in numpy pytest pytest-xdist matplotlib scikit-image; do
-        $PY -c \"from importlib.metadata import version; print('\$p', version('\$p'))\" 2>/dev/null || echo \"\$p not installed\"
-    done
-    which nvcc && nvcc --version || echo 'nvcc not on PATH'
-    git -C '$REPO' log --oneline -1 || true
-"
+# pytest: SIGTERM from `timeout` stops it like Ctrl-C (see benchmarks/plugins), so the junit XML
+# and the benchmark JSON are still written; without pytest-benchmark, pyproject's addopts
+# (--benchmark-disable) would make every pytest call a usage error.
+PYTEST_PLUGIN_PATH="$REPO/benchmarks/plugins${PYTHONPATH:+:$PYTHONPATH}"
+HAVE_PYBENCH=0
+"$PY" -c "import pytest_benchmark" 2>/dev/null && HAVE_PYBENCH=1
+PYTEST_ADDOPTS_FIX=()
+[ "$HAVE_PYBENCH" = 0 ] && PYTEST_ADDOPTS_FIX=(-o "addopts=-ra")
 
-# --- 1. build the extension -------------------------------------------------------------------
-# A warm machine already holds the build: skip it when fastres._C imports and was built from
-# the same setup.py and csrc/ (a checksum stamp under build/, which git ignores; an extension
-# left from older sources is rebuilt). GPU_CHECK_REBUILD=1 forces the build.
-BUILD_STAMP=build/.fastres_ext_sources.sha256
-SRC_SUM=$(cat setup.py csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
-if want build && { [ "${GPU_CHECK_REBUILD:-0}" = 1 ] \
-        || [ "$(cat "$BUILD_STAMP" 2>/dev/null)" != "$SRC_SUM" ] \
-        || ! "$PY" -c "import fastres._C" 2>/dev/null; }; then
-    run_stage build 150 300 "$D/build.log" \
-        env MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+# --- env --------------------------------------------------------------------------------------
+if selected env; then
+    run_stage env "$(stage_cap env)" "$D/env.log" \
+        "$PY" benchmarks/gpu_check_report.py env "$D/env.json"
+fi
+
+# --- build the extension ----------------------------------------------------------------------
+if selected build && [ "$NEED_BUILD" = 1 ]; then
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+        BUILD_CMD=("$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .)
+    else  # no pip in this environment: build in place
+        BUILD_CMD=("$PY" setup.py build_ext --inplace)
+    fi
+    run_stage build "$(stage_cap build)" "$D/build.log" env MAX_JOBS="${MAX_JOBS:-16}" \
+        FASTRES_FORCE_CUDA_BUILD="${FASTRES_FORCE_CUDA_BUILD:-1}" "${BUILD_CMD[@]}"
     if [ "$(tail -n 1 "$STAGES" | cut -f2)" = ok ]; then
         mkdir -p build && echo "$SRC_SUM" > "$BUILD_STAMP"
     fi
-elif want build; then
-    printf 'build\tskipped (already built from these sources)\t0\t-\n' >> "$STAGES"
-    echo "=== build: skipped, fastres._C is built from these sources"
+elif selected build; then
+    skip_stage build "fastres._C loads and was built from these sources"
 fi
+timeout 120 "$PY" -c "
+from fastres import _ext
+print('loads' if _ext.available() else 'does NOT load: ' + str(_ext.error()))" \
+    > "$D/extension.txt" 2>&1 || echo "does NOT load (the check failed)" >> "$D/extension.txt"
+echo "fastres._C $(head -c 300 "$D/extension.txt")"
 
-# --- 2. tests (cuda-marked ones run: a GPU is present) ----------------------------------------
+# --- GPU tests --------------------------------------------------------------------------------
 # FASTRES_TUNE=0 pins one configuration per layer for the suite (tests of tuning set their own
 # mode): tuning every layer of ten architectures would compile every candidate kernel. Workers
 # in parallel (pytest-xdist, when installed) since Triton compiles are CPU-bound.
-XDIST=""
-"$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_CHECK_WORKERS:-14}"
-PYTEST_TIMEOUT=""
-"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_TIMEOUT="--timeout ${GPU_CHECK_TEST_TIMEOUT:-240}"
-# shellcheck disable=SC2086
-want tests && run_stage tests "${GPU_CHECK_TESTS_S:-200}" 200 "$D/tests.log" \
-    env FASTRES_TUNE=0 FASTRES_FAILURE_LOG="$D/test_failures.log" \
-    FASTRES_MARGIN_LOG="$D/test_margins.tsv" \
-    FASTRES_RESULT_LOG="$D/test_results.tsv" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests -m cuda} -q -p no:cacheprovider \
-    $XDIST $PYTEST_TIMEOUT -rfE --junitxml="$D/tests.xml"
-
-# --- 3. kernel benchmarks ---------------------------------------------------------------------
-if want conv_layers && [ -f benchmarks/conv_layers.py ]; then
-    mkdir -p "$D/kernels"
-    run_stage conv_layers "${GPU_CHECK_CONV_S:-60}" 150 "$D/conv_layers.log" \
-        "$PY" benchmarks/conv_layers.py --out "$D/kernels" \
-        --time-budget $(( ${GPU_CHECK_CONV_S:-60} - 15 ))
-    cp -f "$D/kernels/conv_layers.md" "$OUTDIR/conv_layers.md" 2>/dev/null
-elif want conv_layers; then
-    printf 'conv_layers\tskipped (benchmarks/conv_layers.py not present)\t0\t-\n' >> "$STAGES"
+if selected tests; then
+    XDIST=()
+    "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_WORKERS:-14}")
+    PYTEST_TIMEOUT=()
+    "$PY" -c "import pytest_timeout" 2>/dev/null \
+        && PYTEST_TIMEOUT=(--timeout "${GPU_CHECK_TEST_TIMEOUT:-240}")
+    # shellcheck disable=SC2086  # GPU_CHECK_TESTS is a list of pytest arguments on purpose
+    run_stage tests "$(stage_cap tests)" "$D/tests.log" \
+        env FASTRES_TUNE=0 FASTRES_FAILURE_LOG="$D/test_failures.log" \
+        FASTRES_MARGIN_LOG="$D/test_margins.tsv" FASTRES_RESULT_LOG="$D/test_results.tsv" \
+        PYTHONPATH="$PYTEST_PLUGIN_PATH" \
+        "$PY" -m pytest ${GPU_CHECK_TESTS:-tests -m cuda} -q -p no:cacheprovider \
+        -p gpu_check_sigterm "${PYTEST_ADDOPTS_FIX[@]}" "${XDIST[@]}" "${PYTEST_TIMEOUT[@]}" \
+        -rfE --junitxml="$D/tests.xml"
 fi
-if want pytest_benchmarks && ls benchmarks/test_*.py >/dev/null 2>&1; then
+
+# --- kernel benchmarks ------------------------------------------------------------------------
+if selected conv_layers; then
+    CAP=$(stage_cap conv_layers)
+    mkdir -p "$D/kernels"
+    run_stage conv_layers "$CAP" "$D/conv_layers.log" \
+        "$PY" benchmarks/conv_layers.py --out "$D/kernels" --time-budget $(( CAP - 15 ))
+    cp -f "$D/kernels/conv_layers.md" "$OUTDIR/conv_layers.md" 2>/dev/null
+fi
+if selected pytest_benchmarks && [ "$HAVE_PYBENCH" = 0 ]; then
+    skip_stage pytest_benchmarks "pytest-benchmark is not installed"
+elif selected pytest_benchmarks; then
     # "not slow" keeps to the quick kernel benchmarks; GPU_CHECK_BENCH_K narrows with -k.
-    run_stage pytest_benchmarks 35 120 "$D/pytest_benchmarks.log" \
-        "$PY" -m pytest benchmarks -q -p no:cacheprovider -m "not slow" \
+    run_stage pytest_benchmarks "$(stage_cap pytest_benchmarks)" "$D/pytest_benchmarks.log" \
+        env PYTHONPATH="$PYTEST_PLUGIN_PATH" \
+        "$PY" -m pytest benchmarks -q -p no:cacheprovider -p gpu_check_sigterm -m "not slow" \
         ${GPU_CHECK_BENCH_K:+-k "$GPU_CHECK_BENCH_K"} \
         --benchmark-enable --benchmark-json="$D/kernel_benchmarks.json" \
         --benchmark-max-time=0.2 --benchmark-min-rounds=3 --benchmark-warmup=on
-elif want pytest_benchmarks; then
-    printf 'pytest_benchmarks\tskipped (no benchmarks/test_*.py)\t0\t-\n' >> "$STAGES"
 fi
 
-if want latency && [ -f benchmarks/bench_latency.py ]; then
+if selected latency; then
     mkdir -p "$D/latency"
-    run_stage latency "${GPU_CHECK_LATENCY_S:-60}" 90 "$D/latency.log" \
-        "$PY" benchmarks/bench_latency.py --out "$D/latency"
+    # shellcheck disable=SC2086  # GPU_CHECK_LATENCY_ARGS is a list of options on purpose
+    run_stage latency "$(stage_cap latency)" "$D/latency.log" \
+        "$PY" benchmarks/bench_latency.py --out "$D/latency" ${GPU_CHECK_LATENCY_ARGS:---dtypes bf16}
     cp -f "$D/latency/bench_latency.md" "$OUTDIR/bench_latency.md" 2>/dev/null
 fi
 
-# --- 4. end-to-end: fastres bench --------------------------------------------------------------
-if want fastres_bench; then
-BENCH_CAP=$(( $(remaining) - 10 ))
-[ "$BENCH_CAP" -gt 220 ] && BENCH_CAP=220
-BENCH_BUDGET=$(( BENCH_CAP - 40 ))
-[ "$BENCH_BUDGET" -lt 20 ] && BENCH_BUDGET=20
-# GPU_CHECK_BENCH_ARGS replaces the model/batch/dtype/timing options (e.g. for a dry run).
-BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-"-m resnet18,resnet50,resnet101 -b 1 32 256 --dtype bf16 fp16 \
-    --iters 30 --warmup 5 --max-time 2 --compile-models resnet50 --compile-budget 70"}
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of options on purpose
-run_stage fastres_bench "$BENCH_CAP" 10 "$D/bench.log" \
-    "$PY" -m fastres bench $BENCH_ARGS \
-    --time-budget "$BENCH_BUDGET" --no-progress --out "$D/bench"
-
-for f in bench.json bench.md bench.png; do
-    [ -f "$D/bench/$f" ] && cp -f "$D/bench/$f" "$OUTDIR/$f"
-done
+# --- end to end: fastres bench ----------------------------------------------------------------
+if selected fastres_bench; then
+    CAP=$(stage_cap fastres_bench)
+    # the bench checks its budget between groups; a group (or a model's tuning, or one
+    # torch.compile) can take ~45 s, so it stops starting new ones that long before its cap
+    SLACK=$(( CAP / 3 < 45 ? CAP / 3 : 45 ))
+    BENCH_BUDGET=$(( CAP - SLACK ))
+    # GPU_CHECK_BENCH_ARGS replaces the model/batch/dtype/timing options (e.g. for a dry run).
+    BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-"-m resnet50,resnet101,resnet18 -b 1 32 256 --dtype bf16 fp16 \
+--iters 30 --warmup 5 --max-time 2 --compile-models resnet50 --compile-budget 100"}
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of options on purpose
+    run_stage fastres_bench "$CAP" "$D/bench.log" \
+        "$PY" -m fastres bench $BENCH_ARGS \
+        --time-budget "$BENCH_BUDGET" --no-progress --out "$D/bench"
+    for f in bench.json bench.md bench.png; do
+        [ -f "$D/bench/$f" ] && cp -f "$D/bench/$f" "$OUTDIR/$f"
+    done
 fi
 
-# --- summary (printed last) --------------------------------------------------------------------
-"$PY" - "$OUTDIR" "$(( $(now) - START ))" > "$OUTDIR/summary.md" 2> "$D/summary.err" <<'PYEOF'
-import json, os, sys
-import xml.etree.ElementTree as ET
-
-out, elapsed = sys.argv[1], sys.argv[2]
-d = os.path.join(out, "details")
-print(f"# fastres GPU check ({elapsed} s)\n")
-print("| stage | status | seconds | log |\n|---|---|---:|---|")
-try:
-    with open(os.path.join(d, "stages.tsv")) as f:
-        for line in f.read().splitlines()[1:]:
-            print("| " + " | ".join(line.split("\t")) + " |")
-except OSError as exc:
-    print(f"| (no stages.tsv: {exc}) | | | |")
-try:
-    root = ET.parse(os.path.join(d, "tests.xml")).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root)
-    n = {k: sum(int(s.get(k, 0)) for s in suites)
-         for k in ("tests", "failures", "errors", "skipped")}
-    t = sum(float(s.get("time", 0)) for s in suites)
-    print(f"\ntests: {n['tests']} run, {n['failures']} failed, {n['errors']} errors, "
-          f"{n['skipped']} skipped ({t:.0f} s)")
-    for s in suites:
-        for case in s.iter("testcase"):
-            for bad in list(case.findall("failure")) + list(case.findall("error")):
-                msg = (bad.get("message") or "").splitlines()[:1]
-                print(f"- {case.get('classname')}::{case.get('name')}: {msg[0] if msg else ''}"[:300])
-except Exception as exc:
-    print(f"\ntests: no junit results ({type(exc).__name__}); failures recorded so far:")
-    try:
-        with open(os.path.join(d, "test_failures.log")) as f:
-            for line in f:
-                if line.startswith("=== "):
-                    print("- " + line[4:].rstrip()[:300])
-    except OSError:
-        print("- none")
-try:  # how close the accuracy checks came to their bounds (err / bound)
-    with open(os.path.join(d, "test_margins.tsv")) as f:
-        checks = [line.rstrip("\n").split("\t") for line in f if line.count("\t") >= 4]
-    over = [c for c in checks if float(c[0]) > 1]
-    print(f"\naccuracy checks: {len(checks)}, {len(over)} over their bound (failures, or a "
-          "test that expects one); closest to their bound:")
-    for c in sorted((c for c in checks if float(c[0]) <= 1), key=lambda c: -float(c[0]))[:5]:
-        print(f"- {float(c[0]):.2f} (err {c[1]}, bound {c[2]}): {c[3]} {c[4]}"[:300])
-except OSError:
-    pass
-try:
-    with open(os.path.join(out, "bench.json")) as f:
-        rep = json.load(f)
-except Exception as exc:
-    print(f"\nfastres bench: no results ({type(exc).__name__})")
-    sys.exit(0)
-env = rep.get("env", {})
-print(f"\nfastres bench on {env.get('gpu', env.get('device'))}, driver {env.get('driver')}, "
-      f"torch {env.get('torch')}, triton {env.get('triton')}, fastres {env.get('fastres')} "
-      f"(extension {'built' if env.get('fastres_extension') else 'NOT built'}); outputs "
-      f"{'agree' if rep.get('ok') else 'DISAGREE (FAILED rows)'}\n")
-groups = {}
-for r in rep.get("rows", []):
-    groups.setdefault((r["model"], r["dtype"], r["batch"]), {})[r["impl"]] = r
-
-def f(v, spec):
-    return "-" if v in (None, "") or isinstance(v, str) else format(v, spec)
-
-print("| model | dtype | batch | fastres img/s | + graphs img/s | eager fp32 | AMP+CL | "
-      "compile | best x fp32 | best x AMP | best x compile | rel err | status |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-for (model, dtype, batch), rows in groups.items():
-    fr, gr = rows.get("fastres", {}), rows.get("fastres_graphs", {})
-    cands = [r for r in (fr, gr) if r.get("status") == "ok"]
-    best = max(cands, key=lambda r: r.get("images_per_s") or 0) if cands else {}
-    sp = best.get("speedup", {}) if best else {}
-    ips = lambda r: f(r.get("images_per_s"), ".0f") if r.get("status") == "ok" else r.get("status", "-")
-    status = fr.get("status", "-")
-    if fr.get("status") not in ("ok", None):
-        status += f": {fr.get('note', '')}"[:80]
-    print(f"| {model} | {dtype} | {batch} | {ips(fr)} | {ips(gr)} | "
-          f"{ips(rows.get('eager_fp32', {}))} | {ips(rows.get('eager_amp_cl', {}))} | "
-          f"{ips(rows.get('compile', {})) if 'compile' in rows else 'n/a'} | "
-          f"{f(sp.get('eager_fp32'), '.2f')} | {f(sp.get('eager_amp_cl'), '.2f')} | "
-          f"{f(sp.get('compile'), '.2f')} | {f(fr.get('rel_err'), '.1e')} | {status} |")
-for note in rep.get("notes", []):
-    print(f"- note: {note}")
-PYEOF
-
+# --- summary (printed last) -------------------------------------------------------------------
 bundle
 SIZE=$(stat -c %s "$OUTDIR/all.tar.gz" 2>/dev/null || echo 0)
 if [ "$SIZE" -gt $((15 * 1024 * 1024)) ]; then
     # Over the files-back limit: keep logs, junit and bench results, drop the kernel data.
-    tar -czf "$OUTDIR/all.tar.gz" -C "$OUTDIR" --exclude=details/kernels \
-        --exclude=details/kernel_benchmarks.json details summary.md 2>/dev/null
+    tar -czf "$OUTDIR/all.tar.gz" -C "$WORK" --exclude=details/kernels \
+        --exclude=details/kernel_benchmarks.json details -C "$OUTDIR" summary.md 2>/dev/null
     echo "note: all.tar.gz was over 15 MiB; kernel benchmark data left out" >> "$OUTDIR/summary.md"
 fi
-if [ -s "$OUTDIR/all.tar.gz" ] && [ "${GPU_CHECK_KEEP:-0}" != 1 ]; then
-    rm -rf "$D"
+if [ "${GPU_CHECK_KEEP:-0}" = 1 ]; then
+    mv "$D" "$OUTDIR/details" && echo "details kept in $OUTDIR/details"
 fi
+rm -rf "$WORK"
 
 echo
 echo "=================================== SUMMARY ==================================="
 cat "$OUTDIR/summary.md"
 echo "(all results: $OUTDIR/all.tar.gz; total $(( $(now) - START )) s)"
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null
+exit 0

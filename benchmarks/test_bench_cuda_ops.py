@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import fastres
 from fastres import _ext
+from fastres.ops import _backend
 
 pytestmark = [
     pytest.mark.cuda,
@@ -61,6 +62,26 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
 
 
+def backends_that_ran(call) -> list[tuple[str, str]]:
+    """``call()`` once, recording ``(op, backend)`` for every fastres op it ran: a named
+    backend that cannot run a call falls back (cuda -> triton -> torch, warned once per
+    process), and a benchmark labelled ``cuda`` must not time the fallback."""
+    seen: list[tuple[str, str]] = []
+    real = _backend.choose
+
+    def spy(op, device, *args, **kwargs):
+        impl = real(op, device, *args, **kwargs)
+        seen.append((op, impl.backend))
+        return impl
+
+    _backend.choose = spy
+    try:
+        call()
+    finally:
+        _backend.choose = real
+    return seen
+
+
 def _run(benchmark, impl: str, fn, eager, info: dict) -> None:
     """Check ``fn`` against ``eager`` (with the backend ``impl`` in force), then time it."""
     backend = {"cuda": "cuda", "triton": "triton", "eager": "torch"}[impl]
@@ -69,6 +90,11 @@ def _run(benchmark, impl: str, fn, eager, info: dict) -> None:
         with fastres.use_backend(backend):
             return fn()
 
+    if impl != "eager":
+        ran = backends_that_ran(call)
+        other = sorted({f"{op} ran on {b}" for op, b in ran if b != backend})
+        if other:
+            pytest.skip(f"the {backend} backend cannot run this call here: {', '.join(other)}")
     out = call()
     ref = eager()
     torch.cuda.synchronize()

@@ -104,6 +104,7 @@ class BenchConfig:
     seed: int = 0
     progress: bool = True
     threads: int | None = None                # CPU threads (None: see cpu_threads_default)
+    command: str | None = None                # the command line, for the report
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -141,13 +142,15 @@ class BenchReport:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    interrupted: bool = False       # stopped by Ctrl-C / SIGTERM: the rows measured so far
 
     @property
     def ok(self) -> bool:
         return not any(r.status == "FAILED" for r in self.rows)
 
     def to_json(self) -> dict:
-        return {"fastres_bench": 1, "ok": self.ok, "elapsed_s": round(self.elapsed_s, 2),
+        return {"fastres_bench": 1, "ok": self.ok, "interrupted": self.interrupted,
+                "elapsed_s": round(self.elapsed_s, 2),
                 "env": self.env, "config": self.config, "notes": self.notes,
                 "rows": [asdict(r) for r in self.rows]}
 
@@ -198,6 +201,34 @@ def cpu_threads_default() -> tuple[int, str]:
     return n, ""
 
 
+def _source_commit() -> str | None:
+    """``git describe``-like id of the checkout fastres runs from (``+dirty`` when edited), or
+    ``None`` (an installed package, no git, no .git directory): results name their code."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=False)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=False)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _extension_status() -> tuple[bool, str | None]:
+    """Whether ``fastres._C`` loads here (built *and* importable), and why not."""
+    try:
+        from fastres import _ext
+    except Exception as exc:  # noqa: BLE001 - report, never fail the benchmark for it
+        return False, _short(exc)
+    ok = _ext.available()
+    return ok, (None if ok else _ext.error())
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -213,6 +244,7 @@ def environment(device: torch.device) -> dict:
     """Versions and hardware, printed with every table."""
     import fastres
 
+    ext_ok, ext_error = _extension_status()
     env = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "python": platform.python_version(),
@@ -222,7 +254,9 @@ def environment(device: torch.device) -> dict:
         "triton": _version("triton"),
         "fastres": fastres.__version__,
         "fastres_backend": fastres.get_backend(),
-        "fastres_extension": importlib.util.find_spec("fastres._C") is not None,
+        "fastres_extension": ext_ok,
+        "fastres_extension_error": ext_error,
+        "fastres_commit": _source_commit(),
         "device": str(device),
         "cpu": _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
@@ -238,6 +272,7 @@ def environment(device: torch.device) -> dict:
             cudnn=torch.backends.cudnn.version(),
             cudnn_tf32=torch.backends.cudnn.allow_tf32,
             matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
         )
     return env
 
@@ -250,12 +285,16 @@ def format_env(env: dict) -> str:
               f"{'on' if env.get('cudnn_tf32') else 'off'}")
     else:
         hw = f"CPU: {env.get('cpu')}, {env.get('cpu_threads')} threads (no GPU)"
+    commit = f" at {env['fastres_commit']}" if env.get("fastres_commit") else ""
     sw = (f"torch {env.get('torch')}, torchvision {env.get('torchvision')}, triton "
-          f"{env.get('triton')}, fastres {env.get('fastres')} (backend "
+          f"{env.get('triton')}, fastres {env.get('fastres')}{commit} (backend "
           f"{env.get('fastres_backend')}, CUDA extension "
-          f"{'built' if env.get('fastres_extension') else 'not built'}), Python "
+          f"{'loaded' if env.get('fastres_extension') else 'NOT loaded'}), Python "
           f"{env.get('python')}")
-    return f"{hw}\n{sw}\n{env.get('date')}"
+    lines = [hw, sw, str(env.get("date"))]
+    if env.get("command"):
+        lines.append(f"command: {env['command']}")
+    return "\n".join(lines)
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -367,8 +406,11 @@ class Runner:
         self.dev = config.device
         self.on_update = on_update
         self.report = BenchReport(environment(self.dev), config.to_json())
+        if config.command:
+            self.report.env["command"] = config.command
         self.t0 = time.perf_counter()
         self.compile_spent = 0.0
+        self.last_compile_s: float | None = None
         self.eager_fp32_cache: dict[tuple[str, int], Row] = {}
 
     # inputs: the same random batches for every implementation, in each one's format
@@ -392,31 +434,67 @@ class Runner:
         bar = tqdm(total=len(groups), desc="fastres bench", disable=not show, leave=False,
                    file=sys.stderr)
         try:
-            for model_name in cfg.models:
-                if self.over_budget():
-                    for d in cfg.dtypes:
-                        for b in cfg.batch_sizes:
-                            self.skip_group(model_name, d, b, "time budget spent")
-                            bar.update(1)
-                    continue
-                bar.set_postfix_str(f"{model_name}: building")
-                tv = torchvision_model(model_name, cfg.weights, self.dev)
-                for dtype in cfg.dtypes:
-                    self.run_model_dtype(model_name, tv, dtype, bar)
-                del tv
-                self.eager_fp32_cache.clear()
-                if self.compile_wanted(model_name):
-                    import torch._dynamo as dynamo  # (a bare "import torch._dynamo" here
-                    # would make ``torch`` local to this function)
-
-                    dynamo.reset()  # drop this model's compiled graphs
-                if self.dev.type == "cuda":
-                    torch.cuda.empty_cache()
+            self.run_models(bar)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from `timeout` (see fastres.cli)
+            self.interrupted()
         finally:
             bar.close()
         self.report.elapsed_s = time.perf_counter() - self.t0
         self.update()
         return self.report
+
+    def interrupted(self) -> None:
+        """Keep what was measured: a row cut off before its timing ends is ``skipped``, the
+        groups never started are listed as skipped, and the report says it was interrupted."""
+        self.report.interrupted = True
+        why = f"interrupted after {time.perf_counter() - self.t0:.0f} s"
+        for r in self.report.rows:
+            if r.status == "ok" and r.median_ms is None:
+                r.status, r.note = "skipped", why
+        have = {(r.model, r.dtype, r.batch, r.impl) for r in self.report.rows}
+        order = {}
+        for m in self.cfg.models:
+            keys = self.impl_keys(m)
+            for d in self.cfg.dtypes:
+                for b in self.cfg.batch_sizes:
+                    for impl in keys:
+                        order[(m, dtype_name(d), b, impl)] = len(order)
+                        if (m, dtype_name(d), b, impl) not in have:
+                            self.report.rows.append(Row(m, dtype_name(d), b, impl,
+                                                        impl_label(impl, d), status="skipped",
+                                                        note=why))
+        # each group's rows together, in the usual order (a cut-off group gets its missing rows)
+        self.report.rows.sort(key=lambda r: order.get((r.model, r.dtype, r.batch, r.impl),
+                                                      len(order)))
+        groups: dict[tuple, dict[str, Row]] = {}
+        for r in self.report.rows:
+            groups.setdefault((r.model, r.dtype, r.batch), {})[r.impl] = r
+        for rows in groups.values():
+            fill_speedups(rows)
+        self.report.notes.append(f"{why}: rows not measured are marked skipped")
+
+    def run_models(self, bar) -> None:
+        cfg = self.cfg
+        for model_name in cfg.models:
+            if self.over_budget():
+                for d in cfg.dtypes:
+                    for b in cfg.batch_sizes:
+                        self.skip_group(model_name, d, b, "time budget spent")
+                        bar.update(1)
+                continue
+            bar.set_postfix_str(f"{model_name}: building")
+            tv = torchvision_model(model_name, cfg.weights, self.dev)
+            for dtype in cfg.dtypes:
+                self.run_model_dtype(model_name, tv, dtype, bar)
+            del tv
+            self.eager_fp32_cache.clear()
+            if self.compile_wanted(model_name):
+                import torch._dynamo as dynamo  # (a bare "import torch._dynamo" here
+                # would make ``torch`` local to this function)
+
+                dynamo.reset()  # drop this model's compiled graphs
+            if self.dev.type == "cuda":
+                torch.cuda.empty_cache()
 
     def update(self) -> None:
         self.report.elapsed_s = time.perf_counter() - self.t0
@@ -549,20 +627,27 @@ class Runner:
                 if key.startswith("compile") and impl.fn is None:
                     row.status, row.note = "skipped", "compile budget spent"
                     continue
+                if key.startswith("compile") and self.compile_would_overrun():
+                    row.status, row.note = "skipped", "time budget too short to compile"
+                    continue
                 self.check_and_time(row, impl, base, ref, key in FASTRES_IMPLS)
                 if key == "eager_fp32":
                     self.eager_fp32_cache[(name, batch)] = row
-            for row in rows.values():
-                for b in BASELINES:
-                    base_row = rows.get(b)
-                    ok = (base_row is not None and base_row.status == "ok"
-                          and row.status == "ok" and row.median_ms)
-                    row.speedup[b] = (base_row.median_ms / row.median_ms) if ok else None
+            fill_speedups(rows)
             rows["fastres"].note = (rows["fastres"].note + "; " if rows["fastres"].note else "") \
                 + f"eager {dn} error {eager_err:.1e}"
             del base, ref, eager_same
             bar.update(1)
             self.update()
+
+    def compile_would_overrun(self) -> bool:
+        """A new shape compiles about as long as the last one did: don't start one that
+        would run past ``time_budget`` (the rows after it would be cut off)."""
+        b = self.cfg.time_budget
+        if b is None:
+            return False
+        left = b - (time.perf_counter() - self.t0)
+        return left <= 0 or (self.last_compile_s is not None and left < self.last_compile_s)
 
     def compiled_impl(self, key: str, model: nn.Module, make_input) -> _Impl:
         """A ``torch.compile`` implementation; compiling happens lazily on the first call."""
@@ -603,6 +688,7 @@ class Runner:
             first_call = time.perf_counter() - t
             if is_compile:
                 self.compile_spent += first_call
+                self.last_compile_s = first_call
                 row.note = f"first call (compile) {first_call:.1f} s"
         except Exception as exc:
             row.status = "FAILED" if must_agree else "error"
@@ -642,6 +728,16 @@ class Runner:
         row.median_ms = statistics.median(times)
         row.p90_ms = percentile(times, 90)
         row.images_per_s = row.batch / (row.median_ms / 1e3) if row.median_ms > 0 else None
+
+
+def fill_speedups(rows: dict[str, Row]) -> None:
+    """Each row's speedup over every baseline of its group (``None`` where either is untimed)."""
+    for row in rows.values():
+        for b in BASELINES:
+            base_row = rows.get(b)
+            ok = (base_row is not None and base_row.status == "ok" and base_row.median_ms
+                  and row.status == "ok" and row.median_ms)
+            row.speedup[b] = (base_row.median_ms / row.median_ms) if ok else None
 
 
 def run_bench(config: BenchConfig, on_update: Callable[[BenchReport], None] | None = None
@@ -744,19 +840,22 @@ def summary_lines(report: BenchReport) -> list[str]:
         if fr.status == "FAILED":
             out.append(head + f"fastres FAILED the check ({fr.note})")
             continue
-        if best.status != "ok":
+        if best.status != "ok" or not best.images_per_s:
             out.append(head + f"fastres {best.status} ({best.note})")
             continue
         short = {"eager_fp32": "eager fp32", "eager_amp_cl": "AMP+CL", "compile": "compile"}
         speed = ", ".join(f"{best.speedup[b]:.2f}x vs {short[b]}"
                           for b in BASELINES if best.speedup.get(b))
-        out.append(head + f"{best.label} {best.images_per_s:.1f} img/s ({speed}); "
-                   f"agrees with torchvision: rel err {fr.rel_err:.1e} <= {fr.tolerance:.1e}, "
-                   f"top-1 {fr.top1 * 100:.0f}%")
+        checked = fr if fr.rel_err is not None else best
+        agree = ("agrees with torchvision: rel err "
+                 f"{_fmt(checked.rel_err, '.1e')} <= {_fmt(checked.tolerance, '.1e')}, top-1 "
+                 + ("-" if checked.top1 is None else f"{checked.top1 * 100:.0f}%"))
+        out.append(head + f"{best.label} {best.images_per_s:.1f} img/s ({speed}); {agree}")
     checked = any(r.impl in FASTRES_IMPLS and r.rel_err is not None for r in report.rows)
     out.append("result: " + ("FAILED: fastres outputs disagree with torchvision (not timed)"
                              if not report.ok else "all outputs agree" if checked
-                             else "nothing was checked (every group skipped)"))
+                             else "nothing was checked (every group skipped)")
+               + (" (INTERRUPTED: partial results)" if report.interrupted else ""))
     return out
 
 

@@ -18,8 +18,10 @@ so an optional part of fastres can add its command without editing this file).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -157,7 +159,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-autotune", action="store_true",
                    help="also time torch.compile(mode='max-autotune') (slow to compile)")
     p.add_argument("--compile-models", action="append", metavar="NAME",
-                   help="only these models get the compile baseline (default: all)")
+                   help="only these models get the compile baseline (default: all; turns "
+                        "--compile on unless --no-compile is given)")
     p.add_argument("--compile-budget", type=float, metavar="SECONDS",
                    help="stop compiling new shapes after this many seconds of compiling")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
@@ -213,22 +216,54 @@ def _bench_run(args: argparse.Namespace) -> int:
         compile_models=compile_models, compile_budget=args.compile_budget,
         cuda_graphs=args.cuda_graphs, tune=args.tune, weights=args.weights,
         time_budget=args.time_budget, seed=args.seed, progress=not args.no_progress,
-        threads=args.threads,
+        threads=args.threads, command=_command_line(),
     )
-    if cfg.max_autotune and not cfg.compile:
-        cfg.compile = True
+    if (cfg.max_autotune or compile_models) and args.compile is None:
+        cfg.compile = True  # asking for compile rows asks for compile (also on the CPU)
     out_dir = args.out
 
     def checkpoint(report):
         if out_dir:
             write_outputs(report, out_dir, png=False)
 
-    report = run_bench(cfg, on_update=checkpoint)
+    # `timeout` (the GPU check's stage caps) sends SIGTERM: stop like Ctrl-C, so the rows
+    # measured so far are written (bench.json, bench.md, bench.png) before the process ends
+    with _sigterm_as_keyboard_interrupt():
+        report = run_bench(cfg, on_update=checkpoint)
     written = write_outputs(report, out_dir) if out_dir else []
     print(format_table(report))
     for path in written:
         print(f"wrote {path}")
+    if report.interrupted:
+        print(f"{PROG} bench: interrupted; the results above are partial", file=sys.stderr)
+        return 130
     return 0 if report.ok else 1
+
+
+_ARGV: list[str] = []  # the arguments main() parsed, for reports
+
+
+def _command_line() -> str:
+    """The command as given (``fastres bench ...``), for the report."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in [PROG, *_ARGV])
+
+
+@contextlib.contextmanager
+def _sigterm_as_keyboard_interrupt():
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -372,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastres`` console script; returns the exit status."""
     parser = build_parser()
+    _ARGV[:] = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors: argparse's status (0 or 2)

@@ -76,3 +76,276 @@ def test_bn_fold_precision_table():
     f64, f32, epilogue = (float(v) for v in rows[0].split("|")[2:5])
     # fastres's float64 fold rounds each weight once: less error than either fp32 scheme
     assert 0 < f64 < 0.8 * min(f32, epilogue) < 1e-7
+
+
+# -- the GPU check (benchmarks/gpu_check.sh) and its report, dry-run on the CPU ------------------
+
+GPU_CHECK_FILES = {"summary.md", "all.tar.gz", "gpu_check.log", "bench.json", "bench.md",
+                   "bench.png", "conv_layers.md", "bench_latency.md"}
+TINY_BENCH = ("-m resnet18 -b 1 --dtype bf16 --image-size 64 --iters 2 --warmup 1 "
+              "--device cpu")
+
+
+def _gpu_check(out: Path, timeout: int = 400, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("TRITON_INTERPRET", "FASTRES_BACKEND") and not k.startswith("GPU_CHECK")}
+    # never build here (it would pip-install into this environment)
+    full.update(PYTHON=sys.executable, GPU_CHECK_AUTO_BUILD="0", **env)
+    return subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=REPO, env=full,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_device_tool_can_bring_back(out: Path) -> None:
+    """The device tool returns at most 8 files, named in letters, digits, '.', '_', '-'."""
+    names = {p.name for p in out.iterdir()}
+    assert names <= GPU_CHECK_FILES and len(names) <= 8, names
+    assert all(p.is_file() for p in out.iterdir())
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
+
+
+CPU_DRY_RUN = pytest.mark.skipif(torch.cuda.is_available(),
+                                 reason="a CPU dry run; on a GPU the real one runs")
+
+
+@CPU_DRY_RUN
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """Every stage that can run here runs, through the real script: the stage caps, the
+    summary (printed last), the bundle, and the files the device tool brings back."""
+    import tarfile
+
+    out = tmp_path / "r"
+    res = _gpu_check(out, GPU_CHECK_STAGES="env tests fastres_bench",
+                     GPU_CHECK_TESTS="tests/test_graphs.py -m cuda", GPU_CHECK_WORKERS="1",
+                     GPU_CHECK_BENCH_ARGS=TINY_BENCH)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    _assert_device_tool_can_bring_back(out)
+    assert {"summary.md", "all.tar.gz", "gpu_check.log", "bench.json", "bench.md",
+            "bench.png"} <= {p.name for p in out.iterdir()}
+    summary = (out / "summary.md").read_text()
+    assert res.stdout.rstrip().endswith("s)") and summary.strip() in res.stdout
+    assert res.stdout.index("SUMMARY") > res.stdout.index("=== fastres_bench")
+    for needle in ("- command: `GPU_CHECK_BENCH_ARGS=", "bash benchmarks/gpu_check.sh",
+                   "source digest", "- Python 3.", "torch 2.", "| env | ok |", "| tests | ok |",
+                   "| fastres_bench | ok |",
+                   "## fastres bench", "| resnet18 | bf16 | 1 |", "fastres_bench: `",
+                   "--out details/bench`"):
+        assert needle in summary, (needle, summary)
+    assert re.search(r"tests: (\d+) run, 0 failed, 0 errors, \1 skipped", summary), summary
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["ok"] is True and bench["interrupted"] is False
+    assert bench["env"]["command"].startswith("fastres bench -m resnet18")
+    with tarfile.open(out / "all.tar.gz") as tar:
+        names = set(tar.getnames())
+    for n in ("details/stages.tsv", "details/env.json", "details/tests.xml",
+              "details/bench/bench.json", "details/bench/bench.png", "summary.md"):
+        assert n in names, names
+
+
+@CPU_DRY_RUN
+def test_gpu_check_stage_cap_keeps_the_partial_bench(tmp_path):
+    """A bench that outlives its stage cap gets SIGTERM, writes what it measured and says it
+    was interrupted; the stage reads TIMEOUT and the summary says INTERRUPTED."""
+    out = tmp_path / "r"
+    res = _gpu_check(out, GPU_CHECK_STAGES="fastres_bench", GPU_CHECK_BENCH_S="30",
+                     GPU_CHECK_BENCH_ARGS="-m resnet18 -b 1 2 --dtype fp32 --image-size 64 "
+                                          "--iters 100000 --max-time 1000 --warmup 1 "
+                                          "--device cpu")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    _assert_device_tool_can_bring_back(out)
+    summary = (out / "summary.md").read_text()
+    assert "| fastres_bench | TIMEOUT after 30s |" in summary, summary
+    assert "INTERRUPTED (partial)" in summary
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["interrupted"] is True and (out / "bench.png").exists()
+    rows = bench["rows"]
+    # every group is listed with every implementation, none "ok" without a time
+    assert {(r["batch"], r["impl"]) for r in rows} == {
+        (b, i) for b in (1, 2) for i in ("eager_fp32", "eager_amp_cl", "fastres",
+                                          "fastres_graphs")}
+    assert all(r["median_ms"] for r in rows if r["status"] == "ok")
+    assert any(r["status"] == "skipped" and "interrupted" in r["note"] for r in rows)
+
+
+def test_gpu_check_usage():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK")}
+    run = lambda *a, **e: subprocess.run(["bash", "benchmarks/gpu_check.sh", *a], cwd=REPO,
+                                         env={**env, **e}, capture_output=True, text=True,
+                                         timeout=60)
+    res = run()
+    assert res.returncode == 2 and "usage" in res.stderr
+    res = run("/nonexistent-never-created", GPU_CHECK_STAGES="env nosuchstage")
+    assert res.returncode == 2 and "unknown stage 'nosuchstage'" in res.stderr
+    assert not Path("/nonexistent-never-created").exists()
+    digest = run("--digest")
+    assert digest.returncode == 0 and re.fullmatch(r"[0-9a-f]{16}\n", digest.stdout)
+    res = run("--help")
+    assert res.returncode == 0 and "part1" in res.stdout and "fastres_bench" in res.stdout
+
+
+def _synthetic_details(d: Path) -> None:
+    """What a full GPU run leaves in details/: every model x dtype x batch of the bench, every
+    conv layer, the latency rows and the quick kernel benchmarks (numbers made up)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from conv_layers import markdown, model_conv_layers
+
+    (d / "bench").mkdir(parents=True)
+    (d / "latency").mkdir()
+    (d / "kernels").mkdir()
+    (d / "env.json").write_text(json.dumps({
+        "date_utc": "2026-11-24 10:00 UTC", "python": "3.12.3", "gpu": "NVIDIA H100 80GB HBM3",
+        "gpu_count": 1, "sm_count": 132, "memory_gib": 79.2, "capability": "9.0",
+        "driver": "580.159.04", "torch_cuda": "13.0", "cudnn": 91900, "nvcc": "V13.0.88",
+        "torch_cuda_arch_list": "9.0a", "packages": {"torch": "2.11.0", "triton": "3.6.0",
+                                                     "torchvision": "0.26.0"}}))
+    (d / "stages.tsv").write_text("stage\tstatus\tseconds\tlog\nenv\tok\t4\tdetails/env.log\n"
+                                  "tests\tTIMEOUT after 200s\t212\tdetails/tests.log\n")
+    (d / "commands.tsv").write_text("fastres_bench\tpython3 -m fastres bench -m resnet50\n")
+    (d / "tests.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1" time="12.5">'
+        '<testcase classname="tests.test_x" name="test_a"/>'
+        '<testcase classname="tests.test_x" name="test_b"><failure message="boom | bad"/>'
+        '</testcase></testsuite></testsuites>')
+    (d / "test_margins.tsv").write_text("0.500\t1e-3\t2e-3\ttests/t.py::a\tout\n"
+                                        "nan\tnan\t2e-3\ttests/t.py::b\tout\n")
+    rows = []
+    for model in ("resnet50", "resnet18", "resnet101"):
+        for dt in ("bf16", "fp16"):
+            for bs in (1, 32, 256):
+                for impl in ("eager_fp32", "eager_amp_cl", "compile", "fastres",
+                             "fastres_graphs"):
+                    ok = impl != "compile" or model == "resnet50"
+                    rows.append({"model": model, "dtype": dt, "batch": bs, "impl": impl,
+                                 "label": impl, "status": "ok" if ok else "skipped",
+                                 "median_ms": 2.0 if ok else None, "p90_ms": 2.1 if ok else None,
+                                 "images_per_s": bs * 500.0 if ok else None,
+                                 "peak_mib": 812.0 if ok else None, "rel_err": 4.5e-2,
+                                 "tolerance": 9.8e-2, "top1": 1.0,
+                                 "speedup": {"eager_fp32": 1.5, "eager_amp_cl": 1.2,
+                                             "compile": 1.1 if model == "resnet50" else None},
+                                 "note": "" if ok else "compile budget spent"})
+    (d / "bench" / "bench.json").write_text(json.dumps({
+        "ok": True, "interrupted": False, "elapsed_s": 301.0, "rows": rows,
+        "notes": ["resnet50 bf16: tuned in 41.0 s"],
+        "env": {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "torch": "2.11.0",
+                "command": "fastres bench -m resnet50,resnet18,resnet101"}}))
+    lat = [{"dtype": "bf16", "impl": i, "batch": 1, "status": "ok", "median_ms": m,
+            "p10_ms": m, "p90_ms": m, "rel_err": 4e-2}
+           for i, m in (("eager", 4.3), ("compile_reduce_overhead", 1.1), ("fastres", 5.5),
+                        ("fastres_graphs", 0.7))]
+    (d / "latency" / "bench_latency.json").write_text(json.dumps(
+        {"env": {}, "args": {"model": "resnet50"}, "rows": lat, "phases_s": {}}))
+    layers = model_conv_layers("resnet50")
+    crow = []
+    for dt in ("bfloat16", "float16"):
+        for bs in (1, 32, 256):
+            for x in layers:
+                crow.append({"layer": x.name, "count": x.count, "shape": x.shape_str(),
+                             "batch": bs, "dtype": dt, "schedule": "gemm", "config": "c",
+                             "status": "ok", "fastres_ms": 0.01, "cudnn_conv_ms": 0.012,
+                             "cudnn_fused_ms": 0.02, "fastres_tflops": 300.0,
+                             "cudnn_conv_tflops": 250.0, "speedup_vs_cudnn_fused": 2.0,
+                             "speedup_vs_cudnn_conv": 1.2})
+    crow[-1] = dict(crow[-1], status="FAILED (relative error 5e-2 vs eager)")
+    meta = {"arch": "resnet50", "gpu": "H100", "torch": "2.11", "triton": "3.6",
+            "cudnn": 91900, "date": "today", "layers": []}
+    (d / "kernels" / "conv_layers.json").write_text(json.dumps({"meta": meta, "rows": crow}))
+    assert "| 0.0100 | 300.0 | 0.0120 | 250.0 | 0.0200 | 2.00x | 1.20x |" in markdown(crow, meta)
+    bm = [{"name": f"t{i}", "stats": {"median": 1e-4},
+           "extra_info": {"op": f"conv1x1 l{i // 3}", "shape": "32x64", "dtype": "torch.bfloat16",
+                          "impl": ("cuda", "triton", "eager")[i % 3]}} for i in range(60)]
+    (d / "kernel_benchmarks.json").write_text(json.dumps({"benchmarks": bm}))
+
+
+def test_gpu_check_summary_of_a_full_run_fits_the_reply(tmp_path):
+    """The summary of a full run (18 bench groups, 144 conv rows, the latency and kernel
+    tables) names what RESULTS.md needs and fits in the device reply's 12,000-character
+    tail with the script's own last lines."""
+    d = tmp_path / "details"
+    _synthetic_details(d)
+    res = _run("benchmarks/gpu_check_report.py", "summary", str(tmp_path), str(d), "480", "520",
+               "GPU_CHECK_STAGES=\"part2\" bash benchmarks/gpu_check.sh OUT")
+    assert res.returncode == 0, res.stderr
+    s = res.stdout
+    assert len(s) < 10000, len(s)
+    for needle in ("# fastres GPU check, 2026-11-24 10:00 UTC",
+                   "- command: `GPU_CHECK_STAGES=\"part2\" bash benchmarks/gpu_check.sh OUT` "
+                   "(480 s of a 520 s budget)",
+                   "- GPU: NVIDIA H100 80GB HBM3 (132 SMs, 79.2 GiB, sm 9.0), driver 580.159.04, "
+                   "CUDA 13.0 (torch), cuDNN 91900",
+                   "torch 2.11.0", "Triton 3.6.0", "| tests | TIMEOUT after 200s | 212 |",
+                   "tests: 3 run, 1 failed, 0 errors, 1 skipped (12 s)",
+                   "- tests.test_x::test_b: boom | bad",
+                   "accuracy checks: 2, 1 over their bound",
+                   "| resnet50 | bf16 | 256 | 128000 | 128000 | 128000 | 128000 | 128000 | "
+                   "2.00 (2.10) | 812 | 1.50 | 1.20 | 1.10 | 4.5e-02 | ok |",
+                   "| resnet18 | fp16 | 1 | 500 | 500 | 500 | 500 | skipped |",
+                   "| bf16 | fastres_graphs | 0.700 | 0.700 | 0.700 | - | - | 4.0e-02 | ok |",
+                   "| bfloat16 | 32 | 24 of 24 | 0.530 | 300 | 0.636 | 1.060 | 2.00 | 1.20 | 0 |",
+                   "| float16 | 256 | 23 of 24 |", "| op | shape | dtype | cuda | triton | eager |",
+                   "| conv1x1 l0 | 32x64 | bfloat16 | 0.1000 | 0.1000 | 0.1000 |"):
+        assert needle in s, (needle, s)
+    # a broken input is one line, never a crash
+    (d / "bench" / "bench.json").write_text("{ truncated")
+    (d / "tests.xml").write_text("<testsuites><testsuite")
+    res = _run("benchmarks/gpu_check_report.py", "summary", str(tmp_path), str(d), "1", "520",
+               "cmd")
+    assert res.returncode == 0, res.stderr
+    assert "fastres bench: no results (unreadable (JSONDecodeError))" in res.stdout
+    assert "tests: junit XML unreadable" in res.stdout
+
+
+@CPU_DRY_RUN
+def test_bench_latency_keeps_rows_when_stopped(tmp_path):
+    """SIGTERM (a stage cap) mid-run: the rows measured so far are written, marked
+    interrupted, exit 130."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "FASTRES_BACKEND")}
+    proc = subprocess.Popen(
+        [sys.executable, "benchmarks/bench_latency.py", "--smoke", "--out", str(tmp_path),
+         "--dtypes", "bf16", "--iters", "150", "--warmup", "1", "--image-size", "32",
+         "--model", "resnet18"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:  # the log line of the first row (eager), then stop it
+            seen.append(line)
+            if "bf16 eager:" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(seen) + out[-2000:]
+    report = json.loads((tmp_path / "bench_latency.json").read_text())
+    assert report["interrupted"] is True and report["rows"][0]["impl"] == "eager"
+    assert report["rows"][0]["status"] == "ok" and len(report["rows"]) < 3
+    assert "INTERRUPTED" in (tmp_path / "bench_latency.md").read_text()
+
+
+def test_cuda_op_benchmarks_notice_a_fallback():
+    """A benchmark labelled with a backend that cannot run the call (here: cuda on CPU
+    tensors) sees which backend really ran, instead of timing the fallback under its name."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import fastres
+    from test_bench_cuda_ops import backends_that_ran
+
+    from fastres.ops.head import avgpool_linear
+
+    x, w, b = torch.randn(2, 16, 3, 3), torch.randn(5, 16), torch.randn(5)
+
+    def call(backend):
+        def run():
+            with fastres.use_backend(backend):
+                return avgpool_linear(x, w, b)
+        return run
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert backends_that_ran(call("torch")) == [("avgpool_linear", "torch")]
+        ran = backends_that_ran(call("cuda"))
+    assert ran and all(op == "avgpool_linear" and be != "cuda" for op, be in ran), ran

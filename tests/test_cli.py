@@ -223,6 +223,78 @@ def test_bench_time_budget_skips_groups(capsys, tmp_path):
     assert "nothing was checked" in out and "all outputs agree" not in out
 
 
+def test_bench_interrupted_writes_what_it_measured(capsys, monkeypatch, tmp_path):
+    """Ctrl-C, or SIGTERM from a stage cap (the CLI turns it into the same): the rows timed so
+    far are written with the report marked interrupted, the rest are skipped, exit 130."""
+    from fastres import bench
+
+    real = bench.Runner.check_and_time
+    calls = []
+
+    def stopped_at_the_fourth(self, row, *args, **kwargs):
+        calls.append((row.batch, row.impl))
+        if len(calls) == 4:  # batch 2's first row (batch 1: eager, AMP+CL, fastres)
+            raise KeyboardInterrupt
+        return real(self, row, *args, **kwargs)
+
+    monkeypatch.setattr(bench.Runner, "check_and_time", stopped_at_the_fourth)
+    code, out, err = run_cli(capsys, *SMALL_BENCH, "--out", str(tmp_path))
+    assert code == 130 and "interrupted" in err, out + err
+    assert "INTERRUPTED" in out and "Traceback" not in err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["interrupted"] is True and (tmp_path / "bench.png").exists()
+    rows = {(r["batch"], r["impl"]): r for r in report["rows"]}
+    assert set(rows) == {(b, i) for b in (1, 2)
+                         for i in ("eager_fp32", "eager_amp_cl", "fastres", "fastres_graphs")}
+    assert rows[(1, "fastres")]["status"] == "ok" and rows[(1, "fastres")]["median_ms"] > 0
+    assert rows[(1, "fastres")]["speedup"]["eager_fp32"] > 0
+    for impl in ("eager_fp32", "eager_amp_cl", "fastres", "fastres_graphs"):
+        assert rows[(2, impl)]["status"] == "skipped", rows[(2, impl)]
+        assert rows[(2, impl)]["median_ms"] is None
+    assert [(r["batch"], r["impl"]) for r in report["rows"]][:4] == [
+        (1, "eager_fp32"), (1, "eager_amp_cl"), (1, "fastres"), (1, "fastres_graphs")]
+
+
+def test_bench_compile_options_imply_compile(capsys, monkeypatch):
+    """--compile-models / --max-autotune ask for compile rows, also where compile is off by
+    default (the CPU); --no-compile still wins."""
+    from fastres import bench
+
+    seen = []
+
+    def fake_run_bench(cfg, on_update=None):
+        seen.append(cfg)
+        return bench.BenchReport(env={"device": "cpu"}, config={})
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    assert run_cli(capsys, *SMALL_BENCH)[0] == 0
+    assert run_cli(capsys, *SMALL_BENCH, "--compile-models", "resnet18")[0] == 0
+    assert run_cli(capsys, *SMALL_BENCH, "--max-autotune")[0] == 0
+    assert run_cli(capsys, *SMALL_BENCH, "--compile-models", "resnet18", "--no-compile")[0] == 0
+    assert [c.compile for c in seen] == [False, True, True, False]
+    assert seen[1].compile_models == ["resnet18"]
+    assert seen[0].command == "fastres " + " ".join(SMALL_BENCH)
+
+
+def test_bench_does_not_start_a_compile_past_its_time_budget():
+    from fastres.bench import BenchConfig, Runner
+
+    cfg = BenchConfig(models=["resnet18"], batch_sizes=[1], dtypes=[torch.float32],
+                      device=torch.device("cpu"), time_budget=None)
+    runner = Runner(cfg, None)
+    runner.last_compile_s = 1e6
+    assert not runner.compile_would_overrun()  # no budget: compile
+    cfg.time_budget = 3600.0
+    runner.last_compile_s = None
+    assert not runner.compile_would_overrun()  # nothing compiled yet: no estimate
+    runner.last_compile_s = 1e6
+    assert runner.compile_would_overrun()  # the last compile took longer than what is left
+    runner.last_compile_s = 1.0
+    assert not runner.compile_would_overrun()
+    cfg.time_budget = 0.0
+    assert runner.compile_would_overrun()
+
+
 def test_bench_and_verify_refuse_unusable_output_paths_before_running(capsys, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
@@ -451,10 +523,18 @@ def test_gpu_check_script_syntax():
                           check=False)
     assert proc.returncode == 0, proc.stderr
     text = script.read_text()
-    for needle in ("pip install --no-build-isolation --no-deps", "-m pytest ${GPU_CHECK_TESTS:-tests -m cuda}",
+    for needle in ("pip install --no-build-isolation --no-deps --no-index",
+                   "-m pytest ${GPU_CHECK_TESTS:-tests -m cuda}",
                    "--junitxml", "fastres bench", "all.tar.gz", "summary.md", "timeout",
-                   "FASTRES_MARGIN_LOG"):
+                   "FASTRES_MARGIN_LOG", "PIP_DISABLE_PIP_VERSION_CHECK=1"):
         assert needle in text, needle
+    import shutil
+
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck:  # not installed everywhere; where it is, the script is clean
+        proc = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True,
+                              check=False)
+        assert proc.returncode == 0, proc.stdout
 
 
 def test_classify_reads_16_bit_and_float_grayscale_like_8_bit(tmp_path):
