@@ -110,9 +110,28 @@ def test_no_toolkit_skips_and_force_fails(setup_py, tmp_path, monkeypatch):
     assert setup_py.cuda_extensions() == ([], {})
 
 
-def test_nvidia_pip_include_dirs_exist(setup_py):
+def test_nvidia_pip_include_dirs_exist(setup_py, tmp_path, monkeypatch):
     for d in setup_py.nvidia_pip_include_dirs():
         assert os.path.isdir(d) and d.endswith("include")
+    # (the loop above checks nothing where no nvidia-* package is installed, or if the
+    # function found nothing): a fake ``nvidia`` namespace over two roots, where the headers
+    # of each package must be found once, and a package without headers is left out
+    import types
+
+    roots = [tmp_path / "a" / "nvidia", tmp_path / "b" / "nvidia"]
+    for pkg in (roots[0] / "cu13" / "include", roots[0] / "cudnn" / "include",
+                roots[1] / "nccl" / "include", roots[1] / "cublas" / "lib"):
+        pkg.mkdir(parents=True)
+    (roots[1] / "stray").mkdir()
+    (roots[1] / "stray" / "include").write_text("a file, not a header directory")
+    fake = types.ModuleType("nvidia")
+    fake.__path__ = [str(r) for r in roots]
+    monkeypatch.setitem(sys.modules, "nvidia", fake)
+    found = setup_py.nvidia_pip_include_dirs()
+    assert sorted(found) == sorted(str(d) for d in (roots[0] / "cu13" / "include",
+                                                    roots[0] / "cudnn" / "include",
+                                                    roots[1] / "nccl" / "include"))
+    assert len(found) == len(set(found))
 
 
 # The snippet run in a fresh interpreter: the package imports and works without _C, and the

@@ -93,16 +93,19 @@ def test_compile_eval_with_grad_runs_eager_path():
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_train_fullgraph(backend):
-    torch.manual_seed(1)
-    m = small_model("cpu").train()
+    # aot_eager runs eager's kernels: exact in fp32. Inductor reorders fp32 reductions, and
+    # layer4's batch statistics over 4 values per channel (1x1 spatial) amplify that: for some
+    # draws a ReLU or max-pool decision flips and a gradient is 5e-2 off (2 draws in 35; the
+    # others ~1e-4), so fp32 needed a fixed seed and bounds of 2e-2 / 0.2. In float64 compiled
+    # and eager agree to ~1e-13 on every draw, which allows a tight bound on fresh inputs.
+    dtype = torch.float32 if backend == "aot_eager" else torch.float64
+    m = small_model("cpu").to(dtype).train()
     twin = copy.deepcopy(m)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 32, 32, dtype=dtype)
     c = torch.compile(m, fullgraph=True, backend=backend)
     y = c(x)
     ref = twin(x)
-    # layer4's batch statistics are over 4 values per channel (1x1 spatial), which amplifies
-    # inductor's reordered fp32 reductions; aot_eager is exact
-    tol = 1e-5 if backend == "aot_eager" else 2e-2
+    tol = 1e-5 if backend == "aot_eager" else 1e-9
     assert_close_rel(y, ref, tol, f"{backend} train output")
     y.square().mean().backward()
     ref.square().mean().backward()
@@ -125,8 +128,10 @@ def test_compile_eval_through_triton_interpreted(dtype, triton_calls, monkeypatc
         assert triton_calls == {"conv": 0, "pool": 0, "head": 0}
         with fastres.use_backend("triton"):
             y = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
-    # resnet18: 19 convolutions after the stem (downsample included), one head
-    assert triton_calls["conv"] >= 19 and triton_calls["head"] == 1
+    # resnet18: the stem's convolution and 19 more (downsample included), the stem's max-pool
+    # and one head, each through Triton once (a layer left on the reference would pass the
+    # comparison: ``ref`` is the reference)
+    assert triton_calls == {"conv": 20, "pool": 1, "head": 1}
     assert_close_rel(y, ref, 1e-4 if dtype == torch.float32 else 2e-2, f"triton {dtype}")
 
 

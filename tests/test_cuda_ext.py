@@ -133,10 +133,22 @@ def test_preprocess_argument_errors(bad, exc, msg):
 
 def test_preprocess_compiles_and_exports():
     img = _images(2, 6, 5, "NHWC")
+    ref = preprocess_reference(img, "NHWC", MEAN, STD, torch.float16)
     fn = torch.compile(lambda t: preprocess(t, "NHWC", MEAN, STD, torch.float16),
                        backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(fn(img), preprocess_reference(img, "NHWC", MEAN, STD,
-                                                             torch.float16), rtol=0, atol=0)
+    torch.testing.assert_close(fn(img), ref, rtol=0, atol=0)
+
+    class Pre(torch.nn.Module):  # (the name promised an export, which was never made)
+        def forward(self, t):
+            return preprocess(t, "NHWC", MEAN, STD, torch.float16)
+
+    ep = torch.export.export(Pre(), (img,))
+    assert any("fastres.preprocess" in str(n.target) for n in ep.graph.nodes)
+    other = _images(2, 6, 5, "NHWC")
+    out = ep.module()(other)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, preprocess_reference(other, "NHWC", MEAN, STD,
+                                                         torch.float16), rtol=0, atol=0)
 
 
 # -- CPU implementations of the compiled ops -------------------------------------------------------
@@ -414,11 +426,13 @@ def test_stem_through_op_uses_cuda(dtype, monkeypatch):
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,h,w", [(4, 224, 224), (3, 17, 5)])
-def test_preprocess_cuda(layout, dtype, n, h, w):
+def test_preprocess_cuda(layout, dtype, n, h, w, monkeypatch):
+    calls = _count_cuda_calls(monkeypatch, "preprocess")
     img = _images(n, h, w, layout).to(DEV)
     _poison_allocator()
     with fastres.use_backend("cuda"):
         out = preprocess(img, layout, MEAN, STD, dtype)
+    assert calls["preprocess"] == 1  # a fallback to the reference would match it trivially
     ref = preprocess_reference(img.cpu(), layout, MEAN, STD, dtype)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)

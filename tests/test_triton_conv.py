@@ -33,7 +33,10 @@ from fastres.ops.conv_bias_act import conv_bias_act
 pytestmark = pytest.mark.triton
 
 DEV = "cuda" if HAS_CUDA else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+# One op against a float64 reference of the same (dtype-rounded) inputs: the error is the
+# output's rounding (measured ~2e-4 fp16, ~1.8e-3 bf16). DESIGN.md's 2e-2 is the end-to-end
+# bound of a whole network; per op it would accept a 1% error in every element.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # (name, N, C_in, H, W, C_out, R, S, stride, padding, dilation, groups)
@@ -57,20 +60,26 @@ SHAPES = [
 IDS = [s[0] for s in SHAPES]
 
 
+def _as_pair(v):
+    return tuple(v) if isinstance(v, tuple) else (v, v)
+
+
 def make_case(shape, dtype, residual=True, channels_last=True, device=DEV):
+    """Inputs for ``shape``; stride, padding and dilation are ints or (h, w) pairs."""
     _, n, c, h, w, k, r, s, st, pad, dil, g = shape
+    st, pad, dil = _as_pair(st), _as_pair(pad), _as_pair(dil)
     x = torch.randn(n, c, h, w, device=device).to(dtype)
     wt = (torch.randn(k, c // g, r, s, device=device) * (c // g * r * s) ** -0.5).to(dtype)
     b = torch.randn(k, device=device)
-    p = (h + 2 * pad - dil * (r - 1) - 1) // st + 1
-    q = (w + 2 * pad - dil * (s - 1) - 1) // st + 1
+    p = (h + 2 * pad[0] - dil[0] * (r - 1) - 1) // st[0] + 1
+    q = (w + 2 * pad[1] - dil[1] * (s - 1) - 1) // st[1] + 1
     res = torch.randn(n, k, p, q, device=device).to(dtype) if residual else None
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         wt = wt.contiguous(memory_format=torch.channels_last)
         if res is not None:
             res = res.contiguous(memory_format=torch.channels_last)
-    return x, wt, b, (st, st), (pad, pad), (dil, dil), g, res
+    return x, wt, b, st, pad, dil, g, res
 
 
 def reference(x, wt, b, st, pad, dil, g, res, relu):
@@ -136,6 +145,27 @@ def test_conv_nchw_inputs(shape):
     """Contiguous (NCHW) x, weight and residual are read correctly (made channels-last)."""
     dtype = torch.bfloat16
     run_and_check(make_case(shape, dtype, channels_last=False), True, dtype)
+
+
+# Height and width with different stride, padding, dilation and kernel extent (the op takes
+# pairs; torchvision's layers are all square, so a kernel that used the height's value for the
+# width passed every other test here): one case per schedule.
+NON_SQUARE = [
+    ("conv", ("conv-rect", 1, 16, 9, 11, 24, 3, 5, (2, 1), (1, 2), (1, 2), 1)),
+    ("conv", ("1x1-strided-rect", 1, 32, 7, 6, 16, 1, 1, (1, 2), (0, 0), (1, 1), 1)),
+    ("stem", ("stem-rect", 1, 3, 13, 12, 16, 7, 5, (1, 2), (3, 2), (2, 1), 1)),
+    ("grouped", ("grouped-rect", 1, 64, 6, 7, 64, 3, 3, (2, 1), (1, 2), (1, 2), 16)),
+]
+
+
+@pytest.mark.parametrize("kind,shape", NON_SQUARE, ids=[s[1][0] for s in NON_SQUARE])
+def test_conv_non_square_geometry(kind, shape):
+    dtype = torch.float32
+    case = make_case(shape, dtype)
+    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6],
+                                    case[7])
+    assert prob.kind == kind
+    run_and_check(case, True, dtype)
 
 
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[5], SHAPES[8], SHAPES[10]],

@@ -47,13 +47,17 @@ def test_model_through_triton(arch, shape, dtype, triton_calls):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
-def test_gpu_models_default_backend(arch, dtype, monkeypatch):
+def test_gpu_models_default_backend(arch, dtype, monkeypatch, triton_calls):
     monkeypatch.setenv("FASTRES_TUNE", "0")  # pinned: first configuration, no timing
     tv, fr = twin(arch, device=DEV)
     fr = fr.to(dtype)
     x = torch.randn(4, 3, 224, 224, device=DEV)
-    with torch.no_grad():
+    # the default ("auto", whatever FASTRES_BACKEND says) pinned choice is Triton for every
+    # layer: a fallback to the torch reference would pass the comparison without any kernel
+    with fastres.use_backend("auto"), torch.no_grad():
         out = fr(x.to(dtype))
+    assert triton_calls["conv"] == _n_convs(tv)
+    assert triton_calls["pool"] == 1 and triton_calls["head"] == 1
     assert_matches_torchvision(out, tv, x, f"{arch} {dtype} default backend", dtype)
 
 

@@ -20,7 +20,10 @@ pytestmark = pytest.mark.triton
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+# One op against a float64 reference of the same (dtype-rounded) inputs: the error is the
+# output's rounding (measured ~2e-4 fp16, ~1.8e-3 bf16). DESIGN.md's 2e-2 is the end-to-end
+# bound of a whole network; per op it would accept a 1% error in every element.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -57,11 +60,12 @@ def test_max_pool_nan_propagates(dtype):
     assert torch.equal(y[mask], ref[mask])
 
 
-def test_max_pool_op_through_triton_backend():
+def test_max_pool_op_through_triton_backend(triton_calls):
     x = torch.randn(1, 16, 7, 7, device=DEV).contiguous(memory_format=torch.channels_last)
     with fastres.use_backend("triton"):
         assert _backend.choose("max_pool2d", x.device, x, 3, 2, 1).backend == "triton"
         y = max_pool2d(x, 3, 2, 1)
+    assert triton_calls["pool"] >= 1  # the op ran the kernel (the reference would match too)
     assert torch.equal(y, F.max_pool2d(x, 3, 2, 1))
 
 
@@ -97,13 +101,14 @@ def test_avgpool_linear(n, c, hw, k, dtype):
     assert_close_rel(y, eager.double(), TOL[dtype])
 
 
-def test_avgpool_linear_op_through_triton_backend():
+def test_avgpool_linear_op_through_triton_backend(triton_calls):
     x = torch.randn(2, 32, 3, 3, device=DEV).contiguous(memory_format=torch.channels_last)
     w = torch.randn(10, 32, device=DEV)
     b = torch.randn(10, device=DEV)
     with fastres.use_backend("triton"):
         assert _backend.choose("avgpool_linear", x.device, x, w, b).backend == "triton"
         y = avgpool_linear(x, w, b)
+    assert triton_calls["head"] >= 1  # the op ran the kernel (the reference would match too)
     assert_close_rel(y, avgpool_linear_reference(x.double(), w.double(), b.double()), 1e-5)
 
 

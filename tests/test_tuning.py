@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -491,7 +492,7 @@ PREAMBLE = textwrap.dedent("""
         return SPEEDS[cand.label]
 
     def model_and_input():
-        torch.manual_seed(0)
+        torch.manual_seed(int(os.environ["FASTRES_CHILD_SEED"]))  # the test's: fresh per run
         m = fastres.resnet18(num_classes=10)
         m.train()
         with torch.no_grad():
@@ -501,9 +502,18 @@ PREAMBLE = textwrap.dedent("""
 """)
 
 
+def child_seed() -> str:
+    """The seed child processes draw their model and input from: new each run (mixed from the
+    run's FASTRES_TEST_SEED, as conftest seeds the test itself), the same for every child of
+    one test (their outputs are compared)."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    return str((zlib.crc32(test.encode()) ^ int(os.environ["FASTRES_TEST_SEED"])) % (2**31))
+
+
 def run_script(body: str, cache_dir: Path, extra_env=None, background=False):
     env = dict(os.environ)
     env.update({"FASTRES_CACHE_DIR": str(cache_dir), "FASTRES_BACKEND": "auto",
+                "FASTRES_CHILD_SEED": child_seed(),
                 "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
     env.pop("FASTRES_TUNE", None)
     env.update(extra_env or {})
@@ -748,7 +758,7 @@ def test_tune_cli_without_gpu_says_so(capsys):
 # -- GPU: the real implementations --------------------------------------------------------------
 
 GPU_RUN = """
-    torch.manual_seed(0)
+    torch.manual_seed(int(os.environ["FASTRES_CHILD_SEED"]))
     m = fastres.resnet18().cuda().eval()  # small: a fresh cache means compiling every config
     x = torch.randn(2, 3, 64, 64, device="cuda")
     t0 = time.time()
