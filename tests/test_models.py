@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from _models import ARCHS, DEVICE, assert_matches_torchvision, tol_for, twin
+from _models import ARCHS, DEVICE, assert_matches_torchvision, realistic_bn, tol_for, twin
 from conftest import assert_close_rel
 
 import fastres
@@ -229,16 +229,8 @@ def test_comparison_catches_a_wrong_fold(monkeypatch):
 
 def _small_twin(arch="resnet18", **kwargs):
     """(torchvision, fastres) with equal weights and realistic BN statistics, eval mode."""
-    tv = getattr(torchvision.models, arch)(weights=None, **kwargs)
-    tv.train()
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.2)
-        for _ in range(2):
-            tv(torch.randn(2, 3, 32, 32) * 2 + 0.5)
-    tv.eval()
+    tv = realistic_bn(getattr(torchvision.models, arch)(weights=None, **kwargs), steps=2,
+                      size=32, device="cpu")
     return tv, fastres.from_torchvision(tv)
 
 
