@@ -82,6 +82,12 @@ def make_case(shape, dtype, residual=True, channels_last=True, device=DEV):
     return x, wt, b, st, pad, dil, g, res
 
 
+def problem_of(case):
+    """The ConvProblem of a :func:`make_case` call (with its residual, if any)."""
+    x, wt, _, st, pad, dil, g, res = case
+    return ConvProblem.from_tensors(x, wt, st, pad, dil, g, res)
+
+
 def reference(x, wt, b, st, pad, dil, g, res, relu):
     """float64 reference of the dtype-rounded inputs."""
     y = F.conv2d(x.double(), wt.double(), None, st, pad, dil, g)
@@ -162,8 +168,7 @@ NON_SQUARE = [
 def test_conv_non_square_geometry(kind, shape):
     dtype = torch.float32
     case = make_case(shape, dtype)
-    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6],
-                                    case[7])
+    prob = problem_of(case)
     assert prob.kind == kind
     run_and_check(case, True, dtype)
 
@@ -174,8 +179,7 @@ def test_conv_index64_forced(shape):
     """The 64-bit offset path (chosen for >2**31-element tensors) on a small shape."""
     dtype = torch.float16
     case = make_case(shape, dtype)
-    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6],
-                                    case[7])
+    prob = problem_of(case)
     assert not prob.index64()
     assert launch_params(prob, kcfg.INTERPRETER_CONFIG, index64=True).params["INDEX64"]
     run_and_check(case, True, dtype, index64=True)
@@ -199,8 +203,7 @@ def test_every_table_config(kind, shape):
     """Every autotune candidate of a schedule gives the same (right) answer."""
     dtype = torch.float16
     case = make_case(shape, dtype)
-    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6],
-                                    case[7])
+    prob = problem_of(case)
     assert prob.kind == kind
     for cfg in kcfg.TABLES[kind]:
         run_and_check(case, True, dtype, config=cfg)
@@ -363,8 +366,7 @@ def test_gpu_autotuned(shape, monkeypatch):
     dtype = torch.bfloat16
     case = make_case(shape, dtype)
     run_and_check(case, True, dtype)
-    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6],
-                                    case[7])
+    prob = problem_of(case)
     cands = conv_configs(case[0], case[1], case[3], case[4], case[5], case[6], case[7])
     if len(cands) > 1:
         assert tuned_config(prob) in cands
@@ -412,7 +414,7 @@ def test_gpu_index64_large_batch(pinned):
     shape = ("big", 2048, 64, 128, 128, 64, 1, 1, 1, 0, 1, 1)  # 2.1e9 elements
     dtype = torch.float16
     case = make_case(shape, dtype, residual=False)
-    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6])
+    prob = problem_of(case)
     assert prob.index64()
     x, wt, b, st, pad, dil, g, _ = case
     y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, None, True)
@@ -578,8 +580,7 @@ def test_grouped_channel_reducing():
     a packed group narrower than the 16-column N tile (masked columns)."""
     dtype = torch.float16
     case = make_case(("g16to1", 1, 256, 3, 4, 16, 3, 3, 1, 1, 1, 16), dtype)
-    prob = ConvProblem.from_tensors(case[0], case[1], case[3], case[4], case[5], case[6],
-                                    case[7])
+    prob = problem_of(case)
     assert prob.kind == "grouped"
     for cfg in (kcfg.GROUPED_CONFIGS[-1], kcfg.GROUPED_CONFIGS[0]):
         run_and_check(case, True, dtype, config=cfg)
