@@ -211,20 +211,7 @@ class ResNet(nn.Module):
     # -- torchvision's eager path ------------------------------------------------------------
     def _forward_impl(self, x: Tensor) -> Tensor:
         """torchvision's ``_forward_impl``, op for op (TorchScript-compatible)."""
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.relu(x)
-        x = self.maxpool(x)
-
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
-
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        x = self.fc(x)
-        return x
+        return self.forward_head_eager(self.forward_features_eager(x))
 
     def forward_features_eager(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
