@@ -240,8 +240,6 @@ class ResNet(nn.Module):
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing (create_feature_extractor)
             return self._forward_impl(x)
         reason = _plan.eager_reason(self, x)
-        if reason is None and type(self)._forward_impl is not ResNet._forward_impl:
-            reason = f"{type(self).__name__} overrides _forward_impl"
         if reason is not None:
             if reason != "train":
                 _plan.say_eager_once(reason)

@@ -173,9 +173,12 @@ def _unsupported_reason(model: nn.Module) -> str | None:
     """The plan hard-codes torchvision's ResNet layout: the 7x7/2 stem convolution, ReLU,
     the 3x3/2 max-pool, blocks of BatchNorm-folded convolutions, the global average pool
     and a linear ``fc``. Anything else (a CIFAR stem, another activation, an ``fc``
-    replaced by ``Identity``, a block with its own forward) runs eagerly."""
-    from fastres.models import BasicBlock, Bottleneck
+    replaced by ``Identity``, a block with its own forward, a subclass with its own
+    ``_forward_impl``) runs eagerly."""
+    from fastres.models import BasicBlock, Bottleneck, ResNet
 
+    if getattr(type(model), "_forward_impl", None) is not ResNet._forward_impl:
+        return f"{type(model).__name__} has its own _forward_impl (not fastres.ResNet's)"
     for name, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
             if m.running_mean is None or m.running_var is None:
