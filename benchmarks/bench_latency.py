@@ -172,13 +172,13 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
                     row["status"] = "ok"
         except Exception as exc:  # a baseline that cannot run is reported, not fatal
             row.update(status="ERROR", error=f"{type(exc).__name__}: {str(exc)[:300]}")
-        log(f"{name} {impl}: {row.get('status')} "
-            f"median {row.get('median_ms', float('nan')):.3f} ms "
-            f"(first calls {row.get('first_calls_s', '-')} s)")
-        rows.append(row)
+        rows.append(row)  # kept before it is logged: a SIGTERM after the log line keeps it
         add_speedups(rows)
         if on_row is not None:
             on_row()
+        log(f"{name} {impl}: {row.get('status')} "
+            f"median {row.get('median_ms', float('nan')):.3f} ms "
+            f"(first calls {row.get('first_calls_s', '-')} s)")
     from fastres import tuning
 
     log(f"{name}: tuning stats {tuning.stats()}, graphs held "
