@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import math
 import os
 import signal
 import sys
@@ -118,12 +119,50 @@ def _writable_dir(path: str, what: str) -> str:
 
 
 def _writable_file(path: str, what: str) -> str:
-    """Check that ``path`` can be written (its directory exists) before any work is done."""
+    """Check that ``path`` can be written (its directory exists) before any work is done.
+
+    The file is really opened for appending (``os.access`` says yes to root everywhere, also
+    on read-only file systems and in /proc); a file this creates is removed again.
+    """
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise UserError(f"{what} {path!r} cannot be written (is its directory there and "
                         "writable?)")
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {path!r} cannot be written ({exc.strerror})") from None
+    if not existed:
+        with contextlib.suppress(OSError):
+            os.remove(path)
     return path
+
+
+def _check_weights(path: str | None, model: str | None = None) -> None:
+    """``--weights`` must be a checkpoint file; a missing one is refused before any work, with
+    fastres's hint when it is the name of torchvision weights (``IMAGENET1K_V2``)."""
+    if path is None or os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        raise UserError(f"weights file {path!r} is a directory, expected a checkpoint file")
+    from fastres.classify import load_checkpoint
+
+    try:
+        load_checkpoint(path, model)
+    except UserError as exc:
+        raise UserError(str(exc).replace("pass weights= ", "pass --weights ")) from None
+    raise UserError(f"weights file {path!r} does not exist")  # pragma: no cover
+
+
+def _check_number(value: float | None, what: str, minimum: float = 0.0,
+                  strict: bool = False) -> None:
+    """A float option that must be a number ``>= minimum`` (``> minimum`` when ``strict``)."""
+    if value is None:
+        return
+    if value != value or (value <= minimum if strict else value < minimum):
+        raise UserError(f"{what} must be {'>' if strict else '>='} {minimum:g}, got {value}")
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -204,8 +243,10 @@ def _bench_run(args: argparse.Namespace) -> int:
                    else list(defaults["batch_sizes"]))
     dtypes = _dtype_list(args.dtypes if args.dtypes else defaults["dtypes"])
     compile_models = _model_list(args.compile_models) if args.compile_models else None
-    if args.weights is not None and not os.path.isfile(args.weights):
-        raise UserError(f"weights file {args.weights!r} does not exist")
+    _check_weights(args.weights, models[0] if len(models) == 1 else None)
+    _check_number(args.max_time, "--max-time", strict=True)
+    _check_number(args.compile_budget, "--compile-budget")
+    _check_number(args.time_budget, "--time-budget")
     _check_seed(args.seed)
     if args.out:
         _writable_dir(args.out, "--out")
@@ -303,14 +344,17 @@ def _verify_run(args: argparse.Namespace) -> int:
     _model_list([args.model])
     dtype = parse_dtype(args.dtype)
     device = parse_device(args.device)
-    if args.weights is not None and not os.path.isfile(args.weights):
-        raise UserError(f"weights file {args.weights!r} does not exist")
+    _check_weights(args.weights, args.model)
     if args.image_size < 32:
         raise UserError(f"--image-size must be at least 32, got {args.image_size}")
     _check_seed(args.seed)
-    if args.tol is not None and not args.tol > 0:
-        raise UserError(f"--tol must be > 0, got {args.tol}")
-    if args.batches < 1 and args.no_photos:
+    if args.tol is not None and not 0 < args.tol < math.inf:
+        raise UserError(f"--tol must be > 0 and finite, got {args.tol}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batches < 0:
+        raise UserError(f"--batches must be >= 0, got {args.batches}")
+    if args.batches == 0 and args.no_photos:
         raise UserError("nothing to compare: --batches 0 and --no-photos")
     if args.json:
         _writable_file(args.json, "--json")
@@ -320,8 +364,12 @@ def _verify_run(args: argparse.Namespace) -> int:
                     progress=sys.stderr.isatty())
     print(result.format())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(_finite(result.to_json()), f, indent=1, default=str, allow_nan=False)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(_finite(result.to_json()), f, indent=1, default=str, allow_nan=False)
+        except OSError as exc:
+            raise UserError(f"--json {args.json!r} could not be written ({exc.strerror}); "
+                            "the results are above") from None
     return 0 if result.ok else 1
 
 
@@ -348,8 +396,7 @@ def _classify_run(args: argparse.Namespace) -> int:
     _model_list([args.model])
     dtype = parse_dtype(args.dtype)
     device = parse_device(args.device)
-    if not os.path.isfile(args.weights):
-        raise UserError(f"weights file {args.weights!r} does not exist")
+    _check_weights(args.weights, args.model)
     preds = classify(args.images, args.weights, args.model, args.topk, device, dtype)
     print(format_predictions(preds))
     return 0

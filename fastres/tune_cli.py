@@ -61,7 +61,7 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
     dtype and batch size; print one line per dtype and the cache file. Returns 0; raises
     :class:`TuneUsageError` for bad arguments."""
     from fastres import tuning
-    from fastres.models import MODEL_NAMES, get_model
+    from fastres.models import MODEL_NAMES
 
     if model not in MODEL_NAMES:
         raise TuneUsageError(f"unknown model {model!r}; expected one of "
@@ -81,11 +81,30 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
                  "implementation, which needs no tuning).")
             return 0
         dev = parse_device(device)
-        state = load_checkpoint(weights) if weights else None
+        state = load_checkpoint(weights, model) if weights else None
     except (ValueError, RuntimeError, UserError) as exc:
-        raise TuneUsageError(str(exc)) from None
+        raise TuneUsageError(str(exc).replace("pass weights= ", "pass --weights ")) from None
+    # --cache-dir for this command only: FASTRES_CACHE_DIR is put back afterwards (an
+    # in-process call must not move every later process-wide cache lookup)
+    saved_env = os.environ.get("FASTRES_CACHE_DIR")
     if cache_dir is not None:
         os.environ["FASTRES_CACHE_DIR"] = str(cache_dir)
+    try:
+        return _tune(model, batch_list, dtype_list, parsed, image_size, dev, num_classes,
+                     state, weights, progress, echo)
+    finally:
+        if cache_dir is not None:
+            if saved_env is None:
+                os.environ.pop("FASTRES_CACHE_DIR", None)
+            else:
+                os.environ["FASTRES_CACHE_DIR"] = saved_env
+
+
+def _tune(model, batch_list, dtype_list, parsed, image_size, dev, num_classes, state, weights,
+          progress, echo) -> int:
+    from fastres import tuning
+    from fastres.models import get_model
+
     if tuning.mode() == "pinned":
         echo("fastres tune: FASTRES_TUNE=0 or deterministic mode is on: choices are pinned, "
              "nothing to tune.")
@@ -98,7 +117,8 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
             raise TuneUsageError(str(exc)) from exc
         from fastres.classify import describe_mismatch
 
-        raise TuneUsageError(describe_mismatch(model, state, repr(weights))) from exc
+        msg = describe_mismatch(model, state, repr(weights))
+        raise TuneUsageError(msg.replace("pass --model ", "give MODEL as ")) from exc
     net = net.to(dev).eval()
     for name, dtype in zip(dtype_list, parsed):
         res = tuning.tune_model(net, batch_list, dtype, image_size, progress=progress)

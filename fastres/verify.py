@@ -195,14 +195,21 @@ class Agreement:
 
     def add(self, out: Tensor, ref: Tensor, eager: Tensor, tol_design: float) -> None:
         n = ref.shape[0]
-        err, eager_err = rel_err(out, ref), rel_err(eager, ref)
+        shaped = isinstance(out, Tensor) and tuple(out.shape) == tuple(ref.shape)
+        if not shaped:  # a wrong-shaped output is a failed batch (reported), not a crash
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            self.note = f"fastres returned {shape}, torchvision {tuple(ref.shape)}"
+        err = rel_err(out, ref) if shaped else math.inf
+        eager_err = rel_err(eager, ref)
         self.batch_errors.append(err)
         self.eager_errors.append(eager_err)
         tol = max(tol_design, 2 * eager_err) if math.isfinite(eager_err) else tol_design
         self.tolerances.append(tol)
-        self.max_image_error = max(self.max_image_error, float(rel_err_rows(out, ref).max()))
-        self._top1_hits += topk_agreement(out, ref, 1) * n
-        self._top5_hits += topk_agreement(out, ref, 5) * n
+        image_err = float(rel_err_rows(out, ref).max()) if shaped else math.inf
+        self.max_image_error = max(self.max_image_error, image_err)
+        if shaped:
+            self._top1_hits += topk_agreement(out, ref, 1) * n
+            self._top5_hits += topk_agreement(out, ref, 5) * n
         self._eager_top1_hits += topk_agreement(eager, ref, 1) * n
         self.images += n
         self.top1 = self._top1_hits / self.images
@@ -263,6 +270,8 @@ class VerifyResult:
                 lines.append(f"  {p.name:<16}{'-':>7}  skipped: {p.note}")
                 continue
             result = "ok" if p.ok else f"FAILED ({p.failures}/{len(p.batch_errors)} batches)"
+            if p.note:
+                result += f": {p.note}"
             lines.append(
                 f"  {p.name:<16}{p.images:>7}{p.max_error:>13.2e}{p.mean_error:>14.2e}"
                 f"{max(p.eager_errors):>11.2e}{p.max_image_error:>11.2e}"

@@ -569,3 +569,177 @@ def test_classify_refuses_a_decompression_bomb(capsys, tmp_path, r18_checkpoint,
 def _save(path, image):
     image.save(path)
     return path
+
+
+# -- checkpoints as training code saves them, option values, output files -------------------------
+
+
+def test_load_checkpoint_unwraps_training_checkpoints(tmp_path):
+    """PyTorch's checkpoint tutorial ({"model_state_dict": ..., "optimizer_state_dict": ...}),
+    DataParallel / DDP ("module." keys), torch.compile ("_orig_mod." keys) and torchvision's
+    reference training script ({"model": ..., "args": argparse.Namespace}) all load as the
+    plain state_dict (they were refused as 'does not fit' / 'not a state_dict')."""
+    import argparse
+
+    from fastres.classify import load_checkpoint
+
+    sd = {"conv1.weight": torch.randn(4, 3, 3, 3), "bn1.running_mean": torch.randn(4),
+          "fc.weight": torch.randn(10, 4)}
+    variants = {
+        "tutorial": {"epoch": 3, "model_state_dict": sd, "optimizer_state_dict": {"state": {}},
+                     "loss": 0.5},
+        "dataparallel": {f"module.{k}": v for k, v in sd.items()},
+        "compiled": {f"_orig_mod.{k}": v for k, v in sd.items()},
+        "ddp_in_tutorial": {"model_state_dict": {f"module.{k}": v for k, v in sd.items()}},
+        "torchvision_reference": {"model": sd, "optimizer": {"state": {}}, "epoch": 7,
+                                  "args": argparse.Namespace(model="resnet18", lr=0.5)},
+    }
+    for name, ckpt in variants.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(ckpt, path)
+        got = load_checkpoint(path)
+        assert set(got) == set(sd), name
+        for k, v in sd.items():
+            assert torch.equal(got[k], v), (name, k)
+    # a state_dict whose keys merely share a prefix with others is left alone
+    partial = {"module.a": torch.randn(2), "b": torch.randn(2)}
+    torch.save(partial, tmp_path / "partial.pth")
+    assert set(load_checkpoint(tmp_path / "partial.pth")) == {"module.a", "b"}
+
+
+def test_classify_with_a_dataparallel_training_checkpoint(capsys, tmp_path, r18_checkpoint):
+    """The same predictions from a DataParallel checkpoint saved by torchvision's reference
+    training script as from the plain state_dict."""
+    import argparse
+
+    from PIL import Image
+
+    image = tmp_path / "noise.png"
+    Image.fromarray(torch.randint(0, 256, (230, 260, 3), dtype=torch.uint8).numpy()).save(image)
+    sd = torch.load(r18_checkpoint, weights_only=True)
+    wrapped = tmp_path / "model_89.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 89,
+                "args": argparse.Namespace(model="resnet18")}, wrapped)
+    argv = ["classify", str(image), "--model", "resnet18", "--topk", "3", "--device", "cpu"]
+    code, plain, err = run_cli(capsys, *argv, "--weights", str(r18_checkpoint))
+    assert code == 0, err
+    code, out, err = run_cli(capsys, *argv, "--weights", str(wrapped))
+    assert code == 0, err
+    assert out == plain
+
+
+def test_weights_that_are_a_directory_or_a_torchvision_name(capsys, tmp_path, photo):
+    """--weights naming torchvision weights (IMAGENET1K_V2) gets fastres's hint on where
+    torchvision keeps the file (the CLI said only 'does not exist'); a directory is named as
+    one."""
+    code, _, err = run_cli(capsys, "classify", str(photo), "--weights", "IMAGENET1K_V2",
+                           "--model", "resnet50", "--device", "cpu")
+    assert_usage_error(code, err, "name of torchvision weights", "pass --weights",
+                       "resnet50")
+    assert "pass weights=" not in err
+    code, _, err = run_cli(capsys, *SMALL_VERIFY, "--weights", "DEFAULT")
+    assert_usage_error(code, err, "name of torchvision weights", "resnet18")
+    code, _, err = run_cli(capsys, "classify", str(photo), "--weights", str(tmp_path),
+                           "--model", "resnet18", "--device", "cpu")
+    assert_usage_error(code, err, "is a directory, expected a checkpoint file")
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--batches", "-1"], ["--batches must be >= 0, got -1"]),
+    (["-b", "0"], ["--batch-size must be >= 1, got 0"]),
+    (["--tol", "inf"], ["--tol must be > 0 and finite, got inf"]),  # inf made verify always pass
+])
+def test_verify_number_options(capsys, extra, needles):
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", *extra)
+    assert_usage_error(code, err, *needles)
+    assert "verify:" not in out
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--max-time", "nan"], ["--max-time must be > 0, got nan"]),
+    (["--max-time", "-1"], ["--max-time must be > 0"]),
+    (["--time-budget", "nan"], ["--time-budget must be >= 0"]),
+    (["--compile-budget", "-5"], ["--compile-budget must be >= 0, got -5"]),
+])
+def test_bench_number_options(capsys, monkeypatch, extra, needles):
+    from fastres import bench
+
+    def no_run(cfg, on_update=None):
+        raise AssertionError("bench ran with a bad option")
+
+    monkeypatch.setattr(bench, "run_bench", no_run)
+    code, _, err = run_cli(capsys, *SMALL_BENCH, *extra)
+    assert_usage_error(code, err, *needles)
+
+
+def test_verify_json_that_cannot_be_written(capsys, monkeypatch, tmp_path):
+    """os.access says yes to root everywhere: an unwritable --json was found only after the
+    whole comparison, with a traceback. It is refused up front, and a write that fails at the
+    end anyway (the directory went away) is a one-line error after the printed results."""
+    from fastres import verify as verify_mod
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)  # as for root
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--json", "/proc/v.json")
+    assert_usage_error(code, err, "--json", "cannot be written")
+    assert "verify:" not in out
+    monkeypatch.undo()
+
+    target = tmp_path / "gone" / "v.json"
+    target.parent.mkdir()
+    real = verify_mod.verify
+
+    def verify_then_remove_the_directory(*args, **kwargs):
+        result = real(*args, **kwargs)
+        target.parent.rmdir()
+        return result
+
+    monkeypatch.setattr(verify_mod, "verify", verify_then_remove_the_directory)
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--batches", "1",
+                             "--json", str(target))
+    assert_usage_error(code, err, "--json", "could not be written")
+    assert "verify: PASSED" in out
+    assert not target.parent.exists()  # the up-front check left nothing behind
+
+
+def test_verify_fails_cleanly_on_a_wrong_shaped_output(capsys, monkeypatch):
+    """fastres returning the wrong shape is a FAILED verify (exit 1), not a traceback."""
+    original = ResNet.forward
+    drop = int(torch.randint(1, 5, ()))
+    monkeypatch.setattr(ResNet, "forward", lambda self, x: original(self, x)[:, drop:])
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--batches", "1")
+    assert code == 1, err
+    assert "Traceback" not in err and "verify: FAILED" in out
+    assert f"(2, {1000 - drop})" in out
+
+
+def test_image_arrays_convert_like_image_files():
+    """uint16 arrays were clipped to white and out-of-range floats silently clipped."""
+    from fastres.classify import to_pil_rgb
+
+    u8 = torch.randint(0, 256, (33, 47, 3), dtype=torch.uint8).numpy()
+    ref = np.asarray(to_pil_rgb(u8))
+    assert np.array_equal(np.asarray(to_pil_rgb(u8.astype(np.uint16) * 257)), ref)
+    assert np.array_equal(np.asarray(to_pil_rgb(u8.astype(np.int64))), ref)
+    got = np.asarray(to_pil_rgb(u8.astype(np.float32) / 255.0)).astype(int)
+    assert np.abs(got - ref).max() <= 1
+    with pytest.raises(ValueError, match="expected"):
+        to_pil_rgb(u8.astype(np.float32) / 127.5 - 1.0)  # [-1, 1] data: say so, never clip
+
+
+def test_tune_cache_dir_is_for_that_command_only(capsys, monkeypatch, tmp_path,
+                                                 r18_checkpoint):
+    """``fastres tune --cache-dir`` set FASTRES_CACHE_DIR for the rest of the process; and its
+    wrong-architecture hint named a --model option tune does not have."""
+    pytest.importorskip("fastres.tuning")
+    before = str(tmp_path / "theirs")
+    monkeypatch.setenv("FASTRES_CACHE_DIR", before)
+    code, out, err = run_cli(capsys, "tune", "resnet18", "--batch", "1", "--dtype", "fp32",
+                             "--image-size", "32", "--device", "cpu",
+                             "--cache-dir", str(tmp_path / "mine"))
+    assert code == 0, out + err
+    assert str(tmp_path / "mine") in out
+    assert os.environ["FASTRES_CACHE_DIR"] == before
+    code, _, err = run_cli(capsys, "tune", "resnet50", "--device", "cpu", "--weights",
+                           str(r18_checkpoint))
+    assert_usage_error(code, err, "does not fit resnet50", "give MODEL as resnet18")
+    assert "--model" not in err
