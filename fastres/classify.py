@@ -12,10 +12,9 @@ Used by ``fastres classify`` and by ``fastres verify`` (for its real photographs
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -294,55 +293,17 @@ def describe_mismatch(model_name: str, state_dict, source: str) -> str:
     return msg
 
 
-# Keys that wrap a state_dict in common training checkpoints (``fastres.models.load_weights``
-# unwraps "state_dict" and "model"; PyTorch's checkpoint tutorial saves "model_state_dict").
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
-# Prefixes every key gets when the model was wrapped: DataParallel / DistributedDataParallel
-# ("module.") and torch.compile ("_orig_mod.").
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def unwrap_state_dict(sd: dict) -> dict:
-    """The model's own ``state_dict`` inside a training checkpoint: nested under
-    ``model_state_dict`` (or ``state_dict`` / ``model``) next to optimizer state, and with the
-    ``module.`` / ``_orig_mod.`` prefix that DataParallel, DistributedDataParallel and
-    torch.compile put on every key. A plain state_dict comes back unchanged."""
-    for _ in range(3):
-        if any(isinstance(v, Tensor) for v in sd.values()):
-            break
-        inner = next((sd[k] for k in _WRAPPER_KEYS
-                      if isinstance(sd.get(k), Mapping) and sd[k]), None)
-        if inner is None:
-            break
-        sd = dict(inner)
-    stripped = True
-    while stripped and sd:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(isinstance(k, str) and k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                stripped = True
-    return sd
-
-
 def load_checkpoint(weights, arch: str | None = None) -> dict:
     """``fastres.models.load_weights`` with errors as one-line :class:`UserError` (``arch``
     names the model, for the hint on torchvision weight names such as ``IMAGENET1K_V2``).
 
-    Training checkpoints load too: torchvision's reference scripts save ``{"model": ...,
-    "args": argparse.Namespace}`` (the Namespace is allowed through ``torch.load``'s
-    weights-only unpickler), and the state_dict is unwrapped (:func:`unwrap_state_dict`).
+    Training checkpoints load too (see ``load_weights``: optimizer state beside the model's,
+    ``module.`` / ``_orig_mod.`` key prefixes, torchvision's reference-script checkpoints).
     """
-    import argparse
-
     from fastres import models
 
-    # (torch.serialization.safe_globals is torch >= 2.5; older torch refuses such a checkpoint
-    # with the weights-only message below)
-    safe = getattr(torch.serialization, "safe_globals", None)
     try:
-        with safe([argparse.Namespace]) if safe else contextlib.nullcontext():
-            sd = models.load_weights(weights, arch)
+        return models.load_weights(weights, arch)
     except (FileNotFoundError, ValueError, TypeError) as exc:
         text = str(exc).removeprefix("fastres: ").strip()
         if "Weights only load failed" in text:  # torch's long weights_only explanation
@@ -351,7 +312,6 @@ def load_checkpoint(weights, arch: str | None = None) -> dict:
                     "is not loaded: save model.state_dict() instead)")
         lines = text.splitlines()
         raise UserError(lines[0] if lines else type(exc).__name__) from exc
-    return unwrap_state_dict(sd)
 
 
 def build_model(model_name: str, weights, device: torch.device, dtype: torch.dtype):

@@ -9,6 +9,8 @@ fused ops in :mod:`fastres.ops`.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import os
 import re
@@ -339,17 +341,51 @@ def _no_download_hint(arch: str | None, enum) -> str:
             f"model: fastres.from_torchvision(torchvision.models.{arch}(weights={name}))")
 
 
+# Keys that wrap a state_dict in training checkpoints: "state_dict", "model" (torchvision's
+# reference scripts) and "model_state_dict" (PyTorch's checkpoint tutorial).
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+# Prefixes every key gets when the model was wrapped: DataParallel / DistributedDataParallel
+# ("module.") and torch.compile ("_orig_mod.").
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_state_dict(sd: Mapping) -> dict:
+    """The model's own ``state_dict`` inside a training checkpoint: nested under
+    ``model_state_dict`` (or ``state_dict`` / ``model``) next to optimizer state, and with the
+    ``module.`` / ``_orig_mod.`` prefix that DataParallel, DistributedDataParallel and
+    torch.compile put on every key. A plain state_dict comes back as a plain ``dict`` copy."""
+    sd = dict(sd)
+    for _ in range(3):
+        if any(isinstance(v, Tensor) for v in sd.values()):
+            break
+        inner = next((sd[k] for k in _WRAPPER_KEYS
+                      if isinstance(sd.get(k), Mapping) and sd[k]), None)
+        if inner is None:
+            break
+        sd = dict(inner)
+    stripped = True
+    while stripped and sd:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(isinstance(k, str) and k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                stripped = True
+    return sd
+
+
 def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
                  arch: str | None = None) -> dict[str, Tensor]:
     """A state_dict from a checkpoint path (``torch.load``, weights only) or a mapping.
 
-    Checkpoints saved as ``{"state_dict": ...}`` or ``{"model": ...}`` are unwrapped.
+    Training checkpoints are unwrapped (:func:`unwrap_state_dict`): the model's state nested
+    under ``"state_dict"``, ``"model"`` or ``"model_state_dict"`` beside optimizer state, and
+    the ``module.`` / ``_orig_mod.`` key prefixes of DataParallel/DDP and ``torch.compile``.
     Nothing is downloaded: torchvision's ``Weights`` enums and their names (``"DEFAULT"``,
     ``"IMAGENET1K_V1"``) are refused with an error that says where torchvision keeps the file
     (``arch``, when given, names the model they are for).
     """
     if isinstance(weights, Mapping):
-        return dict(weights)
+        return unwrap_state_dict(weights)
     if isinstance(weights, (str, os.PathLike)):
         path = os.fspath(weights)
         if not os.path.isfile(path):
@@ -359,18 +395,20 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
                     f"fastres: weights {path!r} is not a file but the name of torchvision "
                     "weights, and fastres downloads nothing: " + _no_download_hint(arch, enum))
             raise FileNotFoundError(f"fastres: weights file {path!r} does not exist")
+        # torchvision's reference scripts save {"model": ..., "args": argparse.Namespace}:
+        # the Namespace is allowed through the weights-only unpickler (torch >= 2.5; older
+        # torch refuses such a file with its weights-only message)
+        safe = getattr(torch.serialization, "safe_globals", None)
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            with safe([argparse.Namespace]) if safe else contextlib.nullcontext():
+                sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(f"fastres: could not read {path!r} as a PyTorch checkpoint: "
                              f"{exc}") from exc
-        for key in ("state_dict", "model"):
-            if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
-                sd = sd[key]
         if not isinstance(sd, Mapping):
             raise ValueError(f"fastres: {path!r} holds a {type(sd).__name__}, "
                              "expected a state_dict")
-        return dict(sd)
+        return unwrap_state_dict(sd)
     enum = _torchvision_weights_enum(weights, arch)
     if enum is not None:
         raise TypeError(f"fastres: weights={type(enum).__name__}.{enum.name} is a torchvision "

@@ -142,6 +142,30 @@ def test_weights_path_and_state_dict(tmp_path):
         fastres.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
 
 
+def test_weights_from_training_checkpoints(tmp_path):
+    """The Python API takes what training code saves, as the CLI does: DDP's "module." keys
+    inside torchvision's reference-script checkpoint ({"model", "args": Namespace}), and the
+    tutorial's {"model_state_dict", "optimizer_state_dict"} with torch.compile's "_orig_mod."."""
+    import argparse
+
+    tv = torchvision.models.resnet18(weights=None, num_classes=5)
+    sd = tv.state_dict()
+    ddp = {"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3,
+           "args": argparse.Namespace(model="resnet18")}
+    tutorial = {"model_state_dict": {f"_orig_mod.{k}": v for k, v in sd.items()},
+                "optimizer_state_dict": {"state": {}, "param_groups": []}}
+    for name, ckpt in (("ddp", ddp), ("tutorial", tutorial)):
+        path = tmp_path / f"{name}.pth"
+        torch.save(ckpt, path)
+        if name == "ddp" and not hasattr(torch.serialization, "safe_globals"):
+            continue  # torch < 2.5: its weights-only loader refuses the Namespace
+        for weights in (path, ckpt):
+            fr = fastres.resnet18(weights=weights)
+            assert list(fr.state_dict()) == list(sd), name
+            for k, v in fr.state_dict().items():
+                assert torch.equal(v, sd[k]), (name, k)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet101", "resnext101_64x4d",
                                   "wide_resnet50_2"])
 def test_from_torchvision_keeps_architecture_mode_dtype(arch):
