@@ -136,7 +136,9 @@ def hook_reason(model: nn.Module) -> str | None:
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return ("global module forward hooks are registered (register_module_forward_hook / "
                 "register_module_forward_pre_hook), which the fused plan would skip")
-    if not any(_modules(model).hooks):
+    # (the memo reads and writes process-wide state that a traced graph would guard on: a
+    # compiled model would recompile whenever any module is built anywhere; traced, walk)
+    if not tracing() and not any(_modules(model).hooks):
         return None
     for name, m in model.named_modules():
         if name and (m._forward_hooks or m._forward_pre_hooks):
@@ -422,6 +424,9 @@ class InferencePlan:
     def run(self, x: Tensor, features_only: bool = False) -> Tensor:
         """The fused forward. ``x`` was checked by :func:`check_input`."""
         if x.shape[0] == 0:
+            if torch.jit.is_tracing():  # the trace would return this empty output for any batch
+                raise ValueError("torch.jit.trace with an empty batch would record a constant "
+                                 "empty output; trace with a batch of at least 1")
             if features_only:
                 raise ValueError("forward_features on an empty batch is not supported")
             return x.new_empty((0, self.num_classes), dtype=self.dtype)

@@ -135,6 +135,44 @@ def test_compile_eval_through_triton_interpreted(dtype, triton_calls, monkeypatc
     assert_close_rel(y, ref, 1e-4 if dtype == torch.float32 else 2e-2, f"triton {dtype}")
 
 
+def test_compile_no_recompile_when_other_modules_are_built():
+    """Building any module elsewhere (a parameter registration bumps fastres.plan's global
+    counter) must not recompile a compiled fastres model: the traced forward used to read that
+    counter and fill a global memo, so dynamo guarded on both, compiled every model twice and,
+    with fullgraph=True, raised FailOnRecompileLimitHit after 8 unrelated ``nn.Linear``s."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    m = small_model("cpu")
+    counter = CompileCounterWithBackend("aot_eager")
+    c = torch.compile(m, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(1, 3, 32, 32)
+            assert_close_rel(c(x), m(x), 1e-5)
+            torch.nn.Linear(2, 2)  # registers two parameters anywhere in the process
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles for one input signature"
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_compile_preprocess_dynamic_fullgraph(layout):
+    """``fastres.ops.preprocess`` under ``torch.compile(dynamic=True, fullgraph=True)``: its
+    std check used math.isfinite, which dynamo cannot trace there (a hard error)."""
+    from fastres.ops import preprocess
+
+    mean, std = torch.rand(3).tolist(), (torch.rand(3) + 0.1).tolist()
+
+    def f(images):
+        return preprocess(images, layout, mean, std, torch.bfloat16)
+
+    c = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n, h, w in ((2, 5, 7), (3, 9, 4)):
+        shape = (n, h, w, 3) if layout == "NHWC" else (n, 3, h, w)
+        images = torch.randint(0, 256, shape, dtype=torch.uint8)
+        y = c(images)
+        assert y.shape == (n, 3, h, w) and y.is_contiguous(memory_format=torch.channels_last)
+        assert_close_rel(y, f(images), 0.0, f"compiled preprocess {shape}")
+
+
 # -- torch.export ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("strict", [False, True])
@@ -208,6 +246,16 @@ def test_jit_trace_eval_with_grad_enabled():
     x2 = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert_close_rel(traced(x2), m(x2), 1e-5)
+
+
+def test_jit_trace_empty_batch_is_refused():
+    """Tracing on an empty batch recorded the plan's early exit: a constant (0, classes)
+    output, returned for every later batch. It is refused, naming what to do."""
+    m = small_model("cpu")
+    with torch.no_grad(), pytest.raises(ValueError, match="batch of at least 1"):
+        torch.jit.trace(m, (torch.randn(0, 3, 32, 32),))
+    with torch.no_grad():  # an untraced empty batch still works
+        assert m(torch.randn(0, 3, 32, 32)).shape == (0, m.fc.out_features)
 
 
 # -- GPU: fast implementations -------------------------------------------------------------------

@@ -110,6 +110,13 @@ def test_ops_are_registered_custom_ops():
      ValueError, "weight must be"),
     (lambda x, w, b: torch.ops.fastres.stem(x, torch.randn(8, 3, 7, 7), torch.randn(8)),
      ValueError, "weight must be"),
+    # (the registered preprocess used to take any layout string as NCHW)
+    (lambda x, w, b: torch.ops.fastres.preprocess(torch.zeros(1, 4, 4, 3, dtype=torch.uint8),
+                                                  "NCHW", [0.5] * 3, [0.2] * 3, torch.float32),
+     ValueError, "layout NCHW expects"),
+    (lambda x, w, b: torch.ops.fastres.preprocess(torch.zeros(1, 4, 4, 3, dtype=torch.uint8),
+                                                  "NWHC", [0.5] * 3, [0.2] * 3, torch.float32),
+     ValueError, "layout must be one of"),
 ])
 def test_op_argument_errors(call, exc, match):
     x, w, b = torch.randn(2, 8, 6, 6), torch.randn(8, 8, 3, 3), torch.randn(8)
@@ -210,3 +217,42 @@ def test_conv_bias_none_means_zeros():
     x, w = torch.randn(2, 6, 9, 9), torch.randn(4, 6, 3, 3)
     y = ops.conv_bias_act(x, w, None, padding=1, relu=False)
     assert_close_rel(y, F.conv2d(x.double(), w.double(), None, 1, 1), 1e-5)
+
+
+_OPCHECK_CASES = [  # (op, dtype, N, C_in, H, W): odd sizes, batch 0 and 1, every op
+    ("conv", torch.float32, 2, 4, 7, 5), ("conv", torch.bfloat16, 1, 4, 9, 9),
+    ("conv", torch.float16, 0, 4, 5, 5), ("stem", torch.float32, 2, 3, 17, 15),
+    ("stem", torch.bfloat16, 0, 3, 9, 9), ("pool", torch.float32, 2, 4, 9, 7),
+    ("pool", torch.float16, 1, 5, 2, 2), ("head", torch.bfloat16, 2, 4, 3, 5),
+    ("head", torch.float32, 0, 4, 1, 1), ("preprocess", torch.bfloat16, 2, 3, 5, 7),
+    ("preprocess", torch.float32, 0, 3, 3, 3),
+]
+
+
+@pytest.mark.parametrize("kind, dtype, n, c, h, w", _OPCHECK_CASES)
+def test_opcheck_every_op(kind, dtype, n, c, h, w):
+    """``torch.library.opcheck`` (schema, fake vs real, autograd registration, dynamic shapes)
+    on every ``fastres.*`` op, not only the three the model's graph uses most."""
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    cl = torch.channels_last
+    if kind == "conv":
+        wt = torch.randn(6, c // 2, 3, 3, dtype=dtype).contiguous(memory_format=cl)
+        p, q = (h + 4 - 4 - 1) // 2 + 1, (w + 4 - 4 - 1) // 2 + 1
+        res = torch.randn(n, 6, p, q, dtype=dtype)
+        op, args = torch.ops.fastres.conv_bias_act.default, (
+            x, wt, torch.randn(6), [2, 2], [2, 2], [2, 2], 2, res, False)
+    elif kind == "stem":
+        op, args = torch.ops.fastres.stem.default, (
+            x, torch.randn(5, c, 7, 7, dtype=dtype).contiguous(memory_format=cl),
+            torch.randn(5))
+    elif kind == "pool":
+        op, args = torch.ops.fastres.max_pool2d.default, (x, 3, 2, 1)
+    elif kind == "head":
+        op, args = torch.ops.fastres.avgpool_linear.default, (
+            x, torch.randn(7, c, dtype=dtype), torch.randn(7))
+    else:
+        images = torch.randint(0, 256, (n, h, w, c), dtype=torch.uint8)
+        op, args = torch.ops.fastres.preprocess.default, (
+            images, "NHWC", torch.rand(3).tolist(), (torch.rand(3) + 0.1).tolist(), dtype)
+    with fastres.use_backend("torch"):
+        torch.library.opcheck(op, args)

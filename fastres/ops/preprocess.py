@@ -45,6 +45,7 @@ _backend.register_impl(OP, "torch", preprocess_reference)
 @torch.library.custom_op("fastres::preprocess", mutates_args=())
 def _preprocess_op(images: torch.Tensor, layout: str, mean: list[float], std: list[float],
                    dtype: torch.dtype) -> torch.Tensor:
+    _check_args(images, layout, mean, std, dtype)  # also for torch.ops.fastres.preprocess
     return _backend.run_op(OP, images, layout, mean, std, dtype)
 
 
@@ -70,6 +71,13 @@ def preprocess(images: torch.Tensor, layout: str = "NHWC",
     See the module docstring for the contract. Arguments are checked here, with errors that
     say what was expected and what was given.
     """
+    mean = [float(v) for v in mean]
+    std = [float(v) for v in std]
+    _check_args(images, layout, mean, std, dtype)
+    return _preprocess_op(images, layout, mean, std, dtype)
+
+
+def _check_args(images, layout, mean, std, dtype) -> None:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{OP}: images must be a torch.Tensor, got {type(images).__name__}")
     if images.dtype != torch.uint8:
@@ -84,12 +92,11 @@ def preprocess(images: torch.Tensor, layout: str = "NHWC",
         expected = "[N, H, W, 3]" if layout == "NHWC" else "[N, 3, H, W]"
         raise ValueError(f"{OP}: layout {layout} expects images {expected}, got "
                          f"{tuple(images.shape)}")
-    mean = [float(v) for v in mean]
-    std = [float(v) for v in std]
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"{OP}: mean and std must have 3 values, got {len(mean)} and {len(std)}")
-    if any(s == 0.0 or not math.isfinite(s) for s in std):
+    # ``abs(s) < inf``, not math.isfinite: torch.compile(dynamic=True, fullgraph=True) fails
+    # on math.isfinite ("torch.* op returned non-Tensor"; torch 2.11 and 2.14)
+    if any(s == 0.0 or not abs(s) < math.inf for s in std):
         raise ValueError(f"{OP}: std values must be finite and non-zero, got {std}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{OP}: dtype must be float32, float16 or bfloat16, got {dtype}")
-    return _preprocess_op(images, layout, mean, std, dtype)
