@@ -6,7 +6,9 @@ For each model x dtype x batch size, in one run on one device:
    compared with a precise reference (float64 on the CPU, fp32 with TF32 off on a GPU): relative
    error ``||out - ref|| / ||ref||`` and top-1 agreement. fastres must be within
    ``max(DESIGN.md bound, 2 x eager's own error in the same dtype)`` (see :mod:`fastres.verify`);
-   otherwise its rows are ``FAILED``, never timed, and the run exits non-zero.
+   otherwise its rows are ``FAILED``, never timed, and the run exits non-zero. A fastres
+   row whose check call ran torchvision's eager code (fastres's fallback) is ``error``, not
+   timed: its speed would be eager's.
 2. **Then time.** Warm-up (and, on a GPU, ``fastres.tuning.tune_model`` when it exists), then
    ``iters`` calls timed with CUDA events (``time.perf_counter`` on the CPU), inputs rotated over a
    few pre-made batches so caches do not flatter small batches. Reported: images/s (batch /
@@ -28,6 +30,7 @@ Implementations (``IMPLS``):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import math
@@ -143,6 +146,8 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     interrupted: bool = False       # stopped by Ctrl-C / SIGTERM: the rows measured so far
+    # why the last write_outputs failed (None: it worked); the table says so, not the files
+    output_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -398,6 +403,48 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+class _EagerProbe:
+    """Notices a fastres model running torchvision's eager code instead of its fused plan.
+
+    fastres falls back to eager for inputs or models its plan does not take (BatchNorm that
+    folds to non-finite weights in the dtype, hooks, ...) and warns once per process: timed,
+    that row would show eager's speed under fastres's name. The fallback goes through the
+    model's ``_forward_impl``, which this wraps for the duration of the check call.
+    """
+
+    def __init__(self, model: nn.Module | None):
+        self.model = model if hasattr(type(model), "_forward_fused") else None
+        self.ran = False
+
+    def __enter__(self) -> _EagerProbe:
+        if self.model is not None:
+            original = self.model._forward_impl
+
+            def spy(x):
+                self.ran = True
+                return original(x)
+
+            self.model.__dict__["_forward_impl"] = spy  # this instance only
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.model is not None:
+            self.model.__dict__.pop("_forward_impl", None)
+
+    def why(self, x: Tensor) -> str:
+        """fastres's reason for running eagerly on ``x`` (best effort)."""
+        from fastres import plan as _plan
+
+        try:
+            with torch.inference_mode():
+                reason = _plan.eager_reason(self.model, x)
+                if reason is None:
+                    _plan.get_plan(self.model, _plan.compute_dtype(self.model, x))
+        except Exception as exc:  # noqa: BLE001 - FloatingPointError: weights not finite
+            return _short(exc)
+        return reason or "reason not known"
+
+
 class Runner:
     """Runs the whole comparison; :func:`run_bench` is the entry point."""
 
@@ -526,11 +573,16 @@ class Runner:
         cast = tv if dtype == torch.float32 else copy.deepcopy(tv).to(dtype)
         tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
         cast_cl = tv_cl if dtype == torch.float32 else cast.to(memory_format=torch.channels_last)
-        fr = fastres_twin(tv, dtype)
+        fr_error = ""
+        try:
+            fr = fastres_twin(tv, dtype)
+        except Exception as exc:  # noqa: BLE001 - fastres's rows are FAILED, the run goes on
+            fr, fr_error = None, f"building fastres raised {_short(exc)}"
 
         # Tuning happens before anything is timed (GPU only; the engine may not exist yet).
         tuner = _fastres_tuner()
-        if cfg.tune and tuner is not None and dev.type == "cuda" and not self.over_budget():
+        if (cfg.tune and tuner is not None and dev.type == "cuda" and fr is not None
+                and not self.over_budget()):
             bar.set_postfix_str(f"{name} {dn}: tuning")
             t = time.perf_counter()
             try:
@@ -546,7 +598,9 @@ class Runner:
 
         graphs, graphs_why = None, ""
         optimize = _fastres_optimize()
-        if not cfg.cuda_graphs:
+        if fr is None:
+            graphs_why = fr_error
+        elif not cfg.cuda_graphs:
             graphs_why = "--no-cuda-graphs"
         elif dev.type != "cuda":
             graphs_why = "CUDA graphs need a GPU"
@@ -593,9 +647,14 @@ class Runner:
             base = self.base_inputs(batch)
             x0 = base[0]
             ref = reference_forward(tv, x0, ref64)
-            eager_same = eager_forward(tv, x0, dtype, cast)
             tol_design = design_tolerance(dtype, dev)
-            eager_err = rel_err(eager_same, ref)
+            try:
+                eager_same = eager_forward(tv, x0, dtype, cast)
+                eager_err = rel_err(eager_same, ref)
+                eager_note = f"eager {dn} error {eager_err:.1e}"
+            except Exception as exc:  # noqa: BLE001 - the bound is then DESIGN.md's alone
+                eager_same, eager_err = None, math.nan
+                eager_note = f"eager {dn} raised {_short(exc)}"
             tol = max(tol_design, 2 * eager_err) if math.isfinite(eager_err) else tol_design
 
             impls: list[tuple[str, _Impl | None, str]] = []
@@ -603,7 +662,9 @@ class Runner:
             impls.append(("eager_amp_cl", _Impl("eager_amp_cl", amp_fn, to_fp32_cl, tv_cl), ""))
             for key in compiled:
                 impls.append((key, self.compiled_impl(key, cast_cl, to_dtype_cl), ""))
-            impls.append(("fastres", _Impl("fastres", fr, to_dtype_cl, fr), ""))
+            impls.append(("fastres",
+                          None if fr is None else _Impl("fastres", fr, to_dtype_cl, fr),
+                          fr_error))
             impls.append(("fastres_graphs",
                           _Impl("fastres_graphs", graphs, to_dtype_cl, fr) if graphs else None,
                           graphs_why))
@@ -615,7 +676,7 @@ class Runner:
                 rows[key] = row
                 self.report.rows.append(row)
                 if impl is None:
-                    row.status = "n/a"
+                    row.status = "FAILED" if fr is None and key in FASTRES_IMPLS else "n/a"
                     row.note = why
                     continue
                 if key == "eager_fp32" and (name, batch) in self.eager_fp32_cache:
@@ -635,7 +696,7 @@ class Runner:
                     self.eager_fp32_cache[(name, batch)] = row
             fill_speedups(rows)
             rows["fastres"].note = (rows["fastres"].note + "; " if rows["fastres"].note else "") \
-                + f"eager {dn} error {eager_err:.1e}"
+                + eager_note
             del base, ref, eager_same
             bar.update(1)
             self.update()
@@ -679,9 +740,10 @@ class Runner:
             torch.cuda.synchronize(dev)
             before = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
+        probe = _EagerProbe(impl.model if must_agree else None)
         try:
             t = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), probe:
                 out = impl.fn(inputs[0])
                 out = out.clone() if isinstance(out, Tensor) else out
             _sync(dev)
@@ -700,7 +762,8 @@ class Runner:
             return
         if not isinstance(out, Tensor) or out.shape != ref.shape:
             row.status = "FAILED" if must_agree else "error"
-            row.note = f"output {getattr(out, 'shape', type(out).__name__)} != {tuple(ref.shape)}"
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            row.note = f"output {got} != {tuple(ref.shape)}: not timed"
             return
         row.rel_err = rel_err(out, ref)
         row.top1 = topk_agreement(out, ref, 1)
@@ -708,6 +771,11 @@ class Runner:
             row.status = "FAILED"
             row.note = (f"relative error {row.rel_err:.2e} > tolerance {row.tolerance:.1e}: "
                         "not timed")
+            return
+        if probe.ran:  # right numbers, but eager's: its speed is not fastres's
+            row.status = "error"
+            row.note = (f"fastres ran torchvision's eager code, not its fused path "
+                        f"({probe.why(inputs[0])}): not timed")
             return
         del out
         if dev.type == "cuda" and not graphs_row:
@@ -818,6 +886,8 @@ def format_table(report: BenchReport) -> str:
     lines.extend(summary_lines(report))
     for note in report.notes:
         lines.append(f"note: {note}")
+    if report.output_error:
+        lines.append(f"note: {report.output_error}")
     return "\n".join(lines)
 
 
@@ -960,27 +1030,67 @@ def _finite(obj):
     return obj
 
 
+def _write_file(path: str, write: Callable) -> None:
+    """Write ``path`` through a temporary file beside it (never a half-written file)."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[str]:
-    """Write ``bench.json`` and ``bench.md`` (and ``bench.png``) under ``out_dir``."""
+    """Write ``bench.json`` and ``bench.md`` (and ``bench.png``) under ``out_dir``.
+
+    Called after every group (checkpoints) and at the end. A write that fails (the directory
+    removed, replaced or made unwritable during the run, a full disk) neither stops the run
+    nor loses what was measured: it warns on stderr, ``report.output_error`` says why (the
+    terminal table prints it), and the paths that were written are returned.
+    """
     import json
 
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    jpath = os.path.join(out_dir, "bench.json")
-    tmp = jpath + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_finite(report.to_json()), f, indent=1, default=str, allow_nan=False)
-    os.replace(tmp, jpath)
-    paths.append(jpath)
-    mpath = os.path.join(out_dir, "bench.md")
-    with open(mpath, "w") as f:
-        f.write(to_markdown(report))
-    paths.append(mpath)
-    if png:
-        ppath = os.path.join(out_dir, "bench.png")
-        note = plot(report, ppath)
-        if note is None:
-            paths.append(ppath)
-        elif note not in report.notes:
-            report.notes.append(note)
-    return paths
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(_finite(report.to_json()), f, indent=1, default=str, allow_nan=False)
+
+    def write_md(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(to_markdown(report))
+
+    paths: list[str] = []
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        picture = None
+        if png:  # first: a note on why there is no picture goes into the JSON and Markdown
+            ppath = os.path.join(out_dir, "bench.png")
+            tmp = os.path.join(out_dir, "bench.tmp.png")  # matplotlib picks the format by name
+            try:
+                note = plot(report, tmp)
+                if note is None:
+                    os.replace(tmp, ppath)
+                    picture = ppath
+            except Exception as exc:  # noqa: BLE001 - the numbers matter more than a picture
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                if "matplotlib.pyplot" in sys.modules:  # plot() stopped before closing it
+                    sys.modules["matplotlib.pyplot"].close("all")
+                note = f"bench.png not written: {_short(exc)}"
+            if note is not None and note not in report.notes:
+                report.notes.append(note)
+        for name, write in (("bench.json", write_json), ("bench.md", write_md)):
+            path = os.path.join(out_dir, name)
+            _write_file(path, write)
+            paths.append(path)
+    except OSError as exc:
+        why = exc.strerror or _short(exc)
+        msg = (f"--out {out_dir!r} could not be written ({why}): these results are not "
+               "saved there")
+        if msg != report.output_error:
+            print(f"fastres bench: warning: {msg}", file=sys.stderr)
+        report.output_error = msg
+        return paths
+    report.output_error = None
+    return paths + ([picture] if picture else [])

@@ -278,7 +278,12 @@ def _bench_run(args: argparse.Namespace) -> int:
     if report.interrupted:
         print(f"{PROG} bench: interrupted; the results above are partial", file=sys.stderr)
         return 130
-    return 0 if report.ok else 1
+    if not report.ok:
+        return 1
+    if out_dir and report.output_error:  # the run was fine, but --out did not get it
+        print(f"{PROG} bench: error: {report.output_error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 _ARGV: list[str] = []  # the arguments main() parsed, for reports

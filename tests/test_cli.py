@@ -209,7 +209,7 @@ def test_bench_refuses_to_time_wrong_outputs(capsys, monkeypatch, tmp_path):
 
 
 def test_bench_with_weights_file(capsys, r18_checkpoint):
-    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[5:],
+    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[6:],
                              "--weights", str(r18_checkpoint))
     assert code == 0, out + err
     assert "result: all outputs agree" in out
@@ -743,3 +743,175 @@ def test_tune_cache_dir_is_for_that_command_only(capsys, monkeypatch, tmp_path,
                            str(r18_checkpoint))
     assert_usage_error(code, err, "does not fit resnet50", "give MODEL as resnet18")
     assert "--model" not in err
+
+
+# -- bench: failures that must not stop the run or pass for fastres's speed ------------------------
+
+
+def _fresh_seed() -> list[str]:
+    """``--seed N`` with N drawn from the test's seed: fresh inputs every run."""
+    return ["--seed", str(int(torch.randint(0, 2**31, ())))]
+
+
+def test_bench_wrong_shaped_non_tensor_or_nan_output_is_failed_not_timed(capsys, monkeypatch,
+                                                                       tmp_path):
+    """A fastres output of the wrong shape, a non-tensor or one with a NaN/inf: that group's
+    fastres row is FAILED and untimed (a regression guard: rel_err raises on a shape mismatch),
+    the other groups and the baselines go on, and bench.json stays valid JSON."""
+    original = ResNet.forward
+    drop = int(torch.randint(1, 5, ()))
+    bad = float(["nan", "inf", "-inf"][int(torch.randint(0, 3, ()))])
+
+    def broken(self, x):
+        out = original(self, x)
+        if x.shape[0] == 1:
+            return out[:, drop:]
+        if x.shape[0] == 2:
+            return (out,)
+        out = out.clone()
+        out[int(torch.randint(0, out.shape[0], ())), int(torch.randint(0, 1000, ()))] = bad
+        return out
+
+    monkeypatch.setattr(ResNet, "forward", broken)
+    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", "2", "3", *SMALL_BENCH[6:],
+                             *_fresh_seed(), "--out", str(tmp_path))
+    assert code == 1 and "Traceback" not in err, out + err
+    report = json.loads((tmp_path / "bench.json").read_text())  # strict JSON (no NaN/Infinity)
+    rows = {(r["batch"], r["impl"]): r for r in report["rows"]}
+    for b in (1, 2, 3):
+        fr = rows[(b, "fastres")]
+        assert fr["status"] == "FAILED" and fr["median_ms"] is None and fr["iters"] == 0, fr
+        assert all(v is None for v in fr["speedup"].values())
+        assert rows[(b, "eager_fp32")]["status"] == "ok"
+        assert rows[(b, "eager_fp32")]["median_ms"] > 0
+    assert f"(1, {1000 - drop})" in rows[(1, "fastres")]["note"]
+    assert "tuple" in rows[(2, "fastres")]["note"]
+    assert rows[(3, "fastres")]["rel_err"] == "inf" and "not timed" in rows[(3, "fastres")]["note"]
+    assert "result: FAILED" in out
+
+
+def test_bench_eager_fallback_is_not_timed_as_fastres(capsys, monkeypatch):
+    """When fastres's forward falls back to torchvision's eager code (here: a global module
+    forward hook, which the fused plan would skip), its outputs agree -- they are eager's -- and
+    the row was timed and reported as fastres's speed. It is an error row, not timed."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    calls = []
+    handle = register_module_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[6:],
+                                 *_fresh_seed())
+    finally:
+        handle.remove()
+    assert calls and code == 0 and "Traceback" not in err, out + err
+    line = [ln for ln in out.splitlines() if ln.startswith("resnet18") and "  fastres  " in ln]
+    assert len(line) == 1 and "error: fastres ran torchvision's eager code" in line[0], out
+    assert "forward hooks" in line[0] and "not timed" in line[0]
+    assert "fastres error" in out and "img/s (" not in out.split("fastres error")[1]
+
+
+def test_bench_goes_on_when_fastres_cannot_be_built_or_eager_raises(capsys, monkeypatch,
+                                                                   tmp_path):
+    """Building fastres raising: its rows are FAILED (exit 1), the baselines are still timed.
+    Eager in the dtype raising (it only sets the tolerance): the bound is DESIGN.md's."""
+    from fastres import bench
+
+    def no_fastres(tv, dtype):
+        raise RuntimeError("cannot build")
+
+    monkeypatch.setattr(bench, "fastres_twin", no_fastres)
+    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[6:], *_fresh_seed(),
+                             "--out", str(tmp_path))
+    assert code == 1 and "Traceback" not in err, out + err
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert rows["fastres"]["status"] == "FAILED" and "cannot build" in rows["fastres"]["note"]
+    assert rows["fastres_graphs"]["status"] == "FAILED"
+    assert rows["eager_fp32"]["status"] == "ok" and rows["eager_amp_cl"]["median_ms"] > 0
+    monkeypatch.undo()
+
+    def eager_raises(*args, **kwargs):
+        raise RuntimeError("no eager today")
+
+    monkeypatch.setattr(bench, "eager_forward", eager_raises)
+    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[6:], *_fresh_seed(),
+                             "--out", str(tmp_path))
+    assert code == 0 and "Traceback" not in err, out + err
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    fr = rows["fastres"]
+    assert fr["status"] == "ok" and fr["median_ms"] > 0 and fr["tolerance"] == 1e-5
+    assert fr["rel_err"] <= 1e-5 and "eager fp32 raised RuntimeError: no eager today" in fr["note"]
+
+
+def test_bench_out_dir_lost_mid_run_keeps_measuring(capsys, monkeypatch, tmp_path):
+    """--out replaced by a file after the first group: the checkpoint write failed with a
+    traceback and the results were lost. Now the run goes on, warns once, and the table
+    (printed in full) says the results were not saved."""
+    from fastres import bench
+
+    out_dir = tmp_path / "out"
+    real = bench.Runner.check_and_time
+
+    def lose_the_directory(self, row, *args, **kwargs):
+        if row.batch == 2 and out_dir.is_dir():
+            import shutil
+
+            shutil.rmtree(out_dir)
+            out_dir.write_text("not a directory")
+        return real(self, row, *args, **kwargs)
+
+    monkeypatch.setattr(bench.Runner, "check_and_time", lose_the_directory)
+    code, out, err = run_cli(capsys, *SMALL_BENCH, *_fresh_seed(), "--out", str(out_dir))
+    assert code == 2 and "Traceback" not in err, out + err  # the run is fine, --out is not
+    assert err.count("warning: --out") == 1, err  # warned once, not after every group
+    assert err.count("could not be written") == 2, err  # and the final error line
+    assert "could not be written" in out and "wrote " not in out
+    timed = [ln for ln in out.splitlines() if ln.startswith("resnet18 fp32 batch 2: fastres")]
+    assert timed and "img/s" in timed[0], out  # the group after the loss was still measured
+    assert out_dir.read_text() == "not a directory"
+
+
+def test_bench_write_outputs_survives_full_disk_and_plot_errors(monkeypatch, tmp_path, capsys):
+    """write_outputs: a failing write (disk full) leaves no half-written file and no temporary
+    one, and is reported, not raised; a plot that raises costs the picture only; a later write
+    that works clears the error."""
+    import errno
+
+    from fastres import bench
+
+    ms = float(torch.rand(()) * 10 + 1)
+    rows = [bench.Row("resnet18", "fp32", 1, "eager_fp32", "e", median_ms=2 * ms,
+                      images_per_s=500.0 / ms, iters=2),
+            bench.Row("resnet18", "fp32", 1, "fastres", "fastres", median_ms=ms,
+                      images_per_s=1000.0 / ms, iters=2, rel_err=float("nan"))]
+    bench.fill_speedups({r.impl: r for r in rows})
+    report = bench.BenchReport(env={"device": "cpu"}, config={}, rows=rows)
+    out_dir = tmp_path / "out"
+    (out_dir).mkdir()
+    (out_dir / "bench.md").write_text("old")
+
+    def disk_full(report):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bench, "to_markdown", disk_full)
+    written = bench.write_outputs(report, str(out_dir), png=False)
+    assert written == [str(out_dir / "bench.json")]
+    assert (out_dir / "bench.md").read_text() == "old"  # untouched, not truncated
+    assert sorted(p.name for p in out_dir.iterdir()) == ["bench.json", "bench.md"]
+    assert "No space left on device" in report.output_error
+    assert "No space left on device" in bench.format_table(report)
+    assert "warning" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def broken_plot(report, path):
+        raise ValueError("cannot draw")
+
+    monkeypatch.setattr(bench, "plot", broken_plot)
+    written = bench.write_outputs(report, str(out_dir), png=True)
+    assert report.output_error is None and "No space" not in bench.format_table(report)
+    assert sorted(os.path.basename(p) for p in written) == ["bench.json", "bench.md"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["bench.json", "bench.md"]
+    saved = json.loads((out_dir / "bench.json").read_text())
+    assert any("bench.png not written: ValueError: cannot draw" in n for n in saved["notes"])
+    assert saved["rows"][1]["rel_err"] == "nan"
+    assert saved["rows"][1]["speedup"]["eager_fp32"] == pytest.approx(2.0)
+    assert "cannot draw" in (out_dir / "bench.md").read_text()
