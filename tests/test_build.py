@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -180,7 +181,7 @@ def test_install_without_toolkit(tmp_path):
     compiled files) gives a package that imports, works, and says once it lacks _C."""
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "fastres", src / "fastres",
@@ -193,6 +194,14 @@ def test_install_without_toolkit(tmp_path):
         env=_env_for_subprocess(FASTRES_SKIP_CUDA_BUILD="1", PIP_DISABLE_PIP_VERSION_CHECK="1"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert not list(target.glob("fastres/_C*.so"))
+    # every module and subpackage (fastres/ops, fastres/kernels, ...) is installed, and the
+    # ``fastres`` console script is declared
+    def modules(root: Path) -> set[str]:
+        return {p.relative_to(root).as_posix() for p in (root / "fastres").rglob("*.py")
+                if "__pycache__" not in p.parts}
+    assert modules(target) == modules(ROOT)
+    (entry_points,) = target.glob("fastres-*.dist-info/entry_points.txt")
+    assert re.search(r"^fastres = fastres\.cli:main$", entry_points.read_text(), re.M)
     # An editable install of this checkout puts a finder on sys.meta_path that would win over
     # PYTHONPATH: drop it, and check the temp install is what gets imported.
     prelude = textwrap.dedent(f"""
@@ -206,3 +215,59 @@ def test_install_without_toolkit(tmp_path):
                        env=_env_for_subprocess(PYTHONPATH=str(target)))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fastres._C is not available" in r.stdout
+    # the command line runs from the installed copy (``python -m fastres``, as the script does)
+    cli = prelude + textwrap.dedent("""
+        import runpy
+        for argv in (["--help"], ["bench", "--help"], ["--version"]):
+            sys.argv = ["fastres", *argv]
+            try:
+                runpy.run_module("fastres", run_name="__main__", alter_sys=True)
+            except SystemExit as exc:
+                assert exc.code in (0, None), (argv, exc.code)
+            else:
+                raise AssertionError(f"{argv}: no exit")
+    """)
+    r = subprocess.run([sys.executable, "-c", cli], cwd=tmp_path, capture_output=True,
+                       check=False, text=True, timeout=120,
+                       env=_env_for_subprocess(PYTHONPATH=str(target)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "usage: fastres bench" in r.stdout, r.stdout
+    assert re.search(r"^fastres \d+\.\d+", r.stdout, re.M), r.stdout  # --version
+
+
+def _sdist_files(tmp_path: Path, **env) -> set[str]:
+    """The sdist's file list (relative paths), as setuptools computes it for ``sdist``, without
+    building the tarball or writing into the checkout (``egg_info -e`` puts SOURCES.txt in
+    ``tmp_path``)."""
+    r = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "-e", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, check=False, text=True, timeout=240,
+                       env=_env_for_subprocess(**env))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (sources,) = tmp_path.glob("*.egg-info/SOURCES.txt")
+    return set(sources.read_text().split())
+
+
+def test_sdist_has_what_the_build_needs(tmp_path):
+    """The sdist builds the extension and the package: every csrc/ file (the ``#include "..."``
+    headers too, which setuptools does not find by itself, and csrc/ at all when the sdist is
+    made without torch or with FASTRES_SKIP_CUDA_BUILD=1, the case checked here), every module
+    of the package, the files setup.py and pyproject.toml read, and no compiled leftovers."""
+    files = _sdist_files(tmp_path, FASTRES_SKIP_CUDA_BUILD="1")
+    want = {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in"}
+    spec = importlib.util.spec_from_file_location("fastres_setup_sources", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    want |= set(mod.SOURCES)
+    for src in (ROOT / "csrc").iterdir():
+        if src.suffix in (".cu", ".cuh", ".cpp", ".h", ".hpp"):
+            want.add(f"csrc/{src.name}")
+            for inc in re.findall(r'^\s*#\s*include\s+"([^"]+)"', src.read_text(), re.M):
+                if (ROOT / "csrc" / inc).exists():
+                    want.add(f"csrc/{inc}")
+    want |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "fastres").rglob("*.py")
+             if "__pycache__" not in p.parts}
+    want |= {p.name for p in ROOT.glob("LICEN[CS]E*")}
+    assert not want - files, sorted(want - files)
+    assert not [f for f in files if f.endswith((".so", ".pyc", ".o"))], sorted(files)
+    # the tests and benchmarks come along, so an unpacked sdist can be checked
+    assert "tests/conftest.py" in files and "benchmarks/gpu_check.sh" in files
