@@ -1078,6 +1078,10 @@ def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[s
                 if "matplotlib.pyplot" in sys.modules:  # plot() stopped before closing it
                     sys.modules["matplotlib.pyplot"].close("all")
                 note = f"bench.png not written: {_short(exc)}"
+            except BaseException:  # Ctrl-C / SIGTERM mid-plot: no temporary file left
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
             if note is not None and note not in report.notes:
                 report.notes.append(note)
         for name, write in (("bench.json", write_json), ("bench.md", write_md)):
