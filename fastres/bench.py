@@ -922,9 +922,12 @@ def summary_lines(report: BenchReport) -> list[str]:
                  + ("-" if checked.top1 is None else f"{checked.top1 * 100:.0f}%"))
         out.append(head + f"{best.label} {best.images_per_s:.1f} img/s ({speed}); {agree}")
     checked = any(r.impl in FASTRES_IMPLS and r.rel_err is not None for r in report.rows)
+    untimed = sum(r.impl in FASTRES_IMPLS and r.status == "error" for r in report.rows)
     out.append("result: " + ("FAILED: fastres outputs disagree with torchvision (not timed)"
                              if not report.ok else "all outputs agree" if checked
                              else "nothing was checked (every group skipped)")
+               + (f"; {untimed} fastres row{'s' if untimed > 1 else ''} not timed (error, "
+                  "see above)" if untimed else "")
                + (" (INTERRUPTED: partial results)" if report.interrupted else ""))
     return out
 

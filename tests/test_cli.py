@@ -808,6 +808,7 @@ def test_bench_eager_fallback_is_not_timed_as_fastres(capsys, monkeypatch):
     assert len(line) == 1 and "error: fastres ran torchvision's eager code" in line[0], out
     assert "forward hooks" in line[0] and "not timed" in line[0]
     assert "fastres error" in out and "img/s (" not in out.split("fastres error")[1]
+    assert "result: all outputs agree; 1 fastres row not timed (error, see above)" in out, out
 
 
 def test_bench_goes_on_when_fastres_cannot_be_built_or_eager_raises(capsys, monkeypatch,
