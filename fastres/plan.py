@@ -21,6 +21,7 @@ device. Folding is O(parameters) elementwise work done once per change.
 from __future__ import annotations
 
 import operator
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -265,21 +266,25 @@ class _Modules:
     __slots__ = ("modules", "convs", "bns", "hooks", "model")
 
     def __init__(self, model: nn.Module):
-        self.modules = list(model.modules())
-        self.convs = [vars(m) for m in self.modules if isinstance(m, nn.Conv2d)
+        # the submodules only, and the model by weak reference: this lives in a
+        # WeakKeyDictionary keyed by the model, whose values must not reach their key (the
+        # entry, and with it the model, would never be freed)
+        self.modules = list(model.modules())[1:]
+        self.convs = [vars(m) for m in (model, *self.modules) if isinstance(m, nn.Conv2d)
                       and all(k in vars(m) for k in _CONV_KEYS)]
-        self.bns = [vars(m) for m in self.modules if isinstance(m, nn.BatchNorm2d)
+        self.bns = [vars(m) for m in (model, *self.modules) if isinstance(m, nn.BatchNorm2d)
                     and "eps" in vars(m)]
         # every submodule's forward-hook and pre-hook dicts (registering a hook edits them)
-        self.hooks = [d for m in self.modules[1:] for d in (m._forward_hooks,
-                                                            m._forward_pre_hooks)]
+        self.hooks = [d for m in self.modules for d in (m._forward_hooks,
+                                                        m._forward_pre_hooks)]
         self.model = weakref.ref(model)
 
     def structure(self) -> tuple:
         model = self.model()
         pool, avg = getattr(model, "maxpool", None), getattr(model, "avgpool", None)
         # module classes too: ``blk.__class__ = MyBlock`` registers nothing
-        return (list(map(type, self.modules)), list(map(_CONV_ITEMS, self.convs)),
+        return (type(model), list(map(type, self.modules)),
+                list(map(_CONV_ITEMS, self.convs)),
                 list(map(_EPS, self.bns)),
                 _POOL_ATTRS(pool) if isinstance(pool, nn.MaxPool2d) else None,
                 getattr(avg, "output_size", None))
@@ -536,18 +541,37 @@ class _PlanCache:
                 and structure(model) == self.structure)
 
 
+# Held while a plan is built (never on the hit path): threads that all miss at once (the first
+# requests of a threaded server) wait for one build instead of each folding the whole model.
+_build_lock = threading.RLock()
+
+
 def get_plan(model: nn.Module, dtype: torch.dtype | None = None) -> InferencePlan:
-    """The model's current plan for ``dtype`` (default: its parameter dtype), built if needed."""
-    cache: _PlanCache | None = model.__dict__.get("_plan_cache")
-    if cache is None or not cache.valid_for(model):
-        cache = _PlanCache(model)
-        model.__dict__["_plan_cache"] = cache
+    """The model's current plan for ``dtype`` (default: its parameter dtype), built if needed.
+
+    Thread-safe: threads calling one model concurrently get a complete plan, and a plan that
+    is missing is built once (builds are serialized, process-wide). A call under way while
+    another thread edits parameters or calls ``invalidate_plan()`` finishes with the plan it
+    had (folded from the weights as it read them); the next call sees the edit. Assigning a
+    submodule, parameter or buffer while another thread runs the model can go unseen (the
+    registration hooks run before the assignment lands): edit the module tree between calls.
+    """
     if dtype is None:
         dtype = model_dtype_device(model)[0]
-    plan = cache.plans.get(dtype)
-    if plan is None:
-        plan = cache.plans[dtype] = InferencePlan(model, dtype)
-    return plan
+    cache: _PlanCache | None = model.__dict__.get("_plan_cache")
+    if cache is not None and cache.valid_for(model):
+        plan = cache.plans.get(dtype)
+        if plan is not None:
+            return plan
+    with _build_lock:  # check again: another thread may have built it meanwhile
+        cache = model.__dict__.get("_plan_cache")
+        if cache is None or not cache.valid_for(model):
+            cache = _PlanCache(model)
+            model.__dict__["_plan_cache"] = cache
+        plan = cache.plans.get(dtype)
+        if plan is None:
+            plan = cache.plans[dtype] = InferencePlan(model, dtype)
+        return plan
 
 
 def plan_for_input(model: nn.Module, x: Tensor) -> InferencePlan | None:

@@ -433,3 +433,127 @@ def test_parameters_made_in_inference_mode():
         out = fr(x)
         assert_close_rel(out, fr.forward_eager(x), 1e-4, "inference-tensor parameters")
         assert _plan(fr) is not None
+
+
+# -- threads and memory ------------------------------------------------------------------------
+
+def test_models_and_plans_are_freed():
+    """Nothing process-wide (the module-list and verdict memos, the warn-once sets, the
+    tuner) keeps a model, its parameters or its plan alive once the user drops them: a
+    server that loads models over and over must not grow."""
+    import gc
+    import weakref
+
+    _, fr = _fresh_pair()
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    hooked = copy.deepcopy(fr)
+    hooked.layer1.register_forward_hook(lambda *a: None)
+    models = [fr, copy.deepcopy(fr), fastres.optimize(fr), hooked,
+              fastres.from_torchvision(torchvision.models.resnet18(num_classes=7)).eval()]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the hooked model runs eagerly, warned once
+        for m in models:
+            m(x)
+            m.forward_features(x)
+    refs = [weakref.ref(o) for m in models for o in (m, m.conv1.weight)]
+    refs.append(weakref.ref(_plan(fr)))
+    del models, fr, hooked, m
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+
+
+def _threads(fns, timeout=60.0):
+    """Run each of ``fns`` in its own thread; re-raise the first exception."""
+    import threading
+
+    errors = []
+
+    def wrap(fn):
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - reported in the main thread
+            errors.append(exc)
+
+    ts = [threading.Thread(target=wrap, args=(fn,), daemon=True) for fn in fns]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in ts), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+def test_threads_missing_the_plan_together_build_it_once(monkeypatch):
+    """The first calls of a threaded server all miss the plan at once: one folds the model,
+    the others wait for that plan (each used to fold its own, N times the work and memory),
+    and every thread gets torchvision's output for its own input."""
+    import threading
+
+    _, fr = _fresh_pair()
+    entered, builds = [], []
+    second_in = threading.Event()
+    real_get_plan, real_plan = plan_mod.get_plan, plan_mod.InferencePlan
+
+    def get_plan(model, dtype=None):
+        entered.append(1)
+        if len(entered) >= 2:
+            second_in.set()
+        return real_get_plan(model, dtype)
+
+    class CountedPlan(real_plan):
+        def __init__(self, *args, **kwargs):
+            builds.append(1)
+            second_in.wait(2.0)  # the first build lasts until the other thread is in
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(plan_mod, "get_plan", get_plan)
+    monkeypatch.setattr(plan_mod, "InferencePlan", CountedPlan)
+    xs = [torch.randn(1, 3, 32, 32, device=DEVICE), torch.randn(2, 3, 40, 24, device=DEVICE)]
+    outs = [None, None]
+
+    def call(i):
+        def fn():
+            with torch.no_grad():
+                outs[i] = fr(xs[i])
+        return fn
+
+    _threads([call(0), call(1)])
+    assert len(entered) == 2 and len(builds) == 1
+    with torch.no_grad():
+        for x, out in zip(xs, outs):
+            assert_close_rel(out.double(), copy.deepcopy(fr).double().forward_eager(x.double()),
+                             1e-4, "threaded first call")
+
+
+def test_a_first_call_waits_for_the_optional_backends(monkeypatch):
+    """While one thread imports the Triton/CUDA implementations, another thread's first call
+    waits for them instead of seeing the ``torch`` implementation alone (on a GPU the tuner
+    then settled its configuration providers without Triton's, for good)."""
+    import builtins
+    import threading
+
+    from fastres.ops import _backend
+
+    importing, other_done = threading.Event(), threading.Event()
+    seen = []
+
+    def slow_import(name, *args, **kwargs):
+        if not importing.is_set():
+            importing.set()
+            other_done.wait(1.0)  # the import lasts until the other thread looked
+            _backend.register_impl("_thread_test_op", "torch", lambda x: x)
+        return builtins.__import__(name, *args, **kwargs)
+
+    def look():
+        importing.wait(10.0)
+        seen.append(sorted(_backend.implementations("_thread_test_op")))
+        other_done.set()
+
+    monkeypatch.setattr(_backend, "_optional_loaded", False)
+    monkeypatch.setattr(_backend, "__import__", slow_import, raising=False)
+    try:
+        _threads([_backend._load_optional_backends, look])
+    finally:
+        _backend._IMPLS.pop("_thread_test_op", None)
+    assert seen == [["torch"]]

@@ -248,17 +248,30 @@ def note_missing(backend: str, reason: str) -> None:
     _missing[backend] = reason
 
 
+_load_lock = threading.RLock()
+
+
 def _load_optional_backends() -> None:
-    """Import the Triton and CUDA implementations once; each registers itself if it can."""
+    """Import the Triton and CUDA implementations once; each registers itself if it can.
+
+    Another thread's first call waits until they are registered (marked loaded only then):
+    it would otherwise choose among the ``torch`` implementation alone, and the tuner would
+    settle its providers without the Triton configurations, for good."""
     global _optional_loaded
     if _optional_loaded:
         return
-    _optional_loaded = True
-    for module in ("fastres.kernels.triton_impls", "fastres._ext_impls"):
+    with _load_lock:
+        if _optional_loaded:  # loaded by another thread meanwhile
+            return
+        # (an RLock: a call made from these imports finds the modules in sys.modules)
         try:
-            __import__(module)
-        except ImportError as exc:  # a missing optional backend is not an error
-            log.info("fastres: optional backend %s not available: %s", module, exc)
+            for module in ("fastres.kernels.triton_impls", "fastres._ext_impls"):
+                try:
+                    __import__(module)
+                except ImportError as exc:  # a missing optional backend is not an error
+                    log.info("fastres: optional backend %s not available: %s", module, exc)
+        finally:  # tried once, as before, even when an import raised something else
+            _optional_loaded = True
 
 
 def _device_ok(backend: str, device: torch.device) -> str | None:
