@@ -772,6 +772,9 @@ class Runner:
             row.note = (f"relative error {row.rel_err:.2e} > tolerance {row.tolerance:.1e}: "
                         "not timed")
             return
+        if not must_agree and not math.isfinite(row.rel_err):
+            note = "output not finite: timed, but not used for speedups"
+            row.note = f"{row.note}; {note}" if row.note else note
         if probe.ran:  # right numbers, but eager's: its speed is not fastres's
             row.status = "error"
             row.note = (f"fastres ran torchvision's eager code, not its fused path "
@@ -799,11 +802,15 @@ class Runner:
 
 
 def fill_speedups(rows: dict[str, Row]) -> None:
-    """Each row's speedup over every baseline of its group (``None`` where either is untimed)."""
+    """Each row's speedup over every baseline of its group (``None`` where either is untimed,
+    or the baseline's output was not finite)."""
     for row in rows.values():
         for b in BASELINES:
             base_row = rows.get(b)
+            # a baseline whose output was not finite (fp16 AMP overflowing, say) is shown,
+            # timed, but no reference for a speedup
             ok = (base_row is not None and base_row.status == "ok" and base_row.median_ms
+                  and (base_row.rel_err is None or math.isfinite(base_row.rel_err))
                   and row.status == "ok" and row.median_ms)
             row.speedup[b] = (base_row.median_ms / row.median_ms) if ok else None
 

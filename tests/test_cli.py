@@ -916,3 +916,32 @@ def test_bench_write_outputs_survives_full_disk_and_plot_errors(monkeypatch, tmp
     assert saved["rows"][1]["rel_err"] == "nan"
     assert saved["rows"][1]["speedup"]["eager_fp32"] == pytest.approx(2.0)
     assert "cannot draw" in (out_dir / "bench.md").read_text()
+
+
+def test_bench_baseline_with_non_finite_output_is_no_speedup_reference(capsys, monkeypatch,
+                                                                       tmp_path):
+    """A baseline whose output is not finite (fp16 AMP overflowing, say) is timed and shown,
+    but a speedup over it would compare with a broken run: none is reported against it."""
+    import torchvision
+
+    original = torchvision.models.ResNet.forward
+    bad = float(["nan", "inf"][int(torch.randint(0, 2, ()))])
+
+    def broken_when_channels_last(self, x):
+        out = original(self, x)
+        if not x.is_contiguous():  # the AMP + channels_last baseline's input only
+            out = out.clone()
+            out[0, int(torch.randint(0, out.shape[1], ()))] = bad
+        return out
+
+    monkeypatch.setattr(torchvision.models.ResNet, "forward", broken_when_channels_last)
+    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[6:], *_fresh_seed(),
+                             "--out", str(tmp_path))
+    assert code == 0 and "Traceback" not in err, out + err
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    amp = rows["eager_amp_cl"]
+    assert amp["status"] == "ok" and amp["median_ms"] > 0 and amp["rel_err"] == "inf", amp
+    assert "not used for speedups" in amp["note"]
+    assert rows["fastres"]["status"] == "ok"
+    assert rows["fastres"]["speedup"]["eager_amp_cl"] is None
+    assert rows["fastres"]["speedup"]["eager_fp32"] > 0
