@@ -1040,12 +1040,18 @@ def _finite(obj):
     return obj
 
 
-def _write_file(path: str, write: Callable) -> None:
-    """Write ``path`` through a temporary file beside it (never a half-written file)."""
-    tmp = path + ".tmp"
+def _write_file(path: str, write: Callable[[str], str | None]) -> str | None:
+    """Write ``path`` through a temporary file beside it (never a half-written file, and no
+    temporary one left when ``write`` raises or is interrupted). The temporary file keeps the
+    extension (matplotlib picks the format by it). ``write(tmp)`` may return a note instead
+    of writing: ``path`` is then left alone and the note returned."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        note = write(tmp)
+        if note is None:
+            os.replace(tmp, path)
+        return note
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -1076,22 +1082,13 @@ def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[s
         picture = None
         if png:  # first: a note on why there is no picture goes into the JSON and Markdown
             ppath = os.path.join(out_dir, "bench.png")
-            tmp = os.path.join(out_dir, "bench.tmp.png")  # matplotlib picks the format by name
             try:
-                note = plot(report, tmp)
-                if note is None:
-                    os.replace(tmp, ppath)
-                    picture = ppath
+                note = _write_file(ppath, lambda tmp: plot(report, tmp))
+                picture = ppath if note is None else None
             except Exception as exc:  # noqa: BLE001 - the numbers matter more than a picture
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
                 if "matplotlib.pyplot" in sys.modules:  # plot() stopped before closing it
                     sys.modules["matplotlib.pyplot"].close("all")
                 note = f"bench.png not written: {_short(exc)}"
-            except BaseException:  # Ctrl-C / SIGTERM mid-plot: no temporary file left
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise
             if note is not None and note not in report.notes:
                 report.notes.append(note)
         for name, write in (("bench.json", write_json), ("bench.md", write_md)):
