@@ -269,10 +269,11 @@ class _Modules:
         # the submodules only, and the model by weak reference: this lives in a
         # WeakKeyDictionary keyed by the model, whose values must not reach their key (the
         # entry, and with it the model, would never be freed)
-        self.modules = list(model.modules())[1:]
-        self.convs = [vars(m) for m in (model, *self.modules) if isinstance(m, nn.Conv2d)
+        everything = list(model.modules())
+        self.modules = everything[1:]
+        self.convs = [vars(m) for m in everything if isinstance(m, nn.Conv2d)
                       and all(k in vars(m) for k in _CONV_KEYS)]
-        self.bns = [vars(m) for m in (model, *self.modules) if isinstance(m, nn.BatchNorm2d)
+        self.bns = [vars(m) for m in everything if isinstance(m, nn.BatchNorm2d)
                     and "eps" in vars(m)]
         # every submodule's forward-hook and pre-hook dicts (registering a hook edits them)
         self.hooks = [d for m in self.modules for d in (m._forward_hooks,
