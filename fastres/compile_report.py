@@ -282,16 +282,11 @@ def compile_jobs(jobs: list[Job], workers: int | None = None) -> list[dict]:
     import multiprocessing as mp
 
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            return list(pool.map(compile_job, jobs))
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    from fastres._env import environ
+
+    with environ("TRITON_INTERPRET", "0"), \
+            ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(compile_job, jobs))
 
 
 def _fmt(res: dict) -> list[str]:

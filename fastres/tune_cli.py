@@ -18,7 +18,6 @@ hook).
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable, Iterable
 
 import torch
@@ -61,7 +60,8 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
     dtype and batch size; print one line per dtype and the cache file. Returns 0; raises
     :class:`TuneUsageError` for bad arguments."""
     from fastres import tuning
-    from fastres.models import MODEL_NAMES
+    from fastres._env import environ
+    from fastres.models import MODEL_NAMES, get_model
 
     if model not in MODEL_NAMES:
         raise TuneUsageError(f"unknown model {model!r}; expected one of "
@@ -84,27 +84,6 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
         state = load_checkpoint(weights, model) if weights else None
     except (ValueError, RuntimeError, UserError) as exc:
         raise TuneUsageError(str(exc).replace("pass weights= ", "pass --weights ")) from None
-    # --cache-dir for this command only: FASTRES_CACHE_DIR is put back afterwards (an
-    # in-process call must not move every later process-wide cache lookup)
-    saved_env = os.environ.get("FASTRES_CACHE_DIR")
-    if cache_dir is not None:
-        os.environ["FASTRES_CACHE_DIR"] = str(cache_dir)
-    try:
-        return _tune(model, batch_list, dtype_list, parsed, image_size, dev, num_classes,
-                     state, weights, progress, echo)
-    finally:
-        if cache_dir is not None:
-            if saved_env is None:
-                os.environ.pop("FASTRES_CACHE_DIR", None)
-            else:
-                os.environ["FASTRES_CACHE_DIR"] = saved_env
-
-
-def _tune(model, batch_list, dtype_list, parsed, image_size, dev, num_classes, state, weights,
-          progress, echo) -> int:
-    from fastres import tuning
-    from fastres.models import get_model
-
     if tuning.mode() == "pinned":
         echo("fastres tune: FASTRES_TUNE=0 or deterministic mode is on: choices are pinned, "
              "nothing to tune.")
@@ -120,12 +99,15 @@ def _tune(model, batch_list, dtype_list, parsed, image_size, dev, num_classes, s
         msg = describe_mismatch(model, state, repr(weights))
         raise TuneUsageError(msg.replace("pass --model ", "give MODEL as ")) from exc
     net = net.to(dev).eval()
-    for name, dtype in zip(dtype_list, parsed):
-        res = tuning.tune_model(net, batch_list, dtype, image_size, progress=progress)
-        echo(f"{model} {name} batch {', '.join(map(str, batch_list))} at {image_size}px: "
-             f"tuned {res['tuned']} layer(s), {res['disk_hits']} already cached, "
-             f"{res['timed']} candidate(s) timed in {res['seconds']:.1f} s")
-    echo(f"cache: {tuning.cache_path(dev)}")
+    # --cache-dir for this command only: FASTRES_CACHE_DIR is put back afterwards (an
+    # in-process call must not move every later process-wide cache lookup)
+    with environ("FASTRES_CACHE_DIR", None if cache_dir is None else str(cache_dir)):
+        for name, dtype in zip(dtype_list, parsed):
+            res = tuning.tune_model(net, batch_list, dtype, image_size, progress=progress)
+            echo(f"{model} {name} batch {', '.join(map(str, batch_list))} at {image_size}px: "
+                 f"tuned {res['tuned']} layer(s), {res['disk_hits']} already cached, "
+                 f"{res['timed']} candidate(s) timed in {res['seconds']:.1f} s")
+        echo(f"cache: {tuning.cache_path(dev)}")
     return 0
 
 
