@@ -293,6 +293,12 @@ def describe_mismatch(model_name: str, state_dict, source: str) -> str:
     return msg
 
 
+def in_cli_words(text: str) -> str:
+    """A message of the Python API (``pass weights= ...``, from ``fastres.models``) as the
+    command line says it (``pass --weights ...``)."""
+    return text.replace("pass weights= ", "pass --weights ")
+
+
 def load_checkpoint(weights, arch: str | None = None) -> dict:
     """``fastres.models.load_weights`` with errors as one-line :class:`UserError` (``arch``
     names the model, for the hint on torchvision weight names such as ``IMAGENET1K_V2``).

@@ -147,12 +147,12 @@ def _check_weights(path: str | None, model: str | None = None) -> None:
         return
     if os.path.isdir(path):
         raise UserError(f"weights file {path!r} is a directory, expected a checkpoint file")
-    from fastres.classify import load_checkpoint
+    from fastres.classify import in_cli_words, load_checkpoint
 
     try:
         load_checkpoint(path, model)
     except UserError as exc:
-        raise UserError(str(exc).replace("pass weights= ", "pass --weights ")) from None
+        raise UserError(in_cli_words(str(exc))) from None
     raise UserError(f"weights file {path!r} does not exist")  # pragma: no cover
 
 

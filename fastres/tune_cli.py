@@ -72,7 +72,7 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
     dtype_list = list(dict.fromkeys(dtypes)) or ["bf16"]
     if num_classes < 1:
         raise TuneUsageError(f"--num-classes must be >= 1, got {num_classes}")
-    from fastres.classify import UserError, load_checkpoint, parse_device
+    from fastres.classify import UserError, in_cli_words, load_checkpoint, parse_device
 
     try:
         parsed = [tuning.parse_dtype(d) for d in dtype_list]
@@ -83,7 +83,7 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
         dev = parse_device(device)
         state = load_checkpoint(weights, model) if weights else None
     except (ValueError, RuntimeError, UserError) as exc:
-        raise TuneUsageError(str(exc).replace("pass weights= ", "pass --weights ")) from None
+        raise TuneUsageError(in_cli_words(str(exc))) from None
     if tuning.mode() == "pinned":
         echo("fastres tune: FASTRES_TUNE=0 or deterministic mode is on: choices are pinned, "
              "nothing to tune.")
