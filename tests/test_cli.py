@@ -25,8 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Tiny sizes everywhere: resnet18 at 64x64, two timed calls.
-SMALL_BENCH = ["bench", "-m", "resnet18", "-b", "1", "2", "--image-size", "64", "--iters", "2",
-               "--warmup", "1", "--no-progress", "--device", "cpu"]
+def bench_argv(*batches: str) -> list[str]:
+    """``fastres bench`` of resnet18 at 64 px on the CPU, quick, at these batch sizes."""
+    return ["bench", "-m", "resnet18", "-b", *batches, "--image-size", "64", "--iters", "2",
+            "--warmup", "1", "--no-progress", "--device", "cpu"]
+
+
+SMALL_BENCH = bench_argv("1", "2")
 SMALL_VERIFY = ["verify", "-m", "resnet18", "-b", "2", "--batches", "2", "--image-size", "64",
                 "--device", "cpu"]
 
@@ -209,8 +214,7 @@ def test_bench_refuses_to_time_wrong_outputs(capsys, monkeypatch, tmp_path):
 
 
 def test_bench_with_weights_file(capsys, r18_checkpoint):
-    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[6:],
-                             "--weights", str(r18_checkpoint))
+    code, out, err = run_cli(capsys, *bench_argv("1"), "--weights", str(r18_checkpoint))
     assert code == 0, out + err
     assert "result: all outputs agree" in out
 
@@ -773,8 +777,8 @@ def test_bench_wrong_shaped_non_tensor_or_nan_output_is_failed_not_timed(capsys,
         return out
 
     monkeypatch.setattr(ResNet, "forward", broken)
-    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", "2", "3", *SMALL_BENCH[6:],
-                             *_fresh_seed(), "--out", str(tmp_path))
+    code, out, err = run_cli(capsys, *bench_argv("1", "2", "3"), *_fresh_seed(),
+                             "--out", str(tmp_path))
     assert code == 1 and "Traceback" not in err, out + err
     report = json.loads((tmp_path / "bench.json").read_text())  # strict JSON (no NaN/Infinity)
     rows = {(r["batch"], r["impl"]): r for r in report["rows"]}
@@ -799,8 +803,7 @@ def test_bench_eager_fallback_is_not_timed_as_fastres(capsys, monkeypatch):
     calls = []
     handle = register_module_forward_hook(lambda module, args, output: calls.append(1))
     try:
-        code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[6:],
-                                 *_fresh_seed())
+        code, out, err = run_cli(capsys, *bench_argv("1"), *_fresh_seed())
     finally:
         handle.remove()
     assert calls and code == 0 and "Traceback" not in err, out + err
@@ -821,7 +824,7 @@ def test_bench_goes_on_when_fastres_cannot_be_built_or_eager_raises(capsys, monk
         raise RuntimeError("cannot build")
 
     monkeypatch.setattr(bench, "fastres_twin", no_fastres)
-    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[6:], *_fresh_seed(),
+    code, out, err = run_cli(capsys, *bench_argv("1"), *_fresh_seed(),
                              "--out", str(tmp_path))
     assert code == 1 and "Traceback" not in err, out + err
     rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
@@ -834,7 +837,7 @@ def test_bench_goes_on_when_fastres_cannot_be_built_or_eager_raises(capsys, monk
         raise RuntimeError("no eager today")
 
     monkeypatch.setattr(bench, "eager_forward", eager_raises)
-    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[6:], *_fresh_seed(),
+    code, out, err = run_cli(capsys, *bench_argv("1"), *_fresh_seed(),
                              "--out", str(tmp_path))
     assert code == 0 and "Traceback" not in err, out + err
     rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
@@ -935,7 +938,7 @@ def test_bench_baseline_with_non_finite_output_is_no_speedup_reference(capsys, m
         return out
 
     monkeypatch.setattr(torchvision.models.ResNet, "forward", broken_when_channels_last)
-    code, out, err = run_cli(capsys, *SMALL_BENCH[:4], "1", *SMALL_BENCH[6:], *_fresh_seed(),
+    code, out, err = run_cli(capsys, *bench_argv("1"), *_fresh_seed(),
                              "--out", str(tmp_path))
     assert code == 0 and "Traceback" not in err, out + err
     rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
