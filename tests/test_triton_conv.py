@@ -373,6 +373,24 @@ def test_gpu_autotuned(shape, monkeypatch):
 
 
 @pytest.mark.cuda
+def test_gpu_autotuned_in_place_residual(monkeypatch):
+    """Real tuning (every candidate timed repeatedly) with ``out`` = the residual: the
+    result is one residual add, not one per timed launch."""
+    from fastres.kernels import conv as kc
+
+    monkeypatch.setenv("FASTRES_TUNE", "1")
+    monkeypatch.setattr(kc, "_TUNED", {})  # untuned: this call times the candidates
+    dtype = torch.bfloat16
+    x, wt, b, st, pad, dil, g, res = make_case(RESNET50_SHAPES[2], dtype)
+    ref = reference(x, wt, b, st, pad, dil, g, res, True)
+    assert len(conv_configs(x, wt, st, pad, dil, g, res)) > 1
+    acc = res.clone()
+    y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, acc, True, out=acc)
+    assert y.data_ptr() == acc.data_ptr()
+    assert_close_rel(y, ref, TOL[dtype])
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("tf32", [False, True])
 @pytest.mark.parametrize("shape", RESNET50_SHAPES[:5], ids=[s[0] for s in RESNET50_SHAPES[:5]])
 def test_gpu_fp32_tf32_switch(shape, tf32, pinned):
@@ -597,3 +615,45 @@ def test_supports_declines_more_groups_than_grid_y():
         w = torch.empty(groups, 1, 3, 3, device="meta")
         reason = supports_conv(x, w, None, 1, 1, 1, groups)
         assert (reason is None) == ok, reason
+
+
+def test_tuning_keeps_an_in_place_residual(monkeypatch):
+    """``out=`` may be the residual itself (an in-place residual add: each element's residual
+    is read by the program that writes it, so one launch is right). Tuning, which happens only
+    on a GPU, launches every candidate several times: into ``out`` they re-added the
+    convolution to the previous launch's result (residual + k * conv). Emulated here: two
+    candidates timed by a stand-in for ``_time_ms`` that runs each three times."""
+    from fastres.kernels import conv as kc
+
+    dtype = torch.float32
+    x, wt, b, st, pad, dil, g, res = make_case(SHAPES[3], dtype, residual=True)
+    ref = reference(x, wt, b, st, pad, dil, g, res, False)
+    cands = [kcfg.INTERPRETER_CONFIG, replace(kcfg.INTERPRETER_CONFIG, block_n=16)]
+
+    def fake_time_ms(fn, reps=10):
+        for _ in range(3):
+            fn()
+        return float(len(timed))
+
+    timed = []
+    monkeypatch.setattr(kc, "_TUNED", {})
+    monkeypatch.setattr(kc, "problem_configs", lambda prob: cands)
+    monkeypatch.setattr(kc, "_time_ms", lambda fn, reps=10: timed.append(1) or fake_time_ms(fn))
+    monkeypatch.setenv("FASTRES_TUNE", "1")
+    # _choose_config times only when not interpreted; the kernel itself stays interpreted
+    # (fp32: no UPCAST needed)
+    real_choose = kc._choose_config
+
+    def choose(prob, run):
+        monkeypatch.setattr(kc, "_interpreted", lambda: False)
+        try:
+            return real_choose(prob, run)
+        finally:
+            monkeypatch.setattr(kc, "_interpreted", lambda: True)
+
+    monkeypatch.setattr(kc, "_choose_config", choose)
+    acc = res.clone()
+    y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, acc, False, out=acc)
+    assert len(timed) == 2  # both candidates were timed
+    assert y.data_ptr() == acc.data_ptr()
+    assert_close_rel(y, ref, TOL[dtype])

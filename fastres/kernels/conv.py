@@ -584,7 +584,8 @@ def conv_bias_act_triton(
     ``[C_out, C_in/groups, R, S]`` (read as channels-last); bias: ``[C_out]`` (fp32);
     residual: ``None`` or ``[N, C_out, P, Q]`` in x's dtype. Returns ``[N, C_out, P, Q]`` in
     x's dtype, channels-last. ``config``: an explicit :class:`KernelConfig` (``None``: the
-    tuned one); ``out``: a channels-last contiguous tensor to write (tests poison it);
+    tuned one); ``out``: a channels-last contiguous tensor to write (tests poison it; it may
+    be ``residual`` itself, an in-place residual add, but not ``x``);
     ``tf32``: override ``torch.backends.cudnn.allow_tf32``; ``index64``: force 64-bit
     offsets (``None``: when a tensor has more than 2**31 elements).
     """
@@ -616,18 +617,33 @@ def conv_bias_act_triton(
         return out
     res = residual if residual is not None else out  # never read when HAS_RES is False
 
-    def run(cfg: KernelConfig) -> None:
+    def run(cfg: KernelConfig, dst: torch.Tensor = out) -> None:
         lp = launch_params(prob, cfg, index64=index64)
         w = weight if lp.pack is None else _packed_weight(packable, prob.groups, lp.pack)
         conv_bias_act_kernel[lp.grid](
-            x, w, bias, res, out,
+            x, w, bias, res, dst,
             prob.m, prob.h, prob.w, prob.c, p, q, prob.k_out, lp.c_g, lp.k_g,
             prob.stride[0], prob.stride[1], prob.padding[0], prob.padding[1],
             prob.dilation[0], prob.dilation[1],
             **lp.params,
         )
 
-    run(config if config is not None else _choose_config(prob, run))
+    if config is None:
+        target: list[torch.Tensor] = []
+
+        def tune_run(cfg: KernelConfig) -> None:  # called only when candidates are timed
+            if not target:
+                # ``out`` sharing the residual's memory (an in-place residual add) is right in
+                # one launch, but the tuner launches each candidate repeatedly and every
+                # launch would add the convolution to the previous result: time those
+                # candidates into a scratch output instead.
+                shared = residual is not None and (residual.untyped_storage().data_ptr()
+                                                   == out.untyped_storage().data_ptr())
+                target.append(torch.empty_like(out, memory_format=cl) if shared else out)
+            run(cfg, target[0])
+
+        config = _choose_config(prob, tune_run)
+    run(config)
     return out
 
 
