@@ -405,6 +405,36 @@ def test_stem_cuda(dtype, xfmt, n, h, w, cout):
     assert_close_rel(out, cpu, 1e-6 if dtype == torch.float32 else TOL[dtype] / 4, "cuda vs cpu")
 
 
+def _stem_general_cin_case(cin, dtype, device):
+    x = torch.randn(2, cin, 37, 45, device=device).to(dtype)
+    wt = (torch.randn(70, cin, 7, 7, device=device) * (49 * cin) ** -0.5).to(dtype)
+    return x, wt, torch.randn(70, device=device)
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cin", [1, 4, 5, 8])
+def test_stem_cuda_general_cin(dtype, cin):
+    """C_in != 3 runs the generic kernel (stem_kernel<T, 0>: C_in read at run time, the patch
+    rounded up to a multiple of 4 floats so that the conv tile's float4 stores stay 16-byte
+    aligned for odd C_in), which every build compiles and no other GPU test launched. Two
+    channel chunks (70 = 64 + 6), partial tiles in both directions."""
+    from fastres import _ext_impls
+
+    need = int(torch.ops.fastres_C.stem_smem_bytes(cin))
+    limit = _ext_impls._smem_optin(torch.cuda.current_device())
+    if limit is not None and need > limit:
+        pytest.skip(f"C_in={cin} needs {need} bytes of shared memory, this GPU allows {limit}")
+    x, wt, b = _stem_general_cin_case(cin, dtype, DEV)
+    _poison_allocator()
+    out = torch.ops.fastres_C.stem(x, wt, b)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_rel(out, stem_f64(x, wt, b), TOL[dtype], f"stem cuda C_in={cin} {dtype}")
+    cpu = torch.ops.fastres_C.stem(x.cpu(), wt.cpu(), b.cpu())
+    assert_close_rel(out, cpu, 1e-6 if dtype == torch.float32 else TOL[dtype] / 4, "cuda vs cpu")
+
+
 @pytest.mark.cuda
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -551,6 +581,50 @@ def test_cublaslt_misaligned_bias_after_aligned_one(dtype):
         out = torch.ops.fastres_C.avgpool_linear(hx, hw, hb, False)
         torch.cuda.synchronize()
         assert_close_rel(out, head_f64(hx, hw, hb), TOL[dtype])
+
+
+def _offset_nhwc(n, c, h, w, dtype, device):
+    """A channels-last [N, C, H, W] tensor whose data starts one element into its buffer: dense
+    and contiguous, so the cuBLASLt path uses its memory as is, but only element-aligned."""
+    buf = torch.randn(n * h * w * c + 1, device=device).to(dtype)
+    return buf[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _offset_rows(rows, cols, dtype, device):
+    buf = (torch.randn(rows * cols + 1, device=device) / cols ** 0.5).to(dtype)
+    return buf[1:].view(rows, cols)
+
+
+@pytest.mark.cuda
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cublaslt_element_aligned_operands(dtype):
+    """A (x), B (weight) and C (residual) at an odd element offset, between calls with
+    16-byte-aligned operands of the same shapes. cuBLASLt picks kernels by the pointers'
+    alignment (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*): a cached algorithm chosen for aligned
+    operands and reused for these would fault ("misaligned address") or read wrong data, and
+    cuBLASLt must have an algorithm for them at all (otherwise the op raises "no algorithm").
+    Only the bias had such a test."""
+    n, cin, cout, h, w = 2, 64, 48, 5, 7
+    b = torch.randn(cout, device=DEV)
+    aligned = (_fmt(torch.randn(n, cin, h, w, device=DEV), "cl").to(dtype),
+               (torch.randn(cout, cin, 1, 1, device=DEV) / 8).to(dtype),
+               _fmt(torch.randn(n, cout, h, w, device=DEV), "cl").to(dtype))
+    offset = (_offset_nhwc(n, cin, h, w, dtype, DEV),
+              _offset_rows(cout, cin, dtype, DEV).view(cout, cin, 1, 1),
+              _offset_nhwc(n, cout, h, w, dtype, DEV))
+    assert offset[0].data_ptr() % 16 and offset[1].data_ptr() % 16 and offset[2].data_ptr() % 16
+    tol = TOL[dtype]
+    for x, wt, res in (aligned, offset, aligned, (offset[0], aligned[1], aligned[2])):
+        out = torch.ops.fastres_C.conv1x1(x, wt, b, 1, res, True, False)
+        torch.cuda.synchronize()
+        assert_close_rel(out, conv1x1_f64(x, wt, b, 1, res, True), tol,
+                         f"conv1x1 {dtype} alignments {[t.data_ptr() % 16 for t in (x, wt, res)]}")
+    hb = torch.randn(40, device=DEV)
+    for hw in ((torch.randn(40, cin, device=DEV) / 8).to(dtype), _offset_rows(40, cin, dtype, DEV)):
+        out = torch.ops.fastres_C.avgpool_linear(offset[0], hw, hb, False)
+        torch.cuda.synchronize()
+        assert_close_rel(out, head_f64(offset[0], hw, hb), tol, f"head {dtype}")
 
 
 @pytest.mark.cuda
