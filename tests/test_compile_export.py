@@ -21,7 +21,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close_rel
+from conftest import assert_close_rel, rel_err
 
 import fastres
 
@@ -132,7 +132,19 @@ def test_compile_eval_through_triton_interpreted(dtype, triton_calls, monkeypatc
     # and one head, each through Triton once (a layer left on the reference would pass the
     # comparison: ``ref`` is the reference)
     assert triton_calls == {"conv": 20, "pool": 1, "head": 1}
-    assert_close_rel(y, ref, 1e-4 if dtype == torch.float32 else 2e-2, f"triton {dtype}")
+    if dtype == torch.float32:
+        assert_close_rel(y, ref, 1e-4, f"triton {dtype}")
+        return
+    # bf16: every layer's output is rounded on both paths, so ``y`` and ``ref`` each sit ~1e-2
+    # from the exact result, and more for some models (10 logits): ``ref`` alone was 2.4e-2 off
+    # for 2 draws in 1000, and ``y`` 2.5e-2 from ``ref``. So ``y`` is held to DESIGN.md's bf16
+    # bound against float64, relative to the error of the other bf16 paths of the same model
+    # (the reference ops, torchvision's eager code), as test_models does.
+    with torch.no_grad():
+        exact = copy.deepcopy(m).double().forward_eager(x.double())
+        others = max(rel_err(ref, exact), rel_err(m.forward_eager(x), exact))
+    assert_close_rel(y, exact, max(2e-2, 2 * others),
+                     f"triton {dtype} (reference ops / eager bf16 error {others:.2e})")
 
 
 def test_compile_no_recompile_when_other_modules_are_built():

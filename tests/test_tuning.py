@@ -286,7 +286,8 @@ def test_configure_takes_one_device_type_as_a_string():
         tuning.reset()
 
 
-def test_choices_name_each_layer():
+def test_choices_name_each_layer(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))  # never the user's own cache
     tuning.reset()
     tuning.configure(timer=lambda run, cand=None: 1.0, devices=("cpu",), progress=False)
     try:
