@@ -14,6 +14,7 @@ import contextlib
 import copy
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -180,10 +181,15 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
         if zero_init_residual:
+            # torchvision's own blocks too (fastres.ResNet(torchvision's Bottleneck, ...)), as
+            # torchvision's ResNet zero-inits them; its module is loaded if they are in use
+            tv = sys.modules.get("torchvision.models.resnet")
+            bottlenecks = (Bottleneck, getattr(tv, "Bottleneck", Bottleneck))
+            basics = (BasicBlock, getattr(tv, "BasicBlock", BasicBlock))
             for m in self.modules():
-                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                if isinstance(m, bottlenecks) and m.bn3.weight is not None:
                     nn.init.constant_(m.bn3.weight, 0)
-                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                elif isinstance(m, basics) and m.bn2.weight is not None:
                     nn.init.constant_(m.bn2.weight, 0)
         # Not a submodule, parameter or buffer: the plan never shows in state_dict().
         object.__setattr__(self, "_plan_cache", None)
@@ -241,6 +247,8 @@ class ResNet(nn.Module):
 
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing (create_feature_extractor)
             return self._forward_impl(x)
+        if _plan.tracing() and _onnx_exporting():  # ONNX has no fastres ops: torchvision's graph
+            return self._forward_impl(x)
         reason = _plan.eager_reason(self, x)
         if reason is not None:
             if reason != "train":
@@ -257,6 +265,8 @@ class ResNet(nn.Module):
 
         plan = None
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing
+            return self.forward_features_eager(x)
+        if _plan.tracing() and _onnx_exporting():
             return self.forward_features_eager(x)
         reason = _plan.eager_reason(self, x)
         if reason is None and x.shape[0] > 0:  # (eager: [0, C, h, w])
@@ -286,6 +296,14 @@ class ResNet(nn.Module):
         state = dict(state)
         state["_plan_cache"] = None
         return state
+
+
+def _onnx_exporting() -> bool:
+    """True inside ``torch.onnx.export`` (the TorchScript-based exporter traces the forward
+    with ``torch.jit.trace``, and ONNX has no ``fastres::*`` ops: the export records
+    torchvision's eager graph instead, as it would for torchvision's model)."""
+    onnx = sys.modules.get("torch.onnx")  # not imported: nothing is exporting
+    return onnx is not None and bool(onnx.is_in_onnx_export())
 
 
 # -- constructors ----------------------------------------------------------------------------
@@ -445,9 +463,9 @@ def _build(arch: str, weights, progress: bool = True, **kwargs: Any) -> ResNet:
     block, layers, defaults = _ARCHS[arch]
     weights = _legacy_pretrained(arch, weights, kwargs)
     for key, value in defaults.items():
-        if key in kwargs and kwargs[key] != value:
-            raise ValueError(f"{arch}: {key}={kwargs[key]} conflicts with the architecture's "
-                             f"{key}={value}")
+        if key in kwargs and kwargs[key] != value:  # torchvision's _ovewrite_named_param
+            raise ValueError(f"The parameter '{key}' expected value {value} but got "
+                             f"{kwargs[key]} instead.")
         kwargs[key] = value
     sd = load_weights(weights, arch) if weights is not None else None
     if sd is not None and "num_classes" not in kwargs and "fc.weight" in sd:
@@ -495,11 +513,12 @@ wide_resnet101_2 = _make_constructor("wide_resnet101_2")
 
 
 def get_model(name: str, **kwargs: Any) -> ResNet:
-    """Build a model by name (one of :data:`MODEL_NAMES`)."""
-    if name not in _ARCHS:
-        raise ValueError(f"fastres: unknown model {name!r}; expected one of "
-                         f"{', '.join(MODEL_NAMES)}")
-    return globals()[name](**kwargs)
+    """Build a model by name (one of :data:`MODEL_NAMES`, any case, as
+    ``torchvision.models.get_model``)."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _ARCHS:
+        raise ValueError(f"Unknown model {key} (fastres has {', '.join(MODEL_NAMES)})")
+    return globals()[key](**kwargs)
 
 
 def _is_norm_slot(name: str) -> bool:
@@ -509,6 +528,19 @@ def _is_norm_slot(name: str) -> bool:
     return last in ("bn1", "bn2", "bn3") or name.endswith(".downsample.1")
 
 
+_CONTAINER_SLOT = re.compile(r"layer\d+(?:\.\d+(?:\.downsample)?)?")
+
+
+def _is_container_slot(name: str, m: nn.Module) -> bool:
+    """A torchvision container whose fastres twin has another class by design: ``layerI``
+    and ``layerI.J.downsample`` (``nn.Sequential``), the blocks ``layerI.J``."""
+    if not _CONTAINER_SLOT.fullmatch(name):
+        return False
+    if name.count(".") == 1:  # a block
+        return type(m).__name__ in ("BasicBlock", "Bottleneck")
+    return type(m) is nn.Sequential
+
+
 def from_torchvision(model: nn.Module) -> ResNet:
     """A fastres :class:`ResNet` with ``model``'s architecture, weights, mode, dtype, device.
 
@@ -516,8 +548,11 @@ def from_torchvision(model: nn.Module) -> ResNet:
     dilation or ``norm_layer``). The architecture is read off the module tree; the norm
     modules (whatever ``norm_layer`` made them: ``BatchNorm2d`` with its own ``eps`` and
     ``momentum``, ``GroupNorm``, ``FrozenBatchNorm2d``, ...) and an ``fc`` that is not a plain
-    ``nn.Linear`` are copied as modules (without their hooks); the weights are copied
-    (``load_state_dict(strict=True)``), so the two models do not share storage afterwards.
+    ``nn.Linear`` are copied as modules (without their hooks), and so is any module edited
+    away from torchvision's layout (an ``fc`` without bias, a 1-channel or CIFAR stem, another
+    activation or block: fastres's model then runs it eagerly, with a warning naming it); the
+    weights are copied (``load_state_dict(strict=True)``), so the two models do not share
+    storage afterwards.
     Each module's train/eval mode and each parameter's ``requires_grad`` are kept.
     """
     needed = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
@@ -551,15 +586,29 @@ def from_torchvision(model: nn.Module) -> ResNet:
                  replace_stride_with_dilation=dilate)
     param = next(model.parameters())
     new = new.to(device=param.device, dtype=param.dtype)
+    # The norm modules are copied, and so is every other module the source has where fastres's
+    # differs or is missing (an fc Linear without bias, a 1-channel or CIFAR stem conv1, an
+    # Identity maxpool, another activation, an edited convolution): the copy computes what the
+    # source computes (and its edits run eagerly, with fastres's warning naming them).
+    mine = dict(new.named_modules())
+    copied: list[str] = []
     for name, m in model.named_modules():
-        if _is_norm_slot(name) or (name == "fc" and not plain_fc):
-            twin = copy.deepcopy(m)
-            for sub in twin.modules():  # the source's hooks stay with the source
-                for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                              "_backward_pre_hooks"):
-                    getattr(sub, hooks, {}).clear()
-            parent, _, attr = name.rpartition(".")
-            setattr(new.get_submodule(parent), attr, twin)
+        if not name or any(name.startswith(c + ".") for c in copied):
+            continue
+        if _is_container_slot(name, m):  # layerI, its blocks, their downsample Sequential
+            continue
+        ours = mine.get(name)
+        if not (_is_norm_slot(name) or ours is None or type(ours) is not type(m)
+                or repr(ours) != repr(m)):
+            continue
+        twin = copy.deepcopy(m)
+        for sub in twin.modules():  # the source's hooks stay with the source
+            for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                          "_backward_pre_hooks"):
+                getattr(sub, hooks, {}).clear()
+        parent, _, attr = name.rpartition(".")
+        setattr(new.get_submodule(parent), attr, twin)
+        copied.append(name)
     new._norm_layer = getattr(model, "_norm_layer", nn.BatchNorm2d)
     new.load_state_dict(model.state_dict(), strict=True)
     params = dict(new.named_parameters())

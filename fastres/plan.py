@@ -120,7 +120,7 @@ def eager_reason(model: nn.Module, x) -> str | None:
     dt = compute_dtype(model, x)
     if dt not in SUPPORTED_COMPUTE_DTYPES:
         return f"compute dtype {dt} (the plan runs float32, float16 and bfloat16)"
-    return unsupported_reason(model) or hook_reason(model)
+    return unsupported_reason(model) or hook_reason(model) or norm_mode_reason(model)
 
 
 def hook_reason(model: nn.Module) -> str | None:
@@ -144,6 +144,26 @@ def hook_reason(model: nn.Module) -> str | None:
     for name, m in model.named_modules():
         if name and (m._forward_hooks or m._forward_pre_hooks):
             return f"{name} has forward hooks, which the fused plan would skip"
+    return None
+
+
+_TRAINING = operator.itemgetter("training")
+
+
+def norm_mode_reason(model: nn.Module) -> str | None:
+    """Why an ``eval()`` model must still run eagerly because a BatchNorm in it is in train
+    mode (``model.eval()`` then ``bn.train()``, as test-time BatchNorm adaptation does):
+    torchvision normalizes there with the batch's statistics and updates the running ones,
+    which a plan folded from the running statistics would not. ``None`` when every
+    BatchNorm is in eval mode. ~2 us for ResNet-50 (the memoized BatchNorm list)."""
+    if not tracing():  # (traced: walk, the memo is process-wide state a graph guards on)
+        if not any(map(_TRAINING, _modules(model).bns)):  # each BatchNorm2d's __dict__
+            return None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d) and m.training:
+            return (f"{name} is a BatchNorm2d in train mode inside an eval() model (it "
+                    "normalizes with batch statistics and updates its running statistics, "
+                    "as in torchvision)")
     return None
 
 

@@ -11,6 +11,7 @@ from _models import ARCHS, DEVICE, assert_matches_torchvision, realistic_bn, tol
 from conftest import assert_close_rel
 
 import fastres
+from fastres import plan as _plan
 
 
 @pytest.fixture(scope="module")
@@ -404,3 +405,140 @@ def test_torchvision_weights_forms(tmp_path):
         fastres.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fastres.resnet50(weights=str(tmp_path / "IMAGENET1K_V1.pth"))
+
+
+# -- parity review: mixed train/eval, ONNX export, edited models, builders ----------------------
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
+def test_eval_model_with_train_mode_batchnorm_like_torchvision():
+    """model.eval() then bn.train() (test-time BatchNorm adaptation): torchvision normalizes
+    with the batch's statistics there and updates the running ones; so must fastres (its plan
+    folds the running statistics, so it must not run)."""
+    tv, fr = _small_twin("resnet18")
+    x = torch.randn(4, 3, 32, 32) * 1.5 + 0.3
+    with torch.no_grad():
+        fr(x)  # a plan exists before the mode change
+    for m in (tv, fr):
+        m.layer2[0].bn1.train()  # one BatchNorm, then all of them
+    # plan.eager_reason says so, as graphs.optimize and fastres bench ask it before capturing
+    with torch.no_grad():
+        reason = _plan.eager_reason(fr, x)
+    assert reason is not None and "layer2.0.bn1" in reason, reason
+    with torch.no_grad():
+        assert_close_rel(fr(x), tv(x), 1e-5, "eval model, one BatchNorm in train mode")
+    for m in (tv, fr):
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.train()
+    with torch.no_grad():
+        assert_close_rel(fr(x), tv(x), 1e-5, "eval model, BatchNorms in train mode")
+        ref_feats = tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(
+            tv.conv1(x))))))))
+        assert_close_rel(fr.forward_features(x), ref_feats, 1e-5, "forward_features")
+    for (k, a), b in zip(fr.state_dict().items(), tv.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6), k  # running stats
+    for m in (tv, fr):
+        m.eval()
+    with torch.no_grad():  # all in eval mode again: the (re-folded) plan
+        assert_close_rel(fr(x), tv(x), 1e-5, "eval again")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                            "ignore::UserWarning")
+def test_onnx_export_like_torchvision():
+    """torch.onnx.export (the TorchScript-based exporter, which traces the forward) gives what
+    it gives for torchvision's model: ONNX has no fastres ops, so the export records the eager
+    graph. Without the onnx package both raise the exporter's 'onnx is not installed' error."""
+    import inspect
+    import io
+
+    tv, fr = _small_twin("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters \
+        else {}
+
+    def export(m):
+        buf = io.BytesIO()
+        try:
+            torch.onnx.export(m, (x,), buf, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - compared with torchvision's outcome
+            return type(exc).__name__, str(exc).splitlines()[0]
+        try:
+            import onnx
+        except ImportError:
+            return "exported", None
+        graph = onnx.load_from_string(buf.getvalue()).graph
+        return "exported", [(n.domain, n.op_type) for n in graph.node]
+
+    ref = export(tv)
+    with torch.no_grad():
+        fr(x)  # a plan exists
+    assert export(fr) == ref
+    with torch.no_grad():  # and the plan runs again afterwards
+        assert_close_rel(fr(x), tv(x), 1e-5, "after the export")
+
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
+def test_from_torchvision_keeps_edited_modules():
+    """A torchvision ResNet edited away from the stock layout converts to a model computing
+    the same thing: an fc Linear without bias, a 1-channel stem, a CIFAR stem (3x3/1 conv1,
+    Identity maxpool), another activation in a block, a replaced block."""
+    def gray(tv):
+        tv.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+
+    def cifar(tv):
+        tv.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        tv.maxpool = torch.nn.Identity()
+
+    edits = {
+        "fc without bias": lambda tv: setattr(tv, "fc", torch.nn.Linear(512, 10, bias=False)),
+        "1-channel stem": gray,
+        "CIFAR stem": cifar,
+        "SiLU in a block": lambda tv: setattr(tv.layer1[0], "relu", torch.nn.SiLU()),
+        "replaced block": lambda tv: tv.layer4.__setitem__(1, torch.nn.Identity()),
+    }
+    for what, edit in edits.items():
+        tv = torchvision.models.resnet18(weights=None)
+        edit(tv)
+        cin = tv.conv1.in_channels
+        tv.train()
+        with torch.no_grad():
+            for m in tv.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.2)
+            tv(torch.randn(2, cin, 32, 32))
+        tv.eval()
+        fr = fastres.from_torchvision(tv)
+        assert repr(fr) == repr(tv), what
+        assert list(fr.state_dict()) == list(tv.state_dict()), what
+        x = torch.randn(2, cin, 32, 32)
+        with torch.no_grad():
+            assert_close_rel(fr(x), tv(x), 1e-5, what)
+
+
+def test_builders_and_get_model_like_torchvision():
+    """torchvision's messages for a conflicting groups/width_per_group, get_model's
+    case-insensitive names, zero_init_residual on torchvision's own blocks."""
+    from torchvision.models import resnet as tv_resnet
+
+    from fastres import models
+
+    for build, kwargs in (("resnext50_32x4d", {"groups": 4}),
+                          ("wide_resnet50_2", {"width_per_group": 64}),
+                          ("resnext101_64x4d", {"width_per_group": 8})):
+        with pytest.raises(ValueError) as tv_err:
+            getattr(torchvision.models, build)(**kwargs)
+        with pytest.raises(ValueError) as fr_err:
+            getattr(fastres, build)(**kwargs)
+        assert str(fr_err.value) == str(tv_err.value)
+    assert type(torchvision.models.get_model("ResNet18")).__name__ == "ResNet"
+    m = models.get_model("ResNet18", num_classes=3)
+    assert isinstance(m, fastres.ResNet) and m.fc.out_features == 3
+    with pytest.raises(ValueError, match="^Unknown model vgg16"):
+        models.get_model("VGG16")
+    for block, bn in ((tv_resnet.Bottleneck, "bn3"), (tv_resnet.BasicBlock, "bn2")):
+        tv = tv_resnet.ResNet(block, [1, 1, 1, 1], zero_init_residual=True)
+        fr = fastres.ResNet(block, [1, 1, 1, 1], zero_init_residual=True)
+        assert float(getattr(tv.layer1[0], bn).weight.detach().abs().sum()) == 0
+        assert float(getattr(fr.layer1[0], bn).weight.detach().abs().sum()) == 0
