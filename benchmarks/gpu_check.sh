@@ -3,13 +3,17 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR                            # every stage, one call
 #   GPU_CHECK_STAGES=part1 bash benchmarks/gpu_check.sh OUTDIR     # two calls of ~8 minutes
-#   GPU_CHECK_STAGES=part2 bash benchmarks/gpu_check.sh OUTDIR     #   (recommended)
+#   GPU_CHECK_STAGES=part2 bash benchmarks/gpu_check.sh OUTDIR     #   (when the time allows)
+#   GPU_CHECK_STAGES=one bash benchmarks/gpu_check.sh OUTDIR       # one call: tests + bench
 #   bash benchmarks/gpu_check.sh --digest                          # this checkout's digest
 #
 # Stages (GPU_CHECK_STAGES: names in any order, run in this order; "all" = every stage,
 # "part1" = env build tests conv_layers pytest_benchmarks, "part2" = env build latency
-# fastres_bench; "build" is skipped when fastres._C loads and was built from these sources, so
-# keep it in every call: a machine that went cold between calls has no extension):
+# fastres_bench, "one" = env build tests fastres_bench (the GPU tests and the end-to-end
+# figures, for a session whose device time allows one cold call: a 15-minute budget pays for
+# the machine's start and one ~9-minute call); "build" is skipped when fastres._C loads and
+# was built from these sources, so keep it in every call: a machine that went cold between
+# calls has no extension):
 #   env                the GPU, driver, CUDA, cuDNN, package versions -> details/env.json
 #   build              pip install --no-build-isolation --no-deps --no-index -e . (never downloads),
 #                      then checks that fastres._C loads
@@ -87,9 +91,10 @@ for s in ${STAGES_ARG//,/ }; do
         all) SELECTED="$SELECTED $ALL_STAGES" ;;
         part1) SELECTED="$SELECTED env build tests conv_layers pytest_benchmarks" ;;
         part2) SELECTED="$SELECTED env build latency fastres_bench" ;;
+        one) SELECTED="$SELECTED env build tests fastres_bench" ;;
         env|build|tests|conv_layers|pytest_benchmarks|latency|fastres_bench) SELECTED="$SELECTED $s" ;;
         *) echo "gpu_check.sh: unknown stage '$s' in GPU_CHECK_STAGES (stages: $ALL_STAGES," \
-                "or all, part1, part2)" >&2; exit 2 ;;
+                "or all, part1, part2, one)" >&2; exit 2 ;;
     esac
 done
 

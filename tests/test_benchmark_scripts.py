@@ -180,6 +180,7 @@ def test_gpu_check_usage():
     assert digest.returncode == 0 and re.fullmatch(r"[0-9a-f]{16}\n", digest.stdout)
     res = run("--help")
     assert res.returncode == 0 and "part1" in res.stdout and "fastres_bench" in res.stdout
+    assert '"one" = env build tests fastres_bench' in res.stdout
 
 
 def _synthetic_details(d: Path) -> None:
