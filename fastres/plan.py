@@ -42,6 +42,7 @@ _DIRECT = (_backend.direct("stem"), _backend.direct("conv_bias_act"),
            _backend.direct("avgpool_linear"))
 
 _said: set[str] = set()
+_said_lock = threading.Lock()  # threads that miss together: one of them warns
 
 _EAGER_MESSAGES = {
     "grad": "eval-mode forward with autograd recording runs eagerly (exact gradients); "
@@ -63,7 +64,10 @@ def say_eager_once(reason: str) -> None:
     """Warn once per reason that the eval forward runs eagerly (never silently slow)."""
     if tracing() or reason in _said:  # no Python side effects inside a traced graph
         return
-    _said.add(reason)
+    with _said_lock:
+        if reason in _said:
+            return
+        _said.add(reason)
     msg = _EAGER_MESSAGES.get(reason, f"eval-mode forward runs eagerly: {reason}")
     warnings.warn(f"fastres: {msg}", RuntimeWarning, stacklevel=3)
 

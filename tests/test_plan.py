@@ -558,3 +558,40 @@ def test_a_first_call_waits_for_the_optional_backends(monkeypatch):
     finally:
         _backend._IMPLS.pop("_thread_test_op", None)
     assert seen == [["torch"]]
+
+
+def test_eager_warning_said_once_by_racing_threads(monkeypatch):
+    """Two threads that both find a reason unsaid (the first membership test of each is held
+    until both have made it) still warn once."""
+    import threading
+
+    gate = threading.Barrier(2, timeout=10)
+    calls = []
+
+    class RacingSet(set):
+        def __contains__(self, item):
+            calls.append(item)
+            found = super().__contains__(item)
+            if len(calls) <= 2:  # each thread's first look: both see the reason unsaid
+                gate.wait()
+            return found
+
+    monkeypatch.setattr(plan_mod, "_said", RacingSet())
+    errors = []
+
+    def say():
+        try:
+            plan_mod.say_eager_once("a racing reason")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=say) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    assert not errors, errors
+    said = [w for w in caught if "a racing reason" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in said]
