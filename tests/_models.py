@@ -25,7 +25,7 @@ ARCHS = [
 
 
 def realistic_bn(model: torch.nn.Module, steps: int = 3, size: int = 48,
-                 device=DEVICE) -> torch.nn.Module:
+                 device=DEVICE, channels: int = 3) -> torch.nn.Module:
     """Give every BatchNorm non-trivial running stats and affine params, then ``eval()``.
 
     A few train-mode forward passes on random data move the running statistics away from the
@@ -40,11 +40,12 @@ def realistic_bn(model: torch.nn.Module, steps: int = 3, size: int = 48,
                 m.bias.normal_(0.0, 0.2)
                 m.momentum = 0.5
         for _ in range(steps):
-            model(torch.randn(2, 3, size, size, device=device) * 2 + 0.5)
+            model(torch.randn(2, channels, size, size, device=device) * 2 + 0.5)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = 0.1
-        model.fc.bias.normal_(0.0, 0.1)
+        if getattr(model.fc, "bias", None) is not None:
+            model.fc.bias.normal_(0.0, 0.1)
     return model.eval()
 
 

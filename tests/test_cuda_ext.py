@@ -395,12 +395,16 @@ def test_stem_cuda(dtype, xfmt, n, h, w, cout):
     x = _fmt(torch.randn(n, 3, h, w, device=DEV), xfmt).to(dtype)
     wt = (torch.randn(cout, 3, 7, 7, device=DEV) * 0.2).to(dtype).contiguous(
         memory_format=torch.channels_last)
-    b = torch.randn(cout, device=DEV)
+    _check_stem_cuda(x, wt, torch.randn(cout, device=DEV), dtype, f"stem cuda {dtype}")
+
+
+def _check_stem_cuda(x, wt, b, dtype, what):
+    """The CUDA stem into poisoned memory, against float64 and against the CPU implementation:
+    the same bodies, so the two agree to fp32 rounding (FMA contraction)."""
     _poison_allocator()
     out = torch.ops.fastres_C.stem(x, wt, b)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_close_rel(out, stem_f64(x, wt, b), TOL[dtype], f"stem cuda {dtype}")
-    # Same bodies as the CPU implementation: the two agree to fp32 rounding (FMA contraction).
+    assert_close_rel(out, stem_f64(x, wt, b), TOL[dtype], what)
     cpu = torch.ops.fastres_C.stem(x.cpu(), wt.cpu(), b.cpu())
     assert_close_rel(out, cpu, 1e-6 if dtype == torch.float32 else TOL[dtype] / 4, "cuda vs cpu")
 
@@ -427,12 +431,7 @@ def test_stem_cuda_general_cin(dtype, cin):
     if limit is not None and need > limit:
         pytest.skip(f"C_in={cin} needs {need} bytes of shared memory, this GPU allows {limit}")
     x, wt, b = _stem_general_cin_case(cin, dtype, DEV)
-    _poison_allocator()
-    out = torch.ops.fastres_C.stem(x, wt, b)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_close_rel(out, stem_f64(x, wt, b), TOL[dtype], f"stem cuda C_in={cin} {dtype}")
-    cpu = torch.ops.fastres_C.stem(x.cpu(), wt.cpu(), b.cpu())
-    assert_close_rel(out, cpu, 1e-6 if dtype == torch.float32 else TOL[dtype] / 4, "cuda vs cpu")
+    _check_stem_cuda(x, wt, b, dtype, f"stem cuda C_in={cin} {dtype}")
 
 
 @pytest.mark.cuda

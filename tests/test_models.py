@@ -501,14 +501,7 @@ def test_from_torchvision_keeps_edited_modules():
         tv = torchvision.models.resnet18(weights=None)
         edit(tv)
         cin = tv.conv1.in_channels
-        tv.train()
-        with torch.no_grad():
-            for m in tv.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.normal_(0.0, 0.2)
-            tv(torch.randn(2, cin, 32, 32))
-        tv.eval()
+        realistic_bn(tv, size=32, device="cpu", channels=cin)
         fr = fastres.from_torchvision(tv)
         assert repr(fr) == repr(tv), what
         assert list(fr.state_dict()) == list(tv.state_dict()), what
