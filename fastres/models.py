@@ -114,6 +114,13 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
+def _block_types(ours: type) -> tuple[type, type]:
+    """fastres's block class and torchvision's of the same name (fastres's again when
+    torchvision's resnet module is not loaded: then no torchvision block exists)."""
+    tv = sys.modules.get("torchvision.models.resnet")
+    return ours, getattr(tv, ours.__name__, ours)
+
+
 class ResNet(nn.Module):
     """torchvision's ResNet, with a fused inference path in ``eval()`` mode.
 
@@ -182,10 +189,8 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
         if zero_init_residual:
             # torchvision's own blocks too (fastres.ResNet(torchvision's Bottleneck, ...)), as
-            # torchvision's ResNet zero-inits them; its module is loaded if they are in use
-            tv = sys.modules.get("torchvision.models.resnet")
-            bottlenecks = (Bottleneck, getattr(tv, "Bottleneck", Bottleneck))
-            basics = (BasicBlock, getattr(tv, "BasicBlock", BasicBlock))
+            # torchvision's ResNet zero-inits them
+            bottlenecks, basics = _block_types(Bottleneck), _block_types(BasicBlock)
             for m in self.modules():
                 if isinstance(m, bottlenecks) and m.bn3.weight is not None:
                     nn.init.constant_(m.bn3.weight, 0)
@@ -247,7 +252,7 @@ class ResNet(nn.Module):
 
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing (create_feature_extractor)
             return self._forward_impl(x)
-        if _plan.tracing() and _onnx_exporting():  # ONNX has no fastres ops: torchvision's graph
+        if _onnx_exporting():  # ONNX has no fastres ops: torchvision's graph
             return self._forward_impl(x)
         reason = _plan.eager_reason(self, x)
         if reason is not None:
@@ -266,7 +271,7 @@ class ResNet(nn.Module):
         plan = None
         if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing
             return self.forward_features_eager(x)
-        if _plan.tracing() and _onnx_exporting():
+        if _onnx_exporting():
             return self.forward_features_eager(x)
         reason = _plan.eager_reason(self, x)
         if reason is None and x.shape[0] > 0:  # (eager: [0, C, h, w])
@@ -302,6 +307,10 @@ def _onnx_exporting() -> bool:
     """True inside ``torch.onnx.export`` (the TorchScript-based exporter traces the forward
     with ``torch.jit.trace``, and ONNX has no ``fastres::*`` ops: the export records
     torchvision's eager graph instead, as it would for torchvision's model)."""
+    from fastres import plan as _plan
+
+    if not _plan.tracing():
+        return False
     onnx = sys.modules.get("torch.onnx")  # not imported: nothing is exporting
     return onnx is not None and bool(onnx.is_in_onnx_export())
 
@@ -536,8 +545,8 @@ def _is_container_slot(name: str, m: nn.Module) -> bool:
     and ``layerI.J.downsample`` (``nn.Sequential``), the blocks ``layerI.J``."""
     if not _CONTAINER_SLOT.fullmatch(name):
         return False
-    if name.count(".") == 1:  # a block
-        return type(m).__name__ in ("BasicBlock", "Bottleneck")
+    if name.count(".") == 1:  # a block (a subclass, maybe with its own forward, is copied)
+        return type(m) in _block_types(BasicBlock) + _block_types(Bottleneck)
     return type(m) is nn.Sequential
 
 

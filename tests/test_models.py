@@ -482,7 +482,8 @@ def test_onnx_export_like_torchvision():
 def test_from_torchvision_keeps_edited_modules():
     """A torchvision ResNet edited away from the stock layout converts to a model computing
     the same thing: an fc Linear without bias, a 1-channel stem, a CIFAR stem (3x3/1 conv1,
-    Identity maxpool), another activation in a block, a replaced block."""
+    Identity maxpool), another activation in a block, a replaced block, a block subclass
+    named like torchvision's with its own forward."""
     def gray(tv):
         tv.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
 
@@ -490,7 +491,15 @@ def test_from_torchvision_keeps_edited_modules():
         tv.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         tv.maxpool = torch.nn.Identity()
 
+    class BasicBlock(torchvision.models.resnet.BasicBlock):  # the name, not the class
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    def own_block(tv):
+        tv.layer2[1].__class__ = BasicBlock
+
     edits = {
+        "block class with its own forward": own_block,
         "fc without bias": lambda tv: setattr(tv, "fc", torch.nn.Linear(512, 10, bias=False)),
         "1-channel stem": gray,
         "CIFAR stem": cifar,
