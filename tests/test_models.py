@@ -544,3 +544,53 @@ def test_builders_and_get_model_like_torchvision():
         fr = fastres.ResNet(block, [1, 1, 1, 1], zero_init_residual=True)
         assert float(getattr(tv.layer1[0], bn).weight.detach().abs().sum()) == 0
         assert float(getattr(fr.layer1[0], bn).weight.detach().abs().sum()) == 0
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    given = None
+
+if given is not None:
+    @st.composite
+    def _architectures(draw):
+        """torchvision ResNet constructor arguments: block, depth per stage, groups and width
+        (Bottleneck only, as torchvision's BasicBlock refuses them), dilation flags, classes."""
+        bottleneck = draw(st.booleans())
+        kw = {"layers": draw(st.lists(st.integers(1, 2), min_size=4, max_size=4)),
+              "num_classes": draw(st.integers(1, 17))}
+        if bottleneck:
+            kw["groups"] = draw(st.sampled_from([1, 2, 4, 8]))
+            kw["width_per_group"] = draw(st.sampled_from([4, 8, 16, 64]))
+            kw["replace_stride_with_dilation"] = draw(
+                st.lists(st.booleans(), min_size=3, max_size=3))
+        return bottleneck, kw
+
+    @settings(max_examples=12, deadline=None)
+    @given(arch=_architectures(), n=st.integers(1, 2), h=st.integers(1, 40),
+           w=st.integers(1, 40), channels_last=st.booleans(), through=st.sampled_from(
+               ["from_torchvision", "constructor"]))
+    def test_any_architecture_matches_torchvision(arch, n, h, w, channels_last, through):
+        """Any ResNet torchvision's constructor builds (depths, groups, width, dilation, class
+        count), on any input size down to 1x1, through from_torchvision or fastres.ResNet
+        loaded with the same state_dict: the fused eval forward matches torchvision."""
+        bottleneck, kw = arch
+        tv_block = (torchvision.models.resnet.Bottleneck if bottleneck
+                    else torchvision.models.resnet.BasicBlock)
+        tv = realistic_bn(torchvision.models.ResNet(tv_block, **kw).to(DEVICE), size=24)
+        if through == "from_torchvision":
+            fr = fastres.from_torchvision(tv)
+        else:
+            block = fastres.models.Bottleneck if bottleneck else fastres.models.BasicBlock
+            fr = fastres.ResNet(block, **kw).to(DEVICE)
+            fr.load_state_dict(tv.state_dict(), strict=True)
+            fr.eval()
+        x = torch.randn(n, 3, h, w, device=DEVICE)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert _plan.eager_reason(fr, x) is None  # the plan runs, not torchvision's code
+            out = fr(x)
+        assert out.shape == (n, kw["num_classes"])
+        assert_matches_torchvision(out, tv, x, f"{tv_block.__name__} {kw} on {tuple(x.shape)}")
