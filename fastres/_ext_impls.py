@@ -103,7 +103,9 @@ def register() -> bool:
     """Register the ``cuda`` implementations; False (and ``note_missing``) without ``_C``."""
     if _ext.load() is None:
         _backend.note_missing("cuda", f"the CUDA extension fastres._C is not available "
-                                      f"({_ext.error()}); running without it")
+                                      f"({_ext.error()}); the fused stem, preprocessing, "
+                                      "cuBLASLt 1x1 convolutions and head run on Triton or "
+                                      "the reference instead")
         return False
     _backend.register_impl("stem", "cuda", _stem, supports_stem)
     _backend.register_impl("conv_bias_act", "cuda", _conv1x1, supports_conv1x1)

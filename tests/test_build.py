@@ -155,6 +155,7 @@ _CHECK_MISSING = textwrap.dedent("""
             assert impl.backend == "torch"
     msgs = [str(w.message) for w in caught if "extension" in str(w.message)]
     assert len(msgs) == 1, msgs
+    assert "fused stem" in msgs[0] and "instead" in msgs[0], msgs  # which ops, and what runs
     print("MSG:", msgs[0])
 """)
 

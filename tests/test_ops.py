@@ -160,13 +160,16 @@ def test_interpreter_problem_versions(triton_v, numpy_v, rejects, broken):
 
 
 def test_broken_interpreter_falls_back_to_torch_and_says_why(monkeypatch):
-    """Under an interpreter that cannot run the kernels, CPU calls run the reference and a
-    named ``triton`` backend says why, instead of failing inside the interpreter."""
+    """Under an interpreter that cannot run the kernels, CPU calls run the reference and say
+    why (``TRITON_INTERPRET=1`` asked for Triton on the CPU), under ``auto`` as under a named
+    ``triton`` backend, instead of failing inside the interpreter."""
     why = _backend.interpreter_problem_for("3.6.0", "2.4.6", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(_backend, "_interpreter_problem", lambda: why)
     x = torch.randn(1, 4, 5, 5)
-    assert _backend.choose("max_pool2d", x.device, x, 3, 2, 1).backend == "torch"
+    _backend._warned.clear()
+    with fastres.use_backend("auto"), pytest.warns(RuntimeWarning, match="numpy<2.3"):
+        assert _backend.choose("max_pool2d", x.device, x, 3, 2, 1).backend == "torch"
     _backend._warned.clear()
     with fastres.use_backend("triton"), pytest.warns(RuntimeWarning, match="numpy<2.3"):
         impl = _backend.choose("max_pool2d", x.device, x, 3, 2, 1)

@@ -236,6 +236,16 @@ def _say_once(op: str, backend: str, reason: str) -> None:
     )
 
 
+def _say_missing(backend: str) -> None:
+    """Say once that an optional backend is not available, and why (its :func:`note_missing`
+    reason names the ops that run without it)."""
+    key = ("(missing)", backend, _missing[backend])
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"fastres: {_missing[backend]}", RuntimeWarning, stacklevel=5)
+
+
 _optional_loaded = False
 _missing: dict[str, str] = {}
 
@@ -342,11 +352,20 @@ def direct(op: str) -> Callable:
 
 def runnable(op: str, backend: str, device: torch.device, impls: dict[str, Impl], args,
              kwargs) -> Impl | None:
-    """``impls[backend]`` when it is registered and can run this call on ``device``."""
+    """``impls[backend]`` when it is registered and can run this call on ``device``.
+
+    Says once why not when the user asked for that backend on this device without naming it:
+    an optional backend that failed to load (the CUDA extension not built), or
+    ``TRITON_INTERPRET=1`` on the CPU with an interpreter that cannot run here."""
     impl = impls.get(backend)
     if impl is None and backend in _missing and _device_ok(backend, device) is None:
-        _say_once("fastres", backend, _missing[backend])
-    if impl is None or _device_ok(backend, device) is not None:
+        _say_missing(backend)
+    if impl is None:
+        return None
+    reason = _device_ok(backend, device)
+    if reason is not None:
+        if backend == "triton" and device.type != "cuda" and triton_interpreted():
+            _say_once(op, backend, reason)
         return None
     return impl if impl.supports(*args, **kwargs) is None else None
 
