@@ -114,7 +114,7 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
 # -- argparse (the fastres CLI) ------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="architecture, e.g. resnet50")
+    p.add_argument("model", type=str.lower, help="architecture, any case, e.g. resnet50")
     p.add_argument("--batch", "-b", nargs="+", default=["1"], metavar="N",
                    help="batch size(s): '--batch 1 32' or '--batch 1,32' (default 1)")
     p.add_argument("--dtype", "-d", nargs="+", default=["bf16"], choices=DTYPE_CHOICES,
@@ -126,8 +126,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None,
                    help="optional checkpoint (only its num_classes matters for tuning)")
     p.add_argument("--cache-dir", default=None,
-                   help="tuning cache directory (default $FASTRES_CACHE_DIR or "
-                        "~/.cache/fastres)")
+                   help="tuning cache directory (default $FASTRES_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/fastres, else ~/.cache/fastres)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
 

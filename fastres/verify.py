@@ -260,7 +260,7 @@ class VerifyResult:
             (f"fastres verify: {self.model}, {self.dtype}, batch {self.batch_size}, "
              f"{self.image_size}x{self.image_size}, on {self.device}"),
             (f"  reference: torchvision eager, {reference}; bound per batch: "
-             f"max({self.design_tolerance:.0e} (DESIGN.md), 2 x eager {self.dtype}'s own error)"),
+             f"max({self.design_tolerance:.0e} (base), 2 x eager {self.dtype}'s own error)"),
         ]
         head = (f"  {'inputs':<16}{'images':>7}{'max rel err':>13}{'mean rel err':>14}"
                 f"{'eager max':>11}{'max/image':>11}{'top-1':>8}{'top-5':>8}  result")

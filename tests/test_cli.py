@@ -406,12 +406,13 @@ def test_verify_wrong_architecture_checkpoint(capsys, r18_checkpoint):
 
 
 def test_classify_photo_matches_torchvision_pipeline(capsys, r18_checkpoint, photo):
-    """Top-k from ``fastres classify`` equals torchvision's own transforms + model."""
+    """Top-k from ``fastres classify`` equals torchvision's own transforms + model (the model
+    named in any case, as ``get_model`` takes it)."""
     from PIL import Image
     from torchvision import transforms
 
     code, out, err = run_cli(capsys, "classify", str(photo), str(photo), "--weights",
-                             str(r18_checkpoint), "--model", "resnet18", "--topk", "3",
+                             str(r18_checkpoint), "--model", "ResNet18", "--topk", "3",
                              "--device", "cpu")
     assert code == 0, err
     lines = out.splitlines()
