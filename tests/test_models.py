@@ -516,6 +516,9 @@ def test_from_torchvision_keeps_edited_modules():
         assert list(fr.state_dict()) == list(tv.state_dict()), what
         x = torch.randn(2, cin, 32, 32)
         with torch.no_grad():
+            # the README's split: the plan fuses the first two edits, the others run eagerly
+            fused = what in ("fc without bias", "1-channel stem")
+            assert (_plan.eager_reason(fr, x) is None) == fused, what
             assert_close_rel(fr(x), tv(x), 1e-5, what)
 
 
@@ -535,7 +538,8 @@ def test_builders_and_get_model_like_torchvision():
             getattr(fastres, build)(**kwargs)
         assert str(fr_err.value) == str(tv_err.value)
     assert type(torchvision.models.get_model("ResNet18")).__name__ == "ResNet"
-    m = models.get_model("ResNet18", num_classes=3)
+    assert fastres.get_model is models.get_model  # fastres.get_model, as documented
+    m = fastres.get_model("ResNet18", num_classes=3)
     assert isinstance(m, fastres.ResNet) and m.fc.out_features == 3
     with pytest.raises(ValueError, match="^Unknown model vgg16"):
         models.get_model("VGG16")
