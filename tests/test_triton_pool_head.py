@@ -79,6 +79,19 @@ def test_global_avgpool(shape, dtype):
     assert_close_rel(y, ref, TOL[dtype] if dtype != torch.float32 else 1e-6)
 
 
+def _head_without_tf32(x, w, b):
+    """The Triton head with TF32 off, and the float64 reference of its contract: the mean
+    rounded to x's dtype, the bias rounded to x's dtype, then the linear layer."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        y = avgpool_linear_triton(x, w, b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    pooled = x.double().mean(dim=(2, 3)).to(x.dtype).double()
+    return y, pooled @ w.double().t() + b.to(x.dtype).double()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,c,hw,k", [(1, 64, 7, 10), (2, 48, 5, 37), (3, 130, 2, 1000)],
                          ids=str)
@@ -87,14 +100,7 @@ def test_avgpool_linear(n, c, hw, k, dtype):
         memory_format=torch.channels_last)
     w = (torch.randn(k, c, device=DEV) * c**-0.5).to(dtype)
     b = torch.randn(k, device=DEV)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        y = avgpool_linear_triton(x, w, b)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-    pooled = x.double().mean(dim=(2, 3)).to(dtype).double()
-    ref = pooled @ w.double().t() + b.to(dtype).double()
+    y, ref = _head_without_tf32(x, w, b)
     assert y.shape == (n, k) and y.dtype == dtype
     assert_close_rel(y, ref, TOL[dtype])
     eager = avgpool_linear_reference(x, w, b)
@@ -228,14 +234,7 @@ if given is not None:
         b = torch.randn(num_classes, generator=g).to(DEV)
         if not bias_fp32:
             b = b.to(dtype)
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            y = avgpool_linear_triton(x, wt, b)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
-        pooled = x.double().mean(dim=(2, 3)).to(dtype).double()
-        ref = pooled @ wt.double().t() + b.to(dtype).double()
+        y, ref = _head_without_tf32(x, wt, b)
         # Rounding is relative to the terms summed, not to their sum: the fp32 mean's error
         # scales with mean|x| (a mean near 0 is a common draw at small H*W), the linear
         # layer's with |pooled|*|w| + |b|. So the bound scales with mean|x| @ |w|.T + |b|.
