@@ -101,6 +101,11 @@ def test_ops_are_registered_custom_ops():
      TypeError, "bias dtype"),
     (lambda x, w, b: ops.stem(x[:, :3, :0], torch.randn(8, 3, 7, 7), torch.randn(8)),
      ValueError, "H, W >= 1"),
+    # no input channels (an obscure broadcasting error inside the op before)
+    (lambda x, w, b: ops.conv_bias_act(x[:, :0], w[:, :0], b), ValueError,
+     "at least one input channel"),
+    (lambda x, w, b: ops.stem(x[:, :0], torch.randn(8, 0, 7, 7), torch.randn(8)),
+     ValueError, "at least one input channel"),
     # the registered ops check too (they used to run the Triton kernel on a mismatched weight)
     (lambda x, w, b: torch.ops.fastres.conv_bias_act(x, w[:, :4], b, [1, 1], [0, 0], [1, 1],
                                                      1, None, True), ValueError,

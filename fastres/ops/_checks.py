@@ -27,6 +27,7 @@ def conv_output_size(h, w, r, s, stride, padding, dilation) -> tuple[int, int]:
 def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual) -> None:
     op = "conv_bias_act"
     check_float_activation("x", x, op)
+    _check_has_channels(op, x)
     if weight.dim() != 4:
         raise ValueError(f"{op}: weight must be 4-D [C_out, C_in/groups, R, S], "
                          f"got shape {tuple(weight.shape)}")
@@ -60,6 +61,13 @@ def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual
                             f"got {residual.dtype}")
 
 
+def _check_has_channels(op: str, x) -> None:
+    # F.conv2d gives a 0-channel output for C_in = 0 whatever the weight says; refuse it
+    if x.shape[1] < 1:
+        raise ValueError(f"{op}: x must have at least one input channel, got shape "
+                         f"{tuple(x.shape)}")
+
+
 def _check_weight_dtype(op: str, x, weight) -> None:
     if weight.dtype != x.dtype:
         raise TypeError(f"{op}: weight dtype must equal x's ({x.dtype}), got {weight.dtype}")
@@ -80,6 +88,7 @@ def _check_same_device(op: str, x, **tensors) -> None:
 def check_stem_args(x, weight, bias) -> None:
     op = "stem"
     check_float_activation("x", x, op)
+    _check_has_channels(op, x)
     if weight.dim() != 4 or weight.shape[1] != x.shape[1] or tuple(weight.shape[2:]) != (7, 7):
         raise ValueError(f"{op}: weight must be [C_out, {x.shape[1]}, 7, 7], "
                          f"got {tuple(weight.shape)}")
