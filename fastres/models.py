@@ -380,11 +380,12 @@ def unwrap_state_dict(sd: Mapping) -> dict:
     """The model's own ``state_dict`` inside a training checkpoint: nested under
     ``model_state_dict`` (or ``state_dict`` / ``model``) next to optimizer state, and with the
     ``module.`` / ``_orig_mod.`` prefix that DataParallel, DistributedDataParallel and
-    torch.compile put on every key. A plain state_dict comes back as a plain ``dict`` copy."""
+    torch.compile put on every key. A plain state_dict comes back as a plain ``dict`` copy.
+    Tensors beside the nested state (pytorch/examples' ImageNet script saves ``best_acc1`` as
+    one) do not stop the unwrapping: a model's own keys are dotted parameter names, never one
+    of those wrapper names holding a mapping."""
     sd = dict(sd)
     for _ in range(3):
-        if any(isinstance(v, Tensor) for v in sd.values()):
-            break
         inner = next((sd[k] for k in _WRAPPER_KEYS
                       if isinstance(sd.get(k), Mapping) and sd[k]), None)
         if inner is None:

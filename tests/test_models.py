@@ -145,8 +145,9 @@ def test_weights_path_and_state_dict(tmp_path):
 
 def test_weights_from_training_checkpoints(tmp_path):
     """The Python API takes what training code saves, as the CLI does: DDP's "module." keys
-    inside torchvision's reference-script checkpoint ({"model", "args": Namespace}), and the
-    tutorial's {"model_state_dict", "optimizer_state_dict"} with torch.compile's "_orig_mod."."""
+    inside torchvision's reference-script checkpoint ({"model", "args": Namespace}), the
+    tutorial's {"model_state_dict", "optimizer_state_dict"} with torch.compile's "_orig_mod.",
+    and pytorch/examples' ImageNet checkpoint (a tensor beside "state_dict")."""
     import argparse
 
     tv = torchvision.models.resnet18(weights=None, num_classes=5)
@@ -155,7 +156,11 @@ def test_weights_from_training_checkpoints(tmp_path):
            "args": argparse.Namespace(model="resnet18")}
     tutorial = {"model_state_dict": {f"_orig_mod.{k}": v for k, v in sd.items()},
                 "optimizer_state_dict": {"state": {}, "param_groups": []}}
-    for name, ckpt in (("ddp", ddp), ("tutorial", tutorial)):
+    # pytorch/examples' ImageNet script: a tensor (best_acc1) beside the nested state
+    examples = {"epoch": 90, "arch": "resnet18", "best_acc1": torch.tensor(69.7),
+                "state_dict": {f"module.{k}": v for k, v in sd.items()},
+                "optimizer": {"state": {}, "param_groups": []}}
+    for name, ckpt in (("ddp", ddp), ("tutorial", tutorial), ("examples", examples)):
         path = tmp_path / f"{name}.pth"
         torch.save(ckpt, path)
         if name == "ddp" and not hasattr(torch.serialization, "safe_globals"):
