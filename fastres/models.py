@@ -265,7 +265,10 @@ class ResNet(nn.Module):
         return plan.run(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Everything up to ``layer4``: ``[N, 512 * expansion, H/32, W/32]`` (timm's split)."""
+        """Everything up to ``layer4`` (timm's split): ``[N, 512 * expansion, h, w]`` with
+        ``h, w`` the input's size over 32, rounded up (over 16 or 8 with
+        ``replace_stride_with_dilation``). On the fused path (eval mode) the result is
+        channels-last in the compute dtype: call ``.contiguous()`` before ``.view()``."""
         from fastres import plan as _plan
 
         plan = None
@@ -282,14 +285,33 @@ class ResNet(nn.Module):
             return self.forward_features_eager(x)
         return plan.run(x, features_only=True)
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        """Global average pool + ``fc`` on features from :meth:`forward_features`."""
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pool + ``fc`` on features from :meth:`forward_features`; with
+        ``pre_logits=True`` the pooled ``[N, 512 * expansion]`` features, before ``fc``
+        (timm's API)."""
+        if pre_logits:
+            return torch.flatten(self.avgpool(x), 1)
         return self.forward_head_eager(x)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace ``fc`` with a fresh ``nn.Linear`` of ``num_classes`` outputs (timm's API)."""
-        fc = nn.Linear(self.fc.in_features, num_classes)
-        self.fc = fc.to(device=self.fc.weight.device, dtype=self.fc.weight.dtype)
+    def _num_features(self) -> int:
+        """Channels of the features :meth:`forward_features` returns."""
+        fc = self.fc
+        return fc.in_features if isinstance(fc, nn.Linear) else self.inplanes
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        """Replace ``fc`` with a fresh ``nn.Linear`` of ``num_classes`` outputs, or with
+        ``nn.Identity()`` for ``num_classes=0`` (the forward then returns the pooled features,
+        on torchvision's eager code), as timm's ``reset_classifier`` does. ``global_pool``
+        must be ``"avg"``, the only pooling of torchvision's layout."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"reset_classifier: num_classes must be an int >= 0, got "
+                             f"{num_classes!r}")
+        if global_pool != "avg":
+            raise ValueError(f"reset_classifier: global_pool must be 'avg' (torchvision's "
+                             f"average pool), got {global_pool!r}")
+        ref = next(self.parameters())
+        fc = nn.Linear(self._num_features(), num_classes) if num_classes else nn.Identity()
+        self.fc = fc.to(device=ref.device, dtype=ref.dtype)
         self.invalidate_plan()
 
     def invalidate_plan(self) -> None:
@@ -559,8 +581,9 @@ def from_torchvision(model: nn.Module) -> ResNet:
     modules (whatever ``norm_layer`` made them: ``BatchNorm2d`` with its own ``eps`` and
     ``momentum``, ``GroupNorm``, ``FrozenBatchNorm2d``, ...) and an ``fc`` that is not a plain
     ``nn.Linear`` are copied as modules (without their hooks), and so is any module edited
-    away from torchvision's layout (an ``fc`` without bias, a 1-channel or CIFAR stem, another
-    activation or block: fastres's model then runs it eagerly, with a warning naming it); the
+    away from torchvision's layout (the plan still fuses an ``fc`` without bias and a stem with
+    another number of input channels; with a CIFAR stem, another activation or block,
+    fastres's model runs eagerly, with a warning naming the edit); the
     weights are copied (``load_state_dict(strict=True)``), so the two models do not share
     storage afterwards.
     Each module's train/eval mode and each parameter's ``requires_grad`` are kept.

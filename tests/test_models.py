@@ -209,11 +209,26 @@ def test_forward_features_and_head(twins):
     tol = tol_for(torch.float32, DEVICE) * 10
     assert_close_rel(feats, ref_feats, tol, "features")
     assert_close_rel(logits, tv(x), tol, "head")
+    pooled = fr.forward_head(feats, pre_logits=True)  # timm's pre_logits: before fc
+    assert_close_rel(pooled, torch.flatten(tv.avgpool(ref_feats), 1), tol, "pre_logits")
     fr2 = fastres.from_torchvision(tv)
     fr2.reset_classifier(5)
     assert fr2.fc.out_features == 5
     with torch.no_grad():
         assert fr2(x).shape == (2, 5)
+    # timm's reset_classifier(0): no classifier, the forward returns the pooled features
+    # (it made a Linear with 0 outputs, and the forward an empty [N, 0] tensor)
+    fr2.reset_classifier(0, "avg")
+    assert isinstance(fr2.fc, torch.nn.Identity)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an fc that is not a Linear runs eagerly, warned
+        assert_close_rel(fr2(x), pooled, tol, "reset_classifier(0)")
+    fr2.reset_classifier(7)  # back from Identity: the features' width is still known
+    assert (fr2.fc.in_features, fr2.fc.out_features) == (2048, 7)
+    for bad, match in (((-1,), "num_classes"), ((2.5,), "num_classes"),
+                       ((5, "max"), "global_pool")):
+        with pytest.raises(ValueError, match=match):
+            fr2.reset_classifier(*bad)
 
 
 def test_pickle_and_deepcopy_drop_the_plan(twins, tmp_path):
