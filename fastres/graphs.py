@@ -64,8 +64,20 @@ def optimize(model: nn.Module, cuda_graphs: bool = True, max_graphs: int = 8,
     ``warmup``: eager calls on a side stream before each capture. See the module docstring
     for the output aliasing rule (a fresh tensor per call) and invalidation.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    from fastres.models import ResNet
+
+    inner = model.module if isinstance(model, CUDAGraphModule) else model
+    if not isinstance(inner, ResNet):
+        # another module has no plan to capture: a torchvision ResNet would run eagerly on
+        # every call, silently, and anything else fails inside the input check
+        hint = (": convert it with fastres.from_torchvision(model)"
+                if type(inner).__name__ == "ResNet" else "")
+        raise TypeError(f"optimize expects a fastres.ResNet, got {type(inner).__module__}."
+                        f"{type(inner).__qualname__}{hint}")
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int):
+        raise TypeError(f"max_graphs must be an int, got {max_graphs!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int):
+        raise TypeError(f"warmup must be an int, got {warmup!r}")
     if int(max_graphs) < 0:
         raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
     if int(warmup) < 1:

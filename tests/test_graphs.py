@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 from conftest import assert_close_rel
 
 import fastres
@@ -114,8 +115,15 @@ def test_optimize_rejects_bad_arguments():
         fastres.optimize(m, max_graphs=-1)
     with pytest.raises(ValueError, match="warmup"):
         fastres.optimize(m, warmup=0)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match="fastres.ResNet, got builtins.str"):
         fastres.optimize("resnet18")
+    # a torchvision ResNet has no plan: it would have run eagerly on every call, silently
+    with pytest.raises(TypeError, match="from_torchvision"):
+        fastres.optimize(torchvision.models.resnet18())
+    with pytest.raises(TypeError, match="fastres.ResNet"):
+        fastres.optimize(torch.nn.Conv2d(3, 8, 3))
+    with pytest.raises(TypeError, match="max_graphs must be an int, got None"):
+        fastres.optimize(m, max_graphs=None)
 
 
 # -- GPU -----------------------------------------------------------------------------------
