@@ -101,6 +101,17 @@ def test_ops_are_registered_custom_ops():
      TypeError, "bias dtype"),
     (lambda x, w, b: ops.stem(x[:, :3, :0], torch.randn(8, 3, 7, 7), torch.randn(8)),
      ValueError, "H, W >= 1"),
+    # scalars that int()/bool() used to coerce silently (kernel 2.5 ran as 2, relu="no" as
+    # True) or fail on obscurely ("'float' object is not iterable")
+    (lambda x, w, b: ops.max_pool2d(x, 2.5), TypeError, "kernel_size .* must be an int"),
+    (lambda x, w, b: ops.max_pool2d(x, (3, 3)), TypeError, "window is square"),
+    (lambda x, w, b: ops.max_pool2d(x, 3, None), TypeError, "stride .* got None"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, relu="no"), TypeError, "relu must be True"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, stride=1.5), TypeError,
+     "stride must be an int, got 1.5"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, padding=(1, 0.5)), TypeError, r"padding\[1\]"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, padding="same"), TypeError, "string paddings"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, groups=2.5), TypeError, "groups must be an int"),
     # no input channels (an obscure broadcasting error inside the op before)
     (lambda x, w, b: ops.conv_bias_act(x[:, :0], w[:, :0], b), ValueError,
      "at least one input channel"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -16,6 +18,21 @@ def check_float_activation(name: str, x: torch.Tensor, op: str) -> None:
         )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def int_arg(op: str, name: str, v) -> int:
+    """``v`` as an int: Python and NumPy integers (anything with ``__index__``), not bools,
+    floats or strings (``int()`` would truncate 2.5 to 2 silently)."""
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+        raise TypeError(f"{op}: {name} must be an int, got {v!r}")
+    return operator.index(v)
+
+
+def bool_arg(op: str, name: str, v) -> bool:
+    """``v`` as a bool: ``True``/``False`` only (``bool("no")`` is True)."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be True or False, got {v!r}")
+    return v
 
 
 def conv_output_size(h, w, r, s, stride, padding, dilation) -> tuple[int, int]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.ops import _backend
-from fastres.ops._checks import check_conv_args, conv_output_size
+from fastres.ops._checks import bool_arg, check_conv_args, conv_output_size, int_arg
 
 OP = "conv_bias_act"
 
@@ -105,16 +105,19 @@ def conv_bias_act(
     stride, padding, dilation = (_pair(v, name) for v, name in
                                  ((stride, "stride"), (padding, "padding"),
                                   (dilation, "dilation")))
+    groups = int_arg(OP, "groups", groups)
+    relu = bool_arg(OP, "relu", relu)
     check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
-    return _conv_bias_act_op(
-        x, weight, bias, stride, padding, dilation, int(groups), residual, bool(relu)
-    )
+    return _conv_bias_act_op(x, weight, bias, stride, padding, dilation, groups, residual, relu)
 
 
 def _pair(v, name: str) -> list[int]:
-    if isinstance(v, int):
-        return [v, v]
-    v = [int(i) for i in v]
-    if len(v) != 2:
-        raise ValueError(f"conv_bias_act: {name} must be an int or a pair, got {v}")
-    return v
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"conv_bias_act: {name} must be an int or a pair, got {v!r}")
+        return [int_arg(OP, f"{name}[{i}]", e) for i, e in enumerate(v)]
+    if isinstance(v, str):  # F.conv2d's padding="same"/"valid"
+        raise TypeError(f"conv_bias_act: {name} must be an int or a pair of ints, got {v!r} "
+                        "(string paddings are not supported)")
+    i = int_arg(OP, name, v)
+    return [i, i]

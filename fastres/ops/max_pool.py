@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.ops import _backend
-from fastres.ops._checks import check_max_pool_args
+from fastres.ops._checks import check_max_pool_args, int_arg
 
 OP = "max_pool2d"
 
@@ -45,5 +45,8 @@ def _(x, kernel_size, stride, padding):
 def max_pool2d(x: torch.Tensor, kernel_size: int = 3, stride: int = 2,
                padding: int = 1) -> torch.Tensor:
     """Max pooling with square window; see the module docstring."""
+    kernel_size, stride, padding = (int_arg(OP, name, v) for name, v in (
+        ("kernel_size (one int: the window is square)", kernel_size),
+        ("stride (one int)", stride), ("padding (one int)", padding)))
     check_max_pool_args(x, kernel_size, stride, padding)
-    return _max_pool2d_op(x, int(kernel_size), int(stride), int(padding))
+    return _max_pool2d_op(x, kernel_size, stride, padding)
