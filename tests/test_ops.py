@@ -148,6 +148,13 @@ def test_backend_selection_and_fallback(monkeypatch):
         assert _backend.choose("max_pool2d", x.device, x, 3, 2, 1).backend == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         fastres.set_backend("tpu")
+    with pytest.raises(TypeError, match="must be a string"):  # (an AttributeError before)
+        fastres.set_backend(1)
+    with pytest.raises(TypeError, match="must be a string"):
+        fastres.use_backend(None).__enter__()
+    monkeypatch.setenv("FASTRES_BACKEND", "gpu")  # the error names the variable
+    with pytest.raises(ValueError, match="FASTRES_BACKEND environment variable .* 'gpu'"):
+        fastres.get_backend()
     monkeypatch.setenv("FASTRES_BACKEND", "cuda")
     monkeypatch.setattr(_backend, "_global_backend", None)
     _backend._warned.clear()
@@ -246,6 +253,13 @@ def test_conv_bias_none_means_zeros():
     x, w = torch.randn(2, 6, 9, 9), torch.randn(4, 6, 3, 3)
     y = ops.conv_bias_act(x, w, None, padding=1, relu=False)
     assert_close_rel(y, F.conv2d(x.double(), w.double(), None, 1, 1), 1e-5)
+    # the stem and the head too (they failed with AttributeError on None)
+    x, w = torch.randn(2, 3, 17, 15), torch.randn(8, 3, 7, 7)
+    ref = F.max_pool2d(F.conv2d(x.double(), w.double(), None, 2, 3).relu(), 3, 2, 1)
+    assert_close_rel(ops.stem(x, w, None), ref, 1e-5, "stem, bias None")
+    w = torch.randn(5, 3)
+    assert_close_rel(ops.avgpool_linear(x, w, None), x.double().mean((2, 3)) @ w.double().t(),
+                     1e-5, "head, bias None")
 
 
 _OPCHECK_CASES = [  # (op, dtype, N, C_in, H, W): odd sizes, batch 0 and 1, every op
@@ -285,3 +299,13 @@ def test_opcheck_every_op(kind, dtype, n, c, h, w):
             images, "NHWC", torch.rand(3).tolist(), (torch.rand(3) + 0.1).tolist(), dtype)
     with fastres.use_backend("torch"):
         torch.library.opcheck(op, args)
+
+
+def test_help_shows_each_ops_contract():
+    """The functions shadow their modules in fastres.ops, so help() showed only "see the
+    module docstring": the contract is now part of each function's docstring."""
+    import sys
+
+    for fn in (ops.conv_bias_act, ops.stem, ops.max_pool2d, ops.avgpool_linear, ops.preprocess):
+        assert sys.modules[fn.__module__].__doc__ in fn.__doc__, fn.__name__
+        assert "Contract" in fn.__doc__, fn.__name__

@@ -11,6 +11,12 @@ from fastres.ops.max_pool import max_pool2d, max_pool2d_reference
 from fastres.ops.preprocess import preprocess, preprocess_reference
 from fastres.ops.stem import stem, stem_reference
 
+# ``help(fastres.ops.conv_bias_act)`` shows the contract: each function's docstring points at
+# its module's, and the function of the same name shadows that module here.
+for _fn in (avgpool_linear, conv_bias_act, max_pool2d, preprocess, stem):
+    _fn.__doc__ = f"{_fn.__doc__}\n\n{__import__('sys').modules[_fn.__module__].__doc__}"
+del _fn
+
 __all__ = [
     "avgpool_linear",
     "avgpool_linear_reference",

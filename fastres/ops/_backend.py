@@ -135,11 +135,13 @@ def implementations(op: str) -> dict[str, Impl]:
     return dict(_IMPLS.get(op, {}))
 
 
-def _validate(name: str) -> str:
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        raise ValueError(f"fastres backend must be one of {BACKENDS}, got {name!r}")
-    return name
+def _validate(name: str, source: str = "fastres backend") -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{source} must be a string, one of {BACKENDS}, got {name!r}")
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return key
 
 
 def get_backend() -> str:
@@ -149,7 +151,8 @@ def get_backend() -> str:
         return local[-1]
     if _global_backend is not None:
         return _global_backend
-    return _validate(os.environ.get("FASTRES_BACKEND", "auto"))
+    return _validate(os.environ.get("FASTRES_BACKEND", "auto"),
+                     "the FASTRES_BACKEND environment variable")
 
 
 def set_backend(name: str | None) -> None:

@@ -38,7 +38,11 @@ def _(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def avgpool_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Global average pool then ``x @ weight.T + bias``; see the module docstring."""
+def avgpool_linear(x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """Global average pool then ``x @ weight.T + bias``; see the module docstring.
+    ``bias=None`` (an ``nn.Linear(bias=False)``) means zeros."""
+    if bias is None and isinstance(weight, torch.Tensor):
+        bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
     check_head_args(x, weight, bias)
     return _avgpool_linear_op(x, weight, bias)

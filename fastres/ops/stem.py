@@ -46,7 +46,10 @@ def _(x, weight, bias):
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
 
-def stem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Fused ResNet stem; see the module docstring."""
+def stem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Fused ResNet stem; see the module docstring. ``bias=None`` means zeros, as in
+    :func:`conv_bias_act`."""
+    if bias is None and isinstance(weight, torch.Tensor):
+        bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
     check_stem_args(x, weight, bias)
     return _stem_op(x, weight, bias)
