@@ -309,7 +309,7 @@ class ResNet(nn.Module):
         if global_pool != "avg":
             raise ValueError(f"reset_classifier: global_pool must be 'avg' (torchvision's "
                              f"average pool), got {global_pool!r}")
-        ref = next(self.parameters())
+        ref = self.fc.weight if isinstance(self.fc, nn.Linear) else next(self.parameters())
         fc = nn.Linear(self._num_features(), num_classes) if num_classes else nn.Identity()
         self.fc = fc.to(device=ref.device, dtype=ref.dtype)
         self.invalidate_plan()
