@@ -19,6 +19,14 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+# The property tests' hypothesis (in the test extra), imported once for every test module; a
+# module defines its property tests only when it is installed.
+try:
+    from hypothesis import given, settings  # noqa: E402
+    from hypothesis import strategies as st  # noqa: E402
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    given = settings = st = None
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

@@ -21,7 +21,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, assert_close_rel, rel_err
+from conftest import HAS_CUDA, assert_close_rel, given, rel_err, settings, st
 
 import fastres
 from fastres import _ext
@@ -377,12 +377,6 @@ def test_opcheck_cpu(case):
 
 
 # -- property tests (hypothesis): any geometry, dtype and memory layout the CPU ops accept ---------
-
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is in the test extra
-    given = None
 
 # Memory layouts of a 4-D tensor: dense in its logical order ("contig") or with dim 1 last
 # ("cl"); every dimension strided by 2 at an offset, in either order ("strided",

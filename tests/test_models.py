@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 from _models import ARCHS, DEVICE, assert_matches_torchvision, realistic_bn, tol_for, twin
-from conftest import assert_close_rel
+from conftest import assert_close_rel, given, settings, st
 
 import fastres
 from fastres import plan as _plan
@@ -569,12 +569,6 @@ def test_builders_and_get_model_like_torchvision():
         assert float(getattr(tv.layer1[0], bn).weight.detach().abs().sum()) == 0
         assert float(getattr(fr.layer1[0], bn).weight.detach().abs().sum()) == 0
 
-
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is in the test extra
-    given = None
 
 if given is not None:
     @st.composite

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rel
+from conftest import assert_close_rel, given, settings, st
 
 import fastres
 from fastres import ops
@@ -200,12 +200,6 @@ def test_broken_interpreter_falls_back_to_torch_and_says_why(monkeypatch):
     y = impl.fn(x, 3, 2, 1)
     assert torch.equal(y, F.max_pool2d(x, 3, 2, 1))
 
-
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is in the test extra
-    given = None
 
 if given is not None:
     @settings(max_examples=25, deadline=None)

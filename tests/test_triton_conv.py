@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from conftest import HAS_CUDA, assert_close_rel, rel_err
+from conftest import HAS_CUDA, assert_close_rel, given, rel_err, settings, st
 
 import fastres
 from fastres.kernels import configs as kcfg
@@ -276,12 +276,6 @@ def test_block_diagonal_packing_is_the_same_conv():
     ref = F.conv2d(x, w, None, 1, 1, 1, g)
     assert torch.allclose(F.conv2d(x, dense, None, 1, 1, 1, g // gpb), ref)
 
-
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is in the test extra
-    given = None
 
 if given is not None:
     _geom = st.tuples(st.integers(1, 3), st.integers(1, 3))

@@ -7,7 +7,7 @@ channel counts off the block size, NaN propagation, poisoned output buffers.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, assert_close_rel
+from conftest import HAS_CUDA, assert_close_rel, given, settings, st
 
 import fastres
 from fastres.kernels.head import avgpool_linear_triton, global_avgpool_triton
@@ -143,13 +143,6 @@ def test_max_pool_supports_counts_output_pixels():
     assert "output pixels" in supports_max_pool(
         torch.empty(1, 1, 46341, 46341, device="meta"), 3, 1, 1)
     assert supports_max_pool(torch.empty(1, 1, 46341, 46341, device="meta"), 3, 2, 1) is None
-
-
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is in the test extra
-    given = None
 
 
 def _layout(x, layout):
