@@ -622,7 +622,8 @@ def from_torchvision(model: nn.Module) -> ResNet:
     # The norm modules are copied, and so is every other module the source has where fastres's
     # differs or is missing (an fc Linear without bias, a 1-channel or CIFAR stem conv1, an
     # Identity maxpool, another activation, an edited convolution): the copy computes what the
-    # source computes (and its edits run eagerly, with fastres's warning naming them).
+    # source computes (the plan fuses a bias-less fc and another stem width; the other edits
+    # run eagerly, with fastres's warning naming them).
     mine = dict(new.named_modules())
     copied: list[str] = []
     for name, m in model.named_modules():
