@@ -227,26 +227,18 @@ def _leading_ints(version: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _warn_once(key: tuple, msg: str, stacklevel: int) -> None:
+    """Warn ``fastres: msg`` the first time ``key`` is seen (``stacklevel`` counted from the
+    caller)."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"fastres: {msg}", RuntimeWarning, stacklevel=stacklevel + 1)
+
+
 def _say_once(op: str, backend: str, reason: str) -> None:
-    key = (op, backend, reason)
-    if key in _warned:
-        return
-    _warned.add(key)
-    warnings.warn(
-        f"fastres: {op} cannot run on the {backend!r} backend ({reason}); falling back",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-
-
-def _say_missing(backend: str) -> None:
-    """Say once that an optional backend is not available, and why (its :func:`note_missing`
-    reason names the ops that run without it)."""
-    key = ("(missing)", backend, _missing[backend])
-    if key in _warned:
-        return
-    _warned.add(key)
-    warnings.warn(f"fastres: {_missing[backend]}", RuntimeWarning, stacklevel=5)
+    _warn_once((op, backend, reason),
+               f"{op} cannot run on the {backend!r} backend ({reason}); falling back", 4)
 
 
 _optional_loaded = False
@@ -362,7 +354,8 @@ def runnable(op: str, backend: str, device: torch.device, impls: dict[str, Impl]
     ``TRITON_INTERPRET=1`` on the CPU with an interpreter that cannot run here."""
     impl = impls.get(backend)
     if impl is None and backend in _missing and _device_ok(backend, device) is None:
-        _say_missing(backend)
+        # said once per backend; the note_missing reason names the ops that run without it
+        _warn_once(("(missing)", backend, _missing[backend]), _missing[backend], 4)
     if impl is None:
         return None
     reason = _device_ok(backend, device)
