@@ -35,6 +35,14 @@ def bool_arg(op: str, name: str, v) -> bool:
     return v
 
 
+def bias_or_zeros(bias, weight):
+    """``bias``, or for ``None`` (a layer built with ``bias=False``) fp32 zeros, one per output
+    channel of ``weight`` (left as given when ``weight`` is not a tensor: its check says so)."""
+    if bias is None and isinstance(weight, torch.Tensor):
+        return torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    return bias
+
+
 def conv_output_size(h, w, r, s, stride, padding, dilation) -> tuple[int, int]:
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from fastres.ops import _backend
-from fastres.ops._checks import bool_arg, check_conv_args, conv_output_size, int_arg
+from fastres.ops._checks import (bias_or_zeros, bool_arg, check_conv_args, conv_output_size,
+                                 int_arg)
 
 OP = "conv_bias_act"
 
@@ -100,8 +101,7 @@ def conv_bias_act(
     Arguments are validated here, before any kernel runs, with errors that name what was
     expected and what was given.
     """
-    if bias is None:  # (a Conv2d(bias=False) alone): a zero shift
-        bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    bias = bias_or_zeros(bias, weight)
     stride, padding, dilation = (_pair(v, name) for v, name in
                                  ((stride, "stride"), (padding, "padding"),
                                   (dilation, "dilation")))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres.ops import _backend
-from fastres.ops._checks import check_head_args
+from fastres.ops._checks import bias_or_zeros, check_head_args
 
 OP = "avgpool_linear"
 
@@ -42,7 +42,6 @@ def avgpool_linear(x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """Global average pool then ``x @ weight.T + bias``; see the module docstring.
     ``bias=None`` (an ``nn.Linear(bias=False)``) means zeros."""
-    if bias is None and isinstance(weight, torch.Tensor):
-        bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    bias = bias_or_zeros(bias, weight)
     check_head_args(x, weight, bias)
     return _avgpool_linear_op(x, weight, bias)

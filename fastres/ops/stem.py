@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastres.ops import _backend
-from fastres.ops._checks import check_stem_args
+from fastres.ops._checks import bias_or_zeros, check_stem_args
 from fastres.ops.conv_bias_act import conv_bias_act
 from fastres.ops.max_pool import max_pool2d
 
@@ -49,7 +49,6 @@ def _(x, weight, bias):
 def stem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Fused ResNet stem; see the module docstring. ``bias=None`` means zeros, as in
     :func:`conv_bias_act`."""
-    if bias is None and isinstance(weight, torch.Tensor):
-        bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+    bias = bias_or_zeros(bias, weight)
     check_stem_args(x, weight, bias)
     return _stem_op(x, weight, bias)
