@@ -64,6 +64,16 @@ void check_float_activation(const char* op, const char* name, const at::Tensor& 
               " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
+// For the convolutions (stem, conv1x1), after check_float_activation: C_in = 0 is a convolution
+// over no input channels, whose every output would be ReLU(bias) (and an empty [N*P*Q, 0] GEMM
+// operand); the Python ops' contract refuses it (fastres/ops/_checks.py), so do their
+// implementations. (avgpool_linear keeps C = 0: the output is the bias, as in F.linear.)
+void check_has_channels(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.size(1) >= 1, op,
+              ": x must have at least one input channel (C_in >= 1), got shape ",
+              shape_str(x.sizes()));
+}
+
 void check_same_device(const char* op, const char* name, const at::Tensor& t,
                        const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device (", device_str(x.device()),
@@ -168,6 +178,7 @@ struct StemCall {
 StemCall stem_prepare(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   const char* op = "fastres_C::stem";
   check_float_activation(op, "x", x);
+  check_has_channels(op, x);
   check_int32_index(op, x);
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 7 &&
                   weight.size(3) == 7,
@@ -382,6 +393,7 @@ Conv1x1Call conv1x1_prepare(const char* op, const at::Tensor& x, const at::Tenso
                             const at::Tensor& bias, int64_t stride,
                             const std::optional<at::Tensor>& residual) {
   check_float_activation(op, "x", x);
+  check_has_channels(op, x);
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 1 &&
                   weight.size(3) == 1,
               op, ": weight must be [C_out, ", x.size(1), ", 1, 1], got ", shape_str(weight.sizes()));

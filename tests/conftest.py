@@ -97,6 +97,46 @@ def assert_close_rel(out, ref, tol: float, what: str = "output") -> None:
         )
 
 
+def in_layout(t: torch.Tensor, how: str, gen: torch.Generator | None = None) -> torch.Tensor:
+    """``t``'s values (a 4-D tensor) in the memory layout ``how``, on ``t``'s device:
+
+    - ``"contig"``: dense in its logical (NCHW) order; ``"cl"``: channels-last;
+    - ``"strided"``, ``"strided_cl"``: every dimension strided by 2 at an offset of 1 element, in
+      the logical resp. channels-last order; the gaps hold NaN (random bytes from ``gen`` for
+      uint8), so a read outside the view shows;
+    - ``"strided_w"``: only the last dimension strided by 2 (every other element of a
+      twice-as-wide buffer, from its first element); the gaps are uninitialized;
+    - ``"expand"``: a stride-0 batch, every image ``t``'s first (zeros for an empty batch), as
+      from ``x[:1].expand``.
+    """
+    if how == "contig":
+        return t.contiguous()
+    if how == "cl":
+        return t.contiguous(memory_format=torch.channels_last)
+    if how == "expand":
+        first = t[:1] if t.shape[0] else torch.zeros((1, *t.shape[1:]), dtype=t.dtype,
+                                                      device=t.device)
+        return first.expand(t.shape)
+    if how == "strided_w":
+        wide = torch.empty(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+        view = wide[..., ::2]
+        view.copy_(t)
+        return view
+    if how not in ("strided", "strided_cl"):
+        raise ValueError(f"in_layout: unknown layout {how!r}")
+    perm = (0, 1, 2, 3) if how == "strided" else (0, 2, 3, 1)
+    shape = [2 * t.shape[d] + 1 for d in perm]
+    if t.dtype == torch.uint8:  # drawn on the CPU (``gen`` is a CPU generator), then moved
+        big = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(t.device)
+    else:
+        big = torch.full(shape, float("nan"), dtype=t.dtype, device=t.device)
+    inv = sorted(range(4), key=perm.__getitem__)
+    view = big.permute(inv)[1::2, 1::2, 1::2, 1::2]
+    view.copy_(t)
+    assert view.shape == t.shape
+    return view
+
+
 def pytest_runtest_logreport(report):
     """Progress records for runs under a wall-clock cap (the GPU check), which may be cut short
     before pytest writes its junit XML:

@@ -16,12 +16,13 @@ against torchvision.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, assert_close_rel, given, rel_err, settings, st
+from conftest import HAS_CUDA, assert_close_rel, given, in_layout, rel_err, settings, st
 
 import fastres
 from fastres import _ext
@@ -362,6 +363,37 @@ def test_cpu_argument_errors(call, msg):
 
 
 @needs_ext
+@pytest.mark.parametrize("n", [1, 0], ids=["batch1", "empty_batch"])
+@pytest.mark.parametrize("w_cin", [0, 3], ids=["weight_cin0", "weight_cin3"])
+@pytest.mark.parametrize("op,name,r", [("stem", "fastres_C::stem", 7),
+                                       ("conv1x1", "fastres_C::conv1x1 (CPU)", 1)],
+                         ids=["stem", "conv1x1"])
+def test_cpu_refuses_zero_input_channels(op, name, r, w_cin, n):
+    """C_in = 0 (with a weight that matches it, [C_out, 0, R, S], or not): a convolution over
+    no input channels. With a matching weight the ops returned ReLU(bias) at every pixel (an
+    empty batch: an empty output), where the Python ops' contract (fastres/ops/_checks.py)
+    refuses any x without a channel; they refuse it too, before checking the weight."""
+    x, w, b = torch.randn(n, 0, 9, 9), torch.randn(4, w_cin, r, r), torch.randn(4)
+    args = (x, w, b) if op == "stem" else (x, w, b, 2, None, True, False)
+    msg = f"{name}: x must have at least one input channel (C_in >= 1), got shape [{n}, 0, 9, 9]"
+    with pytest.raises(RuntimeError, match=f"^{re.escape(msg)}$"):
+        getattr(torch.ops.fastres_C, op)(*args)
+
+
+@needs_ext
+def test_head_cpu_zero_features_is_the_bias():
+    """avgpool_linear over C = 0 features is well defined and kept: the pooled [N, 0] features
+    times a [K, 0] weight is 0, so the output is the bias (as F.linear with in_features = 0;
+    the Python op's contract, check_head_args, accepts it too)."""
+    x = torch.randn(3, 0, 4, 5)
+    w = torch.randn(6, 0)
+    b = torch.randn(6)
+    out = torch.ops.fastres_C.avgpool_linear(x, w, b, False)
+    torch.testing.assert_close(out, F.linear(x.mean(dim=(2, 3)), w, b), rtol=0, atol=0)
+    torch.testing.assert_close(out, b.expand(3, 6), rtol=0, atol=0)
+
+
+@needs_ext
 @pytest.mark.parametrize("case", ["stem", "preprocess", "avgpool_linear", "conv1x1"])
 def test_opcheck_cpu(case):
     if case == "stem":
@@ -378,33 +410,11 @@ def test_opcheck_cpu(case):
 
 # -- property tests (hypothesis): any geometry, dtype and memory layout the CPU ops accept ---------
 
-# Memory layouts of a 4-D tensor: dense in its logical order ("contig") or with dim 1 last
-# ("cl"); every dimension strided by 2 at an offset, in either order ("strided",
-# "strided_cl"; the gaps hold NaN, or random bytes for uint8, so a read outside the view
-# shows); a stride-0 batch ("expand": every image the same, as from ``x[:1].expand``).
+# Memory layouts of a 4-D tensor (conftest's in_layout): dense in its logical order ("contig")
+# or with dim 1 last ("cl"); every dimension strided by 2 at an offset, in either order
+# ("strided", "strided_cl"; the gaps hold NaN, or random bytes for uint8, so a read outside the
+# view shows); a stride-0 batch ("expand": every image the same, as from ``x[:1].expand``).
 LAYOUTS4 = ["contig", "cl", "strided", "strided_cl", "expand"]
-
-
-def _in_layout(t: torch.Tensor, how: str, gen: torch.Generator) -> torch.Tensor:
-    """``t``'s values (for "expand": its first image's, repeated) in the memory layout ``how``."""
-    if how == "contig":
-        return t.contiguous()
-    if how == "cl":
-        return t.contiguous(memory_format=torch.channels_last)
-    if how == "expand":
-        first = t[:1] if t.shape[0] else torch.zeros((1, *t.shape[1:]), dtype=t.dtype)
-        return first.expand(t.shape)
-    perm = (0, 1, 2, 3) if how == "strided" else (0, 2, 3, 1)
-    shape = [2 * t.shape[d] + 1 for d in perm]
-    if t.dtype == torch.uint8:
-        big = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-    else:
-        big = torch.full(shape, float("nan"), dtype=t.dtype)
-    inv = sorted(range(4), key=perm.__getitem__)
-    view = big.permute(inv)[1::2, 1::2, 1::2, 1::2]
-    view.copy_(t)
-    assert view.shape == t.shape
-    return view
 
 
 def _cond_tol(tol: float, ref: torch.Tensor, mag: torch.Tensor, dtype: torch.dtype) -> float:
@@ -448,8 +458,8 @@ if given is not None:
         float64."""
         gen = torch.Generator().manual_seed(seed)
         shape = (n, h, w, 3) if layout == "NHWC" else (n, 3, h, w)
-        img = _in_layout(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen), mem,
-                         gen)
+        img = in_layout(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen), mem,
+                        gen)
         out = torch.ops.fastres_C.preprocess(img, layout, mean, std, dtype)
         assert out.shape == (n, 3, h, w) and out.dtype == dtype
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -484,10 +494,10 @@ if given is not None:
         in x makes NaN exactly where PyTorch's outputs are NaN (every pooled output whose
         window's receptive field holds it, through the ReLU)."""
         gen = torch.Generator().manual_seed(seed)
-        x = _in_layout(_with_nan(torch.randn(n, cin, h, w, generator=gen), nan, gen).to(dtype),
-                       xmem, gen)
+        x = in_layout(_with_nan(torch.randn(n, cin, h, w, generator=gen), nan, gen).to(dtype),
+                      xmem, gen)
         wt = (torch.randn(cout, cin, 7, 7, generator=gen) * (49 * cin) ** -0.5).to(dtype)
-        wt = _in_layout(wt, wmem, gen)
+        wt = in_layout(wt, wmem, gen)
         b = torch.randn(cout, generator=gen) + bias_shift
         out = torch.ops.fastres_C.stem(x, wt, b)
         assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
@@ -514,7 +524,7 @@ if given is not None:
         its image's outputs NaN."""
         gen = torch.Generator().manual_seed(seed)
         x = _with_nan(torch.randn(n, c, h, w, generator=gen) + x_shift, nan, gen)
-        x = _in_layout(x.to(dtype), xmem, gen)
+        x = in_layout(x.to(dtype), xmem, gen)
         wt = (torch.randn(k, c, generator=gen) / max(c, 1) ** 0.5).to(dtype)
         if wmem == "transposed":
             wt = wt.t().contiguous().t()
@@ -551,12 +561,12 @@ if given is not None:
         A NaN in x stays NaN through the ReLU in its pixel's outputs, if the stride reads it."""
         gen = torch.Generator().manual_seed(seed)
         x = _with_nan(torch.randn(n, cin, h, w, generator=gen), nan, gen)
-        x = _in_layout(x.to(dtype), xmem, gen)
-        wt = _in_layout((torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(dtype),
-                        wmem, gen)
+        x = in_layout(x.to(dtype), xmem, gen)
+        wt = in_layout((torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(dtype),
+                       wmem, gen)
         b = torch.randn(cout, generator=gen)
         p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
-        res = None if residual is None else _in_layout(
+        res = None if residual is None else in_layout(
             torch.randn(n, cout, p, q, generator=gen).to(dtype), residual, gen)
         out = torch.ops.fastres_C.conv1x1(x, wt, b, stride, res, relu, allow_tf32)
         assert out.shape == (n, cout, p, q) and out.dtype == dtype

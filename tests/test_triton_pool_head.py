@@ -7,7 +7,7 @@ channel counts off the block size, NaN propagation, poisoned output buffers.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, assert_close_rel, given, settings, st
+from conftest import HAS_CUDA, assert_close_rel, given, in_layout, settings, st
 
 import fastres
 from fastres.kernels.head import avgpool_linear_triton, global_avgpool_triton
@@ -145,18 +145,6 @@ def test_max_pool_supports_counts_output_pixels():
     assert supports_max_pool(torch.empty(1, 1, 46341, 46341, device="meta"), 3, 2, 1) is None
 
 
-def _layout(x, layout):
-    """``x`` (contiguous NCHW) as an NCHW, channels-last or non-contiguous (strided) input."""
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other element of a twice-as-wide buffer
-        wide = torch.empty(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
-        view = wide[..., ::2]
-        view.copy_(x)
-        return view
-    return x
-
-
 def _equal_nan(a, b):
     """Exactly equal, NaN where the other has NaN (``torch.equal`` counts NaN != NaN)."""
     nan = torch.isnan(a)
@@ -165,7 +153,9 @@ def _equal_nan(a, b):
 
 
 if given is not None:
-    _LAYOUTS = ["nchw", "channels_last", "strided"]
+    # x (contiguous NCHW) as is, channels-last, or every other element of a twice-as-wide
+    # buffer (conftest's in_layout)
+    _LAYOUTS = ["contig", "cl", "strided_w"]
 
     @settings(max_examples=60, deadline=None)
     @given(n=st.integers(1, 2), c=st.integers(1, 70), k=st.integers(1, 7),
@@ -192,7 +182,7 @@ if given is not None:
                 count = int(torch.randint(1, 4, (1,), generator=g))
                 flat[torch.randint(0, flat.numel(), (count,), generator=g)] = v
             x[:, int(torch.randint(0, c, (1,), generator=g))] = float("-inf")
-        x = _layout(x.to(DEV), layout)
+        x = in_layout(x.to(DEV), layout)
         ref = F.max_pool2d(x, k, stride, pad)
         assert ref.shape[2] >= 1 and ref.shape[3] >= 1
         out = None
@@ -220,7 +210,7 @@ if given is not None:
         (the mean rounded to x's dtype, the bias rounded to x's dtype, then the linear layer)
         within the per-op tolerance. The inputs come from ``seed``."""
         g = torch.Generator().manual_seed(seed)
-        x = _layout(torch.randn(n, c, h, w, generator=g).to(dtype).to(DEV), layout)
+        x = in_layout(torch.randn(n, c, h, w, generator=g).to(dtype).to(DEV), layout)
         wt = (torch.randn(num_classes, c, generator=g) * c**-0.5).to(dtype).to(DEV)
         if weight_t:  # the same values, read through a transposed [C, num_classes] buffer
             wt = wt.t().contiguous().t()
