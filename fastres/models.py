@@ -423,6 +423,19 @@ def unwrap_state_dict(sd: Mapping) -> dict:
     return sd
 
 
+def _not_a_file(path: str) -> str:
+    """Why ``path`` (not a regular file) cannot be a checkpoint, in words."""
+    if not path:
+        return "weights is an empty path, expected a checkpoint file"
+    if os.path.isdir(path):
+        return f"weights path {path!r} is a directory, expected a checkpoint file"
+    if os.path.lexists(path) and not os.path.exists(path):
+        return f"weights path {path!r} is a broken symbolic link, expected a checkpoint file"
+    if os.path.exists(path):  # a FIFO, socket or device (torch.load could block on it)
+        return f"weights path {path!r} is not a regular file, expected a checkpoint file"
+    return f"weights file {path!r} does not exist"
+
+
 def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
                  arch: str | None = None) -> dict[str, Tensor]:
     """A state_dict from a checkpoint path (``torch.load``, weights only) or a mapping.
@@ -433,6 +446,10 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
     Nothing is downloaded: torchvision's ``Weights`` enums and their names (``"DEFAULT"``,
     ``"IMAGENET1K_V1"``) are refused with an error that says where torchvision keeps the file
     (``arch``, when given, names the model they are for).
+
+    A path that is not a regular file (missing, a directory, a FIFO, empty) is a
+    ``FileNotFoundError`` that says which; a file that cannot be opened or is not a checkpoint
+    is a ``ValueError``.
     """
     if isinstance(weights, Mapping):
         return unwrap_state_dict(weights)
@@ -444,7 +461,7 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
                 raise FileNotFoundError(
                     f"fastres: weights {path!r} is not a file but the name of torchvision "
                     "weights, and fastres downloads nothing: " + _no_download_hint(arch, enum))
-            raise FileNotFoundError(f"fastres: weights file {path!r} does not exist")
+            raise FileNotFoundError(f"fastres: {_not_a_file(path)}")
         # torchvision's reference scripts save {"model": ..., "args": argparse.Namespace}:
         # the Namespace is allowed through the weights-only unpickler (torch >= 2.5; older
         # torch refuses such a file with its weights-only message)
@@ -452,6 +469,9 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
         try:
             with safe([argparse.Namespace]) if safe else contextlib.nullcontext():
                 sd = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError as exc:  # there, but cannot be opened (permissions, I/O error, ...)
+            raise ValueError(f"fastres: cannot open weights file {path!r}: "
+                             f"{exc.strerror or exc}") from exc
         except Exception as exc:
             raise ValueError(f"fastres: could not read {path!r} as a PyTorch checkpoint: "
                              f"{exc}") from exc

@@ -18,7 +18,9 @@ hook).
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 
@@ -37,19 +39,48 @@ class TuneUsageError(ValueError):
 
 
 def parse_batches(values: Iterable) -> list[int]:
-    """``["1", "32"]``, ``["1,32"]`` or ints -> sorted unique positive ints (default [1])."""
+    """``["1", "32"]``, ``["1,32"]`` or ints -> sorted unique positive ints (default [1],
+    for no values; values with no number in them, ``--batch ,``, are an error)."""
     out: list[int] = []
+    values = list(values)
     for v in values:
         for part in str(v).replace(",", " ").split():
             try:
                 out.append(int(part))
             except ValueError:
                 raise TuneUsageError(f"batch sizes are integers, got {part!r}") from None
+    if not out and values:
+        given = " ".join(map(repr, map(str, values)))
+        raise TuneUsageError(f"no batch size given (--batch {given}); expected integers >= 1")
     if not out:
         out = [1]
     if min(out) < 1:
         raise TuneUsageError(f"batch sizes must be >= 1, got {out}")
     return sorted(set(out))
+
+
+def check_cache_dir(path: str | os.PathLike, what: str) -> None:
+    """``path`` must be a directory, or one that can be made (nothing is made here): a file
+    in the way is a :class:`TuneUsageError` before anything is tuned."""
+    p = Path(path).expanduser()
+    probe = p
+    try:
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            where = "" if probe == p else f" cannot be made: {str(probe)!r}"
+            raise TuneUsageError(f"{what} {str(p)!r}{where} is a file, expected a directory")
+        if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+            raise TuneUsageError(f"{what} {str(p)!r} cannot be used: {str(probe)!r} is not "
+                                 "writable")
+    except OSError as exc:  # (a folder we may not look into)
+        raise TuneUsageError(f"{what} {str(p)!r} cannot be used ({exc.strerror})") from None
+
+
+def _tuned_device_types() -> frozenset:
+    from fastres.ops import _backend
+
+    return frozenset(getattr(_backend, "_TUNED_DEVICE_TYPES", ("cuda",)))
 
 
 def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf16",),
@@ -72,6 +103,12 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
     dtype_list = list(dict.fromkeys(dtypes)) or ["bf16"]
     if num_classes < 1:
         raise TuneUsageError(f"--num-classes must be >= 1, got {num_classes}")
+    if cache_dir is not None:
+        check_cache_dir(cache_dir, "--cache-dir")
+    else:
+        from_env = bool(os.environ.get("FASTRES_CACHE_DIR"))
+        check_cache_dir(tuning.cache_dir(), "FASTRES_CACHE_DIR" if from_env
+                        else "the tuning cache directory")
     from fastres.classify import UserError, in_cli_words, load_checkpoint, parse_device
 
     try:
@@ -98,12 +135,23 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
 
         msg = describe_mismatch(model, state, repr(weights))
         raise TuneUsageError(msg.replace("pass --model ", "give MODEL as ")) from exc
+    if dev.type not in _tuned_device_types():
+        echo(f"fastres tune: {dev.type} calls are not tuned (fastres times implementations "
+             "on CUDA GPUs; other devices run a fixed choice): nothing to tune.")
+        return 0
     net = net.to(dev).eval()
     # --cache-dir for this command only: FASTRES_CACHE_DIR is put back afterwards (an
     # in-process call must not move every later process-wide cache lookup)
     with environ("FASTRES_CACHE_DIR", None if cache_dir is None else str(cache_dir)):
         for name, dtype in zip(dtype_list, parsed):
-            res = tuning.tune_model(net, batch_list, dtype, image_size, progress=progress)
+            try:
+                res = tuning.tune_model(net, batch_list, dtype, image_size,
+                                        progress=progress)
+            except torch.cuda.OutOfMemoryError:
+                raise TuneUsageError(
+                    f"out of memory on {dev} tuning {model} {name} at batch "
+                    f"{', '.join(map(str, batch_list))}, {image_size}px (the layers tuned "
+                    "before it are saved); try a smaller --batch or --image-size") from None
             echo(f"{model} {name} batch {', '.join(map(str, batch_list))} at {image_size}px: "
                  f"tuned {res['tuned']} layer(s), {res['disk_hits']} already cached, "
                  f"{res['timed']} candidate(s) timed in {res['seconds']:.1f} s")

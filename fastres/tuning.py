@@ -61,6 +61,8 @@ import hashlib
 import json
 import logging
 import math
+import numbers
+import operator
 import os
 import platform
 import re
@@ -263,9 +265,47 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+_DEVICE_EXPECTED = "expected a torch.device or a device string such as 'cuda', 'cuda:0' or 'cpu'"
+
+
+def _as_device(device: Any, who: str) -> torch.device:
+    """``device`` as a ``torch.device`` whose environment can be read, or a ``TypeError`` /
+    ``ValueError`` saying what was expected and what was given (not torch's own errors from
+    deep inside ``torch.cuda``)."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str) or (isinstance(device, int) and not isinstance(device, bool)):
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError(f"{who}: {_DEVICE_EXPECTED}, got {device!r}") from None
+    else:
+        raise TypeError(f"{who}: {_DEVICE_EXPECTED}, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{who}: device {str(dev)!r} asked for, but this machine has no "
+                             "CUDA GPU (torch.cuda.is_available() is False); expected 'cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{who}: device {str(dev)!r} asked for, but there are only "
+                             f"{count} CUDA device(s); expected cuda:0 to cuda:{count - 1}")
+    return dev
+
+
 def cache_path(device: torch.device | str = "cuda") -> Path:
-    """The cache file for ``device``'s environment (see :func:`environment`)."""
-    device = torch.device(device)
+    """The cache file for ``device``'s environment (see :func:`environment`).
+
+    A device that is not a device (a bogus string, ``None``), a CUDA device this machine does
+    not have, or ``"meta"`` (no data: nothing runs or is timed there) is a ``TypeError`` /
+    ``ValueError``."""
+    device = _as_device(device, "cache_path")
+    if device.type == "meta":
+        raise ValueError("cache_path: 'meta' has no tuning cache (meta tensors hold no data: "
+                         "nothing runs or is timed on them); expected a cuda or cpu device")
+    return _cache_file(device)
+
+
+def _cache_file(device: torch.device) -> Path:
     env = environment(device)
     digest = hashlib.sha1(json.dumps(env, sort_keys=True).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9]+", "-", str(env["device"])).strip("-")[:40] or "device"
@@ -297,8 +337,8 @@ class TuningCache:
     def _read(self, warn: bool, for_merge: bool = False) -> dict[str, dict]:
         try:
             text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
+        except (FileNotFoundError, NotADirectoryError):  # (a file where a directory should be:
+            return {}  # no cache file there; save() says what is in the way)
         except (OSError, UnicodeDecodeError) as exc:
             if for_merge and not isinstance(exc, UnicodeDecodeError):
                 # there but unreadable (permissions, ...): replacing it would drop what other
@@ -361,12 +401,28 @@ class TuningCache:
         except Exception as exc:  # read-only directory, lock timeout, disk full, ...
             if not self._write_failed:
                 self._write_failed = True
-                self._warn(f"cannot write tuning cache {self.path} ({exc}); this process "
-                           "keeps its choices in memory")
+                blocker = self._not_a_directory()
+                why = (f": {blocker} is a file, not a directory (the cache directory is "
+                       "$FASTRES_CACHE_DIR, else $XDG_CACHE_HOME/fastres or ~/.cache/fastres)"
+                       if blocker is not None else f" ({exc})")
+                self._warn(f"cannot write tuning cache {self.path}{why}; this process keeps "
+                           "its choices in memory")
             return
         self._new.clear()
         merged.update(self.entries)  # keep what this process decided in memory
         self.entries = merged
+
+    def _not_a_directory(self) -> Path | None:
+        """The nearest existing folder of the cache file's directory, when it is not a
+        directory (``FASTRES_CACHE_DIR`` naming a file): what stops the directory from being
+        made."""
+        try:
+            p = self.path.parent
+            while not p.exists() and p.parent != p:
+                p = p.parent
+            return p if p.exists() and not p.is_dir() else None
+        except OSError:  # (a folder we may not look into): nothing more to say
+            return None
 
     def _write(self, entries: dict[str, dict]) -> None:
         data = {"format": FORMAT, "schema": SCHEMA, "env": self.env, "entries": entries}
@@ -391,9 +447,13 @@ _FILE_MODE = 0o644  # a shared cache directory: everyone reads, the owner rewrit
 _caches: dict[Path, TuningCache] = {}
 
 
-def cache_for(device: torch.device) -> TuningCache:
-    """The (loaded) tuning cache of ``device``'s environment."""
-    path = cache_path(device)
+def cache_for(device: torch.device | str) -> TuningCache:
+    """The (loaded) tuning cache of ``device``'s environment (a ``torch.device`` or a device
+    string, checked as :func:`cache_path` checks it; a ``torch.device``, which is what the
+    forward pass passes, is taken as it is)."""
+    if not isinstance(device, torch.device):
+        device = _as_device(device, "cache_for")
+    path = _cache_file(device)
     cache = _caches.get(path)
     if cache is None:
         cache = _caches[path] = TuningCache(path, environment(device))
@@ -817,6 +877,73 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_tunable(model: Any) -> None:
+    """``model`` must run fastres's ops: a fastres ResNet, or a module holding one."""
+    from fastres.models import ResNet
+
+    if isinstance(model, torch.nn.Module) and any(isinstance(m, ResNet)
+                                                  for m in model.modules()):
+        return
+    cls = type(model)
+    name = (cls.__qualname__ if cls.__module__ == "builtins"
+            else f"{cls.__module__}.{cls.__qualname__}")
+    hint = ("; convert a torchvision ResNet with fastres.from_torchvision(model)"
+            if cls.__module__.startswith("torchvision") else "")
+    raise TypeError("tune_model expects a fastres ResNet (or a module holding one), whose "
+                    f"layers run fastres's tuned ops, got {name}{hint}")
+
+
+def _index(v: Any) -> int | None:
+    """``v`` as an int when it is an integer (not a bool, float or string), else ``None``."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def _batch_list(batch_sizes: Any) -> list[int]:
+    if isinstance(batch_sizes, (str, bytes)) or not (
+            isinstance(batch_sizes, (numbers.Number, Iterable))
+            or _index(batch_sizes) is not None):
+        what = (f"{type(batch_sizes).__name__} {batch_sizes!r}"
+                if isinstance(batch_sizes, (str, bytes)) else repr(batch_sizes))
+        raise TypeError(f"tune_model: batch_sizes must be an int or a sequence of ints, got "
+                        f"{what}")
+    items = (list(batch_sizes) if isinstance(batch_sizes, Iterable)
+             and _index(batch_sizes) is None else [batch_sizes])
+    out = []
+    for b in items:
+        n = _index(b)
+        if n is None:
+            raise TypeError(f"tune_model: batch sizes must be integers, got {b!r}")
+        out.append(n)
+    if not out:
+        raise ValueError("tune_model: at least one batch size is needed, got none")
+    if min(out) < 1:
+        raise ValueError(f"tune_model: batch sizes must be >= 1, got {out}")
+    return out
+
+
+def _image_hw(image_size: Any) -> tuple[int, int]:
+    n = _index(image_size)
+    if n is not None:
+        hw = (n, n)
+    elif (isinstance(image_size, (tuple, list)) and len(image_size) == 2
+          and all(_index(v) is not None for v in image_size)):
+        hw = (_index(image_size[0]), _index(image_size[1]))
+    else:
+        raise TypeError(f"tune_model: image_size must be an int or an (H, W) pair of ints, "
+                        f"got {image_size!r}")
+    if min(hw) < 1:
+        raise ValueError(f"tune_model: image_size must be >= 1, got {image_size!r}")
+    return hw  # type: ignore[return-value]
+
+
 def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
                dtype: str | torch.dtype | None = None,
                image_size: int | tuple[int, int] = 224, *,
@@ -829,17 +956,29 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
     (default: the model's parameter dtype); fp16/bf16 on an fp32 model run under autocast,
     which gives the same layers as a model converted to that dtype. The model's mode is
     restored afterwards. Returns ``{"tuned", "disk_hits", "timed", "cache", "seconds"}``.
+
+    ``model`` is a fastres :class:`~fastres.models.ResNet` or a module holding one;
+    ``batch_sizes`` an int or ints >= 1; ``image_size`` an int or an ``(H, W)`` pair >= 1;
+    anything else is a ``TypeError`` / ``ValueError`` saying what was expected. A model on a
+    device whose calls are not tuned (only CUDA, unless :func:`configure` says otherwise) is
+    warned about (``RuntimeWarning``) and nothing runs: the result counts zeros and its
+    ``cache`` is ``None``.
     """
-    if isinstance(batch_sizes, int):
-        batch_sizes = [batch_sizes]
-    batch_sizes = [int(b) for b in batch_sizes]
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError(f"batch sizes must be positive integers, got {batch_sizes}")
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
+    _check_tunable(model)
+    batch_sizes = _batch_list(batch_sizes)
+    image_size = _image_hw(image_size)
     param = next(model.parameters())
     device, pdtype = param.device, param.dtype
     dtype = pdtype if dtype is None else parse_dtype(dtype)
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"tune_model: dtype must be a floating-point dtype (fp32, fp16, bf16 "
+                         f"or torch.float64), got {dtype}")
+    if device.type not in _backend._TUNED_DEVICE_TYPES:
+        tuned = ", ".join(sorted(_backend._TUNED_DEVICE_TYPES)) or "no"
+        warnings.warn(f"fastres: tune_model: the model is on {device.type}, and only {tuned} "
+                      "calls are tuned (others run a fixed choice): nothing to tune",
+                      RuntimeWarning, stacklevel=2)
+        return {"tuned": 0, "disk_hits": 0, "timed": 0, "cache": None, "seconds": 0.0}
     before = stats()
     t0 = time.perf_counter()
     if mode() == "pinned":
@@ -877,7 +1016,7 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
         "tuned": after["tuned"] - before["tuned"],
         "disk_hits": after["disk_hits"] - before["disk_hits"],
         "timed": after["timed"] - before["timed"],
-        "cache": str(cache_path(device)),
+        "cache": str(_cache_file(device)),
         "seconds": time.perf_counter() - t0,
     }
 

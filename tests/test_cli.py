@@ -735,12 +735,16 @@ def test_tune_cache_dir_is_for_that_command_only(capsys, monkeypatch, tmp_path,
                                                  r18_checkpoint):
     """``fastres tune --cache-dir`` set FASTRES_CACHE_DIR for the rest of the process; and its
     wrong-architecture hint named a --model option tune does not have."""
-    pytest.importorskip("fastres.tuning")
+    tuning = pytest.importorskip("fastres.tuning")
     before = str(tmp_path / "theirs")
     monkeypatch.setenv("FASTRES_CACHE_DIR", before)
-    code, out, err = run_cli(capsys, "tune", "resnet18", "--batch", "1", "--dtype", "fp32",
-                             "--image-size", "32", "--device", "cpu",
-                             "--cache-dir", str(tmp_path / "mine"))
+    tuning.configure(devices=("cpu",))  # (CPU calls are tuned here, so tune runs)
+    try:
+        code, out, err = run_cli(capsys, "tune", "resnet18", "--batch", "1", "--dtype", "fp32",
+                                 "--image-size", "32", "--device", "cpu",
+                                 "--cache-dir", str(tmp_path / "mine"))
+    finally:
+        tuning.reset()
     assert code == 0, out + err
     assert str(tmp_path / "mine") in out
     assert os.environ["FASTRES_CACHE_DIR"] == before
@@ -748,6 +752,81 @@ def test_tune_cache_dir_is_for_that_command_only(capsys, monkeypatch, tmp_path,
                            str(r18_checkpoint))
     assert_usage_error(code, err, "does not fit resnet50", "give MODEL as resnet18")
     assert "--model" not in err
+
+
+def test_tune_batch_option_without_a_number(capsys):
+    """``fastres tune --batch ,`` tuned batch size 1 as if nothing had been asked."""
+    pytest.importorskip("fastres.tuning")
+    code, out, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--batch", ",")
+    assert_usage_error(code, err, "no batch size given (--batch ','); expected integers >= 1")
+    assert out == ""
+
+
+def test_tune_weights_that_are_a_directory(capsys, tmp_path):
+    """``fastres tune --weights DIR`` said "weights file DIR does not exist" (tune reads the
+    checkpoint through fastres.models.load_weights, without the other commands' check)."""
+    pytest.importorskip("fastres.tuning")
+    code, _, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--weights",
+                           str(tmp_path))
+    assert_usage_error(code, err, "is a directory, expected a checkpoint file")
+    assert "does not exist" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("where", ["option", "env", "below_a_file"])
+def test_tune_cache_dir_that_is_a_file(capsys, monkeypatch, tmp_path, where):
+    """A --cache-dir (or FASTRES_CACHE_DIR) naming a file was accepted: exit 0, and on a GPU
+    every layer tuned then a TuningCacheWarning ("[Errno 17] File exists") and nothing
+    saved, which is what tune is for. It is a usage error, before anything runs."""
+    pytest.importorskip("fastres.tuning")
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    argv = ["tune", "resnet18", "--device", "cpu"]
+    if where == "option":
+        argv += ["--cache-dir", str(afile)]
+    elif where == "env":
+        monkeypatch.setenv("FASTRES_CACHE_DIR", str(afile))
+    else:
+        argv += ["--cache-dir", str(afile / "sub" / "dir")]
+    code, out, err = run_cli(capsys, *argv)
+    what = "FASTRES_CACHE_DIR" if where == "env" else "--cache-dir"
+    assert_usage_error(code, err, what, f"{afile}' is a file, expected a directory")
+    assert len(err.strip().splitlines()) == 1, err
+    assert out == "" and afile.read_text() == "not a directory"
+
+
+def test_tune_on_cpu_says_nothing_is_tuned(capsys, monkeypatch, tmp_path):
+    """``fastres tune --device cpu`` ran every forward and reported "tuned 0 layer(s)" and a
+    cache file it never wrote: CPU calls are not tuned. It says so (exit 0) and writes
+    nothing; bad arguments are still refused first."""
+    tuning = pytest.importorskip("fastres.tuning")
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
+    tuning.reset()
+    code, out, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--image-size",
+                             "32")
+    assert code == 0, err
+    assert "cpu calls are not tuned" in out and "nothing to tune" in out, out
+    assert "cache:" not in out and not (tmp_path / "cache").exists()
+    code, _, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--num-classes", "0")
+    assert_usage_error(code, err, "--num-classes must be >= 1")
+
+
+def test_tune_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path):
+    """A batch or image size too big for the GPU was torch's OutOfMemoryError traceback."""
+    tuning = pytest.importorskip("fastres.tuning")
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
+
+    monkeypatch.setattr(tuning, "tune_model", oom)
+    tuning.configure(devices=("cpu",))  # (reach tune_model without a GPU)
+    try:
+        code, _, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--batch",
+                               "4096", "--image-size", "32")
+    finally:
+        tuning.reset()
+    assert_usage_error(code, err, "out of memory", "batch 4096", "--batch", "--image-size")
+    assert len(err.strip().splitlines()) == 1, err
 
 
 # -- bench: failures that must not stop the run or pass for fastres's speed ------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -141,6 +142,36 @@ def test_weights_path_and_state_dict(tmp_path):
         fastres.resnet18(weights=str(bad))
     with pytest.raises(TypeError, match="nothing is downloaded"):
         fastres.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+
+
+def test_weights_path_that_is_not_a_checkpoint_file_says_what_it_is(tmp_path, monkeypatch):
+    """A directory was reported as "weights file ... does not exist"; so was a FIFO (which
+    torch.load would have blocked on) and an empty path. A file that exists but cannot be
+    opened was "could not read ... as a PyTorch checkpoint", as if its contents were bad."""
+    from fastres.models import load_weights
+
+    with pytest.raises(FileNotFoundError, match="is a directory, expected a checkpoint file"):
+        load_weights(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a directory, expected a checkpoint file"):
+        fastres.resnet18(weights=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="empty path, expected a checkpoint file"):
+        load_weights("")
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        with pytest.raises(FileNotFoundError, match="not a regular file, expected a checkpoint"):
+            load_weights(fifo)
+    locked = tmp_path / "locked.pth"
+    torch.save(fastres.resnet18(num_classes=2).state_dict(), locked)
+
+    def denied(*args, **kwargs):  # (chmod 000 does not stop root, who runs CI here)
+        raise PermissionError(13, "Permission denied", str(locked))
+
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(ValueError, match=r"cannot open weights file .*locked\.pth.*"
+                                         r"Permission denied") as info:
+        load_weights(locked)
+    assert "as a PyTorch checkpoint" not in str(info.value)
 
 
 def test_weights_from_training_checkpoints(tmp_path):

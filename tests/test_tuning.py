@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -704,6 +705,118 @@ def test_tune_model_rejects_bad_arguments():
         tuning.tune_model(m, [0])
     with pytest.raises(ValueError, match="dtype must be one of"):
         tuning.tune_model(m, [1], "int8")
+
+
+def test_tune_model_refuses_a_model_it_cannot_tune(tmp_path, monkeypatch):
+    """A string, torchvision's own ResNet or another module were an AttributeError, a silent
+    "tuned 0", a shape error from inside torch and a bare StopIteration."""
+    import torchvision
+
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
+    tuning.reset()  # (CPU calls are not tuned)
+
+    cases = [("resnet18", "got str"),
+             (torchvision.models.resnet18(num_classes=10), "fastres.from_torchvision"),
+             (torch.nn.Linear(3, 4), "got torch.nn.modules.linear.Linear"),
+             (torch.nn.ReLU(), "got torch.nn.modules.activation.ReLU")]
+    for model, needle in cases:
+        with pytest.raises(TypeError, match="tune_model expects a fastres ResNet") as info:
+            tuning.tune_model(model, 1, image_size=32)
+        assert needle in str(info.value)
+    # a module holding a fastres ResNet (a preprocessing wrapper, torch.compile's) is fine
+    wrapped = torch.nn.Sequential(torch.nn.Identity(), fastres.resnet18(num_classes=10))
+    with pytest.warns(RuntimeWarning, match="nothing to tune"):  # (on the CPU: see below)
+        res = tuning.tune_model(wrapped, 1, "fp32", image_size=32)
+    assert res["tuned"] == 0
+
+
+@pytest.mark.parametrize("kwargs, error, needle", [
+    ({"batch_sizes": [1.5]}, TypeError, "batch sizes must be integers, got 1.5"),
+    ({"batch_sizes": 2.0}, TypeError, "batch sizes must be integers, got 2.0"),
+    ({"batch_sizes": "12"}, TypeError, "an int or a sequence of ints, got str '12'"),
+    ({"batch_sizes": None}, TypeError, "an int or a sequence of ints, got None"),
+    ({"batch_sizes": ["a"]}, TypeError, "batch sizes must be integers, got 'a'"),
+    ({"batch_sizes": True}, TypeError, "batch sizes must be integers, got True"),
+    ({"batch_sizes": []}, ValueError, "at least one batch size"),
+    ({"batch_sizes": [2, -1]}, ValueError, "batch sizes must be >= 1, got [2, -1]"),
+    ({"image_size": 0}, ValueError, "image_size must be >= 1, got 0"),
+    ({"image_size": -5}, ValueError, "image_size must be >= 1, got -5"),
+    ({"image_size": (32, 0)}, ValueError, "image_size must be >= 1, got (32, 0)"),
+    ({"image_size": 32.5}, TypeError, "an int or an (H, W) pair of ints, got 32.5"),
+    ({"image_size": "32"}, TypeError, "an int or an (H, W) pair of ints, got '32'"),
+    ({"image_size": (32,)}, TypeError, "an int or an (H, W) pair of ints, got (32,)"),
+    ({"image_size": True}, TypeError, "an int or an (H, W) pair of ints, got True"),
+    ({"dtype": torch.int8}, ValueError, "floating-point dtype"),
+    ({"dtype": "int8"}, ValueError, "dtype must be one of"),
+])
+def test_tune_model_bad_arguments_say_what_was_expected(kwargs, error, needle):
+    """Before: 1.5 was tuned as 1 and "12" as batch sizes 1 and 2 (silently); None, 2.0 and
+    "a" were Python's own iteration / int() errors; image sizes 0, -5, 32.5, "32" and (32,)
+    failed inside torch or the model; torch.int8 was nn.Module.to's error."""
+    m = fastres.resnet18(num_classes=10)
+    args = {"batch_sizes": 1, "dtype": None, "image_size": 32, **kwargs}
+    with pytest.raises(error) as info:
+        tuning.tune_model(m, **args)
+    assert needle in str(info.value)
+
+
+def test_tune_model_on_a_device_that_is_not_tuned_says_so(tmp_path, monkeypatch):
+    """A CPU model (only CUDA calls are tuned) ran every forward and returned "tuned 0"
+    without a word."""
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
+    tuning.reset()
+    m = fastres.resnet18(num_classes=10)
+    ran = []
+    m.register_forward_pre_hook(lambda mod, args: ran.append(1))
+    with pytest.warns(RuntimeWarning, match="the model is on cpu.*only cuda calls are tuned"):
+        res = tuning.tune_model(m, [1, 2], "fp32", image_size=32)
+    assert ran == [] and res["tuned"] == res["timed"] == 0 and res["cache"] is None
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_path_bad_devices(tmp_path, monkeypatch):
+    """A bogus device string was torch's RuntimeError, None torch's overload list, "meta" a
+    path for a cache nothing can ever use, and "cuda" without a GPU "Found no NVIDIA
+    driver" from deep inside torch.cuda; cache_for("cpu") was an AttributeError."""
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
+    tuning.reset()
+    for device, error, needle in [
+            ("bogus", ValueError, "got 'bogus'"),
+            ("", ValueError, "got ''"),
+            (None, TypeError, "got None"),
+            (1.5, TypeError, "got 1.5"),
+            ("meta", ValueError, "meta tensors hold no data")]:
+        with pytest.raises(error, match="cache_path") as info:
+            tuning.cache_path(device)
+        assert needle in str(info.value)
+        assert "expected" in str(info.value)
+    if HAS_CUDA:
+        bad = f"cuda:{torch.cuda.device_count()}"
+        with pytest.raises(ValueError, match=f"{bad}.*only {torch.cuda.device_count()}"):
+            tuning.cache_path(bad)
+    else:
+        for bad in ("cuda", "cuda:0", torch.device("cuda")):
+            with pytest.raises(ValueError, match="no CUDA GPU"):
+                tuning.cache_path(bad)
+    assert tuning.cache_for("cpu") is tuning.cache_for(torch.device("cpu"))
+
+
+def test_cache_dir_that_is_a_file_is_one_clear_warning(tuner, tmp_path, monkeypatch):
+    """FASTRES_CACHE_DIR naming a file gave two warnings: "cannot read ... [Errno 20] Not a
+    directory" and "cannot write ... [Errno 17] File exists"; the forward pass went on."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(afile))
+    x = torch.randn(1, 4, 9, 9)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        y = pool(x)
+    said = [str(w.message) for w in seen if issubclass(w.category, tuning.TuningCacheWarning)]
+    assert len(said) == 1, said
+    assert "cannot write" in said[0] and f"{afile} is a file, not a directory" in said[0]
+    assert "FASTRES_CACHE_DIR" in said[0] and "Errno" not in said[0]
+    assert_close_rel(y, torch.nn.functional.max_pool2d(x, 3, 2, 1), 0.0)
+    assert afile.read_text() == "not a directory"
 
 
 def test_progress_bar_only_on_request_or_terminal(tuner, capsys):
