@@ -13,13 +13,14 @@ Used by ``fastres classify`` and by ``fastres verify`` (for its real photographs
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastres import _warnings
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -197,8 +198,7 @@ _said_fallback: set[str] = set()
 def _say_fallback_once(reason: str) -> None:
     if reason not in _said_fallback:
         _said_fallback.add(reason)
-        warnings.warn(f"fastres: fused preprocess not used ({reason}); using plain torch",
-                      RuntimeWarning, stacklevel=3)
+        _warnings.warn(f"fastres: fused preprocess not used ({reason}); using plain torch")
 
 
 def normalize(images: Tensor, dtype: torch.dtype = torch.float32,

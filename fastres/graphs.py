@@ -32,7 +32,6 @@ captured. Not thread-safe: one wrapper serves one stream at a time.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres import plan as _plan
+from fastres import _warnings
 from fastres import tuning as _tuning
 from fastres.ops import _backend
 
@@ -158,7 +158,7 @@ class CUDAGraphModule(nn.Module):
     def _say_once(self, key: str, msg: str) -> None:
         if key not in self._said:
             self._said.add(key)
-            warnings.warn(f"fastres: {msg}", RuntimeWarning, stacklevel=3)
+            _warnings.warn(f"fastres: {msg}")
 
     # -- the forward --------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -15,12 +15,13 @@ import copy
 import os
 import re
 import sys
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from fastres import _warnings
 
 __all__ = [
     "BasicBlock",
@@ -505,9 +506,8 @@ def _legacy_pretrained(arch: str, weights, kwargs: dict[str, Any]):
             pass
         raise ValueError(f"fastres: {arch}(pretrained=True) would download torchvision's weights, "
                          "and nothing is downloaded: " + _no_download_hint(arch, enum))
-    warnings.warn("The parameter 'pretrained' is deprecated (torchvision 0.13), please use "
-                  "'weights' instead: pretrained=False is weights=None", UserWarning,
-                  stacklevel=4)
+    _warnings.warn("The parameter 'pretrained' is deprecated (torchvision 0.13), please use "
+                   "'weights' instead: pretrained=False is weights=None", UserWarning)
     return None
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import operator
 import threading
-import warnings
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from fastres import _warnings
 from fastres.ops import _backend
 from fastres.ops._checks import FLOAT_DTYPES
 
@@ -69,7 +69,7 @@ def say_eager_once(reason: str) -> None:
             return
         _said.add(reason)
     msg = _EAGER_MESSAGES.get(reason, f"eval-mode forward runs eagerly: {reason}")
-    warnings.warn(f"fastres: {msg}", RuntimeWarning, stacklevel=3)
+    _warnings.warn(f"fastres: {msg}")
 
 
 # -- input checks ------------------------------------------------------------------------------

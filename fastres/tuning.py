@@ -70,13 +70,13 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastres import _warnings
 from fastres.ops import _backend
 
 log = logging.getLogger("fastres")
@@ -375,7 +375,7 @@ class TuningCache:
 
     @staticmethod
     def _warn(msg: str) -> None:
-        warnings.warn(f"fastres: {msg}", TuningCacheWarning, stacklevel=2)
+        _warnings.warn(f"fastres: {msg}", TuningCacheWarning)
 
     # using
     def get(self, key: str) -> dict | None:
@@ -723,7 +723,7 @@ _said: set[str] = set()
 def _say_once(key: str, msg: str) -> None:
     if key not in _said:
         _said.add(key)
-        warnings.warn(f"fastres: {msg}", RuntimeWarning, stacklevel=4)
+        _warnings.warn(f"fastres: {msg}")
 
 
 def _tuning_allowed(device: torch.device) -> str | None:
@@ -975,9 +975,8 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
                          f"or torch.float64), got {dtype}")
     if device.type not in _backend._TUNED_DEVICE_TYPES:
         tuned = ", ".join(sorted(_backend._TUNED_DEVICE_TYPES)) or "no"
-        warnings.warn(f"fastres: tune_model: the model is on {device.type}, and only {tuned} "
-                      "calls are tuned (others run a fixed choice): nothing to tune",
-                      RuntimeWarning, stacklevel=2)
+        _warnings.warn(f"fastres: tune_model: the model is on {device.type}, and only {tuned} "
+                       "calls are tuned (others run a fixed choice): nothing to tune")
         return {"tuned": 0, "disk_hits": 0, "timed": 0, "cache": None, "seconds": 0.0}
     before = stats()
     t0 = time.perf_counter()

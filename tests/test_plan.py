@@ -13,6 +13,8 @@ from conftest import assert_close_rel
 
 import fastres
 import fastres.plan as plan_mod
+from fastres import tuning
+from fastres.ops import _backend
 
 
 def _fresh_pair(arch="resnet18"):
@@ -595,3 +597,31 @@ def test_eager_warning_said_once_by_racing_threads(monkeypatch):
     assert not errors, errors
     said = [w for w in caught if "a racing reason" in str(w.message)]
     assert len(said) == 1, [str(w.message) for w in said]
+
+
+def test_warnings_name_the_callers_line(pair, monkeypatch):
+    """fastres's warnings are attributed to the line that called into fastres (here, this
+    test), not to a line inside fastres or torch: the report and a ``warnings`` filter by
+    module or line then point at the user's code."""
+    tv, fr = pair
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    monkeypatch.setattr(plan_mod, "_said", set())
+    monkeypatch.setattr(_backend, "_warned", set())
+    expected = ["has forward hooks"]
+    with pytest.warns(RuntimeWarning) as rec:
+        handle = fr.layer1[0].conv1.register_forward_hook(lambda *a: None)
+        with torch.no_grad():
+            fr(x)  # the eager path, said by the plan under nn.Module.__call__
+        handle.remove()
+        if DEVICE == "cpu":
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+            expected += ["cannot run on the 'triton' backend", "nothing to tune"]
+            with torch.no_grad(), _backend.use_backend("triton"):
+                fr(x)  # falls back: said deep inside an op's implementation choice
+            tuning.tune_model(fr, 1, image_size=32)  # CPU calls are not tuned
+    ours = [w for w in rec if str(w.message).startswith("fastres:")]
+    for needle in expected:
+        assert any(needle in str(w.message) for w in ours), (needle, [str(w.message)
+                                                                      for w in rec])
+    for w in ours:
+        assert w.filename == __file__, (w.filename, str(w.message))

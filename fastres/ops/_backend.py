@@ -36,11 +36,12 @@ import itertools
 import logging
 import os
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from fastres import _warnings
 
 log = logging.getLogger("fastres")
 
@@ -227,18 +228,18 @@ def _leading_ints(version: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _warn_once(key: tuple, msg: str, stacklevel: int) -> None:
-    """Warn ``fastres: msg`` the first time ``key`` is seen (``stacklevel`` counted from the
-    caller)."""
+def _warn_once(key: tuple, msg: str) -> None:
+    """Warn ``fastres: msg`` (at the caller's line outside fastres) the first time ``key`` is
+    seen."""
     if key in _warned:
         return
     _warned.add(key)
-    warnings.warn(f"fastres: {msg}", RuntimeWarning, stacklevel=stacklevel + 1)
+    _warnings.warn(f"fastres: {msg}")
 
 
 def _say_once(op: str, backend: str, reason: str) -> None:
     _warn_once((op, backend, reason),
-               f"{op} cannot run on the {backend!r} backend ({reason}); falling back", 4)
+               f"{op} cannot run on the {backend!r} backend ({reason}); falling back")
 
 
 _optional_loaded = False
@@ -355,7 +356,7 @@ def runnable(op: str, backend: str, device: torch.device, impls: dict[str, Impl]
     impl = impls.get(backend)
     if impl is None and backend in _missing and _device_ok(backend, device) is None:
         # said once per backend; the note_missing reason names the ops that run without it
-        _warn_once(("(missing)", backend, _missing[backend]), _missing[backend], 4)
+        _warn_once(("(missing)", backend, _missing[backend]), _missing[backend])
     if impl is None:
         return None
     reason = _device_ok(backend, device)
