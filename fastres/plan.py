@@ -465,8 +465,9 @@ class InferencePlan:
                 return self.run(x, features_only)
         x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
         # plain tensors outside tracing skip the dispatcher; fake/functional tensors (export's
-        # non-strict tracing) and other subclasses go through the custom ops
-        stem, conv, head = _DIRECT if type(x) is Tensor and not tracing() else _OPS
+        # non-strict tracing), other subclasses and meta tensors go through the custom ops
+        direct = type(x) is Tensor and not tracing() and not x.is_meta
+        stem, conv, head = _DIRECT if direct else _OPS
         s = self.stem
         x = stem(x, s.weight, s.bias)
         for blk in self.blocks:
@@ -599,6 +600,20 @@ def get_plan(model: nn.Module, dtype: torch.dtype | None = None) -> InferencePla
         return plan
 
 
+try:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # pragma: no cover - other torch versions
+    def _is_fake(x) -> bool:
+        return False
+
+
+def without_data(x: Tensor) -> bool:
+    """True for a tensor that carries shapes but no values: on the ``meta`` device, or a
+    ``FakeTensor`` (``FakeTensorMode``, as shape-inference and FLOP-counting tools use).
+    The model's forward then gives the output's shape and dtype, as torchvision's does."""
+    return x.is_meta or _is_fake(x)
+
+
 def plan_for_input(model: nn.Module, x: Tensor) -> InferencePlan | None:
     """The plan for this input, or ``None`` (after one warning) when folding is not finite.
 
@@ -606,10 +621,11 @@ def plan_for_input(model: nn.Module, x: Tensor) -> InferencePlan | None:
     recorded in the graph (``torch.export`` gets ``fastres.*`` ops whose weights are computed
     from the state_dict's tensors; ``torch.compile`` re-folds per call unless inductor's
     ``freezing`` constant-folds it), in fp32 rather than float64, and the finiteness check is
-    skipped.
+    skipped. So it is for an input without data (:func:`without_data`: a ``meta`` tensor or
+    one made under ``FakeTensorMode``, for shapes), whose plan must not be cached either.
     """
     dtype = compute_dtype(model, x)
-    if tracing():
+    if tracing() or without_data(x):
         return InferencePlan(model, dtype, traced=True)
     try:
         return get_plan(model, dtype)

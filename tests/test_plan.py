@@ -599,6 +599,36 @@ def test_eager_warning_said_once_by_racing_threads(monkeypatch):
     assert len(said) == 1, [str(w.message) for w in said]
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_without_data_gives_shapes(arch, dtype):
+    """A ``meta`` model and input (``torch.device("meta")`` construction, shape inference)
+    and a ``FakeTensorMode`` forward give torchvision's output shape and dtype, and leave no
+    plan built of data-less tensors behind."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    n, h, w = (int(v) for v in torch.randint(1, 4, (1,)).tolist() + torch.randint(
+        33, 97, (2,)).tolist())
+    tv = torchvision.models.get_model(arch, weights=None).eval().to("meta", dtype)
+    fr = getattr(fastres, arch)().eval().to("meta", dtype)
+    x = torch.randn(n, 3, h, w, device="meta", dtype=dtype)
+    with torch.no_grad():
+        want = tv(x)
+        got = fr(x)
+        feats = fr.forward_features(x)
+    assert got.is_meta and (got.shape, got.dtype) == (want.shape, want.dtype)
+    assert feats.shape == (n, fr.fc.in_features, (h + 31) // 32, (w + 31) // 32)
+    assert fr.__dict__.get("_plan_cache") is None
+
+    real = getattr(fastres, arch)().eval().to(dtype=dtype)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        fake = real(torch.randn(n, 3, h, w, dtype=dtype))
+    assert isinstance(fake, FakeTensor) and (fake.shape, fake.dtype) == (want.shape, want.dtype)
+    assert real.__dict__.get("_plan_cache") is None
+    # and the real forward after it is the real one
+    _check_current(real, torch.randn(1, 3, 32, 32), "after a FakeTensorMode forward")
+
+
 def test_warnings_name_the_callers_line(pair, monkeypatch):
     """fastres's warnings are attributed to the line that called into fastres (here, this
     test), not to a line inside fastres or torch: the report and a ``warnings`` filter by
