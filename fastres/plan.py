@@ -34,12 +34,21 @@ from fastres.ops._checks import FLOAT_DTYPES
 
 SUPPORTED_COMPUTE_DTYPES = FLOAT_DTYPES  # float32, float16, bfloat16
 
-# What the plan calls: the custom ops when a forward is traced (the graph records them), and
-# the same work without the torch.library dispatch otherwise (see _backend.direct).
+# What the plan calls: the custom ops when a forward is traced (the graph records them, and
+# fake/functional tensors dispatch through them), and the ops' work without the torch.library
+# dispatch otherwise (see InferencePlan.run): the dispatcher's Python layers cost ~50 us per
+# call on a CPU, more than a small layer's kernel.
 _OPS = (torch.ops.fastres.stem.default, torch.ops.fastres.conv_bias_act.default,
         torch.ops.fastres.avgpool_linear.default)
-_DIRECT = (_backend.direct("stem"), _backend.direct("conv_bias_act"),
-           _backend.direct("avgpool_linear"))
+_OP_NAMES = ("stem", "conv_bias_act", "avgpool_linear")
+_STEM_OP, _CONV_OP, _HEAD_OP = range(3)  # indices into _OPS and _OP_NAMES
+# input signatures whose implementation choices one plan remembers (then it starts afresh)
+_DISPATCH_MEMO_SIZE = 32
+
+
+def _through_ops(op: int, *args) -> Tensor:
+    return _OPS[op](*args)
+
 
 _said: set[str] = set()
 _said_lock = threading.Lock()  # threads that miss together: one of them warns
@@ -349,11 +358,6 @@ class ConvStep:
     groups: int
     name: str
 
-    def __call__(self, x: Tensor, residual: Tensor | None = None, relu: bool = True,
-                 conv=_OPS[1]) -> Tensor:
-        return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                    self.groups, residual, relu)
-
 
 _NO_FLOAT64 = frozenset({"mps"})  # device types whose tensors cannot be float64
 
@@ -441,6 +445,8 @@ class InferencePlan:
             self.fc_bias = fc_bias.detach().to(dtype).contiguous()
         self.num_classes = model.fc.out_features
         self.num_features = model.fc.in_features
+        # input signature and choice state -> the implementation of every step, in order
+        self._dispatch: dict[tuple, tuple] = {}
 
     def convs(self) -> list[ConvStep]:
         """Every convolution of the plan, in execution order."""
@@ -464,22 +470,52 @@ class InferencePlan:
             with torch.cuda.device(x.device):
                 return self.run(x, features_only)
         x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
-        # plain tensors outside tracing skip the dispatcher; fake/functional tensors (export's
-        # non-strict tracing), other subclasses and meta tensors go through the custom ops
-        direct = type(x) is Tensor and not tracing() and not x.is_meta
-        stem, conv, head = _DIRECT if direct else _OPS
+        if type(x) is not Tensor or tracing() or x.is_meta:  # fake/functional, traces, meta
+            return self._forward(x, features_only, _through_ops)
+        # The implementation each step runs is a function of the input's signature (every
+        # later shape follows from it) and of the choice state (backend preference, tuning
+        # mode and memo, TF32 flags, registered implementations): remembered per signature,
+        # a forward skips choosing, about half of fastres's Python time per forward (the
+        # tuner's memo key alone hashes every argument's shape and strides; see
+        # benchmarks/host_overhead.py).
+        key = (x.shape, x.stride(), x.device, features_only, _backend.choice_state())
+        fns = self._dispatch.get(key)
+        if fns is not None:
+            step = iter(fns).__next__
+            return self._forward(x, features_only, lambda op, *args: step()(*args))
+        chosen: list[_backend.Impl] = []
+
+        def choose_and_run(op: int, *args) -> Tensor:
+            impl = _backend.choose(_OP_NAMES[op], args[0].device, *args)
+            chosen.append(impl)
+            return impl.fn(*args)
+
+        out = self._forward(x, features_only, choose_and_run)
+        # (a choice deferred during CUDA graph capture is not the tuned one: not remembered)
+        if all(impl.final for impl in chosen):
+            if len(self._dispatch) >= _DISPATCH_MEMO_SIZE:  # (many shapes: start again)
+                self._dispatch = {}
+            self._dispatch[key] = tuple(impl.fn for impl in chosen)
+        return out
+
+    def _forward(self, x: Tensor, features_only: bool, call) -> Tensor:
+        """The fused forward on a channels-last ``x`` in the compute dtype, every op run as
+        ``call(op, *args)`` with ``op`` one of ``_STEM_OP``, ``_CONV_OP``, ``_HEAD_OP``."""
         s = self.stem
-        x = stem(x, s.weight, s.bias)
+        x = call(_STEM_OP, x, s.weight, s.bias)
         for blk in self.blocks:
-            identity = x if blk.downsample is None else blk.downsample(x, None, False, conv)
-            out = x
-            last = len(blk.convs) - 1
-            for i, step in enumerate(blk.convs):
-                out = step(out, identity if i == last else None, True, conv)
-            x = out
+            d = blk.downsample
+            identity = x if d is None else call(_CONV_OP, x, d.weight, d.bias, d.stride,
+                                                d.padding, d.dilation, d.groups, None, False)
+            *inner, last = blk.convs
+            for c in inner:
+                x = call(_CONV_OP, x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups,
+                         None, True)
+            x = call(_CONV_OP, x, last.weight, last.bias, last.stride, last.padding,
+                     last.dilation, last.groups, identity, True)
         if features_only:
             return x
-        return head(x, self.fc_weight, self.fc_bias)
+        return call(_HEAD_OP, x, self.fc_weight, self.fc_bias)
 
 
 # -- the cache ---------------------------------------------------------------------------------

@@ -167,6 +167,7 @@ def configure(*, timer: Timer | None | object = _UNSET,
             devices = (devices,)
         _backend._TUNED_DEVICE_TYPES = frozenset(devices)  # type: ignore[arg-type]
     _memo.clear()
+    _backend.invalidate_choices()  # and the choices the inference plans remember
 
 
 def reset() -> None:
@@ -178,6 +179,7 @@ def reset() -> None:
     _memo.clear()
     _names.clear()
     _caches.clear()
+    _backend.invalidate_choices()
     _envs.clear()
     _said.clear()
     for k in _stats:
@@ -770,7 +772,7 @@ def choose(op: str, device: torch.device, pref: str, impls: dict, args: tuple,
                       f"during {why_not}; it runs the pinned choice there. Warm up (or run "
                       "fastres.tuning.tune_model) before capturing or compiling.")
             return _backend.Impl(op, cands[0].backend, cands[0].fn,
-                                 _supports_of(cands[0], impls))
+                                 _supports_of(cands[0], impls), final=False)
         chosen, record = _measure(op, key, cands, impls, args, kwargs)
         if record is not None:
             cache.put(key, record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 
 import pytest
@@ -233,7 +234,7 @@ def test_bad_input_is_rejected_before_any_kernel(pair, bad, exc, match, mode, mo
 
     monkeypatch.setattr(torch.nn.functional, "conv2d", no_kernels)
     monkeypatch.setattr(plan_mod, "_OPS", (no_kernels,) * 3)
-    monkeypatch.setattr(plan_mod, "_DIRECT", (no_kernels,) * 3)
+    monkeypatch.setattr(_backend, "choose", no_kernels)
     with torch.no_grad(), pytest.raises(exc, match=match):
         fr(bad())
 
@@ -314,23 +315,122 @@ def test_non_finite_fold_falls_back_to_eager(pair, monkeypatch):
 
 
 def test_eager_forward_skips_the_op_dispatcher(pair, monkeypatch):
-    """Outside tracing the plan calls the ops' work directly (``_backend.direct``): the
-    torch.library dispatch costs more than a small layer. Same result as through the ops."""
+    """Outside tracing the plan runs the ops' implementations directly: the torch.library
+    dispatch costs more than a small layer. Same result as through the ops."""
     tv, fr = pair
     x = torch.randn(2, 3, 33, 31, device=DEVICE)
-    direct_fns = plan_mod._DIRECT
-    with monkeypatch.context() as mp, torch.no_grad():
-        mp.setattr(plan_mod, "_DIRECT", plan_mod._OPS)  # force the custom ops
-        through_ops = fr(x)
+    with torch.no_grad():
+        plan = plan_mod.get_plan(fr)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        through_ops = plan._forward(xc, False, plan_mod._through_ops)
 
     def no_dispatch(*a, **k):
         raise AssertionError("the eager plan went through the custom op")
 
     monkeypatch.setattr(plan_mod, "_OPS", (no_dispatch,) * 3)
-    assert plan_mod._DIRECT is direct_fns
     with torch.no_grad():
         direct = fr(x)
+        again = fr(x)  # the remembered choices
     torch.testing.assert_close(direct, through_ops, rtol=0, atol=0)
+    torch.testing.assert_close(again, through_ops, rtol=0, atol=0)
+
+
+def _chosen(fr, x) -> list[tuple[str, str]]:
+    """``(op, backend)`` of every implementation choice the plan makes in ``fr(x)`` (none:
+    remembered). Choices an implementation makes inside itself (the reference stem runs the
+    ``conv_bias_act`` and ``max_pool2d`` ops) are not the plan's and are not listed."""
+    seen = []
+    real = _backend.choose
+
+    def spy(op, device, *args, **kwargs):
+        impl = real(op, device, *args, **kwargs)
+        if sys._getframe(1).f_code.co_name == "choose_and_run":  # called by the plan
+            seen.append((op, impl.backend))
+        return impl
+
+    _backend.choose = spy
+    try:
+        with torch.no_grad():
+            fr(x)
+    finally:
+        _backend.choose = real
+    return seen
+
+
+def test_plan_remembers_choices_per_input_and_choice_state(pair, monkeypatch):
+    """The implementation of each step is chosen once per input signature and choice state
+    (:func:`fastres.ops._backend.choice_state`), then remembered: a forward whose input or
+    state differs chooses again, and runs what the new state selects."""
+    tv, fr = pair
+    monkeypatch.delenv("FASTRES_BACKEND", raising=False)
+    monkeypatch.delenv("FASTRES_TUNE", raising=False)
+    # (on a CPU: the reference runs, not the ~25 s interpreted forwards; the interpreter's
+    # state still takes part through triton_interpreted(), flipped below)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    steps = 1 + sum(len(b.convs) + (b.downsample is not None)
+                    for b in plan_mod.get_plan(fr).blocks) + 1  # stem, convs, head
+    first = _chosen(fr, x)
+    assert len(first) == steps
+    assert _chosen(fr, x) == []  # remembered
+    assert len(_chosen(fr, torch.randn(2, 3, 32, 32, device=DEVICE))) == steps  # new shape
+    assert len(_chosen(fr, x.contiguous(memory_format=torch.channels_last))) == 0  # same
+    # another backend preference: chosen again, and what runs is that backend's
+    with _backend.use_backend("torch"):
+        assert set(_chosen(fr, x)) == {(op, "torch") for op, _ in first}
+        assert _chosen(fr, x) == []
+    assert _chosen(fr, x) == []  # back to the first state: its choices are still known
+    for flip in (lambda: monkeypatch.setenv("FASTRES_TUNE", "0"),
+                 lambda: torch.backends.cudnn.__setattr__(
+                     "allow_tf32", not torch.backends.cudnn.allow_tf32),
+                 lambda: monkeypatch.setattr(_backend, "triton_interpreted", lambda: True),
+                 _backend.invalidate_choices,
+                 lambda: tuning.configure()):
+        tf32 = torch.backends.cudnn.allow_tf32
+        try:
+            flip()
+            assert len(_chosen(fr, x)) == steps
+            assert _chosen(fr, x) == []
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+    # an implementation registered (or replaced) afterwards is chosen from the next call on
+    calls = []
+    ref = _backend.implementations("avgpool_linear")["torch"]
+
+    def counted(*args):
+        calls.append(1)
+        return ref.fn(*args)
+
+    # (both restored afterwards: the registry and its generation return to their old state)
+    monkeypatch.setitem(_backend._IMPLS, "avgpool_linear",
+                        dict(_backend._IMPLS["avgpool_linear"]))
+    monkeypatch.setattr(_backend, "_generation", _backend._generation)
+    _backend.register_impl("avgpool_linear", "torch", counted)
+    with _backend.use_backend("torch"), torch.no_grad():
+        fr(x)
+    assert calls == [1], "a newly registered implementation was not chosen"
+
+
+def test_plan_does_not_remember_a_deferred_choice(pair, monkeypatch):
+    """A choice that is not ``final`` (an untuned layer met during CUDA graph capture runs
+    the pinned choice there) is made again on the next forward, when it can be tuned."""
+    tv, fr = pair
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (CPU: the reference, quickly)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    real = _backend.choose
+
+    def deferred(op, device, *args, **kwargs):
+        impl = real(op, device, *args, **kwargs)
+        return _backend.Impl(impl.op, impl.backend, impl.fn, impl.supports, final=False)
+
+    monkeypatch.setattr(_backend, "choose", deferred)
+    with torch.no_grad():
+        out = fr(x)
+    monkeypatch.setattr(_backend, "choose", real)
+    assert len(_chosen(fr, x)) > 0
+    assert _chosen(fr, x) == []
+    with torch.no_grad():
+        torch.testing.assert_close(fr(x), out, rtol=0, atol=0)
 
 
 # -- what the plan does not fuse, and edits it must see ----------------------------------------

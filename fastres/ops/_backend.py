@@ -65,13 +65,16 @@ class Impl:
 
     ``fn`` has the op's exact signature. ``supports(*args, **kwargs)`` returns ``None`` when
     the implementation can run the call, or a short reason why not (used in the fallback
-    message).
+    message). ``final`` is False for a stand-in choice that a later call with the same
+    arguments may replace (an untuned layer met during CUDA graph capture): callers that
+    remember choices (the inference plan) must not remember it.
     """
 
     op: str
     backend: str
     fn: Callable
     supports: Callable[..., str | None]
+    final: bool = True
 
 
 @dataclass(frozen=True)
@@ -335,15 +338,31 @@ def run_op(op: str, x: torch.Tensor, *args):
     return run(op, x, *args)
 
 
-def direct(op: str) -> Callable:
-    """``op``'s work without the ``torch.library`` dispatch: ``fn(x, *args)`` is :func:`run`.
+# Bumped when a choice made earlier may no longer be the one :func:`choose` would make for the
+# same arguments and the same choice_state() otherwise (fastres.tuning drops its memo).
+_choice_epoch = 0
 
-    For eager callers only (the inference plan outside tracing, on plain tensors): the
-    dispatcher's Python layers cost ~50 us per call on a CPU, more than a small layer's
-    kernel. Traced code (``torch.compile``, ``torch.export``, ``torch.jit.trace``) must call
-    the custom op, which is what the graphs record.
-    """
-    return functools.partial(run, op)
+
+def invalidate_choices() -> None:
+    """Forget remembered choices (see :func:`choice_state`)."""
+    global _choice_epoch
+    _choice_epoch += 1
+
+
+def choice_state() -> tuple:
+    """Everything :func:`choose` depends on besides the op and its arguments' shapes, dtypes,
+    strides and device: the backend preference of this thread, the registered
+    implementations and configuration providers, the tuned device types, the tuning mode
+    (``FASTRES_TUNE``, deterministic algorithms), the TF32 flags, ``TRITON_INTERPRET`` and
+    whether the interpreter can run here, and an epoch that :mod:`fastres.tuning` bumps when
+    it forgets its choices. Equal states and equal arguments get the same choice, unless
+    :func:`choose` returned one that is not ``final``. ~5 us on a CPU core."""
+    _load_optional_backends()  # (their registration bumps the generation: before reading it)
+    interpreted = triton_interpreted()
+    return (get_backend(), _generation, _choice_epoch, _TUNED_DEVICE_TYPES,
+            os.environ.get("FASTRES_TUNE"), torch.are_deterministic_algorithms_enabled(),
+            cudnn_allow_tf32(), matmul_allow_tf32(), interpreted,
+            interpreted and interpreter_problem())
 
 
 def runnable(op: str, backend: str, device: torch.device, impls: dict[str, Impl], args,
