@@ -20,6 +20,7 @@ device. Folding is O(parameters) elementwise work done once per change.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import threading
 import weakref
@@ -42,7 +43,7 @@ _OPS = (torch.ops.fastres.stem.default, torch.ops.fastres.conv_bias_act.default,
         torch.ops.fastres.avgpool_linear.default)
 _OP_NAMES = ("stem", "conv_bias_act", "avgpool_linear")
 _STEM_OP, _CONV_OP, _HEAD_OP = range(3)  # indices into _OPS and _OP_NAMES
-# input signatures whose implementation choices one plan remembers (then it starts afresh)
+# input signatures whose implementation choices one plan remembers (the oldest goes first)
 _DISPATCH_MEMO_SIZE = 32
 
 
@@ -470,7 +471,7 @@ class InferencePlan:
             with torch.cuda.device(x.device):
                 return self.run(x, features_only)
         x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
-        if type(x) is not Tensor or tracing() or x.is_meta:  # fake/functional, traces, meta
+        if type(x) is not Tensor or tracing() or without_data(x):  # fake, traces, meta
             return self._forward(x, features_only, _through_ops)
         # The implementation each step runs is a function of the input's signature (every
         # later shape follows from it) and of the choice state (backend preference, tuning
@@ -491,11 +492,15 @@ class InferencePlan:
             return impl.fn(*args)
 
         out = self._forward(x, features_only, choose_and_run)
-        # (a choice deferred during CUDA graph capture is not the tuned one: not remembered)
-        if all(impl.final for impl in chosen):
-            if len(self._dispatch) >= _DISPATCH_MEMO_SIZE:  # (many shapes: start again)
-                self._dispatch = {}
-            self._dispatch[key] = tuple(impl.fn for impl in chosen)
+        # Remembered when every choice is final (one deferred during CUDA graph capture is
+        # not the tuned one) and the state did not change during the forward (another thread
+        # setting FASTRES_TUNE or the TF32 flags meanwhile: the choices would be a mix)
+        if all(impl.final for impl in chosen) and _backend.choice_state() == key[-1]:
+            memo = self._dispatch
+            if len(memo) >= _DISPATCH_MEMO_SIZE:  # the oldest signature goes
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                    del memo[next(iter(memo))]  # (unless another thread's change got there)
+            memo[key] = tuple(impl.fn for impl in chosen)
         return out
 
     def _forward(self, x: Tensor, features_only: bool, call) -> Tensor:
@@ -643,11 +648,19 @@ except ImportError:  # pragma: no cover - other torch versions
         return False
 
 
+def _fake_mode_active() -> bool:
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    except AttributeError:  # pragma: no cover - other torch versions
+        return False
+
+
 def without_data(x: Tensor) -> bool:
-    """True for a tensor that carries shapes but no values: on the ``meta`` device, or a
-    ``FakeTensor`` (``FakeTensorMode``, as shape-inference and FLOP-counting tools use).
-    The model's forward then gives the output's shape and dtype, as torchvision's does."""
-    return x.is_meta or _is_fake(x)
+    """True for a forward that has shapes but no values: ``x`` on the ``meta`` device, a
+    ``FakeTensor``, or any input while a ``FakeTensorMode`` is active (as shape-inference and
+    FLOP-counting tools use; a real input is faked by the first op there). The model's
+    forward then gives the output's shape and dtype, as torchvision's does."""
+    return x.is_meta or _is_fake(x) or _fake_mode_active()
 
 
 def plan_for_input(model: nn.Module, x: Tensor) -> InferencePlan | None:

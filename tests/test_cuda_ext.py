@@ -922,7 +922,9 @@ def _count_cuda_calls(monkeypatch, *ops):
         monkeypatch.setitem(_backend._IMPLS[op], "cuda",
                             _backend.Impl(op, "cuda", counting, impl.supports))
     # a new registry generation: choices remembered for the unpatched registry are dropped
+    # (the tuner's by generation; the plans' by the choice epoch, which is never put back)
     monkeypatch.setattr(_backend, "_generation", _backend._generation + 1)
+    _backend.invalidate_choices()
     return counts
 
 

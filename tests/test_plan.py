@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import warnings
 
@@ -401,14 +402,47 @@ def test_plan_remembers_choices_per_input_and_choice_state(pair, monkeypatch):
         calls.append(1)
         return ref.fn(*args)
 
-    # (both restored afterwards: the registry and its generation return to their old state)
-    monkeypatch.setitem(_backend._IMPLS, "avgpool_linear",
-                        dict(_backend._IMPLS["avgpool_linear"]))
-    monkeypatch.setattr(_backend, "_generation", _backend._generation)
-    _backend.register_impl("avgpool_linear", "torch", counted)
+    with monkeypatch.context() as mp:  # (the registry and its generation are put back)
+        mp.setitem(_backend._IMPLS, "avgpool_linear", dict(_backend._IMPLS["avgpool_linear"]))
+        mp.setattr(_backend, "_generation", _backend._generation)
+        _backend.register_impl("avgpool_linear", "torch", counted)
+        with _backend.use_backend("torch"), torch.no_grad():
+            fr(x)
+            fr(x)
+        assert calls == [1, 1], "a newly registered implementation was not chosen"
+    # the generation it ran under comes round again (registering anything, or a test's
+    # patching as test_cuda_ext's _count_cuda_calls does): the registry is the real one, and
+    # so is what runs (the choice epoch, which nothing puts back, moved on)
+    monkeypatch.setattr(_backend, "_generation", _backend._generation + 1)
+    _backend.invalidate_choices()
     with _backend.use_backend("torch"), torch.no_grad():
         fr(x)
-    assert calls == [1], "a newly registered implementation was not chosen"
+    assert calls == [1, 1], "a replaced implementation ran after the registry was put back"
+
+
+def test_plan_does_not_remember_choices_when_the_state_changes_midway(pair, monkeypatch):
+    """Another thread changing the choice state during a forward (FASTRES_TUNE, the TF32
+    flags) would leave a mix of the two states' choices: not remembered under either."""
+    tv, fr = pair
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (CPU: the reference, quickly)
+    monkeypatch.delenv("FASTRES_TUNE", raising=False)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    real = _backend.choose
+    n = [0]
+
+    def flips_midway(op, device, *args, **kwargs):
+        n[0] += 1
+        if n[0] == 3:
+            os.environ["FASTRES_TUNE"] = "0"
+        return real(op, device, *args, **kwargs)
+
+    monkeypatch.setattr(_backend, "choose", flips_midway)
+    with torch.no_grad():
+        fr(x)
+    monkeypatch.setattr(_backend, "choose", real)
+    del os.environ["FASTRES_TUNE"]  # back to the state the forward started in
+    assert len(_chosen(fr, x)) > 0
+    assert _chosen(fr, x) == []
 
 
 def test_plan_does_not_remember_a_deferred_choice(pair, monkeypatch):
@@ -725,6 +759,15 @@ def test_forward_without_data_gives_shapes(arch, dtype):
         fake = real(torch.randn(n, 3, h, w, dtype=dtype))
     assert isinstance(fake, FakeTensor) and (fake.shape, fake.dtype) == (want.shape, want.dtype)
     assert real.__dict__.get("_plan_cache") is None
+    # a real input made outside the mode, on a model without and then with a cached plan (and
+    # in the layout and dtype the plan computes in: nothing would fake it before the ops)
+    xr = torch.randn(n, 3, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            fake = real(xr)
+        assert isinstance(fake, FakeTensor) and fake.shape == want.shape
+        with torch.no_grad():
+            real(xr[:1])  # the plan is cached for the second round
     # and the real forward after it is the real one
     _check_current(real, torch.randn(1, 3, 32, 32), "after a FakeTensorMode forward")
 
@@ -755,3 +798,17 @@ def test_warnings_name_the_callers_line(pair, monkeypatch):
                                                                       for w in rec])
     for w in ours:
         assert w.filename == __file__, (w.filename, str(w.message))
+
+
+def test_warning_location_does_not_depend_on_how_paths_are_spelled():
+    """fastres's frames are known by module name: a checkout imported through a path with
+    ``..`` in it (``sys.path.insert(0, "../fastres")``) still gets the caller's line."""
+    from fastres import _warnings
+
+    code = compile("def inner():\n    _warnings.warn('fastres: where?')\n",
+                   "/tmp/../elsewhere/fastres/plan.py", "exec")
+    scope = {"__name__": "fastres.plan", "_warnings": _warnings}
+    exec(code, scope)
+    with pytest.warns(RuntimeWarning, match="where") as rec:
+        scope["inner"]()
+    assert rec[0].filename == __file__

@@ -115,6 +115,7 @@ def register_impl(op: str, backend: str, fn: Callable, supports: Callable | None
         raise ValueError(f"backend must be one of {_FALLBACK_ORDER}, got {backend!r}")
     _IMPLS.setdefault(op, {})[backend] = Impl(op, backend, fn, supports or _always)
     _generation += 1
+    invalidate_choices()  # (the generation can be put back by a test; the epoch never is)
 
 
 def register_configs(op: str, backend: str, configs: Callable[..., list],
@@ -126,6 +127,7 @@ def register_configs(op: str, backend: str, configs: Callable[..., list],
         raise ValueError(f"backend must be one of {_FALLBACK_ORDER}, got {backend!r}")
     _CONFIGS[(op, backend)] = ConfigProvider(configs, run)
     _generation += 1
+    invalidate_choices()
 
 
 def config_provider(op: str, backend: str) -> ConfigProvider | None:
