@@ -336,6 +336,14 @@ def test_eager_forward_skips_the_op_dispatcher(pair, monkeypatch):
     torch.testing.assert_close(again, through_ops, rtol=0, atol=0)
 
 
+def _without_interpreter(monkeypatch) -> None:
+    """Unset ``TRITON_INTERPRET`` for this test, once the Triton kernels are defined: a kernel
+    defined without it is a compiled-mode kernel, and would stay one for every later test in
+    this process (on a CPU: "0 active drivers")."""
+    _backend.implementations("conv_bias_act")  # imports the Triton implementations
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 def _chosen(fr, x) -> list[tuple[str, str]]:
     """``(op, backend)`` of every implementation choice the plan makes in ``fr(x)`` (none:
     remembered). Choices an implementation makes inside itself (the reference stem runs the
@@ -367,7 +375,7 @@ def test_plan_remembers_choices_per_input_and_choice_state(pair, monkeypatch):
     monkeypatch.delenv("FASTRES_TUNE", raising=False)
     # (on a CPU: the reference runs, not the ~25 s interpreted forwards; the interpreter's
     # state still takes part through triton_interpreted(), flipped below)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _without_interpreter(monkeypatch)
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     steps = 1 + sum(len(b.convs) + (b.downsample is not None)
                     for b in plan_mod.get_plan(fr).blocks) + 1  # stem, convs, head
@@ -424,7 +432,7 @@ def test_plan_does_not_remember_choices_when_the_state_changes_midway(pair, monk
     """Another thread changing the choice state during a forward (FASTRES_TUNE, the TF32
     flags) would leave a mix of the two states' choices: not remembered under either."""
     tv, fr = pair
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (CPU: the reference, quickly)
+    _without_interpreter(monkeypatch)  # (CPU: the reference, quickly)
     monkeypatch.delenv("FASTRES_TUNE", raising=False)
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     real = _backend.choose
@@ -449,7 +457,7 @@ def test_plan_does_not_remember_a_deferred_choice(pair, monkeypatch):
     """A choice that is not ``final`` (an untuned layer met during CUDA graph capture runs
     the pinned choice there) is made again on the next forward, when it can be tuned."""
     tv, fr = pair
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (CPU: the reference, quickly)
+    _without_interpreter(monkeypatch)  # (CPU: the reference, quickly)
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     real = _backend.choose
 
@@ -787,7 +795,7 @@ def test_warnings_name_the_callers_line(pair, monkeypatch):
             fr(x)  # the eager path, said by the plan under nn.Module.__call__
         handle.remove()
         if DEVICE == "cpu":
-            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+            _without_interpreter(monkeypatch)
             expected += ["cannot run on the 'triton' backend", "nothing to tune"]
             with torch.no_grad(), _backend.use_backend("triton"):
                 fr(x)  # falls back: said deep inside an op's implementation choice
