@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fastres import _warnings
+from fastres.ops._checks import cuda_device_problem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,14 +59,10 @@ def parse_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise UserError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r} asked for, but this machine has no CUDA GPU "
-                            "(torch.cuda.is_available() is False)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {name!r} asked for, but there are only "
-                            f"{torch.cuda.device_count()} CUDA devices")
-    elif device.type != "cpu":
+    problem = cuda_device_problem(device)
+    if problem is not None:
+        raise UserError(f"device {name!r} asked for, but {problem}")
+    if device.type not in ("cuda", "cpu"):
         raise UserError(f"unsupported device {name!r}; expected auto, cpu, cuda or cuda:N")
     return device
 

@@ -78,15 +78,15 @@ def optimize(model: nn.Module, cuda_graphs: bool = True, max_graphs: int = 8,
         raise TypeError(f"max_graphs must be an int, got {max_graphs!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int):
         raise TypeError(f"warmup must be an int, got {warmup!r}")
-    if int(max_graphs) < 0:
+    if max_graphs < 0:
         raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
-    if int(warmup) < 1:
+    if warmup < 1:
         raise ValueError(f"warmup must be >= 1, got {warmup}")
     if not cuda_graphs:
         return model
     if isinstance(model, CUDAGraphModule):
         model = model.module
-    return CUDAGraphModule(model, max_graphs=int(max_graphs), warmup=int(warmup))
+    return CUDAGraphModule(model, max_graphs=max_graphs, warmup=warmup)
 
 
 class CUDAGraphModule(nn.Module):

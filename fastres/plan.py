@@ -423,6 +423,9 @@ class InferencePlan:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, traced: bool = False):
         self.dtype = dtype
+        # built for a traced forward or one without data (see plan_for_input): it runs the
+        # custom ops, whose fake kernels a graph or a fake tensor goes through
+        self.traced = traced
         self.stem = fold_batchnorm(model.conv1, model.bn1, dtype, "conv1", traced)
         self.blocks: list[BlockPlan] = []
         for li in range(1, 5):
@@ -471,7 +474,7 @@ class InferencePlan:
             with torch.cuda.device(x.device):
                 return self.run(x, features_only)
         x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
-        if type(x) is not Tensor or tracing() or without_data(x):  # fake, traces, meta
+        if self.traced or type(x) is not Tensor or tracing():  # traces, fake/meta, subclasses
             return self._forward(x, features_only, _through_ops)
         # The implementation each step runs is a function of the input's signature (every
         # later shape follows from it) and of the choice state (backend preference, tuning

@@ -62,11 +62,11 @@ def parse_batches(values: Iterable) -> list[int]:
 def check_cache_dir(path: str | os.PathLike, what: str) -> None:
     """``path`` must be a directory, or one that can be made (nothing is made here): a file
     in the way is a :class:`TuneUsageError` before anything is tuned."""
+    from fastres import tuning
+
     p = Path(path).expanduser()
-    probe = p
     try:
-        while not probe.exists() and probe.parent != probe:
-            probe = probe.parent
+        probe = tuning.nearest_existing(p)
         if probe.exists() and not probe.is_dir():
             where = "" if probe == p else f" cannot be made: {str(probe)!r}"
             raise TuneUsageError(f"{what} {str(p)!r}{where} is a file, expected a directory")
@@ -75,12 +75,6 @@ def check_cache_dir(path: str | os.PathLike, what: str) -> None:
                                  "writable")
     except OSError as exc:  # (a folder we may not look into)
         raise TuneUsageError(f"{what} {str(p)!r} cannot be used ({exc.strerror})") from None
-
-
-def _tuned_device_types() -> frozenset:
-    from fastres.ops import _backend
-
-    return frozenset(getattr(_backend, "_TUNED_DEVICE_TYPES", ("cuda",)))
 
 
 def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf16",),
@@ -93,6 +87,7 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
     from fastres import tuning
     from fastres._env import environ
     from fastres.models import MODEL_NAMES, get_model
+    from fastres.ops import _backend
 
     if model not in MODEL_NAMES:
         raise TuneUsageError(f"unknown model {model!r}; expected one of "
@@ -135,7 +130,7 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
 
         msg = describe_mismatch(model, state, repr(weights))
         raise TuneUsageError(msg.replace("pass --model ", "give MODEL as ")) from exc
-    if dev.type not in _tuned_device_types():
+    if dev.type not in _backend._TUNED_DEVICE_TYPES:
         echo(f"fastres tune: {dev.type} calls are not tuned (fastres times implementations "
              "on CUDA GPUs; other devices run a fixed choice): nothing to tune.")
         return 0

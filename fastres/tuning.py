@@ -62,7 +62,6 @@ import json
 import logging
 import math
 import numbers
-import operator
 import os
 import platform
 import re
@@ -78,6 +77,7 @@ import torch
 
 from fastres import _warnings
 from fastres.ops import _backend
+from fastres.ops._checks import as_int, cuda_device_problem
 
 log = logging.getLogger("fastres")
 
@@ -267,6 +267,15 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest ancestor that does (what a directory that is
+    to be made would be made in, or a file in the way); ``OSError`` from a folder that may
+    not be looked into."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 _DEVICE_EXPECTED = "expected a torch.device or a device string such as 'cuda', 'cuda:0' or 'cpu'"
 
 
@@ -283,14 +292,12 @@ def _as_device(device: Any, who: str) -> torch.device:
             raise ValueError(f"{who}: {_DEVICE_EXPECTED}, got {device!r}") from None
     else:
         raise TypeError(f"{who}: {_DEVICE_EXPECTED}, got {device!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{who}: device {str(dev)!r} asked for, but this machine has no "
-                             "CUDA GPU (torch.cuda.is_available() is False); expected 'cpu'")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"{who}: device {str(dev)!r} asked for, but there are only "
-                             f"{count} CUDA device(s); expected cuda:0 to cuda:{count - 1}")
+    problem = cuda_device_problem(dev)
+    if problem is not None:
+        expected = (f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+                    if torch.cuda.is_available() else "'cpu'")
+        raise ValueError(f"{who}: device {str(dev)!r} asked for, but {problem}; expected "
+                         f"{expected}")
     return dev
 
 
@@ -419,9 +426,7 @@ class TuningCache:
         directory (``FASTRES_CACHE_DIR`` naming a file): what stops the directory from being
         made."""
         try:
-            p = self.path.parent
-            while not p.exists() and p.parent != p:
-                p = p.parent
+            p = nearest_existing(self.path.parent)
             return p if p.exists() and not p.is_dir() else None
         except OSError:  # (a folder we may not look into): nothing more to say
             return None
@@ -898,29 +903,19 @@ def _check_tunable(model: Any) -> None:
                     f"layers run fastres's tuned ops, got {name}{hint}")
 
 
-def _index(v: Any) -> int | None:
-    """``v`` as an int when it is an integer (not a bool, float or string), else ``None``."""
-    if isinstance(v, bool):
-        return None
-    try:
-        return operator.index(v)
-    except TypeError:
-        return None
-
-
 def _batch_list(batch_sizes: Any) -> list[int]:
     if isinstance(batch_sizes, (str, bytes)) or not (
             isinstance(batch_sizes, (numbers.Number, Iterable))
-            or _index(batch_sizes) is not None):
+            or as_int(batch_sizes) is not None):
         what = (f"{type(batch_sizes).__name__} {batch_sizes!r}"
                 if isinstance(batch_sizes, (str, bytes)) else repr(batch_sizes))
         raise TypeError(f"tune_model: batch_sizes must be an int or a sequence of ints, got "
                         f"{what}")
     items = (list(batch_sizes) if isinstance(batch_sizes, Iterable)
-             and _index(batch_sizes) is None else [batch_sizes])
+             and as_int(batch_sizes) is None else [batch_sizes])
     out = []
     for b in items:
-        n = _index(b)
+        n = as_int(b)
         if n is None:
             raise TypeError(f"tune_model: batch sizes must be integers, got {b!r}")
         out.append(n)
@@ -932,12 +927,12 @@ def _batch_list(batch_sizes: Any) -> list[int]:
 
 
 def _image_hw(image_size: Any) -> tuple[int, int]:
-    n = _index(image_size)
+    n = as_int(image_size)
     if n is not None:
         hw = (n, n)
     elif (isinstance(image_size, (tuple, list)) and len(image_size) == 2
-          and all(_index(v) is not None for v in image_size)):
-        hw = (_index(image_size[0]), _index(image_size[1]))
+          and all(as_int(v) is not None for v in image_size)):
+        hw = (as_int(image_size[0]), as_int(image_size[1]))
     else:
         raise TypeError(f"tune_model: image_size must be an int or an (H, W) pair of ints, "
                         f"got {image_size!r}")

@@ -20,12 +20,24 @@ def check_float_activation(name: str, x: torch.Tensor, op: str) -> None:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
 
 
+def as_int(v) -> int | None:
+    """``v`` as an int when it is an integer: Python and NumPy integers (anything with
+    ``__index__``), not bools, floats or strings (``int()`` would truncate 2.5 to 2
+    silently); else ``None``."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:  # (no __index__, or one that refuses, as NumPy's bool_ does)
+        return None
+
+
 def int_arg(op: str, name: str, v) -> int:
-    """``v`` as an int: Python and NumPy integers (anything with ``__index__``), not bools,
-    floats or strings (``int()`` would truncate 2.5 to 2 silently)."""
-    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+    """``v`` as an int (see :func:`as_int`), or a ``TypeError`` naming ``op``'s ``name``."""
+    i = as_int(v)
+    if i is None:
         raise TypeError(f"{op}: {name} must be an int, got {v!r}")
-    return operator.index(v)
+    return i
 
 
 def bool_arg(op: str, name: str, v) -> bool:
@@ -41,6 +53,18 @@ def bias_or_zeros(bias, weight):
     if bias is None and isinstance(weight, torch.Tensor):
         return torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
     return bias
+
+
+def cuda_device_problem(device: torch.device) -> str | None:
+    """Why a CUDA ``device`` is not on this machine (no GPU, or no such index), or ``None``."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA GPU (torch.cuda.is_available() is False)"
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        return f"there are only {count} CUDA device(s)"
+    return None
 
 
 def conv_output_size(h, w, r, s, stride, padding, dilation) -> tuple[int, int]:
