@@ -127,11 +127,11 @@ def load_image(path: str | os.PathLike):
     """Open an image file as PIL RGB; a missing or unreadable file is a :class:`UserError`."""
     from PIL import Image, UnidentifiedImageError
 
+    from fastres.models import not_a_file
+
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UserError(f"image file {path!r} does not exist")
-    if os.path.isdir(path):
-        raise UserError(f"{path!r} is a directory, expected an image file")
+    if not os.path.isfile(path):  # missing, a directory, a FIFO (which PIL would wait on), ...
+        raise UserError(not_a_file(path, "image", "an image file"))
     try:
         with Image.open(path) as img:
             img.load()
@@ -338,7 +338,8 @@ def classify(paths: Sequence[str], weights, model_name: str = "resnet50", topk: 
              batch_size: int = 32) -> list[Prediction]:
     """Top-``topk`` ImageNet classes (softmax probabilities) for each image file.
 
-    All images are read before the model is built, so a bad file fails fast.
+    All images are read before the model is built, so a bad file fails fast. A ``topk``
+    above the model's class count lists every class.
     """
     if topk < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")

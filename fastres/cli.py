@@ -392,7 +392,8 @@ def _classify_arguments(p: argparse.ArgumentParser) -> None:
                    help="a local torchvision checkpoint for --model (nothing is downloaded)")
     p.add_argument("-m", "--model", default="resnet50", metavar="NAME", type=str.lower,
                    help=f"one of {', '.join(MODEL_NAMES)}, any case (default: resnet50)")
-    p.add_argument("-k", "--topk", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("-k", "--topk", type=int, default=5,
+                   help="classes per image (default: 5; more than the model has lists them all)")
     p.add_argument("--dtype", default="fp32", type=str.lower,
                    help=f"{', '.join(DTYPES)} (default: fp32)")
     _add_device(p)

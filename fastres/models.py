@@ -424,17 +424,21 @@ def unwrap_state_dict(sd: Mapping) -> dict:
     return sd
 
 
-def _not_a_file(path: str) -> str:
-    """Why ``path`` (not a regular file) cannot be a checkpoint, in words."""
+def not_a_file(path: str, what: str = "weights", expected: str = "a checkpoint file") -> str:
+    """Why ``path`` (not a regular file) cannot be read as ``what``, in words.
+
+    Callers test ``os.path.isfile`` first: opening a FIFO, socket or device would block or
+    read forever, so only a regular file is opened.
+    """
     if not path:
-        return "weights is an empty path, expected a checkpoint file"
+        return f"{what} is an empty path, expected {expected}"
     if os.path.isdir(path):
-        return f"weights path {path!r} is a directory, expected a checkpoint file"
+        return f"{what} path {path!r} is a directory, expected {expected}"
     if os.path.lexists(path) and not os.path.exists(path):
-        return f"weights path {path!r} is a broken symbolic link, expected a checkpoint file"
-    if os.path.exists(path):  # a FIFO, socket or device (torch.load could block on it)
-        return f"weights path {path!r} is not a regular file, expected a checkpoint file"
-    return f"weights file {path!r} does not exist"
+        return f"{what} path {path!r} is a broken symbolic link, expected {expected}"
+    if os.path.exists(path):  # a FIFO, socket or device
+        return f"{what} path {path!r} is not a regular file, expected {expected}"
+    return f"{what} file {path!r} does not exist"
 
 
 def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
@@ -462,7 +466,7 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
                 raise FileNotFoundError(
                     f"fastres: weights {path!r} is not a file but the name of torchvision "
                     "weights, and fastres downloads nothing: " + _no_download_hint(arch, enum))
-            raise FileNotFoundError(f"fastres: {_not_a_file(path)}")
+            raise FileNotFoundError(f"fastres: {not_a_file(path)}")
         # torchvision's reference scripts save {"model": ..., "args": argparse.Namespace}:
         # the Namespace is allowed through the weights-only unpickler (torch >= 2.5; older
         # torch refuses such a file with its weights-only message)

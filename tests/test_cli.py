@@ -468,7 +468,7 @@ def test_normalize_agrees_with_torchvision_normalize():
 
 
 @pytest.mark.parametrize("case", ["missing_image", "unreadable_image", "directory",
-                                  "missing_weights", "not_a_checkpoint", "wrong_arch",
+                                  "fifo_image", "broken_link_image", "missing_weights", "not_a_checkpoint", "wrong_arch",
                                   "bad_model", "bad_dtype", "bad_topk"])
 def test_classify_errors(capsys, tmp_path, r18_checkpoint, photo, case):
     bad = tmp_path / "not_an_image.jpg"
@@ -481,6 +481,14 @@ def test_classify_errors(capsys, tmp_path, r18_checkpoint, photo, case):
         image, needles = str(bad), ["cannot read", "as an image"]
     elif case == "directory":
         image, needles = str(tmp_path), ["is a directory"]
+    elif case == "fifo_image":  # PIL waited forever for a writer on the FIFO
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this platform")
+        image, needles = str(tmp_path / "fifo"), ["is not a regular file", "an image file"]
+        os.mkfifo(image)
+    elif case == "broken_link_image":
+        image, needles = str(tmp_path / "link.jpg"), ["broken symbolic link"]
+        os.symlink(tmp_path / "gone.jpg", image)
     elif case == "missing_weights":
         weights, needles = str(tmp_path / "missing.pth"), ["weights file", "does not exist"]
     elif case == "not_a_checkpoint":
@@ -631,6 +639,30 @@ def test_classify_with_a_dataparallel_training_checkpoint(capsys, tmp_path, r18_
     code, out, err = run_cli(capsys, *argv, "--weights", str(wrapped))
     assert code == 0, err
     assert out == plain
+
+
+def test_classify_topk_above_the_class_count_lists_every_class(capsys, tmp_path, photo):
+    """``-k 10`` on a 3-class head lists the 3 classes (the documented clamp), most probable
+    first, with torchvision's softmax probabilities."""
+    from fastres.classify import imagenet_batch, load_image
+
+    model = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    ckpt = tmp_path / "r18_3.pth"
+    torch.save(model.state_dict(), ckpt)
+    code, out, err = run_cli(capsys, "classify", str(photo), "--weights", str(ckpt),
+                             "--model", "resnet18", "-k", "10", "--device", "cpu")
+    assert code == 0, err
+    rows = [line.split() for line in out.strip().splitlines()[1:]]
+    assert len(rows) == 3, out
+    got = {int(r[-1].strip("()")): float(r[0]) for r in rows}
+    batch, _ = imagenet_batch([load_image(photo)], torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        ref = torch.softmax(model(batch), dim=1)[0]
+    assert sorted(got) == [0, 1, 2]
+    printed = [float(r[0]) for r in rows]
+    assert printed == sorted(printed, reverse=True), out
+    for idx, prob in got.items():
+        assert prob == pytest.approx(ref[idx].item(), abs=1e-4)
 
 
 def test_weights_that_are_a_directory_or_a_torchvision_name(capsys, tmp_path, photo):
