@@ -32,7 +32,14 @@ def _stem_shape(x, weight):
 
 
 def _register_fakes() -> None:
+    # Each fake checks its arguments as the Python ops do (the C++ checks are a superset), so
+    # a direct torch.ops.fastres_C call fails while tracing where the call itself would.
+    from fastres.ops import _checks
+
     def fake_preprocess(images, layout, mean, std, dtype):
+        from fastres.ops.preprocess import _check_args
+
+        _check_args(images, layout, mean, std, dtype)
         if layout == "NHWC":
             n, h, w, _ = images.shape
         else:
@@ -41,13 +48,19 @@ def _register_fakes() -> None:
                            memory_format=torch.channels_last)
 
     def fake_stem(x, weight, bias):
+        _checks.check_stem_args(x, weight, bias)
         return torch.empty(_stem_shape(x, weight), dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
 
     def fake_avgpool_linear(x, weight, bias, allow_tf32):
+        _checks.check_head_args(x, weight, bias)
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     def fake_conv1x1(x, weight, bias, stride, residual, relu, allow_tf32):
+        if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
+            raise ValueError(f"fastres_C::conv1x1: weight must be [C_out, C_in, 1, 1], got "
+                             f"{tuple(weight.shape)}")
+        _checks.check_conv_args(x, weight, bias, [stride, stride], [0, 0], [1, 1], 1, residual)
         n, _, h, w = x.shape
         shape = (n, weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1)
         return torch.empty(shape, dtype=x.dtype, device=x.device,

@@ -393,6 +393,46 @@ def test_head_cpu_zero_features_is_the_bias():
     torch.testing.assert_close(out, b.expand(3, 6), rtol=0, atol=0)
 
 
+_BAD_EXT_CALLS = {  # name: (op, args, a phrase of both the op's and its fake's message)
+    "stem_no_channels": ("stem", lambda: (torch.randn(2, 0, 9, 9), torch.randn(4, 0, 7, 7),
+                                          torch.randn(4)), "at least one input channel"),
+    "stem_3x3_weight": ("stem", lambda: (torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3),
+                                         torch.randn(4)), "weight must be"),
+    "conv1x1_3x3_weight": ("conv1x1", lambda: (torch.randn(2, 8, 5, 5), torch.randn(4, 8, 3, 3),
+                                               torch.randn(4), 1, None, True, False),
+                           "weight must be"),
+    "conv1x1_no_channels": ("conv1x1", lambda: (torch.randn(2, 0, 5, 5),
+                                                torch.randn(4, 0, 1, 1), torch.randn(4), 1,
+                                                None, True, False),
+                            "at least one input channel"),
+    "conv1x1_residual": ("conv1x1", lambda: (torch.randn(2, 8, 5, 5), torch.randn(4, 8, 1, 1),
+                                             torch.randn(4), 2, torch.randn(2, 4, 5, 5), True,
+                                             False), "residual must"),
+    "head_weight": ("avgpool_linear", lambda: (torch.randn(2, 6, 3, 3), torch.randn(5, 4),
+                                               torch.randn(5), False), "weight must be"),
+    "preprocess_layout": ("preprocess", lambda: (_images(1, 4, 4, "NHWC"), "NWHC", MEAN, STD,
+                                                 torch.float32), "layout must be"),
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("case", sorted(_BAD_EXT_CALLS))
+def test_fakes_refuse_what_the_ops_refuse(case):
+    """The extension's fake kernels (what torch.compile and FakeTensorMode run) returned a
+    shape for arguments the op refuses (a C_in = 0 input, a 3x3 weight for conv1x1); they
+    check them as the Python ops' contract does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    name, make, phrase = _BAD_EXT_CALLS[case]
+    op = getattr(torch.ops.fastres_C, name)
+    with pytest.raises(RuntimeError, match=phrase):
+        op(*make())
+    with FakeTensorMode() as mode:
+        args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in make())
+        with pytest.raises((ValueError, TypeError), match=phrase):
+            op(*args)
+
+
 @needs_ext
 @pytest.mark.parametrize("case", ["stem", "preprocess", "avgpool_linear", "conv1x1"])
 def test_opcheck_cpu(case):

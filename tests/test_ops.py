@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,10 +136,16 @@ def test_ops_are_registered_custom_ops():
                                                   "NWHC", [0.5] * 3, [0.2] * 3, torch.float32),
      ValueError, "layout must be one of"),
 ])
-def test_op_argument_errors(call, exc, match):
-    x, w, b = torch.randn(2, 8, 6, 6), torch.randn(8, 8, 3, 3), torch.randn(8)
-    with pytest.raises(exc, match=match):
-        call(x, w, b)
+@pytest.mark.parametrize("fake", [False, True], ids=["real", "fake"])
+def test_op_argument_errors(call, exc, match, fake):
+    """Each bad argument gets its error, also under FakeTensorMode (torch.compile and export
+    trace the registered ops through their fakes, which returned a shape for any weight)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        x, w, b = torch.randn(2, 8, 6, 6), torch.randn(8, 8, 3, 3), torch.randn(8)
+        with pytest.raises(exc, match=match):
+            call(x, w, b)
 
 
 def test_backend_selection_and_fallback(monkeypatch):

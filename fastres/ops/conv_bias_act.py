@@ -80,6 +80,9 @@ def _conv_bias_act_op(
 
 @_conv_bias_act_op.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    # the same checks as the op, so that tracing (torch.compile, export, a meta forward)
+    # fails where the call would, with the op's message
+    check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
     n, _, h, w = x.shape
     p, q = conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
     return x.new_empty((n, weight.shape[0], p, q)).contiguous(memory_format=torch.channels_last)

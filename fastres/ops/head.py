@@ -35,6 +35,7 @@ def _avgpool_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 @_avgpool_linear_op.register_fake
 def _(x, weight, bias):
+    check_head_args(x, weight, bias)  # tracing fails where the call would
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 

@@ -37,6 +37,7 @@ def _max_pool2d_op(x: torch.Tensor, kernel_size: int, stride: int, padding: int)
 
 @_max_pool2d_op.register_fake
 def _(x, kernel_size, stride, padding):
+    check_max_pool_args(x, kernel_size, stride, padding)  # tracing fails where the call would
     n, c, h, w = x.shape
     shape = (n, c, _out(h, kernel_size, stride, padding), _out(w, kernel_size, stride, padding))
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)

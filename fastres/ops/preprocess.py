@@ -59,6 +59,7 @@ def _out_shape(images: torch.Tensor, layout: str) -> tuple:
 
 @_preprocess_op.register_fake
 def _(images, layout, mean, std, dtype):
+    _check_args(images, layout, mean, std, dtype)  # tracing fails where the call would
     return torch.empty(_out_shape(images, layout), dtype=dtype, device=images.device,
                        memory_format=torch.channels_last)
 
