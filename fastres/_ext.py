@@ -25,48 +25,27 @@ _error: str | None = None
 OPS = ("preprocess", "stem", "avgpool_linear", "conv1x1")
 
 
-def _stem_shape(x, weight):
-    n, _, h, w = x.shape
-    h1, w1 = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    return n, weight.shape[0], (h1 - 1) // 2 + 1, (w1 - 1) // 2 + 1
-
-
 def _register_fakes() -> None:
-    # Each fake checks its arguments as the Python ops do (the C++ checks are a superset), so
-    # a direct torch.ops.fastres_C call fails while tracing where the call itself would.
-    from fastres.ops import _checks
-
-    def fake_preprocess(images, layout, mean, std, dtype):
-        from fastres.ops.preprocess import _check_args
-
-        _check_args(images, layout, mean, std, dtype)
-        if layout == "NHWC":
-            n, h, w, _ = images.shape
-        else:
-            n, _, h, w = images.shape
-        return torch.empty((n, 3, h, w), dtype=dtype, device=images.device,
-                           memory_format=torch.channels_last)
-
-    def fake_stem(x, weight, bias):
-        _checks.check_stem_args(x, weight, bias)
-        return torch.empty(_stem_shape(x, weight), dtype=x.dtype, device=x.device,
-                           memory_format=torch.channels_last)
+    # The compiled ops implement the Python ops' contracts (their C++ checks are a superset of
+    # the Python ones), so their fakes are the Python ops' fakes: the same checks, so that a
+    # direct torch.ops.fastres_C call fails while tracing where the call itself would, and the
+    # same output shapes.
+    from fastres.ops.conv_bias_act import conv_bias_act_fake
+    from fastres.ops.head import avgpool_linear_fake
+    from fastres.ops.preprocess import preprocess_fake
+    from fastres.ops.stem import stem_fake
 
     def fake_avgpool_linear(x, weight, bias, allow_tf32):
-        _checks.check_head_args(x, weight, bias)
-        return x.new_empty((x.shape[0], weight.shape[0]))
+        return avgpool_linear_fake(x, weight, bias)
 
     def fake_conv1x1(x, weight, bias, stride, residual, relu, allow_tf32):
         if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
             raise ValueError(f"fastres_C::conv1x1: weight must be [C_out, C_in, 1, 1], got "
                              f"{tuple(weight.shape)}")
-        _checks.check_conv_args(x, weight, bias, [stride, stride], [0, 0], [1, 1], 1, residual)
-        n, _, h, w = x.shape
-        shape = (n, weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1)
-        return torch.empty(shape, dtype=x.dtype, device=x.device,
-                           memory_format=torch.channels_last)
+        return conv_bias_act_fake(x, weight, bias, [stride, stride], [0, 0], [1, 1], 1,
+                                  residual, relu)
 
-    for name, fn in (("preprocess", fake_preprocess), ("stem", fake_stem),
+    for name, fn in (("preprocess", preprocess_fake), ("stem", stem_fake),
                      ("avgpool_linear", fake_avgpool_linear), ("conv1x1", fake_conv1x1)):
         torch.library.register_fake(f"fastres_C::{name}")(fn)
 

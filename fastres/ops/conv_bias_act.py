@@ -79,9 +79,10 @@ def _conv_bias_act_op(
 
 
 @_conv_bias_act_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, residual, relu):
-    # the same checks as the op, so that tracing (torch.compile, export, a meta forward)
-    # fails where the call would, with the op's message
+def conv_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    """Shape, dtype and layout of the output, after the op's checks, so that tracing
+    (torch.compile, export, a meta forward) fails where the call would, with the op's message;
+    also behind the fake of the extension's ``fastres_C::conv1x1``."""
     check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
     n, _, h, w = x.shape
     p, q = conv_output_size(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)

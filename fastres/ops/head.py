@@ -34,8 +34,10 @@ def _avgpool_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 @_avgpool_linear_op.register_fake
-def _(x, weight, bias):
-    check_head_args(x, weight, bias)  # tracing fails where the call would
+def avgpool_linear_fake(x, weight, bias):
+    """Shape and dtype of the output, after the op's checks (tracing fails where the call
+    would); also behind the fake of the extension's ``fastres_C::avgpool_linear``."""
+    check_head_args(x, weight, bias)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 

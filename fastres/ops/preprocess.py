@@ -58,8 +58,10 @@ def _out_shape(images: torch.Tensor, layout: str) -> tuple:
 
 
 @_preprocess_op.register_fake
-def _(images, layout, mean, std, dtype):
-    _check_args(images, layout, mean, std, dtype)  # tracing fails where the call would
+def preprocess_fake(images, layout, mean, std, dtype):
+    """Shape, dtype and layout of the output, after the op's checks (tracing fails where the
+    call would); also the fake of the extension's ``fastres_C::preprocess``."""
+    _check_args(images, layout, mean, std, dtype)
     return torch.empty(_out_shape(images, layout), dtype=dtype, device=images.device,
                        memory_format=torch.channels_last)
 

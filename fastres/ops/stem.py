@@ -41,8 +41,10 @@ def _stem_shape(n, c, h, w):
 
 
 @_stem_op.register_fake
-def _(x, weight, bias):
-    check_stem_args(x, weight, bias)  # tracing fails where the call would
+def stem_fake(x, weight, bias):
+    """Shape, dtype and layout of the output, after the op's checks (tracing fails where the
+    call would); also the fake of the extension's ``fastres_C::stem``."""
+    check_stem_args(x, weight, bias)
     shape = _stem_shape(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
