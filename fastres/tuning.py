@@ -77,7 +77,7 @@ import torch
 
 from fastres import _warnings
 from fastres.ops import _backend
-from fastres.ops._checks import as_int, cuda_device_problem
+from fastres.ops._checks import FLOAT_DTYPES, as_int, cuda_device_problem
 
 log = logging.getLogger("fastres")
 
@@ -884,7 +884,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOAT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # the ops' dtypes, and float64 models
 
 
 def _check_tunable(model: Any) -> None:
