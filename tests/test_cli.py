@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 import fastres
-from fastres import cli
+from fastres import cli, tuning
 from fastres.models import ResNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -767,7 +767,6 @@ def test_tune_cache_dir_is_for_that_command_only(capsys, monkeypatch, tmp_path,
                                                  r18_checkpoint):
     """``fastres tune --cache-dir`` set FASTRES_CACHE_DIR for the rest of the process; and its
     wrong-architecture hint named a --model option tune does not have."""
-    tuning = pytest.importorskip("fastres.tuning")
     before = str(tmp_path / "theirs")
     monkeypatch.setenv("FASTRES_CACHE_DIR", before)
     tuning.configure(devices=("cpu",))  # (CPU calls are tuned here, so tune runs)
@@ -788,7 +787,6 @@ def test_tune_cache_dir_is_for_that_command_only(capsys, monkeypatch, tmp_path,
 
 def test_tune_batch_option_without_a_number(capsys):
     """``fastres tune --batch ,`` tuned batch size 1 as if nothing had been asked."""
-    pytest.importorskip("fastres.tuning")
     code, out, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--batch", ",")
     assert_usage_error(code, err, "no batch size given (--batch ','); expected integers >= 1")
     assert out == ""
@@ -797,7 +795,6 @@ def test_tune_batch_option_without_a_number(capsys):
 def test_tune_weights_that_are_a_directory(capsys, tmp_path):
     """``fastres tune --weights DIR`` said "weights file DIR does not exist" (tune reads the
     checkpoint through fastres.models.load_weights, without the other commands' check)."""
-    pytest.importorskip("fastres.tuning")
     code, _, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--weights",
                            str(tmp_path))
     assert_usage_error(code, err, "is a directory, expected a checkpoint file")
@@ -809,7 +806,6 @@ def test_tune_cache_dir_that_is_a_file(capsys, monkeypatch, tmp_path, where):
     """A --cache-dir (or FASTRES_CACHE_DIR) naming a file was accepted: exit 0, and on a GPU
     every layer tuned then a TuningCacheWarning ("[Errno 17] File exists") and nothing
     saved, which is what tune is for. It is a usage error, before anything runs."""
-    pytest.importorskip("fastres.tuning")
     afile = tmp_path / "afile"
     afile.write_text("not a directory")
     argv = ["tune", "resnet18", "--device", "cpu"]
@@ -830,7 +826,6 @@ def test_tune_on_cpu_says_nothing_is_tuned(capsys, monkeypatch, tmp_path):
     """``fastres tune --device cpu`` ran every forward and reported "tuned 0 layer(s)" and a
     cache file it never wrote: CPU calls are not tuned. It says so (exit 0) and writes
     nothing; bad arguments are still refused first."""
-    tuning = pytest.importorskip("fastres.tuning")
     monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
     tuning.reset()
     code, out, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--image-size",
@@ -844,7 +839,6 @@ def test_tune_on_cpu_says_nothing_is_tuned(capsys, monkeypatch, tmp_path):
 
 def test_tune_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path):
     """A batch or image size too big for the GPU was torch's OutOfMemoryError traceback."""
-    tuning = pytest.importorskip("fastres.tuning")
     monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
 
     def oom(*args, **kwargs):

@@ -829,7 +829,7 @@ def test_progress_bar_only_on_request_or_terminal(tuner, capsys):
 
 def test_tune_cli_fastres_command(tuner, capsys):
     """``fastres tune`` through the CLI's plugin hook (argparse)."""
-    cli = pytest.importorskip("fastres.cli")
+    from fastres import cli
     code = cli.main(["tune", "resnet18", "--batch", "1", "2", "--dtype", "fp32",
                      "--image-size", "32", "--device", "cpu", "--num-classes", "10"])
     out = capsys.readouterr().out
@@ -848,7 +848,7 @@ def test_tune_cli_fastres_command(tuner, capsys):
 ])
 def test_tune_cli_usage_errors(capsys, tmp_path, extra, needle):
     """Bad arguments are one-line usage errors (exit 2), not tracebacks."""
-    cli = pytest.importorskip("fastres.cli")
+    from fastres import cli
     model = "resnet18"
     if extra == ["--model-is-resnet50-for-an-r18-checkpoint"]:
         ckpt = tmp_path / "r18.pth"
