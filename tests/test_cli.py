@@ -467,9 +467,12 @@ def test_normalize_agrees_with_torchvision_normalize():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["missing_image", "unreadable_image", "directory",
-                                  "fifo_image", "broken_link_image", "missing_weights", "not_a_checkpoint", "wrong_arch",
-                                  "bad_model", "bad_dtype", "bad_topk"])
+@pytest.mark.parametrize("case", [
+    "missing_image", "unreadable_image", "directory",
+    pytest.param("fifo_image", marks=pytest.mark.skipif(not hasattr(os, "mkfifo"),
+                                                        reason="no FIFOs on this platform")),
+    "broken_link_image", "missing_weights", "not_a_checkpoint", "wrong_arch", "bad_model",
+    "bad_dtype", "bad_topk"])
 def test_classify_errors(capsys, tmp_path, r18_checkpoint, photo, case):
     bad = tmp_path / "not_an_image.jpg"
     bad.write_text("this is not a JPEG")
@@ -482,8 +485,6 @@ def test_classify_errors(capsys, tmp_path, r18_checkpoint, photo, case):
     elif case == "directory":
         image, needles = str(tmp_path), ["is a directory"]
     elif case == "fifo_image":  # PIL waited forever for a writer on the FIFO
-        if not hasattr(os, "mkfifo"):
-            pytest.skip("no FIFOs on this platform")
         image, needles = str(tmp_path / "fifo"), ["is not a regular file", "an image file"]
         os.mkfifo(image)
     elif case == "broken_link_image":
