@@ -145,9 +145,13 @@ class ResNet(nn.Module):
       forward run eagerly (warned once), so they run as in torchvision: the plan runs no
       submodule. Hooks on the model itself run around either path. ``torch.fx`` tracing
       (``create_feature_extractor``) and ``torch.jit.script`` see torchvision's code.
+    - A forward under a ``torch.func`` transform (``vmap``, ``jvp``, ...) or with
+      forward-mode AD dual tensors runs eagerly (warned once): the fused ops have no
+      batching or forward-mode rules.
     - Edits through ``param.data`` bypass PyTorch's version counter: call
       :meth:`invalidate_plan` after them (ordinary in-place edits, optimizer steps,
-      ``load_state_dict``, ``.to()`` and ``.half()`` are detected).
+      ``load_state_dict``, ``.to()`` and ``.half()`` are detected), and after changing a
+      weight parametrization's non-tensor state (its tensors are tracked).
     """
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int],

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _forward_ad
 
 from fastres import _warnings
 from fastres.ops import _backend
@@ -57,6 +58,10 @@ _said_lock = threading.Lock()  # threads that miss together: one of them warns
 _EAGER_MESSAGES = {
     "grad": "eval-mode forward with autograd recording runs eagerly (exact gradients); "
             "run inference under torch.no_grad() or torch.inference_mode() for the fused path",
+    "torch.func": "eval-mode forward under a torch.func transform (vmap, jvp, jacfwd, grad, "
+                  "...) runs eagerly: the fused ops have no batching or forward-mode AD rules",
+    "forward AD": "eval-mode forward with forward-mode AD dual tensors (torch.autograd."
+                  "forward_ad) runs eagerly: the fused ops have no forward-mode AD rules",
 }
 
 
@@ -126,6 +131,12 @@ def eager_reason(model: nn.Module, x) -> str | None:
     check_input(model, x)
     if model.training:
         return "train"
+    # (torch.compile cannot answer this one: its stand-in for the interpreter stack is never
+    # None; a compiled forward is traced by dynamo's own vmap/jvp handling)
+    if not tracing() and torch._C._functorch.peek_interpreter_stack() is not None:
+        return "torch.func"
+    if _forward_ad._current_level >= 0 and _has_tangent(model, x):
+        return "forward AD"
     # (torch.jit.trace records the fused plan with grad on too: its check re-runs the trace
     # under no_grad, and the two graphs must agree)
     if (torch.is_grad_enabled() and not torch.jit.is_tracing()
@@ -179,6 +190,14 @@ def norm_mode_reason(model: nn.Module) -> str | None:
                     "normalizes with batch statistics and updates its running statistics, "
                     "as in torchvision)")
     return None
+
+
+def _has_tangent(model: nn.Module, x: Tensor) -> bool:
+    """True when ``x`` or a parameter or buffer of ``model`` is a forward-mode AD dual tensor
+    (only asked while a dual level is active)."""
+    unpack = _forward_ad.unpack_dual
+    return any(unpack(t).tangent is not None
+               for t in (x, *model.parameters(), *model.buffers()))
 
 
 def _any_requires_grad(model: nn.Module) -> bool:

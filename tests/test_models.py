@@ -369,6 +369,72 @@ def test_eval_hooks_removed_plan_runs_again(monkeypatch):
         assert_close_rel(out, tv(x), 1e-5, "after the hook was removed")
 
 
+def test_eval_forward_under_torch_func_and_forward_ad_like_torchvision(monkeypatch):
+    """torch.func transforms (vmap per sample, model ensembling with stack_module_state +
+    functional_call + vmap, jvp) and forward-mode AD dual tensors run the eval forward
+    eagerly, warned once, and give torchvision's outputs and tangents: the fused ops have no
+    batching or forward-mode rules (vmap failed in them, jvp and forward_ad dropped the
+    tangent silently). The plan runs again outside the transform."""
+    import copy
+
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, jvp, stack_module_state, vmap
+
+    import fastres.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "_said", set())
+    pairs = [_small_twin() for _ in range(2)]
+    (tv, fr), x, t = pairs[0], torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    for m in (m for pair in pairs for m in pair):
+        m.requires_grad_(False)
+
+    def ensemble(models):
+        params, buffers = stack_module_state(models)
+        base = copy.deepcopy(models[0]).to("meta")
+        return vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+
+    def dual_tangent(m):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent
+
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="under a torch.func transform"):
+            out = vmap(fr)(x[:, None])
+        assert_close_rel(out, vmap(tv)(x[:, None]), 1e-5, "vmap per sample")
+        assert_close_rel(ensemble([f for _, f in pairs]), ensemble([v for v, _ in pairs]),
+                         1e-5, "ensemble")
+        with pytest.warns(RuntimeWarning, match="forward-mode AD dual tensors"):
+            tangent = dual_tangent(fr)
+        assert tangent is not None
+        assert_close_rel(tangent, dual_tangent(tv), 1e-5, "forward_ad tangent")
+        fr.invalidate_plan()
+        assert_close_rel(fr(x), tv(x), 1e-5, "plain forward after the transforms")
+        assert fr.__dict__["_plan_cache"] is not None  # the fused plan again
+    (out, tan), (ref, ref_tan) = jvp(fr, (x,), (t,)), jvp(tv, (x,), (t,))
+    assert_close_rel(out, ref, 1e-5, "jvp output")
+    assert_close_rel(tan, ref_tan, 1e-5, "jvp tangent")
+
+
+def test_parametrized_weights_are_tracked():
+    """A weight under torch.nn.utils.parametrize (weight_norm, spectral_norm) is computed when
+    the plan is built, and the plan is rebuilt when the parametrization's tensors change (the
+    README's rule: only non-tensor state needs invalidate_plan())."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    tv, fr = _small_twin()
+    for m in (tv, fr):
+        weight_norm(m.layer1[0].conv1)
+        spectral_norm(m.layer2[0].conv1)
+    fr.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(fr(x), tv(x), 1e-5, "parametrized weights")
+        for m in (tv, fr):
+            m.layer1[0].conv1.parametrizations.weight.original0.mul_(2.0)
+            m.layer2[0].conv1.parametrizations.weight.original.mul_(0.5)
+        assert_close_rel(fr(x), tv(x), 1e-5, "after editing the parametrizations' tensors")
+
+
 def test_fx_feature_extraction_like_torchvision():
     from torchvision.models.feature_extraction import (
         create_feature_extractor,
