@@ -106,6 +106,12 @@ def check_input(model: nn.Module, x) -> None:
     """Raise a clear error for input the model cannot take, before any kernel runs."""
     if not isinstance(x, Tensor):
         raise TypeError(f"fastres ResNet expects a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.layout not in (torch.strided, torch._mkldnn):
+        got = "a nested tensor" if x.is_nested else f"a tensor of layout {x.layout}"
+        raise TypeError(f"fastres ResNet expects a dense [N, C, H, W] tensor (torch.strided "
+                        f"layout), got {got}; convert it first (x.to_dense(), or "
+                        "torch.nested.to_padded_tensor for a batch of differently sized "
+                        "images)")
     if x.dim() != 4:
         raise ValueError(f"fastres ResNet expects a 4-D [N, C, H, W] input, got {x.dim()}-D "
                          f"shape {tuple(x.shape)}")
@@ -135,6 +141,9 @@ def eager_reason(model: nn.Module, x) -> str | None:
     # None; a compiled forward is traced by dynamo's own vmap/jvp handling)
     if not tracing() and torch._C._functorch.peek_interpreter_stack() is not None:
         return "torch.func"
+    if x.layout != torch.strided:  # (MKL-DNN: torchvision's convolutions take it, as eager)
+        return (f"input layout {x.layout} (the plan takes strided tensors; the output is "
+                f"{x.layout}, as torchvision's)")
     if _forward_ad._current_level >= 0 and _has_tangent(model, x):
         return "forward AD"
     # (torch.jit.trace records the fused plan with grad on too: its check re-runs the trace

@@ -415,6 +415,25 @@ def test_eval_forward_under_torch_func_and_forward_ad_like_torchvision(monkeypat
     assert_close_rel(tan, ref_tan, 1e-5, "jvp tangent")
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without "
+                    "MKL-DNN (oneDNN)")
+def test_mkldnn_input_runs_eagerly_like_torchvision(monkeypatch):
+    """torchvision's ResNet takes an MKL-DNN input (and returns an MKL-DNN output); the plan
+    takes strided tensors, so that forward runs eagerly, warned once (before: a
+    'memory_format' error inside the plan)."""
+    import fastres.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "_said", set())
+    tv, fr = _small_twin()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="input layout torch._mkldnn"):
+            out = fr(x.to_mkldnn())
+        ref = tv(x.to_mkldnn())
+    assert out.layout == ref.layout == torch._mkldnn
+    assert_close_rel(out.to_dense(), ref.to_dense(), 1e-5, "MKL-DNN input")
+
+
 def test_parametrized_weights_are_tracked():
     """A weight under torch.nn.utils.parametrize (weight_norm, spectral_norm) is computed when
     the plan is built, and the plan is rebuilt when the parametrization's tensors change (the

@@ -224,6 +224,11 @@ def test_eval_with_autograd_runs_eagerly_with_gradients(pair):
     (lambda: torch.randn(1, 3, 32, 32, dtype=torch.float16), TypeError, "must match"),
     (lambda: torch.randn(1, 3, 32, 32, device="meta"), ValueError, "is on meta"),
     (lambda: [[1.0, 2.0]], TypeError, "torch.Tensor"),
+    (lambda: torch.randn(1, 3, 32, 32).to_sparse(), TypeError, "layout torch.sparse_coo"),
+    (lambda: torch.nested.nested_tensor([torch.randn(3, 32, 32), torch.randn(3, 32, 16)]),
+     TypeError, "got a nested tensor"),
+    (lambda: torch.nested.nested_tensor([torch.randn(3, 32, 32)] * 2, layout=torch.jagged),
+     TypeError, "got a nested tensor"),
 ])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_bad_input_is_rejected_before_any_kernel(pair, bad, exc, match, mode, monkeypatch):
