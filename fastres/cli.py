@@ -208,8 +208,9 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
                    help="run fastres.tuning.tune_model before timing on a GPU (default: on)")
     p.add_argument("--weights", metavar="FILE",
-                   help="a torchvision checkpoint (default: random weights with realistic "
-                        "BatchNorm statistics); with several models, every model loads it")
+                   help="a torchvision checkpoint, torch.save or safetensors (default: random "
+                        "weights with realistic BatchNorm statistics); with several models, "
+                        "every model loads it")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="skip (not time) the groups that would start after this many seconds")
     p.add_argument("--threads", type=int, metavar="N",
@@ -329,8 +330,8 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=224,
                    help="random batches' height = width (default: 224; photos are always 224)")
     p.add_argument("--weights", metavar="FILE",
-                   help="a torchvision checkpoint (default: random weights with realistic "
-                        "BatchNorm statistics)")
+                   help="a torchvision checkpoint, torch.save or safetensors (default: random "
+                        "weights with realistic BatchNorm statistics)")
     p.add_argument("--no-photos", action="store_true",
                    help="skip scikit-image's sample photographs")
     p.add_argument("--tol", type=float, metavar="REL",
@@ -389,7 +390,8 @@ def _classify_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
     p.add_argument("--weights", required=True, metavar="FILE",
-                   help="a local torchvision checkpoint for --model (nothing is downloaded)")
+                   help="a local torchvision checkpoint for --model, torch.save or safetensors "
+                        "(nothing is downloaded)")
     p.add_argument("-m", "--model", default="resnet50", metavar="NAME", type=str.lower,
                    help=f"one of {', '.join(MODEL_NAMES)}, any case (default: resnet50)")
     p.add_argument("-k", "--topk", type=int, default=5,

@@ -447,7 +447,9 @@ def not_a_file(path: str, what: str = "weights", expected: str = "a checkpoint f
 
 def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
                  arch: str | None = None) -> dict[str, Tensor]:
-    """A state_dict from a checkpoint path (``torch.load``, weights only) or a mapping.
+    """A state_dict from a checkpoint path (``torch.load``, weights only; or a safetensors
+    file, the format model hubs distribute weights in, recognised by its header and read with
+    the optional ``safetensors`` package) or a mapping.
 
     Training checkpoints are unwrapped (:func:`unwrap_state_dict`): the model's state nested
     under ``"state_dict"``, ``"model"`` or ``"model_state_dict"`` beside optimizer state, and
@@ -471,6 +473,8 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
                     f"fastres: weights {path!r} is not a file but the name of torchvision "
                     "weights, and fastres downloads nothing: " + _no_download_hint(arch, enum))
             raise FileNotFoundError(f"fastres: {not_a_file(path)}")
+        if _is_safetensors(path):
+            return unwrap_state_dict(_load_safetensors(path))
         # torchvision's reference scripts save {"model": ..., "args": argparse.Namespace}:
         # the Namespace is allowed through the weights-only unpickler (torch >= 2.5; older
         # torch refuses such a file with its weights-only message)
@@ -494,6 +498,35 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
                         "weights enum, and nothing is downloaded: " + _no_download_hint(arch, enum))
     raise TypeError("fastres: weights must be a checkpoint path or a state_dict mapping "
                     f"(nothing is downloaded), got {type(weights).__name__}")
+
+
+def _is_safetensors(path: str) -> bool:
+    """True when the file starts as a safetensors file does: the 8-byte little-endian length
+    of its JSON header (at most 100 MB, the format's limit), then the header's ``{``.
+    (``torch.save``'s zip files and legacy pickles have a 0, 8 or 0xf9 byte there.) A
+    truncated safetensors file passes, and ``safetensors`` says what is wrong with it.
+    torch >= 2.14's ``torch.load`` reads files named ``*.safetensors`` itself; this reads
+    them under any name and with older torch."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False  # torch.load's branch says why it cannot be opened
+    return (len(head) == 9 and head[8:] == b"{"
+            and int.from_bytes(head[:8], "little") <= 100_000_000)
+
+
+def _load_safetensors(path: str) -> dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ValueError(f"fastres: {path!r} is a safetensors file, and reading it needs the "
+                         "safetensors package (pip install safetensors)") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:
+        raise ValueError(f"fastres: could not read {path!r} as a safetensors file: "
+                         f"{exc}") from exc
 
 
 def _legacy_pretrained(arch: str, weights, kwargs: dict[str, Any]):

@@ -144,6 +144,38 @@ def test_weights_path_and_state_dict(tmp_path):
         fastres.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
 
 
+def test_weights_from_a_safetensors_file(tmp_path, monkeypatch):
+    """A safetensors checkpoint (what the Hugging Face hub serves) loads as torch.save's does,
+    recognised by its header whatever the file is called; a truncated one, or one read
+    without the safetensors package, is a ValueError that says so."""
+    st = pytest.importorskip("safetensors.torch")
+    import sys
+
+    from fastres.models import load_weights
+
+    tv = realistic_bn(torchvision.models.resnet18(weights=None, num_classes=7), steps=2,
+                      size=32, device="cpu").eval()
+    path = tmp_path / "model.bin"  # not named .safetensors: the header says what it is
+    st.save_file(tv.state_dict(), str(path))
+    fr = fastres.resnet18(weights=path).eval()
+    assert fr.fc.out_features == 7
+    for (k, a), b in zip(fr.state_dict().items(), tv.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(fr(x), tv(x), 1e-5, "model from a safetensors file")
+
+    for cut in (-100, 300):  # the tensor data cut short, and the header too
+        truncated = tmp_path / "truncated"
+        truncated.write_bytes(path.read_bytes()[:cut])
+        with pytest.raises(ValueError, match="could not read .* as a safetensors file"):
+            load_weights(truncated)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # the package not installed
+    with pytest.raises(ValueError, match=r"is a safetensors file, and reading it needs the "
+                                         r"safetensors package \(pip install safetensors\)"):
+        load_weights(path)
+
+
 def test_weights_path_that_is_not_a_checkpoint_file_says_what_it_is(tmp_path, monkeypatch):
     """A directory was reported as "weights file ... does not exist"; so was a FIFO (which
     torch.load would have blocked on) and an empty path. A file that exists but cannot be
