@@ -417,8 +417,9 @@ def test_eval_forward_under_torch_func_and_forward_ad_like_torchvision(monkeypat
     monkeypatch.setattr(plan_mod, "_said", set())
     pairs = [_small_twin() for _ in range(2)]
     (tv, fr), x, t = pairs[0], torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
-    for m in (m for pair in pairs for m in pair):
-        m.requires_grad_(False)
+    for pair in pairs:
+        for m in pair:
+            m.requires_grad_(False)
 
     def ensemble(models):
         params, buffers = stack_module_state(models)
