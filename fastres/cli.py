@@ -32,6 +32,9 @@ from fastres.classify import DTYPES, UserError
 PROG = "fastres"
 # Optional modules that may add subcommands (each defines register_cli(register_command)).
 PLUGIN_MODULES = ("fastres.tuning",)
+WEIGHTS_HELP = ("a local torchvision checkpoint (torch.save or safetensors), or the name of "
+                "torchvision's weights (IMAGENET1K_V2, DEFAULT) read from torchvision's cache; "
+                "nothing is downloaded")
 
 
 @dataclass
@@ -141,9 +144,12 @@ def _writable_file(path: str, what: str) -> str:
 
 
 def _check_weights(path: str | None, model: str | None = None) -> None:
-    """``--weights`` must be a checkpoint file; a missing one is refused before any work, with
-    fastres's hint when it is the name of torchvision weights (``IMAGENET1K_V2``)."""
-    if path is None or os.path.isfile(path):
+    """``--weights`` must be a checkpoint file, or the name of torchvision weights
+    (``IMAGENET1K_V2``) whose file torchvision keeps; a missing one is refused before any
+    work, with fastres's hint for such a name."""
+    from fastres.models import torchvision_weights_file
+
+    if path is None or os.path.isfile(path) or torchvision_weights_file(path, model):
         return
     if os.path.isdir(path):
         raise UserError(f"weights file {path!r} is a directory, expected a checkpoint file")
@@ -208,9 +214,9 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
                    help="run fastres.tuning.tune_model before timing on a GPU (default: on)")
     p.add_argument("--weights", metavar="FILE",
-                   help="a torchvision checkpoint, torch.save or safetensors (default: random "
-                        "weights with realistic BatchNorm statistics); with several models, "
-                        "every model loads it")
+                   help=WEIGHTS_HELP + " (default: random weights with realistic BatchNorm "
+                        "statistics); with several models, every model loads the file, or "
+                        "its own weights of that name")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="skip (not time) the groups that would start after this many seconds")
     p.add_argument("--threads", type=int, metavar="N",
@@ -245,7 +251,8 @@ def _bench_run(args: argparse.Namespace) -> int:
                    else list(defaults["batch_sizes"]))
     dtypes = _dtype_list(args.dtypes if args.dtypes else defaults["dtypes"])
     compile_models = _model_list(args.compile_models) if args.compile_models else None
-    _check_weights(args.weights, models[0] if len(models) == 1 else None)
+    for name in models:  # (a torchvision weights name is a file per model)
+        _check_weights(args.weights, name)
     _check_number(args.max_time, "--max-time", strict=True)
     _check_number(args.compile_budget, "--compile-budget")
     _check_number(args.time_budget, "--time-budget")
@@ -330,8 +337,8 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=224,
                    help="random batches' height = width (default: 224; photos are always 224)")
     p.add_argument("--weights", metavar="FILE",
-                   help="a torchvision checkpoint, torch.save or safetensors (default: random "
-                        "weights with realistic BatchNorm statistics)")
+                   help=WEIGHTS_HELP + " (default: random weights with realistic BatchNorm "
+                        "statistics)")
     p.add_argument("--no-photos", action="store_true",
                    help="skip scikit-image's sample photographs")
     p.add_argument("--tol", type=float, metavar="REL",
@@ -390,8 +397,7 @@ def _classify_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
     p.add_argument("--weights", required=True, metavar="FILE",
-                   help="a local torchvision checkpoint for --model, torch.save or safetensors "
-                        "(nothing is downloaded)")
+                   help="--model's weights: " + WEIGHTS_HELP)
     p.add_argument("-m", "--model", default="resnet50", metavar="NAME", type=str.lower,
                    help=f"one of {', '.join(MODEL_NAMES)}, any case (default: resnet50)")
     p.add_argument("-k", "--topk", type=int, default=5,

@@ -381,18 +381,48 @@ def _torchvision_weights_enum(weights, arch: str | None):
     return None
 
 
+def torchvision_checkpoint_path(enum) -> str:
+    """Where torchvision keeps the file of the weights enum member ``enum``: torch.hub's
+    checkpoint directory (``$TORCH_HOME/hub/checkpoints``, ``torch.hub.set_dir``), under the
+    name at the end of its URL, as ``torch.hub.load_state_dict_from_url`` stores it."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
+
+
+def torchvision_weights_file(name: str, arch: str | None) -> str | None:
+    """The file torchvision keeps for ``arch``'s weights named ``name`` (``"IMAGENET1K_V2"``,
+    ``"DEFAULT"``, ``"ResNet50_Weights.DEFAULT"``) when ``name`` is such a name and the file
+    is there, else ``None``."""
+    enum = _torchvision_weights_enum(name, arch) if _TV_WEIGHTS_NAME.match(name) else None
+    path = torchvision_checkpoint_path(enum) if enum is not None else None
+    return path if path is not None and os.path.isfile(path) else None
+
+
 def _no_download_hint(arch: str | None, enum) -> str:
     """How to get torchvision's weights into fastres without fastres downloading them."""
     arch = arch or "resnet50"
     where = ""
-    url = getattr(enum, "url", None)
-    if url:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-        where = (f" (torchvision keeps it at {path}, which exists here)" if os.path.isfile(path)
-                 else f" (torchvision downloads it to {path})")
+    if getattr(enum, "url", None):
+        where = f" (torchvision downloads it to {torchvision_checkpoint_path(enum)})"
     name = f"{type(enum).__name__}.{enum.name}" if enum is not None else "..."
     return (f"pass weights= the path of a local checkpoint file{where}, or convert torchvision's "
             f"model: fastres.from_torchvision(torchvision.models.{arch}(weights={name}))")
+
+
+def _load_torchvision_weights(enum, arch: str | None) -> dict[str, Tensor]:
+    """The state_dict of torchvision's weights ``enum`` from the file torchvision keeps
+    (loaded as torchvision loads it when it is there); a ``FileNotFoundError`` with the hint
+    when it is not, since fastres downloads nothing. ``enum`` must be ``arch``'s weights, as
+    torchvision's builders check (``TypeError`` otherwise)."""
+    if arch is not None:
+        from torchvision.models import get_model_weights
+
+        enum = get_model_weights(arch).verify(enum)  # torchvision's TypeError for another model's
+    path = torchvision_checkpoint_path(enum)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"fastres: {type(enum).__name__}.{enum.name} is not in "
+                                "torchvision's cache, and fastres downloads nothing: "
+                                + _no_download_hint(arch, enum))
+    return load_weights(path)
 
 
 # Keys that wrap a state_dict in training checkpoints: "state_dict", "model" (torchvision's
@@ -454,9 +484,11 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
     Training checkpoints are unwrapped (:func:`unwrap_state_dict`): the model's state nested
     under ``"state_dict"``, ``"model"`` or ``"model_state_dict"`` beside optimizer state, and
     the ``module.`` / ``_orig_mod.`` key prefixes of DataParallel/DDP and ``torch.compile``.
-    Nothing is downloaded: torchvision's ``Weights`` enums and their names (``"DEFAULT"``,
-    ``"IMAGENET1K_V1"``) are refused with an error that says where torchvision keeps the file
-    (``arch``, when given, names the model they are for).
+    torchvision's ``Weights`` enums and their names (``"DEFAULT"``, ``"IMAGENET1K_V1"``; ``arch``
+    names the model they are for) load from the file torchvision keeps in torch.hub's
+    checkpoint directory, as torchvision's builders do once they have downloaded it. Nothing
+    is downloaded: when that file is missing, a ``FileNotFoundError`` says where torchvision
+    would put it.
 
     A path that is not a regular file (missing, a directory, a FIFO, empty) is a
     ``FileNotFoundError`` that says which; a file that cannot be opened or is not a checkpoint
@@ -469,6 +501,8 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
         if not os.path.isfile(path):
             if isinstance(weights, str) and _TV_WEIGHTS_NAME.match(weights):
                 enum = _torchvision_weights_enum(weights, arch)
+                if enum is not None:
+                    return _load_torchvision_weights(enum, arch)
                 raise FileNotFoundError(
                     f"fastres: weights {path!r} is not a file but the name of torchvision "
                     "weights, and fastres downloads nothing: " + _no_download_hint(arch, enum))
@@ -494,10 +528,9 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
         return unwrap_state_dict(sd)
     enum = _torchvision_weights_enum(weights, arch)
     if enum is not None:
-        raise TypeError(f"fastres: weights={type(enum).__name__}.{enum.name} is a torchvision "
-                        "weights enum, and nothing is downloaded: " + _no_download_hint(arch, enum))
-    raise TypeError("fastres: weights must be a checkpoint path or a state_dict mapping "
-                    f"(nothing is downloaded), got {type(weights).__name__}")
+        return _load_torchvision_weights(enum, arch)
+    raise TypeError("fastres: weights must be a checkpoint path, a state_dict mapping or "
+                    f"torchvision weights (nothing is downloaded), got {type(weights).__name__}")
 
 
 def _is_safetensors(path: str) -> bool:
@@ -530,26 +563,27 @@ def _load_safetensors(path: str) -> dict[str, Tensor]:
 
 
 def _legacy_pretrained(arch: str, weights, kwargs: dict[str, Any]):
-    """torchvision's deprecated ``pretrained=`` keyword: ``False`` is ``weights=None`` (with
-    torchvision's deprecation warning); ``True`` would download, so it is refused."""
+    """torchvision's deprecated ``pretrained=`` keyword, with torchvision's deprecation
+    warning: ``False`` is ``weights=None``, ``True`` is ``IMAGENET1K_V1`` (what torchvision
+    loads for it; read from torchvision's cache, never downloaded)."""
     if "pretrained" not in kwargs:
         return weights
     pretrained = kwargs.pop("pretrained")
     if weights is not None:
         raise TypeError(f"{arch}: pass weights= or the deprecated pretrained=, not both")
     if pretrained:
-        enum = None
         try:
             from torchvision.models import get_model_weights
-
-            enum = get_model_weights(arch).IMAGENET1K_V1  # what torchvision's pretrained=True loads
-        except Exception:
-            pass
-        raise ValueError(f"fastres: {arch}(pretrained=True) would download torchvision's weights, "
-                         "and nothing is downloaded: " + _no_download_hint(arch, enum))
+        except Exception as exc:
+            raise ValueError(f"fastres: {arch}(pretrained=True) loads torchvision's "
+                             "IMAGENET1K_V1 weights, which needs torchvision "
+                             f"({type(exc).__name__}: {exc})") from exc
+        weights = get_model_weights(arch).IMAGENET1K_V1
     _warnings.warn("The parameter 'pretrained' is deprecated (torchvision 0.13), please use "
-                   "'weights' instead: pretrained=False is weights=None", UserWarning)
-    return None
+                   f"'weights' instead: pretrained={bool(pretrained)} is weights="
+                   + (f"{type(weights).__name__}.IMAGENET1K_V1" if pretrained else "None"),
+                   UserWarning)
+    return weights
 
 
 def _build(arch: str, weights, progress: bool = True, **kwargs: Any) -> ResNet:
@@ -582,13 +616,15 @@ def _make_constructor(arch: str):
         f"{arch} (torchvision-compatible; {block.__name__} blocks, layers {layers}"
         + (f", {defaults}" if defaults else "")
         + ").\n\n"
-        "Keyword-only, as torchvision: ``weights`` is a path to a torchvision checkpoint or a\n"
-        "state_dict (nothing is downloaded; ``num_classes`` is taken from it when not given);\n"
+        "Keyword-only, as torchvision: ``weights`` is a path to a torchvision checkpoint, a\n"
+        "state_dict, or torchvision's weights (an enum member or its name, such as\n"
+        "``\"IMAGENET1K_V2\"``) read from the file torchvision keeps (nothing is downloaded;\n"
+        "``num_classes`` is taken from the weights when not given);\n"
         "other keywords (``num_classes``, ``zero_init_residual``, ``groups``,\n"
         "``width_per_group``, ``replace_stride_with_dilation``, ``norm_layer``) go to\n"
-        ":class:`ResNet`. ``progress`` is accepted for torchvision compatibility and ignored;\n"
-        "so is torchvision's deprecated ``pretrained=False`` (``pretrained=True`` would download\n"
-        "and is refused, as are torchvision's ``Weights`` enums and their names).\n"
+        ":class:`ResNet`. ``progress`` is accepted for torchvision compatibility and ignored.\n"
+        "torchvision's deprecated ``pretrained=`` is accepted too: ``True`` is\n"
+        "``IMAGENET1K_V1``, ``False`` is ``None``.\n"
     )
     return constructor
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -666,20 +667,33 @@ def test_classify_topk_above_the_class_count_lists_every_class(capsys, tmp_path,
         assert prob == pytest.approx(ref[idx].item(), abs=1e-4)
 
 
-def test_weights_that_are_a_directory_or_a_torchvision_name(capsys, tmp_path, photo):
-    """--weights naming torchvision weights (IMAGENET1K_V2) gets fastres's hint on where
-    torchvision keeps the file (the CLI said only 'does not exist'); a directory is named as
-    one."""
+def test_weights_that_are_a_directory_or_a_torchvision_name(capsys, tmp_path, photo,
+                                                           r18_checkpoint, monkeypatch):
+    """--weights naming torchvision weights (IMAGENET1K_V1) reads the file torchvision keeps,
+    as the path of that file does; when it is missing, fastres's hint on where torchvision
+    would download it (the CLI said only 'does not exist'); a directory is named as one."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # torch.hub.set_dir's
     code, _, err = run_cli(capsys, "classify", str(photo), "--weights", "IMAGENET1K_V2",
                            "--model", "resnet50", "--device", "cpu")
-    assert_usage_error(code, err, "name of torchvision weights", "pass --weights",
-                       "resnet50")
+    assert_usage_error(code, err, "not in torchvision's cache", "pass --weights",
+                       "resnet50-11ad3fa6.pth")
     assert "pass weights=" not in err
     code, _, err = run_cli(capsys, *SMALL_VERIFY, "--weights", "DEFAULT")
-    assert_usage_error(code, err, "name of torchvision weights", "resnet18")
+    assert_usage_error(code, err, "not in torchvision's cache", "resnet18-f37072fd.pth")
     code, _, err = run_cli(capsys, "classify", str(photo), "--weights", str(tmp_path),
                            "--model", "resnet18", "--device", "cpu")
     assert_usage_error(code, err, "is a directory, expected a checkpoint file")
+
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.copy(r18_checkpoint, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    argv = ["classify", str(photo), "--model", "resnet18", "--device", "cpu"]
+    code, by_path, err = run_cli(capsys, *argv, "--weights", str(r18_checkpoint))
+    assert code == 0, err
+    code, by_name, err = run_cli(capsys, *argv, "--weights", "IMAGENET1K_V1")
+    assert code == 0, err
+    assert by_name == by_path
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--weights", "DEFAULT")
+    assert code == 0, err + out
 
 
 @pytest.mark.parametrize("extra, needles", [

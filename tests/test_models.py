@@ -140,8 +140,8 @@ def test_weights_path_and_state_dict(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not read"):
         fastres.resnet18(weights=str(bad))
-    with pytest.raises(TypeError, match="nothing is downloaded"):
-        fastres.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+    with pytest.raises(TypeError, match="checkpoint path, a state_dict mapping or torchvision"):
+        fastres.resnet18(weights=1000)
 
 
 def test_weights_from_a_safetensors_file(tmp_path, monkeypatch):
@@ -561,19 +561,48 @@ def test_from_torchvision_keeps_norm_layers_fc_and_flags():
     assert_close_rel(fr(x), ref, 1e-6, "train mode, frozen layer1, dropout head")
 
 
-def test_torchvision_weights_forms(tmp_path):
+def test_torchvision_weights_forms(tmp_path, monkeypatch):
+    """torchvision's weights (an enum member, its name, pretrained=True) load from the file
+    torchvision keeps in torch.hub's checkpoint directory, giving torchvision's model; with the
+    file missing, a FileNotFoundError names where torchvision would download it (fastres
+    downloads nothing); another model's enum is torchvision's TypeError."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # torch.hub.set_dir's
     with pytest.warns(UserWarning, match="pretrained"):
         m = fastres.resnet18(pretrained=False)
     assert isinstance(m, fastres.ResNet)
-    with pytest.raises(ValueError, match="nothing is downloaded.*resnet18-f37072fd.pth"):
+    with pytest.warns(UserWarning, match="pretrained"), \
+            pytest.raises(FileNotFoundError, match="downloads nothing.*hub.checkpoints."
+                                                   "resnet18-f37072fd.pth"):
         fastres.resnet18(pretrained=True)
     for name in ("IMAGENET1K_V2", "DEFAULT", "ResNet50_Weights.IMAGENET1K_V1"):
-        with pytest.raises(FileNotFoundError, match="name of torchvision weights.*resnet50-"):
+        with pytest.raises(FileNotFoundError, match="not in torchvision's cache.*resnet50-"):
             fastres.resnet50(weights=name)
-    with pytest.raises(TypeError, match="nothing is downloaded.*resnet50-11ad3fa6.pth"):
+    with pytest.raises(FileNotFoundError, match="downloads nothing.*resnet50-11ad3fa6.pth"):
         fastres.resnet50(weights=torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fastres.resnet50(weights=str(tmp_path / "IMAGENET1K_V1.pth"))
+
+    enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1  # DEFAULT too
+    tv0, _ = _small_twin(num_classes=1000)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(tv0.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    tv = torchvision.models.resnet18(weights=enum).eval()  # reads the file (no download)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = tv(x)
+    with pytest.warns(UserWarning, match="pretrained=True is weights=ResNet18_Weights"):
+        legacy = fastres.resnet18(pretrained=True)
+    for fr in (fastres.resnet18(weights=enum), fastres.resnet18(weights="DEFAULT"),
+               fastres.resnet18(weights="ResNet18_Weights.IMAGENET1K_V1"), legacy,
+               fastres.models.get_model("resnet18", weights="IMAGENET1K_V1")):
+        for (k, a), b in zip(fr.state_dict().items(), tv.state_dict().values()):
+            assert torch.equal(a, b), k
+        with torch.no_grad():
+            assert_close_rel(fr.eval()(x), ref, 1e-5, "torchvision's cached weights")
+    for build in (torchvision.models.resnet50, fastres.resnet50):
+        with pytest.raises(TypeError, match="expected ResNet50_Weights but received "
+                                            "ResNet18_Weights"):
+            build(weights=enum)
 
 
 # -- parity review: mixed train/eval, ONNX export, edited models, builders ----------------------
