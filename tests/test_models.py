@@ -508,12 +508,30 @@ def test_fx_feature_extraction_like_torchvision():
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_jit_script_like_torchvision():
+def test_jit_script_like_torchvision(tmp_path):
+    """torch.jit.script records torchvision's forward: the saved file loads and runs in a
+    process that never imports fastres (the portable TorchScript the README points to)."""
+    import subprocess
+    import sys
+
     tv, fr = _small_twin()
     scripted = torch.jit.script(fr)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert_close_rel(scripted(x), tv(x), 1e-6, "torch.jit.script")
+        ref = tv(x)
+        assert_close_rel(scripted(x), ref, 1e-6, "torch.jit.script")
+    scripted.save(str(tmp_path / "scripted.pt"))
+    torch.save({"x": x}, tmp_path / "x.pt")
+    code = ("import sys, warnings, torch; warnings.simplefilter('ignore'); "
+            f"m = torch.jit.load({str(tmp_path / 'scripted.pt')!r}); "
+            f"x = torch.load({str(tmp_path / 'x.pt')!r})['x']; "
+            "assert 'fastres' not in sys.modules, 'fastres was imported'; "
+            f"torch.save(m(x).detach(), {str(tmp_path / 'y.pt')!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close_rel(torch.load(tmp_path / "y.pt"), ref, 1e-6, "jit.load without fastres")
 
 
 @pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
