@@ -681,8 +681,8 @@ def from_torchvision(model: nn.Module) -> ResNet:
     away from torchvision's layout (the plan still fuses an ``fc`` without bias and a stem with
     another number of input channels; with a CIFAR stem, another activation or block,
     fastres's model runs eagerly, with a warning naming the edit); the
-    weights are copied (``load_state_dict(strict=True)``), so the two models do not share
-    storage afterwards.
+    weights are copied, each in its own dtype (a model cast in part keeps its mix), so the two
+    models do not share storage afterwards.
     Each module's train/eval mode and each parameter's ``requires_grad`` are kept.
     """
     needed = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
@@ -741,7 +741,10 @@ def from_torchvision(model: nn.Module) -> ResNet:
         setattr(new.get_submodule(parent), attr, twin)
         copied.append(name)
     new._norm_layer = getattr(model, "_norm_layer", nn.BatchNorm2d)
-    new.load_state_dict(model.state_dict(), strict=True)
+    # copies assigned, not copied into fastres's tensors: each keeps the source's dtype (a
+    # model cast in part, such as fc.half(), stays so), device and memory format
+    new.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()},
+                        strict=True, assign=True)
     params = dict(new.named_parameters())
     for name, p in model.named_parameters():
         if name in params:

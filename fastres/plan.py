@@ -95,11 +95,16 @@ def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def compute_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
-    """The dtype the forward pass computes in (autocast's when it is on for x's device)."""
+    """The dtype the forward pass computes in: autocast's when it is on for x's device, except
+    that autocast leaves float64 alone (a float64 model or input computes in float64, or fails
+    as torchvision's layers do); else the model's."""
+    dtype = model_dtype_device(model)[0]
     dev = x.device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        if torch.float64 in (dtype, x.dtype):
+            return torch.float64
         return torch.get_autocast_dtype(dev)
-    return model_dtype_device(model)[0]
+    return dtype
 
 
 def check_input(model: nn.Module, x) -> None:
@@ -148,7 +153,9 @@ def eager_reason(model: nn.Module, x) -> str | None:
         return "forward AD"
     # (torch.jit.trace records the fused plan with grad on too: its check re-runs the trace
     # under no_grad, and the two graphs must agree)
+    # (inference mode records nothing, even under enable_grad; dynamo cannot ask)
     if (torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and (tracing() or not torch.is_inference_mode_enabled())
             and (x.requires_grad or _any_requires_grad(model))):
         return "grad"
     dt = compute_dtype(model, x)
@@ -477,6 +484,10 @@ class InferencePlan:
             self.fc_bias = fc_bias.detach().to(dtype).contiguous()
         self.num_classes = model.fc.out_features
         self.num_features = model.fc.in_features
+        # why torchvision's layers would refuse these parameters at this compute dtype, without
+        # and with autocast (see dtype_mismatch)
+        self.dtype_mismatch = {autocast: _dtype_mismatch(model, dtype, autocast)
+                               for autocast in (False, True)}
         # input signature and choice state -> the implementation of every step, in order
         self._dispatch: dict[tuple, tuple] = {}
 
@@ -492,6 +503,8 @@ class InferencePlan:
     def run(self, x: Tensor, features_only: bool = False) -> Tensor:
         """The fused forward. ``x`` was checked by :func:`check_input`."""
         if x.shape[0] == 0:
+            if 0 in x.shape[2:]:  # (as with a batch: torchvision's stem convolution refuses it)
+                raise ValueError(f"fastres ResNet expects H, W >= 1, got shape {tuple(x.shape)}")
             if torch.jit.is_tracing():  # the trace would return this empty output for any batch
                 raise ValueError("torch.jit.trace with an empty batch would record a constant "
                                  "empty output; trace with a batch of at least 1")
@@ -705,10 +718,41 @@ def plan_for_input(model: nn.Module, x: Tensor) -> InferencePlan | None:
     one made under ``FakeTensorMode``, for shapes), whose plan must not be cached either.
     """
     dtype = compute_dtype(model, x)
-    if tracing() or without_data(x):
-        return InferencePlan(model, dtype, traced=True)
     try:
-        return get_plan(model, dtype)
+        if tracing() or without_data(x):
+            plan = InferencePlan(model, dtype, traced=True)
+        else:
+            plan = get_plan(model, dtype)
     except FloatingPointError as exc:
         say_eager_once(str(exc))
         return None
+    dev = x.device.type
+    mismatch = plan.dtype_mismatch[dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)]
+    if mismatch is not None:
+        say_eager_once(mismatch)
+        return None
+    return plan
+
+
+def _dtype_mismatch(model: nn.Module, dtype: torch.dtype, autocast: bool) -> str | None:
+    """Why torchvision's layers would not run ``model``'s parameters together in ``dtype``
+    (``None``: they would), so that its eager code gives torchvision's result or error instead
+    of a plan that casts them silently. Convolutions and ``fc`` need their weight and bias in
+    the compute dtype, which autocast casts them to, except float64; a BatchNorm takes
+    parameters and statistics of one dtype, the input's or float32 (for a 16-bit input)."""
+    matmul = {t.dtype for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+              for t in (m.weight, m.bias) if t is not None}
+    if (torch.float64 in matmul) if autocast else (matmul != {dtype}):
+        got = ", ".join(sorted(str(d).removeprefix("torch.") for d in matmul))
+        return (f"convolution and linear parameters in {got} with a {dtype} forward"
+                + (" under autocast (which leaves float64 alone)" if autocast else "")
+                + " (torchvision's layers need the input's dtype)")
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            got = {t.dtype for t in (m.weight, m.bias, m.running_mean, m.running_var)
+                   if t is not None}
+            if got not in ({dtype}, {torch.float32}):
+                got_s = ", ".join(sorted(str(d).removeprefix("torch.") for d in got))
+                return (f"{name} holds {got_s} parameters and statistics for a {dtype} "
+                        "input (BatchNorm takes one dtype: the input's, or float32)")
+    return None

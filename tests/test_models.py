@@ -823,3 +823,73 @@ if given is not None:
         err = (out.double() - (pooled @ w.T + b)).abs()
         assert bool((err <= 1e-5 * (pooled.abs() @ w.abs().T + b.abs())).all()), (
             f"head of {what}: |logits - fc(features)| {err.max().item():.2e}")
+
+
+def _outcome(f):
+    """``("ok", output)`` or ``("raises", exception type name)``."""
+    try:
+        return "ok", f()
+    except Exception as exc:  # noqa: BLE001 - compared with torchvision's outcome
+        return "raises", type(exc).__name__
+
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
+def test_autocast_float64_and_mixed_dtypes_like_torchvision():
+    """Autocast leaves float64 alone, and torchvision's layers refuse parameters of mixed
+    dtypes (a model cast in part) unless autocast casts them: fastres computes in float64, or
+    raises, where torchvision does, instead of folding everything into one dtype silently (a
+    float64 model under bf16 autocast returned bf16; fc.half() ran in fp32)."""
+    import copy
+
+    tv0, _ = _small_twin()
+    x = torch.randn(2, 3, 32, 32)
+    bf16, fp16 = torch.bfloat16, torch.float16
+
+    def cast(edit):
+        tv = copy.deepcopy(tv0)
+        edit(tv)
+        fr = fastres.from_torchvision(tv)
+        assert [(k, v.dtype) for k, v in fr.state_dict().items()] == \
+            [(k, v.dtype) for k, v in tv.state_dict().items()]  # from_torchvision keeps them
+        return tv, fr
+
+    cases = [  # (edit of the model, input, autocast dtype or None, tolerance if both compute)
+        (lambda m: m.double(), x.double(), bf16, 1e-12),
+        (lambda m: m.double(), x, bf16, None),            # float64 weights, bf16 input
+        (lambda m: None, x.double(), bf16, None),         # float64 input, bf16 weights
+        (lambda m: m.half(), x.half(), bf16, None),       # fp16 BatchNorm, bf16 input
+        (lambda m: m.layer4.half(), x, None, None),
+        (lambda m: m.layer4.half(), x, fp16, 3e-2),
+        (lambda m: m.fc.half(), x, None, None),
+        (lambda m: m.conv1.half(), x.half(), None, None),
+        (lambda m: m.conv1.half(), x, bf16, 3e-2),
+    ]
+    for i, (edit, inp, autocast, tol) in enumerate(cases):
+        tv, fr = cast(edit)
+        with torch.no_grad(), torch.autocast("cpu", dtype=autocast or bf16,
+                                             enabled=autocast is not None):
+            ref, got = _outcome(lambda: tv(inp)), _outcome(lambda: fr(inp))
+        assert got[0] == ref[0], (i, ref, got)
+        if ref[0] == "ok":
+            assert got[1].dtype == ref[1].dtype, (i, ref[1].dtype, got[1].dtype)
+            assert_close_rel(got[1], ref[1], tol, f"case {i}")
+
+
+def test_empty_images_and_inference_mode_with_enable_grad():
+    """An empty batch of empty images is refused as a batch of them is (torchvision's stem
+    convolution raises; fastres returned a [0, 1000] output), and inference mode records
+    nothing even under enable_grad: the fused plan runs there (it ran eagerly, warning about
+    autograd)."""
+    tv, fr = _small_twin()
+    for shape in ((0, 3, 0, 0), (0, 3, 0, 32), (0, 3, 32, 0)):
+        with torch.no_grad():
+            assert _outcome(lambda: tv(torch.randn(shape)))[0] == "raises"
+            with pytest.raises(ValueError, match="expects H, W >= 1"):
+                fr(torch.randn(shape))
+    x = torch.randn(2, 3, 32, 32)
+    fr.invalidate_plan()
+    with torch.inference_mode(), torch.enable_grad():
+        out, ref = fr(x), tv(x)
+    assert fr.__dict__["_plan_cache"] is not None  # the fused plan ran
+    assert not out.requires_grad and out.grad_fn is None and out.is_inference()
+    assert_close_rel(out, ref, 1e-5, "inference_mode + enable_grad")
