@@ -21,6 +21,7 @@ device. Folding is O(parameters) elementwise work done once per change.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 import threading
 import weakref
@@ -231,7 +232,13 @@ def unsupported_reason(model: nn.Module) -> str | None:
     the plan cache uses) and the modules' settings (:func:`structure`) are unchanged.
     """
     if _HOOKS and not tracing():
-        struct = structure(model)
+        mods = _modules(model, check_tree=True)
+        own = mods.instance_forward()
+        if own is not None or "_forward_impl" in vars(model):
+            name = "the model's _forward_impl" if own is None else (
+                f"{next(itertools.islice(model.named_modules(), own + 1, None))[0]}.forward")
+            return f"{name} is set on the instance, which the fused plan would skip"
+        struct = mods.structure()
         hit = _unsupported_memo.get(model)
         if hit is not None and hit[0] == _registrations and hit[1] == struct:
             return hit[2]
@@ -251,7 +258,11 @@ def _unsupported_reason(model: nn.Module) -> str | None:
 
     if getattr(type(model), "_forward_impl", None) is not ResNet._forward_impl:
         return f"{type(model).__name__} has its own _forward_impl (not fastres.ResNet's)"
+    if "_forward_impl" in vars(model):
+        return "the model's _forward_impl is set on the instance, which the fused plan would skip"
     for name, m in model.named_modules():
+        if name and "forward" in vars(m):
+            return f"{name}.forward is set on the instance, which the fused plan would skip"
         if isinstance(m, nn.BatchNorm2d):
             if m.running_mean is None or m.running_var is None:
                 return f"{name} is a BatchNorm2d without running statistics"
@@ -311,8 +322,9 @@ def _pair(v) -> tuple:
 
 
 def _geometry(conv: nn.Conv2d) -> tuple:
-    return (tuple(conv.kernel_size), tuple(conv.stride), _pair(conv.padding),
-            tuple(conv.dilation), conv.groups)
+    # (each setting may be an int: ``conv.stride = 1``, which F.conv2d takes, as torchvision)
+    return (_pair(conv.kernel_size), _pair(conv.stride), _pair(conv.padding),
+            _pair(conv.dilation), conv.groups)
 
 
 def _maxpool_geometry(pool: nn.MaxPool2d) -> tuple:
@@ -324,6 +336,7 @@ def _maxpool_geometry(pool: nn.MaxPool2d) -> tuple:
 _CONV_KEYS = ("stride", "padding", "dilation", "groups", "padding_mode")
 _CONV_ITEMS = operator.itemgetter(*_CONV_KEYS)
 _EPS = operator.itemgetter("eps")
+_MODULES_OF = operator.itemgetter("_modules")
 _POOL_ATTRS = operator.attrgetter("kernel_size", "stride", "padding", "dilation", "ceil_mode")
 
 
@@ -332,7 +345,8 @@ class _Modules:
     ``__dict__`` is read directly: a setattr lands there, and a dict lookup is ~4x cheaper
     than a module attribute lookup (~7 us per ResNet-50 structure instead of ~16)."""
 
-    __slots__ = ("modules", "convs", "bns", "hooks", "model")
+    __slots__ = ("modules", "convs", "bns", "hooks", "model", "dicts", "tree", "kids",
+                 "children")
 
     def __init__(self, model: nn.Module):
         # the submodules only, and the model by weak reference: this lives in a
@@ -348,6 +362,32 @@ class _Modules:
         self.hooks = [d for m in self.modules for d in (m._forward_hooks,
                                                         m._forward_pre_hooks)]
         self.model = weakref.ref(model)
+        # every submodule's __dict__ (a forward set on the instance lands there)
+        self.dicts = [vars(m) for m in self.modules]
+        # every submodule that has children: its __dict__ and its _modules dict; and how many
+        # children each has, the model included (its _modules dict only: its __dict__ would
+        # reach the model). Deleting a submodule (``del model.layer4[-1]``,
+        # ``Sequential.pop``, ``del blk.downsample``) and ``Sequential.insert`` change these
+        # without registering anything, so the registration counter does not see them.
+        tree = [m for m in self.modules if m._modules]
+        self.tree = ([vars(m) for m in tree], [m._modules for m in tree])
+        self.kids = [model._modules, *self.tree[1]]
+        self.children = list(map(len, self.kids))
+
+    def tree_unchanged(self) -> bool:
+        """True while every submodule with children holds the same ``_modules`` dict and every
+        module as many children (~2 us for ResNet-50; replacing a child registers it)."""
+        dicts, kids = self.tree
+        return (list(map(len, self.kids)) == self.children
+                and all(map(operator.is_, map(_MODULES_OF, dicts), kids)))
+
+    def instance_forward(self) -> int | None:
+        """The first submodule (by its index in ``modules``) with a ``forward`` set on the
+        instance (``blk.forward = f``, as instrumentation libraries wrap forwards), which the
+        plan would skip; ``None`` when there is none (~3 us for ResNet-50)."""
+        if not any(map(operator.contains, self.dicts, itertools.repeat("forward"))):
+            return None
+        return next(i for i, d in enumerate(self.dicts) if "forward" in d)
 
     def structure(self) -> tuple:
         model = self.model()
@@ -372,8 +412,14 @@ def structure(model: nn.Module) -> tuple:
     return _modules(model).structure()
 
 
-def _modules(model: nn.Module) -> _Modules:
+def _modules(model: nn.Module, check_tree: bool = False) -> _Modules:
+    """The memoized module lists of ``model``. ``check_tree``: first check that no submodule
+    was deleted or inserted without registering anything (``tree_unchanged``); one that was
+    counts as a registration, so that every memo keyed on the counter (this one, the plan
+    cache's, the verdict of :func:`unsupported_reason`) looks again."""
     hit = _modules_memo.get(model)
+    if check_tree and hit is not None and not hit[1].tree_unchanged():
+        _bump()
     if hit is None or hit[0] != _registrations or not _HOOKS:
         hit = (_registrations, _Modules(model))
         _modules_memo[model] = hit
@@ -439,9 +485,9 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
     return ConvStep(
         weight=folded.contiguous(memory_format=torch.channels_last),
         bias=shift.contiguous(),
-        stride=list(conv.stride),
-        padding=list(conv.padding),
-        dilation=list(conv.dilation),
+        stride=list(_pair(conv.stride)),
+        padding=list(_pair(conv.padding)),
+        dilation=list(_pair(conv.dilation)),
         groups=conv.groups,
         name=name,
     )
@@ -611,44 +657,49 @@ class _PlanCache:
     without registering anything), the same storage and version counters, and the same
     module settings (:func:`structure`)."""
 
-    __slots__ = ("tensors", "refs", "ptrs", "versions", "plans", "registrations", "slots",
-                 "names", "structure", "version_of")
+    __slots__ = ("tensors", "live", "refs", "ptrs", "versions", "plans", "registrations",
+                 "slots", "names", "structure", "version_of")
 
     def __init__(self, model: nn.Module):
         self.registrations = _registrations
-        # every (owner dict, name) slot that holds a tensor, and what it holds
+        # every (owner dict, name) slot and what it holds: a tensor, or None (a bias-less
+        # convolution's bias, which torch.func.functional_call can fill without registering).
+        # (BatchNorm's num_batches_tracked too, which the plan does not read: a train-mode
+        # forward updates the running statistics without bumping their version counters,
+        # and it is the counter its add_(1) bumps that shows the update.)
         self.slots, self.names, held = [], [], []
         for m in model.modules():
             for d in (m._parameters, m._buffers):
                 for name, t in d.items():
-                    if t is not None:
-                        self.slots.append(d)
-                        self.names.append(name)
-                        held.append(t)
+                    self.slots.append(d)
+                    self.names.append(name)
+                    held.append(t)
         self.tensors = held
+        live = self.live = [t for t in held if t is not None]
         # detach() shares storage and version counter: holding it keeps the storage alive, so
         # an equal data_ptr below means the very same storage, never a reused address.
-        self.refs = [t.detach() for t in held]
-        self.ptrs = list(map(_DATA_PTR, held))
-        self.version_of = (_version_or_inference if any(t.is_inference() for t in held)
+        self.refs = [t.detach() for t in live]
+        self.ptrs = list(map(_DATA_PTR, live))
+        self.version_of = (_version_or_inference if any(t.is_inference() for t in live)
                            else _VERSION)
-        self.versions = list(map(self.version_of, held))
+        self.versions = list(map(self.version_of, live))
         self.structure = structure(model)
         self.plans: dict[torch.dtype, InferencePlan] = {}
 
     def valid_for(self, model: nn.Module) -> bool:
+        _modules(model, check_tree=True)  # (a deleted or inserted submodule: a registration)
         if not _HOOKS or self.registrations != _registrations:
             slots = [(d, name) for m in model.modules() for d in (m._parameters, m._buffers)
-                     for name, t in d.items() if t is not None]
+                     for name in d]
             if len(slots) != len(self.slots) or any(
                     d is not d0 or n != n0
                     for (d, n), d0, n0 in zip(slots, self.slots, self.names)):
                 return False
             self.registrations = _registrations
-        tensors = self.tensors
-        return (all(map(operator.is_, map(dict.get, self.slots, self.names), tensors))
-                and list(map(self.version_of, tensors)) == self.versions
-                and list(map(_DATA_PTR, tensors)) == self.ptrs
+        live = self.live
+        return (all(map(operator.is_, map(dict.get, self.slots, self.names), self.tensors))
+                and list(map(self.version_of, live)) == self.versions
+                and list(map(_DATA_PTR, live)) == self.ptrs
                 and structure(model) == self.structure)
 
 

@@ -504,6 +504,13 @@ _UNFUSED = {
         torch.nn.Dropout(0.2), torch.nn.Linear(512, 7))),
     "reflect padding": lambda fr: setattr(fr.layer1[0].conv1, "padding_mode", "reflect"),
     "block class": lambda fr: setattr(fr.layer3[0], "__class__", _HalvedBlock),
+    # a forward set on the instance (as instrumentation libraries wrap forwards): the plan
+    # ignored it (relative errors 0.05 to 0.99)
+    "instance forward": lambda fr: setattr(fr.layer2[1], "forward",
+                                           lambda t, f=fr.layer2[1].forward: f(t) * 0.5),
+    "instance relu forward": lambda fr: setattr(fr.relu, "forward", lambda t: t.abs()),
+    "instance _forward_impl": lambda fr: setattr(fr, "_forward_impl",
+                                                 lambda t, f=fr._forward_impl: f(t) + 1),
 }
 
 
@@ -534,7 +541,27 @@ _REBUILT = {
     "buffer slot": lambda fr: fr.layer1[0].bn1._buffers.__setitem__(
         "running_var", fr.layer1[0].bn1.running_var * 3),
     "fc without bias": lambda fr: setattr(fr, "fc", torch.nn.Linear(512, 10, bias=False)),
+    # settings as ints, which F.conv2d takes (they crashed the plan: 'int' is not iterable)
+    "int stride": lambda fr: (setattr(fr.layer4[0].conv1, "stride", 1),
+                              setattr(fr.layer4[0].downsample[0], "stride", 1)),
+    "int padding and dilation": lambda fr: (setattr(fr.layer2[1].conv2, "dilation", 2),
+                                            setattr(fr.layer2[1].conv2, "padding", 2)),
+    "int stem stride": lambda fr: setattr(fr.conv1, "stride", 2),
+    # submodules deleted or inserted without registering anything (the plan kept running the
+    # old blocks: relative errors 0.04 to 0.56)
+    "del block": lambda fr: fr.layer4.__delitem__(-1),
+    "del blocks": lambda fr: fr.layer2.__delitem__(slice(1, None)),
+    "pop block": lambda fr: fr.layer3.pop(1),
+    "insert block": lambda fr: fr.layer2.insert(1, _scaled_copy(fr.layer2[1])),
 }
+
+
+def _scaled_copy(block):
+    twin = copy.deepcopy(block)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.9)
+    return twin
 
 
 @pytest.mark.parametrize("edit", list(_REBUILT))
@@ -571,6 +598,24 @@ def test_functional_call_uses_the_tensors_it_is_given():
         for _ in range(2):  # plan built from the own tensors first, then from the swapped ones
             assert_close_rel(fr(x), own_ref, 1e-4, "own tensors")
             assert_close_rel(functional_call(fr, other, (x,)), other_ref, 1e-4, "swapped in")
+
+
+def test_functional_call_fills_an_empty_bias_slot():
+    """``functional_call`` given a tensor for a slot that holds ``None`` (a bias-less
+    convolution's ``bias``) puts it there without registering it: the plan uses it (it ran
+    without it: relative error 0.25), and the model's own forward afterwards drops it."""
+    from torch.func import functional_call
+
+    tv, fr = _fresh_pair()
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    bias = {"conv1.bias": torch.randn(64, device=DEVICE) * 0.5}
+    with torch.no_grad():
+        plain = fr(x)  # a plan without the bias
+        for _ in range(2):
+            assert_close_rel(functional_call(fr, bias, (x,)), functional_call(tv, bias, (x,)),
+                             1e-4, "bias slot filled")
+            assert_close_rel(fr(x), plain, 1e-6, "the model's own tensors again")
+    assert fr.conv1.bias is None
 
 
 def test_parameters_made_in_inference_mode():
