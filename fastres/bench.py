@@ -424,6 +424,7 @@ class _EagerProbe:
                 self.ran = True
                 return original(x)
 
+            spy.fastres_probe = True  # (the plan runs: other instance overrides run eagerly)
             self.model.__dict__["_forward_impl"] = spy  # this instance only
         return self
 

@@ -234,7 +234,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if _HOOKS and not tracing():
         mods = _modules(model, check_tree=True)
         own = mods.instance_forward()
-        if own is not None or "_forward_impl" in vars(model):
+        if own is not None or _instance_forward_impl(model):
             name = "the model's _forward_impl" if own is None else (
                 f"{next(itertools.islice(model.named_modules(), own + 1, None))[0]}.forward")
             return f"{name} is set on the instance, which the fused plan would skip"
@@ -248,6 +248,13 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return _unsupported_reason(model)
 
 
+def _instance_forward_impl(model: nn.Module) -> bool:
+    """True when a ``_forward_impl`` is set on the model instance, other than one marked
+    ``fastres_probe`` (``fastres bench`` wraps the eager path to notice a fallback)."""
+    f = vars(model).get("_forward_impl")
+    return f is not None and not getattr(f, "fastres_probe", False)
+
+
 def _unsupported_reason(model: nn.Module) -> str | None:
     """The plan hard-codes torchvision's ResNet layout: the 7x7/2 stem convolution, ReLU,
     the 3x3/2 max-pool, blocks of BatchNorm-folded convolutions, the global average pool
@@ -258,7 +265,7 @@ def _unsupported_reason(model: nn.Module) -> str | None:
 
     if getattr(type(model), "_forward_impl", None) is not ResNet._forward_impl:
         return f"{type(model).__name__} has its own _forward_impl (not fastres.ResNet's)"
-    if "_forward_impl" in vars(model):
+    if _instance_forward_impl(model):
         return "the model's _forward_impl is set on the instance, which the fused plan would skip"
     for name, m in model.named_modules():
         if name and "forward" in vars(m):
