@@ -12,6 +12,7 @@ Used by ``fastres classify`` and by ``fastres verify`` (for its real photographs
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,6 +88,9 @@ def to_pil_rgb(image):
 
     if isinstance(image, np.ndarray):
         arr = image
+        if not (arr.ndim == 2 or arr.ndim == 3 and arr.shape[2] in (1, 3, 4)):
+            raise ValueError(f"expected an HxW or HxWxC image array (C = 1, 3 or 4), got "
+                             f"shape {arr.shape}")
         if arr.dtype == np.bool_:
             arr = arr.astype(np.uint8) * 255
         elif arr.dtype != np.uint8:  # as the same pixels in an image file (see _to_uint8)
@@ -96,6 +100,10 @@ def to_pil_rgb(image):
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
         image = Image.fromarray(arr)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image or a NumPy array, got {type(image).__name__}"
+                        + (" (convert an HWC tensor with .numpy())"
+                           if isinstance(image, Tensor) else ""))
     if image.mode.startswith("I") or image.mode == "F":
         image = Image.fromarray(_to_uint8(np.asarray(image), image.mode))
     if image.mode != "RGB":
@@ -174,11 +182,31 @@ def normalize_torch(images: Tensor, dtype: torch.dtype = torch.float32,
     Computed in fp32 (``(x / 255 - mean) / std``), then cast: torchvision's ``ToTensor`` +
     ``Normalize`` followed by ``.to(dtype)``.
     """
+    _check_normalize_args(images, dtype, mean, std)
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     x = (x - m) / s
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _check_normalize_args(images, dtype, mean, std) -> None:
+    """What :func:`normalize_torch` takes: uint8 ``[N, H, W, 3]`` images (as decoders give
+    them), a floating-point ``dtype``, 3 means and 3 finite non-zero standard deviations."""
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8:
+        got = images.dtype if isinstance(images, Tensor) else type(images).__name__
+        raise TypeError(f"normalize expects uint8 [N, H, W, 3] images, got {got} (float "
+                        "images in [0, 1]: torchvision.transforms.v2.functional.normalize)")
+    if images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"normalize expects uint8 [N, H, W, 3] images (channels last), got "
+                         f"shape {tuple(images.shape)}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"normalize: dtype must be a floating-point torch.dtype, got {dtype!r}")
+    mean, std = list(mean), list(std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"normalize: mean and std must have 3 values, got {mean} and {std}")
+    if not all(math.isfinite(v) and v != 0 for v in map(float, std)):
+        raise ValueError(f"normalize: std values must be finite and non-zero, got {std}")
 
 
 def _fused_preprocess():

@@ -74,6 +74,8 @@ def optimize(model: nn.Module, cuda_graphs: bool = True, max_graphs: int = 8,
                 if type(inner).__name__ == "ResNet" else "")
         raise TypeError(f"optimize expects a fastres.ResNet, got {type(inner).__module__}."
                         f"{type(inner).__qualname__}{hint}")
+    if not isinstance(cuda_graphs, bool):  # ("False" and "no" are true)
+        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int):
         raise TypeError(f"max_graphs must be an int, got {max_graphs!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int):

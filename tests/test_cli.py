@@ -1069,3 +1069,33 @@ def test_bench_baseline_with_non_finite_output_is_no_speedup_reference(capsys, m
     assert rows["fastres"]["status"] == "ok"
     assert rows["fastres"]["speedup"]["eager_amp_cl"] is None
     assert rows["fastres"]["speedup"]["eager_fp32"] > 0
+
+
+def test_preprocessing_helpers_refuse_what_they_cannot_take():
+    """classify's normalize takes uint8 [N, H, W, 3] images: float images already in [0, 1]
+    were divided by 255 again, a zero std gave infinities and an int dtype a truncated
+    tensor, silently; to_pil_rgb said 'builtin_function_or_method' for a tensor. NumPy
+    means and a tensor std still work."""
+    from fastres.classify import normalize, normalize_torch, to_pil_rgb
+
+    u8 = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
+    for bad, exc, match in [
+        (lambda: normalize(u8.float() / 255), TypeError, "expects uint8"),
+        (lambda: normalize(u8, std=(0.0, 1.0, 1.0)), ValueError, "finite and non-zero"),
+        (lambda: normalize(u8, dtype=torch.int32), TypeError, "floating-point"),
+        (lambda: normalize(u8.permute(0, 3, 1, 2)), ValueError, r"\[N, H, W, 3\]"),
+        (lambda: normalize(u8[0]), ValueError, r"\[N, H, W, 3\]"),
+        (lambda: to_pil_rgb(u8[0]), TypeError, "PIL image or a NumPy array"),
+        (lambda: to_pil_rgb(u8[0].permute(2, 0, 1).numpy()), ValueError, "HxW or HxWxC"),
+    ]:
+        with pytest.raises(exc, match=match):
+            bad()
+    from torchvision.transforms.v2 import functional as tvf
+
+    mean, std = np.array([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    out, _ = normalize(u8, mean=mean, std=std)
+    ref = tvf.normalize(
+        u8.permute(0, 3, 1, 2).float() / 255, mean.tolist(), std.tolist())
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(normalize_torch(u8, torch.float32, mean, std), ref,
+                               rtol=1e-6, atol=1e-6)

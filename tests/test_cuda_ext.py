@@ -128,6 +128,16 @@ def test_preprocess_reference_matches_torchvision_recipe(layout, dtype):
      "3 values"),
     (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), dtype=torch.int32),
      TypeError, "dtype"),
+    # mean/std that are not numbers ("'float' object is not iterable", or strings and bools
+    # taken as numbers)
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), mean=0.5), TypeError,
+     "mean must be a sequence of 3 numbers"),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), std=None), TypeError,
+     "std must be a sequence of 3 numbers"),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), mean=("0.1", "0.2", "0.3")),
+     TypeError, "mean must be a sequence of 3 numbers"),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), std=(True, True, True)),
+     TypeError, "std must be a sequence of 3 numbers"),
 ])
 def test_preprocess_argument_errors(bad, exc, msg):
     with pytest.raises(exc, match=msg.replace("[", r"\[").replace("]", r"\]")):

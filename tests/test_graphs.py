@@ -124,6 +124,8 @@ def test_optimize_rejects_bad_arguments():
         fastres.optimize(torch.nn.Conv2d(3, 8, 3))
     with pytest.raises(TypeError, match="max_graphs must be an int, got None"):
         fastres.optimize(m, max_graphs=None)
+    with pytest.raises(TypeError, match="cuda_graphs must be True or False, got 'False'"):
+        fastres.optimize(m, cuda_graphs="False")  # (a true string: it returned a graph wrapper)
 
 
 # -- GPU -----------------------------------------------------------------------------------

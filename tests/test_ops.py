@@ -135,6 +135,36 @@ def test_ops_are_registered_custom_ops():
     (lambda x, w, b: torch.ops.fastres.preprocess(torch.zeros(1, 4, 4, 3, dtype=torch.uint8),
                                                   "NWHC", [0.5] * 3, [0.2] * 3, torch.float32),
      ValueError, "layout must be one of"),
+    # arguments that are not tensors ('list' object has no attribute 'dim' before)
+    (lambda x, w, b: ops.conv_bias_act(x, [[1.0] * 8] * 8, b), TypeError,
+     "weight must be a torch.Tensor, got list"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, 0.5), TypeError, "bias must be a torch.Tensor"),
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, residual=[0.0]), TypeError,
+     "residual must be a torch.Tensor"),
+    (lambda x, w, b: ops.stem(x[:, :3], None, None), TypeError, "weight must be a torch.Tensor"),
+    (lambda x, w, b: ops.avgpool_linear(x, torch.randn(4, 8), [0.0] * 4), TypeError,
+     "bias must be a torch.Tensor"),
+    # empty weights (F.conv2d's or oneDNN's error, and the fakes returned a shape)
+    (lambda x, w, b: ops.conv_bias_act(x, w[:0], b[:0]), ValueError, "every size >= 1"),
+    (lambda x, w, b: ops.conv_bias_act(x, w[:, :, :0], b), ValueError, "every size >= 1"),
+    (lambda x, w, b: ops.stem(x[:, :3], torch.randn(0, 3, 7, 7), torch.randn(0)), ValueError,
+     "C_out >= 1"),
+    (lambda x, w, b: ops.max_pool2d(x[:, :0], 3, 2, 1), ValueError,
+     "at least one input channel"),
+    # the registered op's lists (an IndexError, or a shape from the fake for 3 paddings)
+    (lambda x, w, b: torch.ops.fastres.conv_bias_act(x, w, b, [2], [0, 0], [1, 1], 1, None,
+                                                     True), ValueError, "stride must have 2"),
+    (lambda x, w, b: torch.ops.fastres.conv_bias_act(x, w, b, [1, 1], [1, 1, 1], [1, 1], 1,
+                                                     None, True), ValueError,
+     "padding must have 2"),
+    # a bias that is not floating point (a complex one lost its imaginary part silently)
+    (lambda x, w, b: ops.conv_bias_act(x, w, torch.complex(b, b)), TypeError,
+     "bias must be a floating-point tensor"),
+    (lambda x, w, b: ops.stem(x[:, :3], torch.randn(8, 3, 7, 7), torch.ones(8, dtype=torch.int64)),
+     TypeError, "bias must be a floating-point tensor"),
+    # a bool tensor is no int (stride=torch.tensor(True) ran as stride 1)
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, stride=torch.tensor(True)), TypeError,
+     "stride must be an int"),
 ])
 @pytest.mark.parametrize("fake", [False, True], ids=["real", "fake"])
 def test_op_argument_errors(call, exc, match, fake):

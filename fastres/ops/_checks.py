@@ -24,7 +24,7 @@ def as_int(v) -> int | None:
     """``v`` as an int when it is an integer: Python and NumPy integers (anything with
     ``__index__``), not bools, floats or strings (``int()`` would truncate 2.5 to 2
     silently); else ``None``."""
-    if isinstance(v, bool):
+    if isinstance(v, bool) or isinstance(v, torch.Tensor) and v.dtype == torch.bool:
         return None
     try:
         return operator.index(v)
@@ -73,13 +73,24 @@ def conv_output_size(h, w, r, s, stride, padding, dilation) -> tuple[int, int]:
     return p, q
 
 
+def _check_tensors(op: str, **tensors) -> None:
+    """Each of ``tensors`` (``None`` allowed for ``residual``) is a torch.Tensor."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) and not (t is None and name == "residual"):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual) -> None:
     op = "conv_bias_act"
     check_float_activation("x", x, op)
+    _check_tensors(op, weight=weight, bias=bias, residual=residual)
     _check_has_channels(op, x)
-    if weight.dim() != 4:
-        raise ValueError(f"{op}: weight must be 4-D [C_out, C_in/groups, R, S], "
-                         f"got shape {tuple(weight.shape)}")
+    if weight.dim() != 4 or min(weight.shape) < 1:
+        raise ValueError(f"{op}: weight must be 4-D [C_out, C_in/groups, R, S] with every "
+                         f"size >= 1, got shape {tuple(weight.shape)}")
+    for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if len(v) != 2:  # (the Python wrapper pairs them; torch.ops.fastres takes lists)
+            raise ValueError(f"{op}: {name} must have 2 values, got {list(v)}")
     _check_weight_dtype(op, x, weight)
     if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
         raise ValueError(f"{op}: groups={groups} must divide C_in={x.shape[1]} and "
@@ -126,6 +137,8 @@ def _check_bias_shape(op: str, weight, bias) -> None:
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), "
                          f"got {tuple(bias.shape)}")
+    if not bias.is_floating_point():  # (complex, integer, bool: not a bias, computed in fp32)
+        raise TypeError(f"{op}: bias must be a floating-point tensor, got {bias.dtype}")
 
 
 def _check_same_device(op: str, x, **tensors) -> None:
@@ -137,9 +150,11 @@ def _check_same_device(op: str, x, **tensors) -> None:
 def check_stem_args(x, weight, bias) -> None:
     op = "stem"
     check_float_activation("x", x, op)
+    _check_tensors(op, weight=weight, bias=bias)
     _check_has_channels(op, x)
-    if weight.dim() != 4 or weight.shape[1] != x.shape[1] or tuple(weight.shape[2:]) != (7, 7):
-        raise ValueError(f"{op}: weight must be [C_out, {x.shape[1]}, 7, 7], "
+    if (weight.dim() != 4 or weight.shape[0] < 1 or weight.shape[1] != x.shape[1]
+            or tuple(weight.shape[2:]) != (7, 7)):
+        raise ValueError(f"{op}: weight must be [C_out >= 1, {x.shape[1]}, 7, 7], "
                          f"got {tuple(weight.shape)}")
     _check_weight_dtype(op, x, weight)
     _check_bias_shape(op, weight, bias)
@@ -151,6 +166,7 @@ def check_stem_args(x, weight, bias) -> None:
 def check_max_pool_args(x, kernel_size: int, stride: int, padding: int) -> None:
     op = "max_pool2d"
     check_float_activation("x", x, op)
+    _check_has_channels(op, x)
     if kernel_size < 1 or stride < 1 or padding < 0:
         raise ValueError(f"{op}: kernel_size and stride must be >= 1 and padding >= 0, got "
                          f"kernel_size={kernel_size}, stride={stride}, padding={padding}")
@@ -167,6 +183,7 @@ def check_max_pool_args(x, kernel_size: int, stride: int, padding: int) -> None:
 def check_head_args(x, weight, bias) -> None:
     op = "avgpool_linear"
     check_float_activation("x", x, op)
+    _check_tensors(op, weight=weight, bias=bias)
     if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"{op}: weight must be [num_classes, {x.shape[1]}], "
                          f"got {tuple(weight.shape)}")

@@ -16,6 +16,7 @@ dtype=torch.float32) -> [N, 3, H, W]``
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -74,10 +75,26 @@ def preprocess(images: torch.Tensor, layout: str = "NHWC",
     See the module docstring for the contract. Arguments are checked here, with errors that
     say what was expected and what was given.
     """
-    mean = [float(v) for v in mean]
-    std = [float(v) for v in std]
+    mean, std = _floats("mean", mean), _floats("std", std)
     _check_args(images, layout, mean, std, dtype)
     return _preprocess_op(images, layout, mean, std, dtype)
+
+
+def _floats(name: str, values) -> list[float]:
+    """``values`` (a sequence of real numbers: Python or NumPy floats and ints, or a 1-D
+    tensor) as a list of floats; a ``TypeError`` for anything else (a scalar, ``None``,
+    strings, bools)."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist() if values.dim() == 1 else values
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not hasattr(
+            values, "__array__"):
+        raise TypeError(f"{OP}: {name} must be a sequence of 3 numbers, got {values!r}")
+    out = []
+    for v in list(values):
+        if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{OP}: {name} must be a sequence of 3 numbers, got {values!r}")
+        out.append(float(v))
+    return out
 
 
 def _check_args(images, layout, mean, std, dtype) -> None:
