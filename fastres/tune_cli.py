@@ -99,10 +99,16 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
     if num_classes < 1:
         raise TuneUsageError(f"--num-classes must be >= 1, got {num_classes}")
     if cache_dir is not None:
+        if not str(cache_dir).strip():  # ("" would check "." and then write the default)
+            raise TuneUsageError("--cache-dir must name a directory, got an empty string")
         check_cache_dir(cache_dir, "--cache-dir")
     else:
         from_env = bool(os.environ.get("FASTRES_CACHE_DIR"))
-        check_cache_dir(tuning.cache_dir(), "FASTRES_CACHE_DIR" if from_env
+        try:
+            default = tuning.cache_dir()
+        except OSError as exc:  # no home directory
+            raise TuneUsageError(str(exc)) from None
+        check_cache_dir(default, "FASTRES_CACHE_DIR" if from_env
                         else "the tuning cache directory")
     from fastres.classify import UserError, in_cli_words, load_checkpoint, parse_device
 
@@ -116,7 +122,11 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
         state = load_checkpoint(weights, model) if weights else None
     except (ValueError, RuntimeError, UserError) as exc:
         raise TuneUsageError(in_cli_words(str(exc))) from None
-    if tuning.mode() == "pinned":
+    try:
+        pinned = tuning.mode() == "pinned"
+    except ValueError as exc:  # FASTRES_TUNE set to something else
+        raise TuneUsageError(str(exc)) from None
+    if pinned:
         echo("fastres tune: FASTRES_TUNE=0 or deterministic mode is on: choices are pinned, "
              "nothing to tune.")
         return 0

@@ -187,17 +187,27 @@ def reset() -> None:
 
 
 _OFF = ("0", "false", "off", "no")
+_ON = ("", "1", "true", "on", "yes")
 
 
 def mode() -> str:
-    """``"pinned"`` when ``FASTRES_TUNE=0`` (or ``false``/``off``/``no``) or deterministic
-    algorithms are on, else ``"tune"``. Pinned: no timing and no cache; each op runs the
+    """``"pinned"`` when ``FASTRES_TUNE=0`` (or ``false``/``off``/``no``, any case) or
+    deterministic algorithms are on, else ``"tune"`` (``FASTRES_TUNE`` unset, empty, ``1``,
+    ``true``, ``on`` or ``yes``; any other value is a ``ValueError``: ``pinned`` or
+    ``disabled`` must not silently tune). Pinned: no timing and no cache; each op runs the
     first of ``triton``, ``cuda``, ``torch`` that supports the call, with its first
     configuration."""
-    if torch.are_deterministic_algorithms_enabled():
-        return "pinned"
     v = os.environ.get("FASTRES_TUNE")
-    if v is not None and v.strip().lower() in _OFF:
+    if v is not None:
+        v = v.strip().lower()
+        if v in _OFF:
+            return "pinned"
+        if v not in _ON:
+            raise ValueError(
+                "the FASTRES_TUNE environment variable must be 0/false/off/no (pinned "
+                "choices) or 1/true/on/yes (tune; also when unset or empty), got "
+                f"{os.environ['FASTRES_TUNE']!r}")
+    if torch.are_deterministic_algorithms_enabled():
         return "pinned"
     return "tune"
 
@@ -220,8 +230,15 @@ def cache_dir() -> Path:
     if env:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "fastres"
+    if xdg:
+        return Path(xdg).expanduser() / "fastres"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError, OSError) as exc:  # no $HOME and no passwd entry
+        raise OSError("cannot find the home directory for the default tuning cache "
+                      f"directory ~/.cache/fastres ({exc}); set FASTRES_CACHE_DIR or "
+                      "XDG_CACHE_HOME") from exc
+    return home / ".cache" / "fastres"
 
 
 def _dist_version(name: str) -> str | None:
@@ -334,8 +351,9 @@ class TuningCache:
     :class:`TuningCacheWarning`, never an exception.
     """
 
-    def __init__(self, path: str | os.PathLike, env: dict):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | None, env: dict):
+        # None: no file (no directory could be named for it): the choices live in memory
+        self.path = None if path is None else Path(path)
         self.env = env
         self.entries: dict[str, dict] = {}
         self._new: dict[str, dict] = {}
@@ -344,6 +362,8 @@ class TuningCache:
 
     # reading
     def _read(self, warn: bool, for_merge: bool = False) -> dict[str, dict]:
+        if self.path is None:
+            return {}
         try:
             text = self.path.read_text(encoding="utf-8")
         except (FileNotFoundError, NotADirectoryError):  # (a file where a directory should be:
@@ -358,7 +378,7 @@ class TuningCache:
             return {}
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # (RecursionError: nested too deeply)
             if warn:
                 self._warn(f"tuning cache {self.path} is corrupt or truncated ({exc}); "
                            "ignoring it, it will be rewritten")
@@ -398,6 +418,9 @@ class TuningCache:
     def save(self) -> None:
         """Merge this process's new entries into the file, under the lock, atomically."""
         if not self._new:
+            return
+        if self.path is None:  # (said when the cache was made)
+            self._new.clear()
             return
         try:
             import filelock
@@ -451,7 +474,7 @@ class TuningCache:
 
 
 _FILE_MODE = 0o644  # a shared cache directory: everyone reads, the owner rewrites
-_caches: dict[Path, TuningCache] = {}
+_caches: dict[Path | str, TuningCache] = {}
 
 
 def cache_for(device: torch.device | str) -> TuningCache:
@@ -460,7 +483,15 @@ def cache_for(device: torch.device | str) -> TuningCache:
     forward pass passes, is taken as it is)."""
     if not isinstance(device, torch.device):
         device = _as_device(device, "cache_for")
-    path = _cache_file(device)
+    try:
+        path = _cache_file(device)
+    except OSError as exc:  # no directory can be named (no home directory): memory only
+        key = f"in memory: {device}"
+        cache = _caches.get(key)
+        if cache is None:
+            TuningCache._warn(f"{exc}; this process keeps its choices in memory")
+            cache = _caches[key] = TuningCache(None, environment(device))
+        return cache
     cache = _caches.get(path)
     if cache is None:
         cache = _caches[path] = TuningCache(path, environment(device))
@@ -495,12 +526,32 @@ def _has_fp32(args, kwargs) -> bool:
                for a in (*args, *kwargs.values()))
 
 
+# The TF32 flag each op's fp32 arithmetic follows, as eager's: a convolution cuDNN's
+# (``torch.backends.cudnn.allow_tf32``), ``F.linear`` cuBLAS's (``...cuda.matmul...``). An op
+# named here has its input first; its key carries that one flag when the input is fp32 (a
+# 16-bit layer's fp32 bias does not split its key). Ops with no TF32 arithmetic (the pools,
+# preprocessing) carry none; an op not named here carries both whenever an argument is fp32.
+_TF32_FLAG = {
+    "conv_bias_act": _backend.cudnn_allow_tf32,
+    "stem": _backend.cudnn_allow_tf32,
+    "avgpool_linear": _backend.matmul_allow_tf32,
+    "max_pool2d": None,
+    "preprocess": None,
+}
+
+
 def layer_key(op: str, args: Sequence, kwargs: dict, backends: Iterable[str]) -> str:
     """The cache key of one call: op, argument shapes/dtypes/layouts and scalars, the TF32
-    flags when an argument is fp32, and the backends that compete for it."""
+    flag the op's fp32 arithmetic follows when its input is fp32 (:data:`_TF32_FLAG`), and
+    the backends that compete for it."""
     parts = [_sig(a) for a in args] + [f"{k}={_sig(v)}" for k, v in sorted(kwargs.items())]
     key = f"{op}({', '.join(parts)})"
-    if _has_fp32(args, kwargs):
+    if op in _TF32_FLAG:
+        flag = _TF32_FLAG[op]
+        x = args[0] if args else None
+        if flag is not None and isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+            key += f" tf32={int(flag())}"
+    elif _has_fp32(args, kwargs):
         key += (f" tf32={int(torch.backends.cudnn.allow_tf32)}"
                 f"{int(torch.backends.cuda.matmul.allow_tf32)}")
     return key + " on " + ",".join(sorted(set(backends)))
@@ -521,11 +572,14 @@ def _fast(a: Any) -> Any:
 # -- candidates --------------------------------------------------------------------------------
 
 def _jsonable(cfg: Any) -> Any:
+    """``cfg`` as JSON values, all the way down (a value JSON has no form for, at any depth,
+    becomes its ``str``: one provider's odd config must not stop every later cache write)."""
     if hasattr(cfg, "as_dict"):
-        return cfg.as_dict()
-    if cfg is None or isinstance(cfg, (str, int, float, bool, list, dict)):
-        return cfg
-    return str(cfg)
+        cfg = cfg.as_dict()
+    try:
+        return json.loads(json.dumps(cfg, default=str))
+    except (TypeError, ValueError, RecursionError):  # (circular, unsortable keys, ...)
+        return str(cfg)
 
 
 def _expand(op: str, impl: _backend.Impl, args, kwargs) -> list[Candidate]:
@@ -573,8 +627,9 @@ _providers_done = False
 
 
 def _ensure_default_providers() -> None:
-    """Offer the Triton convolution's autotuning table to the tuner, for ``conv_bias_act``
-    and for the Triton ``stem`` (its 7x7 convolution then the max-pool), unless the kernels
+    """Offer the Triton convolution's autotuning table to the tuner, for ``conv_bias_act``,
+    the Triton ``stem`` (its 7x7 convolution then the max-pool) and the Triton head
+    ``avgpool_linear`` (the pool then its linear layer's GEMM), unless the kernels
     registered providers themselves. Every Triton conv the tuner runs then gets an explicit
     configuration, so the launcher's own in-memory autotuner never times anything (its
     choices would be neither persisted nor pinned)."""
@@ -582,7 +637,7 @@ def _ensure_default_providers() -> None:
     if _providers_done:
         return
     _providers_done = True
-    want = [op for op in ("conv_bias_act", "stem")
+    want = [op for op in ("conv_bias_act", "stem", "avgpool_linear")
             if "triton" in _backend.implementations(op)
             and _backend.config_provider(op, "triton") is None]
     if not want:
@@ -590,6 +645,7 @@ def _ensure_default_providers() -> None:
     try:
         from fastres.kernels import triton_impls as impls
         from fastres.kernels.conv import conv_configs
+        from fastres.kernels.head import head_configs
     except ImportError as exc:
         log.info("fastres: Triton conv configurations not available: %s", exc)
         return
@@ -613,6 +669,11 @@ def _ensure_default_providers() -> None:
                                        config=cfg)
         return impls.max_pool2d_triton(y, 3, 2, 1)
 
+    def head_run(cfg, x, weight, bias):
+        return impls.avgpool_linear_triton(x, weight, bias, config=cfg)
+
+    if "avgpool_linear" in want:
+        _backend.register_configs("avgpool_linear", "triton", head_configs, head_run)
     if "conv_bias_act" in want:
         _backend.register_configs("conv_bias_act", "triton", configs, run)
     if "stem" in want:
@@ -835,7 +896,12 @@ def _measure(op: str, key: str, cands: list[Candidate], impls: dict, args,
         if math.isfinite(ms):
             timings[cand.name] = ms
     if rejected:
-        log.warning("fastres: tuning %s rejected %s", key, rejected)
+        # A wrong result is a kernel defect: a warning. A candidate that cannot run here (out
+        # of resources on a smaller GPU, ...) is expected: info, so tuning stays quiet off a
+        # terminal. Both are kept in the cache record's "rejected".
+        wrong = any(v.startswith("relative error") for v in rejected.values())
+        log.log(logging.WARNING if wrong else logging.INFO, "fastres: tuning %s rejected %s",
+                key, rejected)
     if not timings:
         _say_once(f"none:{key}", f"no candidate ran for {key} ({rejected}); using the "
                   "reference implementation")
@@ -848,7 +914,7 @@ def _measure(op: str, key: str, cands: list[Candidate], impls: dict, args,
     record = {
         "backend": best.backend,
         "label": best.label,
-        "config": best.config,
+        "config": _jsonable(best.config),
         "ms": timings[best.name],
         "timings": timings,
         "rejected": rejected,
@@ -952,7 +1018,10 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
     the module docstring), each cached one costs nothing. ``dtype`` is the compute dtype
     (default: the model's parameter dtype); fp16/bf16 on an fp32 model run under autocast,
     which gives the same layers as a model converted to that dtype. The model's mode is
-    restored afterwards. Returns ``{"tuned", "disk_hits", "timed", "cache", "seconds"}``.
+    restored afterwards. Returns ``{"tuned", "disk_hits", "timed", "cache", "seconds"}``
+    (``cache``: ``None`` when no cache directory could be named and the choices stay in
+    memory). Choices this process made before are looked up again in the cache file in force
+    now, so that a layer chosen while another cache directory was set is written to this one.
 
     ``model`` is a fastres :class:`~fastres.models.ResNet` or a module holding one;
     ``batch_sizes`` an int or ints >= 1; ``image_size`` an int or an ``(H, W)`` pair >= 1;
@@ -975,6 +1044,13 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
         _warnings.warn(f"fastres: tune_model: the model is on {device.type}, and only {tuned} "
                        "calls are tuned (others run a fixed choice): nothing to tune")
         return {"tuned": 0, "disk_hits": 0, "timed": 0, "cache": None, "seconds": 0.0}
+    # Forget this process's remembered choices first: each layer is then looked up in the
+    # cache file in force now (FASTRES_CACHE_DIR, or ``fastres tune --cache-dir``, may name
+    # another one than the earlier calls used) and written there when it is missing.
+    with _lock:
+        _memo.clear()
+        _names.clear()
+    _backend.invalidate_choices()
     before = stats()
     t0 = time.perf_counter()
     if mode() == "pinned":
@@ -1012,7 +1088,7 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
         "tuned": after["tuned"] - before["tuned"],
         "disk_hits": after["disk_hits"] - before["disk_hits"],
         "timed": after["timed"] - before["timed"],
-        "cache": str(_cache_file(device)),
+        "cache": None if cache_for(device).path is None else str(cache_for(device).path),
         "seconds": time.perf_counter() - t0,
     }
 

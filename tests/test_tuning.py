@@ -135,21 +135,46 @@ def test_keys_separate_shape_dtype_and_layout(tuner):
     assert any("bf16[1,8,9,9]" in k for k in keys)
     assert any("f32[1,8,9,9]:cl" in k for k in keys)
     assert any("f32[1,8,11,9]" in k for k in keys)
-    # fp32 keys carry the TF32 flags; other dtypes do not depend on them
-    assert all(("tf32=" in k) == ("f32[" in k) for k in keys)
+    # a pool has no TF32 arithmetic: no key carries the flags (test_tf32_flag_is_part_of_fp32_key)
+    assert not any("tf32=" in k for k in keys)
+
+
+def _conv(x, bias_dtype=torch.float32):
+    w = torch.randn(4, x.shape[1], 3, 3, dtype=x.dtype)
+    return torch.ops.fastres.conv_bias_act(x, w, torch.randn(4, dtype=bias_dtype), [1, 1],
+                                           [1, 1], [1, 1], 1, None, True)
+
+
+def _head(x):
+    return torch.ops.fastres.avgpool_linear(x, torch.randn(5, x.shape[1], dtype=x.dtype),
+                                            torch.randn(5))
 
 
 def test_tf32_flag_is_part_of_fp32_key(tuner):
+    """An fp32 layer's key carries the one TF32 flag its arithmetic follows, as eager's: a
+    convolution cuDNN's, the head's linear layer cuBLAS's. A 16-bit layer's key carries none
+    (its fp32 bias must not split it: setting the matmul precision in a serving process
+    retuned every bf16 layer), nor does a pool's."""
     x = torch.randn(1, 8, 9, 9)
-    old = torch.backends.cudnn.allow_tf32
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
-        torch.backends.cudnn.allow_tf32 = True
-        pool(x)
-        torch.backends.cudnn.allow_tf32 = False
-        pool(x)
+        for cudnn, matmul in ((True, False), (False, False), (False, True), (True, True)):
+            torch.backends.cudnn.allow_tf32 = cudnn
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+            _conv(x)
+            _head(x)
+            _conv(x.bfloat16())
+            _head(x.bfloat16())
+            pool(x)
     finally:
-        torch.backends.cudnn.allow_tf32 = old
-    assert len(read_cache()["entries"]) == 2
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    keys = list(read_cache()["entries"])
+    assert sorted(k.split("(")[0] + (" tf32=" + k.split(" tf32=")[1][0] if " tf32=" in k
+                                     else "") + (" bf16" if "bf16[" in k else "")
+                  for k in keys) == sorted([
+        "avgpool_linear tf32=0", "avgpool_linear tf32=1", "avgpool_linear bf16",
+        "conv_bias_act tf32=0", "conv_bias_act tf32=1", "conv_bias_act bf16",
+        "max_pool2d"]), keys
 
 
 def test_per_layer_winner(tmp_path, monkeypatch):
@@ -332,6 +357,7 @@ def _assert_rewritten_valid(n_entries=1):
     "{\"format\": \"fastres-tuning-cache\", \"schema\": 1, \"entr",   # truncated JSON
     "\x00\x01garbage\n",                                             # not JSON at all
     "",                                                              # empty file
+    "[" * 100000 + "]" * 100000,                # nested too deeply for json (RecursionError)
 ])
 def test_corrupt_or_truncated_file_is_ignored_and_rewritten(tuner, content):
     path = tuning.cache_path("cpu")
@@ -586,10 +612,55 @@ def test_deterministic_algorithms_pin_the_choice(tuner):
     assert set(tuning.choices().values()) == {"torch:a"}
 
 
-@pytest.mark.parametrize("value", ["0", "off", "false"])
+@pytest.mark.parametrize("value", ["0", "off", "false", " No "])
 def test_fastres_tune_env_values(monkeypatch, value):
     monkeypatch.setenv("FASTRES_TUNE", value)
     assert tuning.mode() == "pinned"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "on", "YES", ""])
+def test_fastres_tune_env_values_that_tune(monkeypatch, value):
+    monkeypatch.setenv("FASTRES_TUNE", value)
+    assert tuning.mode() == "tune"
+
+
+@pytest.mark.parametrize("value", ["pinned", "disabled", "2", "n", "0.0"])
+def test_fastres_tune_env_value_not_understood_is_an_error(tuner, monkeypatch, value, capsys):
+    """A value fastres does not know (``pinned``, ``disabled``) raises instead of silently
+    tuning, in the forward pass, in the Triton launcher's own choice and in ``fastres tune``
+    (a usage error, exit 2)."""
+    from fastres import cli
+    from fastres.kernels import conv as kc
+
+    monkeypatch.setenv("FASTRES_TUNE", value)
+    with pytest.raises(ValueError, match=f"FASTRES_TUNE.*got {value!r}"):
+        tuning.mode()
+    with pytest.raises(ValueError, match="FASTRES_TUNE"):
+        pool(torch.randn(1, 4, 9, 9))
+    prob = kc.ConvProblem.from_tensors(torch.randn(1, 8, 9, 9), torch.randn(4, 8, 3, 3),
+                                       1, 1, 1, 1)
+    with pytest.raises(ValueError, match="FASTRES_TUNE"):
+        kc._choose_config(prob, lambda cfg: None)
+    assert cli.main(["tune", "resnet18", "--batch", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "FASTRES_TUNE" in err and "Traceback" not in err
+
+
+def test_pinned_mode_runs_the_first_row_even_after_tuning(monkeypatch):
+    """The Triton launcher's own choice (a call with no explicit configuration): in pinned
+    mode the documented first row, also for a problem this process timed before (it used to
+    return the remembered, timed row)."""
+    from fastres.kernels import conv as kc
+
+    prob = kc.ConvProblem.from_tensors(torch.randn(1, 8, 9, 9), torch.randn(4, 8, 3, 3),
+                                       1, 1, 1, 1)
+    rows = [kc.KernelConfig(32, 32, 16, 4, 4, 1), kc.KernelConfig(64, 32, 16, 4, 4, 1)]
+    monkeypatch.setattr(kc, "problem_configs", lambda prob: rows)
+    monkeypatch.setitem(kc._TUNED, prob.key(), rows[1])
+    monkeypatch.delenv("FASTRES_TUNE", raising=False)
+    assert kc._choose_config(prob, lambda cfg: None) == rows[1]
+    monkeypatch.setenv("FASTRES_TUNE", "0")
+    assert kc._choose_config(prob, lambda cfg: None) == rows[0]
 
 
 CONCURRENT = """
@@ -654,6 +725,20 @@ def test_default_candidates_pinned_order_and_triton_configs(monkeypatch):
         assert [c.label for c in stem if c.backend == "triton"] == [str(c) for c in stem_cfgs]
     assert stem[-1].backend == "torch"
 
+    # and so does the Triton head, for its linear layer's GEMM (it went through the launcher's
+    # in-memory autotuner: timed again in every process, and not pinned by FASTRES_TUNE=0)
+    from fastres.kernels.head import head_configs
+
+    head_args = (x, torch.randn(10, 16, device=dev), torch.randn(10, device=dev))
+    head = tuning.candidates("avgpool_linear", dev, "auto",
+                             _backend.implementations("avgpool_linear"), head_args, {})
+    if "triton" in _backend.implementations("avgpool_linear"):
+        head_cfgs = head_configs(*head_args)
+        assert head_cfgs == conv_configs(x.new_empty(1, 16, 1, 1), w.new_empty(10, 16, 1, 1),
+                                         1, 0, 1, 1)
+        assert [c.label for c in head if c.backend == "triton"] == [str(c) for c in head_cfgs]
+    assert head[-1].backend == "torch"
+
     monkeypatch.setenv("FASTRES_TUNE", "0")
     tuning.reset()
     tuning.configure(devices=("cpu", "cuda"))
@@ -662,12 +747,54 @@ def test_default_candidates_pinned_order_and_triton_configs(monkeypatch):
             impl = _backend.choose("conv_bias_act", dev, *args)
             assert impl.backend == "triton"
             y = impl.fn(*args)
+            head_impl = _backend.choose("avgpool_linear", dev, *head_args)
+            assert head_impl.backend == "triton"
+            head_y = head_impl.fn(*head_args)
         ref = _backend.implementations("conv_bias_act")["torch"].fn(*args)
         # fp32 with cudnn.allow_tf32 (default on): TF32 on the GPU, emulated when interpreted
         assert_close_rel(y, ref, 5e-3 if torch.backends.cudnn.allow_tf32 else 1e-5)
-        assert tuning.stats()["pinned"] == 1
+        head_ref = _backend.implementations("avgpool_linear")["torch"].fn(*head_args)
+        assert_close_rel(head_y, head_ref,
+                         5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-5)
+        assert tuning.stats()["pinned"] == 2
+        assert sorted(tuning.choices().values()) == sorted(
+            [f"triton:{cfgs[0]}", f"triton:{head_cfgs[0]}"])
     finally:
         tuning.reset()
+
+
+def test_rows_are_pruned_for_the_gpus_shared_memory(monkeypatch):
+    """The Triton rows are pruned against the current GPU's opt-in shared memory per block,
+    not H100's alone: on an A100 (163 KiB) or an sm_86/89 GPU (99 KiB) the first row, the one
+    pinned mode runs without trying it, must fit (it did not: the fp32 GEMM row 128x128x64
+    with 3 stages needs 192 KiB)."""
+    from fastres.kernels import conv as kc
+    from fastres.kernels.configs import SMEM_LIMIT, smem_bytes
+
+    class Props:
+        def __init__(self, optin):
+            self.shared_memory_per_block_optin = optin
+
+    x = torch.randn(8, 256, 28, 28)
+    for dtype in (torch.float32, torch.bfloat16):
+        for w in (torch.randn(512, 256, 1, 1), torch.randn(256, 256, 3, 3)):
+            prob = kc.ConvProblem.from_tensors(x.to(dtype), w.to(dtype), 1, w.shape[-1] // 2,
+                                               1, 1)
+            for optin in (SMEM_LIMIT, 167936, 101376):
+                monkeypatch.setattr(kc, "_SMEM_OPTIN", {})
+                monkeypatch.setattr(kc, "_interpreted", lambda: False)
+                monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+                monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+                monkeypatch.setattr(torch.cuda, "get_device_properties",
+                                    lambda i, optin=optin: Props(optin))
+                rows = kc.problem_configs(prob)
+                assert rows and all(smem_bytes(r, x.to(dtype).element_size()) <= optin
+                                    for r in rows), (dtype, optin, rows)
+                if optin == SMEM_LIMIT:
+                    h100 = rows
+                if w.shape[-1] == 1 and dtype == torch.float32 and optin < SMEM_LIMIT:
+                    assert rows[0] != h100[0], "H100's first fp32 GEMM row needs 192 KiB"
+            monkeypatch.undo()
 
 
 # -- ahead of time: tune_model and the CLI ------------------------------------------------------
@@ -688,6 +815,83 @@ def test_tune_model_then_forward_needs_nothing(tuner):
 
 def tune_small(m):
     return tuning.tune_model(m, [1, 2], "fp32", image_size=32)
+
+
+def test_tune_model_writes_the_cache_in_force_now(tuner, tmp_path, monkeypatch, capsys):
+    """Layers chosen while one cache directory was set are written to the one in force when
+    ``tune_model`` (or ``fastres tune --cache-dir``) runs: the process's remembered choices
+    used to return before any cache was consulted, and the reported file was never
+    written."""
+    from fastres import cli
+
+    m = fastres.resnet18(num_classes=10).eval()
+    first = tune_small(m)
+    assert first["tuned"] > 5
+    moved = tmp_path / "moved"
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(moved))
+    again = tune_small(m)
+    assert again["tuned"] == first["tuned"] and again["cache"] == str(tuning.cache_path("cpu"))
+    assert len(read_cache()["entries"]) == first["tuned"]
+    again = tune_small(m)  # now cached there
+    assert again["tuned"] == 0 and again["disk_hits"] >= first["tuned"]
+    other = tmp_path / "other"
+    assert cli.main(["tune", "resnet18", "--num-classes", "10", "--batch", "1", "2",
+                     "--image-size", "32", "--dtype", "fp32", "--device", "cpu",
+                     "--cache-dir", str(other)]) == 0
+    out = capsys.readouterr().out
+    files = list(other.glob("tuning-*.json"))
+    assert len(files) == 1 and str(files[0]) in out
+    assert len(json.loads(files[0].read_text())["entries"]) == first["tuned"]
+
+
+def test_no_home_directory_keeps_choices_in_memory(tuner, monkeypatch, capsys):
+    """No FASTRES_CACHE_DIR, no XDG_CACHE_HOME and no home directory (HOME unset, a uid
+    without a passwd entry, as in a container run with an arbitrary user): one warning, the
+    choices stay in memory and the forward runs (it raised "Could not determine home
+    directory"); ``fastres tune`` says so as a usage error."""
+    from pathlib import Path as _Path
+
+    from fastres import cli
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    for var in ("FASTRES_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_Path, "home", staticmethod(no_home))
+    with pytest.raises(OSError, match="FASTRES_CACHE_DIR"):
+        tuning.cache_dir()
+    with pytest.warns(tuning.TuningCacheWarning, match="keeps its choices in memory"):
+        y = pool(torch.randn(1, 4, 9, 9))
+    assert y.shape == (1, 4, 5, 5) and tuning.stats()["tuned"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool(torch.randn(1, 4, 11, 11))  # (said once)
+    assert tuning.stats()["tuned"] == 2
+    res = tuning.tune_model(fastres.resnet18(num_classes=10).eval(), 1, "fp32", image_size=32)
+    assert res["tuned"] > 5 and res["cache"] is None
+    assert cli.main(["tune", "resnet18", "--batch", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "home directory" in err and "Traceback" not in err
+
+
+def test_a_config_json_cannot_hold_does_not_stop_later_writes(tuner):
+    """A configuration provider whose config holds a value JSON has no form for (at any
+    depth) is recorded with that value as text; it used to fail every later write of the
+    process."""
+    def candidates(op, device, args, kwargs):
+        ref = _backend.implementations(op)["torch"].fn
+        return [tuning.Candidate("torch", lbl, {"label": lbl, "dtype": torch.float16}, ref)
+                for lbl in ("a", "b")]
+
+    tuning.configure(candidates=candidates)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool(torch.randn(1, 4, 9, 9))
+        pool(torch.randn(1, 4, 11, 11))
+    entries = read_cache()["entries"]
+    assert len(entries) == 2
+    assert {e["config"]["dtype"] for e in entries.values()} == {"torch.float16"}
 
 
 def test_tune_model_autocast_dtype(tuner):
@@ -844,6 +1048,7 @@ def test_tune_cli_fastres_command(tuner, capsys):
     (["--num-classes", "0"], "--num-classes must be >= 1"),
     (["--weights", "/no/such/file.pth"], "does not exist"),
     (["--device", "meta"], "unsupported device 'meta'"),
+    (["--cache-dir", ""], "--cache-dir must name a directory, got an empty string"),
     (["--model-is-resnet50-for-an-r18-checkpoint"], "does not fit resnet50"),
 ])
 def test_tune_cli_usage_errors(capsys, tmp_path, extra, needle):

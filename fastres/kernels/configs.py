@@ -144,7 +144,8 @@ def trim_stages(cfg: KernelConfig, steps: int) -> KernelConfig:
 
 
 def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
-          elem_bytes: int, has_res: bool = False, *, taps: int) -> list[KernelConfig]:
+          elem_bytes: int, has_res: bool = False, *, taps: int,
+          smem_limit: int = SMEM_LIMIT) -> list[KernelConfig]:
     """The rows of ``table`` worth trying for this problem (never empty), each with its
     pipeline depth trimmed to the K loop's length (:func:`trim_stages`).
 
@@ -152,21 +153,24 @@ def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_
     the channel extent of one K step (C_in/groups, or S*C_in for the stem); ``has_res``: the
     epilogue reads a residual tile; ``taps``: kernel positions the K loop visits (R*S, or R
     for the stem; required: a wrong count trims a 3x3 layer's pipeline). Shared memory is
-    checked at the row's full depth, before trimming (conservative).
+    checked at the row's full depth, before trimming (conservative), against
+    ``smem_limit`` bytes (default H100's; the launcher passes the GPU's own opt-in maximum,
+    smaller on A100 and on consumer GPUs).
     """
     return list(dict.fromkeys(
         trim_stages(cfg, k_steps(cfg, kind, k_per_group, taps))
-        for cfg in _prune(table, kind, m, n_per_group, k_per_group, elem_bytes, has_res)))
+        for cfg in _prune(table, kind, m, n_per_group, k_per_group, elem_bytes, has_res,
+                          smem_limit)))
 
 
 def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
-           elem_bytes: int, has_res: bool) -> list[KernelConfig]:
+           elem_bytes: int, has_res: bool, smem_limit: int = SMEM_LIMIT) -> list[KernelConfig]:
     keep = []
     max_n = _pow2_at_least(n_per_group)
     max_k = _pow2_at_least(k_per_group)
     max_m = _pow2_at_least(m, 64)
     for cfg in table:
-        if smem_bytes(cfg, elem_bytes) > SMEM_LIMIT:
+        if smem_bytes(cfg, elem_bytes) > smem_limit:
             continue
         acc_regs = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
         if acc_regs > ACC_REGS_LIMIT:
@@ -194,6 +198,10 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
         if kind == "grouped" and cfg.block_k < 2 * k_per_group:
             continue
         keep.append(cfg)
-    if not keep:  # tiny layer: the smallest row still runs correctly (masks)
-        keep = [min(table, key=lambda c: (c.block_m * c.block_n * c.block_k, c.num_stages))]
+    if not keep:  # tiny layer: the smallest row still runs correctly (masks); on a GPU with
+        # little shared memory, with as few pipeline stages as it takes to fit
+        cfg = min(table, key=lambda c: (c.block_m * c.block_n * c.block_k, c.num_stages))
+        while cfg.num_stages > 1 and smem_bytes(cfg, elem_bytes) > smem_limit:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+        keep = [cfg]
     return keep

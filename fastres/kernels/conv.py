@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from fastres.kernels.configs import (
+    SMEM_LIMIT,
     TABLES,
     KernelConfig,
     _pow2_at_least,
@@ -486,20 +487,45 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_SMEM_OPTIN: dict[int, int] = {}
+
+
+def device_smem_limit() -> int:
+    """The current CUDA device's opt-in shared memory per block (bytes), what the rows are
+    pruned against: 227 KiB on H100/H200, 163 KiB on A100, ~99 KiB on sm_86/sm_89. Without
+    a GPU, H100's (:data:`~fastres.kernels.configs.SMEM_LIMIT`)."""
+    if not torch.cuda.is_available():
+        return SMEM_LIMIT
+    idx = torch.cuda.current_device()
+    limit = _SMEM_OPTIN.get(idx)
+    if limit is None:
+        props = torch.cuda.get_device_properties(idx)
+        limit = int(getattr(props, "shared_memory_per_block_optin", 0)) or SMEM_LIMIT
+        _SMEM_OPTIN[idx] = limit
+    return limit
+
+
 def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
-    """Candidate configurations for ``prob`` (one, the small one, under the interpreter)."""
+    """Candidate configurations for ``prob`` (one, the small one, under the interpreter),
+    pruned for the current CUDA device's shared memory (:func:`device_smem_limit`): on a
+    GPU with less than H100 the first row, the pinned one, must still launch."""
     kind = prob.kind
     if _interpreted():  # grouped: 64 packed channels -> few, large programs
         return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else prob.k_extent)]
     return prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, prob.elem_bytes(),
-                 prob.has_res, taps=prob.taps)
+                 prob.has_res, taps=prob.taps, smem_limit=device_smem_limit())
 
 
 def conv_configs(x, weight, stride, padding, dilation, groups, residual=None,
                  relu=True) -> list[KernelConfig]:
-    """Candidate configurations for this call (the tuning engine times these)."""
-    return problem_configs(
-        ConvProblem.from_tensors(x, weight, stride, padding, dilation, groups, residual, relu))
+    """Candidate configurations for this call (the tuning engine times these), pruned for
+    ``x``'s GPU."""
+    prob = ConvProblem.from_tensors(x, weight, stride, padding, dilation, groups, residual,
+                                    relu)
+    if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            return problem_configs(prob)
+    return problem_configs(prob)
 
 
 # -- autotuning ------------------------------------------------------------------------------
@@ -531,19 +557,20 @@ def _time_ms(fn, reps: int = 10) -> float:
 
 
 def _choose_config(prob: ConvProblem, run) -> KernelConfig:
-    """Best configuration for ``prob``: remembered, else timed once (GPU), else the first."""
+    """Best configuration for ``prob``: the first in pinned mode (``FASTRES_TUNE=0``,
+    deterministic algorithms), else remembered, else timed once (GPU), else the first."""
+    from fastres.tuning import mode
+
+    if mode() == "pinned":  # (before the remembered one: pinned means the documented row)
+        return problem_configs(prob)[0]
     cfg = _TUNED.get(prob.key())
     if cfg is not None:
         return cfg
     cands = problem_configs(prob)
     if len(cands) == 1 or _interpreted():
         return cands[0]
-    if (os.environ.get("FASTRES_TUNE", "1").strip().lower() in ("0", "false", "off", "no")
-            or torch.are_deterministic_algorithms_enabled()
-            or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
-        # pinned mode: the first candidate; and no timing inside a CUDA graph capture
-        # (tune before capturing)
-        return cands[0]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return cands[0]  # no timing inside a CUDA graph capture (tune before capturing)
     best, best_ms, errors = None, float("inf"), []
     for cand in cands:
         try:

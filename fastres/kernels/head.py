@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres.kernels.conv import _interpreted, _to_output, conv_bias_act_triton
+from fastres.kernels.conv import _interpreted, _to_output, conv_bias_act_triton, conv_configs
 
 NO_SPECIALIZE = ["HW"]
 
@@ -61,12 +61,14 @@ def global_avgpool_triton(x: torch.Tensor) -> torch.Tensor:
 
 
 def avgpool_linear_triton(x: torch.Tensor, weight: torch.Tensor,
-                          bias: torch.Tensor) -> torch.Tensor:
+                          bias: torch.Tensor, *, config=None) -> torch.Tensor:
     """Global average pool then ``pooled @ weight.T + bias`` -> ``[N, num_classes]``.
 
     x: ``[N, C, H, W]``; weight ``[num_classes, C]`` in x's dtype; bias ``[num_classes]``
     (x's dtype or fp32; rounded to x's dtype first, as the reference does). fp32 uses TF32
     exactly when ``torch.backends.cuda.matmul.allow_tf32`` is true (eager ``F.linear``'s flag).
+    ``config``: the linear layer's GEMM :class:`~fastres.kernels.configs.KernelConfig`
+    (``None``: the launcher's, see :func:`head_configs`).
     """
     pooled = global_avgpool_triton(x)
     n, c = pooled.shape
@@ -75,9 +77,18 @@ def avgpool_linear_triton(x: torch.Tensor, weight: torch.Tensor,
     y = conv_bias_act_triton(
         pooled.view(n, c, 1, 1), weight.contiguous().view(k, c, 1, 1), b,
         (1, 1), (0, 0), (1, 1), 1, None, False,
-        tf32=x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
+        tf32=x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32, config=config,
     )
     return y.reshape(n, k)
+
+
+def head_configs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> list:
+    """Candidate configurations of the head's linear layer (a 1x1 GEMM on the pooled
+    ``[N, C, 1, 1]`` tensor), for the tuning engine."""
+    n, c = x.shape[0], x.shape[1]
+    k = weight.shape[0]
+    return conv_configs(x.new_empty((n, c, 1, 1)), weight.new_empty((k, c, 1, 1)), (1, 1),
+                        (0, 0), (1, 1), 1)
 
 
 def supports_avgpool_linear(x, weight, bias) -> str | None:
