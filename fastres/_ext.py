@@ -59,7 +59,9 @@ def load() -> ModuleType | None:
         if _tried:
             return _module
         try:
-            if os.environ.get("FASTRES_DISABLE_EXTENSION", "0") not in ("", "0"):
+            # (read as setup.py reads its FASTRES_* switches: 0/false/no/off or unset: off)
+            if os.environ.get("FASTRES_DISABLE_EXTENSION", "").strip().lower() not in (
+                    "", "0", "false", "no", "off"):
                 raise ImportError("disabled by FASTRES_DISABLE_EXTENSION")
             from fastres import _C as module  # runs the TORCH_LIBRARY registrations
 

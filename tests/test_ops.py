@@ -341,3 +341,54 @@ def test_help_shows_each_ops_contract():
     for fn in (ops.conv_bias_act, ops.stem, ops.max_pool2d, ops.avgpool_linear, ops.preprocess):
         assert sys.modules[fn.__module__].__doc__ in fn.__doc__, fn.__name__
         assert "Contract" in fn.__doc__, fn.__name__
+
+
+_INTERPRET_LATE = r"""
+import os, sys, warnings
+import torch, torch.nn.functional as F
+import fastres
+from fastres.ops import _backend
+x = torch.randn(1, 4, 9, 9)
+w, b = torch.randn(6, 4, 3, 3), torch.randn(6)
+ref = F.relu(F.conv2d(x, w, b, padding=1))
+def check(tag):
+    for pref in ("auto", "triton"):
+        with warnings.catch_warnings(), fastres.use_backend(pref):
+            warnings.simplefilter("ignore")
+            y = torch.ops.fastres.conv_bias_act(x, w, b, [1, 1], [1, 1], [1, 1], 1, None, True)
+        err = ((y - ref).abs().max() / ref.abs().max()).item()
+        assert err < 5e-3, (tag, pref, err)
+    m = fastres.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10), tag
+check("first")
+_backend.implementations("conv_bias_act")   # the Triton kernels are defined now
+os.environ["TRITON_INTERPRET"] = sys.argv[1]
+check("after")
+print("OK", _backend.kernels_interpreted(), _backend.triton_interpreted())
+"""
+
+
+@pytest.mark.parametrize("at_start, later, interpreted", [
+    ("false", "false", False),   # Triton reads false/off/no as off: compiled-mode kernels
+    ("off", "1", False),         # set after the kernels were defined compiled: not used on CPU
+    (None, "1", False),
+    ("1", "0", True),            # interpreted kernels, unset later: CPU runs the reference
+])
+def test_triton_interpret_is_read_as_triton_reads_it(at_start, later, interpreted):
+    """CPU calls go to the Triton kernels only when they were defined interpreted and
+    ``TRITON_INTERPRET`` (read as Triton reads it) is on. ``TRITON_INTERPRET=false`` used to
+    count as on, and setting it after the kernels were defined sent CPU tensors to
+    compiled-mode kernels: every op and the model failed ("0 active drivers")."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",
+                                                            "FASTRES_BACKEND")}
+    if at_start is not None:
+        env["TRITON_INTERPRET"] = at_start
+    r = subprocess.run([sys.executable, "-c", _INTERPRET_LATE, later], capture_output=True,
+                       text=True, timeout=600, env=env, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"OK {interpreted} {interpreted and later == '1'}" in r.stdout

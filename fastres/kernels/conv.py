@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -50,7 +49,8 @@ from fastres.kernels.configs import (
     interpreter_config,
     prune,
 )
-from fastres.ops._backend import cudnn_allow_tf32
+from fastres.ops import _backend
+from fastres.ops._backend import cudnn_allow_tf32, kernels_interpreted
 from fastres.ops._checks import conv_output_size
 
 MODE_GEMM, MODE_CONV, MODE_STEM = 0, 1, 2
@@ -484,7 +484,8 @@ def _packed_weight(weight: torch.Tensor, groups: int, pack: tuple) -> torch.Tens
 
 
 def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """The kernels are interpreted functions (see ``_backend.kernels_interpreted``)."""
+    return kernels_interpreted()
 
 
 _SMEM_OPTIN: dict[int, int] = {}
@@ -702,3 +703,9 @@ def supports_conv(x, weight, bias, stride, padding, dilation, groups, residual=N
     if int(groups) > _GRID_Y_LIMIT:  # the grid's y dimension is the group count
         return f"{groups} groups (the GPU grid's y dimension allows {_GRID_Y_LIMIT})"
     return None
+
+
+# Triton decided interpreted or compiled when the kernels above were defined: record it, so
+# that a TRITON_INTERPRET set or unset later does not route calls the kernels cannot take.
+_backend._kernels_interpreted = not isinstance(conv_bias_act_kernel,
+                                               triton.runtime.JITFunction)

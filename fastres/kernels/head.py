@@ -92,12 +92,12 @@ def head_configs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> l
 
 
 def supports_avgpool_linear(x, weight, bias) -> str | None:
-    import os
+    from fastres.ops._backend import triton_interpreted
 
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {x.dtype} (Triton head runs float32, float16, bfloat16)"
     if weight.dtype != x.dtype:
         return f"weight dtype {weight.dtype} differs from x's {x.dtype}"
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if x.device.type != "cuda" and not triton_interpreted():
         return f"tensors on {x.device.type}"
     return None

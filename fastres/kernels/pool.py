@@ -53,9 +53,10 @@ def max_pool_nhwc_kernel(
 
 
 def _interpreted() -> bool:
-    import os
+    """The kernels are interpreted functions (see ``_backend.kernels_interpreted``)."""
+    from fastres.ops._backend import kernels_interpreted
 
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return kernels_interpreted()
 
 
 def max_pool2d_triton(x: torch.Tensor, kernel_size: int = 3, stride: int = 2,

@@ -181,9 +181,34 @@ def use_backend(name: str) -> Iterator[None]:
         stack.pop()
 
 
+# Whether fastres's Triton kernels were defined as interpreted functions: Triton decides
+# once, when ``@triton.jit`` runs (TRITON_INTERPRET read then); set by fastres.kernels.conv.
+_kernels_interpreted: bool | None = None
+_TRITON_TRUE = ("1", "true", "on", "yes", "y")  # Triton's reading of a boolean variable
+
+
+def triton_interpret_env() -> bool:
+    """What ``TRITON_INTERPRET`` says now, read as Triton reads it (``1``/``true``/``on``/
+    ``yes``/``y``, any case: on; ``0``, ``false``, ``off``, empty, unset: off)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRITON_TRUE
+
+
+def kernels_interpreted() -> bool:
+    """True when fastres's Triton kernels are interpreted functions (they run on CPU tensors,
+    and need the interpreter's workarounds): fixed when the kernels were defined. Before
+    that, what ``TRITON_INTERPRET`` says now."""
+    if _kernels_interpreted is not None:
+        return _kernels_interpreted
+    return triton_interpret_env()
+
+
 def triton_interpreted() -> bool:
-    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run under the CPU interpreter, so that CPU tensors may go to
+    them: ``TRITON_INTERPRET`` is on (as Triton reads it) and the kernels were defined
+    interpreted. Set after the kernels were compiled-mode kernels, it does not send CPU
+    tensors to them (Triton: "0 active drivers"); unset afterwards, CPU calls run the
+    reference again."""
+    return triton_interpret_env() and kernels_interpreted()
 
 
 def interpreter_problem() -> str | None:
