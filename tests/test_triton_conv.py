@@ -499,6 +499,13 @@ def test_packed_weight_cache_follows_weight_changes():
         with torch.no_grad():
             case[1].mul_(-1.5)  # in place: a new version of the same tensor
         run_and_check(case, True, dtype)  # must see the new values
+        # and the packing of the old values is dropped (one stale copy per edit was kept)
+        assert len(kc._PACKED) == n
+        for _ in range(3):
+            with torch.no_grad():
+                case[1].add_(0.25)
+            run_and_check(case, True, dtype)
+        assert len(kc._PACKED) == n
 
 
 def test_packed_weight_cache_separates_group_counts():
