@@ -116,8 +116,11 @@ PreprocessCall preprocess_prepare(const at::Tensor& images, c10::string_view lay
   TORCH_CHECK(mean.size() == 3 && std_.size() == 3, op,
               ": mean and std must have 3 values, got ", mean.size(), " and ", std_.size());
   for (double s : std_) {
-    TORCH_CHECK(s != 0.0 && std::isfinite(s), op, ": std values must be finite and non-zero, got ",
-                values_str(std_));
+    // checked in float32, the precision the arithmetic divides in (1e-50 is 0 there)
+    const float f = static_cast<float>(s);
+    TORCH_CHECK(f != 0.0f && std::isfinite(f), op,
+                ": std values must be finite and non-zero in float32 (the precision the "
+                "normalization runs in), got ", values_str(std_));
   }
   TORCH_CHECK(is_float_type(dtype), op, ": dtype must be float32, float16 or bfloat16, got ",
               dtype);
@@ -180,9 +183,11 @@ StemCall stem_prepare(const at::Tensor& x, const at::Tensor& weight, const at::T
   check_float_activation(op, "x", x);
   check_has_channels(op, x);
   check_int32_index(op, x);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 7 &&
-                  weight.size(3) == 7,
-              op, ": weight must be [C_out, ", x.size(1), ", 7, 7], got ", shape_str(weight.sizes()));
+  // (C_out >= 1, as the Python contract and the fakes say: an empty weight is refused)
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) >= 1 && weight.size(1) == x.size(1) &&
+                  weight.size(2) == 7 && weight.size(3) == 7,
+              op, ": weight must be [C_out >= 1, ", x.size(1), ", 7, 7], got ",
+              shape_str(weight.sizes()));
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype must equal x's (",
               x.scalar_type(), "), got ", weight.scalar_type());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), op, ": bias must be [",
@@ -394,9 +399,10 @@ Conv1x1Call conv1x1_prepare(const char* op, const at::Tensor& x, const at::Tenso
                             const std::optional<at::Tensor>& residual) {
   check_float_activation(op, "x", x);
   check_has_channels(op, x);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 1 &&
-                  weight.size(3) == 1,
-              op, ": weight must be [C_out, ", x.size(1), ", 1, 1], got ", shape_str(weight.sizes()));
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) >= 1 && weight.size(1) == x.size(1) &&
+                  weight.size(2) == 1 && weight.size(3) == 1,
+              op, ": weight must be [C_out >= 1, ", x.size(1), ", 1, 1], got ",
+              shape_str(weight.sizes()));
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype must equal x's (",
               x.scalar_type(), "), got ", weight.scalar_type());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0) &&

@@ -38,14 +38,23 @@ def _register_fakes() -> None:
     def fake_avgpool_linear(x, weight, bias, allow_tf32):
         return avgpool_linear_fake(x, weight, bias)
 
+    def fp32_bias(op, bias):  # (the Python ops take any floating bias; these two fp32 only)
+        if isinstance(bias, torch.Tensor) and bias.dtype != torch.float32:
+            raise TypeError(f"fastres_C::{op}: bias must be float32, got {bias.dtype}")
+
+    def fake_stem(x, weight, bias):
+        fp32_bias("stem", bias)
+        return stem_fake(x, weight, bias)
+
     def fake_conv1x1(x, weight, bias, stride, residual, relu, allow_tf32):
         if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
             raise ValueError(f"fastres_C::conv1x1: weight must be [C_out, C_in, 1, 1], got "
                              f"{tuple(weight.shape)}")
+        fp32_bias("conv1x1", bias)
         return conv_bias_act_fake(x, weight, bias, [stride, stride], [0, 0], [1, 1], 1,
                                   residual, relu)
 
-    for name, fn in (("preprocess", preprocess_fake), ("stem", stem_fake),
+    for name, fn in (("preprocess", preprocess_fake), ("stem", fake_stem),
                      ("avgpool_linear", fake_avgpool_linear), ("conv1x1", fake_conv1x1)):
         torch.library.register_fake(f"fastres_C::{name}")(fn)
 

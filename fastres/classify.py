@@ -12,7 +12,6 @@ Used by ``fastres classify`` and by ``fastres verify`` (for its real photographs
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -205,8 +204,11 @@ def _check_normalize_args(images, dtype, mean, std) -> None:
     mean, std = list(mean), list(std)
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"normalize: mean and std must have 3 values, got {mean} and {std}")
-    if not all(math.isfinite(v) and v != 0 for v in map(float, std)):
-        raise ValueError(f"normalize: std values must be finite and non-zero, got {std}")
+    from fastres.ops.preprocess import finite_nonzero_in_float32
+
+    if not all(map(finite_nonzero_in_float32, map(float, std))):  # (it divides in float32)
+        raise ValueError(f"normalize: std values must be finite and non-zero in float32, got "
+                         f"{std}")
 
 
 def _fused_preprocess():

@@ -1082,6 +1082,7 @@ def test_preprocessing_helpers_refuse_what_they_cannot_take():
     for bad, exc, match in [
         (lambda: normalize(u8.float() / 255), TypeError, "expects uint8"),
         (lambda: normalize(u8, std=(0.0, 1.0, 1.0)), ValueError, "finite and non-zero"),
+        (lambda: normalize(u8, std=(1e-50, 1.0, 1.0)), ValueError, "non-zero in float32"),
         (lambda: normalize(u8, dtype=torch.int32), TypeError, "floating-point"),
         (lambda: normalize(u8.permute(0, 3, 1, 2)), ValueError, r"\[N, H, W, 3\]"),
         (lambda: normalize(u8[0]), ValueError, r"\[N, H, W, 3\]"),

@@ -126,6 +126,14 @@ def test_preprocess_reference_matches_torchvision_recipe(layout, dtype):
      "non-zero"),
     (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), mean=(1, 2)), ValueError,
      "3 values"),
+    # non-zero and finite as doubles, but 0 and inf in float32, where the division runs
+    # (they gave -inf/inf silently; torchvision's Normalize refuses them)
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), std=(1e-50, 0.2, 0.2)),
+     ValueError, "non-zero in float32"),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), std=(0.2, 1e39, 0.2)),
+     ValueError, "finite and non-zero in float32"),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8).to_sparse()), TypeError,
+     "images must be a dense (strided) tensor, got layout torch.sparse_coo"),
     (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), dtype=torch.int32),
      TypeError, "dtype"),
     # mean/std that are not numbers ("'float' object is not iterable", or strings and bools
@@ -349,6 +357,15 @@ def test_conv1x1_cpu_relu_keeps_nan():
                                             torch.float32), "uint8"),
     (lambda: torch.ops.fastres_C.preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), "CHW",
                                             MEAN, STD, torch.float32), "layout"),
+    (lambda: torch.ops.fastres_C.preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), "NHWC",
+                                            MEAN, [0.2, 1e-50, 0.2], torch.float32),
+     "non-zero in float32"),
+    # an empty weight (C_out = 0) is refused as the Python contract and the fakes refuse it
+    (lambda: torch.ops.fastres_C.stem(torch.randn(1, 3, 9, 9), torch.randn(0, 3, 7, 7),
+                                      torch.randn(0)), r"weight must be \[C_out >= 1, 3, 7, 7\]"),
+    (lambda: torch.ops.fastres_C.conv1x1(torch.randn(1, 4, 3, 3), torch.randn(0, 4, 1, 1),
+                                         torch.randn(0), 1, None, True, False),
+     r"weight must be \[C_out >= 1, 4, 1, 1\]"),
     (lambda: torch.ops.fastres_C.avgpool_linear(torch.randn(1, 4, 2, 2), torch.randn(3, 5),
                                                 torch.randn(3), False), r"num_classes, 4\], got \[3, 5\]$"),
     (lambda: torch.ops.fastres_C.conv1x1(torch.randn(1, 4, 3, 3), torch.randn(2, 4, 3, 3),
@@ -422,6 +439,19 @@ _BAD_EXT_CALLS = {  # name: (op, args, a phrase of both the op's and its fake's 
                                                torch.randn(5), False), "weight must be"),
     "preprocess_layout": ("preprocess", lambda: (_images(1, 4, 4, "NHWC"), "NWHC", MEAN, STD,
                                                  torch.float32), "layout must be"),
+    # the other way round: the op refused these while its fake returned a shape (a compiled
+    # call failed only when it ran), or returned an empty output the fake refused
+    "stem_fp16_bias": ("stem", lambda: (torch.randn(2, 3, 9, 9), torch.randn(4, 3, 7, 7),
+                                        torch.randn(4).half()), "bias must be float32"),
+    "conv1x1_fp64_bias": ("conv1x1", lambda: (torch.randn(2, 8, 5, 5), torch.randn(4, 8, 1, 1),
+                                              torch.randn(4).double(), 1, None, True, False),
+                          "bias must be float32"),
+    "stem_no_output_channels": ("stem", lambda: (torch.randn(2, 3, 9, 9),
+                                                 torch.randn(0, 3, 7, 7), torch.randn(0)),
+                                "C_out >= 1"),
+    "conv1x1_no_output_channels": ("conv1x1", lambda: (torch.randn(2, 8, 5, 5),
+                                                       torch.randn(0, 8, 1, 1), torch.randn(0),
+                                                       1, None, True, False), "C_out >= 1"),
 }
 
 

@@ -9,9 +9,18 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_strided(op: str, name: str, t: torch.Tensor) -> None:
+    """``t`` is a dense (strided) tensor: a sparse or MKL-DNN one would fail inside torch's
+    dispatcher with an error that names neither the op nor what it takes."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout "
+                        f"{t.layout} (convert it with .to_dense())")
+
+
 def check_float_activation(name: str, x: torch.Tensor, op: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    check_strided(op, name, x)
     if x.dim() != 4:
         raise ValueError(
             f"{op}: {name} must be 4-D [N, C, H, W], got {x.dim()}-D shape {tuple(x.shape)}"
@@ -78,6 +87,8 @@ def _check_tensors(op: str, **tensors) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) and not (t is None and name == "residual"):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t is not None:
+            check_strided(op, name, t)
 
 
 def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual) -> None:

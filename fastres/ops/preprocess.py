@@ -15,14 +15,13 @@ dtype=torch.float32) -> [N, 3, H, W]``
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 
 import torch
 
 from fastres.ops import _backend
-from fastres.ops._checks import FLOAT_DTYPES
+from fastres.ops._checks import FLOAT_DTYPES, check_strided
 
 OP = "preprocess"
 LAYOUTS = ("NHWC", "NCHW")
@@ -97,9 +96,20 @@ def _floats(name: str, values) -> list[float]:
     return out
 
 
+# a float whose magnitude is at most _F32_ZERO rounds to 0 in float32; at least _F32_INF, to inf
+_F32_ZERO = 2.0 ** -150
+_F32_INF = 2.0 ** 128 - 2.0 ** 103
+
+
+def finite_nonzero_in_float32(v: float) -> bool:
+    """``v`` is neither 0 nor infinite (nor NaN) once rounded to float32."""
+    return _F32_ZERO < abs(v) < _F32_INF
+
+
 def _check_args(images, layout, mean, std, dtype) -> None:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{OP}: images must be a torch.Tensor, got {type(images).__name__}")
+    check_strided(OP, "images", images)
     if images.dtype != torch.uint8:
         raise TypeError(f"{OP}: images must be uint8, got {images.dtype}")
     if layout not in LAYOUTS:
@@ -114,9 +124,12 @@ def _check_args(images, layout, mean, std, dtype) -> None:
                          f"{tuple(images.shape)}")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"{OP}: mean and std must have 3 values, got {len(mean)} and {len(std)}")
-    # ``abs(s) < inf``, not math.isfinite: torch.compile(dynamic=True, fullgraph=True) fails
-    # on math.isfinite ("torch.* op returned non-Tensor"; torch 2.11 and 2.14)
-    if any(s == 0.0 or not abs(s) < math.inf for s in std):
-        raise ValueError(f"{OP}: std values must be finite and non-zero, got {std}")
+    # ``abs(s) < ...``, not math.isfinite: torch.compile(dynamic=True, fullgraph=True) fails
+    # on math.isfinite ("torch.* op returned non-Tensor"; torch 2.11 and 2.14). The check is
+    # on the float32 value the arithmetic divides by (1e-50 is 0 there, 1e39 inf), as
+    # torchvision's Normalize checks it.
+    if not all(map(finite_nonzero_in_float32, std)):
+        raise ValueError(f"{OP}: std values must be finite and non-zero in float32 (the "
+                         f"precision the normalization runs in), got {std}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{OP}: dtype must be float32, float16 or bfloat16, got {dtype}")
