@@ -332,6 +332,33 @@ def test_nan_propagates_and_relu_keeps_nan():
     assert torch.equal(torch.isnan(y.cpu()), torch.isnan(ref.cpu()))
 
 
+GROUPED = [sh for sh in SHAPES if sh[0].startswith("grouped") and "32x32" not in sh[0]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GROUPED, ids=[sh[0] for sh in GROUPED])
+def test_grouped_non_finite_input_stays_in_its_group(shape, dtype):
+    """An inf, -inf or NaN input reaches only its own group's outputs, as in F.conv2d, and an
+    inf stays inf. The block-diagonal schedule multiplied it by the other groups' zero
+    weights (0 * inf = NaN): every group of its block was NaN."""
+    x, wt, b, st, pad, dil, g, res = make_case(shape, dtype, residual=True)
+    x = x.clone()
+    n, c, h, w = x.shape
+    bad = [float("inf"), float("-inf"), float("nan")]
+    for i, v in enumerate(bad):  # three pixels, three channels of different groups
+        x[torch.randint(n, ()), (i * c // 3 + torch.randint(c // 3, ())) % c,
+          torch.randint(h, ()), torch.randint(w, ())] = v
+    for relu in (True, False):
+        out = poisoned(x, wt, st, pad, dil)
+        y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, relu, out=out).double()
+        ref = reference(x, wt, b, st, pad, dil, g, res, relu)
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)), "NaN outside the input's group"
+        assert torch.equal(torch.isposinf(y), torch.isposinf(ref))
+        assert torch.equal(torch.isneginf(y), torch.isneginf(ref))
+        fin = torch.isfinite(ref)
+        assert_close_rel(y[fin], ref[fin], TOL[dtype])
+
+
 def test_empty_batch():
     x = torch.randn(0, 16, 5, 5, device=DEV)
     w = torch.randn(8, 16, 3, 3, device=DEV)

@@ -17,8 +17,9 @@ launcher):
   dense with zeros off the diagonal blocks (packed once per weight, cached), then the
   ``conv`` schedule runs it. Wastes FLOPs, keeps loads 16-byte and the dot on tensor cores
   (wgmma needs N, K >= 16; a per-group dot of 4..8 channels would not). The zeros multiply
-  the other groups' inputs: an inf or NaN input makes NaN in every group of its block (the
-  reference: its own group only).
+  the other groups' inputs, so an inf or NaN input would make NaN in every group of its
+  block: a tile whose sum is not finite is computed again group by group (a slow path for
+  such tiles only), which gives the reference's inf and NaN.
 - ``stem``: few input channels (the 7x7 stem, C_in = 3): the S*C inputs of one kernel row are
   contiguous in NHWC (and in the weight), so K steps over kernel rows with S*C merged.
 
@@ -127,13 +128,15 @@ def conv_bias_act_kernel(
     INDEX64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ROUND_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, SUB_C: tl.constexpr = 0, SUB_K: tl.constexpr = 0,
 ):
     """out[m, g*N_EXT + n] = act(sum_k x_im2col[m, k] * w[n, k] + bias (+ res)).
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(K_G, BLOCK_N), groups). x: NHWC contiguous [N, H, W, C];
     w: [K_OUT, R, S, C_G] contiguous (MODE 2: [K_OUT, R, BLOCK_K], zero-padded); out/res:
-    [M, K_OUT] contiguous.
+    [M, K_OUT] contiguous. ``SUB_C``/``SUB_K`` (block-diagonal grouped schedule only): the
+    real groups' input/output channels inside a packed group; a tile whose sum is not finite
+    is computed again group by group (:func:`_grouped_exact`).
     """
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -226,7 +229,28 @@ def conv_bias_act_kernel(
                 b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
                 acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
 
-    # Epilogue in fp32, one rounding at the store.
+    if SUB_C > 0:
+        # Block-diagonal packing multiplies the other groups' inputs by zeros, and 0 * inf and
+        # 0 * NaN are NaN: an inf or NaN input would make NaN in every group of its block
+        # (the reference: its own group only, and inf stays inf). Such a tile, and only such a
+        # tile, is computed again, group by group, without the zeros.
+        bad = tl.max(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32))
+        if bad != 0:
+            _grouped_exact(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, x_row, ih0, iw0, rm_i, m_ok,
+                           pid_n, g, H, W, C, K_OUT, C_G, K_G, dil_h, dil_w, R, S, HAS_RES,
+                           RELU, UPCAST, BLOCK_M, BLOCK_N, SUB_C, SUB_K)
+        else:
+            _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, n_ok, K_OUT, HAS_RES, RELU,
+                      UPCAST)
+    else:
+        _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, n_ok, K_OUT, HAS_RES, RELU,
+                  UPCAST)
+
+
+@triton.jit
+def _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, n_ok, K_OUT, HAS_RES: tl.constexpr,
+              RELU: tl.constexpr, UPCAST: tl.constexpr):
+    """In fp32: + bias (+ residual) (ReLU), then one rounding at the store."""
     bias = tl.load(b_ptr + n_glob, mask=n_ok, other=0.0)
     acc = acc + bias.to(tl.float32)[None, :]
     o_off = rm_i[:, None] * K_OUT + n_glob[None, :]
@@ -237,6 +261,41 @@ def conv_bias_act_kernel(
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
     tl.store(o_ptr + o_off, _to_output(acc, o_ptr.dtype.element_ty, UPCAST), mask=o_mask)
+
+
+@triton.jit
+def _grouped_exact(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, x_row, ih0, iw0, rm_i, m_ok, pid_n, g,
+                   H, W, C, K_OUT, C_G, K_G, dil_h, dil_w, R: tl.constexpr, S: tl.constexpr,
+                   HAS_RES: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_C: tl.constexpr,
+                   SUB_K: tl.constexpr):
+    """The tile of a block-diagonal grouped program, one real group at a time: each of its
+    SUB_K output channels sums only its own group's SUB_C inputs (fp32 rank-1 updates, no
+    tensor cores: the slow path of a tile that holds an inf or NaN), then the epilogue and
+    the store of those columns."""
+    n_lo = pid_n * BLOCK_N
+    n_hi = tl.minimum(n_lo + BLOCK_N, K_G)
+    rj = tl.arange(0, SUB_K)
+    for j in range(n_lo // SUB_K, tl.cdiv(n_hi, SUB_K)):
+        cols = j * SUB_K + rj  # output channels of group j (inside the packed group)
+        col_ok = (cols >= n_lo) & (cols < n_hi)
+        n_glob = g * K_G + cols
+        w_row = n_glob * (R * S * C_G)
+        acc = tl.zeros((BLOCK_M, SUB_K), dtype=tl.float32)
+        for tap in range(0, R * S):
+            r = tap // S
+            s = tap - r * S
+            ih = ih0 + r * dil_h
+            iw = iw0 + s * dil_w
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_base = x_ptr + x_row + (r * dil_h * W + s * dil_w) * C + j * SUB_C
+            b_base = w_ptr + w_row + tap * C_G + j * SUB_C
+            for k in range(0, SUB_C):
+                a = tl.load(a_base + k, mask=row_ok, other=0.0).to(tl.float32)
+                b = tl.load(b_base + k, mask=col_ok, other=0.0).to(tl.float32)
+                acc += a[:, None] * b[None, :]
+        _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, col_ok, K_OUT, HAS_RES, RELU,
+                  UPCAST)
 
 
 # -- problem description and launch parameters ---------------------------------------------
@@ -426,6 +485,8 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         # rounded operands is what the tensor cores compute (CPU tests see TF32's error)
         ROUND_TF32=prob.tf32 and prob.dtype == torch.float32,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
+        # the real groups inside a packed one (the non-finite slow path); 0: not grouped
+        SUB_C=prob.c_g if kind == "grouped" else 0, SUB_K=prob.k_g if kind == "grouped" else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn), groups)
