@@ -684,7 +684,12 @@ def from_torchvision(model: nn.Module) -> ResNet:
     weights are copied, each in its own dtype (a model cast in part keeps its mix), so the two
     models do not share storage afterwards.
     Each module's train/eval mode and each parameter's ``requires_grad`` are kept.
+    A ``torch.compile``'d model is converted from the module it wraps (the result is not
+    compiled: compile it again).
     """
+    orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+        model = orig
     needed = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
     if not isinstance(model, nn.Module) or not all(hasattr(model, n) for n in needed):
         raise TypeError("from_torchvision expects a torchvision ResNet (with conv1, bn1, "

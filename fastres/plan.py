@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import operator
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -91,7 +92,16 @@ def say_eager_once(reason: str) -> None:
 # -- input checks ------------------------------------------------------------------------------
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = model.conv1.weight
+    """The dtype and device of the stem convolution's weight; of the first parameter when the
+    stem is not an ``nn.Conv2d`` (``fuse_modules``' ConvReLU2d, an adapter wrapping it: such
+    a model runs torchvision's eager code, :func:`unsupported_reason`)."""
+    conv = model.__dict__["_modules"].get("conv1")
+    if isinstance(conv, nn.Conv2d):
+        p = conv.weight
+    else:
+        p = next(itertools.chain(model.parameters(), model.buffers()), None)
+        if p is None:
+            return torch.get_default_dtype(), torch.device("cpu")
     return p.dtype, p.device
 
 
@@ -108,6 +118,18 @@ def compute_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
     return dtype
 
 
+def _sizes(x: Tensor) -> tuple[int, ...]:
+    """``x``'s sizes as ints. Under ``torch.jit.trace`` sizes are traced tensors, and testing
+    them warns that the trace may not generalize; the checks and the empty-batch branch that
+    read them are specific to the traced shape by design (a trace records one path), so they
+    read plain ints, without the warnings (torchvision's trace gives none)."""
+    if not torch.jit.is_tracing():
+        return tuple(x.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return tuple(map(int, x.shape))
+
+
 def check_input(model: nn.Module, x) -> None:
     """Raise a clear error for input the model cannot take, before any kernel runs."""
     if not isinstance(x, Tensor):
@@ -121,9 +143,12 @@ def check_input(model: nn.Module, x) -> None:
     if x.dim() != 4:
         raise ValueError(f"fastres ResNet expects a 4-D [N, C, H, W] input, got {x.dim()}-D "
                          f"shape {tuple(x.shape)}")
-    in_ch = model.conv1.in_channels
-    if x.shape[1] != in_ch:
-        raise ValueError(f"fastres ResNet expects {in_ch} input channels, got {x.shape[1]} "
+    conv = model.__dict__["_modules"].get("conv1")
+    c = _sizes(x)[1]
+    # (a stem that is not a Conv2d: torchvision's code runs, and says what it takes)
+    in_ch = conv.in_channels if isinstance(conv, nn.Conv2d) else c
+    if c != in_ch:
+        raise ValueError(f"fastres ResNet expects {in_ch} input channels, got {c} "
                          f"(input shape {tuple(x.shape)}; is it NHWC? pass NCHW, e.g. "
                          "x.permute(0, 3, 1, 2))")
     if not x.is_floating_point():
@@ -555,7 +580,7 @@ class InferencePlan:
 
     def run(self, x: Tensor, features_only: bool = False) -> Tensor:
         """The fused forward. ``x`` was checked by :func:`check_input`."""
-        if x.shape[0] == 0:
+        if _sizes(x)[0] == 0:
             if 0 in x.shape[2:]:  # (as with a batch: torchvision's stem convolution refuses it)
                 raise ValueError(f"fastres ResNet expects H, W >= 1, got shape {tuple(x.shape)}")
             if torch.jit.is_tracing():  # the trace would return this empty output for any batch

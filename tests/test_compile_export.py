@@ -245,6 +245,17 @@ def test_jit_trace_eval():
         assert_close_rel(traced(x2), m(x2), 1e-5)
 
 
+def test_jit_trace_gives_no_tracer_warning():
+    """Tracing gives no TracerWarning, as torchvision's trace gives none (the input checks and
+    the empty-batch branch warned that the trace might not generalize: four warnings)."""
+    m = small_model("cpu")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.trace(m, (torch.randn(2, 3, 32, 32),))
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], \
+        [str(w.message) for w in caught]
+
+
 def test_jit_trace_eval_with_grad_enabled():
     """Tracing an eval model without no_grad records the fused plan too: the tracer's check
     re-runs the forward under no_grad, and the two graphs used to differ (eager with grad,

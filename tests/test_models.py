@@ -261,6 +261,17 @@ def test_from_torchvision_rejects_other_models():
         fastres.from_torchvision("resnet50")
 
 
+def test_from_torchvision_of_a_compiled_model():
+    """``from_torchvision(torch.compile(tv))`` converts the module it wraps (it copied the
+    wrapper's ``_orig_mod`` tree in as an extra submodule, then failed its strict load)."""
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    fr = fastres.from_torchvision(torch.compile(tv))
+    assert type(fr) is fastres.ResNet and "_orig_mod" not in dict(fr.named_children())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(fr(x), tv(x), 1e-5, "from a compiled model")
+
+
 def test_forward_features_and_head(twins):
     tv, fr = twins("resnet50")
     x = torch.randn(2, 3, 64, 64, device=DEVICE)

@@ -511,7 +511,23 @@ _UNFUSED = {
     "instance relu forward": lambda fr: setattr(fr.relu, "forward", lambda t: t.abs()),
     "instance _forward_impl": lambda fr: setattr(fr, "_forward_impl",
                                                  lambda t, f=fr._forward_impl: f(t) + 1),
+    # a stem that is not an nn.Conv2d (every forward, train mode too, raised AttributeError:
+    # no 'in_channels' / 'weight')
+    "stem wrapped": lambda fr: setattr(fr, "conv1", torch.nn.Sequential(fr.conv1,
+                                                                        torch.nn.Identity())),
+    "stem fused by fuse_modules": lambda fr: torch.ao.quantization.fuse_modules(
+        fr.eval(), [["conv1", "bn1", "relu"]], inplace=True),
 }
+
+
+def test_a_stem_that_is_not_a_conv2d_trains_as_torchvision():
+    """Train mode with a wrapped stem convolution runs torchvision's code (it raised)."""
+    tv, fr = _fresh_pair()
+    for m in (tv, fr):
+        m.conv1 = torch.nn.Sequential(m.conv1, torch.nn.Identity())
+        m.train()
+    x = torch.randn(2, 3, 40, 36, device=DEVICE)
+    assert_close_rel(fr(x), tv(x), 1e-5, "train mode")
 
 
 @pytest.mark.parametrize("edit", list(_UNFUSED))
