@@ -130,8 +130,26 @@ def _sizes(x: Tensor) -> tuple[int, ...]:
         return tuple(map(int, x.shape))
 
 
+class InputValueError(ValueError, RuntimeError):
+    """Input a fastres model cannot take: a ``ValueError`` that is also the ``RuntimeError``
+    torchvision's layers raise for it (code that catches either keeps working)."""
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """Input of a dtype a fastres model cannot take: a ``TypeError`` that is also the
+    ``RuntimeError`` torchvision's layers raise for it."""
+
+
+def _uninitialized(conv: nn.Module) -> bool:
+    """A lazy module (``nn.LazyConv2d``) whose parameters its first forward has yet to make."""
+    has = getattr(conv, "has_uninitialized_params", None)
+    return has is not None and has()
+
+
 def check_input(model: nn.Module, x) -> None:
-    """Raise a clear error for input the model cannot take, before any kernel runs."""
+    """Raise a clear error for input the model cannot take, before any kernel runs
+    (:class:`InputValueError` / :class:`InputTypeError`, also ``RuntimeError`` as
+    torchvision's; a ``TypeError`` for what is not a dense tensor)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"fastres ResNet expects a torch.Tensor, got {type(x).__name__}")
     if x.is_nested or x.layout not in (torch.strided, torch._mkldnn):
@@ -141,26 +159,32 @@ def check_input(model: nn.Module, x) -> None:
                         "torch.nested.to_padded_tensor for a batch of differently sized "
                         "images)")
     if x.dim() != 4:
-        raise ValueError(f"fastres ResNet expects a 4-D [N, C, H, W] input, got {x.dim()}-D "
-                         f"shape {tuple(x.shape)}")
+        raise InputValueError(f"fastres ResNet expects a 4-D [N, C, H, W] input, got "
+                              f"{x.dim()}-D shape {tuple(x.shape)}")
     conv = model.__dict__["_modules"].get("conv1")
-    c = _sizes(x)[1]
-    # (a stem that is not a Conv2d: torchvision's code runs, and says what it takes)
-    in_ch = conv.in_channels if isinstance(conv, nn.Conv2d) else c
+    shape = _sizes(x)
+    if 0 in shape[2:]:  # (torchvision's stem convolution refuses it, batch or not)
+        raise InputValueError(f"fastres ResNet expects H, W >= 1, got shape {shape}")
+    c = shape[1]
+    # (a stem that is not a Conv2d, or a lazy one not yet made: torchvision's code runs, and
+    # says what it takes)
+    in_ch = (conv.in_channels if isinstance(conv, nn.Conv2d) and not _uninitialized(conv)
+             else c)
     if c != in_ch:
-        raise ValueError(f"fastres ResNet expects {in_ch} input channels, got {c} "
-                         f"(input shape {tuple(x.shape)}; is it NHWC? pass NCHW, e.g. "
-                         "x.permute(0, 3, 1, 2))")
+        raise InputValueError(f"fastres ResNet expects {in_ch} input channels, got {c} "
+                              f"(input shape {tuple(x.shape)}; is it NHWC? pass NCHW, e.g. "
+                              "x.permute(0, 3, 1, 2))")
     if not x.is_floating_point():
-        raise TypeError(f"fastres ResNet expects a floating-point input, got {x.dtype} "
-                        "(convert images with x.float() / 255 and normalize first)")
+        raise InputTypeError(f"fastres ResNet expects a floating-point input, got {x.dtype} "
+                             "(convert images with x.float() / 255 and normalize first)")
     dtype, device = model_dtype_device(model)
     if x.device != device:
-        raise ValueError(f"fastres ResNet input is on {x.device}, the model is on {device}")
+        raise InputValueError(f"fastres ResNet input is on {x.device}, the model is on "
+                              f"{device}")
     autocast = x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
     if x.dtype != dtype and not autocast:
-        raise TypeError(f"fastres ResNet input dtype must match the model's ({dtype}) unless "
-                        f"autocast is on, got {x.dtype}")
+        raise InputTypeError(f"fastres ResNet input dtype must match the model's ({dtype}) "
+                             f"unless autocast is on, got {x.dtype}")
 
 
 def eager_reason(model: nn.Module, x) -> str | None:
@@ -582,7 +606,8 @@ class InferencePlan:
         """The fused forward. ``x`` was checked by :func:`check_input`."""
         if _sizes(x)[0] == 0:
             if 0 in x.shape[2:]:  # (as with a batch: torchvision's stem convolution refuses it)
-                raise ValueError(f"fastres ResNet expects H, W >= 1, got shape {tuple(x.shape)}")
+                raise InputValueError(f"fastres ResNet expects H, W >= 1, got shape "
+                                      f"{tuple(x.shape)}")
             if torch.jit.is_tracing():  # the trace would return this empty output for any batch
                 raise ValueError("torch.jit.trace with an empty batch would record a constant "
                                  "empty output; trace with a batch of at least 1")

@@ -245,6 +245,44 @@ def test_bad_input_is_rejected_before_any_kernel(pair, bad, exc, match, mode, mo
         fr(bad())
 
 
+@pytest.mark.parametrize("bad", [
+    lambda: torch.randn(1, 1, 3, 32, 32),
+    lambda: torch.randn(2, 4, 32, 32),
+    lambda: torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8),
+    lambda: torch.randn(1, 3, 32, 32, dtype=torch.float64),
+    lambda: torch.randn(1, 3, 0, 32),
+    lambda: torch.randn(1, 3, 32, 32, device="meta"),
+], ids=["5-D", "4 channels", "uint8", "float64", "H=0", "meta"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_bad_input_errors_are_also_torchvisions_runtime_error(pair, bad, mode):
+    """Where torchvision's layers raise RuntimeError, fastres's clear ValueError/TypeError is
+    one too: code that catches RuntimeError around a torchvision model keeps working (it got
+    a bare ValueError or TypeError)."""
+    tv, fr = pair
+    x = bad()
+    for m in (tv, fr):
+        m.train(mode == "train")
+        with torch.no_grad(), pytest.raises(RuntimeError):
+            m(x.to(DEVICE) if x.device.type != "meta" else x)
+
+
+def test_a_lazy_stem_runs_as_torchvision():
+    """An ``nn.LazyConv2d`` stem (its in_channels is 0 until the first forward makes the
+    weight) runs torchvision's code, which makes it; the input check refused every input."""
+    tv, fr = _fresh_pair()
+    x = torch.randn(1, 5, 32, 32, device=DEVICE)
+    first = []
+    for m in (tv, fr):
+        m.conv1 = torch.nn.LazyConv2d(64, 7, 2, 3, bias=False).to(DEVICE)
+        m.eval()
+        torch.manual_seed(0)  # (the first forward draws the weight)
+        with torch.no_grad():
+            first.append(m(x))
+    assert_close_rel(first[1], first[0], 1e-5, "lazy stem")
+    with torch.no_grad():
+        assert_close_rel(fr(x), tv(x), 1e-5, "made stem")
+
+
 def test_empty_batch_returns_empty_result(pair):
     tv, fr = pair
     x = torch.randn(0, 3, 32, 32, device=DEVICE)
