@@ -13,8 +13,12 @@ from fastres.models import (  # noqa: E402
     BasicBlock,
     Bottleneck,
     ResNet,
+    WEIGHTS_ENUMS,
     from_torchvision,
     get_model,
+    get_model_weights,
+    get_weight,
+    list_models,
     resnet18,
     resnet34,
     resnet50,
@@ -37,6 +41,9 @@ __all__ = [
     "from_torchvision",
     "get_backend",
     "get_model",
+    "get_model_weights",
+    "get_weight",
+    "list_models",
     "optimize",
     "ops",
     "resnet18",
@@ -52,3 +59,12 @@ __all__ = [
     "wide_resnet50_2",
     "wide_resnet101_2",
 ]
+
+
+def __getattr__(name: str):
+    """torchvision's weights enums (``fastres.ResNet50_Weights``), imported when asked for."""
+    if name in WEIGHTS_ENUMS:
+        from fastres import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,6 +28,10 @@ __all__ = [
     "Bottleneck",
     "ResNet",
     "from_torchvision",
+    "get_model",
+    "get_model_weights",
+    "get_weight",
+    "list_models",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -566,6 +570,10 @@ def _legacy_pretrained(arch: str, weights, kwargs: dict[str, Any]):
     """torchvision's deprecated ``pretrained=`` keyword, with torchvision's deprecation
     warning: ``False`` is ``weights=None``, ``True`` is ``IMAGENET1K_V1`` (what torchvision
     loads for it; read from torchvision's cache, never downloaded)."""
+    if isinstance(weights, bool):  # torchvision reads weights=True/False as pretrained=
+        if "pretrained" in kwargs:
+            raise TypeError(f"{arch}: pass weights= or the deprecated pretrained=, not both")
+        kwargs["pretrained"], weights = weights, None
     if "pretrained" not in kwargs:
         return weights
     pretrained = kwargs.pop("pretrained")
@@ -607,7 +615,20 @@ def _build(arch: str, weights, progress: bool = True, **kwargs: Any) -> ResNet:
 
 
 def _make_constructor(arch: str):
-    def constructor(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+    def constructor(*args: Any, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+        if args:  # torchvision's deprecated positional (weights, progress)
+            if len(args) > 2:
+                raise TypeError(f"{arch}() takes at most 2 positional arguments (weights, "
+                                f"progress), but {len(args)} were given")
+            if weights is not None:
+                raise TypeError(f"{arch}() got multiple values for argument 'weights'")
+            names = ", ".join(("'weights'", "'progress'")[:len(args)])
+            _warnings.warn(f"Using {names} as positional parameter(s) is deprecated since "
+                           "0.13 and may be removed in the future. Please use keyword "
+                           "parameter(s) instead.", UserWarning)
+            weights = args[0]
+            if len(args) == 2:
+                progress = args[1]
         return _build(arch, weights, progress, **kwargs)
 
     block, layers, defaults = _ARCHS[arch]
@@ -624,7 +645,9 @@ def _make_constructor(arch: str):
         "``width_per_group``, ``replace_stride_with_dilation``, ``norm_layer``) go to\n"
         ":class:`ResNet`. ``progress`` is accepted for torchvision compatibility and ignored.\n"
         "torchvision's deprecated ``pretrained=`` is accepted too: ``True`` is\n"
-        "``IMAGENET1K_V1``, ``False`` is ``None``.\n"
+        "``IMAGENET1K_V1``, ``False`` is ``None``; so are its deprecated forms\n"
+        "``weights=True``/``False`` and ``weights``/``progress`` given positionally\n"
+        "(``resnet50(True)``), with torchvision's deprecation warnings.\n"
     )
     return constructor
 
@@ -639,6 +662,66 @@ resnext101_32x8d = _make_constructor("resnext101_32x8d")
 resnext101_64x4d = _make_constructor("resnext101_64x4d")
 wide_resnet50_2 = _make_constructor("wide_resnet50_2")
 wide_resnet101_2 = _make_constructor("wide_resnet101_2")
+
+
+# torchvision's weights enums of the models fastres builds (``fastres.ResNet50_Weights`` is
+# torchvision's own class, imported when first asked for: torchvision stays optional)
+WEIGHTS_ENUMS = ("ResNet18_Weights", "ResNet34_Weights", "ResNet50_Weights",
+                 "ResNet101_Weights", "ResNet152_Weights", "ResNeXt50_32X4D_Weights",
+                 "ResNeXt101_32X8D_Weights", "ResNeXt101_64X4D_Weights",
+                 "Wide_ResNet50_2_Weights", "Wide_ResNet101_2_Weights")
+
+
+def _torchvision_models(what: str):
+    try:
+        import torchvision.models as tvm
+    except Exception as exc:
+        raise ImportError(f"fastres: {what} is torchvision's, and importing torchvision "
+                          f"failed ({type(exc).__name__}: {exc})") from exc
+    return tvm
+
+
+def __getattr__(name: str):
+    if name in WEIGHTS_ENUMS:
+        return getattr(_torchvision_models(name), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _patterns(p) -> list[str]:
+    return [p] if isinstance(p, str) else list(p)
+
+
+def list_models(module=None, include=None, exclude=None) -> list[str]:
+    """The names of the models fastres builds, sorted, as ``torchvision.models.list_models``:
+    ``include``/``exclude`` are ``fnmatch`` patterns (a string or several); ``module`` is
+    accepted for compatibility (``None`` or ``fastres``/``fastres.models``)."""
+    import fnmatch
+
+    if module is not None and getattr(module, "__name__", None) not in ("fastres", __name__):
+        raise ValueError(f"list_models: fastres lists its own models; module must be None, "
+                         f"fastres or fastres.models, got {module!r}")
+    names = sorted(MODEL_NAMES)
+    if include is not None:
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in _patterns(include))]
+    if exclude is not None:
+        names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in _patterns(exclude))]
+    return names
+
+
+def get_model_weights(name):
+    """torchvision's weights enum of model ``name`` (a name, any case, or a builder such as
+    ``fastres.resnet50``), as ``torchvision.models.get_model_weights``."""
+    key = getattr(name, "__name__", name)
+    key = key.lower() if isinstance(key, str) else key
+    if key not in _ARCHS:
+        raise ValueError(f"Unknown model {key} (fastres has {', '.join(MODEL_NAMES)})")
+    return _torchvision_models("get_model_weights").get_model_weights(key)
+
+
+def get_weight(name: str):
+    """torchvision's weights enum member named ``name`` (``"ResNet50_Weights.IMAGENET1K_V2"``),
+    as ``torchvision.models.get_weight``."""
+    return _torchvision_models("get_weight").get_weight(name)
 
 
 def get_model(name: str, **kwargs: Any) -> ResNet:

@@ -338,7 +338,9 @@ def _unsupported_reason(model: nn.Module) -> str | None:
                 "padding=3, dilation=1, groups=1))")
     pool = getattr(model, "maxpool", None)
     if not (type(pool) is nn.MaxPool2d and _maxpool_geometry(pool) == _MAXPOOL):
-        return f"maxpool is {pool} (the fused stem pools with MaxPool2d(3, stride=2, padding=1))"
+        extra = " with return_indices=True" if getattr(pool, "return_indices", False) else ""
+        return (f"maxpool is {pool}{extra} (the fused stem pools with MaxPool2d(3, stride=2, "
+                "padding=1))")
     avg, fc = getattr(model, "avgpool", None), getattr(model, "fc", None)
     if not (type(avg) is nn.AdaptiveAvgPool2d and _pair(avg.output_size) == (1, 1)):
         return f"avgpool is {avg} (the head pools with AdaptiveAvgPool2d(1))"
@@ -370,7 +372,7 @@ def _unsupported_reason(model: nn.Module) -> str | None:
 
 
 _STEM = ((7, 7), (2, 2), (3, 3), (1, 1), 1)
-_MAXPOOL = ((3, 3), (2, 2), (1, 1), (1, 1), False)
+_MAXPOOL = ((3, 3), (2, 2), (1, 1), (1, 1), False, False)
 
 
 def _pair(v) -> tuple:
@@ -386,14 +388,16 @@ def _geometry(conv: nn.Conv2d) -> tuple:
 def _maxpool_geometry(pool: nn.MaxPool2d) -> tuple:
     return (_pair(pool.kernel_size), _pair(pool.stride if pool.stride is not None
                                            else pool.kernel_size),
-            _pair(pool.padding), _pair(pool.dilation), bool(pool.ceil_mode))
+            _pair(pool.padding), _pair(pool.dilation), bool(pool.ceil_mode),
+            bool(pool.return_indices))  # (indices: torchvision's forward then fails)
 
 
 _CONV_KEYS = ("stride", "padding", "dilation", "groups", "padding_mode")
 _CONV_ITEMS = operator.itemgetter(*_CONV_KEYS)
 _EPS = operator.itemgetter("eps")
 _MODULES_OF = operator.itemgetter("_modules")
-_POOL_ATTRS = operator.attrgetter("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+_POOL_ATTRS = operator.attrgetter("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                  "return_indices")
 
 
 class _Modules:

@@ -261,6 +261,48 @@ def test_from_torchvision_rejects_other_models():
         fastres.from_torchvision("resnet50")
 
 
+def test_legacy_positional_and_bool_weights_as_torchvision():
+    """torchvision's deprecated forms: ``weights``/``progress`` given positionally, and
+    ``weights=True/False`` read as ``pretrained=`` (they raised TypeError)."""
+    for call in (lambda f: f(False), lambda f: f(None, True), lambda f: f(weights=False)):
+        with pytest.warns(UserWarning, match="deprecated"):
+            fr = call(fastres.resnet18)
+        with pytest.warns(UserWarning, match="deprecated"):
+            tv = call(torchvision.models.resnet18)
+        assert fr.fc.out_features == tv.fc.out_features == 1000
+        assert list(fr.state_dict()) == list(tv.state_dict())
+    with pytest.raises(TypeError, match="at most 2 positional"):
+        fastres.resnet18(None, True, 3)
+    with pytest.raises(TypeError, match="multiple values"):
+        fastres.resnet18(None, weights="x.pth")
+    with pytest.raises(TypeError, match="not both"):
+        fastres.resnet18(weights=False, pretrained=False)
+
+
+def test_torchvision_registry_api():
+    """``list_models``, ``get_model_weights``, ``get_weight`` and the ``*_Weights`` enums, as
+    torchvision.models has them, for the models fastres builds."""
+    names = fastres.list_models()
+    assert names == sorted(fastres.models.MODEL_NAMES)
+    assert names == torchvision.models.list_models(include=names)
+    assert fastres.list_models(include="resnext*") == torchvision.models.list_models(
+        include="resnext*")
+    assert fastres.list_models(include=["resnet*"], exclude="resnet1*") == [
+        "resnet34", "resnet50"]
+    for name in names:
+        enum = torchvision.models.get_model_weights(name)
+        assert fastres.get_model_weights(name) is enum
+        assert getattr(fastres, enum.__name__) is enum
+        assert getattr(fastres.models, enum.__name__) is enum
+    assert fastres.get_model_weights(fastres.resnet50) is torchvision.models.ResNet50_Weights
+    assert (fastres.get_weight("ResNet50_Weights.IMAGENET1K_V2")
+            is torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
+    with pytest.raises(ValueError, match="Unknown model"):
+        fastres.get_model_weights("vgg16")
+    with pytest.raises(AttributeError):
+        fastres.VGG16_Weights  # noqa: B018
+
+
 def test_from_torchvision_of_a_compiled_model():
     """``from_torchvision(torch.compile(tv))`` converts the module it wraps (it copied the
     wrapper's ``_orig_mod`` tree in as an extra submodule, then failed its strict load)."""

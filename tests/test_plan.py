@@ -558,6 +558,20 @@ _UNFUSED = {
 }
 
 
+def test_a_max_pool_returning_indices_fails_as_torchvision(pair):
+    """``maxpool.return_indices = True``: torchvision's forward fails on the (values,
+    indices) pair it gets; the plan ignored the setting and returned logits."""
+    tv, fr = pair
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        fr(x)  # a plan exists
+    for m in (tv, fr):
+        m.maxpool.return_indices = True
+        with torch.no_grad(), warnings.catch_warnings(), pytest.raises(TypeError):
+            warnings.simplefilter("ignore")
+            m(x)
+
+
 def test_a_stem_that_is_not_a_conv2d_trains_as_torchvision():
     """Train mode with a wrapped stem convolution runs torchvision's code (it raised)."""
     tv, fr = _fresh_pair()
