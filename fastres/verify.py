@@ -192,6 +192,9 @@ class Agreement:
     _top5_hits: float = 0.0
     _eager_top1_hits: float = 0.0
     note: str = ""
+    # fastres ran torchvision's eager code instead of its fused path (why): eager compared
+    # with itself proves nothing about the fused path, so the part fails
+    eager_fallback: str = ""
 
     def add(self, out: Tensor, ref: Tensor, eager: Tensor, tol_design: float) -> None:
         n = ref.shape[0]
@@ -230,7 +233,7 @@ class Agreement:
 
     @property
     def ok(self) -> bool:
-        return self.failures == 0
+        return self.failures == 0 and not self.eager_fallback
 
     def summary(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
@@ -251,8 +254,13 @@ class VerifyResult:
     notes: list[str]
 
     @property
+    def compared(self) -> int:
+        """Images compared over all parts (0: nothing was checked, which is no pass)."""
+        return sum(p.images for p in self.parts)
+
+    @property
     def ok(self) -> bool:
-        return all(p.ok for p in self.parts)
+        return self.compared > 0 and all(p.ok for p in self.parts)
 
     def format(self) -> str:
         reference = "float64" if self.device == "cpu" else "fp32 with TF32 off"
@@ -270,6 +278,9 @@ class VerifyResult:
                 lines.append(f"  {p.name:<16}{'-':>7}  skipped: {p.note}")
                 continue
             result = "ok" if p.ok else f"FAILED ({p.failures}/{len(p.batch_errors)} batches)"
+            if p.eager_fallback:
+                result = (f"FAILED: fastres ran torchvision's eager code ({p.eager_fallback}), "
+                          "not its fused path")
             if p.note:
                 result += f": {p.note}"
             lines.append(
@@ -278,8 +289,15 @@ class VerifyResult:
                 f"{p.top1 * 100:>7.1f}%{p.top5 * 100:>7.1f}%  {result}")
         for note in self.notes:
             lines.append(f"  note: {note}")
-        lines.append("verify: " + ("PASSED" if self.ok else "FAILED (outputs disagree beyond "
-                                   "the tolerance)"))
+        if self.ok:
+            verdict = "PASSED"
+        elif self.compared == 0:
+            verdict = "FAILED (nothing was compared)"
+        elif any(p.eager_fallback for p in self.parts):
+            verdict = "FAILED (the fused path did not run)"
+        else:
+            verdict = "FAILED (outputs disagree beyond the tolerance)"
+        lines.append("verify: " + verdict)
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -334,6 +352,18 @@ def skimage_photos(limit: int | None = None) -> tuple[list[tuple[str, object]], 
     return photos, ""
 
 
+def _fastres_forward(fr: nn.Module, x: Tensor, part: Agreement) -> Tensor:
+    """``fr(x)`` under inference mode, noting in ``part`` when fastres ran torchvision's eager
+    code instead of its fused path (as ``fastres bench`` refuses to time it)."""
+    from fastres.bench import _EagerProbe
+
+    with torch.inference_mode(), _EagerProbe(fr) as probe:
+        out = fr(x)
+    if probe.ran and not part.eager_fallback:
+        part.eager_fallback = probe.why(x)
+    return out
+
+
 def verify(model_name: str = "resnet50", dtype: torch.dtype = torch.float32,
            batch_size: int = 8, batches: int = 8, image_size: int = 224,
            device: torch.device | str = "cpu", weights=None, photos: bool = True,
@@ -370,8 +400,7 @@ def verify(model_name: str = "resnet50", dtype: torch.dtype = torch.float32,
             x = x.contiguous(memory_format=torch.channels_last)
         ref = reference_forward(tv, x, ref64)
         eager = eager_forward(tv, x, dtype, eager_model)
-        with torch.inference_mode():
-            out = fr(x.to(dtype))
+        out = _fastres_forward(fr, x.to(dtype), rand)
         rand.add(out, ref, eager, tol)
     parts = [rand]
 
@@ -389,8 +418,7 @@ def verify(model_name: str = "resnet50", dtype: torch.dtype = torch.float32,
                          f"recipe; fastres's input normalized by {path} in {dtype_name(dtype)}")
             ref = reference_forward(tv, x, ref64)
             eager = eager_forward(tv, x, dtype, eager_model)
-            with torch.inference_mode():
-                out = fr(xd)
+            out = _fastres_forward(fr, xd, photo_part)
             photo_part.add(out, ref, eager, tol)
         parts.append(photo_part)
     else:

@@ -373,6 +373,35 @@ def test_verify_fails_when_outputs_disagree(capsys, monkeypatch):
     assert "FAILED" in out and "verify: FAILED" in out
 
 
+def test_verify_fails_when_fastres_runs_eagerly(capsys, monkeypatch, tmp_path):
+    """A model fastres runs with torchvision's eager code (here: every forward told to) is
+    a FAILED verify naming why: eager compared with itself proved nothing about the fused
+    path, and it said PASSED."""
+    from fastres import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "eager_reason", lambda model, x: "a reason of this test")
+    out_json = tmp_path / "v.json"
+    code, out, _ = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--batches", "1",
+                           "--json", str(out_json))
+    assert code == 1, out
+    assert "a reason of this test" in out and "verify: FAILED (the fused path did not run)" in out
+    data = json.loads(out_json.read_text())
+    assert data["ok"] is False
+    assert data["parts"][0]["eager_fallback"] == "a reason of this test"
+
+
+def test_verify_that_compares_nothing_fails(capsys, monkeypatch):
+    """No random batches and no photographs to be had (scikit-image missing): FAILED, not
+    PASSED with zeros that were never measured."""
+    from fastres import verify as verify_mod
+
+    monkeypatch.setattr(verify_mod, "skimage_photos",
+                        lambda: ([], "scikit-image is not installed: photographs skipped"))
+    code, out, _ = run_cli(capsys, *SMALL_VERIFY, "--batches", "0")
+    assert code == 1, out
+    assert "verify: FAILED (nothing was compared)" in out
+
+
 def test_verify_tolerance_is_a_real_bound(capsys, monkeypatch):
     """A tiny perturbation passes the default bound and fails a tighter --tol."""
     original = ResNet.forward
