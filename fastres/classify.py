@@ -142,10 +142,20 @@ def load_image(path: str | os.PathLike):
     try:
         with Image.open(path) as img:
             img.load()
+            w, h = img.size
+            if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT:
+                # resize-256 makes the short side 256: a 1 x 40000 strip would be 256 x 10M
+                raise UserError(f"cannot classify {path!r}: {w}x{h} pixels is too elongated "
+                                f"(at most {MAX_ASPECT}:1; ImageNet's recipe resizes the short "
+                                "side to 256)")
             return to_pil_rgb(img)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
-            SyntaxError) as exc:
-        raise UserError(f"cannot read {path!r} as an image: {exc}") from exc
+            SyntaxError, MemoryError) as exc:
+        raise UserError(f"cannot read {path!r} as an image: {exc or type(exc).__name__}") \
+            from exc
+
+
+MAX_ASPECT = 64  # longest side over shortest that load_image takes (256 x 16384 at most)
 
 
 def resize_center_crop(image, resize: int = RESIZE_SIZE, crop: int = CROP_SIZE) -> np.ndarray:
@@ -302,8 +312,17 @@ def describe_mismatch(model_name: str, state_dict, source: str) -> str:
         expected = models.get_model(model_name).state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [k for k in expected if k in state_dict and k != "fc.weight" and k != "fc.bias"
-                  and tuple(getattr(state_dict[k], "shape", ())) != tuple(expected[k].shape)]
+    def shape(k):
+        return list(getattr(state_dict[k], "shape", ()))
+
+    # the number of classes is the checkpoint's own (fc's first dimension: shown as N), but
+    # fc's input features and its bias's length must fit
+    classes = shape("fc.weight")[:1] if "fc.weight" in state_dict else []
+    want = {k: list(v.shape) for k, v in expected.items()}
+    if "fc.weight" in want:
+        want["fc.weight"][:1] = classes or want["fc.weight"][:1]
+        want["fc.bias"] = classes or want["fc.bias"]
+    mismatched = [k for k in expected if k in state_dict and shape(k) != want[k]]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
@@ -311,8 +330,9 @@ def describe_mismatch(model_name: str, state_dict, source: str) -> str:
         parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
     if mismatched:
         k = mismatched[0]
+        expect = ["N", *want[k][1:]] if k.startswith("fc.") else want[k]  # N: any classes
         parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: checkpoint "
-                     f"{list(state_dict[k].shape)}, {model_name} {list(expected[k].shape)})")
+                     f"{shape(k)}, {model_name} {expect})".replace("'N'", "N"))
     msg = f"the checkpoint {source} does not fit {model_name}: " + "; ".join(parts or ["?"])
     guess = guess_architecture(state_dict)
     if guess is not None and guess != model_name:
@@ -340,9 +360,13 @@ def load_checkpoint(weights, arch: str | None = None) -> dict:
     except (FileNotFoundError, ValueError, TypeError) as exc:
         text = str(exc).removeprefix("fastres: ").strip()
         if "Weights only load failed" in text:  # torch's long weights_only explanation
-            text = (text.split(":", 1)[0] + ": torch.load(weights_only=True) refused it "
-                    "(not a state_dict of tensors; a whole pickled model, torch.save(model), "
-                    "is not loaded: save model.state_dict() instead)")
+            if "Unsupported global" in text:  # classes pickled in: a whole model, ...
+                why = ("not a state_dict of tensors; a whole pickled model, torch.save(model), "
+                       "is not loaded: save model.state_dict() instead")
+            else:  # not a pickle at all (an image, random bytes)
+                why = "it is not a PyTorch checkpoint (no pickled state_dict in it)"
+            text = (text.split(":", 1)[0] + f": torch.load(weights_only=True) refused it "
+                    f"({why})")
         lines = text.splitlines()
         raise UserError(lines[0] if lines else type(exc).__name__) from exc
 
@@ -384,6 +408,10 @@ def classify(paths: Sequence[str], weights, model_name: str = "resnet50", topk: 
         with torch.inference_mode():
             logits = model(batch)
         probs = torch.softmax(logits.float(), dim=1).cpu()
+        bad = ~torch.isfinite(probs).all(dim=1)
+        if bad.any():  # (a ranking of NaNs is no ranking)
+            raise UserError(f"the model's output for {paths[start + int(bad.nonzero()[0])]!r} "
+                            "is not finite (NaN or inf): are the weights finite?")
         values, indices = probs.topk(k, dim=1)
         for i, (vals, idxs) in enumerate(zip(values.tolist(), indices.tolist())):
             preds.append(Prediction(paths[start + i],

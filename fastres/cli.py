@@ -189,10 +189,12 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", "--models", dest="models", action="append", metavar="NAME",
                    type=str.lower,
                    help=f"model(s), any case, repeat or comma-separate (default: {d('models')})")
+    # (extend: a repeated -b or --dtype adds to the list, as a repeated -m does)
     p.add_argument("-b", "--batch-size", "--batch-sizes", dest="batch_sizes", nargs="+",
-                   metavar="N", help=f"batch sizes (default: {d('batch_sizes')})")
-    p.add_argument("--dtype", "--dtypes", dest="dtypes", nargs="+", metavar="DTYPE",
-                   help=f"fp32, fp16, bf16 (default: {d('dtypes')})")
+                   action="extend", metavar="N",
+                   help=f"batch sizes, repeat to add (default: {d('batch_sizes')})")
+    p.add_argument("--dtype", "--dtypes", dest="dtypes", nargs="+", action="extend",
+                   metavar="DTYPE", help=f"fp32, fp16, bf16 (default: {d('dtypes')})")
     p.add_argument("--image-size", type=int, help=f"input height = width (default: "
                    f"{GPU_DEFAULTS['image_size']})")
     p.add_argument("--iters", type=int, help=f"timed calls per measurement ({d('iters')})")

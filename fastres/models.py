@@ -524,8 +524,10 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
             raise ValueError(f"fastres: cannot open weights file {path!r}: "
                              f"{exc.strerror or exc}") from exc
         except Exception as exc:
+            why = str(exc) or ("the file is empty or truncated" if isinstance(exc, EOFError)
+                               else type(exc).__name__)
             raise ValueError(f"fastres: could not read {path!r} as a PyTorch checkpoint: "
-                             f"{exc}") from exc
+                             f"{why}") from exc
         if not isinstance(sd, Mapping):
             raise ValueError(f"fastres: {path!r} holds a {type(sd).__name__}, "
                              "expected a state_dict")

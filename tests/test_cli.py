@@ -114,6 +114,15 @@ def test_python_dash_m_subprocess(tmp_path):
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_bench_repeated_batch_and_dtype_options_add_up(monkeypatch, capsys):
+    """``-b 1 -b 2`` and ``--dtype fp32 --dtype fp16`` keep every value, as a repeated ``-m``
+    does (the last one replaced the others)."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "-b", "1", "-b", "2", "4", "--dtype", "fp32",
+                              "--dtype", "fp16"])
+    assert args.batch_sizes == ["1", "2", "4"] and args.dtypes == ["fp32", "fp16"]
+
+
 def test_register_command_adds_a_subcommand(capsys, monkeypatch):
     """Other parts of fastres (the tuning engine) add subcommands through register_command."""
     monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
@@ -502,7 +511,8 @@ def test_normalize_agrees_with_torchvision_normalize():
     pytest.param("fifo_image", marks=pytest.mark.skipif(not hasattr(os, "mkfifo"),
                                                         reason="no FIFOs on this platform")),
     "broken_link_image", "missing_weights", "not_a_checkpoint", "wrong_arch", "bad_model",
-    "bad_dtype", "bad_topk"])
+    "bad_dtype", "bad_topk", "empty_checkpoint", "image_as_checkpoint", "wrong_fc",
+    "strip_image", "nan_weights"])
 def test_classify_errors(capsys, tmp_path, r18_checkpoint, photo, case):
     bad = tmp_path / "not_an_image.jpg"
     bad.write_text("this is not a JPEG")
@@ -533,6 +543,29 @@ def test_classify_errors(capsys, tmp_path, r18_checkpoint, photo, case):
         extra, needles = ["--model", "resnet18", "--dtype", "fp64"], ["unknown dtype 'fp64'"]
     elif case == "bad_topk":
         extra, needles = ["--model", "resnet18", "--topk", "0"], ["--topk must be at least 1"]
+    elif case == "empty_checkpoint":  # (the message ended at "checkpoint: ")
+        weights, needles = str(tmp_path / "empty.pth"), ["the file is empty or truncated"]
+        open(weights, "wb").close()
+    elif case == "image_as_checkpoint":  # (it was explained as a whole pickled model)
+        weights, needles = str(photo), ["it is not a PyTorch checkpoint"]
+    elif case == "wrong_fc":  # (the message was "does not fit resnet18: ?")
+        sd = torch.load(r18_checkpoint)
+        sd["fc.weight"] = torch.randn(1000, 256)
+        weights = str(tmp_path / "fc.pth")
+        torch.save(sd, weights)
+        needles = ["fc.weight: checkpoint [1000, 256], resnet18 [N, 512]"]
+    elif case == "strip_image":  # resized to 256 x 10M pixels, it exhausted memory
+        from PIL import Image
+        image = str(tmp_path / "strip.png")
+        Image.new("RGB", (40000, 1)).save(image)
+        needles = ["40000x1 pixels is too elongated"]
+    elif case == "nan_weights":  # NaN "probabilities" were printed as a ranking, exit 0
+        sd = torch.load(r18_checkpoint)
+        sd["fc.bias"] = sd["fc.bias"].clone()
+        sd["fc.bias"][3] = float("nan")
+        weights = str(tmp_path / "nan.pth")
+        torch.save(sd, weights)
+        needles = ["is not finite"]
     code, _, err = run_cli(capsys, "classify", image, "--weights", weights, *extra,
                              "--device", "cpu")
     assert_usage_error(code, err, *needles)
