@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -162,6 +163,26 @@ def _check_weights(path: str | None, model: str | None = None) -> None:
     raise UserError(f"weights file {path!r} does not exist")  # pragma: no cover
 
 
+def _check_fits_every_model(path: str, models: list[str]) -> None:
+    """One checkpoint file for several models must fit each of them: refused before any
+    work (it was found out only when that model's turn came, after the others ran)."""
+    import torch
+
+    from fastres.classify import describe_mismatch, in_cli_words, load_checkpoint
+    from fastres.models import get_model
+
+    sd = load_checkpoint(path)
+    for name in models:
+        try:
+            # (shapes and keys only: nothing is allocated, and the copy into meta tensors,
+            # which torch warns is a no-op, is not wanted)
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                get_model(name, weights=sd)
+        except (ValueError, RuntimeError):
+            raise UserError(in_cli_words(describe_mismatch(name, sd, repr(path)))) from None
+
+
 def _check_number(value: float | None, what: str, minimum: float = 0.0,
                   strict: bool = False) -> None:
     """A float option that must be a number ``>= minimum`` (``> minimum`` when ``strict``)."""
@@ -255,6 +276,8 @@ def _bench_run(args: argparse.Namespace) -> int:
     compile_models = _model_list(args.compile_models) if args.compile_models else None
     for name in models:  # (a torchvision weights name is a file per model)
         _check_weights(args.weights, name)
+    if len(models) > 1 and args.weights is not None and os.path.isfile(args.weights):
+        _check_fits_every_model(args.weights, models)
     _check_number(args.max_time, "--max-time", strict=True)
     _check_number(args.compile_budget, "--compile-budget")
     _check_number(args.time_budget, "--time-budget")

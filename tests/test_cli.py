@@ -114,6 +114,22 @@ def test_python_dash_m_subprocess(tmp_path):
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_bench_checks_one_checkpoint_against_every_model_first(capsys, r18_checkpoint,
+                                                               monkeypatch):
+    """``-m resnet18,resnet34 --weights r18.pth``: refused before any model runs (resnet18
+    was benchmarked first, then the run failed on resnet34 and its table was lost)."""
+    from fastres import bench as bench_mod
+
+    def no_run(*a, **k):
+        raise AssertionError("a model was built before the checkpoint was checked")
+
+    monkeypatch.setattr(bench_mod, "torchvision_model", no_run)
+    code, out, err = run_cli(capsys, "bench", "-m", "resnet18,resnet34", "--weights",
+                             str(r18_checkpoint), "-b", "1", "--image-size", "32",
+                             "--iters", "1", "--device", "cpu")
+    assert_usage_error(code, err, "does not fit resnet34", "--model resnet18")
+
+
 def test_bench_repeated_batch_and_dtype_options_add_up(monkeypatch, capsys):
     """``-b 1 -b 2`` and ``--dtype fp32 --dtype fp16`` keep every value, as a repeated ``-m``
     does (the last one replaced the others)."""
