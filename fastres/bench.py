@@ -403,6 +403,14 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure (CUDA's OutOfMemoryError, the CPU allocator's, Python's)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return "out of memory" in text or "can't allocate memory" in text
+
+
 class _EagerProbe:
     """Notices a fastres model running torchvision's eager code instead of its fused plan.
 
@@ -645,9 +653,22 @@ class Runner:
                 bar.update(1)
                 self.update()
                 continue
-            base = self.base_inputs(batch)
-            x0 = base[0]
-            ref = reference_forward(tv, x0, ref64)
+            try:
+                base = self.base_inputs(batch)
+                x0 = base[0]
+                ref = reference_forward(tv, x0, ref64)
+            except (MemoryError, RuntimeError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                # this batch size does not fit: its rows say so, the others are kept
+                base = x0 = None
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.skip_group(name, dtype, batch, "out of memory for the inputs or the "
+                                f"reference at this batch size ({_short(exc)})")
+                bar.update(1)
+                self.update()
+                continue
             tol_design = design_tolerance(dtype, dev)
             try:
                 eager_same = eager_forward(tv, x0, dtype, cast)

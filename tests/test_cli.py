@@ -1045,6 +1045,31 @@ def test_bench_goes_on_when_fastres_cannot_be_built_or_eager_raises(capsys, monk
     assert fr["rel_err"] <= 1e-5 and "eager fp32 raised RuntimeError: no eager today" in fr["note"]
 
 
+def test_bench_batch_that_runs_out_of_memory_is_skipped(capsys, monkeypatch, tmp_path):
+    """A batch size whose inputs or reference forward run out of memory is a skipped group
+    saying so, and the other groups are measured and saved (the run died with a traceback,
+    leaving a bench.json that said ok)."""
+    from fastres import bench
+
+    real = bench.reference_forward
+
+    def oom_at_batch_2(tv, x, *a, **k):
+        if x.shape[0] == 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 10000000000000 bytes")
+        return real(tv, x, *a, **k)
+
+    monkeypatch.setattr(bench, "reference_forward", oom_at_batch_2)
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(capsys, *SMALL_BENCH, *_fresh_seed(), "--out", str(out_dir))
+    assert "Traceback" not in err, err
+    rows = json.loads((out_dir / "bench.json").read_text())["rows"]
+    two = [r for r in rows if r["batch"] == 2]
+    assert two and all(r["status"] == "skipped" and "out of memory" in r["note"] for r in two)
+    one = [r for r in rows if r["batch"] == 1 and r["impl"] == "fastres"]
+    assert one and one[0]["status"] == "ok" and one[0]["images_per_s"] > 0, one
+
+
 def test_bench_out_dir_lost_mid_run_keeps_measuring(capsys, monkeypatch, tmp_path):
     """--out replaced by a file after the first group: the checkpoint write failed with a
     traceback and the results were lost. Now the run goes on, warns once, and the table
