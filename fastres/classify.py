@@ -312,6 +312,7 @@ def describe_mismatch(model_name: str, state_dict, source: str) -> str:
         expected = models.get_model(model_name).state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
+
     def shape(k):
         return list(getattr(state_dict[k], "shape", ()))
 
