@@ -282,7 +282,9 @@ def _bench_run(args: argparse.Namespace) -> int:
     _check_number(args.compile_budget, "--compile-budget")
     _check_number(args.time_budget, "--time-budget")
     _check_seed(args.seed)
-    if args.out:
+    if args.out is not None:  # ("" is no directory: it was ignored, nothing written)
+        if not args.out.strip():
+            raise UserError("--out must name a directory, got an empty string")
         _writable_dir(args.out, "--out")
     cfg = BenchConfig(
         models=models, batch_sizes=batch_sizes, dtypes=dtypes, device=device,
@@ -397,7 +399,9 @@ def _verify_run(args: argparse.Namespace) -> int:
         raise UserError(f"--batches must be >= 0, got {args.batches}")
     if args.batches == 0 and args.no_photos:
         raise UserError("nothing to compare: --batches 0 and --no-photos")
-    if args.json:
+    if args.json is not None:  # ("" is no file: it was ignored, nothing written)
+        if not args.json.strip():
+            raise UserError("--json must name a file, got an empty string")
         _writable_file(args.json, "--json")
     result = verify(args.model, dtype, batch_size=args.batch_size, batches=args.batches,
                     image_size=args.image_size, device=device, weights=args.weights,

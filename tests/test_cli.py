@@ -334,6 +334,12 @@ def test_bench_and_verify_refuse_unusable_output_paths_before_running(capsys, tm
                              "--json", str(tmp_path / "no" / "such" / "dir" / "v.json"))
     assert_usage_error(code, err, "--json", "cannot be written")
     assert "verify:" not in out  # refused before comparing anything
+    # an empty path was ignored: exit 0 and nothing written
+    code, out, err = run_cli(capsys, *SMALL_BENCH, "--out", "")
+    assert_usage_error(code, err, "--out must name a directory, got an empty string")
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--json", "")
+    assert_usage_error(code, err, "--json must name a file, got an empty string")
+    assert "verify:" not in out
 
 
 @pytest.mark.parametrize("extra, needles", [
