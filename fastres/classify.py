@@ -331,9 +331,10 @@ def describe_mismatch(model_name: str, state_dict, source: str) -> str:
         parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
     if mismatched:
         k = mismatched[0]
-        expect = ["N", *want[k][1:]] if k.startswith("fc.") else want[k]  # N: any classes
+        # N: any number of classes
+        expect = ", ".join(map(str, ["N", *want[k][1:]] if k.startswith("fc.") else want[k]))
         parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: checkpoint "
-                     f"{shape(k)}, {model_name} {expect})".replace("'N'", "N"))
+                     f"{shape(k)}, {model_name} [{expect}])")
     msg = f"the checkpoint {source} does not fit {model_name}: " + "; ".join(parts or ["?"])
     guess = guess_architecture(state_dict)
     if guess is not None and guess != model_name:

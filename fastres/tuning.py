@@ -1084,11 +1084,12 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
         if bar is not None:
             bar.close()
     after = stats()
+    path = cache_for(device).path
     return {
         "tuned": after["tuned"] - before["tuned"],
         "disk_hits": after["disk_hits"] - before["disk_hits"],
         "timed": after["timed"] - before["timed"],
-        "cache": None if cache_for(device).path is None else str(cache_for(device).path),
+        "cache": None if path is None else str(path),
         "seconds": time.perf_counter() - t0,
     }
 
