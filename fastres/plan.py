@@ -608,10 +608,7 @@ class InferencePlan:
 
     def run(self, x: Tensor, features_only: bool = False) -> Tensor:
         """The fused forward. ``x`` was checked by :func:`check_input`."""
-        if _sizes(x)[0] == 0:
-            if 0 in x.shape[2:]:  # (as with a batch: torchvision's stem convolution refuses it)
-                raise InputValueError(f"fastres ResNet expects H, W >= 1, got shape "
-                                      f"{tuple(x.shape)}")
+        if _sizes(x)[0] == 0:  # (H, W >= 1: check_input refuses 0, with or without a batch)
             if torch.jit.is_tracing():  # the trace would return this empty output for any batch
                 raise ValueError("torch.jit.trace with an empty batch would record a constant "
                                  "empty output; trace with a batch of at least 1")
