@@ -48,11 +48,13 @@ from torch import Tensor, nn
 
 from fastres.classify import UserError, dtype_name
 from fastres.verify import (
+    EagerProbe,
     design_tolerance,
     eager_forward,
     fastres_twin,
     reference_forward,
     rel_err,
+    short_error,
     topk_agreement,
     torchvision_model,
 )
@@ -229,7 +231,7 @@ def _extension_status() -> tuple[bool, str | None]:
     try:
         from fastres import _ext
     except Exception as exc:  # noqa: BLE001 - report, never fail the benchmark for it
-        return False, _short(exc)
+        return False, short_error(exc)
     ok = _ext.available()
     return ok, (None if ok else _ext.error())
 
@@ -397,61 +399,12 @@ def _fastres_tuner():
     return getattr(tuning, "tune_model", None)
 
 
-def _short(exc: BaseException, limit: int = 160) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    return first if len(first) <= limit else first[: limit - 3] + "..."
-
-
 def _out_of_memory(exc: BaseException) -> bool:
     """An allocation failure (CUDA's OutOfMemoryError, the CPU allocator's, Python's)."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     text = str(exc)
     return "out of memory" in text or "can't allocate memory" in text
-
-
-class _EagerProbe:
-    """Notices a fastres model running torchvision's eager code instead of its fused plan.
-
-    fastres falls back to eager for inputs or models its plan does not take (BatchNorm that
-    folds to non-finite weights in the dtype, hooks, ...) and warns once per process: timed,
-    that row would show eager's speed under fastres's name. The fallback goes through the
-    model's ``_forward_impl``, which this wraps for the duration of the check call.
-    """
-
-    def __init__(self, model: nn.Module | None):
-        self.model = model if hasattr(type(model), "_forward_fused") else None
-        self.ran = False
-
-    def __enter__(self) -> _EagerProbe:
-        if self.model is not None:
-            original = self.model._forward_impl
-
-            def spy(x):
-                self.ran = True
-                return original(x)
-
-            spy.fastres_probe = True  # (the plan runs: other instance overrides run eagerly)
-            self.model.__dict__["_forward_impl"] = spy  # this instance only
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.model is not None:
-            self.model.__dict__.pop("_forward_impl", None)
-
-    def why(self, x: Tensor) -> str:
-        """fastres's reason for running eagerly on ``x`` (best effort)."""
-        from fastres import plan as _plan
-
-        try:
-            with torch.inference_mode():
-                reason = _plan.eager_reason(self.model, x)
-                if reason is None:
-                    _plan.get_plan(self.model, _plan.compute_dtype(self.model, x))
-        except Exception as exc:  # noqa: BLE001 - FloatingPointError: weights not finite
-            return _short(exc)
-        return reason or "reason not known"
 
 
 class Runner:
@@ -586,7 +539,7 @@ class Runner:
         try:
             fr = fastres_twin(tv, dtype)
         except Exception as exc:  # noqa: BLE001 - fastres's rows are FAILED, the run goes on
-            fr, fr_error = None, f"building fastres raised {_short(exc)}"
+            fr, fr_error = None, f"building fastres raised {short_error(exc)}"
 
         # Tuning happens before anything is timed (GPU only; the engine may not exist yet).
         tuner = _fastres_tuner()
@@ -598,7 +551,7 @@ class Runner:
                 tuner(fr, list(cfg.batch_sizes), dtype, cfg.image_size)
                 self.report.notes.append(f"{name} {dn}: tuned in {time.perf_counter() - t:.1f} s")
             except Exception as exc:
-                self.report.notes.append(f"{name} {dn}: tuning failed ({_short(exc)}); timed "
+                self.report.notes.append(f"{name} {dn}: tuning failed ({short_error(exc)}); timed "
                                          "untuned")
         elif cfg.tune and tuner is None and dev.type == "cuda":
             note = "fastres.tuning.tune_model not available: fastres timed untuned"
@@ -621,7 +574,7 @@ class Runner:
                 graphs = optimize(fr, cuda_graphs=True,
                                   max_graphs=max(8, len(cfg.batch_sizes)))
             except Exception as exc:
-                graphs_why = f"fastres.optimize failed: {_short(exc)}"
+                graphs_why = f"fastres.optimize failed: {short_error(exc)}"
 
         autocast = dtype != torch.float32
 
@@ -665,7 +618,7 @@ class Runner:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 self.skip_group(name, dtype, batch, "out of memory for the inputs or the "
-                                f"reference at this batch size ({_short(exc)})")
+                                f"reference at this batch size ({short_error(exc)})")
                 bar.update(1)
                 self.update()
                 continue
@@ -676,7 +629,7 @@ class Runner:
                 eager_note = f"eager {dn} error {eager_err:.1e}"
             except Exception as exc:  # noqa: BLE001 - the bound is then DESIGN.md's alone
                 eager_same, eager_err = None, math.nan
-                eager_note = f"eager {dn} raised {_short(exc)}"
+                eager_note = f"eager {dn} raised {short_error(exc)}"
             tol = max(tol_design, 2 * eager_err) if math.isfinite(eager_err) else tol_design
 
             impls: list[tuple[str, _Impl | None, str]] = []
@@ -762,7 +715,7 @@ class Runner:
             torch.cuda.synchronize(dev)
             before = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-        probe = _EagerProbe(impl.model if must_agree else None)
+        probe = EagerProbe(impl.model if must_agree else None)
         try:
             t = time.perf_counter()
             with torch.inference_mode(), probe:
@@ -776,7 +729,7 @@ class Runner:
                 row.note = f"first call (compile) {first_call:.1f} s"
         except Exception as exc:
             row.status = "FAILED" if must_agree else "error"
-            row.note = f"raised {_short(exc)}"
+            row.note = f"raised {short_error(exc)}"
             return
         if graphs_row and captures is not None and impl.fn.captures == captures:
             row.status = "error"
@@ -811,7 +764,7 @@ class Runner:
             times = time_calls(impl.fn, inputs, cfg.warmup, cfg.iters, cfg.max_time, dev)
         except Exception as exc:
             row.status = "FAILED" if must_agree else "error"
-            row.note = f"raised while timed: {_short(exc)}"
+            row.note = f"raised while timed: {short_error(exc)}"
             return
         if dev.type == "cuda":
             peak = torch.cuda.max_memory_allocated(dev) - before
@@ -1110,7 +1063,7 @@ def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[s
             except Exception as exc:  # noqa: BLE001 - the numbers matter more than a picture
                 if "matplotlib.pyplot" in sys.modules:  # plot() stopped before closing it
                     sys.modules["matplotlib.pyplot"].close("all")
-                note = f"bench.png not written: {_short(exc)}"
+                note = f"bench.png not written: {short_error(exc)}"
             if note is not None and note not in report.notes:
                 report.notes.append(note)
         for name, write in (("bench.json", write_json), ("bench.md", write_md)):
@@ -1118,7 +1071,7 @@ def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[s
             _write_file(path, write)
             paths.append(path)
     except OSError as exc:
-        why = exc.strerror or _short(exc)
+        why = exc.strerror or short_error(exc)
         msg = (f"--out {out_dir!r} could not be written ({why}): these results are not "
                "saved there")
         if msg != report.output_error:

@@ -352,12 +352,60 @@ def skimage_photos(limit: int | None = None) -> tuple[list[tuple[str, object]], 
     return photos, ""
 
 
+def short_error(exc: BaseException, limit: int = 160) -> str:
+    """``exc`` as one line of at most ``limit`` characters: its type and first line."""
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+class EagerProbe:
+    """Notices a fastres model running torchvision's eager code instead of its fused plan.
+
+    fastres falls back to eager for inputs or models its plan does not take (BatchNorm that
+    folds to non-finite weights in the dtype, hooks, ...) and warns once per process: timed,
+    that row would show eager's speed under fastres's name. The fallback goes through the
+    model's ``_forward_impl``, which this wraps for the duration of the check call.
+    """
+
+    def __init__(self, model: nn.Module | None):
+        self.model = model if hasattr(type(model), "_forward_fused") else None
+        self.ran = False
+
+    def __enter__(self) -> EagerProbe:
+        if self.model is not None:
+            original = self.model._forward_impl
+
+            def spy(x):
+                self.ran = True
+                return original(x)
+
+            spy.fastres_probe = True  # (the plan runs: other instance overrides run eagerly)
+            self.model.__dict__["_forward_impl"] = spy  # this instance only
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.model is not None:
+            self.model.__dict__.pop("_forward_impl", None)
+
+    def why(self, x: Tensor) -> str:
+        """fastres's reason for running eagerly on ``x`` (best effort)."""
+        from fastres import plan as _plan
+
+        try:
+            with torch.inference_mode():
+                reason = _plan.eager_reason(self.model, x)
+                if reason is None:
+                    _plan.get_plan(self.model, _plan.compute_dtype(self.model, x))
+        except Exception as exc:  # noqa: BLE001 - FloatingPointError: weights not finite
+            return short_error(exc)
+        return reason or "reason not known"
+
+
 def _fastres_forward(fr: nn.Module, x: Tensor, part: Agreement) -> Tensor:
     """``fr(x)`` under inference mode, noting in ``part`` when fastres ran torchvision's eager
     code instead of its fused path (as ``fastres bench`` refuses to time it)."""
-    from fastres.bench import _EagerProbe
-
-    with torch.inference_mode(), _EagerProbe(fr) as probe:
+    with torch.inference_mode(), EagerProbe(fr) as probe:
         out = fr(x)
     if probe.ran and not part.eager_fallback:
         part.eager_fallback = probe.why(x)
