@@ -4,7 +4,9 @@
 :class:`CUDAGraphModule` wrapping ``model``. Its eval-mode forward on CUDA input:
 
 1. looks up a graph by *graph key*: input shape, input dtype, device, autocast state (enabled
-   and dtype), inference mode, TF32 flags and the backend preference;
+   and dtype), inference mode, and what the kernel choice depends on (TF32 flags, the backend
+   preference, ``FASTRES_TUNE`` / deterministic mode: :func:`fastres.ops._backend.choice_state`);
+   an empty batch runs without a graph;
 2. on first sight of a key: copies the input into a static buffer, warms up on a side stream
    (this builds the inference plan and tunes every layer — :mod:`fastres.tuning` never times
    during capture), captures ``model(static_input)`` into a ``torch.cuda.CUDAGraph`` (all of
@@ -20,7 +22,10 @@ Bound: at most ``max_graphs`` keys are captured; calls with further keys run the
 without a graph (said once). Invalidation: the graphs read the inference plan's folded
 weights, so they are valid exactly while the plan is (:meth:`fastres.plan._PlanCache.valid_for`:
 no parameter or buffer changed, was replaced or moved). When it is not, every graph is
-dropped and keys are captured again on their next call (the bound counts from zero).
+dropped and keys are captured again on their next call (the bound counts from zero); so are
+they when the kernel choices are forgotten (``fastres.tune_model``, a tuning reset or a new
+cache), and a signature whose capture failed is tried again after either. Warm-up and capture
+run with autocast's weight cache off (a cached cast would be freed under the graph).
 ``param.data`` edits bypass version counters, as for the plan: call
 ``model.invalidate_plan()`` (or :meth:`CUDAGraphModule.reset`) after them.
 
@@ -40,7 +45,6 @@ from torch import Tensor, nn
 
 from fastres import plan as _plan
 from fastres import _warnings
-from fastres import tuning as _tuning
 from fastres.ops import _backend
 
 log = logging.getLogger("fastres")
@@ -59,11 +63,22 @@ def optimize(model: nn.Module, cuda_graphs: bool = True, max_graphs: int = 8,
              warmup: int = 2) -> nn.Module:
     """Wrap ``model`` (a :class:`fastres.ResNet`) so its eval forward replays CUDA graphs.
 
-    ``cuda_graphs=False`` returns ``model`` itself. ``max_graphs``: how many input
+    ``cuda_graphs=False`` returns ``model`` itself (the wrapped model, given a wrapper). ``max_graphs``: how many input
     signatures (shape, dtype, autocast state, ...) get a graph; further ones run without.
     ``warmup``: eager calls on a side stream before each capture. See the module docstring
     for the output aliasing rule (a fresh tensor per call) and invalidation.
     """
+    if not isinstance(cuda_graphs, bool):  # ("False" and "no" are true)
+        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    inner = _checked(model, max_graphs, warmup)
+    if not cuda_graphs:
+        return inner  # (a wrapper given here is unwrapped: graphs off)
+    return CUDAGraphModule(inner, max_graphs=max_graphs, warmup=warmup)
+
+
+def _checked(model: nn.Module, max_graphs: int, warmup: int) -> nn.Module:
+    """The fastres.ResNet to wrap (``model``, or the model a wrapper holds), after checking the
+    arguments of :func:`optimize` / :class:`CUDAGraphModule`."""
     from fastres.models import ResNet
 
     inner = model.module if isinstance(model, CUDAGraphModule) else model
@@ -74,8 +89,6 @@ def optimize(model: nn.Module, cuda_graphs: bool = True, max_graphs: int = 8,
                 if type(inner).__name__ == "ResNet" else "")
         raise TypeError(f"optimize expects a fastres.ResNet, got {type(inner).__module__}."
                         f"{type(inner).__qualname__}{hint}")
-    if not isinstance(cuda_graphs, bool):  # ("False" and "no" are true)
-        raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int):
         raise TypeError(f"max_graphs must be an int, got {max_graphs!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int):
@@ -84,31 +97,36 @@ def optimize(model: nn.Module, cuda_graphs: bool = True, max_graphs: int = 8,
         raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
     if warmup < 1:
         raise ValueError(f"warmup must be >= 1, got {warmup}")
-    if not cuda_graphs:
-        return model
-    if isinstance(model, CUDAGraphModule):
-        model = model.module
-    return CUDAGraphModule(model, max_graphs=max_graphs, warmup=warmup)
+    return inner
 
 
 class CUDAGraphModule(nn.Module):
     """``model`` with its eval forward captured in CUDA graphs (see :func:`optimize`).
 
-    ``state_dict``/``load_state_dict`` are the wrapped model's (no prefix), and attributes
-    not found here are looked up on the wrapped model, so the wrapper stands in for it.
+    Its ``state_dict`` keys are the wrapped model's (no ``module.`` prefix, also inside a
+    parent module, whose checkpoint loads back), and attributes not found here are looked up
+    on the wrapped model, so the wrapper stands in for it. ``named_parameters()`` and
+    ``named_modules()`` do carry the ``module.`` prefix, as for any wrapper module.
     """
 
     def __init__(self, module: nn.Module, max_graphs: int = 8, warmup: int = 2):
         super().__init__()
-        self.module = module
+        self.module = _checked(module, max_graphs, warmup)
         self.max_graphs = max_graphs
         self.warmup = warmup
         self._graphs: dict[tuple, _Graph] = {}
         self._failed: set[tuple] = set()
         self._plan_cache: Any = None
+        self._choices: tuple | None = None  # the kernel choices' epoch the graphs were made in
         self._pool = None
         self._said: set[str] = set()
         self.captures = 0  # how many graphs were captured over this wrapper's life
+        # the keys without "module.": hooks, not state_dict/load_state_dict overrides, so
+        # that a parent module's state_dict and load_state_dict (which walk the children
+        # themselves) see the same keys
+        self.register_state_dict_post_hook(_strip_module_prefix)
+        self.register_load_state_dict_pre_hook(_add_module_prefix)
+        self.register_load_state_dict_post_hook(_name_keys_without_prefix)
 
     # -- standing in for the wrapped model ----------------------------------------------------
     _OWN = frozenset({"module", "max_graphs", "warmup", "captures", "training"})
@@ -131,14 +149,11 @@ class CUDAGraphModule(nn.Module):
 
     def __getstate__(self):  # deepcopy and pickling: the model, not its graphs
         state = dict(self.__dict__)
-        state.update(_graphs={}, _failed=set(), _plan_cache=None, _pool=None)
+        state.update(_graphs={}, _failed=set(), _plan_cache=None, _choices=None, _pool=None)
         return state
 
-    def state_dict(self, *args, **kwargs):
-        return self.module.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+    def __prepare_scriptable__(self):  # torch.jit.script: the model, without graphs
+        return self.module
 
     @property
     def num_graphs(self) -> int:
@@ -155,6 +170,7 @@ class CUDAGraphModule(nn.Module):
         self._graphs.clear()
         self._failed.clear()
         self._plan_cache = None
+        self._choices = None
         self._pool = None
 
     def _say_once(self, key: str, msg: str) -> None:
@@ -177,7 +193,7 @@ class CUDAGraphModule(nn.Module):
                 return self.forward(x)
         if torch.cuda.is_current_stream_capturing():
             return model(x)  # inside someone else's capture: just be captured
-        if _plan.eager_reason(model, x) is not None:
+        if _plan.eager_reason(model, x) is not None or x.shape[0] == 0:
             return model(x)  # train/autograd/unsupported: the model says why itself
         self._check_valid()
         key = self._key(x)
@@ -198,32 +214,45 @@ class CUDAGraphModule(nn.Module):
         return entry.static_output.clone()
 
     def _key(self, x: Tensor) -> tuple:
-        dev = x.device
-        return (tuple(x.shape), x.dtype, dev,
+        # a graph keeps the kernels it captured: the key holds everything the kernel choice
+        # depends on (backend, TF32 flags, FASTRES_TUNE / deterministic mode, ...)
+        return (tuple(x.shape), x.dtype, x.device,
                 torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-                torch.is_inference_mode_enabled(), torch.backends.cudnn.allow_tf32,
-                torch.backends.cuda.matmul.allow_tf32, _backend.get_backend(),
-                _tuning.mode())  # a graph keeps the kernels it captured: pinned vs tuned
+                torch.is_inference_mode_enabled(), _backend.choice_state())
 
     def _check_valid(self) -> None:
-        """Drop every graph when the plan they read is gone or stale."""
-        if not self._graphs:
+        """Drop every graph, and forget failed captures, when the plan they read is gone or
+        stale, or when the kernel choices were forgotten (tuning reset, a new cache, a newly
+        registered implementation): the next calls capture again."""
+        if not self._graphs and not self._failed:
             return
         cache = self.module.__dict__.get("_plan_cache")
-        if cache is not self._plan_cache or cache is None or not cache.valid_for(self.module):
-            log.info("fastres: model parameters changed; dropping %d CUDA graph(s)",
-                     len(self._graphs))
-            self._drop()
+        if (cache is not self._plan_cache
+                or (cache is not None and not cache.valid_for(self.module))):
+            why = "model parameters changed"
+        elif self._choices != _backend.choice_epoch():
+            why = "kernel choices were reset"
+        else:
+            return
+        log.info("fastres: %s; dropping %d CUDA graph(s)", why, len(self._graphs))
+        self._drop()
 
     def _capture(self, key: tuple, x: Tensor) -> _Graph | None:
         model = self.module
         with torch.inference_mode(False), torch.no_grad():
             static_input = torch.empty_like(x)
         static_input.copy_(x)
+        caller = torch.cuda.current_stream(x.device)
+        # autocast's weight cache off: a cast made in warm-up or capture would be freed when
+        # the caller's autocast region ends, and the graph would read freed memory (as
+        # torch.cuda.make_graphed_callables requires)
+        no_cast_cache = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                       enabled=torch.is_autocast_enabled("cuda"),
+                                       cache_enabled=False)
         try:
             side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
+            side.wait_stream(caller)
+            with torch.cuda.stream(side), no_cast_cache:
                 for _ in range(self.warmup):  # builds the plan, tunes, compiles kernels
                     model(static_input)
             torch.cuda.current_stream(x.device).wait_stream(side)
@@ -237,18 +266,59 @@ class CUDAGraphModule(nn.Module):
             graph = torch.cuda.CUDAGraph()
             # on x's device: the default capture stream is made once, on whichever device was
             # current at the process's first capture
-            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+            with torch.cuda.graph(graph, pool=self._pool, stream=side), no_cast_cache:
                 static_output = model(static_input)
         except Exception as exc:
+            # torch.cuda.graph leaves its stream current when capture_end raises
+            torch.cuda.set_stream(caller)
+            now = model.__dict__.get("_plan_cache")
+            if now is not self._plan_cache:
+                self._drop()  # any graph held read another plan
+                self._plan_cache = now  # retried when this plan is replaced
+            self._choices = _backend.choice_epoch()
             self._failed.add(key)
             self._say_once(f"fail:{key}", f"CUDA graph capture failed for input "
                            f"{tuple(x.shape)} {x.dtype} ({type(exc).__name__}: {exc}); that "
                            "signature runs without a graph")
             return None
         self._plan_cache = cache
+        self._choices = _backend.choice_epoch()
         entry = _Graph(graph, static_input, static_output)
         self._graphs[key] = entry
         self.captures += 1
         log.info("fastres: captured a CUDA graph for %s %s (%d held)", tuple(x.shape),
                  x.dtype, len(self._graphs))
         return entry
+
+
+def _strip_module_prefix(module: CUDAGraphModule, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post hook: ``prefix + "module.k"`` -> ``prefix + "k"`` (order kept)."""
+    inner = prefix + "module."
+    items = list(state_dict.items())
+    state_dict.clear()
+    for k, v in items:
+        state_dict[prefix + k[len(inner):] if k.startswith(inner) else k] = v
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:  # the model's versions (BatchNorm's) under the names they load from
+        for k in [k for k in meta if k == inner[:-1] or k.startswith(inner)]:
+            meta[prefix + k[len(inner):] if k != inner[:-1] else prefix[:-1]] = meta.pop(k)
+
+
+def _add_module_prefix(module: CUDAGraphModule, state_dict, prefix: str, local_metadata,
+                       strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """Load pre hook: keys for the wrapped model get ``module.`` back; keys of modules
+    attached to the wrapper itself stay."""
+    module.__dict__["_load_prefix"] = prefix
+    own = {name for name in module._modules if name != "module"}
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        rest = k[len(prefix):]
+        if rest.split(".", 1)[0] not in own:
+            state_dict[prefix + "module." + rest] = state_dict.pop(k)
+
+
+def _name_keys_without_prefix(module: CUDAGraphModule, incompatible_keys) -> None:
+    """Load post hook: missing and unexpected keys named as the state dict names them."""
+    inner = module.__dict__.pop("_load_prefix", "") + "module."
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [k.replace(inner, inner[:-len("module.")], 1) if k.startswith(inner) else k
+                   for k in keys]

@@ -128,6 +128,97 @@ def test_optimize_rejects_bad_arguments():
         fastres.optimize(m, cuda_graphs="False")  # (a true string: it returned a graph wrapper)
 
 
+def test_state_dict_inside_a_parent_module_round_trips():
+    """A parent's ``state_dict``/``load_state_dict`` walk the children themselves: the
+    wrapper's keys must have no ``module.`` there either (the parent's own checkpoint did not
+    load back, and with ``strict=False`` loaded nothing into the backbone)."""
+    g = fastres.optimize(small_model())
+    parent = torch.nn.Sequential(g, torch.nn.Softmax(1))
+    sd = parent.state_dict()
+    assert list(sd) == ["0." + k for k in g.module.state_dict()]
+    other = torch.nn.Sequential(fastres.optimize(small_model()), torch.nn.Softmax(1))
+    assert not torch.equal(other[0].fc.weight, g.fc.weight)
+    other.load_state_dict(sd)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(other.eval()(x), parent.eval()(x))
+    # errors name the keys as the state dict does; a DataParallel-style "module." checkpoint
+    # is refused as by the plain model
+    with pytest.raises(RuntimeError) as err:
+        other.load_state_dict({k: v for k, v in sd.items() if k != "0.fc.bias"})
+    assert '"0.fc.bias"' in str(err.value) and "module." not in str(err.value)
+    dp = {"module." + k: v for k, v in g.module.state_dict().items()}
+    with pytest.raises(RuntimeError, match='Unexpected key.*"module.conv1.weight"'):
+        g.load_state_dict(dp)
+    with pytest.raises(RuntimeError, match='Unexpected key.*"module.conv1.weight"'):
+        g.module.load_state_dict(dp)
+
+
+def test_modules_attached_to_the_wrapper_are_saved():
+    g = fastres.optimize(small_model())
+    g.extra = torch.nn.Linear(10, 5)  # (the model has no "extra": it stays on the wrapper)
+    assert "extra" in g._modules
+    sd = g.state_dict()
+    assert torch.equal(sd["extra.weight"], g.extra.weight)
+    g2 = fastres.optimize(small_model())
+    g2.extra = torch.nn.Linear(10, 5)
+    g2.load_state_dict(sd)
+    assert torch.equal(g2.extra.weight, g.extra.weight)
+    assert torch.equal(g2.fc.weight, g.fc.weight)
+
+
+def test_graphs_off_and_direct_construction():
+    m = small_model()
+    g = fastres.optimize(m)
+    assert fastres.optimize(g, cuda_graphs=False) is m  # graphs off: the model, not the wrapper
+    assert CUDAGraphModule(g).module is m
+    with pytest.raises(ValueError, match="max_graphs must be >= 0, got -5"):
+        CUDAGraphModule(m, max_graphs=-5)
+    with pytest.raises(TypeError, match="from_torchvision"):
+        CUDAGraphModule(torchvision.models.resnet18())
+
+
+def test_jit_script_scripts_the_model():
+    m = small_model().eval()
+    scripted = torch.jit.script(fastres.optimize(m))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(scripted(x), m(x), 1e-5, "scripted wrapper (eager, unfolded BN)")
+
+
+def test_failed_signatures_and_graphs_are_retried_after_invalidation():
+    """A failed capture is tried again once the plan it was made with is replaced, even when
+    no graph is held; any graph is dropped when the kernel choices are forgotten."""
+    from fastres.ops import _backend
+
+    m = small_model().eval()
+    g = fastres.optimize(m)
+    with torch.no_grad():
+        m(torch.randn(1, 3, 32, 32))  # builds the plan
+    plan = m.__dict__["_plan_cache"]
+    g._failed.add(("a signature",))
+    g._plan_cache, g._choices = plan, _backend.choice_epoch()
+    g._check_valid()
+    assert g._failed, "nothing changed: a failed signature stays failed"
+    with torch.no_grad():
+        m.fc.weight.mul_(2.0)
+    g._check_valid()
+    assert not g._failed and g._plan_cache is None
+
+    g._graphs[("captured",)] = object()
+    g._plan_cache, g._choices = plan, _backend.choice_epoch()
+    with torch.no_grad():
+        m(torch.randn(1, 3, 32, 32))
+    g._plan_cache = m.__dict__["_plan_cache"]
+    g._check_valid()
+    assert g.num_graphs == 1
+    _backend.invalidate_choices()
+    g._check_valid()
+    assert g.num_graphs == 0
+
+
 # -- GPU -----------------------------------------------------------------------------------
 
 def cuda_twin():
@@ -146,6 +237,14 @@ def test_replay_equals_plain_forward(dtype):
             y = g(x)
             assert_close_rel(y, m(x), 1e-5, "graph replay")
     assert g.num_graphs == 1 and g.captures == 1
+
+
+@pytest.mark.cuda
+def test_empty_batch_runs_without_a_graph():
+    m, g = cuda_twin()
+    with torch.no_grad():
+        y = g(torch.randn(0, 3, 64, 64, device="cuda"))
+    assert y.shape == (0, 10) and g.num_graphs == 0 and not g._failed
 
 
 @pytest.mark.cuda

@@ -376,6 +376,12 @@ def invalidate_choices() -> None:
     _choice_epoch += 1
 
 
+def choice_epoch() -> tuple[int, int]:
+    """Changes whenever choices made earlier may be stale: an implementation or provider was
+    registered, or :func:`invalidate_choices` ran."""
+    return _generation, _choice_epoch
+
+
 def choice_state() -> tuple:
     """Everything :func:`choose` depends on besides the op and its arguments' shapes, dtypes,
     strides and device: the backend preference of this thread, the registered
