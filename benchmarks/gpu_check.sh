@@ -61,6 +61,10 @@
 # gpu_check.log, bench.json, bench.md, bench.png, conv_layers.md, bench_latency.md. The details
 # are kept in a temporary folder (GPU_CHECK_KEEP=1 moves them to OUTDIR/details at the end).
 # GPU_CHECK_COMMIT names the commit in the summary when the machine has no .git.
+#
+# Exit status: 0 when every stage ran (or stopped at its cap, keeping what it measured), 1 when
+# a stage failed (see summary.md), 2 for a usage error, 3 when torch sees no CUDA GPU: then
+# only the env stage runs (GPU_CHECK_ALLOW_CPU=1 runs every stage on the CPU: a dry run).
 
 set -u -o pipefail
 
@@ -115,11 +119,14 @@ DEADLINE=$((START + BUDGET))
 STAGES="$D/stages.tsv"
 printf 'stage\tstatus\tseconds\tlog\n' > "$STAGES"
 : > "$D/commands.tsv"
-INVOCATION="bash benchmarks/gpu_check.sh $1"
-for v in GPU_CHECK_STAGES GPU_CHECK_TESTS GPU_CHECK_BENCH_ARGS GPU_CHECK_LATENCY_ARGS \
-         GPU_CHECK_BUDGET_S FASTRES_TUNE FASTRES_BACKEND; do
-    [ -n "${!v:-}" ] && INVOCATION="$v=\"${!v}\" $INVOCATION"
+# the command as given: every GPU_CHECK_* setting and the variables the stages read
+INVOCATION=""
+for v in $(compgen -v GPU_CHECK_) PYTHON MAX_JOBS FASTRES_TUNE FASTRES_BACKEND \
+         FASTRES_FORCE_CUDA_BUILD TORCH_CUDA_ARCH_LIST; do
+    case $v in GPU_CHECK_DIGEST|GPU_CHECK_COMMIT_RESOLVED) continue ;; esac  # (set below)
+    [ -n "${!v:-}" ] && INVOCATION="$INVOCATION$v=\"${!v}\" "
 done
+INVOCATION="${INVOCATION}bash benchmarks/gpu_check.sh $1"
 export GPU_CHECK_DIGEST
 GPU_CHECK_DIGEST=$(source_digest)
 git_commit() {  # the checkout's commit (+dirty when tracked files differ), or "unknown (...)"
@@ -263,6 +270,22 @@ if selected env; then
         "$PY" benchmarks/gpu_check_report.py env "$D/env.json"
 fi
 
+# --- no GPU: stop here -------------------------------------------------------------------------
+# (every later stage would run on the CPU or time out, and spend the whole budget for nothing;
+# GPU_CHECK_ALLOW_CPU=1 runs them anyway: the CPU dry runs of the tests)
+if [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ] && ! timeout 120 "$PY" -c \
+        "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)" >/dev/null 2>&1; then
+    printf 'gpu\tFAILED (torch sees no CUDA GPU: nothing else ran)\t0\t-\n' >> "$STAGES"
+    echo "gpu_check.sh: torch sees no CUDA GPU here (torch.cuda.is_available() is False);" \
+         "stopping (GPU_CHECK_ALLOW_CPU=1 runs the stages anyway)"
+    bundle
+    cat "$OUTDIR/summary.md"
+    exec >&- 2>&-
+    wait "$TEE_PID" 2>/dev/null
+    rm -rf "$WORK"
+    exit 3
+fi
+
 # --- build the extension ----------------------------------------------------------------------
 if selected build && [ "$NEED_BUILD" = 1 ]; then
     if "$PY" -m pip --version >/dev/null 2>&1; then
@@ -340,8 +363,8 @@ if selected fastres_bench; then
     SLACK=$(( CAP / 3 < 45 ? CAP / 3 : 45 ))
     BENCH_BUDGET=$(( CAP - SLACK ))
     # GPU_CHECK_BENCH_ARGS replaces the model/batch/dtype/timing options (e.g. for a dry run).
-    BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-"-m resnet50,resnet101,resnet18 -b 1 32 256 --dtype bf16 fp16 \
---iters 30 --warmup 5 --max-time 2 --compile-models resnet50 --compile-budget 100"}
+    BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-"--device cuda -m resnet50,resnet101,resnet18 -b 1 32 256 \
+--dtype bf16 fp16 --iters 30 --warmup 5 --max-time 2 --compile-models resnet50 --compile-budget 100"}
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of options on purpose
     run_stage fastres_bench "$CAP" "$D/bench.log" \
         "$PY" -m fastres bench $BENCH_ARGS \
@@ -360,6 +383,10 @@ if [ "$SIZE" -gt $((15 * 1024 * 1024)) ]; then
         --exclude=details/kernel_benchmarks.json details -C "$OUTDIR" summary.md 2>/dev/null
     echo "note: all.tar.gz was over 15 MiB; kernel benchmark data left out" >> "$OUTDIR/summary.md"
 fi
+# 1 when a stage failed (its results may still be partly there); a stage stopped at its cap
+# keeps what it measured and is not a failure
+RC=0
+cut -f2 "$STAGES" | grep -q '^FAILED' && RC=1
 if [ "${GPU_CHECK_KEEP:-0}" = 1 ]; then
     mv "$D" "$OUTDIR/details" && echo "details kept in $OUTDIR/details"
 fi
@@ -371,4 +398,4 @@ cat "$OUTDIR/summary.md"
 echo "(all results: $OUTDIR/all.tar.gz; total $(( $(now) - START )) s)"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null
-exit 0
+exit "$RC"

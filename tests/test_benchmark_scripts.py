@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,8 +90,9 @@ TINY_BENCH = ("-m resnet18 -b 1 --dtype bf16 --image-size 64 --iters 2 --warmup 
 def _gpu_check(out: Path, timeout: int = 400, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items()
             if k not in ("TRITON_INTERPRET", "FASTRES_BACKEND") and not k.startswith("GPU_CHECK")}
-    # never build here (it would pip-install into this environment)
-    full.update(PYTHON=sys.executable, GPU_CHECK_AUTO_BUILD="0", **env)
+    # never build here (it would pip-install into this environment); run on the CPU
+    full.update(PYTHON=sys.executable, GPU_CHECK_AUTO_BUILD="0", GPU_CHECK_ALLOW_CPU="1")
+    full.update(env)
     return subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=REPO, env=full,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -124,7 +126,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     summary = (out / "summary.md").read_text()
     assert res.stdout.rstrip().endswith("s)") and summary.strip() in res.stdout
     assert res.stdout.index("SUMMARY") > res.stdout.index("=== fastres_bench")
-    for needle in ("- command: `GPU_CHECK_BENCH_ARGS=", "bash benchmarks/gpu_check.sh",
+    for needle in ('- command: `GPU_CHECK_ALLOW_CPU="1" GPU_CHECK_AUTO_BUILD="0" '
+                   'GPU_CHECK_BENCH_ARGS=', f'PYTHON="{sys.executable}" bash benchmarks/gpu_check.sh',
                    "source digest", "- Python 3.", "torch 2.", "| env | ok |", "| tests | ok |",
                    "| fastres_bench | ok |",
                    "## fastres bench", "| resnet18 | bf16 | 1 |", "fastres_bench: `",
@@ -139,6 +142,30 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     for n in ("details/stages.tsv", "details/env.json", "details/tests.xml",
               "details/bench/bench.json", "details/bench/bench.png", "summary.md"):
         assert n in names, names
+
+
+@CPU_DRY_RUN
+def test_gpu_check_without_a_gpu_stops_after_env(tmp_path):
+    """It used to run every stage on the CPU for the whole budget and exit 0."""
+    out = tmp_path / "r"
+    t0 = time.monotonic()
+    res = _gpu_check(out, GPU_CHECK_ALLOW_CPU="0", GPU_CHECK_STAGES="env tests fastres_bench",
+                     GPU_CHECK_BENCH_ARGS=TINY_BENCH)
+    assert res.returncode == 3, res.stdout[-3000:] + res.stderr[-2000:]
+    assert time.monotonic() - t0 < 150
+    assert "torch sees no CUDA GPU" in res.stdout
+    _assert_device_tool_can_bring_back(out)
+    summary = (out / "summary.md").read_text()
+    assert "| env | ok |" in summary and "| gpu | FAILED (torch sees no CUDA GPU" in summary
+    assert "| tests |" not in summary and not (out / "bench.json").exists()
+
+
+@CPU_DRY_RUN
+def test_gpu_check_exit_status_says_a_stage_failed(tmp_path):
+    res = _gpu_check(tmp_path / "r", GPU_CHECK_STAGES="fastres_bench",
+                     GPU_CHECK_BENCH_ARGS="-m nosuchmodel --device cpu")
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "| fastres_bench | FAILED (exit 2) |" in (tmp_path / "r" / "summary.md").read_text()
 
 
 @CPU_DRY_RUN
