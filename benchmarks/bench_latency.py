@@ -5,7 +5,7 @@
 For each dtype, in one process on one GPU:
 
 - ``eager``: torchvision eager (fp32: fp32 NCHW; bf16: autocast + channels-last, the usual
-  mixed-precision baseline);
+  mixed-precision baseline); ``eager_fp32``, in a 16-bit dtype's table: fp32 NCHW eager too;
 - ``compile_reduce_overhead``: ``torch.compile(torchvision, mode="reduce-overhead")`` of the
   model cast to the dtype, channels-last (inductor + CUDA graphs);
 - ``fastres``: the fastres eval forward (tuned, no graphs);
@@ -17,7 +17,8 @@ is reported ``FAILED`` and not timed (a baseline's error is reported, never a re
 it). Timing: warm-up (which tunes fastres and captures
 graphs), then ``--iters`` calls, each bracketed by CUDA events and followed by a synchronize
 (true per-call latency, launch overhead included); medians and p10/p90 are reported, with the
-speedup of each row over eager and over compile. Writes ``DIR/bench_latency.json`` and
+speedup of each row over eager and over compile. Exit status 1 when a fastres row is
+``FAILED`` or ``ERROR``. Writes ``DIR/bench_latency.json`` and
 ``DIR/bench_latency.md``. Phase times are printed so a slow first run (tuning, inductor
 compile) is visible; later runs reuse the tuning cache and Triton's and inductor's caches.
 """
@@ -137,13 +138,19 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
                 return m(x)
 
         impls["eager"] = (eager_amp, x32.contiguous(memory_format=cl))
+        impls["eager_fp32"] = (lambda x: tv_fp32(x), x32)
     x_dt = x32.to(dtype).contiguous(memory_format=cl)
     if args.compile:
         tv_dt = copy.deepcopy(tv_fp32).to(dtype=dtype, memory_format=cl)
         impls["compile_reduce_overhead"] = (torch.compile(tv_dt, mode="reduce-overhead"), x_dt)
     fr = fastres.from_torchvision(tv_fp32).to(dtype).eval()
     impls["fastres"] = (fr, x_dt)
-    impls["fastres_graphs"] = (fastres.optimize(fr, cuda_graphs=True), x_dt)
+    try:
+        graphs = fastres.optimize(fr, cuda_graphs=True)
+    except Exception as exc:  # the row says so (ERROR), as for an error in its first call
+        def graphs(x, exc=exc):
+            raise exc
+    impls["fastres_graphs"] = (graphs, x_dt)
 
     rows = [] if rows is None else rows
     eager_err = None
@@ -182,7 +189,7 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
     from fastres import tuning
 
     log(f"{name}: tuning stats {tuning.stats()}, graphs held "
-        f"{impls['fastres_graphs'][0].num_graphs}")
+        f"{getattr(impls['fastres_graphs'][0], 'num_graphs', 0)}")
     return rows
 
 
@@ -232,13 +239,25 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--iters", type=_int_at_least(1), default=200)
+    p.add_argument("--warmup", type=_int_at_least(0), default=20)
+    p.add_argument("--image-size", type=_int_at_least(32), default=224)
     p.add_argument("--model", default="resnet50")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile(mode='reduce-overhead') baseline")
@@ -286,7 +305,8 @@ def main(argv=None) -> int:
         print(write())
         return 130
     print(write())
-    return 1 if any(r.get("status") == "FAILED" for r in rows) else 0
+    return 1 if any(r.get("status") in ("FAILED", "ERROR") and r["impl"].startswith("fastres")
+                    for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -36,11 +36,38 @@ def test_bench_latency_smoke(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads((tmp_path / "bench_latency.json").read_text())
     rows = {r["impl"]: r for r in report["rows"]}
-    assert {"eager", "fastres", "fastres_graphs"} <= set(rows)
+    assert {"eager", "eager_fp32", "fastres", "fastres_graphs"} <= set(rows)
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row)
         assert row["rel_err"] < 0.1 and row["median_ms"] > 0, (name, row)
     assert "| bf16 | fastres |" in (tmp_path / "bench_latency.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs the real benchmark")
+def test_bench_latency_fails_when_fastres_raises(tmp_path, monkeypatch, capsys):
+    """A fastres row that raised is ERROR and the exit status says so (it was 0: the GPU
+    check's summary read "latency | ok")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_latency_under_test",
+                                                  REPO / "benchmarks" / "bench_latency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def broken(*a, **k):
+        raise RuntimeError("graphs broke in this test")
+
+    monkeypatch.setattr(mod.fastres, "optimize", broken)
+    rc = mod.main(["--smoke", "--out", str(tmp_path), "--dtypes", "fp32", "--iters", "2",
+                   "--warmup", "0", "--image-size", "32", "--model", "resnet18"])
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "bench_latency.json").read_text())["rows"]}
+    assert rc == 1 and rows["fastres_graphs"]["status"] == "ERROR", rows
+    assert rows["fastres"]["status"] == "ok"
+    for bad in (["--iters", "0"], ["--warmup", "-1"], ["--iters", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            mod.main(["--smoke", "--out", str(tmp_path), *bad])
+        assert exc.value.code == 2
+    assert "expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs instead")
