@@ -331,7 +331,10 @@ def kernel_benchmarks(d: str) -> list[str]:
     for b in rep.get("benchmarks", []):
         info = b.get("extra_info", {})
         op = info.get("op") or f"conv {info.get('layer', b.get('name'))}"
-        key = (op, info.get("shape", ""), str(info.get("dtype", "")).replace("torch.", ""))
+        shape = info.get("shape", "")
+        if "batch" in info:  # (a conv layer's shape leaves the batch out)
+            shape = f"batch {info['batch']}, {shape}"
+        key = (op, shape, str(info.get("dtype", "")).replace("torch.", ""))
         impl = info.get("impl", "?")
         if impl not in impls:
             impls.append(impl)

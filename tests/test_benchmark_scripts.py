@@ -308,6 +308,9 @@ def _synthetic_details(d: Path) -> None:
     bm = [{"name": f"t{i}", "stats": {"median": 1e-4},
            "extra_info": {"op": f"conv1x1 l{i // 3}", "shape": "32x64", "dtype": "torch.bfloat16",
                           "impl": ("cuda", "triton", "eager")[i % 3]}} for i in range(60)]
+    bm += [{"name": f"c{n}", "stats": {"median": n * 1e-5},  # one conv layer at two batches
+            "extra_info": {"layer": "conv1", "shape": "3->64 7x7/2", "batch": n,
+                           "dtype": "torch.bfloat16", "impl": "fastres"}} for n in (1, 256)]
     (d / "kernel_benchmarks.json").write_text(json.dumps({"benchmarks": bm}))
 
 
@@ -337,7 +340,9 @@ def test_gpu_check_summary_of_a_full_run_fits_the_reply(tmp_path):
                    "| bf16 | fastres_graphs | 0.700 | 0.700 | 0.700 | - | - | 4.0e-02 | ok |",
                    "| bfloat16 | 32 | 24 of 24 | 0.530 | 300 | 0.636 | 1.060 | 2.00 | 1.20 | 0 |",
                    "| float16 | 256 | 23 of 24 |", "| op | shape | dtype | cuda | triton | eager |",
-                   "| conv1x1 l0 | 32x64 | bfloat16 | 0.1000 | 0.1000 | 0.1000 |"):
+                   "| conv1x1 l0 | 32x64 | bfloat16 | 0.1000 | 0.1000 | 0.1000 |",
+                   "| conv conv1 | batch 1, 3->64 7x7/2 | bfloat16 | - | - | - | 0.0100 |",
+                   "| conv conv1 | batch 256, 3->64 7x7/2 | bfloat16 | - | - | - | 2.5600 |"):
         assert needle in s, (needle, s)
     # a broken input is one line, never a crash
     (d / "bench" / "bench.json").write_text("{ truncated")
@@ -404,3 +409,39 @@ def test_cuda_op_benchmarks_notice_a_fallback():
         assert backends_that_ran(call("torch")) == [("avgpool_linear", "torch")]
         ran = backends_that_ran(call("cuda"))
     assert ran and all(op == "avgpool_linear" and be != "cuda" for op, be in ran), ran
+
+
+def test_conv_layers_checks_one_launch_into_a_poisoned_output(monkeypatch):
+    """conv_layers.py / test_bench_conv.py check the chosen configuration's own launch into a
+    NaN-filled buffer: the tuning call's output also holds what earlier candidates wrote."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import conv_layers
+    from conv_layers import Layer, cudnn_fused_fn, fastres_checked_output, make_inputs
+
+    from fastres.kernels import conv as kconv
+
+    layer = Layer("t", 1, c=8, h=5, w=6, k=16, r=3, s=3, stride=1, pad=1, dil=1, groups=1,
+                  residual=True, relu=True)
+    x, w, b, res = make_inputs(layer, 2, torch.float32, device="cpu")
+    ref = cudnn_fused_fn(layer, x, w, b, res)()
+    out = fastres_checked_output(layer, x, w, b, res)  # the Triton kernel, interpreted
+    tol = conv_layers.TOL[torch.float32]  # (TF32, as cuDNN's default)
+    assert conv_layers.rel_err(out, ref) <= tol
+
+    real = kconv.conv_bias_act_triton
+    state = {"calls": 0}
+
+    def partial(*args, out=None, **kwargs):
+        """A configuration that writes only the first image (the tuning call's output is
+        whole: earlier candidates wrote the rest)."""
+        state["calls"] += 1
+        full = real(*args, **kwargs)
+        if out is None:
+            return full
+        out[:1] = full[:1]
+        return out
+
+    monkeypatch.setattr(kconv, "conv_bias_act_triton", partial)
+    assert conv_layers.rel_err(conv_layers.fastres_fn(layer, x, w, b, res)(), ref) <= tol
+    bad = fastres_checked_output(layer, x, w, b, res)
+    assert state["calls"] == 3 and not conv_layers.rel_err(bad, ref) <= tol
