@@ -292,7 +292,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
         if hit is not None and hit[0] == _registrations and hit[1] == struct:
             return hit[2]
         reason = _unsupported_reason(model)
-        _unsupported_memo[model] = (_registrations, struct, reason)
+        _unsupported_memo[model] = (_current_registrations(), struct, reason)
         return reason
     return _unsupported_reason(model)
 
@@ -481,7 +481,7 @@ def _modules(model: nn.Module, check_tree: bool = False) -> _Modules:
     if check_tree and hit is not None and not hit[1].tree_unchanged():
         _bump()
     if hit is None or hit[0] != _registrations or not _HOOKS:
-        hit = (_registrations, _Modules(model))
+        hit = (_current_registrations(), _Modules(model))
         _modules_memo[model] = hit
     return hit[1]
 
@@ -678,10 +678,57 @@ class InferencePlan:
 # pointers need checking (~tens of microseconds for ResNet-50 instead of a module walk).
 _registrations = 0
 
+# The hooks run *before* torch stores the new value: a forward in another thread between the
+# two would see the new count with the old tree, and remember it as current (stale until the
+# next registration anywhere). So each registration is pending until its value is in place,
+# and while one is, memos store -1 (never current) instead of the count.
+# (owner ref, "_modules"/"_parameters"/"_buffers", name, value ref or None)
+_pending: list[tuple] = []
+_pending_lock = threading.Lock()
+
 
 def _bump(*args):
     global _registrations
     _registrations += 1
+
+
+def _landed(entry: tuple) -> bool:
+    owner_ref, where, name, value_ref = entry
+    owner = owner_ref()
+    if owner is None:
+        return True
+    held = getattr(owner, where).get(name, _landed)
+    if value_ref is None:
+        return held is None
+    value = value_ref()
+    return value is None or held is value
+
+
+def _registration_hook(where: str):
+    def hook(owner, name, value):
+        try:
+            entry = (weakref.ref(owner), where, name,
+                     None if value is None else weakref.ref(value))
+        except TypeError:  # (not weak-referenceable: counted, not tracked)
+            _bump()
+            return
+        with _pending_lock:
+            if len(_pending) >= 32:  # (earlier ones have landed by now, but for a race)
+                _pending[:] = [e for e in _pending if not _landed(e)]
+            _pending.append(entry)
+        _bump()
+    return hook
+
+
+def _current_registrations() -> int:
+    """The registration count to remember as current: -1 while a registration has not
+    landed yet."""
+    if _pending:
+        with _pending_lock:
+            _pending[:] = [e for e in _pending if not _landed(e)]
+            if _pending:
+                return -1
+    return _registrations
 
 
 try:  # torch >= 2.0
@@ -691,9 +738,9 @@ try:  # torch >= 2.0
         register_module_parameter_registration_hook,
     )
 
-    register_module_buffer_registration_hook(_bump)
-    register_module_module_registration_hook(_bump)
-    register_module_parameter_registration_hook(_bump)
+    register_module_buffer_registration_hook(_registration_hook("_buffers"))
+    register_module_module_registration_hook(_registration_hook("_modules"))
+    register_module_parameter_registration_hook(_registration_hook("_parameters"))
     _HOOKS = True
 except ImportError:  # pragma: no cover - older torch: always walk the module tree
     _HOOKS = False
@@ -719,7 +766,7 @@ class _PlanCache:
                  "slots", "names", "structure", "version_of")
 
     def __init__(self, model: nn.Module):
-        self.registrations = _registrations
+        self.registrations = _current_registrations()
         # every (owner dict, name) slot and what it holds: a tensor, or None (a bias-less
         # convolution's bias, which torch.func.functional_call can fill without registering).
         # (BatchNorm's num_batches_tracked too, which the plan does not read: a train-mode
@@ -753,7 +800,7 @@ class _PlanCache:
                     d is not d0 or n != n0
                     for (d, n), d0, n0 in zip(slots, self.slots, self.names)):
                 return False
-            self.registrations = _registrations
+            self.registrations = _current_registrations()
         live = self.live
         return (all(map(operator.is_, map(dict.get, self.slots, self.names), self.tensors))
                 and list(map(self.version_of, live)) == self.versions
@@ -773,8 +820,9 @@ def get_plan(model: nn.Module, dtype: torch.dtype | None = None) -> InferencePla
     is missing is built once (builds are serialized, process-wide). A call under way while
     another thread edits parameters or calls ``invalidate_plan()`` finishes with the plan it
     had (folded from the weights as it read them); the next call sees the edit. Assigning a
-    submodule, parameter or buffer while another thread runs the model can go unseen (the
-    registration hooks run before the assignment lands): edit the module tree between calls.
+    submodule, parameter or buffer while another thread runs the model can go unseen by that
+    call (the registration hooks run before the assignment lands); the calls after the
+    assignment returned see it.
     """
     if dtype is None:
         dtype = model_dtype_device(model)[0]

@@ -747,6 +747,47 @@ def _threads(fns, timeout=60.0):
         raise errors[0]
 
 
+@pytest.mark.parametrize("what", ["module", "parameter", "buffer"])
+def test_a_forward_between_a_registration_and_its_assignment_does_not_go_stale(what):
+    """torch runs the registration hooks before it stores the new value: another thread's
+    forward in between saw the new registration count with the old tree and kept serving the
+    old weights after the assignment returned (until anything else was registered anywhere).
+    A global hook registered after fastres's runs that forward inside the window here. (A
+    module went stale; parameters and buffers were caught by the slot identity check.)"""
+    from torch.nn.modules import module as torch_module
+
+    _, fr = _fresh_pair()
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    _run(fr, x)
+    if what == "module":
+        new, owner, name = torch.nn.Linear(512, 1000, device=DEVICE), fr, "fc"
+        register = torch_module.register_module_module_registration_hook
+    elif what == "parameter":
+        new = torch.nn.Parameter(torch.randn_like(fr.fc.weight))
+        owner, name = fr.fc, "weight"
+        register = torch_module.register_module_parameter_registration_hook
+    else:
+        new = torch.rand_like(fr.layer2[0].bn1.running_var) + 3.0
+        owner, name = fr.layer2[0].bn1, "running_var"
+        register = torch_module.register_module_buffer_registration_hook
+    ran = []
+
+    def in_the_window(module, key, value):
+        if value is new and not ran:
+            ran.append(_run(fr, x))  # the old weights: the assignment has not landed
+
+    handle = register(in_the_window)
+    try:
+        setattr(owner, name, new)
+    finally:
+        handle.remove()
+    assert ran and getattr(owner, name) is new
+    got = _run(fr, x)  # (before anything else registers a module: that hid the stale plan)
+    with torch.no_grad():
+        want = copy.deepcopy(fr).double().forward_eager(x.double())
+    assert_close_rel(got.double(), want, 1e-4, f"after a {what} assignment that a forward raced")
+
+
 def test_threads_missing_the_plan_together_build_it_once(monkeypatch):
     """The first calls of a threaded server all miss the plan at once: one folds the model,
     the others wait for that plan (each used to fold its own, N times the work and memory),
