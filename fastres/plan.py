@@ -682,9 +682,10 @@ _registrations = 0
 # two would see the new count with the old tree, and remember it as current (stale until the
 # next registration anywhere). So each registration is pending until its value is in place,
 # and while one is, memos store -1 (never current) instead of the count.
-# (owner ref, "_modules"/"_parameters"/"_buffers", name, value ref or None)
+# (owner ref, "_modules"/"_parameters"/"_buffers", name, id of the new value, id of the old)
 _pending: list[tuple] = []
 _pending_lock = threading.Lock()
+_ABSENT = object()
 
 
 def _bump(*args):
@@ -693,25 +694,21 @@ def _bump(*args):
 
 
 def _landed(entry: tuple) -> bool:
-    owner_ref, where, name, value_ref = entry
+    """The slot holds the new value, or anything but the old one (another hook may have
+    replaced the value); ids, not references: a pending entry keeps nothing alive, and a
+    reused id can only keep an entry pending (slower, never stale)."""
+    owner_ref, where, name, new_id, old_id = entry
     owner = owner_ref()
     if owner is None:
         return True
-    held = getattr(owner, where).get(name, _landed)
-    if value_ref is None:
-        return held is None
-    value = value_ref()
-    return value is None or held is value
+    held = id(getattr(owner, where).get(name, _ABSENT))
+    return held == new_id or held != old_id
 
 
 def _registration_hook(where: str):
     def hook(owner, name, value):
-        try:
-            entry = (weakref.ref(owner), where, name,
-                     None if value is None else weakref.ref(value))
-        except TypeError:  # (not weak-referenceable: counted, not tracked)
-            _bump()
-            return
+        old = getattr(owner, where, {}).get(name, _ABSENT)
+        entry = (weakref.ref(owner), where, name, id(value), id(old))
         with _pending_lock:
             if len(_pending) >= 32:  # (earlier ones have landed by now, but for a race)
                 _pending[:] = [e for e in _pending if not _landed(e)]

@@ -435,7 +435,10 @@ def test_plan_remembers_choices_per_input_and_choice_state(pair, monkeypatch):
     for flip in (lambda: monkeypatch.setenv("FASTRES_TUNE", "0"),
                  lambda: torch.backends.cudnn.__setattr__(
                      "allow_tf32", not torch.backends.cudnn.allow_tf32),
-                 lambda: monkeypatch.setattr(_backend, "triton_interpreted", lambda: True),
+                 # (the interpreter really on: an interpreted launch with it off fails in
+                 # Triton's first import of gluon, which an earlier test may have done)
+                 lambda: (monkeypatch.setenv("TRITON_INTERPRET", "1"),
+                          monkeypatch.setattr(_backend, "triton_interpreted", lambda: True)),
                  _backend.invalidate_choices,
                  lambda: tuning.configure()):
         tf32 = torch.backends.cudnn.allow_tf32
