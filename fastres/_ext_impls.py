@@ -63,7 +63,7 @@ def _smem_optin(index: int | None) -> int | None:
 
 def _conv1x1(x, weight, bias, stride, padding, dilation, groups, residual=None, relu=True):
     return torch.ops.fastres_C.conv1x1(x, weight, bias, int(stride[0]), residual, bool(relu),
-                                       bool(torch.backends.cudnn.allow_tf32))
+                                       _backend.cudnn_allow_tf32())
 
 
 def supports_conv1x1(x, weight, bias, stride, padding, dilation, groups, residual=None,
@@ -92,7 +92,7 @@ def supports_conv1x1(x, weight, bias, stride, padding, dilation, groups, residua
 
 def _avgpool_linear(x, weight, bias):
     return torch.ops.fastres_C.avgpool_linear(x, weight, bias,
-                                              bool(torch.backends.cuda.matmul.allow_tf32))
+                                              _backend.matmul_allow_tf32())
 
 
 def _preprocess(images, layout, mean, std, dtype):

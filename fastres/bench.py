@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from fastres.classify import UserError, dtype_name
+from fastres.ops import _backend
 from fastres.verify import (
     EagerProbe,
     design_tolerance,
@@ -277,8 +278,8 @@ def environment(device: torch.device) -> dict:
             driver=_gpu_driver(),
             cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(),
-            cudnn_tf32=torch.backends.cudnn.allow_tf32,
-            matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+            cudnn_tf32=_backend.cudnn_allow_tf32(),
+            matmul_tf32=_backend.matmul_allow_tf32(),
             cudnn_benchmark=torch.backends.cudnn.benchmark,
         )
     return env

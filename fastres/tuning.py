@@ -552,8 +552,8 @@ def layer_key(op: str, args: Sequence, kwargs: dict, backends: Iterable[str]) ->
         if flag is not None and isinstance(x, torch.Tensor) and x.dtype == torch.float32:
             key += f" tf32={int(flag())}"
     elif _has_fp32(args, kwargs):
-        key += (f" tf32={int(torch.backends.cudnn.allow_tf32)}"
-                f"{int(torch.backends.cuda.matmul.allow_tf32)}")
+        key += (f" tf32={int(_backend.cudnn_allow_tf32())}"
+                f"{int(_backend.matmul_allow_tf32())}")
     return key + " on " + ",".join(sorted(set(backends)))
 
 

@@ -13,17 +13,17 @@ it times anything.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from fastres.classify import UserError, dtype_name, imagenet_batch
+from fastres.ops import _backend
+from fastres.ops._backend import tf32_off
 
 # -- models --------------------------------------------------------------------------------------
 
@@ -132,21 +132,9 @@ def topk_agreement(out: Tensor, ref: Tensor, k: int) -> float:
 def design_tolerance(dtype: torch.dtype, device: torch.device) -> float:
     """DESIGN.md's end-to-end bound for ``dtype`` on ``device`` (TF32 as cuDNN is set)."""
     if dtype == torch.float32:
-        tf32 = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+        tf32 = device.type == "cuda" and _backend.cudnn_allow_tf32()
         return 2e-3 if tf32 else 1e-5
     return 2e-2
-
-
-@contextlib.contextmanager
-def tf32_off() -> Iterator[None]:
-    """Full fp32 convolutions and matmuls (the precise GPU reference)."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def reference_forward(tv_model: nn.Module, x: Tensor, ref64: nn.Module | None = None) -> Tensor:

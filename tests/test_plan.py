@@ -499,6 +499,59 @@ def test_plan_does_not_remember_choices_when_the_state_changes_midway(pair, monk
     assert _chosen(fr, x) == []
 
 
+_PRECISION_KEYS = (("generic", "all"), ("cuda", "all"), ("cuda", "matmul"), ("cuda", "conv"),
+                   ("cuda", "rnn"))
+
+
+@pytest.fixture
+def fp32_precisions():
+    """torch's per-op fp32 precision settings, put back afterwards."""
+    get = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if get is None:
+        pytest.skip("this torch has no per-op fp32_precision API")
+    saved = [(key, get(*key)) for key in _PRECISION_KEYS]
+    yield get
+    for key, value in saved:
+        torch._C._set_fp32_precision_setter(*key, value)
+
+
+@pytest.mark.parametrize("setting", ["cudnn.conv=ieee", "cuda.matmul=tf32", "fp32=tf32"])
+def test_tf32_set_through_the_per_op_api(pair, fp32_precisions, monkeypatch, setting):
+    """torch's newer TF32 settings (``torch.backends.cudnn.conv.fp32_precision = "ieee"``)
+    make the legacy ``allow_tf32`` getters raise once conv and rnn differ: fastres reads each
+    op's own precision, as ATen does, and a forward runs as torchvision's."""
+    tv, fr = pair
+    _without_interpreter(monkeypatch)  # (CPU: the reference, quickly)
+    where, value = setting.split("=")
+    owner = {"cudnn.conv": torch.backends.cudnn.conv, "cuda.matmul": torch.backends.cuda.matmul,
+             "fp32": torch.backends}[where]
+    owner.fp32_precision = value
+    expected = {}
+    for op, legacy in (("conv", torch._C._get_cudnn_allow_tf32),
+                       ("matmul", torch._C._get_cublas_allow_tf32)):
+        for backend, key in (("cuda", op), ("cuda", "all"), ("generic", "all")):
+            if fp32_precisions(backend, key) != "none":
+                expected[op] = fp32_precisions(backend, key) == "tf32"
+                break
+        else:
+            expected[op] = False
+        try:
+            assert legacy() == expected[op]  # where the legacy getter answers, it agrees
+        except RuntimeError as e:
+            assert "legacy and new" in str(e)
+    assert _backend.cudnn_allow_tf32() == expected["conv"]
+    assert _backend.matmul_allow_tf32() == expected["matmul"]
+    before = [fp32_precisions(*k) for k in _PRECISION_KEYS]
+    with _backend.tf32_off():  # (the precise reference's setting; verify.tf32_off)
+        assert not _backend.cudnn_allow_tf32() and not _backend.matmul_allow_tf32()
+    assert [fp32_precisions(*k) for k in _PRECISION_KEYS] == before  # put back as it was
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        assert_matches_torchvision(fr(x), tv, x, f"after {setting}")
+    key = tuning.layer_key("conv_bias_act", (x,), {}, ("triton",))
+    assert key.endswith(f"tf32={int(expected['conv'])} on triton"), key
+
+
 def test_plan_does_not_remember_a_deferred_choice(pair, monkeypatch):
     """A choice that is not ``final`` (an untuned layer met during CUDA graph capture runs
     the pinned choice there) is made again on the next forward, when it can be tuned."""

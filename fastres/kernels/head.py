@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from fastres.kernels.conv import _interpreted, _to_output, conv_bias_act_triton, conv_configs
+from fastres.ops._backend import matmul_allow_tf32
 
 NO_SPECIALIZE = ["HW"]
 
@@ -77,7 +78,7 @@ def avgpool_linear_triton(x: torch.Tensor, weight: torch.Tensor,
     y = conv_bias_act_triton(
         pooled.view(n, c, 1, 1), weight.contiguous().view(k, c, 1, 1), b,
         (1, 1), (0, 0), (1, 1), 1, None, False,
-        tf32=x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32, config=config,
+        tf32=x.dtype == torch.float32 and matmul_allow_tf32(), config=config,
     )
     return y.reshape(n, k)
 

@@ -45,15 +45,69 @@ from fastres import _warnings
 
 log = logging.getLogger("fastres")
 
-try:  # the property lookups cost ~1 us per read on the per-call paths; these are what they read
-    cudnn_allow_tf32 = torch._C._get_cudnn_allow_tf32
-    matmul_allow_tf32 = torch._C._get_cublas_allow_tf32
-except AttributeError:  # pragma: no cover - other torch versions
+# Whether fp32 convolutions (cuDNN's flag) and matmuls (cuBLAS's) may use TF32, read the way
+# ATen reads them for its own ops. torch's newer per-op API (``torch.backends.cudnn.conv.
+# fp32_precision = "ieee"``, ``torch.backends.cuda.matmul.fp32_precision = "tf32"``,
+# ``torch.backends.fp32_precision``) makes the legacy ``allow_tf32`` getters raise ("a mix of
+# the legacy and new APIs") once conv and rnn differ, so the op's own precision is resolved as
+# ATen does: the op's setting, else the backend's "all", else the generic one; "tf32" means on.
+# (Direct calls: the property lookups cost ~1 us per read on the per-call paths.)
+try:
+    _fp32_precision = torch._C._get_fp32_precision_getter
+    _set_fp32_precision = torch._C._set_fp32_precision_setter
+    _fp32_precision("cuda", "conv"), _fp32_precision("cuda", "matmul")
+except (AttributeError, RuntimeError):  # pragma: no cover - torch before the per-op API
+    _fp32_precision = _set_fp32_precision = None
+
+if _fp32_precision is not None:
+    def _allows_tf32(op: str) -> bool:
+        precision = _fp32_precision("cuda", op)
+        if precision == "none":
+            precision = _fp32_precision("cuda", "all")
+            if precision == "none":
+                precision = _fp32_precision("generic", "all")
+        return precision == "tf32"
+
     def cudnn_allow_tf32() -> bool:
-        return torch.backends.cudnn.allow_tf32
+        """cuDNN convolutions' TF32 flag (``torch.backends.cudnn.conv.fp32_precision``)."""
+        return _allows_tf32("conv")
 
     def matmul_allow_tf32() -> bool:
-        return torch.backends.cuda.matmul.allow_tf32
+        """cuBLAS matmuls' TF32 flag (``torch.backends.cuda.matmul.fp32_precision``)."""
+        return _allows_tf32("matmul")
+else:  # pragma: no cover - torch before the per-op API
+    try:
+        cudnn_allow_tf32 = torch._C._get_cudnn_allow_tf32
+        matmul_allow_tf32 = torch._C._get_cublas_allow_tf32
+    except AttributeError:
+        def cudnn_allow_tf32() -> bool:
+            return torch.backends.cudnn.allow_tf32
+
+        def matmul_allow_tf32() -> bool:
+            return torch.backends.cuda.matmul.allow_tf32
+
+
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """Full fp32 convolutions and matmuls (the precise GPU reference); every TF32 setting,
+    legacy or per-op, is as it was afterwards."""
+    if _fp32_precision is None:  # pragma: no cover - torch before the per-op API
+        saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        return
+    keys = (("cuda", "conv"), ("cuda", "rnn"), ("cuda", "matmul"))
+    saved = [(key, _fp32_precision(*key)) for key in keys]
+    for key in keys:
+        _set_fp32_precision(*key, "ieee")
+    try:
+        yield
+    finally:
+        for key, precision in saved:
+            _set_fp32_precision(*key, precision)
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 _FALLBACK_ORDER = ("cuda", "triton", "torch")
