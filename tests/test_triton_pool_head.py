@@ -226,3 +226,38 @@ if given is not None:
                      / torch.linalg.vector_norm(ref).clamp_min(1e-30))
         assert y.shape == (n, num_classes) and y.dtype == dtype
         assert_close_rel(y, ref, TOL[dtype] * max(1.0, cond), "avgpool_linear_triton")
+
+
+def test_threads_launching_at_once_get_right_results():
+    """Threads launching the convolution, max-pool and average-pool kernels at the same time
+    each get their own right result (interpreted launches take turns: Triton's interpreter
+    patches triton.language for the length of a launch, and two at once failed)."""
+    import threading
+
+    from fastres.kernels.conv import conv_bias_act_triton
+
+    errors = []
+
+    def work():
+        try:
+            for _ in range(3):
+                x = in_layout(torch.randn(1, 16, 9, 9, device=DEV), "cl")
+                w = torch.randn(16, 16, 3, 3, device=DEV)
+                b = torch.randn(16, device=DEV)
+                y = conv_bias_act_triton(x, w, b, (1, 1), (1, 1), (1, 1), 1, relu=True,
+                                         tf32=False)
+                ref = F.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1))
+                assert_close_rel(y, ref, TOL[torch.float32])
+                assert torch.equal(max_pool2d_triton(y, 3, 2, 1), F.max_pool2d(y, 3, 2, 1))
+                assert_close_rel(global_avgpool_triton(y), y.double().mean((2, 3)),
+                                 TOL[torch.float32])
+        except Exception as e:  # (reported below: a thread's failure is not the test's)
+            errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish in 300 s"
+    assert not errors, errors

@@ -51,7 +51,7 @@ from fastres.kernels.configs import (
     prune,
 )
 from fastres.ops import _backend
-from fastres.ops._backend import cudnn_allow_tf32, kernels_interpreted
+from fastres.ops._backend import cudnn_allow_tf32, kernels_interpreted, launching
 from fastres.ops._checks import conv_output_size
 
 MODE_GEMM, MODE_CONV, MODE_STEM = 0, 1, 2
@@ -712,13 +712,14 @@ def conv_bias_act_triton(
     def run(cfg: KernelConfig, dst: torch.Tensor = out) -> None:
         lp = launch_params(prob, cfg, index64=index64)
         w = weight if lp.pack is None else _packed_weight(packable, prob.groups, lp.pack)
-        conv_bias_act_kernel[lp.grid](
-            x, w, bias, res, dst,
-            prob.m, prob.h, prob.w, prob.c, p, q, prob.k_out, lp.c_g, lp.k_g,
-            prob.stride[0], prob.stride[1], prob.padding[0], prob.padding[1],
-            prob.dilation[0], prob.dilation[1],
-            **lp.params,
-        )
+        with launching():
+            conv_bias_act_kernel[lp.grid](
+                x, w, bias, res, dst,
+                prob.m, prob.h, prob.w, prob.c, p, q, prob.k_out, lp.c_g, lp.k_g,
+                prob.stride[0], prob.stride[1], prob.padding[0], prob.padding[1],
+                prob.dilation[0], prob.dilation[1],
+                **lp.params,
+            )
 
     if config is None:
         target: list[torch.Tensor] = []

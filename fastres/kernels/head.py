@@ -10,7 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres.kernels.conv import _interpreted, _to_output, conv_bias_act_triton, conv_configs
+from fastres.kernels.conv import (
+    _interpreted,
+    _to_output,
+    conv_bias_act_triton,
+    conv_configs,
+    launching,
+)
 from fastres.ops._backend import matmul_allow_tf32
 
 NO_SPECIALIZE = ["HW"]
@@ -54,10 +60,11 @@ def global_avgpool_triton(x: torch.Tensor) -> torch.Tensor:
     block_c = min(triton.next_power_of_2(c), 128)
     block_hw = min(triton.next_power_of_2(h * w), 16)
     grid = (n, triton.cdiv(c, block_c))
-    global_avgpool_nhwc_kernel[grid](
-        x, out, h * w, c, INDEX64=x.numel() > 2**31 - 1, BLOCK_HW=block_hw, BLOCK_C=block_c,
-        INTERPRETED=_interpreted(), num_warps=4,
-    )
+    with launching():
+        global_avgpool_nhwc_kernel[grid](
+            x, out, h * w, c, INDEX64=x.numel() > 2**31 - 1, BLOCK_HW=block_hw,
+            BLOCK_C=block_c, INTERPRETED=_interpreted(), num_warps=4,
+        )
     return out
 
 

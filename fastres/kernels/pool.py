@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastres.ops._backend import launching
+
 _INT32_LIMIT = 2**31 - 1
 
 
@@ -85,10 +87,11 @@ def max_pool2d_triton(x: torch.Tensor, kernel_size: int = 3, stride: int = 2,
     block_m = 32 if _interpreted() else 64
     index64 = max(x.numel(), out.numel()) + 8 * c > _INT32_LIMIT
     grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
-    max_pool_nhwc_kernel[grid](
-        x, out, m, h, w, c, p, q, stride, padding,
-        KS=kernel_size, INDEX64=index64, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
-    )
+    with launching():
+        max_pool_nhwc_kernel[grid](
+            x, out, m, h, w, c, p, q, stride, padding,
+            KS=kernel_size, INDEX64=index64, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
+        )
     return out
 
 

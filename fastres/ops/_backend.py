@@ -247,6 +247,18 @@ def triton_interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRITON_TRUE
 
 
+# Triton's interpreter patches triton.language module-wide for the length of a launch, so two
+# threads launching at once break each other ("Did you forget to add @triton.jit?"); compiled
+# launches need no lock.
+_interpreter_lock = threading.RLock()
+
+
+def launching() -> contextlib.AbstractContextManager:
+    """Hold around a Triton kernel launch: one interpreted launch at a time in this process
+    (nothing when the kernels are compiled)."""
+    return _interpreter_lock if kernels_interpreted() else contextlib.nullcontext()
+
+
 def kernels_interpreted() -> bool:
     """True when fastres's Triton kernels are interpreted functions (they run on CPU tensors,
     and need the interpreter's workarounds): fixed when the kernels were defined. Before
