@@ -31,13 +31,16 @@ run with autocast's weight cache off (a cached cast would be freed under the gra
 
 Everything else runs the wrapped model unchanged: train mode, autograd recording, CPU input
 (with a one-time note), ``torch.compile`` tracing, and calls made while another graph is being
-captured. Not thread-safe: one wrapper serves one stream at a time.
+captured. Threads may share a wrapper: captures and replays take turns under its lock, and a
+replay on another stream than the graph's last one waits for that one to finish with the
+graph's static buffers.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +60,10 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     static_input: Tensor
     static_output: Tensor
+    # the stream of the last replay, and an event after its output was copied out: a replay
+    # on another stream waits for it before overwriting the static input
+    stream: Any = None
+    done: Any = field(default_factory=lambda: torch.cuda.Event())
 
 
 def optimize(model: nn.Module, cuda_graphs: bool = True, max_graphs: int = 8,
@@ -120,6 +127,7 @@ class CUDAGraphModule(nn.Module):
         self._choices: tuple | None = None  # the kernel choices' epoch the graphs were made in
         self._pool = None
         self._said: set[str] = set()
+        self._lock = threading.RLock()
         self.captures = 0  # how many graphs were captured over this wrapper's life
         # the keys without "module.": hooks, not state_dict/load_state_dict overrides, so
         # that a parent module's state_dict and load_state_dict (which walk the children
@@ -150,7 +158,12 @@ class CUDAGraphModule(nn.Module):
     def __getstate__(self):  # deepcopy and pickling: the model, not its graphs
         state = dict(self.__dict__)
         state.update(_graphs={}, _failed=set(), _plan_cache=None, _choices=None, _pool=None)
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def __prepare_scriptable__(self):  # torch.jit.script: the model, without graphs
         return self.module
@@ -162,7 +175,8 @@ class CUDAGraphModule(nn.Module):
 
     def reset(self) -> None:
         """Drop every graph (and the model's plan): the next calls capture again."""
-        self._drop()
+        with self._lock:
+            self._drop()
         if hasattr(self.module, "invalidate_plan"):
             self.module.invalidate_plan()
 
@@ -195,6 +209,10 @@ class CUDAGraphModule(nn.Module):
             return model(x)  # inside someone else's capture: just be captured
         if _plan.eager_reason(model, x) is not None or x.shape[0] == 0:
             return model(x)  # train/autograd/unsupported: the model says why itself
+        with self._lock:
+            return self._graphed(model, x)
+
+    def _graphed(self, model: nn.Module, x: Tensor) -> Tensor:
         self._check_valid()
         key = self._key(x)
         entry = self._graphs.get(key)
@@ -209,9 +227,15 @@ class CUDAGraphModule(nn.Module):
             entry = self._capture(key, x)
             if entry is None:
                 return model(x)
+        stream = torch.cuda.current_stream(x.device)
+        if entry.stream is not None and entry.stream != stream:
+            stream.wait_event(entry.done)  # the last replay, on another stream, is done
         entry.static_input.copy_(x)
         entry.graph.replay()
-        return entry.static_output.clone()
+        out = entry.static_output.clone()
+        entry.done.record(stream)
+        entry.stream = stream
+        return out
 
     def _key(self, x: Tensor) -> tuple:
         # a graph keeps the kernels it captured: the key holds everything the kernel choice

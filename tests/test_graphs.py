@@ -326,6 +326,43 @@ def test_weight_change_recaptures(how):
 
 
 @pytest.mark.cuda
+def test_threads_on_their_own_streams_share_a_wrapper():
+    """Threads calling one wrapper, each on its own stream, each get the plain forward of
+    their own input: replays take turns and wait for the other stream's use of the static
+    buffers."""
+    import threading
+
+    m, g = cuda_twin()
+    errors, results = [], {}
+
+    def work(i):
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream), torch.no_grad():
+                xs = [torch.randn(2, 3, 64, 64, device="cuda") for _ in range(8)]
+                outs = [g(x) for x in xs]
+                refs = [m(x) for x in xs]
+            stream.synchronize()
+            results[i] = list(zip(outs, refs))
+        except Exception as e:  # (reported below)
+            errors.append(f"{type(e).__name__}: {e}")
+
+    with torch.no_grad():
+        g(torch.randn(2, 3, 64, 64, device="cuda"))  # captured before the threads start
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(results) == 4
+    for pairs in results.values():
+        for out, ref in pairs:
+            assert_close_rel(out, ref, 1e-5, "a thread's graph replay")
+    assert g.captures == 1
+
+
+@pytest.mark.cuda
 def test_grad_and_train_mode_bypass_graphs():
     _, g = cuda_twin()
     x = torch.randn(2, 3, 64, 64, device="cuda", requires_grad=True)
