@@ -220,6 +220,31 @@ def test_interpreter_problem_versions(triton_v, numpy_v, rejects, broken):
         assert triton_v in why and numpy_v in why and "numpy<2.3" in why
 
 
+def test_interpreter_probe_is_quiet_under_warnings_as_errors(monkeypatch):
+    """NumPy 1.25 to 2.2 deprecate ``int()`` of a 1-element array (a DeprecationWarning, which
+    ``-W error`` makes an exception): the probe neither warns nor raises, and reads it as
+    accepted."""
+    import warnings
+
+    import numpy
+
+    class DeprecatedInt:  # what such a NumPy's 1-element array does on int()
+        def __int__(self):
+            warnings.warn("Conversion of an array with ndim > 0 to a scalar is deprecated",
+                          DeprecationWarning)
+            return 0
+
+    monkeypatch.setattr(numpy, "zeros", lambda *a, **k: DeprecatedInt())
+    _backend._interpreter_problem.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _backend.interpreter_problem() is None
+    finally:
+        monkeypatch.undo()
+        _backend._interpreter_problem.cache_clear()
+
+
 def test_broken_interpreter_falls_back_to_torch_and_says_why(monkeypatch):
     """Under an interpreter that cannot run the kernels, CPU calls run the reference and say
     why (``TRITON_INTERPRET=1`` asked for Triton on the CPU), under ``auto`` as under a named

@@ -36,6 +36,7 @@ import itertools
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -296,7 +297,9 @@ def _interpreter_problem() -> str | None:
     except ImportError:  # no Triton: its implementations are not registered at all
         return None
     try:
-        int(numpy.zeros(1))
+        with warnings.catch_warnings():  # NumPy 1.25 to 2.2 deprecate it (with -W error: raise)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(numpy.zeros(1))
         numpy_rejects = False
     except TypeError:
         numpy_rejects = True
