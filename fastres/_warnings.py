@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 
 # fastres's modules and torch's (nn.Module.__call__, torch.no_grad, ... sit between the user's
@@ -24,3 +25,18 @@ def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
     while frame.f_back is not None and _inside(frame):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+_once_lock = threading.Lock()
+
+
+def first_time(seen: set, key) -> bool:
+    """Add ``key`` to ``seen`` and say whether it was new: of threads meeting the same key at
+    once, exactly one gets True (a say-once warning is said once)."""
+    if key in seen:
+        return False
+    with _once_lock:
+        if key in seen:
+            return False
+        seen.add(key)
+        return True

@@ -188,8 +188,7 @@ class CUDAGraphModule(nn.Module):
         self._pool = None
 
     def _say_once(self, key: str, msg: str) -> None:
-        if key not in self._said:
-            self._said.add(key)
+        if _warnings.first_time(self._said, key):
             _warnings.warn(f"fastres: {msg}")
 
     # -- the forward --------------------------------------------------------------------------

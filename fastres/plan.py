@@ -55,7 +55,6 @@ def _through_ops(op: int, *args) -> Tensor:
 
 
 _said: set[str] = set()
-_said_lock = threading.Lock()  # threads that miss together: one of them warns
 
 _EAGER_MESSAGES = {
     "grad": "eval-mode forward with autograd recording runs eagerly (exact gradients); "
@@ -79,12 +78,8 @@ def tracing() -> bool:
 
 def say_eager_once(reason: str) -> None:
     """Warn once per reason that the eval forward runs eagerly (never silently slow)."""
-    if tracing() or reason in _said:  # no Python side effects inside a traced graph
-        return
-    with _said_lock:
-        if reason in _said:
-            return
-        _said.add(reason)
+    if tracing() or not _warnings.first_time(_said, reason):  # (no Python side effects
+        return                                                # inside a traced graph)
     msg = _EAGER_MESSAGES.get(reason, f"eval-mode forward runs eagerly: {reason}")
     _warnings.warn(f"fastres: {msg}")
 

@@ -789,8 +789,7 @@ _said: set[str] = set()
 
 
 def _say_once(key: str, msg: str) -> None:
-    if key not in _said:
-        _said.add(key)
+    if _warnings.first_time(_said, key):
         _warnings.warn(f"fastres: {msg}")
 
 

@@ -919,9 +919,23 @@ def test_a_first_call_waits_for_the_optional_backends(monkeypatch):
     assert seen == [["torch"]]
 
 
-def test_eager_warning_said_once_by_racing_threads(monkeypatch):
-    """Two threads that both find a reason unsaid (the first membership test of each is held
-    until both have made it) still warn once."""
+def _racing_sayers():
+    from fastres.graphs import CUDAGraphModule
+
+    wrapper = CUDAGraphModule(fastres.resnet18(num_classes=10))
+    return {
+        "plan": (plan_mod, "_said", lambda: plan_mod.say_eager_once("a racing reason")),
+        "backend": (_backend, "_warned", lambda: _backend._warn_once(("k",), "a racing reason")),
+        "tuning": (tuning, "_said", lambda: tuning._say_once("k", "a racing reason")),
+        "graphs": (wrapper, "_said", lambda: wrapper._say_once("k", "a racing reason")),
+    }
+
+
+@pytest.mark.parametrize("where", ["plan", "backend", "tuning", "graphs"])
+def test_a_say_once_warning_said_once_by_racing_threads(monkeypatch, where):
+    """Two threads that both find a warning unsaid (the first membership test of each is held
+    until both have made it) still warn once: the eager-forward reasons, the backends'
+    fallbacks, tuning's notes and the CUDA-graphs wrapper's."""
     import threading
 
     gate = threading.Barrier(2, timeout=10)
@@ -935,12 +949,13 @@ def test_eager_warning_said_once_by_racing_threads(monkeypatch):
                 gate.wait()
             return found
 
-    monkeypatch.setattr(plan_mod, "_said", RacingSet())
+    owner, attr, call = _racing_sayers()[where]
+    monkeypatch.setattr(owner, attr, RacingSet())
     errors = []
 
     def say():
         try:
-            plan_mod.say_eager_once("a racing reason")
+            call()
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 

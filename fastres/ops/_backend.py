@@ -330,10 +330,8 @@ def _leading_ints(version: str) -> tuple[int, ...]:
 def _warn_once(key: tuple, msg: str) -> None:
     """Warn ``fastres: msg`` (at the caller's line outside fastres) the first time ``key`` is
     seen."""
-    if key in _warned:
-        return
-    _warned.add(key)
-    _warnings.warn(f"fastres: {msg}")
+    if _warnings.first_time(_warned, key):
+        _warnings.warn(f"fastres: {msg}")
 
 
 def _say_once(op: str, backend: str, reason: str) -> None:
