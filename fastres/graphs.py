@@ -39,6 +39,7 @@ graph's static buffers.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,15 +78,26 @@ def optimize(model: nn.Module, cuda_graphs: bool = True, max_graphs: int = 8,
     """
     if not isinstance(cuda_graphs, bool):  # ("False" and "no" are true)
         raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    inner = _checked(model, max_graphs, warmup)
+    inner, max_graphs, warmup = _checked(model, max_graphs, warmup)
     if not cuda_graphs:
         return inner  # (a wrapper given here is unwrapped: graphs off)
     return CUDAGraphModule(inner, max_graphs=max_graphs, warmup=warmup)
 
 
-def _checked(model: nn.Module, max_graphs: int, warmup: int) -> nn.Module:
-    """The fastres.ResNet to wrap (``model``, or the model a wrapper holds), after checking the
-    arguments of :func:`optimize` / :class:`CUDAGraphModule`."""
+def _count(name: str, value) -> int:
+    """``value`` as a Python int: any integer (a NumPy one too), not a bool or a float."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+
+
+def _checked(model: nn.Module, max_graphs, warmup) -> tuple[nn.Module, int, int]:
+    """The fastres.ResNet to wrap (``model``, or the model a wrapper holds), ``max_graphs`` and
+    ``warmup`` as ints, after checking the arguments of :func:`optimize` /
+    :class:`CUDAGraphModule`."""
     from fastres.models import ResNet
 
     inner = model.module if isinstance(model, CUDAGraphModule) else model
@@ -96,15 +108,12 @@ def _checked(model: nn.Module, max_graphs: int, warmup: int) -> nn.Module:
                 if type(inner).__name__ == "ResNet" else "")
         raise TypeError(f"optimize expects a fastres.ResNet, got {type(inner).__module__}."
                         f"{type(inner).__qualname__}{hint}")
-    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int):
-        raise TypeError(f"max_graphs must be an int, got {max_graphs!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int):
-        raise TypeError(f"warmup must be an int, got {warmup!r}")
+    max_graphs, warmup = _count("max_graphs", max_graphs), _count("warmup", warmup)
     if max_graphs < 0:
         raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
     if warmup < 1:
         raise ValueError(f"warmup must be >= 1, got {warmup}")
-    return inner
+    return inner, max_graphs, warmup
 
 
 class CUDAGraphModule(nn.Module):
@@ -118,9 +127,7 @@ class CUDAGraphModule(nn.Module):
 
     def __init__(self, module: nn.Module, max_graphs: int = 8, warmup: int = 2):
         super().__init__()
-        self.module = _checked(module, max_graphs, warmup)
-        self.max_graphs = max_graphs
-        self.warmup = warmup
+        self.module, self.max_graphs, self.warmup = _checked(module, max_graphs, warmup)
         self._graphs: dict[tuple, _Graph] = {}
         self._failed: set[tuple] = set()
         self._plan_cache: Any = None

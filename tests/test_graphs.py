@@ -124,6 +124,14 @@ def test_optimize_rejects_bad_arguments():
         fastres.optimize(torch.nn.Conv2d(3, 8, 3))
     with pytest.raises(TypeError, match="max_graphs must be an int, got None"):
         fastres.optimize(m, max_graphs=None)
+    with pytest.raises(TypeError, match="max_graphs must be an int, got 2.0"):
+        fastres.optimize(m, max_graphs=2.0)
+    with pytest.raises(TypeError, match="warmup must be an int, got True"):
+        fastres.optimize(m, warmup=True)
+    # any integer type is an int (a count read from a config or a NumPy array)
+    import numpy
+    g = fastres.optimize(m, max_graphs=numpy.int64(3), warmup=numpy.int32(2))
+    assert (g.max_graphs, g.warmup) == (3, 2) and type(g.max_graphs) is int
     with pytest.raises(TypeError, match="cuda_graphs must be True or False, got 'False'"):
         fastres.optimize(m, cuda_graphs="False")  # (a true string: it returned a graph wrapper)
 
