@@ -174,6 +174,8 @@ def _version(module: str) -> str | None:
 
 
 def _gpu_driver() -> str | None:
+    """The NVIDIA driver version from ``nvidia-smi``; without it, the CUDA version the driver
+    supports (``cuDriverGetVersion`` of libcuda; torch has no Python API for either)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
                               "--format=csv,noheader"], capture_output=True, text=True,
@@ -183,10 +185,14 @@ def _gpu_driver() -> str | None:
     except (OSError, subprocess.SubprocessError):
         pass
     try:
-        v = torch._C._cuda_getDriverVersion()
-        return f"CUDA driver API {v // 1000}.{(v % 1000) // 10}"
-    except Exception:
-        return None
+        import ctypes
+
+        v = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(v)) == 0:
+            return f"CUDA driver API {v.value // 1000}.{(v.value % 1000) // 10}"
+    except (OSError, AttributeError):  # no driver library (or not this platform's)
+        pass
+    return None
 
 
 def cpu_threads_default() -> tuple[int, str]:
@@ -1038,9 +1044,11 @@ def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[s
     """Write ``bench.json`` and ``bench.md`` (and ``bench.png``) under ``out_dir``.
 
     Called after every group (checkpoints) and at the end. A write that fails (the directory
-    removed, replaced or made unwritable during the run, a full disk) neither stops the run
-    nor loses what was measured: it warns on stderr, ``report.output_error`` says why (the
-    terminal table prints it), and the paths that were written are returned.
+    removed, replaced or made unwritable during the run, a full disk, a plot that raises)
+    neither stops the run nor loses what was measured: it warns on stderr,
+    ``report.output_error`` says why (the terminal table prints it; ``fastres bench`` exits
+    2), and the paths that were written are returned. (No matplotlib is no failure: the
+    JSON and Markdown note that there is no picture.)
     """
     import json
 
@@ -1052,7 +1060,16 @@ def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[s
         with open(tmp, "w") as f:
             f.write(to_markdown(report))
 
+    warned = {report.output_error}  # (the last call's error: warned about then)
+
+    def warn(msg: str) -> None:
+        if msg not in warned:
+            print(f"fastres bench: warning: {msg}", file=sys.stderr)
+            warned.add(msg)
+        report.output_error = msg
+
     paths: list[str] = []
+    picture_error = None
     try:
         os.makedirs(out_dir, exist_ok=True)
         picture = None
@@ -1065,6 +1082,9 @@ def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[s
                 if "matplotlib.pyplot" in sys.modules:  # plot() stopped before closing it
                     sys.modules["matplotlib.pyplot"].close("all")
                 note = f"bench.png not written: {short_error(exc)}"
+                why = (exc.strerror if isinstance(exc, OSError) else None) or short_error(exc)
+                picture_error = f"{ppath!r} could not be written ({why}): no plot of this run"
+                warn(picture_error)
             if note is not None and note not in report.notes:
                 report.notes.append(note)
         for name, write in (("bench.json", write_json), ("bench.md", write_md)):
@@ -1073,11 +1093,8 @@ def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[s
             paths.append(path)
     except OSError as exc:
         why = exc.strerror or short_error(exc)
-        msg = (f"--out {out_dir!r} could not be written ({why}): these results are not "
-               "saved there")
-        if msg != report.output_error:
-            print(f"fastres bench: warning: {msg}", file=sys.stderr)
-        report.output_error = msg
+        warn(f"--out {out_dir!r} could not be written ({why}): these results are not saved "
+             "there")
         return paths
-    report.output_error = None
+    report.output_error = picture_error
     return paths + ([picture] if picture else [])

@@ -227,9 +227,10 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="time torch.compile (default: on with a GPU, off on the CPU)")
     p.add_argument("--max-autotune", action="store_true",
                    help="also time torch.compile(mode='max-autotune') (slow to compile)")
-    p.add_argument("--compile-models", action="append", metavar="NAME",
-                   help="only these models get the compile baseline (default: all; turns "
-                        "--compile on unless --no-compile is given)")
+    p.add_argument("--compile-models", action="append", metavar="NAME", type=str.lower,
+                   help="only these models (any case, repeat or comma-separate) get the "
+                        "compile baseline (default: all; turns --compile on unless "
+                        "--no-compile is given)")
     p.add_argument("--compile-budget", type=float, metavar="SECONDS",
                    help="stop compiling new shapes after this many seconds of compiling")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,

@@ -26,7 +26,7 @@ import torch
 
 __all__ = ["add_arguments", "run", "tune_main"]
 
-DTYPE_CHOICES = ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+DTYPE_CHOICES = ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16", "float", "half")
 HELP = "time every layer's implementations for a model and cache the fastest (ahead of time)"
 DESCRIPTION = (
     "Measure which implementation and kernel configuration is fastest for every layer of "
@@ -171,6 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", "-b", nargs="+", default=["1"], metavar="N",
                    help="batch size(s): '--batch 1 32' or '--batch 1,32' (default 1)")
     p.add_argument("--dtype", "-d", nargs="+", default=["bf16"], choices=DTYPE_CHOICES,
+                   type=str.lower,
                    help="compute dtype(s) (default bf16; fp16/bf16 run under autocast)")
     p.add_argument("--image-size", type=int, default=224, help="input height/width (224)")
     p.add_argument("--device", default="cuda", help="device to tune on (cuda)")

@@ -1141,7 +1141,9 @@ def test_bench_write_outputs_survives_full_disk_and_plot_errors(monkeypatch, tmp
 
     monkeypatch.setattr(bench, "plot", broken_plot)
     written = bench.write_outputs(report, str(out_dir), png=True)
-    assert report.output_error is None and "No space" not in bench.format_table(report)
+    assert "No space" not in bench.format_table(report)
+    assert "bench.png" in report.output_error and "cannot draw" in report.output_error
+    assert "bench.png" in capsys.readouterr().err  # a failed plot is a failed write too
     assert sorted(os.path.basename(p) for p in written) == ["bench.json", "bench.md"]
     assert sorted(p.name for p in out_dir.iterdir()) == ["bench.json", "bench.md"]
     saved = json.loads((out_dir / "bench.json").read_text())
@@ -1149,6 +1151,8 @@ def test_bench_write_outputs_survives_full_disk_and_plot_errors(monkeypatch, tmp
     assert saved["rows"][1]["rel_err"] == "nan"
     assert saved["rows"][1]["speedup"]["eager_fp32"] == pytest.approx(2.0)
     assert "cannot draw" in (out_dir / "bench.md").read_text()
+    bench.write_outputs(report, str(out_dir), png=False)
+    assert report.output_error is None
 
 
 def test_bench_baseline_with_non_finite_output_is_no_speedup_reference(capsys, monkeypatch,
@@ -1209,3 +1213,147 @@ def test_preprocessing_helpers_refuse_what_they_cannot_take():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(normalize_torch(u8, torch.float32, mean, std), ref,
                                rtol=1e-6, atol=1e-6)
+
+
+# -- options taken in any case; a plot that cannot be written --------------------------------------
+
+
+def _any_case(word: str) -> str:
+    """``word`` with a fresh random mix of upper and lower case, at least one letter upper."""
+    flips = torch.randint(0, 2, (len(word),)).tolist()
+    letters = [i for i, c in enumerate(word) if c.isalpha()]
+    flips[letters[int(torch.randint(0, len(letters), ()))]] = 1
+    return "".join(c.upper() if f else c for c, f in zip(word, flips))
+
+
+def test_bench_compile_models_any_case(capsys, monkeypatch):
+    """``--compile-models ResNet18`` was "unknown model 'ResNet18'" (exit 2), while -m takes
+    any case."""
+    from fastres import bench
+    from fastres.models import MODEL_NAMES
+
+    seen = []
+
+    def fake_run_bench(cfg, on_update=None):
+        seen.append(cfg)
+        return bench.BenchReport(env={"device": "cpu"}, config={})
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    names = [MODEL_NAMES[int(i)] for i in torch.randperm(len(MODEL_NAMES))[:3]]
+    code, out, err = run_cli(capsys, *SMALL_BENCH, "--compile-models", _any_case(names[0]),
+                             "--compile-models", ",".join(_any_case(n) for n in names[1:]))
+    assert code == 0, out + err
+    assert seen[0].compile_models == names and seen[0].compile is True
+    code, _, err = run_cli(capsys, *SMALL_BENCH, "--compile-models", "ResNet1000")
+    assert_usage_error(code, err, "unknown model 'resnet1000'")
+
+
+def test_tune_dtype_any_case(capsys, monkeypatch, tmp_path):
+    """``fastres tune --dtype BF16`` was argparse's "invalid choice: 'BF16'" (exit 2), while
+    bench and verify take dtypes in any case; each spelling means what it means there."""
+    from fastres import tune_cli
+    from fastres.classify import parse_dtype
+
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
+    tuned = []
+
+    def fake_tune_model(net, batches, dtype, image_size, progress=None):
+        tuned.append(dtype)
+        return {"tuned": 0, "disk_hits": 0, "timed": 0, "seconds": 0.0}
+
+    monkeypatch.setattr(tuning, "tune_model", fake_tune_model)
+    names = [tune_cli.DTYPE_CHOICES[int(i)]
+             for i in torch.randperm(len(tune_cli.DTYPE_CHOICES))[:2]]
+    given = [_any_case(n) for n in names]
+    tuning.configure(devices=("cpu",))  # (reach tune_model without a GPU)
+    try:
+        code, out, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--image-size",
+                                 "32", "--dtype", *given)
+        bad, _, bad_err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--dtype",
+                                  _any_case("fp64"))
+    finally:
+        tuning.reset()
+    assert code == 0, f"--dtype {' '.join(given)}: {err}"
+    assert tuned == [parse_dtype(n) for n in names], (given, tuned)  # bench's / verify's dtypes
+    for name in names:
+        assert f"resnet18 {name} batch 1" in out, out
+    assert_usage_error(bad, bad_err, "--dtype", "invalid choice: 'fp64'")
+
+
+@pytest.mark.parametrize("how", ["plot_raises", "png_path_is_a_directory"])
+def test_bench_png_that_cannot_be_written_is_exit_2(capsys, monkeypatch, tmp_path, how):
+    """bench.png that could not be written (a directory in its place, matplotlib raising) was
+    a note in bench.json only, and exit 0; a bench.json or bench.md that could not be written
+    is a warning and an error on stderr and exit 2 (README: "a write that fails is a warning,
+    and exit status 2 at the end"). The PNG is a write like them."""
+    from fastres import bench
+
+    ms = float(torch.rand(()) * 10 + 1)
+    rows = [bench.Row("resnet18", "fp32", 1, "eager_fp32", "e", median_ms=2 * ms,
+                      images_per_s=500.0 / ms, iters=2),
+            bench.Row("resnet18", "fp32", 1, "fastres", "fastres", median_ms=ms,
+                      images_per_s=1000.0 / ms, iters=2, rel_err=1e-6)]
+    bench.fill_speedups({r.impl: r for r in rows})
+
+    def fake_run_bench(cfg, on_update=None):
+        report = bench.BenchReport(env={"device": "cpu"}, config={}, rows=rows)
+        on_update(report)  # a checkpoint (no PNG), as after every group
+        return report
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    out_dir = tmp_path / "out"
+    png = out_dir / "bench.png"
+    if how == "plot_raises":
+        reason = f"matplotlib failed {int(torch.randint(0, 10**6, ()))}"
+
+        def broken_plot(report, path):
+            raise RuntimeError(reason)
+
+        monkeypatch.setattr(bench, "plot", broken_plot)
+    else:
+        reason = "Is a directory"
+        (png / "inside").mkdir(parents=True)
+    code, out, err = run_cli(capsys, *SMALL_BENCH, "--out", str(out_dir))
+    assert code == 2, out + err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if str(png) in ln]
+    assert len(lines) == 2 and all(reason in ln for ln in lines), err  # warning, then error
+    assert lines[0].startswith("fastres bench: warning:"), err
+    assert lines[1].startswith("fastres bench: error:"), err
+    assert f"wrote {out_dir / 'bench.json'}" in out and f"wrote {png}" not in out, out
+    saved = json.loads((out_dir / "bench.json").read_text())
+    assert any(n.startswith("bench.png not written") for n in saved["notes"]), saved["notes"]
+    assert (out_dir / "bench.md").is_file()
+    left = sorted(p.name for p in out_dir.iterdir())  # no temporary file left behind
+    assert left == ["bench.json", "bench.md"] + (["bench.png"] if png.is_dir() else []), left
+    assert png.is_dir() == (how == "png_path_is_a_directory")
+
+
+def test_gpu_driver_without_nvidia_smi_asks_libcuda(monkeypatch):
+    """Without nvidia-smi the environment block still names the driver: the CUDA version
+    libcuda's cuDriverGetVersion reports (the torch function read before does not exist)."""
+    import ctypes
+    import random
+    import subprocess
+
+    from fastres import bench
+
+    def no_smi(*a, **k):
+        raise FileNotFoundError("nvidia-smi")
+
+    major, minor = random.randint(11, 14), random.randint(0, 9)
+
+    class FakeLibcuda:
+        def cuDriverGetVersion(self, ref):
+            ref._obj.value = major * 1000 + minor * 10
+            return 0
+
+    monkeypatch.setattr(subprocess, "run", no_smi)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibcuda())
+    assert bench._gpu_driver() == f"CUDA driver API {major}.{minor}"
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert bench._gpu_driver() is None
