@@ -71,10 +71,11 @@ def optimize(model: nn.Module, cuda_graphs: bool = True, max_graphs: int = 8,
              warmup: int = 2) -> nn.Module:
     """Wrap ``model`` (a :class:`fastres.ResNet`) so its eval forward replays CUDA graphs.
 
-    ``cuda_graphs=False`` returns ``model`` itself (the wrapped model, given a wrapper). ``max_graphs``: how many input
-    signatures (shape, dtype, autocast state, ...) get a graph; further ones run without.
-    ``warmup``: eager calls on a side stream before each capture. See the module docstring
-    for the output aliasing rule (a fresh tensor per call) and invalidation.
+    ``cuda_graphs=False`` returns ``model`` itself (the wrapped model, given a wrapper).
+    ``max_graphs``: how many input signatures (shape, dtype, autocast state, ...) get a graph;
+    further ones run without. ``warmup``: eager calls on a side stream before each capture.
+    See the module docstring for the output aliasing rule (a fresh tensor per call) and
+    invalidation.
     """
     if not isinstance(cuda_graphs, bool):  # ("False" and "no" are true)
         raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
