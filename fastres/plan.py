@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import operator
 import threading
+import time
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -676,11 +677,16 @@ _registrations = 0
 # The hooks run *before* torch stores the new value: a forward in another thread between the
 # two would see the new count with the old tree, and remember it as current (stale until the
 # next registration anywhere). So each registration is pending until its value is in place,
-# and while one is, memos store -1 (never current) instead of the count.
-# (owner ref, "_modules"/"_parameters"/"_buffers", name, id of the new value, id of the old)
+# and while one is, memos store -1 (never current) instead of the count. A value lands
+# microseconds after its hook; one that never does (another hook raised, or the name was
+# deleted again before anything looked: the slot then still holds "absent") stops counting
+# as pending after _PENDING_FOR seconds, so memos are not disabled for good.
+# (owner ref, "_modules"/"_parameters"/"_buffers", name, id of the new value, id of the old,
+# when it stops counting)
 _pending: list[tuple] = []
 _pending_lock = threading.Lock()
 _ABSENT = object()
+_PENDING_FOR = 1.0
 
 
 def _bump(*args):
@@ -692,9 +698,9 @@ def _landed(entry: tuple) -> bool:
     """The slot holds the new value, or anything but the old one (another hook may have
     replaced the value); ids, not references: a pending entry keeps nothing alive, and a
     reused id can only keep an entry pending (slower, never stale)."""
-    owner_ref, where, name, new_id, old_id = entry
+    owner_ref, where, name, new_id, old_id, until = entry
     owner = owner_ref()
-    if owner is None:
+    if owner is None or time.monotonic() > until:
         return True
     held = id(getattr(owner, where).get(name, _ABSENT))
     return held == new_id or held != old_id
@@ -703,7 +709,8 @@ def _landed(entry: tuple) -> bool:
 def _registration_hook(where: str):
     def hook(owner, name, value):
         old = getattr(owner, where, {}).get(name, _ABSENT)
-        entry = (weakref.ref(owner), where, name, id(value), id(old))
+        entry = (weakref.ref(owner), where, name, id(value), id(old),
+                 time.monotonic() + _PENDING_FOR)
         with _pending_lock:
             if len(_pending) >= 32:  # (earlier ones have landed by now, but for a race)
                 _pending[:] = [e for e in _pending if not _landed(e)]

@@ -844,6 +844,27 @@ def test_a_forward_between_a_registration_and_its_assignment_does_not_go_stale(w
     assert_close_rel(got.double(), want, 1e-4, f"after a {what} assignment that a forward raced")
 
 
+def test_a_registration_that_never_lands_stops_counting_as_pending(monkeypatch):
+    """A name registered and deleted again before any forward looked leaves its slot as it
+    was before the registration, as if the value had not landed yet: it stopped every memo
+    (and the plan's cheap validity check) for good. It counts as pending for _PENDING_FOR
+    seconds only."""
+    import time
+
+    monkeypatch.setattr(plan_mod, "_PENDING_FOR", 0.2, raising=False)
+    tv, fr = _fresh_pair()
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    fr.layer1[0].register_buffer("scratch", torch.zeros(1))
+    del fr.layer1[0].scratch
+    assert plan_mod._current_registrations() == -1  # (within the window: pending)
+    time.sleep(0.3)
+    assert plan_mod._current_registrations() == plan_mod._registrations
+    _run(fr, x)
+    assert fr.__dict__["_plan_cache"].registrations == plan_mod._registrations  # not -1
+    with torch.no_grad():
+        assert_matches_torchvision(fr(x), tv, x, "after a registration that never landed")
+
+
 def test_threads_missing_the_plan_together_build_it_once(monkeypatch):
     """The first calls of a threaded server all miss the plan at once: one folds the model,
     the others wait for that plan (each used to fold its own, N times the work and memory),
