@@ -69,6 +69,12 @@
 set -u -o pipefail
 
 PY=${PYTHON:-python3}
+# OUTDIR and a PYTHON given as a relative path are relative to where the script is run
+CALLER_DIR=$PWD
+case $PY in
+    /*) ;;
+    */*) PY="$CALLER_DIR/$PY" ;;
+esac
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 
@@ -102,8 +108,12 @@ for s in ${STAGES_ARG//,/ }; do
     esac
 done
 
-mkdir -p "$1" || exit 2
-OUTDIR=$(cd "$1" && pwd)
+case $1 in
+    /*) OUTDIR_ARG=$1 ;;
+    *) OUTDIR_ARG="$CALLER_DIR/$1" ;;
+esac
+mkdir -p "$OUTDIR_ARG" || exit 2
+OUTDIR=$(cd "$OUTDIR_ARG" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastres_gpu_check.XXXXXX") || exit 2
 D="$WORK/details"
 mkdir -p "$D"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -185,6 +186,29 @@ def test_gpu_check_without_a_gpu_stops_after_env(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| env | ok |" in summary and "| gpu | FAILED (torch sees no CUDA GPU" in summary
     assert "| tests |" not in summary and not (out / "bench.json").exists()
+
+
+@CPU_DRY_RUN
+def test_gpu_check_paths_are_relative_to_where_it_is_run(tmp_path):
+    """A relative OUTDIR (and PYTHON) name paths from the caller's directory: the script
+    changes into the repository, and wrote (and cleared) REPO/OUTDIR instead."""
+    name = f"out_{os.getpid()}_{time.monotonic_ns()}"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "py").symlink_to(sys.executable)
+    full = {k: v for k, v in os.environ.items()
+            if k not in ("TRITON_INTERPRET", "FASTRES_BACKEND") and not k.startswith("GPU_CHECK")}
+    full.update(PYTHON="bin/py", GPU_CHECK_AUTO_BUILD="0", GPU_CHECK_ALLOW_CPU="1",
+                GPU_CHECK_STAGES="env")
+    try:
+        res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), name],
+                             cwd=tmp_path, env=full, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+        assert (tmp_path / name / "summary.md").is_file()
+        assert "| env | ok |" in (tmp_path / name / "summary.md").read_text()
+        assert not (REPO / name).exists()
+    finally:
+        shutil.rmtree(REPO / name, ignore_errors=True)
 
 
 @CPU_DRY_RUN
