@@ -53,6 +53,7 @@ from fastres.verify import (
     design_tolerance,
     eager_forward,
     fastres_twin,
+    out_of_memory,
     reference_forward,
     rel_err,
     short_error,
@@ -406,14 +407,6 @@ def _fastres_tuner():
     return getattr(tuning, "tune_model", None)
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """An allocation failure (CUDA's OutOfMemoryError, the CPU allocator's, Python's)."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = str(exc)
-    return "out of memory" in text or "can't allocate memory" in text
-
-
 class Runner:
     """Runs the whole comparison; :func:`run_bench` is the entry point."""
 
@@ -618,7 +611,7 @@ class Runner:
                 x0 = base[0]
                 ref = reference_forward(tv, x0, ref64)
             except (MemoryError, RuntimeError) as exc:
-                if not _out_of_memory(exc):
+                if not out_of_memory(exc):
                     raise
                 # this batch size does not fit: its rows say so, the others are kept
                 base = x0 = None

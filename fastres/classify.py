@@ -112,11 +112,17 @@ def to_pil_rgb(image):
 
 def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     """16-bit, 32-bit integer and float grayscale as 8 bits (PIL's convert() clips them to
-    0..255, which turns a 16-bit photo white and a [0, 1] float one black). 16-bit data keeps
-    its top 8 bits, as torchvision's uint16 -> uint8 conversion does."""
+    0..255, which turns a 16-bit photo white and a [0, 1] float one black). Integer data
+    (modes ``I;16*`` and ``I``, in which Pillow opens 16-bit PNG, PGM and TIFF files, PGM
+    scaled to 16 bits) is 16-bit data whatever its values, and keeps its top 8 bits, as
+    torchvision's uint16 -> uint8 conversion does."""
     a = arr.astype(np.float64)
-    if not np.isfinite(a).all() or a.size == 0:
-        raise ValueError(f"{mode} image has no finite pixel values")
+    if a.size == 0:
+        raise ValueError(f"{mode} image has no pixels")
+    if not np.isfinite(a).all():
+        bad = int(a.size - np.isfinite(a).sum())
+        raise ValueError(f"{mode} image has {bad} pixel value(s) that are NaN or infinite "
+                         f"(of {a.size}); expected finite values")
     lo, hi = float(a.min()), float(a.max())
     if mode == "F":
         if lo < 0 or hi > 255:
@@ -125,9 +131,7 @@ def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
         return np.round(a * (255.0 if hi <= 1.0 else 1.0)).astype(np.uint8)
     if lo < 0 or hi > 65535:
         raise ValueError(f"{mode} image values span [{lo:g}, {hi:g}], expected 16-bit data")
-    if mode.startswith("I;16") or hi > 255:
-        return (arr.astype(np.int64) >> 8).astype(np.uint8)
-    return arr.astype(np.uint8)
+    return (arr.astype(np.int64) >> 8).astype(np.uint8)
 
 
 def load_image(path: str | os.PathLike):

@@ -383,7 +383,7 @@ def _verify_run(args: argparse.Namespace) -> int:
 
     from fastres.bench import _finite
     from fastres.classify import parse_device, parse_dtype
-    from fastres.verify import verify
+    from fastres.verify import out_of_memory, short_error, verify
 
     _model_list([args.model])
     dtype = parse_dtype(args.dtype)
@@ -396,6 +396,9 @@ def _verify_run(args: argparse.Namespace) -> int:
         raise UserError(f"--tol must be > 0 and finite, got {args.tol}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size * 3 * args.image_size ** 2 > 2**62:  # (torch's sizes are int64)
+        raise UserError(f"--batch-size {args.batch_size} at --image-size {args.image_size} "
+                        "is more input than a tensor can hold")
     if args.batches < 0:
         raise UserError(f"--batches must be >= 0, got {args.batches}")
     if args.batches == 0 and args.no_photos:
@@ -404,10 +407,17 @@ def _verify_run(args: argparse.Namespace) -> int:
         if not args.json.strip():
             raise UserError("--json must name a file, got an empty string")
         _writable_file(args.json, "--json")
-    result = verify(args.model, dtype, batch_size=args.batch_size, batches=args.batches,
-                    image_size=args.image_size, device=device, weights=args.weights,
-                    photos=not args.no_photos, seed=args.seed, tolerance=args.tol,
-                    progress=sys.stderr.isatty())
+    try:
+        result = verify(args.model, dtype, batch_size=args.batch_size, batches=args.batches,
+                        image_size=args.image_size, device=device, weights=args.weights,
+                        photos=not args.no_photos, seed=args.seed, tolerance=args.tol,
+                        progress=sys.stderr.isatty())
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise UserError(f"out of memory on {device} for --batch-size {args.batch_size} at "
+                        f"--image-size {args.image_size} ({short_error(exc, 120)}): choose "
+                        "smaller ones") from None
     print(result.format())
     if args.json:
         try:

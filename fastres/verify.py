@@ -256,7 +256,7 @@ class VerifyResult:
             (f"fastres verify: {self.model}, {self.dtype}, batch {self.batch_size}, "
              f"{self.image_size}x{self.image_size}, on {self.device}"),
             (f"  reference: torchvision eager, {reference}; bound per batch: "
-             f"max({self.design_tolerance:.0e} (base), 2 x eager {self.dtype}'s own error)"),
+             f"max({self.design_tolerance:.3g} (base), 2 x eager {self.dtype}'s own error)"),
         ]
         head = (f"  {'inputs':<16}{'images':>7}{'max rel err':>13}{'mean rel err':>14}"
                 f"{'eager max':>11}{'max/image':>11}{'top-1':>8}{'top-5':>8}  result")
@@ -338,6 +338,14 @@ def skimage_photos(limit: int | None = None) -> tuple[list[tuple[str, object]], 
     if not photos:
         return [], "no bundled scikit-image photographs found: photographs skipped"
     return photos, ""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure (CUDA's OutOfMemoryError, the CPU allocator's, Python's)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 def short_error(exc: BaseException, limit: int = 160) -> str:

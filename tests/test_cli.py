@@ -457,6 +457,15 @@ def test_verify_usage_errors(capsys, extra, needles):
     assert_usage_error(code, err, *needles)
 
 
+def test_verify_prints_the_bound_it_applies(capsys):
+    """--tol 1.5e-5 was printed as 2e-05 (one digit), the JSON said 1.5e-05."""
+    tol = float(f"{1 + torch.rand(()).item() * 8:.2f}e-5")  # three significant digits
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--batches", "1",
+                             "--tol", repr(tol))
+    assert code in (0, 1), err
+    assert f"max({tol:.3g} (base)" in out, out
+
+
 def test_verify_wrong_architecture_checkpoint(capsys, r18_checkpoint):
     code, _, err = run_cli(capsys, *SMALL_VERIFY[:2], "resnet50", *SMALL_VERIFY[3:],
                            "--weights", str(r18_checkpoint))
@@ -655,6 +664,38 @@ def test_classify_reads_16_bit_and_float_grayscale_like_8_bit(tmp_path):
     assert np.abs(gotf.astype(int) - ref.astype(int)).max() <= 1
 
 
+def test_classify_reads_dark_16_bit_images_the_same_from_any_format(tmp_path):
+    """A dark 16-bit image (every value below 256) kept its values as 8-bit ones when Pillow
+    opened it in mode I (a 16-bit PGM), 256 times brighter than the same pixels from a 16-bit
+    PNG (mode I;16), which kept their top 8 bits."""
+    from PIL import Image
+
+    from fastres.classify import load_image
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    dark = rng.integers(1, 256, (23, 29)).astype(np.uint16)  # all below 256
+    png = tmp_path / "dark16.png"
+    Image.fromarray(dark).save(png)
+    pgm = tmp_path / "dark16.pgm"  # P5 with maxval 65535: Pillow opens it as mode I
+    pgm.write_bytes(b"P5\n29 23\n65535\n" + dark.astype(">u2").tobytes())
+    assert Image.open(pgm).mode == "I"
+    want = np.repeat((dark >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    for path in (png, pgm):
+        assert np.array_equal(np.asarray(load_image(path)), want), path.name
+
+
+def test_classify_says_an_image_has_nan_pixels(capsys, tmp_path, r18_checkpoint):
+    """One NaN pixel in a float image was reported as 'no finite pixel values'."""
+    from PIL import Image
+
+    a = np.full((20, 30), 0.5, dtype=np.float32)
+    a[int(torch.randint(0, 20, ())), int(torch.randint(0, 30, ()))] = float("nan")
+    path = _save(tmp_path / "nan.tif", Image.fromarray(a))
+    code, _, err = run_cli(capsys, "classify", str(path), "--weights", str(r18_checkpoint),
+                           "--model", "resnet18", "--device", "cpu")
+    assert_usage_error(code, err, "1 pixel value(s) that are NaN or infinite (of 600)")
+
+
 def test_classify_refuses_a_decompression_bomb(capsys, tmp_path, r18_checkpoint, monkeypatch):
     from PIL import Image
 
@@ -784,6 +825,11 @@ def test_weights_that_are_a_directory_or_a_torchvision_name(capsys, tmp_path, ph
     (["--batches", "-1"], ["--batches must be >= 0, got -1"]),
     (["-b", "0"], ["--batch-size must be >= 1, got 0"]),
     (["--tol", "inf"], ["--tol must be > 0 and finite, got inf"]),  # inf made verify always pass
+    # (a traceback from inside torch, exit 1: "outputs disagree")
+    (["-b", str(10**20)], ["--batch-size 100000000000000000000 at --image-size",
+                           "more input than a tensor can hold"]),
+    # (the CPU allocator's traceback, exit 1)
+    (["-b", str(10**9)], ["out of memory on cpu for --batch-size 1000000000", "smaller"]),
 ])
 def test_verify_number_options(capsys, extra, needles):
     code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", *extra)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,16 @@ def test_preprocess_reference_matches_torchvision_recipe(layout, dtype):
      TypeError, "mean must be a sequence of 3 numbers"),
     (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), std=(True, True, True)),
      TypeError, "std must be a sequence of 3 numbers"),
+    # 0-d tensors and arrays ("iteration over a 0-d tensor"), an int beyond float's range
+    # (OverflowError), a 2-D tensor
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), mean=torch.tensor(0.5)),
+     TypeError, "mean must be a sequence of 3 numbers, got tensor.0.5000."),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), std=np.array(0.5)),
+     TypeError, "std must be a sequence of 3 numbers, got array.0.5."),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), mean=[10**400, 0, 0]),
+     ValueError, "mean must hold numbers within float range, got [1000"),
+    (lambda: preprocess(torch.zeros(1, 2, 2, 3, dtype=torch.uint8), mean=torch.zeros(1, 3)),
+     TypeError, "mean must be a sequence of 3 numbers"),
 ])
 def test_preprocess_argument_errors(bad, exc, msg):
     with pytest.raises(exc, match=msg.replace("[", r"\[").replace("]", r"\]")):

@@ -85,15 +85,25 @@ def _floats(name: str, values) -> list[float]:
     strings, bools)."""
     if isinstance(values, torch.Tensor):
         values = values.tolist() if values.dim() == 1 else values
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not hasattr(
-            values, "__array__"):
-        raise TypeError(f"{OP}: {name} must be a sequence of 3 numbers, got {values!r}")
+    if (isinstance(values, (str, bytes)) or not isinstance(values, Sequence)
+            and (not hasattr(values, "__array__") or getattr(values, "ndim", 1) != 1)):
+        raise TypeError(f"{OP}: {name} must be a sequence of 3 numbers, got {_shown(values)}")
     out = []
     for v in list(values):
         if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{OP}: {name} must be a sequence of 3 numbers, got {values!r}")
-        out.append(float(v))
+            raise TypeError(f"{OP}: {name} must be a sequence of 3 numbers, got "
+                            f"{_shown(values)}")
+        try:
+            out.append(float(v))
+        except OverflowError:  # an int beyond float's range
+            raise ValueError(f"{OP}: {name} must hold numbers within float range, got "
+                             f"{_shown(values)}") from None
     return out
+
+
+def _shown(values, limit: int = 80) -> str:
+    text = repr(values)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # a float whose magnitude is at most _F32_ZERO rounds to 0 in float32; at least _F32_INF, to inf
