@@ -7,7 +7,8 @@ Subcommands: ``bench`` (fastres vs torchvision / torch.compile, outputs checked 
 The CLI is thin: the work is in :mod:`fastres.bench`, :mod:`fastres.verify` and
 :mod:`fastres.classify`. Exit status: 0 success; 1 a check failed (outputs disagree); 2 a
 usage error (bad option, missing or unreadable file, wrong checkpoint), reported on stderr in
-one line without a traceback.
+one ``fastres <cmd>: error: ...`` line without a traceback (after the usage lines, for an
+option argparse itself refuses).
 
 Adding a subcommand: write ``add_arguments(parser)`` and ``run(args) -> int`` and call
 :func:`register_command` -- here, next to the built-in ones, or from a module listed in
