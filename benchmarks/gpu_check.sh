@@ -17,7 +17,8 @@
 #   env                the GPU, driver, CUDA, cuDNN, package versions -> details/env.json
 #   build              pip install --no-build-isolation --no-deps --no-index -e . (never downloads),
 #                      then checks that fastres._C loads
-#   tests              the GPU tests (`-m cuda`; GPU_CHECK_TESTS="tests" for the whole suite),
+#   tests              the GPU tests (`-m "cuda and not slow"`; GPU_CHECK_TESTS="tests -m cuda"
+#                      for the slow ones too, GPU_CHECK_TESTS="tests" for the whole suite),
 #                      pytest-xdist workers, junit XML, failures and accuracy margins as they happen
 #   conv_layers        every ResNet-50 convolution, Triton kernel vs cuDNN, batch 1/32/256,
 #                      bf16/fp16, TFLOP/s and ratios (benchmarks/conv_layers.py)
@@ -327,12 +328,17 @@ if selected tests; then
     PYTEST_TIMEOUT=()
     "$PY" -c "import pytest_timeout" 2>/dev/null \
         && PYTEST_TIMEOUT=(--timeout "${GPU_CHECK_TEST_TIMEOUT:-240}")
-    # shellcheck disable=SC2086  # GPU_CHECK_TESTS is a list of pytest arguments on purpose
+    if [ -n "${GPU_CHECK_TESTS:-}" ]; then
+        # shellcheck disable=SC2206  # GPU_CHECK_TESTS is a list of pytest arguments on purpose
+        TEST_ARGS=(${GPU_CHECK_TESTS})
+    else  # (the slow ones, which tune whole models, do not fit the stage's cap)
+        TEST_ARGS=(tests -m "cuda and not slow")
+    fi
     run_stage tests "$(stage_cap tests)" "$D/tests.log" \
         env FASTRES_TUNE=0 FASTRES_FAILURE_LOG="$D/test_failures.log" \
         FASTRES_MARGIN_LOG="$D/test_margins.tsv" FASTRES_RESULT_LOG="$D/test_results.tsv" \
         PYTHONPATH="$PYTEST_PLUGIN_PATH" \
-        "$PY" -m pytest ${GPU_CHECK_TESTS:-tests -m cuda} -q -p no:cacheprovider \
+        "$PY" -m pytest "${TEST_ARGS[@]}" -q -p no:cacheprovider \
         -p gpu_check_sigterm "${PYTEST_ADDOPTS_FIX[@]}" "${XDIST[@]}" "${PYTEST_TIMEOUT[@]}" \
         -rfE --junitxml="$D/tests.xml"
 fi

@@ -632,7 +632,7 @@ def test_gpu_check_script_syntax():
     assert proc.returncode == 0, proc.stderr
     text = script.read_text()
     for needle in ("pip install --no-build-isolation --no-deps --no-index",
-                   "-m pytest ${GPU_CHECK_TESTS:-tests -m cuda}",
+                   'TEST_ARGS=(tests -m "cuda and not slow")', '-m pytest "${TEST_ARGS[@]}"',
                    "--junitxml", "fastres bench", "all.tar.gz", "summary.md", "timeout",
                    "FASTRES_MARGIN_LOG", "PIP_DISABLE_PIP_VERSION_CHECK=1"):
         assert needle in text, needle

@@ -16,6 +16,7 @@ against torchvision.
 
 from __future__ import annotations
 
+import itertools
 import re
 import warnings
 
@@ -1014,10 +1015,15 @@ def _count_cuda_calls(monkeypatch, *ops):
         monkeypatch.setitem(_backend._IMPLS[op], "cuda",
                             _backend.Impl(op, "cuda", counting, impl.supports))
     # a new registry generation: choices remembered for the unpatched registry are dropped
-    # (the tuner's by generation; the plans' by the choice epoch, which is never put back)
-    monkeypatch.setattr(_backend, "_generation", _backend._generation + 1)
+    # (the tuner's by generation; the plans' by the choice epoch, which is never put back).
+    # One never used before: G + 1 in two tests in a row kept the first test's counting
+    # wrappers in the tuner's memo for the second (its generation matched).
+    monkeypatch.setattr(_backend, "_generation", next(_UNUSED_GENERATIONS))
     _backend.invalidate_choices()
     return counts
+
+
+_UNUSED_GENERATIONS = itertools.count(10**9)
 
 
 @pytest.mark.cuda

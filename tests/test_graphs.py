@@ -385,6 +385,7 @@ def test_grad_and_train_mode_bypass_graphs():
 
 
 @pytest.mark.cuda
+@pytest.mark.slow  # (wall times: not under the GPU check's parallel test workers)
 def test_graphs_make_batch1_faster_or_equal():
     """Not a benchmark: a sanity check that replay is not slower than the plain forward."""
     m = small_model("cuda").to(torch.bfloat16)
