@@ -104,18 +104,21 @@ def to_pil_rgb(image):
                         + (" (convert an HWC tensor with .numpy())"
                            if isinstance(image, Tensor) else ""))
     if image.mode.startswith("I") or image.mode == "F":
-        image = Image.fromarray(_to_uint8(np.asarray(image), image.mode))
+        # (Pillow opens 16-bit PNG, PGM and TIFF files in modes I;16 and I: 16-bit data
+        # whatever its values)
+        image = Image.fromarray(_to_uint8(np.asarray(image), image.mode,
+                                          sixteen_bit=image.mode.startswith("I")))
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image
 
 
-def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+def _to_uint8(arr: np.ndarray, mode: str, sixteen_bit: bool | None = None) -> np.ndarray:
     """16-bit, 32-bit integer and float grayscale as 8 bits (PIL's convert() clips them to
-    0..255, which turns a 16-bit photo white and a [0, 1] float one black). Integer data
-    (modes ``I;16*`` and ``I``, in which Pillow opens 16-bit PNG, PGM and TIFF files, PGM
-    scaled to 16 bits) is 16-bit data whatever its values, and keeps its top 8 bits, as
-    torchvision's uint16 -> uint8 conversion does."""
+    0..255, which turns a 16-bit photo white and a [0, 1] float one black). 16-bit data keeps
+    its top 8 bits, as torchvision's uint16 -> uint8 conversion does. ``sixteen_bit``: the
+    integer data is 16-bit whatever its values (an image file's, see :func:`to_pil_rgb`);
+    ``None``: when ``mode`` is ``I;16*`` or a value exceeds 255 (an integer array)."""
     a = arr.astype(np.float64)
     if a.size == 0:
         raise ValueError(f"{mode} image has no pixels")
@@ -131,7 +134,11 @@ def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
         return np.round(a * (255.0 if hi <= 1.0 else 1.0)).astype(np.uint8)
     if lo < 0 or hi > 65535:
         raise ValueError(f"{mode} image values span [{lo:g}, {hi:g}], expected 16-bit data")
-    return (arr.astype(np.int64) >> 8).astype(np.uint8)
+    if sixteen_bit is None:
+        sixteen_bit = mode.startswith("I;16") or hi > 255
+    if sixteen_bit:
+        return (arr.astype(np.int64) >> 8).astype(np.uint8)
+    return arr.astype(np.uint8)
 
 
 def load_image(path: str | os.PathLike):
