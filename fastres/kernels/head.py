@@ -10,14 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastres.kernels.conv import (
-    _interpreted,
-    _to_output,
-    conv_bias_act_triton,
-    conv_configs,
-    launching,
-)
-from fastres.ops._backend import matmul_allow_tf32
+from fastres.kernels.conv import _interpreted, _to_output, conv_bias_act_triton, conv_configs
+from fastres.ops._backend import launching, matmul_allow_tf32
 
 NO_SPECIALIZE = ["HW"]
 
