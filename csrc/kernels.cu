@@ -156,7 +156,7 @@ size_t stem_smem_bytes(int cin) {
 }
 
 void launch_stem(const void* x, const float* wpacked, const float* bias, void* out, DType dtype,
-                 const StemGeom& g, int num_sms, CUstream_st* stream) {
+                 const StemGeom& g, int num_sms, size_t smem_optin, CUstream_st* stream) {
   const int64_t items = g.N * g.tiles_p * g.tiles_q;
   if (items == 0 || g.Cout == 0) return;
   const size_t smem = stem_smem_bytes(g.Cin);
@@ -169,9 +169,16 @@ void launch_stem(const void* x, const float* wpacked, const float* bias, void* o
     using T = decltype(tag);
     // C_in = 3 (RGB) gets the specialized kernel, anything else the generic one.
     auto kernel = g.Cin == 3 ? stem_kernel<T, 3> : stem_kernel<T, 0>;
-    // Opting in to > 48 KB of dynamic shared memory is per kernel; cheap, and idempotent.
+    // Opting in to > 48 KB of dynamic shared memory is per kernel and device: always to the
+    // device's limit (less the kernel's static shared memory), the same value on every call,
+    // so that threads launching the generic kernel for different C_in never lower it below
+    // another's launch (a per-call value raced). Cheap, and idempotent.
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    const size_t limit = smem_optin > attr.sharedSizeBytes ? smem_optin - attr.sharedSizeBytes
+                                                           : smem;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+                                        static_cast<int>(std::max(limit, smem))));
     kernel<<<grid, STEM_THREADS, smem, stream>>>(static_cast<const T*>(x), wpacked, bias,
                                                  static_cast<T*>(out), g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

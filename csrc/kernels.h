@@ -22,9 +22,10 @@ void launch_preprocess(const uint8_t* in, void* out, DType out_dtype, const Prep
 size_t stem_smem_bytes(int cin);
 
 // x: input in `dtype` with the strides in g; wpacked: [49*Cin, Cout] fp32; bias: [Cout] fp32;
-// out: [N, P, Q, Cout] in `dtype`.
+// out: [N, P, Q, Cout] in `dtype`. smem_optin: the device's opt-in shared memory per block
+// (at least stem_smem_bytes(g.Cin)).
 void launch_stem(const void* x, const float* wpacked, const float* bias, void* out, DType dtype,
-                 const StemGeom& g, int num_sms, CUstream_st* stream);
+                 const StemGeom& g, int num_sms, size_t smem_optin, CUstream_st* stream);
 
 // pooled: [N, C] in `dtype` (mean over H, W of x, rounded to dtype).
 void launch_head_pool(const void* x, void* pooled, DType dtype, const PoolGeom& g,

@@ -301,7 +301,8 @@ at::Tensor stem_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Te
               " channels)");
   launch_stem(x.const_data_ptr(), call.wpacked.const_data_ptr<float>(),
               call.bias.const_data_ptr<float>(), call.out.data_ptr(), to_dtype(x.scalar_type()),
-              call.g, props->multiProcessorCount, at::cuda::getCurrentCUDAStream().stream());
+              call.g, props->multiProcessorCount, props->sharedMemPerBlockOptin,
+              at::cuda::getCurrentCUDAStream().stream());
   return call.out;
 }
 
