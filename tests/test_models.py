@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 from _models import ARCHS, DEVICE, assert_matches_torchvision, realistic_bn, tol_for, twin
-from conftest import assert_close_rel, given, settings, st
+from conftest import assert_close_rel, given, rel_err, settings, st
 
 import fastres
 from fastres import plan as _plan
@@ -925,7 +925,16 @@ def test_autocast_float64_and_mixed_dtypes_like_torchvision():
         assert got[0] == ref[0], (i, ref, got)
         if ref[0] == "ok":
             assert got[1].dtype == ref[1].dtype, (i, ref[1].dtype, got[1].dtype)
-            assert_close_rel(got[1], ref[1], tol, f"case {i}")
+            if got[1].dtype == torch.float64:
+                assert_close_rel(got[1], ref[1], tol, f"case {i}")
+                continue
+            # 16-bit: both against float64, fastres within max(tol, 2 x torchvision's own
+            # error) (compared with each other, two roundings of 16-bit arithmetic went
+            # past a fixed 3e-2 for some draws: 3.001e-2 with FASTRES_TEST_SEED=860636598)
+            with torch.no_grad():
+                exact = copy.deepcopy(tv).double()(inp.double())
+            own = rel_err(ref[1], exact)
+            assert_close_rel(got[1], exact, max(tol, 2 * own), f"case {i} (eager's {own:.1e})")
 
 
 def test_empty_images_and_inference_mode_with_enable_grad():
