@@ -272,6 +272,25 @@ def test_stem_shared_memory_limit_is_checked_before_choosing_it():
 
 
 @needs_ext
+def test_stem_declines_what_the_cuda_op_refuses():
+    """csrc's hard limits (every input dimension below 2^30, C_out at most 65535 x 64) are
+    checked before the fused stem is chosen: past them the op raised instead of another
+    implementation running. (Meta tensors: nothing is allocated.)"""
+    from fastres import _ext_impls
+
+    w, b = torch.empty(64, 3, 7, 7, device="meta"), torch.empty(64, device="meta")
+    big = int(torch.randint(2**30, 2**31, ()))
+    assert _ext_impls.supports_stem(torch.empty(1, 3, 64, 64, device="meta"), w, b) is None
+    why = _ext_impls.supports_stem(torch.empty(1, 3, big, 8, device="meta"), w, b)
+    assert why is not None and "2^30" in why, why
+    cout = 65535 * 64 + int(torch.randint(1, 100, ()))
+    why = _ext_impls.supports_stem(torch.empty(1, 3, 64, 64, device="meta"),
+                                   torch.empty(cout, 3, 7, 7, device="meta"),
+                                   torch.empty(cout, device="meta"))
+    assert why is not None and f"C_out={cout}" in why, why
+
+
+@needs_ext
 def test_stem_rejects_c_in_past_32bit_tile_indices():
     """The stem indexes its 49 * C_in * 64 weight floats with 32-bit ints: from C_in = 684785
     on they overflowed (stem_smem_bytes came out negative or far too small, and the kernels
