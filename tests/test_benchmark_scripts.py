@@ -115,14 +115,15 @@ TINY_BENCH = ("-m resnet18 -b 1 --dtype bf16 --image-size 64 --iters 2 --warmup 
               "--device cpu")
 
 
-def _gpu_check(out: Path, timeout: int = 400, **env: str) -> subprocess.CompletedProcess:
+def _gpu_check(out: Path | str, timeout: int = 400, cwd: Path = REPO,
+               **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items()
             if k not in ("TRITON_INTERPRET", "FASTRES_BACKEND") and not k.startswith("GPU_CHECK")}
     # never build here (it would pip-install into this environment); run on the CPU
     full.update(PYTHON=sys.executable, GPU_CHECK_AUTO_BUILD="0", GPU_CHECK_ALLOW_CPU="1")
     full.update(env)
-    return subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out)], cwd=REPO, env=full,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out)],
+                          cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
 
 def _assert_device_tool_can_bring_back(out: Path) -> None:
@@ -195,14 +196,9 @@ def test_gpu_check_paths_are_relative_to_where_it_is_run(tmp_path):
     name = f"out_{os.getpid()}_{time.monotonic_ns()}"
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "py").symlink_to(sys.executable)
-    full = {k: v for k, v in os.environ.items()
-            if k not in ("TRITON_INTERPRET", "FASTRES_BACKEND") and not k.startswith("GPU_CHECK")}
-    full.update(PYTHON="bin/py", GPU_CHECK_AUTO_BUILD="0", GPU_CHECK_ALLOW_CPU="1",
-                GPU_CHECK_STAGES="env")
     try:
-        res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), name],
-                             cwd=tmp_path, env=full, capture_output=True, text=True,
-                             timeout=300)
+        res = _gpu_check(name, timeout=300, cwd=tmp_path, PYTHON="bin/py",
+                         GPU_CHECK_STAGES="env")
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
         assert (tmp_path / name / "summary.md").is_file()
         assert "| env | ok |" in (tmp_path / name / "summary.md").read_text()
