@@ -111,6 +111,7 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
         check_cache_dir(default, "FASTRES_CACHE_DIR" if from_env
                         else "the tuning cache directory")
     from fastres.classify import UserError, in_cli_words, load_checkpoint, parse_device
+    from fastres.verify import out_of_memory
 
     try:
         parsed = [tuning.parse_dtype(d) for d in dtype_list]
@@ -152,7 +153,9 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
             try:
                 res = tuning.tune_model(net, batch_list, dtype, image_size,
                                         progress=progress)
-            except torch.cuda.OutOfMemoryError:
+            except Exception as exc:
+                if not out_of_memory(exc):
+                    raise
                 raise TuneUsageError(
                     f"out of memory on {dev} tuning {model} {name} at batch "
                     f"{', '.join(map(str, batch_list))}, {image_size}px (the layers tuned "

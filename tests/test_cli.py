@@ -982,12 +982,18 @@ def test_tune_on_cpu_says_nothing_is_tuned(capsys, monkeypatch, tmp_path):
     assert_usage_error(code, err, "--num-classes must be >= 1")
 
 
-def test_tune_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path):
-    """A batch or image size too big for the GPU was torch's OutOfMemoryError traceback."""
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB"),
+    MemoryError(),  # the host's (pinned buffers, the inputs of a CPU-side copy)
+    RuntimeError("CUDA error: out of memory"),  # a raw CUDA error, not the allocator's
+], ids=["torch", "host", "cuda-runtime"])
+def test_tune_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path, error):
+    """A batch or image size too big for the GPU was torch's OutOfMemoryError traceback; the
+    other forms an allocation failure takes were tracebacks until they were caught alike."""
     monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
 
     def oom(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
+        raise error
 
     monkeypatch.setattr(tuning, "tune_model", oom)
     tuning.configure(devices=("cpu",))  # (reach tune_model without a GPU)
