@@ -6,7 +6,9 @@ dtype, with and without residual and ReLU, odd sizes and channel counts off the 
 on NaN-poisoned output buffers.
 """
 
+import gc
 import pickle
+import weakref
 from dataclasses import fields, replace
 
 import pytest
@@ -533,6 +535,23 @@ def test_packed_weight_cache_follows_weight_changes():
                 case[1].add_(0.25)
             run_and_check(case, True, dtype)
         assert len(kc._PACKED) == n
+
+
+def test_packed_weight_goes_with_its_weight():
+    """A dropped weight's packed copies were kept until some later call missed the cache: the
+    last model's stem and grouped packings outlived it (device memory on a GPU)."""
+    from fastres.kernels import conv as kc
+
+    for shape in (SHAPES[9], SHAPES[8]):  # block-diagonal grouped, stem rows
+        case = make_case(shape, torch.float32)
+        run_and_check(case, True, torch.float32)
+        mine = [hit[1] for hit in kc._PACKED.values() if hit[0]() is case[1]]
+        assert len(mine) == 1
+        packed = weakref.ref(mine[0])
+        del case, mine
+        gc.collect()
+        assert packed() is None, "the packed copy outlived its weight"
+        assert all(ref() is not None for ref, _ in kc._PACKED.values())
 
 
 def test_packed_weight_cache_separates_group_counts():

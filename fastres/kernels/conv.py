@@ -543,8 +543,16 @@ def _packed_weight(weight: torch.Tensor, groups: int, pack: tuple) -> torch.Tens
             packed = pack_block_diagonal(weight, groups, pack[1])
         else:
             packed = pack_rows(weight, pack[1])
-    _PACKED[key] = (weakref.ref(weight), packed)
+    # the entry goes with the weight: a dropped model's packed copies (device memory, larger
+    # than the weight for block-diagonal packing) are freed with it, not at the next miss
+    _PACKED[key] = (weakref.ref(weight, functools.partial(_drop_packed, key)), packed)
     return packed
+
+
+def _drop_packed(key: tuple, ref: weakref.ref) -> None:
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0] is ref:  # (not a later entry that reused the key)
+        _PACKED.pop(key, None)
 
 
 def _interpreted() -> bool:
