@@ -27,7 +27,10 @@ they when the kernel choices are forgotten (``fastres.tune_model``, a tuning res
 cache), and a signature whose capture failed is tried again after either. Warm-up and capture
 run with autocast's weight cache off (a cached cast would be freed under the graph).
 ``param.data`` edits bypass version counters, as for the plan: call
-``model.invalidate_plan()`` (or :meth:`CUDAGraphModule.reset`) after them.
+``model.invalidate_plan()`` (or :meth:`CUDAGraphModule.reset`) after them. The graphs and
+their memory are let go at once when the wrapper is moved or cast (``.cpu()``, ``.half()``:
+not a ``.to()`` that changes nothing) and on a train-mode forward; moving the wrapped model
+itself drops its plan, and the graphs go at the wrapper's next call (or :meth:`reset`).
 
 Everything else runs the wrapped model unchanged: train mode, autograd recording, CPU input
 (with a one-time note), ``torch.compile`` tracing, and calls made while another graph is being
@@ -200,10 +203,22 @@ class CUDAGraphModule(nn.Module):
             _warnings.warn(f"fastres: {msg}")
 
     # -- the forward --------------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cpu(), .half(), ...: the wrapped model drops a plan that no longer matches
+        # it (fastres.ResNet._apply); the graphs that read it go now too, with their memory
+        out = super()._apply(fn, *args, **kwargs)
+        with self._lock:
+            self._check_valid()
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
         model = self.module
         if (model.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or not isinstance(x, Tensor)):
+            if (model.training and self._plan_cache is not None
+                    and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+                with self._lock:  # training changes the weights: the graphs' memory goes now
+                    self._drop()
             return model(x)
         if x.device.type != "cuda":
             self._say_once("cpu", f"CUDA graphs need CUDA input (got {x.device.type}); "

@@ -156,6 +156,9 @@ class ResNet(nn.Module):
       :meth:`invalidate_plan` after them (ordinary in-place edits, optimizer steps,
       ``load_state_dict``, ``.to()`` and ``.half()`` are detected), and after changing a
       weight parametrization's non-tensor state (its tensors are tracked).
+    - The plan (a folded copy of the weights) is dropped when ``.to()`` / ``.cpu()`` /
+      ``.half()`` ... move or cast the model and on a train-mode forward, so the memory it
+      holds is freed then; the next eval forward folds again.
     """
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int],
@@ -267,6 +270,8 @@ class ResNet(nn.Module):
         if reason is not None:
             if reason != "train":
                 _plan.say_eager_once(reason)
+            elif not _plan.tracing():
+                _plan.release(self)  # training changes the weights the plan was folded from
             return self._forward_impl(x)
         plan = _plan.plan_for_input(self, x)
         if plan is None:
@@ -290,6 +295,8 @@ class ResNet(nn.Module):
             plan = _plan.plan_for_input(self, x)
         elif reason not in (None, "train"):
             _plan.say_eager_once(reason)
+        elif reason == "train" and not _plan.tracing():
+            _plan.release(self)
         if plan is None:
             return self.forward_features_eager(x)
         return plan.run(x, features_only=True)
@@ -326,6 +333,16 @@ class ResNet(nn.Module):
     def invalidate_plan(self) -> None:
         """Drop the cached inference plan; the next eval forward rebuilds it."""
         object.__setattr__(self, "_plan_cache", None)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cpu(), .cuda(), .half(), ...: a plan folded from the old tensors is dropped
+        # now, with its references to them, so that the old copies (the GPU's, after .cpu())
+        # are freed at once; a .to() that changed nothing keeps it
+        out = super()._apply(fn, *args, **kwargs)
+        from fastres import plan as _plan
+
+        _plan.release(self, stale_only=True)
+        return out
 
     def __getstate__(self):  # pickling and deepcopy never carry a plan along
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__

@@ -807,6 +807,19 @@ class _PlanCache:
                 and structure(model) == self.structure)
 
 
+def release(model: nn.Module, stale_only: bool = False) -> None:
+    """Drop what fastres keeps for ``model``'s fused forward now rather than at its next eval
+    forward: the plan cache (the folded weights, and references to the tensors they were folded
+    from, which keep those alive) and the memoized module lists (which keep replaced submodules
+    alive). ``stale_only``: only when the cache no longer matches the model (after ``.to()``
+    moved or cast it; a ``.to()`` that changed nothing keeps the plan)."""
+    cache = model.__dict__.get("_plan_cache")
+    if cache is None or (stale_only and cache.valid_for(model)):
+        return
+    model.__dict__["_plan_cache"] = None
+    _modules_memo.pop(model, None)
+
+
 # Held while a plan is built (never on the hit path): threads that all miss at once (the first
 # requests of a threaded server) wait for one build instead of each folding the whole model.
 _build_lock = threading.RLock()

@@ -227,6 +227,31 @@ def test_failed_signatures_and_graphs_are_retried_after_invalidation():
     assert g.num_graphs == 0
 
 
+@pytest.mark.parametrize("how", ["cast", "train"])
+def test_casting_or_training_drops_the_graphs(how):
+    """``wrapper.half()`` / ``.cpu()`` or a train-mode forward kept the graphs (their memory
+    pool) and the plan they read until the next eval call; a ``.to()`` that changes nothing
+    keeps them. (CPU: a stand-in entry where a GPU would hold a captured graph.)"""
+    from fastres.ops import _backend
+
+    m = small_model().eval()
+    g = fastres.optimize(m)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        g(x)  # (CPU: the model's own forward, which builds the plan)
+    g._graphs[("captured",)] = object()
+    g._plan_cache, g._choices = m.__dict__["_plan_cache"], _backend.choice_epoch()
+    g.to(torch.float32)
+    assert g.num_graphs == 1, "a .to() that changed nothing dropped the graphs"
+    if how == "cast":
+        g.double()
+    else:
+        g.train()
+        g(x)
+    assert g.num_graphs == 0 and g._plan_cache is None
+    assert m.__dict__["_plan_cache"] is None
+
+
 # -- GPU -----------------------------------------------------------------------------------
 
 def cuda_twin():
@@ -382,6 +407,26 @@ def test_grad_and_train_mode_bypass_graphs():
     g.train()
     g(torch.randn(2, 3, 64, 64, device="cuda"))
     assert g.num_graphs == 0
+
+
+@pytest.mark.cuda
+def test_moving_the_wrapper_off_the_gpu_frees_its_memory():
+    """``wrapper.cpu()`` after captures freed neither the graphs' pool nor the plan's folded
+    weights (nor the old parameters, which the plan references) until the next call."""
+    import gc
+
+    m, g = cuda_twin()
+    with torch.no_grad():
+        g(torch.randn(8, 3, 64, 64, device="cuda"))
+    assert g.num_graphs == 1
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    g.cpu()
+    gc.collect()
+    torch.cuda.synchronize()
+    assert g.num_graphs == 0 and m.__dict__["_plan_cache"] is None
+    assert torch.cuda.memory_allocated() < before / 4, (before, torch.cuda.memory_allocated())
 
 
 @pytest.mark.cuda

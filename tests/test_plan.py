@@ -781,6 +781,63 @@ def test_models_and_plans_are_freed():
     assert [r() for r in refs] == [None] * len(refs)
 
 
+@pytest.mark.parametrize("change", ["cast", "move"])
+def test_moving_or_casting_the_model_frees_its_old_plan(change):
+    """``model.half()`` or ``model.cpu()`` after an eval forward kept the plan folded from the
+    old tensors, and with it the old copies (a full model's weights twice: the GPU memory a
+    ``.cpu()`` meant to free), until the next eval forward. A ``.to()`` that changes nothing
+    keeps the plan."""
+    import gc
+    import weakref
+
+    _, fr = _fresh_pair()
+    _run(fr, torch.randn(1, 3, 32, 32, device=DEVICE))
+    cache = fr.__dict__["_plan_cache"]
+    fr.to(DEVICE, torch.float32)  # nothing changes
+    assert fr.__dict__["_plan_cache"] is cache
+    refs = [weakref.ref(t) for t in cache.refs]  # (views of the folded-from storage)
+    refs += [weakref.ref(c.weight) for c in _plan(fr).convs()]
+    del cache
+    fr.to(torch.float64) if change == "cast" else fr.to("meta")  # (meta: another device)
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0, "the old plan outlived the change"
+    if change == "cast":
+        x = torch.randn(1, 3, 32, 32, device=DEVICE, dtype=torch.float64)
+        assert fr.__dict__["_plan_cache"] is None
+        _run(fr.float(), x.float())  # and the next eval forward folds again
+        assert fr.__dict__["_plan_cache"] is not None
+
+
+def test_training_frees_the_plan_and_replaced_modules():
+    """Fine-tuning after an eval check (eval forward, replace ``fc``, train) kept the plan's
+    folded weights and the old ``fc`` (held by the memoized module list) for the whole
+    training run; a train-mode forward now lets them go (training changes the weights: the
+    next eval forward folds again, and matches torchvision)."""
+    import gc
+    import weakref
+
+    tv, fr = _fresh_pair()
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    _run(fr, x)
+    old_fc = weakref.ref(fr.fc)
+    folded = weakref.ref(_plan(fr).stem.weight)
+    tv.fc = torch.nn.Linear(tv.fc.in_features, 5).to(DEVICE)
+    fr.fc = copy.deepcopy(tv.fc)
+    fr.train()
+    tv.train()
+    fr(x).sum().backward()
+    tv(x).sum().backward()
+    fr.forward_features(x)  # (the features path too, and torchvision's twin of it: the
+    tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))
+    # running statistics stay equal)
+    gc.collect()
+    assert old_fc() is None, "the replaced fc outlived a train-mode forward"
+    assert folded() is None, "the plan outlived a train-mode forward"
+    fr.eval()
+    tv.eval()
+    assert_close_rel(_run(fr, x), _run(tv, x), 1e-5, "eval after training")
+
+
 def _threads(fns, timeout=60.0):
     """Run each of ``fns`` in its own thread; re-raise the first exception."""
     import threading
