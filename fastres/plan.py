@@ -702,13 +702,27 @@ def _landed(entry: tuple) -> bool:
     owner = owner_ref()
     if owner is None or time.monotonic() > until:
         return True
-    held = id(getattr(owner, where).get(name, _ABSENT))
+    held = id(_in_slot(owner, where, name))
     return held == new_id or held != old_id
+
+
+def _in_slot(owner: nn.Module, where: str, name: str):
+    """What ``owner.<where>[name]`` holds (``_ABSENT``: nothing). A module's slots are dicts;
+    a TorchScript module's are dict-likes without ``get`` (``OrderedModuleDict``, which
+    ``torch.jit.load`` fills through these hooks): read by key, anything unreadable as
+    nothing (the registration then counts as landed: never stale, at worst a rebuild)."""
+    slots = getattr(owner, where, None)
+    if type(slots) is dict:
+        return slots.get(name, _ABSENT)
+    try:
+        return slots[name] if name in slots else _ABSENT
+    except Exception:  # noqa: BLE001 - any container a module subclass may use
+        return _ABSENT
 
 
 def _registration_hook(where: str):
     def hook(owner, name, value):
-        old = getattr(owner, where, {}).get(name, _ABSENT)
+        old = _in_slot(owner, where, name)
         entry = (weakref.ref(owner), where, name, id(value), id(old),
                  time.monotonic() + _PENDING_FOR)
         with _pending_lock:

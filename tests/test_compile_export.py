@@ -245,6 +245,29 @@ def test_jit_trace_eval():
         assert_close_rel(traced(x2), m(x2), 1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_jit_load_with_fastres_imported(tmp_path):
+    """``import fastres`` broke ``torch.jit.load`` of any TorchScript file with nested
+    modules (a traced fastres model, a scripted torchvision one): fastres's module
+    registration hooks called ``.get`` on a script module's ``OrderedModuleDict``."""
+    import torchvision
+
+    m = small_model("cpu").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        ref = m(x)
+        torch.jit.trace(m, (x,)).save(str(tmp_path / "traced.pt"))
+    torch.jit.script(torchvision.models.resnet18(num_classes=10).eval()).save(
+        str(tmp_path / "scripted.pt"))
+    traced = torch.jit.load(str(tmp_path / "traced.pt"))
+    scripted = torch.jit.load(str(tmp_path / "scripted.pt"))
+    with torch.no_grad():
+        assert_close_rel(traced(x), ref, 1e-5, "traced, saved and loaded")
+        assert scripted(x).shape == (2, 10)
+        assert_close_rel(m(x), ref, 0.0, "the model after the loads")  # (plan still right)
+
+
 def test_jit_trace_gives_no_tracer_warning():
     """Tracing gives no TracerWarning, as torchvision's trace gives none (the input checks and
     the empty-batch branch warned that the trace might not generalize: four warnings)."""
