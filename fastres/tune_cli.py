@@ -114,6 +114,10 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
     from fastres.verify import out_of_memory
 
     try:
+        pinned = tuning.mode() == "pinned"
+    except ValueError as exc:  # FASTRES_TUNE set to something else (an error on any machine)
+        raise TuneUsageError(str(exc)) from None
+    try:
         parsed = [tuning.parse_dtype(d) for d in dtype_list]
         if str(device).strip().lower().startswith("cuda") and not torch.cuda.is_available():
             echo("fastres tune: no CUDA device here; nothing to tune (CPU runs the reference "
@@ -123,10 +127,6 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
         state = load_checkpoint(weights, model) if weights else None
     except (ValueError, RuntimeError, UserError) as exc:
         raise TuneUsageError(in_cli_words(str(exc))) from None
-    try:
-        pinned = tuning.mode() == "pinned"
-    except ValueError as exc:  # FASTRES_TUNE set to something else
-        raise TuneUsageError(str(exc)) from None
     if pinned:
         echo("fastres tune: FASTRES_TUNE=0 or deterministic mode is on: choices are pinned, "
              "nothing to tune.")

@@ -641,9 +641,12 @@ def test_fastres_tune_env_value_not_understood_is_an_error(tuner, monkeypatch, v
                                        1, 1, 1, 1)
     with pytest.raises(ValueError, match="FASTRES_TUNE"):
         kc._choose_config(prob, lambda cfg: None)
-    assert cli.main(["tune", "resnet18", "--batch", "1", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert "FASTRES_TUNE" in err and "Traceback" not in err
+    # on the CPU and with the default --device cuda, also where there is no GPU (it said
+    # "nothing to tune" there, exit 0, before reading the variable)
+    for device in ("cpu", "cuda"):
+        assert cli.main(["tune", "resnet18", "--batch", "1", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert "FASTRES_TUNE" in err and "Traceback" not in err
 
 
 def test_pinned_mode_runs_the_first_row_even_after_tuning(monkeypatch):
