@@ -456,20 +456,26 @@ class TuningCache:
 
     def _write(self, entries: dict[str, dict]) -> None:
         data = {"format": FORMAT, "schema": SCHEMA, "env": self.env, "entries": entries}
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
-                                   dir=self.path.parent)
-        try:
+        fd, tmp, f = -1, None, None
+        try:  # (mkstemp inside: an interrupt right after it still removes the file)
+            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
+                                       dir=self.path.parent)
             if hasattr(os, "fchmod"):  # mkstemp makes it 0600: other users could not read it
                 os.fchmod(fd, _FILE_MODE)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f = os.fdopen(fd, "w", encoding="utf-8")  # (closes fd from here on)
+            with f:
                 json.dump(data, f, indent=1, sort_keys=True)
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if f is None and fd >= 0:  # (the descriptor leaked when fchmod failed)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             raise
 
 

@@ -9,6 +9,7 @@ files, concurrent writers, pinned mode, and "a second process tunes nothing". Th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -445,6 +446,28 @@ def test_atomic_write_leaves_no_temporaries(tuner):
     files = sorted(p.name for p in tuning.cache_path("cpu").parent.iterdir())
     assert [f for f in files if f.endswith(".tmp")] == []
     assert len([f for f in files if f.endswith(".json")]) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod") or not os.path.isdir("/proc/self/fd"),
+                    reason="POSIX file modes, /proc")
+@pytest.mark.parametrize("error", [KeyboardInterrupt, PermissionError])
+def test_an_interrupted_write_leaves_no_file_or_descriptor(tmp_path, monkeypatch, error):
+    """A write stopped after its temporary was made (Ctrl-C, a failing chmod) removes the
+    file and closes its descriptor (the descriptor was left open when fchmod raised)."""
+    path = tmp_path / "c.json"
+    cache = tuning.TuningCache(path, {"device": "test"})
+
+    def fchmod(fd, mode):
+        raise error("stopped here")
+
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    with contextlib.suppress(error), warnings.catch_warnings():
+        warnings.simplefilter("ignore", tuning.TuningCacheWarning)  # (the OSError's)
+        cache.put("k1", {"backend": "torch", "label": "t"})
+    monkeypatch.undo()
+    assert list(tmp_path.glob("*.tmp")) == []
+    assert len(os.listdir("/proc/self/fd")) == fds, "the temporary's descriptor leaked"
 
 
 def test_merge_on_write_keeps_other_writers_entries(tmp_path):
