@@ -18,8 +18,8 @@ Aliasing rule: **every call returns a fresh tensor** (a copy of the graph's stat
 so a result the caller holds is never overwritten by a later call. The copy is one
 ``[N, num_classes]`` tensor per call.
 
-Bound: at most ``max_graphs`` keys are captured; calls with further keys run the model
-without a graph (said once). Invalidation: the graphs read the inference plan's folded
+Bound: at most ``max_graphs`` keys are captured or tried (a failed capture counts); calls
+with further keys run the model without a graph (said once). Invalidation: the graphs read the inference plan's folded
 weights, so they are valid exactly while the plan is (:meth:`fastres.plan._PlanCache.valid_for`:
 no parameter or buffer changed, was replaced or moved). When it is not, every graph is
 dropped and keys are captured again on their next call (the bound counts from zero); so are
@@ -241,7 +241,9 @@ class CUDAGraphModule(nn.Module):
         if entry is None:
             if key in self._failed:
                 return model(x)
-            if len(self._graphs) >= self.max_graphs:
+            # (failed signatures count: a model whose capture fails tends to fail for every
+            # shape, and each attempt costs warm-up calls and a capture)
+            if len(self._graphs) + len(self._failed) >= self.max_graphs:
                 self._say_once("bound", f"more than max_graphs={self.max_graphs} input "
                                f"signatures; {tuple(x.shape)} {x.dtype} and further new ones "
                                "run without a CUDA graph")

@@ -252,6 +252,32 @@ def test_casting_or_training_drops_the_graphs(how):
     assert m.__dict__["_plan_cache"] is None
 
 
+def test_failed_captures_count_toward_the_bound(monkeypatch):
+    """Every new signature of a model whose capture fails was tried again (warm-up calls and a
+    capture each, and a remembered signature and warning each, without bound); failed tries
+    now count toward ``max_graphs``. (CPU: a stand-in capture that fails.)"""
+    m = small_model().eval()
+    g = fastres.optimize(m, max_graphs=3)
+    tried = []
+
+    def failing_capture(key, x):  # (as _capture's failure path leaves the wrapper)
+        from fastres.ops import _backend
+
+        tried.append(key)
+        m(x)  # (the warm-up, which builds the plan)
+        g._plan_cache, g._choices = m.__dict__["_plan_cache"], _backend.choice_epoch()
+        g._failed.add(key)
+        return None
+
+    monkeypatch.setattr(g, "_capture", failing_capture)
+    with torch.no_grad(), warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        for size in range(32, 48):
+            x = torch.randn(1, 3, size, size)
+            assert_close_rel(g._graphed(m, x), m(x), 0.0, f"size {size}")
+    assert len(tried) == 3 and len(g._failed) == 3
+
+
 # -- GPU -----------------------------------------------------------------------------------
 
 def cuda_twin():
