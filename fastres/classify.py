@@ -243,9 +243,10 @@ def _fused_preprocess():
 _said_fallback: set[str] = set()
 
 
-def _say_fallback_once(reason: str) -> None:
-    if reason not in _said_fallback:
-        _said_fallback.add(reason)
+def _say_fallback_once(reason: str, kind: str | None = None) -> None:
+    """Warn once per ``kind`` of fallback (default: per ``reason``; a reason that carries a
+    measured value passes its kind, or each batch would warn again)."""
+    if _warnings.first_time(_said_fallback, reason if kind is None else kind):
         _warnings.warn(f"fastres: fused preprocess not used ({reason}); using plain torch")
 
 
@@ -275,7 +276,8 @@ def normalize(images: Tensor, dtype: torch.dtype = torch.float32,
                 / torch.linalg.vector_norm(ref.double().flatten()).clamp_min(1e-30))
     limit = 1e-5 if dtype == torch.float32 else 1e-2
     if not err <= limit:
-        _say_fallback_once(f"disagrees with torchvision's recipe: relative error {err:.2e}")
+        _say_fallback_once(f"disagrees with torchvision's recipe: relative error {err:.2e}",
+                           "disagrees")
         return ref, "torch"
     return out.to(dtype).contiguous(memory_format=torch.channels_last), "fused"
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -535,6 +536,27 @@ def test_normalize_agrees_with_torchvision_normalize():
     out, _ = normalize(u8, torch.float32)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_disagreeing_fused_preprocess_is_said_once(monkeypatch):
+    """The fallback warning carried the measured error, so each batch's new value warned
+    again: one warning per kind of fallback."""
+    from fastres import classify
+
+    def off_by_some(images, layout, mean, std, dtype):  # a wrong fused op, wrong differently
+        ref = classify.normalize_torch(images, dtype, mean, std)
+        return ref + torch.rand(()) + 1.0
+
+    monkeypatch.setattr(classify, "_fused_preprocess", lambda: off_by_some)
+    monkeypatch.setattr(classify, "_said_fallback", set())
+    u8 = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out, how = classify.normalize(u8)
+            assert how == "torch"
+            torch.testing.assert_close(out, classify.normalize_torch(u8, torch.float32))
+    assert len([w for w in said if "disagrees" in str(w.message)]) == 1, said
 
 
 @pytest.mark.parametrize("case", [
