@@ -681,10 +681,13 @@ _registrations = 0
 # microseconds after its hook; one that never does (another hook raised, or the name was
 # deleted again before anything looked: the slot then still holds "absent") stops counting
 # as pending after _PENDING_FOR seconds, so memos are not disabled for good.
-# (owner ref, "_modules"/"_parameters"/"_buffers", name, id of the new value, id of the old,
-# when it stops counting)
-_pending: list[tuple] = []
-_pending_lock = threading.Lock()
+# Entries: token -> (owner ref, "_modules"/"_parameters"/"_buffers", name, id of the new
+# value, id of the old, when it stops counting). No lock: these hooks run on every
+# registration in the process, also from a garbage collector's finalizer inside a hook (a
+# lock held there deadlocked) and in a child forked while another thread was inside one (it
+# hung). Each operation on the dict is atomic; pruning pops only the entries it saw landed.
+_pending: dict[int, tuple] = {}
+_pending_tokens = itertools.count()
 _ABSENT = object()
 _PENDING_FOR = 1.0
 
@@ -722,26 +725,40 @@ def _in_slot(owner: nn.Module, where: str, name: str):
 
 def _registration_hook(where: str):
     def hook(owner, name, value):
+        if torch.compiler.is_compiling():
+            # Dynamo traces the hooks of a registration inside a compiled forward (a module
+            # assigning a buffer or parameter there: a step counter, an EMA, a cache); it
+            # cannot trace a clock, a weak reference or a lock (fullgraph and strict export
+            # failed, others got a graph break). fastres's memos are not read while tracing,
+            # and the slot identity checks still see a tensor replaced in a fastres model.
+            return
         old = _in_slot(owner, where, name)
         entry = (weakref.ref(owner), where, name, id(value), id(old),
                  time.monotonic() + _PENDING_FOR)
-        with _pending_lock:
-            if len(_pending) >= 32:  # (earlier ones have landed by now, but for a race)
-                _pending[:] = [e for e in _pending if not _landed(e)]
-            _pending.append(entry)
+        if len(_pending) >= 32:  # (earlier ones have landed by now, but for a race)
+            _prune_pending()
+        _pending[next(_pending_tokens)] = entry
         _bump()
     return hook
+
+
+def _prune_pending() -> None:
+    for token, entry in _pending.copy().items():
+        if _landed(entry):
+            _pending.pop(token, None)
 
 
 def _current_registrations() -> int:
     """The registration count to remember as current: -1 while a registration has not
     landed yet."""
+    # the count first: a hook adds its entry before it bumps the count, so a count read
+    # before the pending check is never newer than the registrations that check saw
+    count = _registrations
     if _pending:
-        with _pending_lock:
-            _pending[:] = [e for e in _pending if not _landed(e)]
-            if _pending:
-                return -1
-    return _registrations
+        _prune_pending()
+        if _pending:
+            return -1
+    return count
 
 
 try:  # torch >= 2.0

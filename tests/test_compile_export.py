@@ -229,6 +229,39 @@ def test_export_save_load_roundtrip(tmp_path):
         assert_close_rel(loaded.module()(x), m(x), 1e-5)
 
 
+class _Counting(torch.nn.Module):
+    """Not fastres: a module that assigns a buffer and a parameter in its forward (a step
+    counter, an EMA), as much code compiled in the same process does."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(()))
+        self.scale = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        self.steps = self.steps + 1
+        self.register_buffer("last", x.detach().sum())
+        self.scale = self.scale  # (re-registers the parameter)
+        return x * self.scale + self.steps
+
+
+@pytest.mark.filterwarnings("ignore:While compiling, we found certain side effects")
+@pytest.mark.parametrize("how", ["compile", "export"])
+def test_unrelated_code_that_registers_in_forward_still_compiles(how):
+    """fastres's process-wide registration hooks ran a clock, a weak reference and a lock
+    inside any compiled forward that assigned a buffer or parameter: with fastres imported,
+    ``torch.compile(fullgraph=True)`` and strict ``torch.export`` of such unrelated modules
+    failed (others got a graph break)."""
+    m, x = _Counting(), torch.randn(2, 3)
+    ref = _Counting()(x)
+    if how == "compile":
+        out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+        assert float(m.steps) == 1.0
+    else:
+        out = torch.export.export(m, (x,), strict=True).module()(x)
+    assert_close_rel(out, ref, 0.0, how)
+
+
 # -- torch.jit.trace ------------------------------------------------------------------------
 
 def test_jit_trace_eval():

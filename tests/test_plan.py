@@ -922,6 +922,40 @@ def test_a_registration_that_never_lands_stops_counting_as_pending(monkeypatch):
         assert_matches_torchvision(fr(x), tv, x, "after a registration that never landed")
 
 
+def test_a_registration_inside_fastres_bookkeeping_does_not_deadlock():
+    """fastres's registration hooks run on every module registration in the process; their
+    bookkeeping held a lock while it looked at modules, and a registration made meanwhile (a
+    garbage collector's finalizer building a module, say) waited for that lock forever. Here
+    the bookkeeping itself builds a module, in a child process (a hang must not stop the
+    suite)."""
+    import subprocess
+
+    code = """if True:
+        import torch
+        import fastres.plan as plan
+        landed, inside = plan._landed, []
+
+        def building_a_module(entry):
+            if not inside:
+                inside.append(torch.nn.Linear(1, 1))  # (a registration, in the bookkeeping)
+            return landed(entry)
+
+        plan._landed = building_a_module
+        m = torch.nn.Module()
+        m.register_buffer("a", torch.zeros(1))
+        plan._current_registrations()  # (prunes: builds the module, in the bookkeeping)
+        assert inside
+        assert plan._current_registrations() == plan._registrations  # all landed
+        print("done")
+    """
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a registration made inside fastres's bookkeeping hung")
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_threads_missing_the_plan_together_build_it_once(monkeypatch):
     """The first calls of a threaded server all miss the plan at once: one folds the model,
     the others wait for that plan (each used to fold its own, N times the work and memory),
