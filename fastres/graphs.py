@@ -213,10 +213,9 @@ class CUDAGraphModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         model = self.module
-        if (model.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or not isinstance(x, Tensor)):
-            if (model.training and self._plan_cache is not None
-                    and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        traced = _plan.tracing()
+        if model.training or traced or not isinstance(x, Tensor):
+            if not traced and model.training and self._plan_cache is not None:
                 with self._lock:  # training changes the weights: the graphs' memory goes now
                     self._drop()
             return model(x)

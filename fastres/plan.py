@@ -74,7 +74,16 @@ def tracing() -> bool:
     so a traced eval forward folds BatchNorm as recorded ops on the parameters instead (see
     :func:`plan_for_input`): the graph stays a function of the module's state, never stale.
     """
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return _dynamo_tracing() or _exporting() or torch.jit.is_tracing()
+
+
+# Not torch.compiler.is_compiling(): from torch 2.14 that is true in every thread for as long
+# as any thread compiles, so a model served in one thread while another compiled would have
+# taken the traced path (an uncached plan folded on every call) and its registrations would
+# have gone uncounted. is_dynamo_compiling() is true only in code dynamo traces;
+# is_exporting(), only while an export runs (non-strict export runs the forward for real).
+_dynamo_tracing = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
 
 
 def say_eager_once(reason: str) -> None:
@@ -287,8 +296,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
         hit = _unsupported_memo.get(model)
         if hit is not None and hit[0] == _registrations and hit[1] == struct:
             return hit[2]
+        now = _current_registrations()  # (before the walk: see _PlanCache.valid_for)
         reason = _unsupported_reason(model)
-        _unsupported_memo[model] = (_current_registrations(), struct, reason)
+        _unsupported_memo[model] = (now, struct, reason)
         return reason
     return _unsupported_reason(model)
 
@@ -725,12 +735,14 @@ def _in_slot(owner: nn.Module, where: str, name: str):
 
 def _registration_hook(where: str):
     def hook(owner, name, value):
-        if torch.compiler.is_compiling():
+        if _dynamo_tracing():
             # Dynamo traces the hooks of a registration inside a compiled forward (a module
             # assigning a buffer or parameter there: a step counter, an EMA, a cache); it
-            # cannot trace a clock, a weak reference or a lock (fullgraph and strict export
-            # failed, others got a graph break). fastres's memos are not read while tracing,
-            # and the slot identity checks still see a tensor replaced in a fastres model.
+            # cannot trace a clock or a weak reference (fullgraph and strict export failed,
+            # others got a graph break). The count is bumped (dynamo replays the global's
+            # update after the graph; its own replay of the assignment may not run this
+            # hook), with no pending entry.
+            _bump()
             return
         old = _in_slot(owner, where, name)
         entry = (weakref.ref(owner), where, name, id(value), id(old),
@@ -824,13 +836,17 @@ class _PlanCache:
     def valid_for(self, model: nn.Module) -> bool:
         _modules(model, check_tree=True)  # (a deleted or inserted submodule: a registration)
         if not _HOOKS or self.registrations != _registrations:
+            # the count read before the walk: one read after it could include a registration
+            # that landed after the walk had passed its slot, and would be kept as current
+            # with the old tree (stale until anything else registered anywhere)
+            now = _current_registrations()
             slots = [(d, name) for m in model.modules() for d in (m._parameters, m._buffers)
                      for name in d]
             if len(slots) != len(self.slots) or any(
                     d is not d0 or n != n0
                     for (d, n), d0, n0 in zip(slots, self.slots, self.names)):
                 return False
-            self.registrations = _current_registrations()
+            self.registrations = now
         live = self.live
         return (all(map(operator.is_, map(dict.get, self.slots, self.names), self.tensors))
                 and list(map(self.version_of, live)) == self.versions

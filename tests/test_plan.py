@@ -956,6 +956,42 @@ def test_a_registration_inside_fastres_bookkeeping_does_not_deadlock():
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_a_compile_in_another_thread_leaves_eager_forwards_alone():
+    """From torch 2.14, ``torch.compiler.is_compiling()`` is true in every thread while any
+    thread compiles: a model served meanwhile took the traced path (a plan folded again on
+    every call, never cached), and a submodule replaced meanwhile was not counted (its plan
+    went stale). (On torch 2.11 the flag is not shared: this passes either way there.)"""
+    import threading
+
+    tv, fr = _fresh_pair()
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    compiling, done = threading.Event(), threading.Event()
+
+    def waiting_backend(gm, example_inputs):
+        compiling.set()
+        assert done.wait(120)
+        return gm
+
+    t = threading.Thread(target=lambda: torch.compile(lambda v: v.sin() + 1,
+                                                      backend=waiting_backend)(torch.randn(3)),
+                         daemon=True)
+    t.start()
+    try:
+        assert compiling.wait(120)
+        _run(fr, x)
+        assert fr.__dict__["_plan_cache"] is not None, "an eager forward was taken as traced"
+        new_bn = copy.deepcopy(fr.layer1[0].bn1)
+        with torch.no_grad():
+            new_bn.weight.mul_(3.0)
+        fr.layer1[0].bn1 = new_bn
+        tv.layer1[0].bn1 = copy.deepcopy(new_bn)
+        with torch.no_grad():
+            assert_matches_torchvision(fr(x), tv, x, "after a bn1 swap during a compile")
+    finally:
+        done.set()
+        t.join(120)
+
+
 def test_threads_missing_the_plan_together_build_it_once(monkeypatch):
     """The first calls of a threaded server all miss the plan at once: one folds the model,
     the others wait for that plan (each used to fold its own, N times the work and memory),
