@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -430,6 +431,7 @@ class TuningCache:
                 merged = self._read(warn=False, for_merge=True)
                 merged.update(self._new)
                 self._write(merged)
+                self._sweep_temporaries()
         except Exception as exc:  # read-only directory, lock timeout, disk full, ...
             if not self._write_failed:
                 self._write_failed = True
@@ -454,10 +456,20 @@ class TuningCache:
         except OSError:  # (a folder we may not look into): nothing more to say
             return None
 
+    def _sweep_temporaries(self) -> None:
+        """Remove temporaries that writers left behind (killed, or interrupted inside
+        ``mkstemp``, before the file had a name to clean up): writes happen under the lock
+        this holds, so an old one belongs to no writer."""
+        cutoff = time.time() - _STALE_TMP_S
+        for tmp in self.path.parent.glob(glob.escape(self.path.name) + ".*.tmp"):
+            with contextlib.suppress(OSError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+
     def _write(self, entries: dict[str, dict]) -> None:
         data = {"format": FORMAT, "schema": SCHEMA, "env": self.env, "entries": entries}
         fd, tmp, f = -1, None, None
-        try:  # (mkstemp inside: an interrupt right after it still removes the file)
+        try:
             fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
                                        dir=self.path.parent)
             if hasattr(os, "fchmod"):  # mkstemp makes it 0600: other users could not read it
@@ -479,6 +491,7 @@ class TuningCache:
             raise
 
 
+_STALE_TMP_S = 600.0  # a temporary older than this, seen under the lock, is a dead writer's
 _FILE_MODE = 0o644  # a shared cache directory: everyone reads, the owner rewrites
 _caches: dict[Path | str, TuningCache] = {}
 
@@ -800,7 +813,10 @@ def _say_once(key: str, msg: str) -> None:
 
 
 def _tuning_allowed(device: torch.device) -> str | None:
-    if torch.compiler.is_compiling():
+    from fastres.plan import tracing  # (not is_compiling(): true in every thread while one
+                                      # compiles, from torch 2.14)
+
+    if tracing():
         return "torch.compile tracing"
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return "CUDA graph capture"
