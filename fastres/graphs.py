@@ -18,19 +18,20 @@ Aliasing rule: **every call returns a fresh tensor** (a copy of the graph's stat
 so a result the caller holds is never overwritten by a later call. The copy is one
 ``[N, num_classes]`` tensor per call.
 
-Bound: at most ``max_graphs`` keys are captured or tried (a failed capture counts); calls
-with further keys run the model without a graph (said once). Invalidation: the graphs read the inference plan's folded
-weights, so they are valid exactly while the plan is (:meth:`fastres.plan._PlanCache.valid_for`:
-no parameter or buffer changed, was replaced or moved). When it is not, every graph is
-dropped and keys are captured again on their next call (the bound counts from zero); so are
-they when the kernel choices are forgotten (``fastres.tune_model``, a tuning reset or a new
-cache), and a signature whose capture failed is tried again after either. Warm-up and capture
-run with autocast's weight cache off (a cached cast would be freed under the graph).
-``param.data`` edits bypass version counters, as for the plan: call
-``model.invalidate_plan()`` (or :meth:`CUDAGraphModule.reset`) after them. The graphs and
-their memory are let go at once when the wrapper is moved or cast (``.cpu()``, ``.half()``:
-not a ``.to()`` that changes nothing) and on a train-mode forward; moving the wrapped model
-itself drops its plan, and the graphs go at the wrapper's next call (or :meth:`reset`).
+Bound: at most ``max_graphs`` keys are captured or tried (a failed capture counts); calls with
+further keys run the model without a graph (said once). Invalidation: the graphs read the
+inference plan's folded weights, so they are valid exactly while the plan is
+(:meth:`fastres.plan._PlanCache.valid_for`: no parameter or buffer changed, was replaced or
+moved). When it is not, every graph is dropped and keys are captured again on their next call
+(the bound counts from zero); so are they when the kernel choices are forgotten
+(``fastres.tune_model``, a tuning reset or a new cache), and a signature whose capture failed
+is tried again after either. Warm-up and capture run with autocast's weight cache off (a
+cached cast would be freed under the graph). ``param.data`` edits bypass version counters, as
+for the plan: call ``model.invalidate_plan()`` (or :meth:`CUDAGraphModule.reset`) after them.
+The graphs and their memory are let go at once when the wrapper is moved or cast (``.cpu()``,
+``.half()``: not a ``.to()`` that changes nothing) and on a train-mode forward; moving the
+wrapped model itself drops its plan, and the graphs go at the wrapper's next call (or
+:meth:`reset`).
 
 Everything else runs the wrapped model unchanged: train mode, autograd recording, CPU input
 (with a one-time note), ``torch.compile`` tracing, and calls made while another graph is being

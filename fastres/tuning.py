@@ -461,10 +461,11 @@ class TuningCache:
         ``mkstemp``, before the file had a name to clean up): writes happen under the lock
         this holds, so an old one belongs to no writer."""
         cutoff = time.time() - _STALE_TMP_S
-        for tmp in self.path.parent.glob(glob.escape(self.path.name) + ".*.tmp"):
-            with contextlib.suppress(OSError):
-                if tmp.stat().st_mtime < cutoff:
-                    tmp.unlink()
+        with contextlib.suppress(OSError):  # (the write succeeded: this must not undo it)
+            for tmp in self.path.parent.glob(glob.escape(self.path.name) + ".*.tmp"):
+                with contextlib.suppress(OSError):
+                    if tmp.stat().st_mtime < cutoff:
+                        tmp.unlink()
 
     def _write(self, entries: dict[str, dict]) -> None:
         data = {"format": FORMAT, "schema": SCHEMA, "env": self.env, "entries": entries}
