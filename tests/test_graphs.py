@@ -452,7 +452,11 @@ def test_moving_the_wrapper_off_the_gpu_frees_its_memory():
     gc.collect()
     torch.cuda.synchronize()
     assert g.num_graphs == 0 and m.__dict__["_plan_cache"] is None
-    assert torch.cuda.memory_allocated() < before / 4, (before, torch.cuda.memory_allocated())
+    # the weights moved off, and the plan's folded copy of them freed (workspaces and other
+    # allocations the process keeps may stay)
+    weights = sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+    freed = before - torch.cuda.memory_allocated()
+    assert freed >= 1.5 * weights, (before, freed, weights)
 
 
 @pytest.mark.cuda
