@@ -533,10 +533,11 @@ def _packed_weight(weight: torch.Tensor, groups: int, pack: tuple) -> torch.Tens
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is weight:
         return hit[1]
-    # drop the packings of dead weights, and of this weight's earlier contents (an edit in
-    # place, say an optimizer step between calls, would otherwise keep one stale copy each)
+    # drop the packings of this weight's earlier contents (an edit in place, say an optimizer
+    # step between calls, would otherwise keep one stale copy each); a dead weight's entries
+    # went with it (_drop_packed)
     for k in [k for k, (ref, _) in list(_PACKED.items())
-              if ref() is None or (ref() is weight and k[1:3] != key[1:3])]:
+              if ref() is weight and k[1:3] != key[1:3]]:
         _PACKED.pop(k, None)  # (another thread may have pruned it)
     with torch.no_grad():
         if pack[0] == "blockdiag":
