@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import operator
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -283,23 +284,80 @@ class ResNet(nn.Module):
         ``h, w`` the input's size over 32, rounded up (over 16 or 8 with
         ``replace_stride_with_dilation``). On the fused path (eval mode) the result is
         channels-last in the compute dtype: call ``.contiguous()`` before ``.view()``."""
-        from fastres import plan as _plan
-
-        plan = None
-        if isinstance(x, torch.fx.Proxy):  # torch.fx symbolic tracing
-            return self.forward_features_eager(x)
-        if _onnx_exporting():
-            return self.forward_features_eager(x)
-        reason = _plan.eager_reason(self, x)
-        if reason is None and x.shape[0] > 0:  # (eager: [0, C, h, w])
-            plan = _plan.plan_for_input(self, x)
-        elif reason not in (None, "train"):
-            _plan.say_eager_once(reason)
-        elif reason == "train" and not _plan.tracing():
-            _plan.release(self)
+        plan = self._features_plan(x)
         if plan is None:
             return self.forward_features_eager(x)
         return plan.run(x, features_only=True)
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """The feature maps of several stages in one forward, for detection and segmentation
+        backbones (timm's API): stage 0 is the stem's activation before the max-pool (64
+        channels, the input's size over 2), stages 1-4 are ``layer1``-``layer4``'s outputs
+        (over 4, 8, 16, 32, or 8 from the dilated stages on with
+        ``replace_stride_with_dilation``).
+
+        ``indices``: ``None`` for all five stages, an int ``n`` for the last ``n``, or a
+        sequence of stage numbers (negative ones count from the end, ``-1`` is ``layer4``).
+        The list returned holds each chosen stage once, in stage order. ``stop_early=True``
+        runs no stage after the last chosen one. Returns ``(final, intermediates)``, with
+        ``final`` the last stage run (``layer4``'s output unless ``stop_early``; after the
+        max-pool if only stage 0 ran), or the list alone with ``intermediates_only=True``.
+        ``norm`` is accepted for timm's signature and does nothing (ResNet has no final norm);
+        ``output_fmt`` must be ``"NCHW"`` (the shape's order; on the fused path the tensors
+        are channels-last in memory, in the compute dtype, as :meth:`forward_features`'s).
+
+        In eval mode the stages run fused, as :meth:`forward_features` does; asking for stage
+        0 replaces the fused stem by its convolution and a separate max-pool, so the
+        activation before the pool is written. Otherwise, and wherever the forward would run
+        eagerly, torchvision's modules run (the stage outputs are then theirs)."""
+        take, last = _take_indices(indices)
+        if output_fmt != "NCHW":
+            raise ValueError(f"forward_intermediates: output_fmt must be 'NCHW' (the only "
+                             f"format of a ResNet's feature maps), got {output_fmt!r}")
+        for name, flag in (("norm", norm), ("stop_early", stop_early),
+                           ("intermediates_only", intermediates_only)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"forward_intermediates: {name} must be a bool, got {flag!r}")
+        taps = (take, last if stop_early else 4)
+        plan = self._features_plan(x)
+        if plan is None:
+            final, kept = self.forward_intermediates_eager(x, *taps)
+        else:
+            final, kept = plan.run(x, taps=taps)
+        return kept if intermediates_only else (final, kept)
+
+    def forward_intermediates_eager(self, x: Tensor, take: Sequence[int] = (0, 1, 2, 3, 4),
+                                    last: int = 4) -> tuple[Tensor, list[Tensor]]:
+        """torchvision's modules run stage by stage up to stage ``last``: ``(the last stage's
+        output, [the outputs of the stages in take])`` (see :meth:`forward_intermediates`)."""
+        kept = []
+        x = self.relu(self.bn1(self.conv1(x)))
+        if 0 in take:
+            kept.append(x)
+        x = self.maxpool(x)
+        for stage in range(1, last + 1):
+            x = getattr(self, f"layer{stage}")(x)
+            if stage in take:
+                kept.append(x)
+        return x, kept
+
+    def _features_plan(self, x: Tensor):
+        """The plan :meth:`forward_features` and :meth:`forward_intermediates` run, or
+        ``None`` for torchvision's eager code (said once why, as the forward does)."""
+        from fastres import plan as _plan
+
+        if isinstance(x, torch.fx.Proxy) or _onnx_exporting():  # fx symbolic tracing, ONNX
+            return None
+        reason = _plan.eager_reason(self, x, head=False)  # (an fc replaced by Identity is fine)
+        if reason is None and x.shape[0] > 0:  # (eager: [0, C, h, w])
+            return _plan.plan_for_input(self, x)
+        if reason not in (None, "train"):
+            _plan.say_eager_once(reason)
+        elif reason == "train" and not _plan.tracing():
+            _plan.release(self)
+        return None
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Global average pool + ``fc`` on features from :meth:`forward_features`; with
@@ -349,6 +407,50 @@ class ResNet(nn.Module):
         state = dict(state)
         state["_plan_cache"] = None
         return state
+
+
+NUM_STAGES = 5  # forward_intermediates' stages: the stem (before its max-pool), layer1-layer4
+
+
+def _as_index(v) -> int | None:
+    """``v`` as an int if it is one (a numpy or 0-d tensor integer too), not a bool."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def _take_indices(indices) -> tuple[tuple[int, ...], int]:
+    """timm's ``feature_take_indices`` for the five stages: ``(the chosen stages in order,
+    each once, the last of them)``, with a clear error for anything else."""
+    what = "forward_intermediates: indices must be None, an int n (the last n stages) or " \
+           f"a sequence of stage numbers in -{NUM_STAGES}..{NUM_STAGES - 1}"
+    if indices is None:
+        indices = NUM_STAGES
+    if isinstance(indices, (bool, str, bytes)):
+        raise TypeError(f"{what}, got {indices!r}")
+    n = _as_index(indices)
+    if n is not None:
+        if not 1 <= n <= NUM_STAGES:
+            raise ValueError(f"{what}; the last n needs 1 <= n <= {NUM_STAGES}, got {n}")
+        return tuple(range(NUM_STAGES - n, NUM_STAGES)), NUM_STAGES - 1
+    try:
+        items = list(indices)
+    except TypeError:
+        raise TypeError(f"{what}, got {indices!r}") from None
+    take = set()
+    for item in items:
+        i = _as_index(item)
+        if i is None:
+            raise TypeError(f"{what}, got {indices!r} (holding {item!r})")
+        if not -NUM_STAGES <= i < NUM_STAGES:
+            raise ValueError(f"{what}, got {indices!r} (holding {i})")
+        take.add(i % NUM_STAGES)
+    if not take:
+        raise ValueError(f"{what}, got an empty {type(indices).__name__}")
+    return tuple(sorted(take)), max(take)
 
 
 def _onnx_exporting() -> bool:

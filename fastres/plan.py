@@ -44,9 +44,9 @@ SUPPORTED_COMPUTE_DTYPES = FLOAT_DTYPES  # float32, float16, bfloat16
 # dispatch otherwise (see InferencePlan.run): the dispatcher's Python layers cost ~50 us per
 # call on a CPU, more than a small layer's kernel.
 _OPS = (torch.ops.fastres.stem.default, torch.ops.fastres.conv_bias_act.default,
-        torch.ops.fastres.avgpool_linear.default)
-_OP_NAMES = ("stem", "conv_bias_act", "avgpool_linear")
-_STEM_OP, _CONV_OP, _HEAD_OP = range(3)  # indices into _OPS and _OP_NAMES
+        torch.ops.fastres.avgpool_linear.default, torch.ops.fastres.max_pool2d.default)
+_OP_NAMES = ("stem", "conv_bias_act", "avgpool_linear", "max_pool2d")
+_STEM_OP, _CONV_OP, _HEAD_OP, _POOL_OP = range(4)  # indices into _OPS and _OP_NAMES
 # input signatures whose implementation choices one plan remembers (the oldest goes first)
 _DISPATCH_MEMO_SIZE = 32
 
@@ -192,8 +192,9 @@ def check_input(model: nn.Module, x) -> None:
                              f"unless autocast is on, got {x.dtype}")
 
 
-def eager_reason(model: nn.Module, x) -> str | None:
-    """Why this forward must run eagerly (``None``: the plan runs). Also checks ``x``."""
+def eager_reason(model: nn.Module, x, head: bool = True) -> str | None:
+    """Why this forward must run eagerly (``None``: the plan runs). Also checks ``x``.
+    ``head=False``: a forward of the features only, which does not need the head's layout."""
     check_input(model, x)
     if model.training:
         return "train"
@@ -216,7 +217,7 @@ def eager_reason(model: nn.Module, x) -> str | None:
     dt = compute_dtype(model, x)
     if dt not in SUPPORTED_COMPUTE_DTYPES:
         return f"compute dtype {dt} (the plan runs float32, float16 and bfloat16)"
-    return unsupported_reason(model) or hook_reason(model) or norm_mode_reason(model)
+    return unsupported_reason(model, head) or hook_reason(model) or norm_mode_reason(model)
 
 
 def hook_reason(model: nn.Module) -> str | None:
@@ -278,8 +279,9 @@ def _any_requires_grad(model: nn.Module) -> bool:
 _unsupported_memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why the plan cannot run this model's module tree (``None``: it can).
+def unsupported_reason(model: nn.Module, head: bool = True) -> str | None:
+    """Why the plan cannot run this model's module tree (``None``: it can); with
+    ``head=False``, its trunk (the stem and ``layer1``-``layer4``) only.
 
     Walking the tree costs ~100-250 us for ResNet-50, every forward; the verdict is memoized
     per model while no module, parameter or buffer is (re)registered anywhere (the counter
@@ -294,13 +296,12 @@ def unsupported_reason(model: nn.Module) -> str | None:
             return f"{name} is set on the instance, which the fused plan would skip"
         struct = mods.structure()
         hit = _unsupported_memo.get(model)
-        if hit is not None and hit[0] == _registrations and hit[1] == struct:
-            return hit[2]
-        now = _current_registrations()  # (before the walk: see _PlanCache.valid_for)
-        reason = _unsupported_reason(model)
-        _unsupported_memo[model] = (now, struct, reason)
-        return reason
-    return _unsupported_reason(model)
+        if hit is None or hit[0] != _registrations or hit[1] != struct:
+            now = _current_registrations()  # (before the walk: see _PlanCache.valid_for)
+            hit = (now, struct, _unsupported_reason(model), _head_reason(model))
+            _unsupported_memo[model] = hit
+        return hit[2] or (hit[3] if head else None)
+    return _unsupported_reason(model) or (_head_reason(model) if head else None)
 
 
 def _instance_forward_impl(model: nn.Module) -> bool:
@@ -312,9 +313,9 @@ def _instance_forward_impl(model: nn.Module) -> bool:
 
 def _unsupported_reason(model: nn.Module) -> str | None:
     """The plan hard-codes torchvision's ResNet layout: the 7x7/2 stem convolution, ReLU,
-    the 3x3/2 max-pool, blocks of BatchNorm-folded convolutions, the global average pool
-    and a linear ``fc``. Anything else (a CIFAR stem, another activation, an ``fc``
-    replaced by ``Identity``, a block with its own forward, a subclass with its own
+    the 3x3/2 max-pool, blocks of BatchNorm-folded convolutions (and, checked by
+    :func:`_head_reason`, the global average pool and a linear ``fc``). Anything else (a
+    CIFAR stem, another activation, a block with its own forward, a subclass with its own
     ``_forward_impl``) runs eagerly."""
     from fastres.models import BasicBlock, Bottleneck, ResNet
 
@@ -347,11 +348,6 @@ def _unsupported_reason(model: nn.Module) -> str | None:
         extra = " with return_indices=True" if getattr(pool, "return_indices", False) else ""
         return (f"maxpool is {pool}{extra} (the fused stem pools with MaxPool2d(3, stride=2, "
                 "padding=1))")
-    avg, fc = getattr(model, "avgpool", None), getattr(model, "fc", None)
-    if not (type(avg) is nn.AdaptiveAvgPool2d and _pair(avg.output_size) == (1, 1)):
-        return f"avgpool is {avg} (the head pools with AdaptiveAvgPool2d(1))"
-    if not (isinstance(fc, nn.Linear) and type(fc).forward is nn.Linear.forward):
-        return f"fc is a {type(fc).__name__}, not nn.Linear (the fused head)"
     relus = [("relu", getattr(model, "relu", None))]
     for li in range(1, 5):
         layer = getattr(model, f"layer{li}", None)
@@ -374,6 +370,17 @@ def _unsupported_reason(model: nn.Module) -> str | None:
     for name, relu in relus:
         if type(relu) is not nn.ReLU:
             return f"{name} is a {type(relu).__name__}, not nn.ReLU (fused in the epilogues)"
+    return None
+
+
+def _head_reason(model: nn.Module) -> str | None:
+    """Why the plan cannot run this model's head (``None``: it can); the feature paths
+    (``forward_features``, ``forward_intermediates``) do not need it."""
+    avg, fc = getattr(model, "avgpool", None), getattr(model, "fc", None)
+    if not (type(avg) is nn.AdaptiveAvgPool2d and _pair(avg.output_size) == (1, 1)):
+        return f"avgpool is {avg} (the head pools with AdaptiveAvgPool2d(1))"
+    if not (isinstance(fc, nn.Linear) and type(fc).forward is nn.Linear.forward):
+        return f"fc is a {type(fc).__name__}, not nn.Linear (the fused head)"
     return None
 
 
@@ -565,6 +572,9 @@ class BlockPlan:
     downsample: ConvStep | None
 
 
+_HEAD_MISSING = "the model's avgpool or fc is not torchvision's: only its features run fused"
+
+
 class InferencePlan:
     """The folded, fused forward of one model for one compute dtype."""
 
@@ -575,6 +585,8 @@ class InferencePlan:
         self.traced = traced
         self.stem = fold_batchnorm(model.conv1, model.bn1, dtype, "conv1", traced)
         self.blocks: list[BlockPlan] = []
+        # self.blocks[stage_ends[i - 1]:stage_ends[i]] are layer{i}'s (stage_ends[0] = 0)
+        self.stage_ends: list[int] = [0]
         for li in range(1, 5):
             for bi, blk in enumerate(getattr(model, f"layer{li}")):
                 prefix = f"layer{li}.{bi}"
@@ -588,14 +600,18 @@ class InferencePlan:
                     down = fold_batchnorm(blk.downsample[0], blk.downsample[1], dtype,
                                           f"{prefix}.downsample", traced)
                 self.blocks.append(BlockPlan(convs, down))
-        with torch.no_grad():
-            self.fc_weight = model.fc.weight.detach().to(dtype).contiguous()
-            fc_bias = model.fc.bias
-            if fc_bias is None:  # nn.Linear(..., bias=False)
-                fc_bias = torch.zeros(model.fc.out_features, device=model.fc.weight.device)
-            self.fc_bias = fc_bias.detach().to(dtype).contiguous()
-        self.num_classes = model.fc.out_features
-        self.num_features = model.fc.in_features
+            self.stage_ends.append(len(self.blocks))
+        # a head only where the layout has torchvision's (an fc replaced by nn.Identity() for
+        # a backbone: the features paths run this plan, the forward runs eagerly)
+        self.fc_weight = self.fc_bias = self.num_classes = None
+        if _head_reason(model) is None:
+            with torch.no_grad():
+                self.fc_weight = model.fc.weight.detach().to(dtype).contiguous()
+                fc_bias = model.fc.bias
+                if fc_bias is None:  # nn.Linear(..., bias=False)
+                    fc_bias = torch.zeros(model.fc.out_features, device=model.fc.weight.device)
+                self.fc_bias = fc_bias.detach().to(dtype).contiguous()
+            self.num_classes = model.fc.out_features
         # why torchvision's layers would refuse these parameters at this compute dtype, without
         # and with autocast (see dtype_mismatch)
         self.dtype_mismatch = {autocast: _dtype_mismatch(model, dtype, autocast)
@@ -612,32 +628,41 @@ class InferencePlan:
             out.extend(blk.convs)
         return out
 
-    def run(self, x: Tensor, features_only: bool = False) -> Tensor:
-        """The fused forward. ``x`` was checked by :func:`check_input`."""
+    def run(self, x: Tensor, features_only: bool = False,
+            taps: tuple[tuple[int, ...], int] | None = None):
+        """The fused forward. ``x`` was checked by :func:`check_input`.
+
+        ``features_only``: the output of ``layer4`` (no head). ``taps=(indices, last)``: the
+        stages ``0..last`` only, returning ``(output of stage last, [output of each stage in
+        indices])``, where stage 0 is the stem before its max-pool (run then as a convolution
+        and a max-pool, not the fused stem) and stage ``i`` is ``layer{i}``'s output."""
         if _sizes(x)[0] == 0:  # (H, W >= 1: check_input refuses 0, with or without a batch)
             if torch.jit.is_tracing():  # the trace would return this empty output for any batch
                 raise ValueError("torch.jit.trace with an empty batch would record a constant "
                                  "empty output; trace with a batch of at least 1")
-            if features_only:
-                raise ValueError("forward_features on an empty batch is not supported")
+            if features_only or taps is not None:
+                raise ValueError("forward_features and forward_intermediates on an empty batch "
+                                 "are not supported")
+            if self.num_classes is None:
+                raise RuntimeError(f"fastres: this plan has no head ({_HEAD_MISSING})")
             return x.new_empty((0, self.num_classes), dtype=self.dtype)
         if type(x) is Tensor and not tracing() and _backend.off_current_device(x):
             with torch.cuda.device(x.device):
-                return self.run(x, features_only)
+                return self.run(x, features_only, taps)
         x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
         if self.traced or type(x) is not Tensor or tracing():  # traces, fake/meta, subclasses
-            return self._forward(x, features_only, _through_ops)
+            return self._forward(x, features_only, _through_ops, taps)
         # The implementation each step runs is a function of the input's signature (every
         # later shape follows from it) and of the choice state (backend preference, tuning
         # mode and memo, TF32 flags, registered implementations): remembered per signature,
         # a forward skips choosing, about half of fastres's Python time per forward (the
         # tuner's memo key alone hashes every argument's shape and strides; see
         # benchmarks/host_overhead.py).
-        key = (x.shape, x.stride(), x.device, features_only, _backend.choice_state())
+        key = (x.shape, x.stride(), x.device, features_only, taps, _backend.choice_state())
         fns = self._dispatch.get(key)
         if fns is not None:
             step = iter(fns).__next__
-            return self._forward(x, features_only, lambda op, *args: step()(*args))
+            return self._forward(x, features_only, lambda op, *args: step()(*args), taps)
         chosen: list[_backend.Impl] = []
 
         def choose_and_run(op: int, *args) -> Tensor:
@@ -645,7 +670,7 @@ class InferencePlan:
             chosen.append(impl)
             return impl.fn(*args)
 
-        out = self._forward(x, features_only, choose_and_run)
+        out = self._forward(x, features_only, choose_and_run, taps)
         # Remembered when every choice is final (one deferred during CUDA graph capture is
         # not the tuned one) and the state did not change during the forward (another thread
         # setting FASTRES_TUNE or the TF32 flags meanwhile: the choices would be a mix)
@@ -657,23 +682,40 @@ class InferencePlan:
             memo[key] = tuple(impl.fn for impl in chosen)
         return out
 
-    def _forward(self, x: Tensor, features_only: bool, call) -> Tensor:
+    def _forward(self, x: Tensor, features_only: bool, call,
+                 taps: tuple[tuple[int, ...], int] | None = None):
         """The fused forward on a channels-last ``x`` in the compute dtype, every op run as
-        ``call(op, *args)`` with ``op`` one of ``_STEM_OP``, ``_CONV_OP``, ``_HEAD_OP``."""
+        ``call(op, *args)`` with ``op`` one of ``_STEM_OP``, ``_CONV_OP``, ``_HEAD_OP``,
+        ``_POOL_OP`` (see :meth:`run` for ``features_only`` and ``taps``)."""
         s = self.stem
-        x = call(_STEM_OP, x, s.weight, s.bias)
-        for blk in self.blocks:
-            d = blk.downsample
-            identity = x if d is None else call(_CONV_OP, x, d.weight, d.bias, d.stride,
-                                                d.padding, d.dilation, d.groups, None, False)
-            *inner, last = blk.convs
-            for c in inner:
-                x = call(_CONV_OP, x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups,
-                         None, True)
-            x = call(_CONV_OP, x, last.weight, last.bias, last.stride, last.padding,
-                     last.dilation, last.groups, identity, True)
+        indices, last = taps if taps is not None else ((), 4)
+        kept = []
+        if 0 in indices:  # the stem's activation before its max-pool is wanted
+            x = call(_CONV_OP, x, s.weight, s.bias, s.stride, s.padding, s.dilation, s.groups,
+                     None, True)
+            kept.append(x)
+            x = call(_POOL_OP, x, 3, 2, 1)  # (torchvision's max-pool, which the plan requires)
+        else:
+            x = call(_STEM_OP, x, s.weight, s.bias)
+        for stage in range(1, last + 1):
+            for blk in self.blocks[self.stage_ends[stage - 1]:self.stage_ends[stage]]:
+                d = blk.downsample
+                identity = x if d is None else call(_CONV_OP, x, d.weight, d.bias, d.stride,
+                                                    d.padding, d.dilation, d.groups, None, False)
+                *inner, t = blk.convs  # the last one adds the residual
+                for c in inner:
+                    x = call(_CONV_OP, x, c.weight, c.bias, c.stride, c.padding, c.dilation,
+                             c.groups, None, True)
+                x = call(_CONV_OP, x, t.weight, t.bias, t.stride, t.padding, t.dilation,
+                         t.groups, identity, True)
+            if stage in indices:
+                kept.append(x)
+        if taps is not None:
+            return x, kept
         if features_only:
             return x
+        if self.fc_weight is None:  # (the forward asks eager_reason, which says so first)
+            raise RuntimeError(f"fastres: this plan has no head ({_HEAD_MISSING})")
         return call(_HEAD_OP, x, self.fc_weight, self.fc_bias)
 
 

@@ -206,6 +206,38 @@ def test_export_eval_no_grad_has_fastres_ops(strict):
     assert not f64, f64
 
 
+class _Backbone(torch.nn.Module):
+    """A detection-style backbone: the feature maps of stages 0, 2 and 4 of a fastres model."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body.forward_intermediates(x, [0, 2, 4], intermediates_only=True)
+
+
+@pytest.mark.parametrize("how", ["compile", "export"])
+def test_forward_intermediates_traced(how):
+    """forward_intermediates compiles with fullgraph and exports: the graph has the fastres
+    ops (the stem as a convolution and a max-pool, since stage 0 is asked for; no head)."""
+    m = _Backbone(small_model("cpu"))
+    x = torch.randn(1, 3, 35, 33)
+    with torch.no_grad():
+        ref = m(x)
+        if how == "compile":
+            got = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+        else:
+            ep = torch.export.export(m, (x,))
+            ops = fastres_ops(ep.graph)
+            assert {"fastres.conv_bias_act.default", "fastres.max_pool2d.default"} <= ops, ops
+            assert not ops & {"fastres.stem.default", "fastres.avgpool_linear.default"}, ops
+            got = ep.module()(x)
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref):
+        assert_close_rel(a, b, 1e-5, f"{how}d stage")
+
+
 def test_export_eval_with_grad_is_the_eager_path():
     m = small_model("cpu")
     x = torch.randn(1, 3, 32, 32)

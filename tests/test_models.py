@@ -314,6 +314,143 @@ def test_from_torchvision_of_a_compiled_model():
         assert_close_rel(fr(x), tv(x), 1e-5, "from a compiled model")
 
 
+def _torchvision_stages(tv, x) -> list:
+    """torchvision's modules run stage by stage: the stem's activation before its max-pool,
+    then layer1-layer4's outputs (the stages of timm's forward_intermediates)."""
+    y = tv.relu(tv.bn1(tv.conv1(x)))
+    out = [y]
+    y = tv.maxpool(y)
+    for i in range(1, 5):
+        y = getattr(tv, f"layer{i}")(y)
+        out.append(y)
+    return out
+
+
+def _fused_layout(t) -> bool:
+    """The fused path's output layout (channels-last); torchvision's eager CPU/GPU code gives
+    NCHW-contiguous maps for an NCHW input, so this tells which path ran."""
+    return (t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+            and t.shape[1] > 1)
+
+
+@pytest.mark.parametrize("arch,kwargs", [
+    ("resnet18", {}),
+    ("resnet50", {"replace_stride_with_dilation": [False, True, True]}),  # DeepLab's backbone
+    ("resnext50_32x4d", {}),
+])
+def test_forward_intermediates(arch, kwargs):
+    """forward_intermediates (timm's API) runs the fused stages and returns torchvision's
+    stage outputs, for every form of ``indices``, with stop_early and intermediates_only."""
+    tv, fr = twin(arch, **kwargs)
+    x = torch.randn(2, 3, 45, 39, device=DEVICE)
+    tol = tol_for(torch.float32, DEVICE) * 10
+    with torch.no_grad():
+        ref = _torchvision_stages(tv, x)
+        final, feats = fr.forward_intermediates(x)
+        assert len(feats) == 5
+        for i, (a, b) in enumerate(zip(feats, ref)):
+            assert a.shape == b.shape and a.dtype == b.dtype, (i, a.shape, b.shape)
+            assert _fused_layout(a), f"stage {i} did not run fused"
+            assert_close_rel(a, b, tol, f"{arch} stage {i}")
+        assert_close_rel(final, ref[4], tol, "final")
+        # an int n: the last n; a sequence: those stages (negatives from the end), each once,
+        # in stage order
+        for indices, stages in [(1, [4]), (3, [2, 3, 4]), ([2], [2]), ((4, 0, -1), [0, 4]),
+                                ([-5, 1, 1], [0, 1]), (range(1, 4), [1, 2, 3])]:
+            got = fr.forward_intermediates(x, indices, intermediates_only=True)
+            assert isinstance(got, list) and len(got) == len(stages), (indices, len(got))
+            for a, s in zip(got, stages):
+                assert_close_rel(a, ref[s], tol, f"indices={indices!r} stage {s}")
+        # stop_early: nothing after the last chosen stage runs, and it is the final output
+        final, feats = fr.forward_intermediates(x, [1, 2], stop_early=True)
+        assert_close_rel(final, ref[2], tol, "stop_early final")
+        assert len(feats) == 2
+        final, feats = fr.forward_intermediates(x, [0], stop_early=True)  # only the stem ran
+        assert_close_rel(final, tv.maxpool(ref[0]), tol, "stop_early after the stem")
+        assert_close_rel(feats[0], ref[0], tol, "stem activation")
+        # the logits still agree afterwards (each kind of forward runs its own steps)
+        assert_close_rel(fr(x), tv(x), tol, "forward after forward_intermediates")
+
+
+def test_forward_intermediates_paths_do_not_mix():
+    """The plan remembers its implementation choices per input signature and kind of
+    forward: a forward, forward_features and forward_intermediates on the same input each
+    run their own steps (one kind replaying another's would call the head where the stem's
+    max-pool belongs)."""
+    tv, fr = _small_twin()
+    x = torch.randn(1, 3, 33, 31)
+    with torch.no_grad():
+        ref = _torchvision_stages(tv, x)
+        logits = tv(x)
+        for _ in range(2):
+            for indices in ([0, 3], [1], None):
+                feats = fr.forward_intermediates(x, indices, intermediates_only=True)
+                want = [0, 1, 2, 3, 4] if indices is None else indices
+                for a, s in zip(feats, want, strict=True):
+                    assert_close_rel(a, ref[s], 1e-4, f"stage {s} of {indices}")
+            assert_close_rel(fr(x), logits, 1e-4, "forward")
+            assert_close_rel(fr.forward_features(x), ref[4], 1e-4, "forward_features")
+
+
+def test_backbone_without_a_classifier_runs_fused_features():
+    """A backbone whose fc is replaced by nn.Identity() (or whose avgpool is edited) runs
+    forward_features and forward_intermediates fused, without a warning; its forward runs
+    eagerly, warned, as torchvision's."""
+    tv, fr = _small_twin()
+    x = torch.randn(2, 3, 32, 36)
+    fr.fc = torch.nn.Identity()
+    with torch.no_grad():
+        ref = _torchvision_stages(tv, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            feats = fr.forward_intermediates(x, [2, 3, 4], intermediates_only=True)
+            whole = fr.forward_features(x)
+        for a, s in zip(feats, [2, 3, 4]):
+            assert _fused_layout(a), f"stage {s} did not run fused"
+            assert_close_rel(a, ref[s], 1e-4, f"backbone stage {s}")
+        assert _fused_layout(whole)
+        assert_close_rel(whole, ref[4], 1e-4, "backbone forward_features")
+        _plan._said.clear()
+        with pytest.warns(RuntimeWarning, match="fc is a Identity"):
+            pooled = fr(x)
+        assert_close_rel(pooled, torch.flatten(tv.avgpool(ref[4]), 1), 1e-5, "pooled")
+
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward with autograd recording")
+def test_forward_intermediates_eagerly_where_the_forward_is_eager():
+    """With autograd recording (and in train mode) forward_intermediates runs torchvision's
+    modules: exact gradients flow to the parameters and train mode updates BatchNorm."""
+    tv, fr = _small_twin()
+    x = torch.randn(2, 3, 32, 32)
+    ref = _torchvision_stages(tv, x)
+    final, feats = fr.forward_intermediates(x, [1, 3])
+    assert not _fused_layout(feats[0])
+    assert_close_rel(feats[1], ref[3], 1e-5, "eager stage 3")
+    (feats[0].sum() + final.sum()).backward()
+    assert fr.layer4[0].conv1.weight.grad is not None  # final (layer4) was reached
+    assert fr.conv1.weight.grad.abs().sum() > 0
+    fr.train()
+    before = fr.bn1.running_mean.clone()
+    fr.forward_intermediates(x, 1)
+    assert not torch.equal(before, fr.bn1.running_mean)
+
+
+def test_forward_intermediates_bad_arguments():
+    _, fr = _small_twin()
+    x = torch.randn(1, 3, 32, 32)
+    for bad, err in [([], ValueError), ([5], ValueError), ([-6], ValueError), (0, ValueError),
+                     (6, ValueError), ("1", TypeError), ([True], TypeError), (1.0, TypeError),
+                     (True, TypeError), ([1.5], TypeError)]:
+        with pytest.raises(err, match="indices must be None, an int n"):
+            fr.forward_intermediates(x, bad)
+    with pytest.raises(ValueError, match="output_fmt must be 'NCHW'.*'NHWC'"):
+        fr.forward_intermediates(x, output_fmt="NHWC")
+    with pytest.raises(TypeError, match="stop_early must be a bool"):
+        fr.forward_intermediates(x, stop_early="yes")
+    with pytest.raises(ValueError, match="expects a 4-D"):  # the input is checked as forward's
+        fr.forward_intermediates(torch.randn(1, 1, 3, 32, 32))
+
+
 def test_forward_features_and_head(twins):
     tv, fr = twins("resnet50")
     x = torch.randn(2, 3, 64, 64, device=DEVICE)

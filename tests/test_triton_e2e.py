@@ -8,7 +8,7 @@ cuDNN convolution.
 import pytest
 import torch
 from _models import assert_matches_torchvision, twin
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_close_rel, rel_err
 
 import fastres
 
@@ -42,6 +42,49 @@ def test_model_through_triton(arch, shape, dtype, triton_calls):
     assert triton_calls["conv"] == _n_convs(tv)
     assert triton_calls["pool"] == 1 and triton_calls["head"] == 1  # via the stem impl
     assert_matches_torchvision(out, tv, x, f"{arch} {dtype} via triton", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_intermediates_through_triton(dtype, triton_calls):
+    """forward_intermediates with the stem's activation asked for: the stem runs as the
+    Triton convolution (7x7/2, C_in = 3) and the Triton max-pool instead of the fused stem,
+    and no head runs; every stage against torchvision's in float64."""
+    import copy
+
+    def stages(model, x):
+        with torch.no_grad():
+            y = model.relu(model.bn1(model.conv1(x)))
+            out = [y]
+            y = model.maxpool(y)
+            for i in range(1, 5):
+                y = getattr(model, f"layer{i}")(y)
+                out.append(y)
+        return out
+
+    tv, fr = twin("resnet18", device=DEV)
+    x = torch.randn(1, 3, 35, 33, device=DEV)
+    ref = stages(copy.deepcopy(tv).double().cpu(), x.double().cpu())
+    # the bound, as assert_matches_torchvision's: DESIGN.md's, or twice eager PyTorch's own
+    # error in this dtype (NCHW or channels-last, the larger) where that is larger
+    eager = copy.deepcopy(tv).to(dtype)
+    eager_err = [max(rel_err(a, r), rel_err(b, r)) for a, b, r in zip(
+        stages(eager, x.to(dtype)), stages(eager.to(memory_format=torch.channels_last),
+                                           x.to(dtype, memory_format=torch.channels_last)), ref)]
+    fr = fr.to(dtype)
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with fastres.use_backend("triton"), torch.no_grad():
+            final, feats = fr.forward_intermediates(x.to(dtype), [0, 2, 4])
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    assert triton_calls["conv"] == _n_convs(tv)
+    assert triton_calls["pool"] == 1 and triton_calls["head"] == 0
+    tol = [max(1e-5 if dtype == torch.float32 else 2e-2, 2 * e) for e in eager_err]
+    for a, s in zip(feats, [0, 2, 4], strict=True):
+        assert a.dtype == dtype
+        assert_close_rel(a, ref[s], tol[s], f"stage {s} via triton ({dtype})")
+    assert_close_rel(final, ref[4], tol[4], "final")
 
 
 @pytest.mark.cuda
