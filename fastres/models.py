@@ -143,7 +143,8 @@ class ResNet(nn.Module):
       torchvision's.
     - Eval mode with autograd recording falls back to eager (warned once): wrap inference in
       ``torch.no_grad()`` / ``torch.inference_mode()`` for the fused path.
-    - A model whose norm layers are not ``BatchNorm2d`` with running statistics, or whose
+    - A model whose norm layers are not ``BatchNorm2d`` with running statistics (or
+      torchvision's ``FrozenBatchNorm2d``, which folds too), or whose
       layout the plan does not fuse (another stem, activation or pool, an ``fc`` that is not
       ``nn.Linear``, a block with its own ``forward``), runs eagerly (warned once).
     - Forward hooks or pre-hooks on any submodule (or global module hooks) make the eval

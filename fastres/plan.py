@@ -2,9 +2,10 @@
 
 In ``eval()`` mode the model runs this plan instead of its modules:
 
-- every ``Conv2d`` + ``BatchNorm2d`` pair becomes one :func:`fastres.ops.conv_bias_act` with
-  the BatchNorm folded into the weights and a per-channel fp32 bias (folded in float64, then
-  rounded once to the compute dtype and checked finite there);
+- every ``Conv2d`` + ``BatchNorm2d`` (or torchvision's ``FrozenBatchNorm2d``) pair becomes
+  one :func:`fastres.ops.conv_bias_act` with the BatchNorm folded into the weights and a
+  per-channel fp32 bias (folded in float64, then rounded once to the compute dtype and
+  checked finite there);
 - the second/third convolution of each block carries the residual add and the ReLU in its
   epilogue, the downsample convolution runs without ReLU;
 - the stem is :func:`fastres.ops.stem` (convolution + BN + ReLU + max-pool), the head is
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import operator
+import sys
 import threading
 import time
 import warnings
@@ -311,6 +313,17 @@ def _instance_forward_impl(model: nn.Module) -> bool:
     return f is not None and not getattr(f, "fastres_probe", False)
 
 
+def frozen_bn_type() -> type | None:
+    """torchvision's ``FrozenBatchNorm2d`` (detection backbones' ``norm_layer``: fixed
+    statistics and affine buffers, the same in train and eval mode), which folds as a
+    BatchNorm2d does; ``None`` while ``torchvision.ops`` is not imported (no instance can exist
+    then, and fastres does not import torchvision for it)."""
+    return getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None)
+
+
+_FOLDED = ("weight", "bias", "running_mean", "running_var")
+
+
 def _unsupported_reason(model: nn.Module) -> str | None:
     """The plan hard-codes torchvision's ResNet layout: the 7x7/2 stem convolution, ReLU,
     the 3x3/2 max-pool, blocks of BatchNorm-folded convolutions (and, checked by
@@ -319,6 +332,7 @@ def _unsupported_reason(model: nn.Module) -> str | None:
     ``_forward_impl``) runs eagerly."""
     from fastres.models import BasicBlock, Bottleneck, ResNet
 
+    frozen = frozen_bn_type()
     if getattr(type(model), "_forward_impl", None) is not ResNet._forward_impl:
         return f"{type(model).__name__} has its own _forward_impl (not fastres.ResNet's)"
     if _instance_forward_impl(model):
@@ -331,8 +345,14 @@ def _unsupported_reason(model: nn.Module) -> str | None:
                 return f"{name} is a BatchNorm2d without running statistics"
             if type(m).forward is not nn.BatchNorm2d.forward:
                 return f"{name} is a {type(m).__name__} with its own forward"
+        elif frozen is not None and isinstance(m, frozen):
+            if type(m).forward is not frozen.forward:
+                return f"{name} is a {type(m).__name__} with its own forward"
+            if not all(isinstance(getattr(m, k, None), Tensor) for k in _FOLDED):
+                return f"{name} is a FrozenBatchNorm2d without its {'/'.join(_FOLDED)} tensors"
         elif name.endswith(("bn1", "bn2", "bn3", "downsample.1")):
-            return f"{name} is a {type(m).__name__}, not BatchNorm2d (only BatchNorm folds)"
+            return (f"{name} is a {type(m).__name__}, not BatchNorm2d (only BatchNorm2d and "
+                    "torchvision's FrozenBatchNorm2d fold)")
         elif isinstance(m, nn.Conv2d):
             if type(m).forward is not nn.Conv2d.forward:
                 return f"{name} is a {type(m).__name__} with its own forward"
@@ -418,7 +438,7 @@ class _Modules:
     ``__dict__`` is read directly: a setattr lands there, and a dict lookup is ~4x cheaper
     than a module attribute lookup (~7 us per ResNet-50 structure instead of ~16)."""
 
-    __slots__ = ("modules", "convs", "bns", "hooks", "model", "dicts", "tree", "kids",
+    __slots__ = ("modules", "convs", "bns", "frozen", "hooks", "model", "dicts", "tree", "kids",
                  "children")
 
     def __init__(self, model: nn.Module):
@@ -431,6 +451,9 @@ class _Modules:
                       and all(k in vars(m) for k in _CONV_KEYS)]
         self.bns = [vars(m) for m in everything if isinstance(m, nn.BatchNorm2d)
                     and "eps" in vars(m)]
+        # torchvision's FrozenBatchNorm2d: its eps is folded too (its mode does not matter)
+        frozen = frozen_bn_type() or ()
+        self.frozen = [vars(m) for m in everything if isinstance(m, frozen) and "eps" in vars(m)]
         # every submodule's forward-hook and pre-hook dicts (registering a hook edits them)
         self.hooks = [d for m in self.modules for d in (m._forward_hooks,
                                                         m._forward_pre_hooks)]
@@ -468,7 +491,7 @@ class _Modules:
         # module classes too: ``blk.__class__ = MyBlock`` registers nothing
         return (type(model), list(map(type, self.modules)),
                 list(map(_CONV_ITEMS, self.convs)),
-                list(map(_EPS, self.bns)),
+                list(map(_EPS, self.bns)), list(map(_EPS, self.frozen)),
                 _POOL_ATTRS(pool) if isinstance(pool, nn.MaxPool2d) else None,
                 getattr(avg, "output_size", None))
 
@@ -524,9 +547,10 @@ def fold_dtype(device: torch.device, traced: bool = False) -> torch.dtype:
 
 
 @torch.no_grad()
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype,
                    name: str = "", traced: bool = False) -> ConvStep:
-    """Fold ``bn`` (eval statistics) into ``conv``: weight cast to ``dtype``, bias fp32.
+    """Fold ``bn`` (eval statistics; a BatchNorm2d or torchvision's FrozenBatchNorm2d) into
+    ``conv``: weight cast to ``dtype``, bias fp32.
 
     ``w' = w * gamma / sqrt(var + eps)``, ``b' = beta - mean * gamma / sqrt(var + eps)``
     (+ the conv's own bias, if any), computed in float64 so each folded value is rounded once
@@ -1005,6 +1029,7 @@ def _dtype_mismatch(model: nn.Module, dtype: torch.dtype, autocast: bool) -> str
         return (f"convolution and linear parameters in {got} with a {dtype} forward"
                 + (" under autocast (which leaves float64 alone)" if autocast else "")
                 + " (torchvision's layers need the input's dtype)")
+    frozen = frozen_bn_type()
     for name, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
             got = {t.dtype for t in (m.weight, m.bias, m.running_mean, m.running_var)
@@ -1013,4 +1038,15 @@ def _dtype_mismatch(model: nn.Module, dtype: torch.dtype, autocast: bool) -> str
                 got_s = ", ".join(sorted(str(d).removeprefix("torch.") for d in got))
                 return (f"{name} holds {got_s} parameters and statistics for a {dtype} "
                         "input (BatchNorm takes one dtype: the input's, or float32)")
+        elif frozen is not None and isinstance(m, frozen):
+            # x * scale + shift: its buffers promote the output's dtype, and torchvision's next
+            # convolution takes the promoted dtype only under autocast (not float64)
+            got = {t.dtype for t in (getattr(m, k) for k in _FOLDED)}
+            bad = (torch.float64 in got) if autocast else any(
+                torch.promote_types(dtype, d) != dtype for d in got)
+            if bad:
+                got_s = ", ".join(sorted(str(d).removeprefix("torch.") for d in got))
+                return (f"{name} holds {got_s} buffers for a {dtype} forward"
+                        + (" under autocast" if autocast else "")
+                        + " (FrozenBatchNorm2d's output takes their dtype if it is wider)")
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -767,6 +768,69 @@ def test_from_torchvision_keeps_norm_layers_fc_and_flags():
     ref = tv(x)
     torch.manual_seed(seed)
     assert_close_rel(fr(x), ref, 1e-6, "train mode, frozen layer1, dropout head")
+
+
+def test_frozen_batchnorm_folds():
+    """torchvision's FrozenBatchNorm2d (the norm_layer of its detection backbones) folds as
+    BatchNorm2d does: the eval forward, forward_features and forward_intermediates run fused
+    and match torchvision; editing an eps rebuilds the plan; a frozen norm ignores the mode, so
+    train mode (eager) gives the same output; buffers wider than a 16-bit compute dtype run
+    torchvision's code (and its error)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    tv = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    tv.eval()
+    fr = fastres.resnet50(norm_layer=FrozenBatchNorm2d)
+    fr.load_state_dict(tv.state_dict())
+    fr.eval()
+    x = torch.randn(2, 3, 45, 39)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # an eager fallback would warn
+        ref = _torchvision_stages(tv, x)
+        assert_close_rel(fr(x), tv(x), 1e-5, "frozen BN forward")
+        feats = fr.forward_features(x)
+        assert _fused_layout(feats)
+        assert_close_rel(feats, ref[4], 1e-5, "frozen BN features")
+        for i, a in enumerate(fr.forward_intermediates(x, intermediates_only=True)):
+            assert _fused_layout(a)
+            assert_close_rel(a, ref[i], 1e-5, f"frozen BN stage {i}")
+        for m in (tv, fr):
+            m.layer3[1].bn2.eps = 0.5  # a plain attribute: the plan notices it changed
+        assert_close_rel(fr(x), tv(x), 1e-5, "after an eps edit")
+    fr.train()
+    tv.train()
+    with torch.no_grad():
+        assert_close_rel(fr(x), tv(x), 1e-5, "train mode")
+    fr.eval()
+    tv.eval()
+    # the whole model cast: fused in bf16, within DESIGN.md's bound or twice eager bf16's error
+    with torch.no_grad():
+        want = tv(x)
+        eager_err = rel_err(copy.deepcopy(tv).to(torch.bfloat16)(x.to(torch.bfloat16)), want)
+        got = fr.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert_close_rel(got, want, max(2e-2, 2 * eager_err), "bf16")
+    # fp32 buffers with a bf16 forward: torchvision promotes to fp32 and then fails
+    for m in (tv, fr):
+        m.to(torch.bfloat16)
+        for bn in m.modules():
+            if isinstance(bn, FrozenBatchNorm2d):
+                bn.running_var = bn.running_var.float()
+    _plan._said.clear()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError) as want:
+            tv(x.to(torch.bfloat16))
+        with pytest.warns(RuntimeWarning, match="float32 buffers for a torch.bfloat16 forward"), \
+                pytest.raises(RuntimeError) as got:
+            fr(x.to(torch.bfloat16))
+    assert str(got.value) == str(want.value)
 
 
 def test_torchvision_weights_forms(tmp_path, monkeypatch):
