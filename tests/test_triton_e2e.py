@@ -44,32 +44,43 @@ def test_model_through_triton(arch, shape, dtype, triton_calls):
     assert_matches_torchvision(out, tv, x, f"{arch} {dtype} via triton", dtype)
 
 
+def _stages(model, x) -> list:
+    """torchvision's modules stage by stage: the stem before its max-pool, layer1-layer4."""
+    with torch.no_grad():
+        y = model.relu(model.bn1(model.conv1(x)))
+        out = [y]
+        y = model.maxpool(y)
+        for i in range(1, 5):
+            y = getattr(model, f"layer{i}")(y)
+            out.append(y)
+    return out
+
+
+def _stage_references(tv, x, dtype) -> tuple[list, list]:
+    """Each stage's float64 reference and its bound, as assert_matches_torchvision's: DESIGN.md's
+    (1e-5 in fp32 without TF32), or in 16 bits twice eager PyTorch's own error in that dtype
+    (NCHW or channels-last, the larger) where that is larger."""
+    import copy
+
+    ref = _stages(copy.deepcopy(tv).double().cpu(), x.double().cpu())
+    if dtype == torch.float32:
+        return ref, [1e-5] * len(ref)
+    eager = copy.deepcopy(tv).to(dtype)
+    eager_err = [max(rel_err(a, r), rel_err(b, r)) for a, b, r in zip(
+        _stages(eager, x.to(dtype)), _stages(eager.to(memory_format=torch.channels_last),
+                                            x.to(dtype, memory_format=torch.channels_last)),
+        ref)]
+    return ref, [max(2e-2, 2 * e) for e in eager_err]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_intermediates_through_triton(dtype, triton_calls):
     """forward_intermediates with the stem's activation asked for: the stem runs as the
     Triton convolution (7x7/2, C_in = 3) and the Triton max-pool instead of the fused stem,
     and no head runs; every stage against torchvision's in float64."""
-    import copy
-
-    def stages(model, x):
-        with torch.no_grad():
-            y = model.relu(model.bn1(model.conv1(x)))
-            out = [y]
-            y = model.maxpool(y)
-            for i in range(1, 5):
-                y = getattr(model, f"layer{i}")(y)
-                out.append(y)
-        return out
-
     tv, fr = twin("resnet18", device=DEV)
     x = torch.randn(1, 3, 35, 33, device=DEV)
-    ref = stages(copy.deepcopy(tv).double().cpu(), x.double().cpu())
-    # the bound, as assert_matches_torchvision's: DESIGN.md's, or twice eager PyTorch's own
-    # error in this dtype (NCHW or channels-last, the larger) where that is larger
-    eager = copy.deepcopy(tv).to(dtype)
-    eager_err = [max(rel_err(a, r), rel_err(b, r)) for a, b, r in zip(
-        stages(eager, x.to(dtype)), stages(eager.to(memory_format=torch.channels_last),
-                                           x.to(dtype, memory_format=torch.channels_last)), ref)]
+    ref, tol = _stage_references(tv, x, dtype)
     fr = fr.to(dtype)
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
@@ -80,11 +91,27 @@ def test_intermediates_through_triton(dtype, triton_calls):
         torch.backends.cudnn.allow_tf32 = old
     assert triton_calls["conv"] == _n_convs(tv)
     assert triton_calls["pool"] == 1 and triton_calls["head"] == 0
-    tol = [max(1e-5 if dtype == torch.float32 else 2e-2, 2 * e) for e in eager_err]
     for a, s in zip(feats, [0, 2, 4], strict=True):
         assert a.dtype == dtype
         assert_close_rel(a, ref[s], tol[s], f"stage {s} via triton ({dtype})")
     assert_close_rel(final, ref[4], tol[4], "final")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_intermediates_default_backend(dtype, monkeypatch, triton_calls):
+    """A dilated ResNet-50 backbone's five stages on the GPU through the default backend
+    (pinned choices: Triton for every layer), against torchvision's in float64."""
+    monkeypatch.setenv("FASTRES_TUNE", "0")
+    tv, fr = twin("resnet50", device=DEV, replace_stride_with_dilation=[False, True, True])
+    x = torch.randn(2, 3, 224, 224, device=DEV)
+    ref, tol = _stage_references(tv, x, dtype)
+    with fastres.use_backend("auto"), torch.no_grad():
+        feats = fr.to(dtype).forward_intermediates(x.to(dtype), intermediates_only=True)
+    assert triton_calls["conv"] == _n_convs(tv) and triton_calls["pool"] == 1
+    for s, a in enumerate(feats):
+        assert a.dtype == dtype and a.device == x.device
+        assert_close_rel(a, ref[s], tol[s], f"stage {s} ({dtype})")
 
 
 @pytest.mark.cuda
