@@ -352,8 +352,8 @@ class ResNet(nn.Module):
         if isinstance(x, torch.fx.Proxy) or _onnx_exporting():  # fx symbolic tracing, ONNX
             return None
         reason = _plan.eager_reason(self, x, head=False)  # (an fc replaced by Identity is fine)
-        if reason is None and x.shape[0] > 0:  # (eager: [0, C, h, w])
-            return _plan.plan_for_input(self, x)
+        if reason is None and _plan._sizes(x)[0] > 0:  # (eager: [0, C, h, w])
+            return _plan.plan_for_input(self, x, head=False)
         if reason not in (None, "train"):
             _plan.say_eager_once(reason)
         elif reason == "train" and not _plan.tracing():
@@ -414,8 +414,9 @@ NUM_STAGES = 5  # forward_intermediates' stages: the stem (before its max-pool),
 
 
 def _as_index(v) -> int | None:
-    """``v`` as an int if it is one (a numpy or 0-d tensor integer too), not a bool."""
-    if isinstance(v, bool):
+    """``v`` as an int if it is one (a numpy or 0-d tensor integer too), not a bool (nor a
+    one-element array or tensor, which ``operator.index`` takes too: a sequence of one)."""
+    if isinstance(v, bool) or getattr(v, "ndim", 0) != 0:
         return None
     try:
         return operator.index(v)

@@ -219,11 +219,13 @@ def eager_reason(model: nn.Module, x, head: bool = True) -> str | None:
     dt = compute_dtype(model, x)
     if dt not in SUPPORTED_COMPUTE_DTYPES:
         return f"compute dtype {dt} (the plan runs float32, float16 and bfloat16)"
-    return unsupported_reason(model, head) or hook_reason(model) or norm_mode_reason(model)
+    return (unsupported_reason(model, head) or hook_reason(model, head)
+            or norm_mode_reason(model, head))
 
 
-def hook_reason(model: nn.Module) -> str | None:
-    """Why forward hooks keep the plan from running (``None``: no hook it would skip).
+def hook_reason(model: nn.Module, head: bool = True) -> str | None:
+    """Why forward hooks keep the plan from running (``None``: no hook it would skip; with
+    ``head=False``, none outside the head, which the feature paths do not run).
 
     The plan runs none of the submodules, so their forward hooks and pre-hooks (feature
     capture, ``torch.nn.utils.prune``, the old hook-based ``weight_norm``, hooks that edit a
@@ -241,7 +243,7 @@ def hook_reason(model: nn.Module) -> str | None:
     if not tracing() and not any(_modules(model).hooks):
         return None
     for name, m in model.named_modules():
-        if name and (m._forward_hooks or m._forward_pre_hooks):
+        if name and (m._forward_hooks or m._forward_pre_hooks) and (head or not _in_head(name)):
             return f"{name} has forward hooks, which the fused plan would skip"
     return None
 
@@ -249,7 +251,7 @@ def hook_reason(model: nn.Module) -> str | None:
 _TRAINING = operator.itemgetter("training")
 
 
-def norm_mode_reason(model: nn.Module) -> str | None:
+def norm_mode_reason(model: nn.Module, head: bool = True) -> str | None:
     """Why an ``eval()`` model must still run eagerly because a BatchNorm in it is in train
     mode (``model.eval()`` then ``bn.train()``, as test-time BatchNorm adaptation does):
     torchvision normalizes there with the batch's statistics and updates the running ones,
@@ -259,7 +261,7 @@ def norm_mode_reason(model: nn.Module) -> str | None:
         if not any(map(_TRAINING, _modules(model).bns)):  # each BatchNorm2d's __dict__
             return None
     for name, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d) and m.training:
+        if isinstance(m, nn.BatchNorm2d) and m.training and (head or not _in_head(name)):
             return (f"{name} is a BatchNorm2d in train mode inside an eval() model (it "
                     "normalizes with batch statistics and updates its running statistics, "
                     "as in torchvision)")
@@ -291,11 +293,13 @@ def unsupported_reason(model: nn.Module, head: bool = True) -> str | None:
     """
     if _HOOKS and not tracing():
         mods = _modules(model, check_tree=True)
-        own = mods.instance_forward()
-        if own is not None or _instance_forward_impl(model):
-            name = "the model's _forward_impl" if own is None else (
-                f"{next(itertools.islice(model.named_modules(), own + 1, None))[0]}.forward")
-            return f"{name} is set on the instance, which the fused plan would skip"
+        if _instance_forward_impl(model):
+            return ("the model's _forward_impl is set on the instance, which the fused plan "
+                    "would skip")
+        if mods.instance_forward() is not None:
+            for name, m in model.named_modules():
+                if name and "forward" in vars(m) and (head or not _in_head(name)):
+                    return f"{name}.forward is set on the instance, which the fused plan would skip"
         struct = mods.structure()
         hit = _unsupported_memo.get(model)
         if hit is None or hit[0] != _registrations or hit[1] != struct:
@@ -324,6 +328,38 @@ def frozen_bn_type() -> type | None:
 _FOLDED = ("weight", "bias", "running_mean", "running_var")
 
 
+def _in_head(name: str) -> bool:
+    """``name`` is the head's (``avgpool``, ``fc`` or a module inside them), which the
+    feature paths (``forward_features``, ``forward_intermediates``) do not run."""
+    return name.partition(".")[0] in ("fc", "avgpool")
+
+
+def _module_reason(name: str, m: nn.Module, frozen: type | None) -> str | None:
+    """Why the plan cannot stand in for the submodule ``m`` named ``name`` (``None``: it can)."""
+    if name and "forward" in vars(m):
+        return f"{name}.forward is set on the instance, which the fused plan would skip"
+    if isinstance(m, nn.BatchNorm2d):
+        if m.running_mean is None or m.running_var is None:
+            return f"{name} is a BatchNorm2d without running statistics"
+        if type(m).forward is not nn.BatchNorm2d.forward:
+            return f"{name} is a {type(m).__name__} with its own forward"
+    elif frozen is not None and isinstance(m, frozen):
+        if type(m).forward is not frozen.forward:
+            return f"{name} is a {type(m).__name__} with its own forward"
+        if not all(isinstance(getattr(m, k, None), Tensor) for k in _FOLDED):
+            return f"{name} is a FrozenBatchNorm2d without its {'/'.join(_FOLDED)} tensors"
+    elif name.endswith(("bn1", "bn2", "bn3", "downsample.1")):
+        return (f"{name} is a {type(m).__name__}, not BatchNorm2d (only BatchNorm2d and "
+                "torchvision's FrozenBatchNorm2d fold)")
+    elif isinstance(m, nn.Conv2d):
+        if type(m).forward is not nn.Conv2d.forward:
+            return f"{name} is a {type(m).__name__} with its own forward"
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return (f"{name} pads with padding={m.padding!r}, padding_mode="
+                    f"{m.padding_mode!r} (the plan pads explicit sizes with zeros)")
+    return None
+
+
 def _unsupported_reason(model: nn.Module) -> str | None:
     """The plan hard-codes torchvision's ResNet layout: the 7x7/2 stem convolution, ReLU,
     the 3x3/2 max-pool, blocks of BatchNorm-folded convolutions (and, checked by
@@ -338,27 +374,10 @@ def _unsupported_reason(model: nn.Module) -> str | None:
     if _instance_forward_impl(model):
         return "the model's _forward_impl is set on the instance, which the fused plan would skip"
     for name, m in model.named_modules():
-        if name and "forward" in vars(m):
-            return f"{name}.forward is set on the instance, which the fused plan would skip"
-        if isinstance(m, nn.BatchNorm2d):
-            if m.running_mean is None or m.running_var is None:
-                return f"{name} is a BatchNorm2d without running statistics"
-            if type(m).forward is not nn.BatchNorm2d.forward:
-                return f"{name} is a {type(m).__name__} with its own forward"
-        elif frozen is not None and isinstance(m, frozen):
-            if type(m).forward is not frozen.forward:
-                return f"{name} is a {type(m).__name__} with its own forward"
-            if not all(isinstance(getattr(m, k, None), Tensor) for k in _FOLDED):
-                return f"{name} is a FrozenBatchNorm2d without its {'/'.join(_FOLDED)} tensors"
-        elif name.endswith(("bn1", "bn2", "bn3", "downsample.1")):
-            return (f"{name} is a {type(m).__name__}, not BatchNorm2d (only BatchNorm2d and "
-                    "torchvision's FrozenBatchNorm2d fold)")
-        elif isinstance(m, nn.Conv2d):
-            if type(m).forward is not nn.Conv2d.forward:
-                return f"{name} is a {type(m).__name__} with its own forward"
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                return (f"{name} pads with padding={m.padding!r}, padding_mode="
-                        f"{m.padding_mode!r} (the plan pads explicit sizes with zeros)")
+        if not _in_head(name):  # (the head's modules: _head_reason)
+            reason = _module_reason(name, m, frozen)
+            if reason is not None:
+                return reason
     stem = getattr(model, "conv1", None)
     if not (isinstance(stem, nn.Conv2d) and _geometry(stem) == _STEM):
         return (f"conv1 is {stem} (the fused stem is Conv2d(kernel_size=7, stride=2, "
@@ -396,6 +415,12 @@ def _unsupported_reason(model: nn.Module) -> str | None:
 def _head_reason(model: nn.Module) -> str | None:
     """Why the plan cannot run this model's head (``None``: it can); the feature paths
     (``forward_features``, ``forward_intermediates``) do not need it."""
+    frozen = frozen_bn_type()
+    for name, m in model.named_modules():
+        if _in_head(name):
+            reason = _module_reason(name, m, frozen)
+            if reason is not None:
+                return reason
     avg, fc = getattr(model, "avgpool", None), getattr(model, "fc", None)
     if not (type(avg) is nn.AdaptiveAvgPool2d and _pair(avg.output_size) == (1, 1)):
         return f"avgpool is {avg} (the head pools with AdaptiveAvgPool2d(1))"
@@ -638,8 +663,8 @@ class InferencePlan:
             self.num_classes = model.fc.out_features
         # why torchvision's layers would refuse these parameters at this compute dtype, without
         # and with autocast (see dtype_mismatch)
-        self.dtype_mismatch = {autocast: _dtype_mismatch(model, dtype, autocast)
-                               for autocast in (False, True)}
+        self.dtype_mismatch = {(autocast, head): _dtype_mismatch(model, dtype, autocast, head)
+                               for autocast in (False, True) for head in (False, True)}
         # input signature and choice state -> the implementation of every step, in order
         self._dispatch: dict[tuple, tuple] = {}
 
@@ -989,7 +1014,7 @@ def without_data(x: Tensor) -> bool:
     return x.is_meta or _is_fake(x) or _fake_mode_active()
 
 
-def plan_for_input(model: nn.Module, x: Tensor) -> InferencePlan | None:
+def plan_for_input(model: nn.Module, x: Tensor, head: bool = True) -> InferencePlan | None:
     """The plan for this input, or ``None`` (after one warning) when folding is not finite.
 
     Under :func:`tracing` a fresh, uncached plan is built from the parameters: the folding is
@@ -1009,20 +1034,23 @@ def plan_for_input(model: nn.Module, x: Tensor) -> InferencePlan | None:
         say_eager_once(str(exc))
         return None
     dev = x.device.type
-    mismatch = plan.dtype_mismatch[dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)]
+    mismatch = plan.dtype_mismatch[dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev),
+                                   head]
     if mismatch is not None:
         say_eager_once(mismatch)
         return None
     return plan
 
 
-def _dtype_mismatch(model: nn.Module, dtype: torch.dtype, autocast: bool) -> str | None:
+def _dtype_mismatch(model: nn.Module, dtype: torch.dtype, autocast: bool,
+                    head: bool = True) -> str | None:
     """Why torchvision's layers would not run ``model``'s parameters together in ``dtype``
     (``None``: they would), so that its eager code gives torchvision's result or error instead
     of a plan that casts them silently. Convolutions and ``fc`` need their weight and bias in
     the compute dtype, which autocast casts them to, except float64; a BatchNorm takes
     parameters and statistics of one dtype, the input's or float32 (for a 16-bit input)."""
-    matmul = {t.dtype for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    modules = [(name, m) for name, m in model.named_modules() if head or not _in_head(name)]
+    matmul = {t.dtype for _, m in modules if isinstance(m, (nn.Conv2d, nn.Linear))
               for t in (m.weight, m.bias) if t is not None}
     if (torch.float64 in matmul) if autocast else (matmul != {dtype}):
         got = ", ".join(sorted(str(d).removeprefix("torch.") for d in matmul))
@@ -1030,7 +1058,7 @@ def _dtype_mismatch(model: nn.Module, dtype: torch.dtype, autocast: bool) -> str
                 + (" under autocast (which leaves float64 alone)" if autocast else "")
                 + " (torchvision's layers need the input's dtype)")
     frozen = frozen_bn_type()
-    for name, m in model.named_modules():
+    for name, m in modules:
         if isinstance(m, nn.BatchNorm2d):
             got = {t.dtype for t in (m.weight, m.bias, m.running_mean, m.running_var)
                    if t is not None}

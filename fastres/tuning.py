@@ -975,6 +975,19 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 _FLOAT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # the ops' dtypes, and float64 models
 
 
+def _forward_to_tune(model: torch.nn.Module, x: torch.Tensor):
+    """The forward whose layers :func:`tune_model` times: the model's, or, for a fastres
+    ResNet whose head alone keeps that forward eager (a backbone with ``fc = nn.Identity()``),
+    its ``forward_features``, which runs fused (forward_intermediates' layers but stage 0's)."""
+    from fastres import plan as _plan
+    from fastres.models import ResNet
+
+    if (isinstance(model, ResNet) and _plan.eager_reason(model, x) is not None
+            and _plan.eager_reason(model, x, head=False) is None):
+        return model.forward_features
+    return model
+
+
 def _check_tunable(model: Any) -> None:
     """``model`` must run fastres's ops: a fastres ResNet, or a module holding one."""
     from fastres.models import ResNet
@@ -1095,7 +1108,7 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
         for bs in batch_sizes:
             x = torch.randn(bs, in_ch, *image_size, device=device, dtype=pdtype)
             with torch.no_grad(), ctx:
-                run_model(x)
+                _forward_to_tune(run_model, x)(x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if bar is not None:

@@ -206,6 +206,15 @@ def test_export_eval_no_grad_has_fastres_ops(strict):
     assert not f64, f64
 
 
+class _Features(torch.nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body.forward_features(x)
+
+
 class _Backbone(torch.nn.Module):
     """A detection-style backbone: the feature maps of stages 0, 2 and 4 of a fastres model."""
 
@@ -214,7 +223,8 @@ class _Backbone(torch.nn.Module):
         self.body = body
 
     def forward(self, x):
-        return self.body.forward_intermediates(x, [0, 2, 4], intermediates_only=True)
+        # (a tuple: torch.jit.trace warns about a list output, as for any module)
+        return tuple(self.body.forward_intermediates(x, [0, 2, 4], intermediates_only=True))
 
 
 @pytest.mark.parametrize("how", ["compile", "export"])
@@ -340,6 +350,9 @@ def test_jit_trace_gives_no_tracer_warning():
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.jit.trace(m, (torch.randn(2, 3, 32, 32),))
+        # the feature paths too (their empty-batch test read a traced size)
+        torch.jit.trace(_Features(m), (torch.randn(2, 3, 32, 32),))
+        torch.jit.trace(_Backbone(m), (torch.randn(2, 3, 32, 32),))
     assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], \
         [str(w.message) for w in caught]
 

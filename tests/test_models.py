@@ -415,6 +415,23 @@ def test_backbone_without_a_classifier_runs_fused_features():
         with pytest.warns(RuntimeWarning, match="fc is a Identity"):
             pooled = fr(x)
         assert_close_rel(pooled, torch.flatten(tv.avgpool(ref[4]), 1), 1e-5, "pooled")
+        # nothing the head holds keeps the features from running fused: a hook on it, modules
+        # the plan could not run, a forward set on it, its own dtype (a bf16 trunk)
+        fr.fc = torch.nn.Sequential(
+            torch.nn.Conv2d(512, 8, 3, padding="same"),
+            torch.nn.BatchNorm2d(8, track_running_stats=False)).train()
+        fr.fc.register_forward_hook(lambda *args: None)
+        fr.avgpool.forward = lambda t: t
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            feats = fr.forward_intermediates(x, [1, 4], intermediates_only=True)
+            assert all(map(_fused_layout, feats))
+            assert_close_rel(feats[1], ref[4], 1e-4, "features with an odd head")
+            fr.fc = torch.nn.Linear(512, 3)
+            fr.to(torch.bfloat16).fc.float()
+            whole = fr.forward_features(x.to(torch.bfloat16))
+        assert _fused_layout(whole) and whole.dtype == torch.bfloat16
+        assert_close_rel(whole, ref[4], 3e-2, "bf16 trunk with an fp32 head")
 
 
 @pytest.mark.filterwarnings("ignore:fastres. eval-mode forward with autograd recording")
@@ -434,6 +451,25 @@ def test_forward_intermediates_eagerly_where_the_forward_is_eager():
     before = fr.bn1.running_mean.clone()
     fr.forward_intermediates(x, 1)
     assert not torch.equal(before, fr.bn1.running_mean)
+
+
+def test_forward_intermediates_index_containers():
+    """A one-element array or tensor is a sequence of one stage (operator.index takes it as an
+    int, which read torch.tensor([2]) as "the last two"); 0-d ones are ints."""
+    import numpy as np
+
+    _, fr = _small_twin()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = fr.forward_intermediates(x, intermediates_only=True)
+        for indices, stages in [(torch.tensor([2]), [2]), (torch.tensor([0]), [0]),
+                                (np.array([3]), [3]), (torch.tensor(2), [3, 4]),
+                                (np.int64(1), [4]), ([torch.tensor(1), np.int32(-1)], [1, 4]),
+                                (torch.tensor([4, 1]), [1, 4])]:
+            got = fr.forward_intermediates(x, indices, intermediates_only=True)
+            assert [t.shape for t in got] == [ref[s].shape for s in stages], indices
+            for a, s in zip(got, stages):
+                assert torch.equal(a, ref[s]), (indices, s)
 
 
 def test_forward_intermediates_bad_arguments():

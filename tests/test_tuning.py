@@ -857,6 +857,23 @@ def test_tune_model_then_forward_needs_nothing(tuner):
     assert res["tuned"] == 0 and m.training is True
 
 
+def test_tune_model_of_a_backbone_tunes_its_features(tuner):
+    """A backbone (fc replaced by nn.Identity()) runs its full forward eagerly, which would
+    time nothing: tune_model tunes forward_features's layers instead, so that a later
+    forward_features needs no timing."""
+    m = fastres.resnet18(num_classes=10).eval()
+    m.fc = torch.nn.Identity()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the eager full forward would warn)
+        res = tune_small(m)
+    assert res["tuned"] > 5, res
+    calls = len(tuner.calls)
+    with torch.no_grad():
+        m.forward_features(torch.randn(2, 3, 32, 32))
+        m.forward_intermediates(torch.randn(1, 3, 32, 32), [1, 2, 3, 4])
+    assert len(tuner.calls) == calls, "tune_model covered the features' layers"
+
+
 def tune_small(m):
     return tuning.tune_model(m, [1, 2], "fp32", image_size=32)
 
