@@ -677,6 +677,11 @@ _REBUILT = {
     "del blocks": lambda fr: fr.layer2.__delitem__(slice(1, None)),
     "pop block": lambda fr: fr.layer3.pop(1),
     "insert block": lambda fr: fr.layer2.insert(1, _scaled_copy(fr.layer2[1])),
+    # a child stored straight into the _modules dict, as torch.ao.quantization's convert
+    # does, registers nothing either (the stale plan gave 1000 logits for a 3-class fc)
+    "_modules fc": lambda fr: fr._modules.__setitem__("fc", torch.nn.Linear(512, 3)),
+    "_modules block": lambda fr: fr.layer3._modules.__setitem__(
+        "1", _scaled_copy(fr.layer3[1])),
 }
 
 
