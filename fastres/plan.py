@@ -304,7 +304,9 @@ def unsupported_reason(model: nn.Module, head: bool = True) -> str | None:
         hit = _unsupported_memo.get(model)
         if hit is None or hit[0] != _registrations or hit[1] != struct:
             now = _current_registrations()  # (before the walk: see _PlanCache.valid_for)
-            hit = (now, struct, _unsupported_reason(model), _head_reason(model))
+            # (instance forwards were checked above, on every call)
+            hit = (now, struct, _unsupported_reason(model, instance_forward=False),
+                   _head_reason(model, instance_forward=False))
             _unsupported_memo[model] = hit
         return hit[2] or (hit[3] if head else None)
     return _unsupported_reason(model) or (_head_reason(model) if head else None)
@@ -334,9 +336,13 @@ def _in_head(name: str) -> bool:
     return name.partition(".")[0] in ("fc", "avgpool")
 
 
-def _module_reason(name: str, m: nn.Module, frozen: type | None) -> str | None:
-    """Why the plan cannot stand in for the submodule ``m`` named ``name`` (``None``: it can)."""
-    if name and "forward" in vars(m):
+def _module_reason(name: str, m: nn.Module, frozen: type | None,
+                   instance_forward: bool = True) -> str | None:
+    """Why the plan cannot stand in for the submodule ``m`` named ``name`` (``None``: it can).
+    ``instance_forward=False`` leaves out a ``forward`` set on the instance: setting or
+    deleting one registers nothing, so memoized verdicts must not depend on it (the caller
+    checks it on every call instead)."""
+    if instance_forward and name and "forward" in vars(m):
         return f"{name}.forward is set on the instance, which the fused plan would skip"
     if isinstance(m, nn.BatchNorm2d):
         if m.running_mean is None or m.running_var is None:
@@ -360,7 +366,7 @@ def _module_reason(name: str, m: nn.Module, frozen: type | None) -> str | None:
     return None
 
 
-def _unsupported_reason(model: nn.Module) -> str | None:
+def _unsupported_reason(model: nn.Module, instance_forward: bool = True) -> str | None:
     """The plan hard-codes torchvision's ResNet layout: the 7x7/2 stem convolution, ReLU,
     the 3x3/2 max-pool, blocks of BatchNorm-folded convolutions (and, checked by
     :func:`_head_reason`, the global average pool and a linear ``fc``). Anything else (a
@@ -374,8 +380,11 @@ def _unsupported_reason(model: nn.Module) -> str | None:
     if _instance_forward_impl(model):
         return "the model's _forward_impl is set on the instance, which the fused plan would skip"
     for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):  # (its slots are not dicts)
+            return (f"{name} is a TorchScript module, whose tensors the plan cache cannot "
+                    "follow")
         if not _in_head(name):  # (the head's modules: _head_reason)
-            reason = _module_reason(name, m, frozen)
+            reason = _module_reason(name, m, frozen, instance_forward)
             if reason is not None:
                 return reason
     stem = getattr(model, "conv1", None)
@@ -412,13 +421,13 @@ def _unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def _head_reason(model: nn.Module) -> str | None:
+def _head_reason(model: nn.Module, instance_forward: bool = True) -> str | None:
     """Why the plan cannot run this model's head (``None``: it can); the feature paths
     (``forward_features``, ``forward_intermediates``) do not need it."""
     frozen = frozen_bn_type()
     for name, m in model.named_modules():
         if _in_head(name):
-            reason = _module_reason(name, m, frozen)
+            reason = _module_reason(name, m, frozen, instance_forward)
             if reason is not None:
                 return reason
     avg, fc = getattr(model, "avgpool", None), getattr(model, "fc", None)
@@ -454,6 +463,9 @@ _CONV_KEYS = ("stride", "padding", "dilation", "groups", "padding_mode")
 _CONV_ITEMS = operator.itemgetter(*_CONV_KEYS)
 _EPS = operator.itemgetter("eps")
 _MODULES_OF = operator.itemgetter("_modules")
+# containers that may be empty when the module lists are built and filled later (``del
+# model.layer1[:]``, then ``insert``): their children are compared too
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _POOL_ATTRS = operator.attrgetter("kernel_size", "stride", "padding", "dilation", "ceil_mode",
                                   "return_indices")
 
@@ -492,7 +504,7 @@ class _Modules:
         # without registering anything, so the registration counter does not see them; nor
         # does storing into the dict (``model._modules["fc"] = m``, as torch.ao.quantization's
         # convert does): the children themselves are compared too.
-        tree = [m for m in self.modules if m._modules]
+        tree = [m for m in self.modules if m._modules or isinstance(m, _CONTAINERS)]
         self.tree = ([vars(m) for m in tree], [m._modules for m in tree])
         self.kids = [model._modules, *self.tree[1]]
         # (dict.values is ~2x faster than a methodcaller; TorchScript modules hold another
@@ -505,7 +517,9 @@ class _Modules:
         """True while every submodule with children holds the same ``_modules`` dict with the
         same children (~3 us for ResNet-50; replacing a child by setattr registers it)."""
         dicts, kids = self.tree
-        return (all(map(operator.is_, map(_MODULES_OF, dicts), kids))
+        model = self.model()
+        return (model is not None and vars(model).get("_modules") is self.kids[0]
+                and all(map(operator.is_, map(_MODULES_OF, dicts), kids))
                 and list(map(list, map(self.values, self.kids))) == self.children)
 
     def instance_forward(self) -> int | None:
@@ -659,7 +673,7 @@ class InferencePlan:
         # a head only where the layout has torchvision's (an fc replaced by nn.Identity() for
         # a backbone: the features paths run this plan, the forward runs eagerly)
         self.fc_weight = self.fc_bias = self.num_classes = None
-        if _head_reason(model) is None:
+        if _head_reason(model, instance_forward=False) is None:  # (the layout decides)
             with torch.no_grad():
                 self.fc_weight = model.fc.weight.detach().to(dtype).contiguous()
                 fc_bias = model.fc.bias
@@ -1036,6 +1050,12 @@ def plan_for_input(model: nn.Module, x: Tensor, head: bool = True) -> InferenceP
             plan = InferencePlan(model, dtype, traced=True)
         else:
             plan = get_plan(model, dtype)
+            if head and plan.fc_weight is None:  # (built when the head could not fuse, and
+                release(model)                    # nothing registered since: fold again)
+                plan = get_plan(model, dtype)
+        if head and plan.fc_weight is None:
+            say_eager_once(_HEAD_MISSING)
+            return None
     except FloatingPointError as exc:
         say_eager_once(str(exc))
         return None

@@ -712,6 +712,60 @@ def test_edits_after_a_forward_rebuild_the_plan(edit):
     assert_close_rel(out, ref, 1e-4, f"after the {edit} edit")
 
 
+def test_a_container_emptied_then_filled_rebuilds_the_plan():
+    """Blocks inserted into a layer that was empty when the plan was built (``del
+    fr.layer1[:]``, a forward, then ``insert``) and a model whose own ``_modules`` dict is
+    replaced are noticed (the stale plan ran without the inserted blocks: 0.48 off)."""
+    _, fr = _fresh_pair()
+    x = torch.randn(2, 3, 48, 40, device=DEVICE)
+    blocks = list(fr.layer1)
+    del fr.layer1[:]
+    _run(fr, x)
+    for i, blk in enumerate(blocks):
+        fr.layer1.insert(i, blk)
+    with torch.no_grad():
+        assert_close_rel(_run(fr, x), fr.forward_eager(x), 1e-4, "layer1 filled again")
+    other = fastres.from_torchvision(twin("resnet18")[0])
+    vars(fr)["_modules"] = dict(other._modules)  # (a new dict: nothing registers)
+    with torch.no_grad():
+        assert_close_rel(_run(fr, x), other.forward_eager(x), 1e-4, "_modules replaced")
+
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
+def test_head_verdicts_do_not_outlive_a_forward_set_on_the_head():
+    """A forward set on ``fc`` (which registers nothing) makes the full forward eager while it
+    is there and only then, even after a features call (which ignores the head) memoized the
+    head's verdict; and a plan folded then still gets its head (it raised 'this plan has no
+    head' after the next registration anywhere)."""
+    tv, fr = _fresh_pair()
+    x = torch.randn(2, 3, 40, 36, device=DEVICE)
+    fr.fc.forward = lambda t: tv.fc(t) * 0  # noqa: ARG005
+    with torch.no_grad():
+        fr.forward_features(x)
+        assert torch.equal(fr(x), torch.zeros_like(fr(x)))  # eager: the instance forward ran
+    del fr.fc.forward
+    torch.nn.Linear(2, 2)  # a registration anywhere
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused again: no eager warning
+        out = fr(x)
+        assert_close_rel(out, tv(x), 1e-4, "after the head's forward is deleted")
+
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
+def test_a_torchscript_head_runs_eagerly_without_crashing():
+    """A TorchScript module anywhere in the model (a scripted ``fc``) keeps every path eager,
+    as before the feature paths ignored the head: the plan cache cannot read its slots (the
+    second forward_features and ``.float()`` raised a TypeError)."""
+    tv, fr = _fresh_pair()
+    fr.fc = torch.jit.script(copy.deepcopy(tv.fc))
+    x = torch.randn(1, 3, 40, 36, device=DEVICE)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(fr.forward_features(x), fr.forward_features_eager(x))  # eager
+            assert_close_rel(fr(x), tv(x), 1e-5, "scripted fc")
+    fr.float()
+
+
 def test_functional_call_uses_the_tensors_it_is_given():
     """``torch.func.functional_call`` swaps tensors into the module's slots without
     registering them: the plan follows the swap, and the model's own tensors after it."""
