@@ -57,6 +57,19 @@ def twin(arch: str, device=DEVICE, **kwargs) -> tuple[torch.nn.Module, torch.nn.
     return tv, fr
 
 
+def torchvision_stages(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """torchvision's modules run stage by stage (the stages of timm's forward_intermediates):
+    the stem's activation before its max-pool, then layer1-layer4's outputs."""
+    with torch.no_grad():
+        y = model.relu(model.bn1(model.conv1(x)))
+        out = [y]
+        y = model.maxpool(y)
+        for i in range(1, 5):
+            y = getattr(model, f"layer{i}")(y)
+            out.append(y)
+    return out
+
+
 def tol_for(dtype: torch.dtype, device: torch.device) -> float:
     """DESIGN.md's end-to-end tolerances (relative error against a float64 reference)."""
     if dtype == torch.float32:

@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 import torchvision
-from _models import ARCHS, DEVICE, assert_matches_torchvision, realistic_bn, tol_for, twin
+from _models import (ARCHS, DEVICE, assert_matches_torchvision, realistic_bn, tol_for,
+                     torchvision_stages, twin)
 from conftest import assert_close_rel, given, rel_err, settings, st
 
 import fastres
@@ -315,18 +316,6 @@ def test_from_torchvision_of_a_compiled_model():
         assert_close_rel(fr(x), tv(x), 1e-5, "from a compiled model")
 
 
-def _torchvision_stages(tv, x) -> list:
-    """torchvision's modules run stage by stage: the stem's activation before its max-pool,
-    then layer1-layer4's outputs (the stages of timm's forward_intermediates)."""
-    y = tv.relu(tv.bn1(tv.conv1(x)))
-    out = [y]
-    y = tv.maxpool(y)
-    for i in range(1, 5):
-        y = getattr(tv, f"layer{i}")(y)
-        out.append(y)
-    return out
-
-
 def _fused_layout(t) -> bool:
     """The fused path's output layout (channels-last); torchvision's eager CPU/GPU code gives
     NCHW-contiguous maps for an NCHW input, so this tells which path ran."""
@@ -346,7 +335,7 @@ def test_forward_intermediates(arch, kwargs):
     x = torch.randn(2, 3, 45, 39, device=DEVICE)
     tol = tol_for(torch.float32, DEVICE) * 10
     with torch.no_grad():
-        ref = _torchvision_stages(tv, x)
+        ref = torchvision_stages(tv, x)
         final, feats = fr.forward_intermediates(x)
         assert len(feats) == 5
         for i, (a, b) in enumerate(zip(feats, ref)):
@@ -381,7 +370,7 @@ def test_forward_intermediates_paths_do_not_mix():
     tv, fr = _small_twin()
     x = torch.randn(1, 3, 33, 31)
     with torch.no_grad():
-        ref = _torchvision_stages(tv, x)
+        ref = torchvision_stages(tv, x)
         logits = tv(x)
         for _ in range(2):
             for indices in ([0, 3], [1], None):
@@ -401,7 +390,7 @@ def test_backbone_without_a_classifier_runs_fused_features():
     x = torch.randn(2, 3, 32, 36)
     fr.fc = torch.nn.Identity()
     with torch.no_grad():
-        ref = _torchvision_stages(tv, x)
+        ref = torchvision_stages(tv, x)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             feats = fr.forward_intermediates(x, [2, 3, 4], intermediates_only=True)
@@ -440,7 +429,7 @@ def test_forward_intermediates_eagerly_where_the_forward_is_eager():
     modules: exact gradients flow to the parameters and train mode updates BatchNorm."""
     tv, fr = _small_twin()
     x = torch.randn(2, 3, 32, 32)
-    ref = _torchvision_stages(tv, x)
+    ref = torchvision_stages(tv, x)
     final, feats = fr.forward_intermediates(x, [1, 3])
     assert not _fused_layout(feats[0])
     assert_close_rel(feats[1], ref[3], 1e-5, "eager stage 3")
@@ -829,7 +818,7 @@ def test_frozen_batchnorm_folds():
     x = torch.randn(2, 3, 45, 39)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # an eager fallback would warn
-        ref = _torchvision_stages(tv, x)
+        ref = torchvision_stages(tv, x)
         assert_close_rel(fr(x), tv(x), 1e-5, "frozen BN forward")
         feats = fr.forward_features(x)
         assert _fused_layout(feats)

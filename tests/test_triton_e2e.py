@@ -7,7 +7,7 @@ cuDNN convolution.
 
 import pytest
 import torch
-from _models import assert_matches_torchvision, twin
+from _models import assert_matches_torchvision, torchvision_stages, twin
 from conftest import HAS_CUDA, assert_close_rel, rel_err
 
 import fastres
@@ -44,32 +44,20 @@ def test_model_through_triton(arch, shape, dtype, triton_calls):
     assert_matches_torchvision(out, tv, x, f"{arch} {dtype} via triton", dtype)
 
 
-def _stages(model, x) -> list:
-    """torchvision's modules stage by stage: the stem before its max-pool, layer1-layer4."""
-    with torch.no_grad():
-        y = model.relu(model.bn1(model.conv1(x)))
-        out = [y]
-        y = model.maxpool(y)
-        for i in range(1, 5):
-            y = getattr(model, f"layer{i}")(y)
-            out.append(y)
-    return out
-
-
 def _stage_references(tv, x, dtype) -> tuple[list, list]:
     """Each stage's float64 reference and its bound, as assert_matches_torchvision's: DESIGN.md's
     (1e-5 in fp32 without TF32), or in 16 bits twice eager PyTorch's own error in that dtype
     (NCHW or channels-last, the larger) where that is larger."""
     import copy
 
-    ref = _stages(copy.deepcopy(tv).double().cpu(), x.double().cpu())
+    ref = torchvision_stages(copy.deepcopy(tv).double().cpu(), x.double().cpu())
     if dtype == torch.float32:
         return ref, [1e-5] * len(ref)
     eager = copy.deepcopy(tv).to(dtype)
-    eager_err = [max(rel_err(a, r), rel_err(b, r)) for a, b, r in zip(
-        _stages(eager, x.to(dtype)), _stages(eager.to(memory_format=torch.channels_last),
-                                            x.to(dtype, memory_format=torch.channels_last)),
-        ref)]
+    nchw = torchvision_stages(eager, x.to(dtype))
+    nhwc = torchvision_stages(eager.to(memory_format=torch.channels_last),
+                              x.to(dtype, memory_format=torch.channels_last))
+    eager_err = [max(rel_err(a, r), rel_err(b, r)) for a, b, r in zip(nchw, nhwc, ref)]
     return ref, [max(2e-2, 2 * e) for e in eager_err]
 
 
