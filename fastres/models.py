@@ -418,6 +418,10 @@ def _as_index(v) -> int | None:
     one-element array or tensor, which ``operator.index`` takes too: a sequence of one)."""
     if isinstance(v, bool) or getattr(v, "ndim", 0) != 0:
         return None
+    if isinstance(v, int):
+        return v
+    if not hasattr(type(v), "__index__"):  # (asked first: torch 2.11's dynamo turns the
+        return None                        # TypeError of operator.index([..]) into its own)
     try:
         return operator.index(v)
     except TypeError:
