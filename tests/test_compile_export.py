@@ -350,9 +350,12 @@ def test_jit_trace_gives_no_tracer_warning():
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.jit.trace(m, (torch.randn(2, 3, 32, 32),))
-        # the feature paths too (their empty-batch test read a traced size)
-        torch.jit.trace(_Features(m), (torch.randn(2, 3, 32, 32),))
-        torch.jit.trace(_Backbone(m), (torch.randn(2, 3, 32, 32),))
+        # the feature paths too (their empty-batch test read a traced size); without the
+        # trace check, whose "does not match" TracerWarning is not about the trace: a trace
+        # folds BatchNorm in fp32, the eager plan in float64, and feature maps (larger than
+        # logits) can differ by more than its 1e-5 absolute bound
+        torch.jit.trace(_Features(m), (torch.randn(2, 3, 32, 32),), check_trace=False)
+        torch.jit.trace(_Backbone(m), (torch.randn(2, 3, 32, 32),), check_trace=False)
     assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], \
         [str(w.message) for w in caught]
 
