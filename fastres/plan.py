@@ -425,8 +425,9 @@ def _head_reason(model: nn.Module, instance_forward: bool = True) -> str | None:
     """Why the plan cannot run this model's head (``None``: it can); the feature paths
     (``forward_features``, ``forward_intermediates``) do not need it."""
     frozen = frozen_bn_type()
-    for name, m in model.named_modules():
-        if _in_head(name):
+    for top in ("avgpool", "fc"):  # (their subtrees only: _in_head's names)
+        sub = model._modules.get(top)
+        for name, m in sub.named_modules(prefix=top) if sub is not None else ():
             reason = _module_reason(name, m, frozen, instance_forward)
             if reason is not None:
                 return reason
@@ -1050,10 +1051,7 @@ def plan_for_input(model: nn.Module, x: Tensor, head: bool = True) -> InferenceP
             plan = InferencePlan(model, dtype, traced=True)
         else:
             plan = get_plan(model, dtype)
-            if head and plan.fc_weight is None:  # (built when the head could not fuse, and
-                release(model)                    # nothing registered since: fold again)
-                plan = get_plan(model, dtype)
-        if head and plan.fc_weight is None:
+        if head and plan.fc_weight is None:  # (eager_reason said the head fuses: a safety net)
             say_eager_once(_HEAD_MISSING)
             return None
     except FloatingPointError as exc:
