@@ -275,7 +275,7 @@ class ResNet(nn.Module):
             elif not _plan.tracing():
                 _plan.release(self)  # training changes the weights the plan was folded from
             return self._forward_impl(x)
-        plan = _plan.plan_for_input(self, x)
+        plan = _plan.plan_for_input(self, x, tree_checked=True)
         if plan is None:
             return self._forward_impl(x)
         return plan.run(x)
@@ -353,7 +353,7 @@ class ResNet(nn.Module):
             return None
         reason = _plan.eager_reason(self, x, head=False)  # (an fc replaced by Identity is fine)
         if reason is None and _plan._sizes(x)[0] > 0:  # (eager: [0, C, h, w])
-            return _plan.plan_for_input(self, x, head=False)
+            return _plan.plan_for_input(self, x, head=False, tree_checked=True)
         if reason not in (None, "train"):
             _plan.say_eager_once(reason)
         elif reason == "train" and not _plan.tracing():
