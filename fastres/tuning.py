@@ -803,6 +803,10 @@ def _progress(items: list, desc: str):
 
 _memo: dict[tuple, _backend.Impl] = {}
 _names: dict[tuple, str] = {}  # memo key -> chosen candidate's name (reports, tests)
+# how many choices (op and argument signature) the memo holds; the oldest goes first. A
+# service fed many input sizes adds one per distinct layer per size: an evicted choice is
+# looked up again in the tuning cache (held in memory), not measured again.
+_MEMO_SIZE = 4096
 _memo_generation = -1
 _lock = threading.RLock()
 _said: set[str] = set()
@@ -874,6 +878,13 @@ def _supports_of(cand: Candidate, impls: dict):
 
 def _remember(mkey: tuple, op: str, cand: Candidate, impls: dict) -> _backend.Impl:
     impl = _backend.Impl(op, cand.backend, cand.fn, _supports_of(cand, impls))
+    while len(_memo) >= _MEMO_SIZE:  # (under _lock; a generation change may clear it meanwhile)
+        try:
+            oldest = next(iter(_memo))
+            del _memo[oldest]
+        except (KeyError, RuntimeError, StopIteration):
+            break
+        _names.pop(oldest, None)
     _memo[mkey] = impl
     _names[mkey] = cand.name
     return impl

@@ -123,6 +123,22 @@ def test_miss_tunes_once_then_memo_then_disk_hit(tuner):
     assert set(tuning.choices().values()) == {"torch:b"}
 
 
+def test_memo_keeps_the_newest_choices_and_an_evicted_one_is_not_timed_again(tuner,
+                                                                             monkeypatch):
+    """The process's memo of choices is bounded (a service fed many input sizes grew it
+    without end); a choice it dropped comes back from the tuning cache, not a new timing."""
+    monkeypatch.setattr(tuning, "_MEMO_SIZE", 3, raising=False)
+    xs = [torch.randn(1, 4, 7 + i, 9) for i in range(5)]
+    for x in xs:
+        assert_close_rel(pool(x), torch.nn.functional.max_pool2d(x, 3, 2, 1), 0.0)
+    assert len(tuning._memo) == 3 and len(tuning.choices()) == 3
+    assert tuning.stats()["tuned"] == 5 and len(tuner.calls) == 15
+    x = torch.randn_like(xs[0])  # its choice was dropped first
+    assert_close_rel(pool(x), torch.nn.functional.max_pool2d(x, 3, 2, 1), 0.0)
+    assert len(tuner.calls) == 15 and tuning.stats()["disk_hits"] == 1
+    assert len(tuning._memo) == 3 and set(tuning.choices().values()) == {"torch:b"}
+
+
 def test_keys_separate_shape_dtype_and_layout(tuner):
     x = torch.randn(1, 8, 9, 9)
     pool(x)
