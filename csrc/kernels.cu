@@ -135,6 +135,36 @@ __global__ void head_linear_kernel(const T* __restrict__ pooled, const T* __rest
   }
 }
 
+// Opting in to > 48 KB of dynamic shared memory is per kernel and device: always to the
+// device's limit (less the kernel's static shared memory), the same value on every call, so
+// that threads launching the generic kernel for different C_in never lower it below another's
+// launch (a per-call value raced). Done once per kernel and device: `opted_in[device]` is set
+// after the device-wide limit was set (a launch that needs more than that limit sets its own
+// size each time, and fails there or at the launch, as before).
+constexpr int kMaxDevices = 64;
+
+template <typename T, int CIN>
+std::atomic<bool>* stem_opted_in() {
+  static std::atomic<bool> flags[kMaxDevices] = {};
+  return flags;
+}
+
+template <typename Kernel>
+void opt_in_shared_memory(Kernel kernel, std::atomic<bool>* opted_in, size_t smem_optin,
+                          size_t smem) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && opted_in[device].load(std::memory_order_acquire)) return;
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const size_t limit = smem_optin > attr.sharedSizeBytes ? smem_optin - attr.sharedSizeBytes
+                                                         : smem;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(std::max(limit, smem))));
+  if (cached && smem <= limit) opted_in[device].store(true, std::memory_order_release);
+}
+
 }  // namespace
 
 // -- launchers -------------------------------------------------------------------------------
@@ -169,16 +199,11 @@ void launch_stem(const void* x, const float* wpacked, const float* bias, void* o
     using T = decltype(tag);
     // C_in = 3 (RGB) gets the specialized kernel, anything else the generic one.
     auto kernel = g.Cin == 3 ? stem_kernel<T, 3> : stem_kernel<T, 0>;
-    // Opting in to > 48 KB of dynamic shared memory is per kernel and device: always to the
-    // device's limit (less the kernel's static shared memory), the same value on every call,
-    // so that threads launching the generic kernel for different C_in never lower it below
-    // another's launch (a per-call value raced). Cheap, and idempotent.
-    cudaFuncAttributes attr;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    const size_t limit = smem_optin > attr.sharedSizeBytes ? smem_optin - attr.sharedSizeBytes
-                                                           : smem;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(std::max(limit, smem))));
+    if (g.Cin == 3) {
+      opt_in_shared_memory(kernel, stem_opted_in<T, 3>(), smem_optin, smem);
+    } else {
+      opt_in_shared_memory(kernel, stem_opted_in<T, 0>(), smem_optin, smem);
+    }
     kernel<<<grid, STEM_THREADS, smem, stream>>>(static_cast<const T*>(x), wpacked, bias,
                                                  static_cast<T*>(out), g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
