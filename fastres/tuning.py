@@ -999,12 +999,16 @@ def _forward_to_tune(model: torch.nn.Module, x: torch.Tensor):
     return model
 
 
-def _check_tunable(model: Any) -> None:
-    """``model`` must run fastres's ops: a fastres ResNet, or a module holding one."""
+def _resnets(model: torch.nn.Module) -> list:
+    """The fastres ResNets in ``model`` (``model`` itself, if it is one)."""
     from fastres.models import ResNet
 
-    if isinstance(model, torch.nn.Module) and any(isinstance(m, ResNet)
-                                                  for m in model.modules()):
+    return [m for m in model.modules() if isinstance(m, ResNet)]
+
+
+def _check_tunable(model: Any) -> None:
+    """``model`` must run fastres's ops: a fastres ResNet, or a module holding one."""
+    if isinstance(model, torch.nn.Module) and _resnets(model):
         return
     cls = type(model)
     name = (cls.__qualname__ if cls.__module__ == "builtins"
@@ -1069,6 +1073,12 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
     memory). Choices this process made before are looked up again in the cache file in force
     now, so that a layer chosen while another cache directory was set is written to this one.
 
+    The layers timed are those of the model's forward (of ``forward_features`` for a backbone
+    whose ``fc`` is ``nn.Identity()``), and the two that
+    :meth:`~fastres.models.ResNet.forward_intermediates` runs when stage 0 is asked for: the
+    stem as a convolution, then the max-pool (every other forward runs the stem fused). Each
+    fastres ResNet in ``model`` gets a random input of the same size for those.
+
     ``model`` is a fastres :class:`~fastres.models.ResNet` or a module holding one;
     ``batch_sizes`` an int or ints >= 1; ``image_size`` an int or an ``(H, W)`` pair >= 1;
     anything else is a ``TypeError`` / ``ValueError`` saying what was expected. A model on a
@@ -1120,6 +1130,12 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
             x = torch.randn(bs, in_ch, *image_size, device=device, dtype=pdtype)
             with torch.no_grad(), ctx:
                 _forward_to_tune(run_model, x)(x)
+                for net in _resnets(run_model):  # stage 0: the stem unfused
+                    c = getattr(net.conv1, "in_channels", in_ch)
+                    xi = x if c == in_ch else torch.randn(bs, c, *image_size, device=device,
+                                                          dtype=pdtype)
+                    net.forward_intermediates(xi, [0], stop_early=True,
+                                              intermediates_only=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if bar is not None:

@@ -894,6 +894,49 @@ def tune_small(m):
     return tuning.tune_model(m, [1, 2], "fp32", image_size=32)
 
 
+def _fused_stem(x, weight, bias):
+    """A stem that calls no fastres op (as the CUDA and Triton stems): timing it chooses
+    nothing for stage 0's convolution and max-pool."""
+    y = torch.nn.functional.conv2d(x, weight, bias, 2, 3).relu_()
+    return torch.nn.functional.max_pool2d(y, 3, 2, 1).contiguous(
+        memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_tune_model_tunes_stage_0_of_forward_intermediates(tuner, wrapped):
+    """Stage 0 of forward_intermediates runs the stem as a convolution and a max-pool, which
+    no other forward runs (the stem fuses them): tune_model times those two as well (for each
+    ResNet in a model holding one), so that the first such call times nothing. Without it,
+    a fused stem's timing covered neither and that call timed them (or ran the pinned
+    choice, inside a CUDA graph capture) unless checking a stem candidate had run them."""
+    fake = fake_candidates()
+
+    def hook(op, device, args, kwargs):
+        if op == "stem":
+            return [tuning.Candidate("triton", label, {"label": label}, _fused_stem)
+                    for label in ("a", "b")]
+        return fake(op, device, args, kwargs)
+
+    # (the check of a stem candidate runs the reference stem, whose conv_bias_act and
+    # max_pool2d calls are then chosen, as a side effect: without the check, nothing is)
+    tuning.configure(candidates=hook, check=False)
+    m = fastres.resnet18(num_classes=10).eval()
+    res = tuning.tune_model(torch.nn.Sequential(m) if wrapped else m, [1, 2], "fp32",
+                            image_size=32)
+    stage0 = [k for k in tuning.choices() if k.startswith("max_pool2d")
+              or k.startswith("conv_bias_act") and "Size([64, 3, 7, 7])" in k]
+    assert len(stage0) == 4, list(tuning.choices())  # a conv and a max-pool per batch size
+    calls = len(tuner.calls)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, feats = m.forward_intermediates(x, [0, 2])
+        ref_out, ref_feats = m.forward_intermediates_eager(x, [0, 2])
+    assert len(tuner.calls) == calls, "tune_model covered stage 0's layers"
+    for got, ref in zip([out, *feats], [ref_out, *ref_feats]):
+        assert_close_rel(got, ref, 1e-4, "stage 0 after tuning")
+    assert res["tuned"] > 5, res
+
+
 def test_tune_model_writes_the_cache_in_force_now(tuner, tmp_path, monkeypatch, capsys):
     """Layers chosen while one cache directory was set are written to the one in force when
     ``tune_model`` (or ``fastres tune --cache-dir``) runs: the process's remembered choices
