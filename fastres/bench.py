@@ -12,9 +12,11 @@ For each model x dtype x batch size, in one run on one device:
 2. **Then time.** Warm-up (and, on a GPU, ``fastres.tuning.tune_model`` when it exists), then
    ``iters`` calls timed with CUDA events (``time.perf_counter`` on the CPU), inputs rotated over a
    few pre-made batches so caches do not flatter small batches. Reported: images/s (batch /
-   median), median and p90 latency per batch, peak GPU memory (the implementation's weights,
-   inputs and everything allocated during the timed calls), and speedups against each baseline
-   measured in the same run.
+   median), median and p90 latency per batch, on a GPU the host time per call (the CPU time
+   to issue one call with the GPU idle, :func:`host_times`: near the median, the call is bound
+   by the host), peak GPU memory (the implementation's weights, inputs and everything
+   allocated during the timed calls), and speedups against each baseline measured in the same
+   run.
 
 Implementations (``IMPLS``):
 
@@ -132,6 +134,9 @@ class Row:
     status: str = "ok"              # ok | FAILED | error | n/a | skipped
     median_ms: float | None = None
     p90_ms: float | None = None
+    # GPU: median CPU time to issue one call with the GPU idle (the call returns before its
+    # kernels finish); close to median_ms: the call is bound by the host, not the GPU
+    host_ms: float | None = None
     images_per_s: float | None = None
     peak_mib: float | None = None
     iters: int = 0
@@ -358,6 +363,23 @@ def time_calls(fn: Callable[[Tensor], object], inputs: Sequence[Tensor], warmup:
             if i + 1 >= least and time.perf_counter() - t0 > max_time:
                 break
         return times
+
+
+def host_times(fn: Callable[[Tensor], object], inputs: Sequence[Tensor],
+               device: torch.device, calls: int = 5) -> list[float]:
+    """CPU time in ms to issue each of ``calls`` calls, each started with the GPU idle (a
+    synchronize before and after, outside the timed span): the host's share of a call, which
+    :func:`time_calls`'s back-to-back calls cannot separate from a full launch queue."""
+    k = len(inputs)
+    times = []
+    with torch.inference_mode():
+        for i in range(calls):
+            _sync(device)
+            s = time.perf_counter()
+            fn(inputs[i % k])
+            times.append((time.perf_counter() - s) * 1e3)
+        _sync(device)
+    return times
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -656,7 +678,8 @@ class Runner:
                     continue
                 if key == "eager_fp32" and (name, batch) in self.eager_fp32_cache:
                     cached = self.eager_fp32_cache[(name, batch)]
-                    for f in ("status", "median_ms", "p90_ms", "images_per_s", "peak_mib",
+                    for f in ("status", "median_ms", "p90_ms", "host_ms", "images_per_s",
+                              "peak_mib",
                               "iters", "rel_err", "top1", "note"):
                         setattr(row, f, getattr(cached, f))
                     continue
@@ -770,6 +793,11 @@ class Runner:
             peak = torch.cuda.max_memory_allocated(dev) - before
             peak += _tensor_bytes(inputs) + _param_bytes(impl.model)
             row.peak_mib = peak / 2**20
+            try:
+                row.host_ms = statistics.median(host_times(impl.fn, inputs, dev))
+            except Exception as exc:  # (it ran just before: note it, keep the timing)
+                note = f"host time not measured: {short_error(exc)}"
+                row.note = f"{row.note}; {note}" if row.note else note
         row.iters = len(times)
         row.median_ms = statistics.median(times)
         row.p90_ms = percentile(times, 90)
@@ -836,7 +864,7 @@ def _speed(v) -> str:
 
 
 TABLE_COLUMNS = ("model", "dtype", "batch", "implementation", "img/s", "median ms", "p90 ms",
-                 "peak MiB", "rel err", "top-1", "x eager fp32", "x AMP+CL", "x compile",
+                 "host ms", "peak MiB", "rel err", "top-1", "x eager fp32", "x AMP+CL", "x compile",
                  "status")
 
 
@@ -845,7 +873,8 @@ def _table_cells(row: Row) -> list[str]:
     if row.status == "ok" and row.note and row.impl.startswith("compile"):
         status = f"ok ({row.note})"
     return [row.model, row.dtype, str(row.batch), row.label, _fmt(row.images_per_s, ".1f"),
-            _fmt(row.median_ms, ".2f"), _fmt(row.p90_ms, ".2f"), _fmt(row.peak_mib, ".0f"),
+            _fmt(row.median_ms, ".2f"), _fmt(row.p90_ms, ".2f"), _fmt(row.host_ms, ".2f"),
+            _fmt(row.peak_mib, ".0f"),
             _fmt(row.rel_err, ".1e"), "-" if row.top1 is None else f"{row.top1 * 100:.0f}%",
             _speed(row.speedup.get("eager_fp32")), _speed(row.speedup.get("eager_amp_cl")),
             _speed(row.speedup.get("compile")), status]
@@ -856,7 +885,7 @@ def format_table(report: BenchReport) -> str:
     cells = [list(TABLE_COLUMNS)] + [_table_cells(r) for r in report.rows]
     widths = [max(len(c[i]) for c in cells[:]) if i < len(TABLE_COLUMNS) - 1 else 0
               for i in range(len(TABLE_COLUMNS))]
-    right = {4, 5, 6, 7, 8, 9, 10, 11, 12}
+    right = set(range(4, len(TABLE_COLUMNS) - 1))
     lines = [format_env(report.env), ""]
     for n, c in enumerate(cells):
         parts = [(c[i].rjust(widths[i]) if i in right else c[i].ljust(widths[i]))

@@ -292,6 +292,7 @@ def _synthetic_details(d: Path) -> None:
                     rows.append({"model": model, "dtype": dt, "batch": bs, "impl": impl,
                                  "label": impl, "status": "ok" if ok else "skipped",
                                  "median_ms": 2.0 if ok else None, "p90_ms": 2.1 if ok else None,
+                                 "host_ms": 1.9 if ok else None,
                                  "images_per_s": bs * 500.0 if ok else None,
                                  "peak_mib": 812.0 if ok else None, "rel_err": 4.5e-2,
                                  "tolerance": 9.8e-2, "top1": 1.0,
@@ -355,7 +356,7 @@ def test_gpu_check_summary_of_a_full_run_fits_the_reply(tmp_path):
                    "- tests.test_x::test_b: boom | bad",
                    "accuracy checks: 2, 1 over their bound",
                    "| resnet50 | bf16 | 256 | 128000 | 128000 | 128000 | 128000 | 128000 | "
-                   "2.00 (2.10) | 812 | 1.50 | 1.20 | 1.10 | 4.5e-02 | ok |",
+                   "2.00 (1.90) | 2.00 (2.10) | 812 | 1.50 | 1.20 | 1.10 | 4.5e-02 | ok |",
                    "| resnet18 | fp16 | 1 | 500 | 500 | 500 | 500 | skipped |",
                    "| bf16 | fastres_graphs | 0.700 | 0.700 | 0.700 | - | - | 4.0e-02 | ok |",
                    "| bfloat16 | 32 | 24 of 24 | 0.530 | 300 | 0.636 | 1.060 | 2.00 | 1.20 | 0 |",

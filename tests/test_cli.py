@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -634,7 +635,7 @@ def test_classify_needs_weights(capsys, photo):
 
 
 def test_percentile_and_timing_helpers():
-    from fastres.bench import percentile, time_calls
+    from fastres.bench import host_times, percentile, time_calls
 
     assert percentile([3.0], 90) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
@@ -645,6 +646,11 @@ def test_percentile_and_timing_helpers():
     assert len(times) == 5 and len(calls) == 7 and all(t >= 0 for t in times)
     # inputs rotate over the pre-made batches
     assert [float(c) for c in calls[2:]] == [0.0, 1.0, 0.0, 1.0, 0.0]
+    calls.clear()
+    host = host_times(lambda x: (calls.append(x), time.sleep(0.002)),
+                      [torch.zeros(1), torch.ones(1)], torch.device("cpu"), calls=3)
+    assert len(host) == 3 and all(t >= 2.0 for t in host), host
+    assert [float(c) for c in calls] == [0.0, 1.0, 0.0]
 
 
 def test_gpu_check_script_syntax():
