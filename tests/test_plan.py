@@ -745,12 +745,20 @@ def test_a_forward_checks_the_module_tree_once(path, monkeypatch):
     real = plan_mod._Modules.tree_unchanged
     monkeypatch.setattr(plan_mod._Modules, "tree_unchanged",
                         lambda self: checks.append(1) or real(self))
+    eager = {"forward": fr.forward_eager, "forward_features": fr.forward_features_eager,
+             "forward_intermediates": lambda x: fr.forward_intermediates_eager(x)}[path]
     with torch.no_grad():
         run(x)
         assert len(checks) == 1, f"{len(checks)} tree checks in one {path}"
         del fr.layer4[-1]
-        out = fr(x)
-        assert_close_rel(out, fr.forward_eager(x), 1e-4, "after del layer4[-1]")
+        got, ref = run(x), eager(x)
+    if path == "forward_intermediates":  # (the last stage's output, [each stage's])
+        got, ref = [got[0], *got[1]], [ref[0], *ref[1]]
+    else:
+        got, ref = [got], [ref]
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert_close_rel(g, r, 1e-4, f"{path} after del layer4[-1]")
 
 
 @pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
