@@ -950,7 +950,7 @@ def to_markdown(report: BenchReport) -> str:
     lines = ["# fastres bench", ""]
     lines += [f"- {esc(line)}" for line in format_env(report.env).splitlines()]
     lines += ["", "| " + " | ".join(TABLE_COLUMNS) + " |",
-              "|" + "|".join("---:" if i in (2, 4, 5, 6, 7, 8, 9, 10, 11, 12) else "---"
+              "|" + "|".join("---:" if i == 2 or 4 <= i < len(TABLE_COLUMNS) - 1 else "---"
                              for i in range(len(TABLE_COLUMNS))) + "|"]
     for r in report.rows:
         lines.append("| " + " | ".join(esc(c) for c in _table_cells(r)) + " |")

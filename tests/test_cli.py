@@ -193,6 +193,12 @@ def test_bench_small_writes_json_markdown_png(capsys, tmp_path):
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert table[0].startswith("| model | dtype | batch | implementation | img/s")
     assert set(table[1].replace("|", "").replace("-", "").replace(":", "").strip()) == set()
+    # numbers right-aligned: every column but the names and the status
+    heads = [c.strip() for c in table[0].strip("|").split("|")]
+    aligns = [c.strip() for c in table[1].strip("|").split("|")]
+    assert len(heads) == len(aligns) and "host ms" in heads
+    assert [h for h, a in zip(heads, aligns) if a != "---:"] == ["model", "dtype",
+                                                                  "implementation", "status"]
     assert len(table) == 2 + len(rows)
 
     png = out_dir / "bench.png"
