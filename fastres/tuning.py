@@ -805,7 +805,8 @@ _memo: dict[tuple, _backend.Impl] = {}
 _names: dict[tuple, str] = {}  # memo key -> chosen candidate's name (reports, tests)
 # how many choices (op and argument signature) the memo holds; the oldest goes first. A
 # service fed many input sizes adds one per distinct layer per size: an evicted choice is
-# looked up again in the tuning cache (held in memory), not measured again.
+# looked up again in the tuning cache (held in memory), not measured again, unless the cache
+# holds no record of it (no candidate ran; or the cache directory changed meanwhile).
 _MEMO_SIZE = 4096
 _memo_generation = -1
 _lock = threading.RLock()
@@ -844,6 +845,9 @@ def choose(op: str, device: torch.device, pref: str, impls: dict, args: tuple,
     if hit is not None:
         return hit
     with _lock:
+        hit = _memo.get(mkey)  # (another thread may have chosen it meanwhile)
+        if hit is not None:
+            return hit
         cands = candidates(op, device, pref, impls, args, kwargs)
         if md == "pinned" or len(cands) == 1:
             if md == "pinned":
@@ -878,7 +882,8 @@ def _supports_of(cand: Candidate, impls: dict):
 
 def _remember(mkey: tuple, op: str, cand: Candidate, impls: dict) -> _backend.Impl:
     impl = _backend.Impl(op, cand.backend, cand.fn, _supports_of(cand, impls))
-    while len(_memo) >= _MEMO_SIZE:  # (under _lock; a generation change may clear it meanwhile)
+    # (under _lock; a generation change may clear the memo meanwhile)
+    while mkey not in _memo and len(_memo) >= _MEMO_SIZE:
         try:
             oldest = next(iter(_memo))
             del _memo[oldest]
@@ -959,7 +964,9 @@ def _measure(op: str, key: str, cands: list[Candidate], impls: dict, args,
 def choices() -> dict[str, str]:
     """This process's remembered choices: ``{op and argument signature: candidate name}``
     (for reports and tests)."""
-    return {f"{k[0]}{k[5]}{k[6] or ''}": name for k, name in _names.items() if k in _memo}
+    # (a copy first: another thread choosing meanwhile would change the dict under the loop)
+    return {f"{k[0]}{k[5]}{k[6] or ''}": name for k, name in list(_names.items())
+            if k in _memo}
 
 
 # -- ahead-of-time tuning ------------------------------------------------------------------
@@ -997,6 +1004,22 @@ def _forward_to_tune(model: torch.nn.Module, x: torch.Tensor):
             and _plan.eager_reason(model, x, head=False) is None):
         return model.forward_features
     return model
+
+
+def _tune_stage0(net: torch.nn.Module, batch: int, image_size: tuple[int, int]) -> None:
+    """Run stage 0 of ``net.forward_intermediates`` (the stem as a convolution, then the
+    max-pool) on a random input of ``net``'s own channels, dtype and device, so that its two
+    layers are tuned; nothing for a net whose feature paths would run eagerly (its hooks would
+    run, and nothing would be tuned) or whose device is not tuned."""
+    from fastres import plan as _plan
+
+    conv = getattr(net, "conv1", None)
+    dtype, device = _plan.model_dtype_device(net)
+    if not isinstance(conv, torch.nn.Conv2d) or device.type not in _backend._TUNED_DEVICE_TYPES:
+        return
+    x = torch.randn(batch, conv.in_channels, *image_size, device=device, dtype=dtype)
+    if _plan.eager_reason(net, x, head=False) is None:
+        net.forward_intermediates(x, [0], stop_early=True, intermediates_only=True)
 
 
 def _resnets(model: torch.nn.Module) -> list:
@@ -1077,7 +1100,8 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
     whose ``fc`` is ``nn.Identity()``), and the two that
     :meth:`~fastres.models.ResNet.forward_intermediates` runs when stage 0 is asked for: the
     stem as a convolution, then the max-pool (every other forward runs the stem fused). Each
-    fastres ResNet in ``model`` gets a random input of the same size for those.
+    fastres ResNet in ``model`` gets a random input of the same size, in its own dtype and on
+    its own device, for those (none where its feature paths would run eagerly).
 
     ``model`` is a fastres :class:`~fastres.models.ResNet` or a module holding one;
     ``batch_sizes`` an int or ints >= 1; ``image_size`` an int or an ``(H, W)`` pair >= 1;
@@ -1130,12 +1154,8 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
             x = torch.randn(bs, in_ch, *image_size, device=device, dtype=pdtype)
             with torch.no_grad(), ctx:
                 _forward_to_tune(run_model, x)(x)
-                for net in _resnets(run_model):  # stage 0: the stem unfused
-                    c = getattr(net.conv1, "in_channels", in_ch)
-                    xi = x if c == in_ch else torch.randn(bs, c, *image_size, device=device,
-                                                          dtype=pdtype)
-                    net.forward_intermediates(xi, [0], stop_early=True,
-                                              intermediates_only=True)
+                for net in _resnets(run_model):
+                    _tune_stage0(net, bs, image_size)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if bar is not None:

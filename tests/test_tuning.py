@@ -139,6 +139,19 @@ def test_memo_keeps_the_newest_choices_and_an_evicted_one_is_not_timed_again(tun
     assert len(tuning._memo) == 3 and set(tuning.choices().values()) == {"torch:b"}
 
 
+def test_a_choice_remembered_again_evicts_nothing(tuner, monkeypatch):
+    """Two threads that miss the same layer both remember it: with the memo full, the second
+    evicted another layer's choice although the memo did not grow."""
+    monkeypatch.setattr(tuning, "_MEMO_SIZE", 3, raising=False)
+    for i in range(3):
+        pool(torch.randn(1, 4, 7 + i, 9))
+    keys = list(tuning._memo)
+    impl = tuning._memo[keys[-1]]
+    tuning._remember(keys[-1], "max_pool2d", tuning.Candidate("torch", "b", None, impl.fn),
+                     _backend.implementations("max_pool2d"))
+    assert list(tuning._memo) == keys and len(tuning.choices()) == 3
+
+
 def test_keys_separate_shape_dtype_and_layout(tuner):
     x = torch.randn(1, 8, 9, 9)
     pool(x)
@@ -935,6 +948,49 @@ def test_tune_model_tunes_stage_0_of_forward_intermediates(tuner, wrapped):
     for got, ref in zip([out, *feats], [ref_out, *ref_feats]):
         assert_close_rel(got, ref, 1e-4, "stage 0 after tuning")
     assert res["tuned"] > 5, res
+
+
+class _CastWrapper(torch.nn.Module):
+    """An fp32 preprocessing parameter before a bf16 backbone, cast in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.mean = torch.nn.Parameter(torch.zeros(1, 3, 1, 1), requires_grad=False)
+        self.net = fastres.resnet18(num_classes=10).to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.net((x - self.mean).to(torch.bfloat16))
+
+
+def test_tune_model_feeds_stage_0_each_resnet_as_it_runs(tuner):
+    """The stage-0 pass gives each ResNet an input in its own dtype and on its own device (a
+    bf16 backbone in an fp32 wrapper raised 'input dtype must match the model's'; a ResNet
+    on another device, 'the model is on meta'), and skips a ResNet whose feature paths run
+    eagerly (its hooks ran once more per batch size, and nothing was tuned)."""
+    wrapped = _CastWrapper().eval()
+    res = tuning.tune_model(wrapped, [1, 2], image_size=32)
+    keys = [k for k in tuning.choices() if k.startswith("max_pool2d")]
+    assert res["tuned"] > 5 and len(keys) == 2 and all("bfloat16" in k for k in keys), keys
+
+    class TwoNets(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = fastres.resnet18(num_classes=10)
+            with torch.device("meta"):  # (a stand-in for a ResNet on another device)
+                self.b = fastres.resnet18(num_classes=10)
+
+        def forward(self, x):
+            return self.a(x)
+
+    assert tuning.tune_model(TwoNets(), [1], image_size=32)["tuned"] > 5
+
+    m = fastres.resnet18(num_classes=10).eval()
+    seen = []
+    m.conv1.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (runs eagerly: said once a process)
+        res = tuning.tune_model(m, [1, 2], "fp32", image_size=32)
+    assert seen == [1, 2] and res["tuned"] == 0, (seen, res)  # one forward per batch size
 
 
 def test_tune_model_writes_the_cache_in_force_now(tuner, tmp_path, monkeypatch, capsys):
