@@ -157,6 +157,8 @@ class BenchReport:
     interrupted: bool = False       # stopped by Ctrl-C / SIGTERM: the rows measured so far
     # why the last write_outputs failed (None: it worked); the table says so, not the files
     output_error: str | None = None
+    # the write failures warned about already (each is said once a run)
+    warned_outputs: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -1082,41 +1084,45 @@ def write_outputs(report: BenchReport, out_dir: str, png: bool = True) -> list[s
         with open(tmp, "w") as f:
             f.write(to_markdown(report))
 
-    warned = {report.output_error}  # (the last call's error: warned about then)
-
     def warn(msg: str) -> None:
-        if msg not in warned:
+        if msg not in report.warned_outputs:
             print(f"fastres bench: warning: {msg}", file=sys.stderr)
-            warned.add(msg)
-        report.output_error = msg
+            report.warned_outputs.add(msg)
+        errors.append(msg)
 
     paths: list[str] = []
-    picture_error = None
+    errors: list[str] = []
     try:
         os.makedirs(out_dir, exist_ok=True)
-        picture = None
-        if png:  # first: a note on why there is no picture goes into the JSON and Markdown
-            ppath = os.path.join(out_dir, "bench.png")
-            try:
-                note = _write_file(ppath, lambda tmp: plot(report, tmp))
-                picture = ppath if note is None else None
-            except Exception as exc:  # noqa: BLE001 - the numbers matter more than a picture
-                if "matplotlib.pyplot" in sys.modules:  # plot() stopped before closing it
-                    sys.modules["matplotlib.pyplot"].close("all")
-                note = f"bench.png not written: {short_error(exc)}"
-                why = (exc.strerror if isinstance(exc, OSError) else None) or short_error(exc)
-                picture_error = f"{ppath!r} could not be written ({why}): no plot of this run"
-                warn(picture_error)
-            if note is not None and note not in report.notes:
-                report.notes.append(note)
-        for name, write in (("bench.json", write_json), ("bench.md", write_md)):
-            path = os.path.join(out_dir, name)
-            _write_file(path, write)
-            paths.append(path)
     except OSError as exc:
         why = exc.strerror or short_error(exc)
         warn(f"--out {out_dir!r} could not be written ({why}): these results are not saved "
              "there")
+        report.output_error = errors[0]
         return paths
-    report.output_error = picture_error
+    picture = None
+    if png:  # first: a note on why there is no picture goes into the JSON and Markdown
+        ppath = os.path.join(out_dir, "bench.png")
+        try:
+            note = _write_file(ppath, lambda tmp: plot(report, tmp))
+            picture = ppath if note is None else None
+        except Exception as exc:  # noqa: BLE001 - the numbers matter more than a picture
+            if "matplotlib.pyplot" in sys.modules:  # plot() stopped before closing it
+                sys.modules["matplotlib.pyplot"].close("all")
+            note = f"bench.png not written: {short_error(exc)}"
+            why = (exc.strerror if isinstance(exc, OSError) else None) or short_error(exc)
+            warn(f"{ppath!r} could not be written ({why}): no plot of this run")
+        if note is not None and note not in report.notes:
+            report.notes.append(note)
+    # each file on its own: one that cannot be written does not keep the other from its place
+    for name, write in (("bench.json", write_json), ("bench.md", write_md)):
+        path = os.path.join(out_dir, name)
+        try:
+            _write_file(path, write)
+        except OSError as exc:
+            why = exc.strerror or short_error(exc)
+            warn(f"{path!r} could not be written ({why}): these results are not saved there")
+            continue
+        paths.append(path)
+    report.output_error = "; ".join(errors) or None
     return paths + ([picture] if picture else [])

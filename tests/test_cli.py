@@ -1190,6 +1190,29 @@ def test_bench_out_dir_lost_mid_run_keeps_measuring(capsys, monkeypatch, tmp_pat
     assert out_dir.read_text() == "not a directory"
 
 
+def test_bench_write_outputs_writes_each_file_it_can(tmp_path, capsys):
+    """A bench.json that cannot be written (a directory in its place) does not keep bench.md
+    from being written (one try wrapped both: the Markdown was skipped too); the failure is
+    warned about once a run, and a later write that works clears it."""
+    from fastres import bench
+
+    ms = float(torch.rand(()) * 10 + 1)
+    rows = [bench.Row("resnet18", "fp32", 1, "fastres", "fastres", median_ms=ms,
+                      images_per_s=1000.0 / ms, iters=2, rel_err=1e-6)]
+    report = bench.BenchReport(env={"device": "cpu"}, config={}, rows=rows)
+    (tmp_path / "bench.json").mkdir()
+    for _ in range(2):
+        written = bench.write_outputs(report, str(tmp_path), png=False)
+        assert written == [str(tmp_path / "bench.md")]
+        assert f"{ms:.2f}" in (tmp_path / "bench.md").read_text()
+        assert "bench.json" in report.output_error and "bench.md" not in report.output_error
+    assert capsys.readouterr().err.count("warning") == 1
+    (tmp_path / "bench.json").rmdir()
+    assert len(bench.write_outputs(report, str(tmp_path), png=False)) == 2
+    assert report.output_error is None
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["median_ms"] == ms
+
+
 def test_bench_write_outputs_survives_full_disk_and_plot_errors(monkeypatch, tmp_path, capsys):
     """write_outputs: a failing write (disk full) leaves no half-written file and no temporary
     one, and is reported, not raised; a plot that raises costs the picture only; a later write
