@@ -681,8 +681,7 @@ class Runner:
                 if key == "eager_fp32" and (name, batch) in self.eager_fp32_cache:
                     cached = self.eager_fp32_cache[(name, batch)]
                     for f in ("status", "median_ms", "p90_ms", "host_ms", "images_per_s",
-                              "peak_mib",
-                              "iters", "rel_err", "top1", "note"):
+                              "peak_mib", "iters", "rel_err", "top1", "note"):
                         setattr(row, f, getattr(cached, f))
                     continue
                 if key.startswith("compile") and impl.fn is None:
