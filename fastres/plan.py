@@ -294,12 +294,12 @@ def unsupported_reason(model: nn.Module, head: bool = True) -> str | None:
     if _HOOKS and not tracing():
         mods = _modules(model, check_tree=True)
         if _instance_forward_impl(model):
-            return ("the model's _forward_impl is set on the instance, which the fused plan "
-                    "would skip")
+            return _FORWARD_IMPL_SET
         if mods.instance_forward() is not None:
             for name, m in model.named_modules():
-                if name and "forward" in vars(m) and (head or not _in_head(name)):
-                    return f"{name}.forward is set on the instance, which the fused plan would skip"
+                reason = _instance_forward_reason(name, m)
+                if reason is not None and (head or not _in_head(name)):
+                    return reason
         struct = mods.structure()
         hit = _unsupported_memo.get(model)
         if hit is None or hit[0] != _registrations or hit[1] != struct:
@@ -336,14 +336,27 @@ def _in_head(name: str) -> bool:
     return name.partition(".")[0] in ("fc", "avgpool")
 
 
+_FORWARD_IMPL_SET = ("the model's _forward_impl is set on the instance, which the fused plan "
+                     "would skip")
+
+
+def _instance_forward_reason(name: str, m: nn.Module) -> str | None:
+    """Why the submodule ``m`` named ``name`` keeps the plan from running because a
+    ``forward`` is set on the instance (which the plan would skip); ``None``: none is."""
+    if name and "forward" in vars(m):
+        return f"{name}.forward is set on the instance, which the fused plan would skip"
+    return None
+
+
 def _module_reason(name: str, m: nn.Module, frozen: type | None,
                    instance_forward: bool = True) -> str | None:
     """Why the plan cannot stand in for the submodule ``m`` named ``name`` (``None``: it can).
     ``instance_forward=False`` leaves out a ``forward`` set on the instance: setting or
     deleting one registers nothing, so memoized verdicts must not depend on it (the caller
     checks it on every call instead)."""
-    if instance_forward and name and "forward" in vars(m):
-        return f"{name}.forward is set on the instance, which the fused plan would skip"
+    reason = _instance_forward_reason(name, m) if instance_forward else None
+    if reason is not None:
+        return reason
     if isinstance(m, nn.BatchNorm2d):
         if m.running_mean is None or m.running_var is None:
             return f"{name} is a BatchNorm2d without running statistics"
@@ -378,7 +391,7 @@ def _unsupported_reason(model: nn.Module, instance_forward: bool = True) -> str 
     if getattr(type(model), "_forward_impl", None) is not ResNet._forward_impl:
         return f"{type(model).__name__} has its own _forward_impl (not fastres.ResNet's)"
     if _instance_forward_impl(model):
-        return "the model's _forward_impl is set on the instance, which the fused plan would skip"
+        return _FORWARD_IMPL_SET
     for name, m in model.named_modules():
         if isinstance(m, torch.jit.ScriptModule):  # (its slots are not dicts)
             return (f"{name} is a TorchScript module, whose tensors the plan cache cannot "
