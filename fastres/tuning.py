@@ -1148,13 +1148,14 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
     old_progress = _settings.progress
     if progress is not None:
         _settings.progress = progress
+    nets = _resnets(run_model)  # (stage 0 of each, after each batch's forward)
     bar = _progress_bar(len(batch_sizes), progress)
     try:
         for bs in batch_sizes:
             x = torch.randn(bs, in_ch, *image_size, device=device, dtype=pdtype)
             with torch.no_grad(), ctx:
                 _forward_to_tune(run_model, x)(x)
-                for net in _resnets(run_model):
+                for net in nets:
                     _tune_stage0(net, bs, image_size)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
