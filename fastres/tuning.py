@@ -1090,10 +1090,10 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
     ``[B, 3, H, W]`` on the model's device: each layer not in the cache is timed then (see
     the module docstring), each cached one costs nothing. ``dtype`` is the compute dtype
     (default: the model's parameter dtype); fp16/bf16 on an fp32 model run under autocast,
-    which gives the same layers as a model converted to that dtype. The model's mode is
-    restored afterwards. Returns ``{"tuned", "disk_hits", "timed", "cache", "seconds"}``
-    (``cache``: ``None`` when no cache directory could be named and the choices stay in
-    memory). Choices this process made before are looked up again in the cache file in force
+    which gives the same layers as a model converted to that dtype. Every module's mode
+    (``training``) is restored afterwards. Returns ``{"tuned", "disk_hits", "timed", "cache",
+    "seconds"}`` (``cache``: ``None`` when no cache directory could be named and the choices
+    stay in memory). Choices this process made before are looked up again in the cache file in force
     now, so that a layer chosen while another cache directory was set is written to this one.
 
     The layers timed are those of the model's forward (of ``forward_features`` for a backbone
@@ -1143,7 +1143,10 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
             run_model = copy.deepcopy(model).to(dtype)
             pdtype = dtype
     in_ch = getattr(getattr(model, "conv1", None), "in_channels", 3)
-    was_training = run_model.training
+    # every module's own mode, not only the top's: ``train(flag)`` sets the whole tree, and a
+    # model with a frozen stage (``m.train(); m.layer1.eval()``) or one BatchNorm left in train
+    # mode (test-time adaptation) must come back as it was
+    modes = [(m, m.training) for m in run_model.modules()]
     run_model.eval()
     old_progress = _settings.progress
     if progress is not None:
@@ -1162,7 +1165,8 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
             if bar is not None:
                 bar.update(1)
     finally:
-        run_model.train(was_training)
+        for m, training in modes:
+            m.training = training
         _settings.progress = old_progress
         if bar is not None:
             bar.close()

@@ -168,6 +168,24 @@ def test_keys_separate_shape_dtype_and_layout(tuner):
     # a pool has no TF32 arithmetic: no key carries the flags (test_tf32_flag_is_part_of_fp32_key)
     assert not any("tf32=" in k for k in keys)
 
+    # a strided (neither contiguous nor channels_last) input is a layout of its own on disk too
+    strided = torch.randn(1, 8, 9, 18)[..., ::2]
+    pool(strided)
+    pool(strided.contiguous())  # (the first layer above again)
+    keys = sorted(read_cache()["entries"])
+    assert len(keys) == 5 and sum(":s" in k for k in keys) == 1, keys
+
+
+def test_pinning_after_tuning_in_one_process_runs_the_pinned_choice(tuner, monkeypatch):
+    """A layer timed first and then run with FASTRES_TUNE=0 in the same process runs the
+    pinned choice, not the remembered timed one (the mode is part of the memo's key)."""
+    x = torch.randn(1, 8, 9, 9)
+    pool(x)
+    assert tuning.stats()["tuned"] == 1 and tuning.stats()["pinned"] == 0
+    monkeypatch.setenv("FASTRES_TUNE", "0")
+    pool(x)
+    assert tuning.stats()["pinned"] == 1
+
 
 def _conv(x, bias_dtype=torch.float32):
     w = torch.randn(4, x.shape[1], 3, 3, dtype=x.dtype)
@@ -475,6 +493,50 @@ def test_atomic_write_leaves_no_temporaries(tuner):
     files = sorted(p.name for p in tuning.cache_path("cpu").parent.iterdir())
     assert [f for f in files if f.endswith(".tmp")] == []
     assert len([f for f in files if f.endswith(".json")]) == 1
+
+
+
+def test_a_write_stopped_halfway_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """The file is replaced only once the new document is whole: a writer stopped after it
+    wrote part of the JSON leaves the old file, readable, and no temporary."""
+    path = tmp_path / "c.json"
+    cache = tuning.TuningCache(path, {"device": "test"})
+    cache.put("k1", {"backend": "torch", "label": "t"})
+    before = path.read_text()
+
+    def dump(data, f, **kwargs):
+        f.write(json.dumps(data)[:20])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning.json, "dump", dump)
+    with pytest.raises(KeyboardInterrupt):
+        cache.put("k2", {"backend": "torch", "label": "t"})
+    monkeypatch.undo()
+    assert path.read_text() == before
+    assert list(json.loads(before)["entries"]) == ["k1"]
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_cache_file_follows_the_triton_version_and_gpu_capability(tuner, monkeypatch):
+    """A choice depends on the Triton that compiled the kernel and the GPU that ran it: each
+    has its own cache file (DESIGN: keyed by GPU name, capability and library versions)."""
+    import triton
+
+    first = tuning.cache_path("cpu")
+    monkeypatch.setattr(triton, "__version__", "0.0.0-other", raising=False)
+    monkeypatch.setattr(tuning, "_envs", {})
+    assert tuning.environment(torch.device("cpu"))["triton"] == "0.0.0-other"
+    assert tuning.cache_path("cpu") != first
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda idx=None: "Fake GPU")
+    paths = []
+    for cap in ((8, 0), (9, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda idx=None, c=cap: c)
+        monkeypatch.setattr(tuning, "_envs", {})
+        env = tuning.environment(torch.device("cuda"))
+        assert env["capability"] == "{}.{}".format(*cap) and env["device"] == "Fake GPU"
+        paths.append(tuning._cache_file(torch.device("cuda")))
+    assert paths[0] != paths[1]
 
 
 @pytest.mark.skipif(not hasattr(os, "fchmod") or not os.path.isdir("/proc/self/fd"),
@@ -885,6 +947,23 @@ def test_tune_model_then_forward_needs_nothing(tuner):
     res = tune_small(m)
     assert res["tuned"] == 0 and m.training is True
 
+
+
+def test_tune_model_gives_every_module_its_own_mode_back(tuner):
+    """tune_model runs in eval mode and then restores each module's flag, not only the top's:
+    ``train()`` on the top would put a frozen stage's BatchNorms back in training (their
+    statistics would then move), and ``eval()`` would end test-time BatchNorm adaptation."""
+    m = fastres.resnet18(num_classes=10)
+    m.train()
+    m.layer1.eval()  # a frozen stage
+    before = [mod.training for mod in m.modules()]
+    tune_small(m)
+    assert [mod.training for mod in m.modules()] == before
+    m.eval()
+    m.layer2[0].bn1.train()  # test-time adaptation of one BatchNorm
+    before = [mod.training for mod in m.modules()]
+    tuning.tune_model(m, 1, "fp32", image_size=32)
+    assert [mod.training for mod in m.modules()] == before
 
 def test_tune_model_of_a_backbone_tunes_its_features(tuner):
     """A backbone (fc replaced by nn.Identity()) runs its full forward eagerly, which would
