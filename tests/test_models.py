@@ -430,10 +430,12 @@ def test_forward_intermediates_eagerly_where_the_forward_is_eager():
     tv, fr = _small_twin()
     x = torch.randn(2, 3, 32, 32)
     ref = torchvision_stages(tv, x)
-    final, feats = fr.forward_intermediates(x, [1, 3])
-    assert not _fused_layout(feats[0])
-    assert_close_rel(feats[1], ref[3], 1e-5, "eager stage 3")
-    (feats[0].sum() + final.sum()).backward()
+    final, feats = fr.forward_intermediates(x, [0, 1, 3])
+    assert not _fused_layout(feats[1])
+    assert_close_rel(feats[0], ref[0], 1e-5, "eager stage 0 (the stem, before its max-pool)")
+    assert_close_rel(feats[1], ref[1], 1e-5, "eager stage 1")
+    assert_close_rel(feats[2], ref[3], 1e-5, "eager stage 3")
+    (feats[1].sum() + final.sum()).backward()
     assert fr.layer4[0].conv1.weight.grad is not None  # final (layer4) was reached
     assert fr.conv1.weight.grad.abs().sum() > 0
     fr.train()
@@ -598,6 +600,30 @@ def test_eval_forward_runs_submodule_hooks():
     with torch.no_grad():
         assert_close_rel(fr(x), tv(x), 1e-5, "pruned model")
 
+
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
+def test_each_kind_of_hook_alone_is_run():
+    """Each hook alone, with no other hook to make the forward eager: a forward hook on the
+    head's linear layer (which the fused head would skip), and a global forward pre-hook."""
+    tv, fr = _small_twin()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = tv(x)
+    handle = fr.fc.register_forward_hook(lambda mod, i, o: o + 1.0)
+    with torch.no_grad():
+        assert_close_rel(fr(x), ref + 1.0, 1e-5, "output of a hooked fc")
+    handle.remove()
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda mod, i: calls.append(type(mod).__name__))
+    try:
+        with torch.no_grad():
+            out = fr(x)
+    finally:
+        handle.remove()
+    assert "Conv2d" in calls and "Linear" in calls and "BasicBlock" in calls
+    assert_close_rel(out, ref, 1e-5, "output with a global pre-hook")
 
 def test_eval_hooks_removed_plan_runs_again(monkeypatch):
     import fastres.plan as plan_mod

@@ -65,6 +65,21 @@ def test_plan_is_reused_when_nothing_changes(pair):
     assert _plan(fr) is p1 is not None
 
 
+
+def test_the_choices_remembered_per_input_shape_are_bounded_oldest_first(pair, monkeypatch):
+    """The plan remembers each input signature's implementations, at most
+    ``_DISPATCH_MEMO_SIZE`` of them: a new one past the bound forgets the oldest."""
+    tv, fr = pair
+    monkeypatch.setattr(plan_mod, "_DISPATCH_MEMO_SIZE", 2)
+    for size in (32, 33, 34):
+        _run(fr, torch.randn(1, 3, size, size, device=DEVICE))
+    memo = _plan(fr)._dispatch
+    assert [key[0][-1] for key in memo] == [33, 34]
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        assert_matches_torchvision(fr(x), tv, x, "a forgotten shape again")
+    assert [key[0][-1] for key in memo] == [34, 32]
+
 @pytest.mark.parametrize("edit", ["inplace_weight", "inplace_bn_buffer", "buffer_assign",
                                   "param_assign", "fc_replaced", "reset_classifier",
                                   "load_state_dict", "optimizer_step", "data_assign",
@@ -627,6 +642,25 @@ def test_a_max_pool_returning_indices_fails_as_torchvision(pair):
             warnings.simplefilter("ignore")
             m(x)
 
+
+
+def test_an_avgpool_output_size_edit_fails_as_torchvision(pair):
+    """``avgpool.output_size = 2`` after a forward (an attribute edit registers nothing):
+    torchvision's forward then fails in fc on the 4x wider features, and so must fastres's,
+    not return the logits of the 1x1 pool the plan was built for."""
+    tv, fr = pair
+    x = torch.randn(1, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        fr(x)
+        fr(x)  # a plan and its remembered choices exist
+    errors = []
+    for m in (tv, fr):
+        m.avgpool.output_size = 2
+        with torch.no_grad(), warnings.catch_warnings(), pytest.raises(RuntimeError) as e:
+            warnings.simplefilter("ignore")
+            m(x)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
 
 def test_a_stem_that_is_not_a_conv2d_trains_as_torchvision():
     """Train mode with a wrapped stem convolution runs torchvision's code (it raised)."""
