@@ -755,3 +755,25 @@ def test_tuning_keeps_an_in_place_residual(monkeypatch):
     assert len(timed) == 2  # both candidates were timed
     assert y.data_ptr() == acc.data_ptr()
     assert_close_rel(y, ref, TOL[dtype])
+
+
+def test_a_tuned_configuration_is_remembered_per_device(monkeypatch):
+    """The launcher's own choice (``config=None``) is remembered per CUDA device: on a machine
+    with two kinds of GPU, a row that won on one (rows are pruned for each device's shared
+    memory) is not run on the other."""
+    import fastres.kernels.conv as kc
+
+    prob = kc.ConvProblem.from_tensors(torch.randn(1, 8, 9, 9), torch.randn(4, 8, 3, 3),
+                                       1, 1, 1, 1)
+    rows = [kcfg.KernelConfig(32, 32, 16, 4, 4, 1), kcfg.KernelConfig(64, 32, 16, 4, 4, 1)]
+    device = [0]
+    monkeypatch.setattr(kc, "_TUNED", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device[0])
+    kc.set_tuned_config(prob, rows[1])
+    assert kc.tuned_config(prob) == rows[1]
+    device[0] = 1
+    assert kc.tuned_config(prob) is None
+    kc.set_tuned_config(prob, rows[0])
+    device[0] = 0
+    assert kc.tuned_config(prob) == rows[1]

@@ -607,14 +607,21 @@ def conv_configs(x, weight, stride, padding, dilation, groups, residual=None,
 _TUNED: dict[tuple, KernelConfig] = {}
 
 
+def _tuned_key(prob: ConvProblem) -> tuple:
+    """``prob``'s key on the current CUDA device: a machine with two kinds of GPU (the rows
+    are pruned per device's shared memory) must not run one GPU's winner on the other."""
+    return (prob.key(), torch.cuda.current_device() if torch.cuda.is_available() else None)
+
+
 def tuned_config(prob: ConvProblem) -> KernelConfig | None:
-    """The configuration remembered for ``prob``'s key, if it was tuned (or set)."""
-    return _TUNED.get(prob.key())
+    """The configuration remembered for ``prob``'s key on the current device, if it was tuned
+    (or set)."""
+    return _TUNED.get(_tuned_key(prob))
 
 
 def set_tuned_config(prob: ConvProblem, cfg: KernelConfig) -> None:
-    """Pin ``cfg`` for ``prob``'s key (used by a tuning cache loaded from disk)."""
-    _TUNED[prob.key()] = cfg
+    """Pin ``cfg`` for ``prob``'s key on the current device."""
+    _TUNED[_tuned_key(prob)] = cfg
 
 
 def _time_ms(fn, reps: int = 10) -> float:
@@ -637,7 +644,8 @@ def _choose_config(prob: ConvProblem, run) -> KernelConfig:
 
     if mode() == "pinned":  # (before the remembered one: pinned means the documented row)
         return problem_configs(prob)[0]
-    cfg = _TUNED.get(prob.key())
+    key = _tuned_key(prob)
+    cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
     cands = problem_configs(prob)
@@ -656,7 +664,7 @@ def _choose_config(prob: ConvProblem, run) -> KernelConfig:
             best, best_ms = cand, ms
     if best is None:
         raise RuntimeError("fastres: no Triton conv configuration ran:\n" + "\n".join(errors))
-    _TUNED[prob.key()] = best
+    _TUNED[key] = best
     return best
 
 
