@@ -58,6 +58,11 @@ SHAPES = [
     ("grouped-64x4", 1, 256, 3, 3, 256, 3, 3, 1, 1, 1, 64),
     ("grouped-32x32", 1, 1024, 3, 3, 1024, 3, 3, 1, 1, 1, 32),
     ("grouped-3x4-odd", 1, 12, 6, 6, 18, 3, 3, 1, 1, 1, 3),
+    # two groups: fewer groups than the block-diagonal schedule would pack into one
+    ("grouped-2x8", 1, 16, 5, 5, 16, 3, 3, 1, 1, 1, 2),
+    # groups > 1 on the implicit-GEMM schedule, C_in a multiple of the channel block and
+    # C_in/groups not
+    ("conv-g2-8ch", 1, 16, 6, 6, 6, 3, 3, 1, 1, 1, 2),
 ]
 IDS = [s[0] for s in SHAPES]
 
@@ -777,3 +782,94 @@ def test_a_tuned_configuration_is_remembered_per_device(monkeypatch):
     kc.set_tuned_config(prob, rows[0])
     device[0] = 0
     assert kc.tuned_config(prob) == rows[1]
+
+
+
+def test_new_shape_classes_take_the_schedules_they_test():
+    kinds = {sh[0]: problem_of(make_case(sh, torch.float32)).kind for sh in SHAPES}
+    assert kinds["grouped-2x8"] == "grouped" and kinds["conv-g2-8ch"] == "conv"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_stem_non_finite_input_reaches_only_its_windows(value):
+    """A NaN or inf input pixel reaches exactly the stem outputs whose 7x7 window holds it, as
+    in F.conv2d: the stem's padded K columns (S*C_in rounded up to a power of two) must stay
+    masked, not read and multiplied by zero weights."""
+    dtype = torch.float32
+    x, wt, b, st, pad, dil, g, _ = make_case(SHAPES[8], dtype, residual=False)
+    for h, w in ((7, 6), (0, 0), (20, 18)):
+        x[0, 1, h, w] = value
+    y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, None, False)
+    ref = reference(x, wt, b, st, pad, dil, g, None, False)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert finite.any() and (~finite).any()
+    assert_close_rel(y[finite], ref[finite], TOL[dtype])
+
+
+_GPU_PROBLEMS = [  # (N, C_in, H, W, C_out, R, S, stride, padding, groups)
+    (1, 64, 56, 56, 256, 1, 1, 1, 0, 1), (1, 8, 3, 3, 4, 1, 1, 1, 0, 1),
+    (1, 64, 56, 56, 64, 3, 3, 1, 1, 1), (1, 3, 5, 5, 2, 3, 3, 1, 1, 1),
+    (1, 3, 224, 224, 64, 7, 7, 2, 3, 1), (1, 256, 3, 4, 16, 3, 3, 1, 1, 16),
+    (1, 128, 56, 56, 128, 3, 3, 1, 1, 32), (1, 16, 5, 5, 16, 3, 3, 1, 1, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_launches_tensor_core_sized_tiles(dtype):
+    """On a GPU every tile dimension of the dot is at least 16 (tl.dot's minimum for the
+    tensor cores; the interpreter accepts narrower ones, so only these launch parameters show
+    it on a CPU), for every candidate row of every schedule."""
+    for n, c, h, w, k, r, s_, st, pad, g in _GPU_PROBLEMS:
+        prob = ConvProblem(n, c, h, w, k, r, s_, (st, st), (pad, pad), (1, 1), g, dtype)
+        table = kcfg.TABLES[prob.kind]
+        for cfg in {*table, *kcfg.prune(table, prob.kind, prob.m, prob.k_g, prob.k_extent,
+                                        prob.elem_bytes(), taps=prob.taps)}:
+            p = launch_params(prob, cfg, interpreted=False).params
+            assert min(p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"]) >= 16, (prob, cfg, p)
+
+
+def test_prune_drops_spilling_residual_tiles_and_narrow_grouped_k():
+    """Two rules from the compile report: with a residual in the epilogue, no row whose
+    accumulator takes 128 registers per thread (it spills); and the block-diagonal grouped
+    schedule keeps rows whose K block packs at least two groups."""
+    for kind in ("gemm", "conv"):
+        table = kcfg.TABLES[kind]
+
+        def acc(cfg):
+            return cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+
+        kept = kcfg.prune(table, kind, 1 << 16, 256, 256, 2, taps=1 if kind == "gemm" else 9)
+        assert any(acc(cfg) >= 128 for cfg in kept), kind  # the rule has rows to drop
+        kept = kcfg.prune(table, kind, 1 << 16, 256, 256, 2, True,
+                          taps=1 if kind == "gemm" else 9)
+        assert kept and all(acc(cfg) < 128 for cfg in kept), kind
+    for c_g in (4, 8, 16, 32):
+        kept = kcfg.prune(kcfg.GROUPED_CONFIGS, "grouped", 1 << 14, c_g, c_g, 2, taps=9)
+        assert kept and all(cfg.block_k >= 2 * c_g for cfg in kept), (c_g, kept)
+    assert any(cfg.block_k < 2 * 32 for cfg in kcfg.GROUPED_CONFIGS)  # rows for it to drop
+
+
+def test_huge_problems_launch_with_64_bit_offsets():
+    """The launch parameters of a problem whose tensors pass 2**31 elements ask for 64-bit
+    offsets by themselves (no ``index64=`` given)."""
+    prob = ConvProblem(256, 64, 1024, 1024, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1,
+                       torch.float16)
+    for cfg in kcfg.TABLES["conv"]:
+        assert launch_params(prob, cfg, interpreted=False).params["INDEX64"]
+    small = ConvProblem(1, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1, torch.float16)
+    assert not launch_params(small, kcfg.TABLES["conv"][0], interpreted=False).params["INDEX64"]
+
+
+def test_packed_weight_follows_a_data_swap():
+    """``weight.data = new`` keeps the object and its version counter but not its storage:
+    the grouped and stem schedules must pack the new values, not reuse the old packing."""
+    dtype = torch.float32
+    for shape in (SHAPES[9], SHAPES[8]):  # block-diagonal grouped, stem rows
+        x, wt, b, st, pad, dil, g, res = make_case(shape, dtype)
+        p = torch.nn.Parameter(wt.clone(), requires_grad=False)
+        for _ in range(2):
+            y = conv_bias_act_triton(x, p, b, st, pad, dil, g, res, True)
+            assert_close_rel(y, reference(x, p, b, st, pad, dil, g, res, True), TOL[dtype])
+            p.data = torch.randn_like(wt).contiguous(memory_format=torch.channels_last)
