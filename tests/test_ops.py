@@ -165,6 +165,14 @@ def test_ops_are_registered_custom_ops():
     # a bool tensor is no int (stride=torch.tensor(True) ran as stride 1)
     (lambda x, w, b: ops.conv_bias_act(x, w, b, stride=torch.tensor(True)), TypeError,
      "stride must be an int"),
+    # a residual of another dtype, C_out that groups does not divide, a pool padding past
+    # half its window (F.max_pool2d's own rule)
+    (lambda x, w, b: ops.conv_bias_act(x, w, b, padding=1,
+                                       residual=torch.randn(2, 8, 6, 6).double()),
+     TypeError, "residual dtype must equal"),
+    (lambda x, w, b: ops.conv_bias_act(x[:, :4], torch.randn(5, 2, 3, 3), torch.randn(5),
+                                       groups=2), ValueError, "groups=2 must divide"),
+    (lambda x, w, b: ops.max_pool2d(x, 2, 1, 2), ValueError, "at most half the kernel"),
 ])
 @pytest.mark.parametrize("fake", [False, True], ids=["real", "fake"])
 def test_op_argument_errors(call, exc, match, fake):
@@ -203,6 +211,33 @@ def test_backend_selection_and_fallback(monkeypatch):
     interpreted = _backend.triton_interpreted() and _backend.interpreter_problem() is None
     assert impl.backend == ("triton" if interpreted else "torch")
     assert_close_rel(impl.fn(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1), 0.0, "fallback pool")
+
+
+def test_an_implementation_that_declines_a_call_is_not_chosen(monkeypatch):
+    """An implementation whose ``supports`` gives a reason is passed over, in the ``auto``
+    order and when named (which says why, once), and the call runs the next one."""
+    x = torch.randn(1, 4, 5, 5)
+    interpreted = _backend.triton_interpreted() and _backend.interpreter_problem() is None
+    if not interpreted:
+        pytest.skip("needs the Triton interpreter (the conftest sets it up)")
+    calls = []
+
+    def declined(*args):
+        calls.append(1)
+        raise AssertionError("a declined implementation ran")
+
+    _backend.implementations("max_pool2d")  # (the optional backends loaded first)
+    monkeypatch.setitem(_backend._IMPLS, "max_pool2d", dict(_backend._IMPLS["max_pool2d"]))
+    monkeypatch.setattr(_backend, "_warned", set())
+    _backend.register_impl("max_pool2d", "triton", declined,
+                           lambda *a, **k: "declined by the test")
+    with fastres.use_backend("auto"):  # (the test session's default is "torch")
+        assert _backend.choose("max_pool2d", x.device, x, 3, 2, 1).backend == "torch"
+    with fastres.use_backend("triton"), pytest.warns(RuntimeWarning,
+                                                      match="declined by the test"):
+        impl = _backend.choose("max_pool2d", x.device, x, 3, 2, 1)
+    assert impl.backend == "torch" and not calls
+    assert_close_rel(impl.fn(x, 3, 2, 1), F.max_pool2d(x, 3, 2, 1), 0.0, "the next one")
 
 
 @pytest.mark.parametrize("triton_v, numpy_v, rejects, broken", [
@@ -322,7 +357,8 @@ def test_conv_bias_none_means_zeros():
 _OPCHECK_CASES = [  # (op, dtype, N, C_in, H, W): odd sizes, batch 0 and 1, every op
     ("conv", torch.float32, 2, 4, 7, 5), ("conv", torch.bfloat16, 1, 4, 9, 9),
     ("conv", torch.float16, 0, 4, 5, 5), ("stem", torch.float32, 2, 3, 17, 15),
-    ("stem", torch.bfloat16, 0, 3, 9, 9), ("pool", torch.float32, 2, 4, 9, 7),
+    ("stem", torch.bfloat16, 0, 3, 9, 9), ("stem", torch.float32, 1, 3, 16, 18),
+    ("stem", torch.float16, 1, 3, 2, 3), ("pool", torch.float32, 2, 4, 9, 7),
     ("pool", torch.float16, 1, 5, 2, 2), ("head", torch.bfloat16, 2, 4, 3, 5),
     ("head", torch.float32, 0, 4, 1, 1), ("preprocess", torch.bfloat16, 2, 3, 5, 7),
     ("preprocess", torch.float32, 0, 3, 3, 3),
