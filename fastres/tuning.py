@@ -1093,8 +1093,9 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
     which gives the same layers as a model converted to that dtype. Every module's mode
     (``training``) is restored afterwards. Returns ``{"tuned", "disk_hits", "timed", "cache",
     "seconds"}`` (``cache``: ``None`` when no cache directory could be named and the choices
-    stay in memory). Choices this process made before are looked up again in the cache file in force
-    now, so that a layer chosen while another cache directory was set is written to this one.
+    stay in memory). Choices this process made before are looked up again in the cache file
+    in force now, so that a layer chosen while another cache directory was set is written to
+    this one.
 
     The layers timed are those of the model's forward (of ``forward_features`` for a backbone
     whose ``fc`` is ``nn.Identity()``), and the two that

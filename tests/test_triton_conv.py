@@ -817,12 +817,12 @@ _GPU_PROBLEMS = [  # (N, C_in, H, W, C_out, R, S, stride, padding, groups)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_launches_tensor_core_sized_tiles(dtype):
+def test_launches_for_a_gpu_use_tensor_core_sized_tiles(dtype):
     """On a GPU every tile dimension of the dot is at least 16 (tl.dot's minimum for the
     tensor cores; the interpreter accepts narrower ones, so only these launch parameters show
     it on a CPU), for every candidate row of every schedule."""
-    for n, c, h, w, k, r, s_, st, pad, g in _GPU_PROBLEMS:
-        prob = ConvProblem(n, c, h, w, k, r, s_, (st, st), (pad, pad), (1, 1), g, dtype)
+    for n, c, h, w, k, r, s, stride, pad, g in _GPU_PROBLEMS:
+        prob = ConvProblem(n, c, h, w, k, r, s, (stride, stride), (pad, pad), (1, 1), g, dtype)
         table = kcfg.TABLES[prob.kind]
         for cfg in {*table, *kcfg.prune(table, prob.kind, prob.m, prob.k_g, prob.k_extent,
                                         prob.elem_bytes(), taps=prob.taps)}:
