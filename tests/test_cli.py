@@ -646,6 +646,7 @@ def test_percentile_and_timing_helpers():
     assert percentile([3.0], 90) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
     assert percentile([0.0, 10.0], 90) == pytest.approx(9.0)
+    assert percentile([5.0, 1.0, 4.0, 2.0, 3.0], 90) == pytest.approx(4.6)  # unsorted input
     calls = []
     times = time_calls(lambda x: calls.append(x), [torch.zeros(1), torch.ones(1)], warmup=2,
                        iters=5, max_time=60, device=torch.device("cpu"))
@@ -657,6 +658,25 @@ def test_percentile_and_timing_helpers():
                       [torch.zeros(1), torch.ones(1)], torch.device("cpu"), calls=3)
     assert len(host) == 3 and all(t >= 2.0 for t in host), host
     assert [float(c) for c in calls] == [0.0, 1.0, 0.0]
+
+
+def test_error_and_agreement_measures():
+    """verify's measures on hand-made values: the relative error divides by the reference's
+    norm; top-k agreement compares the k classes as sets, every one of them."""
+    from fastres.verify import rel_err, topk_agreement
+
+    ref = torch.randn(3, 10)
+    assert rel_err(2 * ref, ref) == pytest.approx(1.0)
+    assert rel_err(ref, 2 * ref) == pytest.approx(0.5)
+    logits = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 0.0, 0.0],
+                           [0.0, 0.0, 5.0, 6.0, 7.0, 8.0, 9.0]])
+    same_set = torch.tensor([[5.0, 6.0, 7.0, 8.0, 9.0, 0.0, 0.0],   # same five, other order
+                             [0.0, 0.0, 9.0, 8.0, 7.0, 6.0, 5.0]])
+    assert topk_agreement(same_set, logits, 5) == 1.0
+    assert topk_agreement(same_set, logits, 1) == 0.0
+    one_differs = logits.clone()
+    one_differs[0, 4], one_differs[0, 5] = 0.0, 5.0  # class 4 out of the top five, 5 in
+    assert topk_agreement(one_differs, logits, 5) == 0.5
 
 
 def test_gpu_check_script_syntax():
