@@ -601,7 +601,6 @@ def test_eval_forward_runs_submodule_hooks():
         assert_close_rel(fr(x), tv(x), 1e-5, "pruned model")
 
 
-
 @pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
 def test_each_kind_of_hook_alone_is_run():
     """Each hook alone, with no other hook to make the forward eager: a forward hook on the
@@ -624,6 +623,7 @@ def test_each_kind_of_hook_alone_is_run():
         handle.remove()
     assert "Conv2d" in calls and "Linear" in calls and "BasicBlock" in calls
     assert_close_rel(out, ref, 1e-5, "output with a global pre-hook")
+
 
 def test_eval_hooks_removed_plan_runs_again(monkeypatch):
     import fastres.plan as plan_mod

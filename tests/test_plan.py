@@ -65,7 +65,6 @@ def test_plan_is_reused_when_nothing_changes(pair):
     assert _plan(fr) is p1 is not None
 
 
-
 def test_the_choices_remembered_per_input_shape_are_bounded_oldest_first(pair, monkeypatch):
     """The plan remembers each input signature's implementations, at most
     ``_DISPATCH_MEMO_SIZE`` of them: a new one past the bound forgets the oldest."""
@@ -79,6 +78,7 @@ def test_the_choices_remembered_per_input_shape_are_bounded_oldest_first(pair, m
     with torch.no_grad():
         assert_matches_torchvision(fr(x), tv, x, "a forgotten shape again")
     assert [key[0][-1] for key in memo] == [34, 32]
+
 
 @pytest.mark.parametrize("edit", ["inplace_weight", "inplace_bn_buffer", "buffer_assign",
                                   "param_assign", "fc_replaced", "reset_classifier",
@@ -643,7 +643,6 @@ def test_a_max_pool_returning_indices_fails_as_torchvision(pair):
             m(x)
 
 
-
 def test_an_avgpool_output_size_edit_fails_as_torchvision(pair):
     """``avgpool.output_size = 2`` after a forward (an attribute edit registers nothing):
     torchvision's forward then fails in fc on the 4x wider features, and so must fastres's,
@@ -661,6 +660,7 @@ def test_an_avgpool_output_size_edit_fails_as_torchvision(pair):
             m(x)
         errors.append(str(e.value))
     assert errors[0] == errors[1]
+
 
 def test_a_stem_that_is_not_a_conv2d_trains_as_torchvision():
     """Train mode with a wrapped stem convolution runs torchvision's code (it raised)."""

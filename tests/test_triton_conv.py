@@ -784,7 +784,6 @@ def test_a_tuned_configuration_is_remembered_per_device(monkeypatch):
     assert kc.tuned_config(prob) == rows[1]
 
 
-
 def test_new_shape_classes_take_the_schedules_they_test():
     kinds = {sh[0]: problem_of(make_case(sh, torch.float32)).kind for sh in SHAPES}
     assert kinds["grouped-2x8"] == "grouped" and kinds["conv-g2-8ch"] == "conv"
@@ -834,12 +833,11 @@ def test_prune_drops_spilling_residual_tiles_and_narrow_grouped_k():
     """Two rules from the compile report: with a residual in the epilogue, no row whose
     accumulator takes 128 registers per thread (it spills); and the block-diagonal grouped
     schedule keeps rows whose K block packs at least two groups."""
+    def acc(cfg):  # accumulator registers per thread
+        return cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+
     for kind in ("gemm", "conv"):
         table = kcfg.TABLES[kind]
-
-        def acc(cfg):
-            return cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
-
         kept = kcfg.prune(table, kind, 1 << 16, 256, 256, 2, taps=1 if kind == "gemm" else 9)
         assert any(acc(cfg) >= 128 for cfg in kept), kind  # the rule has rows to drop
         kept = kcfg.prune(table, kind, 1 << 16, 256, 256, 2, True,

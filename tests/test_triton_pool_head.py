@@ -107,7 +107,6 @@ def test_avgpool_linear(n, c, hw, k, dtype):
     assert_close_rel(y, eager.double(), TOL[dtype])
 
 
-
 def test_head_rounds_its_bias_to_the_input_dtype_first():
     """Every implementation adds the fp32 bias rounded to the input's dtype, as eager
     ``F.linear`` on a bf16 model does: ``1 + 2**-8 + 2**-10`` is bf16 ``1 + 2**-7``, so one
@@ -122,7 +121,7 @@ def test_head_rounds_its_bias_to_the_input_dtype_first():
             assert y.dtype == torch.bfloat16 and float(y) == 1.0, (name, float(y))
             ran.append(name)
     assert {"torch", "triton"} <= set(ran), ran
-    assert float(avgpool_linear_triton(x, w, b)) == 1.0
+
 
 def test_avgpool_linear_op_through_triton_backend(triton_calls):
     x = torch.randn(2, 32, 3, 3, device=DEV).contiguous(memory_format=torch.channels_last)

@@ -495,7 +495,6 @@ def test_atomic_write_leaves_no_temporaries(tuner):
     assert len([f for f in files if f.endswith(".json")]) == 1
 
 
-
 def test_a_write_stopped_halfway_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     """The file is replaced only once the new document is whole: a writer stopped after it
     wrote part of the JSON leaves the old file, readable, and no temporary."""
@@ -948,7 +947,6 @@ def test_tune_model_then_forward_needs_nothing(tuner):
     assert res["tuned"] == 0 and m.training is True
 
 
-
 def test_tune_model_gives_every_module_its_own_mode_back(tuner):
     """tune_model runs in eval mode and then restores each module's flag, not only the top's:
     ``train()`` on the top would put a frozen stage's BatchNorms back in training (their
@@ -964,6 +962,7 @@ def test_tune_model_gives_every_module_its_own_mode_back(tuner):
     before = [mod.training for mod in m.modules()]
     tuning.tune_model(m, 1, "fp32", image_size=32)
     assert [mod.training for mod in m.modules()] == before
+
 
 def test_tune_model_of_a_backbone_tunes_its_features(tuner):
     """A backbone (fc replaced by nn.Identity()) runs its full forward eagerly, which would
