@@ -24,6 +24,11 @@ _error: str | None = None
 # op name -> schema arguments, for the checks below (kept in sync with csrc/ops.cpp).
 OPS = ("preprocess", "stem", "avgpool_linear", "conv1x1")
 
+# csrc's limits of the stem (ops.cpp's check_int32_index, bodies.h's STEM_MAX_CIN_INDEX): its
+# tiles and its 49 * C_in * 64 packed weights are indexed with 32-bit ints
+STEM_MAX_DIM = 1 << 30
+STEM_MAX_CIN_INDEX = (2**31 - 1) // (49 * 64)
+
 
 def _register_fakes() -> None:
     # The compiled ops implement the Python ops' contracts (their C++ checks are a superset of
@@ -44,7 +49,14 @@ def _register_fakes() -> None:
 
     def fake_stem(x, weight, bias):
         fp32_bias("stem", bias)
-        return stem_fake(x, weight, bias)
+        out = stem_fake(x, weight, bias)
+        for size in x.shape:
+            if size >= STEM_MAX_DIM:
+                raise ValueError(f"fastres_C::stem: dimension {size} is too large (max 2^30)")
+        if x.shape[1] > STEM_MAX_CIN_INDEX:
+            raise ValueError(f"fastres_C::stem: C_in = {x.shape[1]} is too large (max "
+                             f"{STEM_MAX_CIN_INDEX}: 32-bit tile indices)")
+        return out
 
     def fake_conv1x1(x, weight, bias, stride, residual, relu, allow_tf32):
         if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):

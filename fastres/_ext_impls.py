@@ -33,16 +33,16 @@ def _stem(x, weight, bias):
     return torch.ops.fastres_C.stem(x, weight, bias)
 
 
-# csrc/ops.cpp's hard limits of the fused stem: every input dimension below 2^30 (its tile
-# indices are int32) and one grid row (at most 65535) per STEM_CC = 64 output channels
-_STEM_MAX_DIM = 1 << 30
+# csrc/ops.cpp's hard limits of the fused stem: every input dimension below 2^30
+# (_ext.STEM_MAX_DIM: its tile indices are int32) and one grid row (at most 65535) per
+# STEM_CC = 64 output channels
 _STEM_MAX_COUT = 65535 * 64
 
 
 def supports_stem(x, weight, bias) -> str | None:
     if x.shape[1] > STEM_MAX_CIN:
         return f"C_in={x.shape[1]} > {STEM_MAX_CIN} (shared-memory limit of the fused stem)"
-    if max(x.shape) >= _STEM_MAX_DIM:
+    if max(x.shape) >= _ext.STEM_MAX_DIM:
         return (f"input shape {tuple(x.shape)} has a dimension of 2^30 or more (the fused "
                 "stem indexes tiles in int32)")
     if weight.shape[0] > _STEM_MAX_COUT:
