@@ -96,6 +96,17 @@ def test_supports_conv1x1_reasons():
     assert "bias" in supports_conv1x1(x, w1, b.half(), [1, 1], [0, 0], [1, 1], 1)
     assert "16-byte" in supports_conv1x1(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 1, 1), b,
                                          [1, 1], [0, 0], [1, 1], 1)
+    # each dimension on its own: the CUDA op takes one stride and no padding, so a call it
+    # accepted here would run with stride [1, 1] and padding [0, 0], silently wrong
+    assert "square" in supports_conv1x1(x, w1, b, [1, 2], [0, 0], [1, 1], 1)
+    assert "padding" in supports_conv1x1(x, w1, b, [1, 1], [0, 1], [1, 1], 1)
+    assert "padding" in supports_conv1x1(x, w1, b, [1, 1], [1, 0], [1, 1], 1)
+    assert "dtype" in supports_conv1x1(x.double(), w1.double(), b, [1, 1], [0, 0], [1, 1], 1)
+    # C_in fits 16-byte rows, C_out does not
+    assert "16-byte" in supports_conv1x1(x, torch.randn(3, 8, 1, 1), torch.zeros(3), [1, 1],
+                                         [0, 0], [1, 1], 1)
+    assert supports_conv1x1(x.half(), torch.randn(8, 8, 1, 1).half(), torch.zeros(8), [1, 1],
+                            [0, 0], [1, 1], 1) is None
 
 
 # -- preprocess: contract wrapper ---------------------------------------------------------------
@@ -288,6 +299,16 @@ def test_stem_declines_what_the_cuda_op_refuses():
                                    torch.empty(cout, 3, 7, 7, device="meta"),
                                    torch.empty(cout, device="meta"))
     assert why is not None and f"C_out={cout}" in why, why
+    # at the limits: 2^30 itself, the widest C_in the kernel holds and the next, an fp16 bias
+    why = _ext_impls.supports_stem(torch.empty(1, 3, 8, 2**30, device="meta"), w, b)
+    assert why is not None and "2^30" in why, why
+    for cin, ok in ((_ext_impls.STEM_MAX_CIN, True), (_ext_impls.STEM_MAX_CIN + 1, False)):
+        why = _ext_impls.supports_stem(torch.empty(1, cin, 64, 64, device="meta"),
+                                       torch.empty(64, cin, 7, 7, device="meta"), b)
+        assert (why is None) == ok and (ok or f"C_in={cin}" in why), (cin, why)
+    why = _ext_impls.supports_stem(torch.empty(1, 3, 64, 64, device="meta"), w,
+                                   torch.empty(64, device="meta", dtype=torch.float16))
+    assert why is not None and "bias dtype" in why, why
 
 
 @needs_ext
@@ -304,6 +325,7 @@ def test_stem_rejects_c_in_past_32bit_tile_indices():
     w = torch.zeros(1, 1, 1, 1).expand(1, limit + 1, 7, 7)  # never materialized
     with pytest.raises(RuntimeError, match="C_in = 684785 is too large"):
         torch.ops.fastres_C.stem(x, w, torch.zeros(1))
+    assert _ext.STEM_MAX_CIN_INDEX == limit  # the fake's copy of csrc's limit
 
 
 @needs_ext
@@ -439,6 +461,40 @@ def test_cpu_refuses_zero_input_channels(op, name, r, w_cin, n):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h,w", [(64, 64), (16, 8)])
+def test_head_cpu_mean_of_a_constant_is_exact(dtype, h, w):
+    """Each channel constant at a random value with few mantissa bits, over a power-of-two
+    window: the sum and the division by H * W are exact, so the pooled feature (read through an
+    identity weight, zero bias) is that value exactly. A window count off by one (4095 or 4097
+    for 64x64) is a relative error of 2.4e-4, inside the fp16/bf16 tolerances of the tests
+    above."""
+    c = 6
+    vals = torch.randint(-64, 65, (c,)).to(torch.float32) / 16
+    x = _fmt(vals.view(1, c, 1, 1).expand(2, c, h, w).contiguous(), "cl").to(dtype)
+    out = torch.ops.fastres_C.avgpool_linear(x, torch.eye(c, dtype=dtype), torch.zeros(c),
+                                             False)
+    torch.testing.assert_close(out, vals.to(dtype).expand(2, c), rtol=0, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_head_cpu_rounds_the_bias_to_the_input_dtype(dtype):
+    """The head adds its bias rounded to x's dtype, as ``F.linear(pooled, w, b.to(dtype))``
+    does. With pooled = w = 1 and b = eps/2 * (1 + eps/4) (exact in float32), b rounds to
+    eps/2 and 1 + eps/2 is a tie that rounds to 1; the float32 bias itself, a hair over the
+    tie, would round 1 + b up to 1 + eps."""
+    eps = torch.finfo(dtype).eps
+    b = torch.tensor([eps / 2 * (1 + eps / 4)], dtype=torch.float32)
+    x = torch.ones(1, 1, 3, 3, dtype=dtype)
+    w = torch.ones(1, 1, dtype=dtype)
+    out = torch.ops.fastres_C.avgpool_linear(x, w, b, False)
+    ref = F.linear(torch.ones(1, 1, dtype=dtype), w, b.to(dtype))
+    assert ref.item() == 1.0
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@needs_ext
 def test_head_cpu_zero_features_is_the_bias():
     """avgpool_linear over C = 0 features is well defined and kept: the pooled [N, 0] features
     times a [K, 0] weight is 0, so the output is the bias (as F.linear with in_features = 0;
@@ -484,6 +540,26 @@ _BAD_EXT_CALLS = {  # name: (op, args, a phrase of both the op's and its fake's 
                                                        torch.randn(0, 8, 1, 1), torch.randn(0),
                                                        1, None, True, False),
                                    r"weight must be .*>= 1"),
+    "stem_7x5_weight": ("stem", lambda: (torch.randn(2, 3, 9, 9), torch.randn(4, 3, 7, 5),
+                                         torch.randn(4)),
+                        r"weight must be \[C_out >= 1, 3, 7, 7\], got .4, 3, 7, 5."),
+    "conv1x1_1x3_weight": ("conv1x1", lambda: (torch.randn(2, 4, 5, 5), torch.randn(2, 4, 1, 3),
+                                               torch.randn(2), 1, None, True, False),
+                           r"weight must be \[C_.*, 1, 1\], got .2, 4, 1, 3."),
+    "head_fp64_bias": ("avgpool_linear", lambda: (torch.randn(2, 6, 3, 3), torch.randn(5, 6),
+                                                  torch.randn(5).double(), False),
+                       r"bias (dtype )?must be .*float32.*got (Double|torch.float64)"),
+    "conv1x1_fp64_residual": ("conv1x1", lambda: (torch.randn(2, 8, 5, 5),
+                                                  torch.randn(4, 8, 1, 1), torch.randn(4), 1,
+                                                  torch.randn(2, 4, 5, 5).double(), True,
+                                                  False), "residual dtype must equal x's"),
+    # csrc's 32-bit tile indices (the fake returned a shape for these; the op refused them)
+    "stem_2pow32_wide": ("stem", lambda: (torch.zeros(1, 3, 9, 1).expand(1, 3, 9, 2**32),
+                                          torch.randn(4, 3, 7, 7), torch.randn(4)),
+                         r"dimension 4294967296 is too large \(max 2\^30\)"),
+    "stem_c_in_past_int32": ("stem", lambda: (torch.randn(1, 684785, 1, 1),
+                                              torch.zeros(1, 1, 1, 1).expand(1, 684785, 7, 7),
+                                              torch.zeros(1)), "C_in = 684785 is too large"),
 }
 
 
