@@ -427,6 +427,10 @@ check("first")
 _backend.implementations("conv_bias_act")   # the Triton kernels are defined now
 os.environ["TRITON_INTERPRET"] = sys.argv[1]
 check("after")
+with fastres.use_backend("auto"):
+    impl = _backend.choose("conv_bias_act", x.device, x, w, b, [1, 1], [1, 1], [1, 1], 1, None,
+                           True)
+print("CHOSEN", impl.backend, _backend.interpreter_problem() is None)
 print("OK", _backend.kernels_interpreted(), _backend.triton_interpreted())
 """
 
@@ -454,3 +458,8 @@ def test_triton_interpret_is_read_as_triton_reads_it(at_start, later, interprete
                        text=True, timeout=600, env=env, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"OK {interpreted} {interpreted and later == '1'}" in r.stdout
+    # what "auto" picks for a CPU call now: the interpreted kernels only while the variable
+    # is on (and this Triton/NumPy pair can interpret), else the reference
+    chosen = r.stdout.split("CHOSEN ", 1)[1].split()
+    want = "triton" if interpreted and later == "1" and chosen[1] == "True" else "torch"
+    assert chosen[0] == want, (r.stdout, want)
