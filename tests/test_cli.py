@@ -523,7 +523,9 @@ def test_resize_center_crop_is_torchvisions():
 
     g = torch.Generator().manual_seed(0)
     recipe = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
-    for h, w in ((300, 451), (451, 300), (256, 256), (333, 1000)):
+    # (256, 259) / (259, 256): no resize, and an odd margin of 35 px: the crop's offset is
+    # round(17.5) = 18, as torchvision computes it (int(17.5) would be 17)
+    for h, w in ((300, 451), (451, 300), (256, 256), (333, 1000), (256, 259), (259, 256)):
         arr = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy()
         img = Image.fromarray(arr)
         ours = resize_center_crop(img)
@@ -572,7 +574,7 @@ def test_a_disagreeing_fused_preprocess_is_said_once(monkeypatch):
                                                         reason="no FIFOs on this platform")),
     "broken_link_image", "missing_weights", "not_a_checkpoint", "wrong_arch", "bad_model",
     "bad_dtype", "bad_topk", "empty_checkpoint", "image_as_checkpoint", "wrong_fc",
-    "strip_image", "nan_weights"])
+    "strip_image", "nan_weights", "truncated_jpeg"])
 def test_classify_errors(capsys, tmp_path, r18_checkpoint, photo, case):
     bad = tmp_path / "not_an_image.jpg"
     bad.write_text("this is not a JPEG")
@@ -626,6 +628,12 @@ def test_classify_errors(capsys, tmp_path, r18_checkpoint, photo, case):
         weights = str(tmp_path / "nan.pth")
         torch.save(sd, weights)
         needles = ["is not finite"]
+    elif case == "truncated_jpeg":  # a download cut short: PIL raises on decoding the rest
+        data = photo.read_bytes()
+        cut = int(torch.randint(len(data) // 4, 3 * len(data) // 4, ()))
+        image = str(tmp_path / "truncated.jpg")
+        Path(image).write_bytes(data[:cut])
+        needles = ["cannot read", "as an image", "truncated"]
     code, _, err = run_cli(capsys, "classify", image, "--weights", weights, *extra,
                              "--device", "cpu")
     assert_usage_error(code, err, *needles)
@@ -879,6 +887,7 @@ def test_weights_that_are_a_directory_or_a_torchvision_name(capsys, tmp_path, ph
     (["--batches", "-1"], ["--batches must be >= 0, got -1"]),
     (["-b", "0"], ["--batch-size must be >= 1, got 0"]),
     (["--tol", "inf"], ["--tol must be > 0 and finite, got inf"]),  # inf made verify always pass
+    (["--tol", "0"], ["--tol must be > 0 and finite, got 0.0"]),  # no batch could ever pass
     # (a traceback from inside torch, exit 1: "outputs disagree")
     (["-b", str(10**20)], ["--batch-size 100000000000000000000 at --image-size",
                            "more input than a tensor can hold"]),
@@ -894,6 +903,7 @@ def test_verify_number_options(capsys, extra, needles):
 @pytest.mark.parametrize("extra, needles", [
     (["--max-time", "nan"], ["--max-time must be > 0, got nan"]),
     (["--max-time", "-1"], ["--max-time must be > 0"]),
+    (["--max-time", "0"], ["--max-time must be > 0, got 0.0"]),
     (["--time-budget", "nan"], ["--time-budget must be >= 0"]),
     (["--compile-budget", "-5"], ["--compile-budget must be >= 0, got -5"]),
 ])
@@ -1486,3 +1496,334 @@ def test_gpu_driver_without_nvidia_smi_asks_libcuda(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", missing)
     assert bench._gpu_driver() is None
+
+
+# -- bench's gate and statistics, verify's bound, classify's batches ------------------------------
+
+
+def _rel_err64(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64, computed here (not with fastres.verify's)."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    return float(torch.linalg.vector_norm((out64 - ref64).flatten())
+                 / torch.linalg.vector_norm(ref64.flatten()))
+
+
+def test_bench_fastres_gate_is_max_of_design_bound_and_twice_eager(capsys, monkeypatch,
+                                                                  tmp_path):
+    """fp32 on the CPU, fastres off by a relative 1e-3: its tolerance is max(DESIGN.md's 1e-5,
+    2 x eager fp32's own error on the same input), exactly, with eager's error measured here.
+    Where that is below 1e-3 (eager's real error; eager made off by less than 5e-4) the row
+    is FAILED and not timed; where twice eager's error is above 1e-3, the row passes."""
+    from fastres import bench
+
+    refs, eagers = {}, {}
+    real_ref, real_eager = bench.reference_forward, bench.eager_forward
+    # eager's own error by batch size (1: the real one, ~1e-7, so the design bound rules)
+    eager_off = {2: float(torch.empty(()).uniform_(6e-4, 9e-4)),   # 2 x it > 1e-3: passes
+                 3: float(torch.empty(()).uniform_(1e-5, 4e-4))}   # 1e-5 < 2 x it < 1e-3
+
+    def spy_reference(tv, x, *args, **kwargs):
+        out = real_ref(tv, x, *args, **kwargs)
+        refs[x.shape[0]] = out.clone()
+        return out
+
+    def controlled_eager(tv, x, dtype, *args, **kwargs):
+        b = x.shape[0]
+        if b in eager_off:
+            out = (refs[b] * (1 + eager_off[b])).to(dtype)
+        else:
+            out = real_eager(tv, x, dtype, *args, **kwargs)
+        eagers[b] = out.clone()
+        return out
+
+    monkeypatch.setattr(bench, "reference_forward", spy_reference)
+    monkeypatch.setattr(bench, "eager_forward", controlled_eager)
+    original = ResNet.forward
+    monkeypatch.setattr(ResNet, "forward", lambda self, x: original(self, x) * (1 + 1e-3))
+    code, out, err = run_cli(capsys, *bench_argv("1", "2", "3"), *_fresh_seed(),
+                             "--out", str(tmp_path))
+    assert code == 1 and "Traceback" not in err, out + err
+    rows = {r["batch"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]
+            if r["impl"] == "fastres"}
+    assert sorted(rows) == [1, 2, 3]
+    for b, row in rows.items():
+        eager_err = _rel_err64(eagers[b], refs[b])
+        assert row["tolerance"] == max(1e-5, 2 * eager_err), (b, row, eager_err)
+        assert row["rel_err"] == pytest.approx(1e-3, rel=1e-3), row
+    assert rows[1]["tolerance"] == 1e-5  # eager's own error is far below half of it
+    assert rows[3]["tolerance"] > 1e-5   # twice eager's error, not the design bound
+    for b in (1, 3):
+        row = rows[b]
+        assert row["status"] == "FAILED" and row["median_ms"] is None and row["iters"] == 0
+        assert (f"relative error {row['rel_err']:.2e} > tolerance {row['tolerance']:.1e}: "
+                "not timed") in row["note"], row
+        assert f"resnet18 fp32 batch {b}: fastres FAILED the check" in out
+    assert rows[2]["status"] == "ok" and rows[2]["median_ms"] > 0, rows[2]
+    assert "result: FAILED" in out
+
+
+def test_bench_reports_the_statistics_of_its_timed_calls(capsys, monkeypatch, tmp_path):
+    """What time_calls measured (ms per call) is what the row says: median, p90 (linear
+    interpolation), images/s = batch / median, speedup = baseline median / this median; and
+    each implementation is timed on the same 4 distinct pre-made batches, rotated, in its
+    own layout."""
+    from fastres import bench
+
+    c = float(torch.empty(()).uniform_(0.5, 20.0))
+    measured = {"fastres": [5 * c, 1 * c, 3 * c, 2 * c, 4 * c],
+                # an even count (the median between two) and an odd one, mean != median
+                "eager_fp32": (torch.rand(6) * 50 + 1).tolist(),
+                "eager_amp_cl": (torch.rand(7) ** 3 * 50 + 1).tolist()}
+    given = {}
+
+    def fake_time_calls(fn, inputs, warmup, iters, max_time, device):
+        key = ("fastres" if isinstance(fn, ResNet) else
+               "eager_fp32" if isinstance(fn, torchvision.models.ResNet) else "eager_amp_cl")
+        assert key not in given, key
+        given[key] = list(inputs)
+        return list(measured[key])
+
+    monkeypatch.setattr(bench, "time_calls", fake_time_calls)
+    code, out, err = run_cli(capsys, *bench_argv("2"), *_fresh_seed(), "--out", str(tmp_path))
+    assert code == 0, out + err
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert set(given) == set(measured)
+    for key, times in measured.items():
+        row = rows[key]
+        median = float(np.median(times))
+        assert row["status"] == "ok" and row["iters"] == len(times), row
+        assert row["median_ms"] == pytest.approx(median, rel=1e-12), key
+        assert row["p90_ms"] == pytest.approx(float(np.percentile(times, 90)), rel=1e-12), key
+        assert row["images_per_s"] == pytest.approx(2 / (median / 1e3), rel=1e-12), key
+    fr = rows["fastres"]
+    assert fr["median_ms"] == pytest.approx(3 * c) and fr["p90_ms"] == pytest.approx(4.6 * c)
+    assert fr["images_per_s"] == pytest.approx(2 / (0.003 * c))
+    for base in ("eager_fp32", "eager_amp_cl"):
+        assert fr["speedup"][base] == pytest.approx(np.median(measured[base]) / (3 * c))
+    # the inputs: 4 distinct batches, the same values for every implementation
+    for key, inputs in given.items():
+        assert len(inputs) == 4, key
+        assert all(tuple(x.shape) == (2, 3, 64, 64) and x.dtype == torch.float32
+                   for x in inputs), key
+        assert len({x.data_ptr() for x in inputs}) == 4, key
+        for i in range(4):
+            for j in range(i + 1, 4):
+                assert not torch.equal(inputs[i], inputs[j]), (key, i, j)
+            assert torch.equal(inputs[i], given["eager_fp32"][i]), (key, i)
+    assert all(x.is_contiguous() for x in given["eager_fp32"])
+    for key in ("eager_amp_cl", "fastres"):
+        assert all(x.is_contiguous(memory_format=torch.channels_last) for x in given[key])
+
+
+def _wrong_graphs(model):
+    """A stand-in for ``fastres.optimize(model, cuda_graphs=True)`` whose outputs are wrong."""
+
+    def run(x):
+        return model(x) * 1.5 + 0.5
+
+    return run
+
+
+def test_bench_graphs_row_must_agree_to_be_timed(monkeypatch):
+    """The fastres + CUDA graphs row goes through the same gate as the plain fastres row: a
+    callable with wrong outputs is FAILED and never timed; a right one is timed. (On the CPU
+    the row itself is n/a; this drives the runner's check directly, as run_bench does.)"""
+    from fastres import bench
+    from fastres.verify import fastres_twin, reference_forward, torchvision_model
+
+    timed = []
+    real_time_calls = bench.time_calls
+
+    def spy(fn, *args, **kwargs):
+        timed.append(fn)
+        return real_time_calls(fn, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_calls", spy)
+    cfg = bench.BenchConfig(models=["resnet18"], batch_sizes=[1], dtypes=[torch.float32],
+                            device=torch.device("cpu"), image_size=64, iters=2, warmup=1,
+                            seed=int(torch.randint(0, 2**31, ())))
+    runner = bench.Runner(cfg, None)
+    tv = torchvision_model("resnet18")
+    fr = fastres_twin(tv, torch.float32)
+    base = runner.base_inputs(1)
+    ref = reference_forward(tv, base[0])
+
+    def to_cl(x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def graphs_row():
+        return bench.Row("resnet18", "fp32", 1, "fastres_graphs",
+                         bench.impl_label("fastres_graphs", torch.float32), tolerance=1e-5)
+
+    wrong = bench._Impl("fastres_graphs", _wrong_graphs(fr), to_cl, fr)
+    row = graphs_row()
+    runner.check_and_time(row, wrong, base, ref, True)
+    assert row.status == "FAILED" and row.median_ms is None and row.iters == 0, row
+    assert "> tolerance" in row.note and "not timed" in row.note, row
+    with torch.inference_mode():
+        wrong_out = fr(base[0]) * 1.5 + 0.5
+    assert row.rel_err == pytest.approx(_rel_err64(wrong_out, ref), rel=1e-3)
+    assert timed == []
+
+    def right(x):
+        return fr(x)
+
+    row = graphs_row()
+    runner.check_and_time(row, bench._Impl("fastres_graphs", right, to_cl, fr), base, ref, True)
+    assert row.status == "ok" and row.median_ms > 0 and row.rel_err <= 1e-5, row
+    assert timed == [right]
+
+
+@pytest.mark.cuda
+def test_bench_graphs_row_with_wrong_outputs_fails_on_gpu(capsys, monkeypatch, tmp_path):
+    """End to end on a GPU: fastres.optimize returning a model with wrong outputs makes the
+    fastres + CUDA graphs row FAILED and untimed (exit 1); the plain fastres row is fine."""
+    from fastres import bench
+
+    monkeypatch.setattr(bench, "_fastres_optimize",
+                        lambda: (lambda model, **kwargs: _wrong_graphs(model)))
+    argv = ["bench", "-m", "resnet18", "-b", "2", "--image-size", "64", "--iters", "2",
+            "--warmup", "1", "--no-progress", "--device", "cuda", "--dtype", "fp32",
+            "--no-compile", "--no-tune", *_fresh_seed(), "--out", str(tmp_path)]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and "Traceback" not in err, out + err
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    g = rows["fastres_graphs"]
+    assert g["status"] == "FAILED" and g["median_ms"] is None and "> tolerance" in g["note"], g
+    assert rows["fastres"]["status"] == "ok" and rows["fastres"]["median_ms"] > 0
+
+
+def test_verify_eager_rule_counts_failed_batches_and_uses_channels_last(capsys, monkeypatch,
+                                                                       tmp_path):
+    """fastres off by a relative 1e-3 on two random batches: the first passes (eager made off
+    by more than 5e-4 there: the bound is 2 x eager's error), the second fails (eager's error
+    tiny: the bound is fp32's 1e-5) -- failures == 1 and exit 1. The second batch is really
+    given to the model channels-last (random batches alternate layouts)."""
+    from fastres import verify as verify_mod
+
+    refs, eagers, layouts = [], [], []
+    eager_off = [float(torch.empty(()).uniform_(6e-4, 9e-4)),
+                 float(torch.empty(()).uniform_(1e-7, 2e-6))]
+    real_ref = verify_mod.reference_forward
+
+    def spy_reference(tv, x, *args, **kwargs):
+        out = real_ref(tv, x, *args, **kwargs)
+        refs.append(out.clone())
+        return out
+
+    def controlled_eager(tv, x, dtype, *args, **kwargs):
+        out = (refs[-1] * (1 + eager_off[len(eagers)])).to(dtype)
+        eagers.append(out)
+        return out
+
+    original = ResNet.forward
+
+    def off_by_1e_3(self, x):
+        layouts.append((x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)))
+        return original(self, x) * (1 + 1e-3)
+
+    monkeypatch.setattr(verify_mod, "reference_forward", spy_reference)
+    monkeypatch.setattr(verify_mod, "eager_forward", controlled_eager)
+    monkeypatch.setattr(ResNet, "forward", off_by_1e_3)
+    out_json = tmp_path / "v.json"
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", *_fresh_seed(),
+                             "--json", str(out_json))
+    assert code == 1, out + err
+    assert layouts == [(True, False), (False, True)], layouts
+    part = json.loads(out_json.read_text())["parts"][0]
+    assert part["name"] == "random" and part["images"] == 4
+    expected = [max(1e-5, 2 * _rel_err64(e, r)) for e, r in zip(eagers, refs)]
+    assert part["tolerances"] == pytest.approx(expected, rel=1e-12), (part, expected)
+    assert expected[0] > 1e-3 and expected[1] == 1e-5
+    assert part["batch_errors"] == pytest.approx([1e-3, 1e-3], rel=1e-3)
+    assert part["failures"] == 1 and part["ok"] is False, part
+    assert "FAILED (1/2 batches)" in out and "verify: FAILED" in out
+
+
+def test_verify_reports_top5_apart_from_top1(capsys, monkeypatch, tmp_path):
+    """Each image's 5th most likely class moved to the bottom: top-1 agreement stays 100%,
+    top-5 is 0%, and verify fails (exit 1: the logits are far off)."""
+    original = ResNet.forward
+
+    def fifth_to_last(self, x):
+        out = original(self, x).clone()
+        order = out.argsort(dim=1, descending=True)
+        rows = torch.arange(out.shape[0])
+        fifth, last = order[:, 4], order[:, -1]
+        out[rows, fifth], out[rows, last] = out[rows, last], out[rows, fifth].clone()
+        return out
+
+    monkeypatch.setattr(ResNet, "forward", fifth_to_last)
+    out_json = tmp_path / "v.json"
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--batches", "1",
+                             *_fresh_seed(), "--json", str(out_json))
+    assert code == 1, out + err
+    part = json.loads(out_json.read_text())["parts"][0]
+    assert part["top1"] == 1.0 and part["top5"] == 0.0, part
+    line = [ln for ln in out.splitlines() if ln.strip().startswith("random")]
+    assert len(line) == 1 and "100.0%    0.0%" in line[0], out
+    assert "verify: FAILED" in out
+
+
+def test_design_tolerance_for_every_dtype_and_tf32_setting():
+    """DESIGN.md's bounds (verify's docstring, verify --tol's help): fp32 1e-5 with TF32
+    off, 2e-3 with cuDNN's TF32 on (a GPU only: the CPU has no TF32), fp16/bf16 2e-2."""
+    from fastres.verify import design_tolerance
+
+    conv = torch.backends.cudnn.conv
+    saved = conv.fp32_precision
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    got = {}
+    try:
+        for setting in ("tf32", "ieee"):
+            conv.fp32_precision = setting
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                for device in (cpu, gpu):
+                    got[(setting, dtype, device.type)] = design_tolerance(dtype, device)
+    finally:
+        conv.fp32_precision = saved
+    want = {(s, d, dev): (2e-2 if d != torch.float32 else
+                          2e-3 if (s, dev) == ("tf32", "cuda") else 1e-5)
+            for s in ("tf32", "ieee")
+            for d in (torch.float32, torch.float16, torch.bfloat16)
+            for dev in ("cpu", "cuda")}
+    assert got == want
+
+
+def test_classify_batch_of_one_labels_each_image_with_its_own_prediction(tmp_path,
+                                                                         r18_checkpoint):
+    """With batch_size=1 every image is its own batch: each prediction carries that image's
+    path and torchvision's probabilities for that image (not the first image's)."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from fastres.classify import classify
+
+    paths = []
+    for i, (h, w) in enumerate(((int(torch.randint(224, 300, ())), 260),
+                                (240, int(torch.randint(224, 300, ()))))):
+        arr = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8)
+        arr[:, : w // 2] //= 4 * (i + 1)  # two images unlike each other
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(arr.numpy()).save(path)
+        paths.append(str(path))
+    preds = classify(paths, r18_checkpoint, "resnet18", topk=3, device="cpu", batch_size=1)
+    assert [p.path for p in preds] == paths
+
+    tv = torchvision.models.resnet18(weights=None)
+    tv.load_state_dict(torch.load(r18_checkpoint, weights_only=True))
+    tv.eval()
+    recipe = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                 transforms.ToTensor(),
+                                 transforms.Normalize([0.485, 0.456, 0.406],
+                                                      [0.229, 0.224, 0.225])])
+    refs = []
+    for path in paths:
+        with Image.open(path) as img, torch.no_grad():
+            refs.append(torch.softmax(tv(recipe(img.convert("RGB"))[None]), dim=1)[0])
+    assert (refs[0] - refs[1]).abs().max() > 1e-3  # the two images are told apart
+    for pred, ref in zip(preds, refs):
+        got = {idx: prob for idx, _, prob in pred.topk}
+        assert list(got) == ref.topk(3).indices.tolist(), (pred, ref.topk(3))
+        for idx, prob in got.items():
+            assert prob == pytest.approx(ref[idx].item(), abs=1e-4)
