@@ -64,8 +64,10 @@
 # GPU_CHECK_COMMIT names the commit in the summary when the machine has no .git.
 #
 # Exit status: 0 when every stage ran (or stopped at its cap, keeping what it measured), 1 when
-# a stage failed (see summary.md), 2 for a usage error, 3 when torch sees no CUDA GPU: then
-# only the env stage runs (GPU_CHECK_ALLOW_CPU=1 runs every stage on the CPU: a dry run).
+# a stage failed or a stage stopped at its cap kept a failure (a failed test, a fastres row
+# that disagreed with eager: see summary.md), 2 for a usage error, 3 when torch sees no CUDA
+# GPU: then only the env stage runs (GPU_CHECK_ALLOW_CPU=1 runs every stage on the CPU: a dry
+# run).
 
 set -u -o pipefail
 
@@ -400,9 +402,11 @@ if [ "$SIZE" -gt $((15 * 1024 * 1024)) ]; then
     echo "note: all.tar.gz was over 15 MiB; kernel benchmark data left out" >> "$OUTDIR/summary.md"
 fi
 # 1 when a stage failed (its results may still be partly there); a stage stopped at its cap
-# keeps what it measured and is not a failure
+# keeps what it measured and is not a failure, unless what it kept holds one (a failed test, a
+# fastres row that disagreed with eager: gpu_check_report.py failures)
 RC=0
 cut -f2 "$STAGES" | grep -q '^FAILED' && RC=1
+timeout 60 "$PY" benchmarks/gpu_check_report.py failures "$D" || RC=1
 if [ "${GPU_CHECK_KEEP:-0}" = 1 ]; then
     mv "$D" "$OUTDIR/details" && echo "details kept in $OUTDIR/details"
 fi

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check_report.py env ENV_JSON
     python benchmarks/gpu_check_report.py summary OUTDIR DETAILS ELAPSED_S BUDGET_S COMMAND
+    python benchmarks/gpu_check_report.py failures DETAILS
 
 ``env``: what the results depend on -- GPU, driver, CUDA, cuDNN, Python and package versions,
 the extension's build targets, the code's commit and source digest -- printed and written to
@@ -14,6 +15,13 @@ ENV_JSON. It imports torch; it never fails (a fact it cannot read is ``null``).
 enough to run after every stage; a missing or broken input is one line saying so, never an
 error. The header is what ``benchmarks/RESULTS.md`` asks each section to name: GPU, driver,
 versions, date, commit and the commands.
+
+``failures``: the failures recorded in DETAILS, one line each, and exit status 1 when there is
+any: a failed or erroring test (``tests.xml``, or ``test_failures.log`` when pytest was stopped
+before writing it), a ``FAILED`` fastres row of ``bench/bench.json`` or of the latency JSON, a
+``FAILED``/``ERROR`` layer of ``kernels/conv_layers.json``, or one of those files unreadable.
+``gpu_check.sh`` calls it so that a stage stopped at its cap still fails the check when what it
+kept holds a failure.
 """
 
 from __future__ import annotations
@@ -359,9 +367,58 @@ def main_summary(outdir: str, d: str, elapsed: str, budget: str, command: str) -
     return 0
 
 
+def recorded_failures(d: str) -> list[str]:
+    """What failed, from the results the stages left in ``d`` (see ``failures`` above)."""
+    out = []
+    try:
+        root = ET.parse(os.path.join(d, "tests.xml")).getroot()
+        suites = [root] if root.tag == "testsuite" else list(root)
+        for s in suites:
+            for case in s.iter("testcase"):
+                if case.findall("failure") or case.findall("error"):
+                    out.append(f"test {case.get('classname')}::{case.get('name')}")
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - a run cut off mid-write
+        out.append(f"tests.xml unreadable ({type(exc).__name__})")
+    if not out:  # pytest stopped before its junit XML: what the tests logged as they failed
+        try:
+            with open(os.path.join(d, "test_failures.log")) as f:
+                out += [f"test {line[4:].rstrip()}" for line in f if line.startswith("=== ")]
+        except OSError:
+            pass
+    for name, path, bad in (
+            ("bench", ("bench", "bench.json"), lambda r: r.get("status") == "FAILED"),
+            ("latency", ("latency", "bench_latency.json"),
+             lambda r: r.get("status") in ("FAILED", "ERROR")
+             and str(r.get("impl", "")).startswith("fastres")),
+            ("conv_layers", ("kernels", "conv_layers.json"),
+             lambda r: str(r.get("status", "")).startswith(("FAILED", "ERROR")))):
+        rep, why = _load_json(os.path.join(d, *path))
+        if rep is None:
+            if why != "not run":
+                out.append(f"{name}: {os.path.join(*path)} {why}")
+            continue
+        for r in rep.get("rows", []) if isinstance(rep, dict) else []:
+            if bad(r):
+                where = " ".join(str(r[k]) for k in ("model", "layer", "dtype", "batch", "impl")
+                                 if k in r)
+                out.append(f"{name} {where}: {r.get('status')}"[:240])
+    return out
+
+
+def main_failures(d: str) -> int:
+    found = recorded_failures(d)
+    for line in found:
+        print(f"recorded failure: {line}")
+    return 1 if found else 0
+
+
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "env":
         return main_env(argv[1])
+    if len(argv) >= 2 and argv[0] == "failures":
+        return main_failures(argv[1])
     if len(argv) >= 6 and argv[0] == "summary":
         return main_summary(*argv[1:6])
     print(__doc__, file=sys.stderr)
