@@ -205,6 +205,11 @@ def add_speedups(rows: list[dict]) -> None:
                     r[f"speedup_vs_{b}"] = base[b] / r["median_ms"]
 
 
+def _err(v) -> str:
+    """A relative error: ``nan``/``inf`` shown as such (an output that was NaN), not as ``-``."""
+    return "-" if v is None else format(v, ".1e")
+
+
 def to_markdown(report: dict) -> str:
     env = report["env"]
     lines = [
@@ -232,7 +237,7 @@ def to_markdown(report: dict) -> str:
             f"{f(r.get('p10_ms'), '.3f')} | {f(r.get('p90_ms'), '.3f')} | "
             f"{f(r.get('speedup_vs_eager'), '.2f')} | "
             f"{f(r.get('speedup_vs_compile_reduce_overhead'), '.2f')} | "
-            f"{f(r.get('rel_err'), '.1e')} | {r.get('status')} |")
+            f"{_err(r.get('rel_err'))} | {r.get('status')} |")
     lines += ["", f"Phases (s): {json.dumps(report['phases_s'])}", ""]
     if report.get("interrupted"):
         lines += ["INTERRUPTED: partial results (the rows measured before the stop).", ""]

@@ -111,6 +111,11 @@ def _num(v, spec: str) -> str:
     return format(v, spec)
 
 
+def _err(v) -> str:
+    """A relative error: ``nan``/``inf`` shown as such (an output that was NaN), not as ``-``."""
+    return "-" if v is None or isinstance(v, str) else format(v, ".1e")
+
+
 def _cell(s) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
@@ -273,7 +278,7 @@ def bench(d: str) -> list[str]:
             f"{_num(best.get('median_ms'), '.2f')} ({_num(best.get('p90_ms'), '.2f')}) | "
             f"{_num(best.get('peak_mib'), '.0f')} | {_num(sp.get('eager_fp32'), '.2f')} | "
             f"{_num(sp.get('eager_amp_cl'), '.2f')} | {_num(sp.get('compile'), '.2f')} | "
-            f"{_num(fr.get('rel_err'), '.1e')} | {_cell(status)[:90]} |")
+            f"{_err(fr.get('rel_err'))} | {_cell(status)[:90]} |")
     out += [f"- note: {_cell(n)[:240]}" for n in rep.get("notes", [])[:12]]
     return out
 
@@ -295,7 +300,7 @@ def latency(d: str) -> list[str]:
                    f"{_num(r.get('p10_ms'), '.3f')} | {_num(r.get('p90_ms'), '.3f')} | "
                    f"{_num(r.get('speedup_vs_eager'), '.2f')} | "
                    f"{_num(r.get('speedup_vs_compile_reduce_overhead'), '.2f')} | "
-                   f"{_num(r.get('rel_err'), '.1e')} | {_cell(status)[:120]} |")
+                   f"{_err(r.get('rel_err'))} | {_cell(status)[:120]} |")
     return out
 
 

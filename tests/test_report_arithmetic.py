@@ -144,6 +144,13 @@ def test_report_latency_columns(report, tmp_path):
     text = "\n".join(report.latency(str(tmp_path)))
     assert "| bf16 | fastres_graphs | 1.500 | 1.250 | 2.750 | 3.00 | 0.80 | 2.0e-03 | ok |" \
         in text, text
+    # an output that was NaN: its error reads nan, not "-" (as no check at all would)
+    rows[0].update(status="FAILED", rel_err=float("nan"), median_ms=None, p10_ms=None,
+                   p90_ms=None, speedup_vs_eager=None, speedup_vs_compile_reduce_overhead=None)
+    (tmp_path / "latency" / "bench_latency.json").write_text(json.dumps(
+        {"args": {"model": "resnet50"}, "rows": rows}))
+    text = "\n".join(report.latency(str(tmp_path)))
+    assert "| bf16 | fastres_graphs | - | - | - | - | - | nan | FAILED |" in text, text
 
 
 def test_report_conv_layers_counts_errors_and_weights_by_count(report, tmp_path):
@@ -217,7 +224,7 @@ def test_latency_graphs_row_with_wrong_output_is_failed_not_timed(latency_mod, t
     assert rows["fastres"]["status"] == "ok"
     assert rc == 1
     md = (tmp_path / "bench_latency.md").read_text()
-    assert "| fp32 | fastres_graphs | - | - | - | - | - | - | FAILED |" in md, md
+    assert "| fp32 | fastres_graphs | - | - | - | - | - | nan | FAILED |" in md, md
 
 
 # -- conv_layers.py -----------------------------------------------------------------------------
