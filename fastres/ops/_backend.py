@@ -5,7 +5,8 @@ implementation registers itself here with :func:`register_impl` together with a
 ``supports(*args)`` predicate; the op's body then asks :func:`choose` which one to run.
 
 The preferred backend comes from, in order: :func:`use_backend` (a context manager),
-:func:`set_backend`, the ``FASTRES_BACKEND`` environment variable, and ``"auto"``.
+:func:`set_backend`, the ``FASTRES_BACKEND`` environment variable (empty counts as unset), and
+``"auto"``.
 
 ``auto`` picks, per call: ``cuda`` then ``triton`` for CUDA tensors (where registered and
 supported), ``triton`` for CPU tensors only when the Triton interpreter is on
@@ -212,7 +213,8 @@ def get_backend() -> str:
         return local[-1]
     if _global_backend is not None:
         return _global_backend
-    return _validate(os.environ.get("FASTRES_BACKEND", "auto"),
+    # (set but empty is unset, as for FASTRES_TUNE and FASTRES_DISABLE_EXTENSION)
+    return _validate(os.environ.get("FASTRES_BACKEND", "").strip() or "auto",
                      "the FASTRES_BACKEND environment variable")
 
 
@@ -502,7 +504,9 @@ def named_choice(op: str, device: torch.device, pref: str, impls: dict[str, Impl
     for backend in _FALLBACK_ORDER[start:]:
         impl = impls.get(backend)
         if impl is None:
-            reason = "not built or not installed" if backend != "torch" else "missing"
+            loaded = backend not in _missing and any(backend in by for by in _IMPLS.values())
+            reason = (f"the {backend} backend has no {op} implementation" if loaded else
+                      "not built or not installed")
             _say_once(op, backend, reason)
             continue
         reason = _device_ok(backend, device) or impl.supports(*args, **kwargs)
