@@ -483,12 +483,26 @@ def test_verify_wrong_architecture_checkpoint(capsys, r18_checkpoint):
 # -- classify ------------------------------------------------------------------------------------
 
 
-def test_classify_photo_matches_torchvision_pipeline(capsys, r18_checkpoint, photo):
-    """Top-k from ``fastres classify`` equals torchvision's own transforms + model (the model
-    named in any case, as ``get_model`` takes it)."""
+def _torchvision_probs(checkpoint, path) -> torch.Tensor:
+    """torchvision's own pipeline for one image: its ResNet-18 with these weights after
+    Resize(256), CenterCrop(224), ToTensor and ImageNet's Normalize; softmax of the logits."""
     from PIL import Image
     from torchvision import transforms
 
+    tv = torchvision.models.resnet18(weights=None)
+    tv.load_state_dict(torch.load(checkpoint, weights_only=True))
+    tv.eval()
+    recipe = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                 transforms.ToTensor(),
+                                 transforms.Normalize([0.485, 0.456, 0.406],
+                                                      [0.229, 0.224, 0.225])])
+    with Image.open(path) as img, torch.no_grad():
+        return torch.softmax(tv(recipe(img.convert("RGB"))[None]), dim=1)[0]
+
+
+def test_classify_photo_matches_torchvision_pipeline(capsys, r18_checkpoint, photo):
+    """Top-k from ``fastres classify`` equals torchvision's own transforms + model (the model
+    named in any case, as ``get_model`` takes it)."""
     code, out, err = run_cli(capsys, "classify", str(photo), str(photo), "--weights",
                              str(r18_checkpoint), "--model", "ResNet18", "--topk", "3",
                              "--device", "cpu")
@@ -498,15 +512,7 @@ def test_classify_photo_matches_torchvision_pipeline(capsys, r18_checkpoint, pho
     probs = [float(line.split()[0]) for line in lines[1:4]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
 
-    tv = torchvision.models.resnet18(weights=None)
-    tv.load_state_dict(torch.load(r18_checkpoint, weights_only=True))
-    tv.eval()
-    recipe = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
-                                 transforms.ToTensor(),
-                                 transforms.Normalize([0.485, 0.456, 0.406],
-                                                      [0.229, 0.224, 0.225])])
-    with Image.open(photo) as img, torch.no_grad():
-        p = torch.softmax(tv(recipe(img.convert("RGB"))[None]), dim=1)[0]
+    p = _torchvision_probs(r18_checkpoint, photo)
     top = p.topk(3)
     from torchvision.models._meta import _IMAGENET_CATEGORIES as names
 
@@ -1795,7 +1801,6 @@ def test_classify_batch_of_one_labels_each_image_with_its_own_prediction(tmp_pat
     """With batch_size=1 every image is its own batch: each prediction carries that image's
     path and torchvision's probabilities for that image (not the first image's)."""
     from PIL import Image
-    from torchvision import transforms
 
     from fastres.classify import classify
 
@@ -1810,17 +1815,7 @@ def test_classify_batch_of_one_labels_each_image_with_its_own_prediction(tmp_pat
     preds = classify(paths, r18_checkpoint, "resnet18", topk=3, device="cpu", batch_size=1)
     assert [p.path for p in preds] == paths
 
-    tv = torchvision.models.resnet18(weights=None)
-    tv.load_state_dict(torch.load(r18_checkpoint, weights_only=True))
-    tv.eval()
-    recipe = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
-                                 transforms.ToTensor(),
-                                 transforms.Normalize([0.485, 0.456, 0.406],
-                                                      [0.229, 0.224, 0.225])])
-    refs = []
-    for path in paths:
-        with Image.open(path) as img, torch.no_grad():
-            refs.append(torch.softmax(tv(recipe(img.convert("RGB"))[None]), dim=1)[0])
+    refs = [_torchvision_probs(r18_checkpoint, path) for path in paths]
     assert (refs[0] - refs[1]).abs().max() > 1e-3  # the two images are told apart
     for pred, ref in zip(preds, refs):
         got = {idx: prob for idx, _, prob in pred.topk}
