@@ -1,0 +1,311 @@
+"""Edge checks of the Triton kernels, written from mutants (a second round of mutation testing)
+that the other Triton test files let through: conditions they do not drive. Each test names
+the mistake it catches.
+
+- exact-arithmetic inputs (small integers, weights on a 1/8 grid): every fp32 sum is exact, so
+  the 16-bit outputs must equal the float64 result rounded once to the dtype, bit for bit (a
+  truncating store is within the per-op tolerance of the random-input tests, not of this);
+- the block-diagonal grouped schedule's non-finite slow path with dilation, stride and padding
+  that differ per axis, batch 2;
+- the registered max-pool implementation with windows other than the stem's 3x3/2;
+- the head's TF32 switch (``torch.backends.cuda.matmul.allow_tf32``, not cuDNN's flag);
+- shape classes that must not take the stem / block-diagonal schedules.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, assert_close_rel, rel_err
+
+import fastres
+from fastres.kernels import configs as kcfg
+from fastres.kernels.conv import ConvProblem, conv_bias_act_triton, launch_params
+from fastres.kernels.head import avgpool_linear_triton, global_avgpool_triton
+from fastres.ops import _backend
+from fastres.ops.max_pool import max_pool2d
+
+pytestmark = pytest.mark.triton
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full fp32 (the exact checks); every TF32 setting, legacy or per-op, put back after."""
+    with _backend.tf32_off():
+        yield
+
+
+def _out_hw(h, w, r, s, st, pad, dil):
+    return ((h + 2 * pad[0] - dil[0] * (r - 1) - 1) // st[0] + 1,
+            (w + 2 * pad[1] - dil[1] * (s - 1) - 1) // st[1] + 1)
+
+
+def _ref(x, wt, b, st, pad, dil, g, res, relu):
+    y = F.conv2d(x.double(), wt.double(), None, st, pad, dil, g) + b.double().view(1, -1, 1, 1)
+    if res is not None:
+        y = y + res.double()
+    return torch.relu(y) if relu else y
+
+
+# -- 16-bit output rounding of the conv epilogue, exactly ----------------------------------
+
+# (name, N, C_in, H, W, C_out, R, S, stride, padding, dilation, groups, kind)
+EXACT_SHAPES = [
+    ("gemm", 2, 24, 5, 6, 20, 1, 1, (1, 1), (0, 0), (1, 1), 1, "gemm"),
+    ("conv", 2, 20, 7, 6, 24, 3, 3, (2, 1), (1, 1), (1, 1), 1, "conv"),
+    ("stem", 1, 3, 11, 10, 16, 7, 7, (2, 2), (3, 3), (1, 1), 1, "stem"),
+    ("grouped", 1, 64, 5, 5, 64, 3, 3, (1, 1), (1, 1), (1, 1), 16, "grouped"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", EXACT_SHAPES, ids=[s[0] for s in EXACT_SHAPES])
+def test_conv_16bit_store_rounds_to_nearest_exactly(shape, dtype):
+    """Kills: the epilogue's store not rounding to nearest even under the interpreter
+    (``_to_output(..., INTERPRETED=False)``: Triton's interpreter truncates fp32 -> bf16), or
+    any extra rounding before the store (bias/residual added in the 16-bit dtype). Integer
+    activations, weights on a 1/8 grid and integer bias/residual make every fp32 partial sum
+    exact (all below 2**21 in units of 1/8), so the only rounding is the final one: the output
+    must equal the float64 result rounded to ``dtype``, bit for bit."""
+    name, n, c, h, w, k, r, s, st, pad, dil, g, kind = shape
+    xs = 8 if dtype == torch.bfloat16 else 64  # outputs past the dtype's exact integers
+    x = torch.randint(-xs, xs + 1, (n, c, h, w)).to(dtype).to(DEV).contiguous(memory_format=CL)
+    wt = (torch.randint(-16, 17, (k, c // g, r, s)) / 8).to(dtype).to(DEV)
+    b = torch.randint(-40 * xs, 40 * xs + 1, (k,)).float().to(DEV)
+    p, q = _out_hw(h, w, r, s, st, pad, dil)
+    res = torch.randint(-200, 201, (n, k, p, q)).to(dtype).to(DEV).contiguous(memory_format=CL)
+    prob = ConvProblem.from_tensors(x, wt, st, pad, dil, g, res)
+    assert prob.kind == kind
+    for relu, rr in ((False, res), (True, None)):
+        ref = _ref(x, wt, b, st, pad, dil, g, rr, relu)
+        assert ref.abs().max() < 2**18  # exact in fp32 (units of 1/8)
+        y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, rr, relu)
+        want = ref.to(dtype)
+        # the test has teeth: many outputs are not representable in the 16-bit dtype
+        assert (want.double() != ref).float().mean() > 0.05
+        bad = (y.cpu() != want.cpu()) & ~(torch.isnan(y.cpu()) & torch.isnan(want.cpu()))
+        assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} outputs not rounded to "
+                               f"nearest; first at {bad.nonzero()[0].tolist()}")
+
+
+# -- 16-bit rounding of the head's mean, exactly --------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_head_mean_and_logits_round_to_nearest_exactly(dtype):
+    """Kills: the average-pool kernel launched with ``INTERPRETED=False`` (its bf16 store then
+    truncates under the interpreter), or the head adding the bias or rounding the logits other
+    than once. Integer activations over 2x2 and 4x4 windows: the fp32 mean is exact, so the
+    pooled values must be the float64 mean rounded to ``dtype``; weights on a 1/8 grid keep the
+    linear layer exact too, so the logits are its float64 result rounded once."""
+    for n, c, hw, k in ((2, 40, 2, 24), (1, 20, 4, 9)):
+        xs = 700 if dtype == torch.bfloat16 else 2048
+        x = torch.randint(-xs, xs + 1, (n, c, hw, hw)).to(dtype).to(DEV).contiguous(
+            memory_format=CL)
+        pooled_ref = x.double().mean(dim=(2, 3))
+        pooled = global_avgpool_triton(x)
+        want = pooled_ref.to(dtype)
+        assert (want.double() != pooled_ref).float().mean() > 0.05
+        assert torch.equal(pooled.cpu(), want.cpu()), "mean not rounded to nearest"
+        w = (torch.randint(-8, 9, (k, c)) / 8).to(dtype).to(DEV)
+        b = torch.randint(-500, 501, (k,)).to(dtype).float().to(DEV)
+        y = avgpool_linear_triton(x, w, b)
+        logits = want.double() @ w.double().t() + b.double()
+        assert torch.equal(y.cpu(), logits.to(dtype).cpu()), "logits not rounded once"
+
+
+# -- head: TF32 follows the matmul flag ------------------------------------------------------
+
+def _tf32_nearest(v):
+    d = v.double()
+    m, e = torch.frexp(d)
+    out = torch.ldexp(torch.round(m * 2.0**11), e - 11)
+    return torch.where(torch.isfinite(v), out, d)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's TF32 emulation")
+def test_head_tf32_follows_the_matmul_flag():
+    """Kills: the head's linear layer ignoring ``torch.backends.cuda.matmul.allow_tf32``
+    (eager ``F.linear``'s flag) or following cuDNN's instead. fp32, matmul flag on and cuDNN's
+    off: the result is the float64 product of the TF32-rounded pooled values and weights;
+    matmul flag off and cuDNN's on: the exact fp32 product."""
+    x = torch.randn(2, 64, 3, 3).contiguous(memory_format=CL)
+    w = torch.randn(30, 64) * 64**-0.5
+    b = torch.randn(30)
+    pooled = x.double().mean(dim=(2, 3)).float()
+    exact = pooled.double() @ w.double().t() + b.double()
+    rounded = _tf32_nearest(pooled) @ _tf32_nearest(w).t() + b.double()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, False
+    y = avgpool_linear_triton(x, w, b)
+    assert_close_rel(y, rounded, 1e-5, "head with TF32")
+    assert rel_err(y, exact) > 1e-5  # TF32 rounding really happened
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    assert_close_rel(avgpool_linear_triton(x, w, b), exact, 1e-5, "head without TF32")
+
+
+# -- block-diagonal grouped: the non-finite slow path with per-axis geometry ----------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_grouped_non_finite_slow_path_per_axis_geometry(dtype):
+    """Kills: ``_grouped_exact`` (the group-by-group recomputation of a tile holding an inf or
+    NaN) ignoring the dilation or using one axis's value for the other's (the existing
+    non-finite tests are all square and undilated). Stride (2, 1), padding (2, 1), dilation
+    (2, 1), batch 2, residual, with and without ReLU: NaN/inf reach exactly the outputs of their
+    own group whose window holds them, and the finite outputs match F.conv2d."""
+    n, c, h, w, k, g = 2, 64, 9, 10, 64, 16
+    st, pad, dil = (2, 1), (2, 1), (2, 1)
+    x = torch.randn(n, c, h, w).to(dtype)
+    wt = (torch.randn(k, c // g, 3, 3) * (c // g * 9) ** -0.5).to(dtype)
+    b = torch.randn(k)
+    p, q = _out_hw(h, w, 3, 3, st, pad, dil)
+    res = torch.randn(n, k, p, q).to(dtype)
+    x[0, 5, 4, 7] = float("inf")
+    x[1, 22, 6, 2] = float("-inf")
+    x[1, 47, 4, 9] = float("nan")  # (even rows: dilation 2, stride 2)
+    x, wt, res = (t.to(DEV).contiguous(memory_format=CL) for t in (x, wt, res))
+    b = b.to(DEV)
+    assert ConvProblem.from_tensors(x, wt, st, pad, dil, g, res).kind == "grouped"
+    for relu in (True, False):
+        y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, relu).double().cpu()
+        ref = _ref(x, wt, b, st, pad, dil, g, res, relu).cpu()
+        assert torch.isnan(ref).any() and torch.isinf(ref).any()
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+        assert torch.equal(torch.isposinf(y), torch.isposinf(ref))
+        assert torch.equal(torch.isneginf(y), torch.isneginf(ref))
+        fin = torch.isfinite(ref)
+        assert_close_rel(y[fin], ref[fin], TOL[dtype])
+
+
+# -- schedule choice: shapes that must not take the stem / block-diagonal schedules ---------
+
+def test_stem_schedule_not_taken_with_width_dilation():
+    """Kills: ``conv_kind`` sending a few-channel conv with dilation along the width to the
+    stem schedule, whose kernel-row K step assumes the S*C inputs of a row are contiguous
+    (dilation 1 along W). It must run on the implicit-GEMM schedule and be right."""
+    st, pad, dil = (2, 1), (3, 2), (1, 2)
+    x = torch.randn(1, 3, 13, 14).to(DEV).contiguous(memory_format=CL)
+    wt = torch.randn(16, 3, 7, 5).to(DEV) * (3 * 35) ** -0.5
+    b = torch.randn(16).to(DEV)
+    assert ConvProblem.from_tensors(x, wt, st, pad, dil, 1).kind == "conv"
+    y = conv_bias_act_triton(x, wt, b, st, pad, dil, 1, None, True)
+    assert_close_rel(y, _ref(x, wt, b, st, pad, dil, 1, None, True), TOL[torch.float32])
+
+
+def test_block_diagonal_only_for_power_of_two_groups_of_16_channels():
+    """Kills: ``conv_kind`` dropping its ``_pow2(k_g)`` or ``gmax * min(c_g, k_g) >= 16``
+    conditions. Two groups of 8 -> 12 channels (not a power of two: the slow path's
+    ``tl.arange(0, SUB_K)`` cannot be built) and two groups of 4 -> 4 (a packed group of 8
+    channels: a dot narrower than the tensor cores' 16) stay on the implicit-GEMM schedule,
+    and with a NaN input only its group's windows are NaN."""
+    for c, k in ((16, 24), (8, 8)):
+        x = torch.randn(1, c, 5, 6)
+        x[0, 1, 2, 3] = float("nan")
+        x = x.to(DEV).contiguous(memory_format=CL)
+        wt = torch.randn(k, c // 2, 3, 3).to(DEV) * (c // 2 * 9) ** -0.5
+        b = torch.randn(k).to(DEV)
+        prob = ConvProblem.from_tensors(x, wt, 1, 1, 1, 2)
+        assert prob.kind == "conv", (c, k, prob.kind)
+        # every candidate's GPU launch has tensor-core sized tiles
+        for cfg in kcfg.TABLES[prob.kind]:
+            params = launch_params(prob, cfg, interpreted=False).params
+            assert min(params["BLOCK_M"], params["BLOCK_N"], params["BLOCK_K"]) >= 16
+        y = conv_bias_act_triton(x, wt, b, 1, 1, 1, 2, None, False).cpu()
+        ref = _ref(x, wt, b, (1, 1), (1, 1), (1, 1), 2, None, False).cpu()
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(ref).any()
+        fin = ~torch.isnan(ref)
+        assert_close_rel(y[fin], ref[fin], TOL[torch.float32])
+
+
+# -- registration: max-pool with other windows ----------------------------------------------
+
+def test_registered_max_pool_passes_its_window(triton_calls):
+    """Kills: the registered ``max_pool2d`` implementation running the stem's 3x3/2/1 window
+    whatever it is asked (every other test of the op uses that window). All-negative inputs,
+    so a padding of 0 instead of -inf would show too."""
+    x = (-torch.rand(2, 12, 9, 8) - 0.5).to(DEV).contiguous(memory_format=CL)
+    with fastres.use_backend("triton"):
+        for k, s, p in ((2, 2, 0), (3, 1, 1), (5, 2, 2), (1, 1, 0)):
+            y = max_pool2d(x, k, s, p)
+            assert torch.equal(y, F.max_pool2d(x, k, s, p)), (k, s, p)
+    assert triton_calls["pool"] == 4
+
+
+# -- launcher: a non-contiguous bias ----------------------------------------------------------
+
+def test_conv_reads_a_strided_bias():
+    """Kills: the launcher passing a non-contiguous bias (a strided view) to the kernel, which
+    reads ``bias[n]`` at ``b_ptr + n``."""
+    x = torch.randn(1, 16, 6, 5).to(DEV).contiguous(memory_format=CL)
+    wt = torch.randn(24, 16, 3, 3).to(DEV) * (16 * 9) ** -0.5
+    b = torch.randn(48).to(DEV)[::2]
+    assert not b.is_contiguous()
+    y = conv_bias_act_triton(x, wt, b, 1, 1, 1, 1, None, False)
+    assert_close_rel(y, _ref(x, wt, b, (1, 1), (1, 1), (1, 1), 1, None, False),
+                     TOL[torch.float32])
+
+
+# -- pruning: the fallback row fits a small shared memory ------------------------------------
+
+def test_prune_fallback_fits_a_small_shared_memory():
+    """Kills: the pruner's last resort (no row fits) returning the smallest row without
+    trimming its pipeline to the GPU's shared memory."""
+    for kind, table in kcfg.TABLES.items():
+        for eb in (2, 4):
+            limit = 40000
+            kept = kcfg.prune(table, kind, 1 << 16, 256, 256 if kind != "stem" else 21, eb,
+                              taps=7 if kind == "stem" else 9, smem_limit=limit)
+            assert len(kept) >= 1
+            for cfg in kept:
+                assert kcfg.smem_bytes(cfg, eb) <= limit, (kind, eb, cfg)
+
+
+def test_prune_drops_fp32_tiles_that_spill_next_to_tf32_operands():
+    """Kills: the pruner dropping its fp32 rule (implicit-GEMM and grouped fp32 tiles are
+    TF32-rounded in registers: accumulator + A + B tiles past 128 fp32 values per thread
+    spill, compile report). The rule has rows to drop (128x128x64 fits shared memory and the
+    accumulator limit in fp32) and applies to fp32 only."""
+    def tile_vals(cfg):
+        return cfg.block_m * cfg.block_n + cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n
+
+    for kind in ("conv", "grouped"):
+        k_ext = 256 if kind == "conv" else 16
+        kept32 = kcfg.prune(kcfg.TABLES[kind], kind, 1 << 16, 256 if kind == "conv" else 16,
+                            k_ext, 4, taps=9)
+        assert kept32 and all(tile_vals(c) <= 128 * 32 * c.num_warps for c in kept32), kind
+    kept16 = kcfg.prune(kcfg.CONV_CONFIGS, "conv", 1 << 16, 256, 256, 2, taps=9)
+    assert any(tile_vals(c) > 128 * 32 * c.num_warps for c in kept16)  # fp32's rule only
+
+
+@pytest.mark.parametrize("shape", [
+    ("gemm-odd", 2, 20, 4, 5, 24, 1, 1, (1, 1), (0, 0), (1, 1), 1),
+    ("conv-odd", 2, 24, 5, 6, 20, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+    ("conv-g2-odd", 1, 20, 5, 5, 6, 3, 3, (2, 1), (1, 1), (1, 1), 2),
+], ids=lambda s: s[0])
+def test_non_finite_input_stays_in_its_windows_channels_off_the_block(shape):
+    """Kills: the channel mask of the activation tile dropped when C_in (per group) is not a
+    multiple of the channel block (EVEN_C false). The channels past C_in are the next pixel's
+    (or the next group's): multiplied by the masked (zero) weights they are harmless when
+    finite, but a NaN or inf there makes NaN in outputs whose window does not hold it. The
+    random-input tests cannot see it; with non-finite inputs NaN and inf must land exactly
+    where F.conv2d puts them."""
+    name, n, c, h, w, k, r, s, st, pad, dil, g = shape
+    x = torch.randn(n, c, h, w)
+    x[0, 0, 1, 2] = float("nan")
+    x[n - 1, 0, h - 1, 0] = float("inf")
+    x[n - 1, c // g if g > 1 else c - 1, 2, 3] = float("-inf")  # (second group's first)
+    x = x.to(DEV).contiguous(memory_format=CL)
+    wt = torch.randn(k, c // g, r, s).to(DEV) * (c // g * r * s) ** -0.5
+    b = torch.randn(k).to(DEV)
+    prob = ConvProblem.from_tensors(x, wt, st, pad, dil, g)
+    assert not launch_params(prob, kcfg.INTERPRETER_CONFIG).params["EVEN_C"]
+    for config in (None, kcfg.INTERPRETER_CONFIG):
+        y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, None, False, config=config)
+        y = y.double().cpu()
+        ref = _ref(x, wt, b, st, pad, dil, g, None, False).cpu()
+        assert torch.equal(torch.isnan(y), torch.isnan(ref)), "NaN outside its windows"
+        assert torch.equal(torch.isinf(y), torch.isinf(ref))
+        fin = torch.isfinite(ref)
+        assert fin.any() and (~fin).any()
+        assert_close_rel(y[fin], ref[fin], TOL[torch.float32])
