@@ -21,7 +21,6 @@ import fastres
 from fastres.kernels import configs as kcfg
 from fastres.kernels.conv import ConvProblem, conv_bias_act_triton, launch_params
 from fastres.kernels.head import avgpool_linear_triton, global_avgpool_triton
-from fastres.ops import _backend
 from fastres.ops.max_pool import max_pool2d
 
 pytestmark = pytest.mark.triton
@@ -33,9 +32,15 @@ CL = torch.channels_last
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    """Full fp32 (the exact checks); every TF32 setting, legacy or per-op, put back after."""
-    with _backend.tf32_off():
+    """Full fp32 (the exact checks). The legacy flags, set and put back as the other tests do:
+    ``_backend.tf32_off`` puts back the per-op settings, and a legacy flag set inside it (as
+    the head's TF32 test does) would leave conv and RNN flags that torch refuses to read."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
         yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _out_hw(h, w, r, s, st, pad, dil):

@@ -52,9 +52,10 @@ class FakeTimer:
         return self.speeds.get(cand.label, 5.0)
 
 
-def fake_candidates(labels=("a", "b", "c"), perturb=()):
+def fake_candidates(labels=("a", "b", "c"), perturb=(), backend="torch"):
     """Candidates named ``labels`` that all run the op's torch reference (those in
-    ``perturb`` add a small offset, so a test can tell which one ran)."""
+    ``perturb`` add a small offset, so a test can tell which one ran), each of ``backend``
+    (a name, or a function of the label)."""
 
     def hook(op, device, args, kwargs):
         ref = _backend.implementations(op)["torch"].fn
@@ -65,7 +66,8 @@ def fake_candidates(labels=("a", "b", "c"), perturb=()):
                     return _ref(*a, **k) + 1e-3
             else:
                 fn = ref
-            out.append(tuning.Candidate("torch", label, {"label": label}, fn))
+            out.append(tuning.Candidate(backend(label) if callable(backend) else backend,
+                                        label, {"label": label}, fn))
         return out
 
     return hook
