@@ -333,8 +333,10 @@ def build_jobs(quick: bool, dtypes: list[str]) -> list[Job]:
 
 
 def run(quick: bool = False, jobs: int | None = None, dtypes=("fp16", "bf16", "fp32"),
-        json_path: str | None = None, out=sys.stdout) -> int:
-    """Compile and check; print the table; return the number of failing rows."""
+        json_path: str | None = None, out=None) -> int:
+    """Compile and check; print the table to ``out`` (default: ``sys.stdout`` at the time of
+    the call, so ``contextlib.redirect_stdout`` takes it); return the number of failing rows."""
+    out = sys.stdout if out is None else out
     all_jobs = build_jobs(quick, list(dtypes))
     # Many layers share one compiled kernel (same constexprs and divisibility): compile once.
     unique: dict[str, Job] = {}

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastres import compile_report
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -429,8 +431,11 @@ def test_tune_pinned_mode_tunes_nothing(fake_tune, capsys, monkeypatch):
 
 def test_compile_report_failure_is_exit_1_and_says_fail(monkeypatch, capsys, tmp_path):
     """A configuration that spills (or does not compile) fails the report: exit 1, FAIL in its
-    row's spill and status columns, counted in "N failed". (compile_jobs faked: no compile.)"""
-    from fastres import compile_report as cr
+    row's spill and status columns, counted in "N failed". (compile_jobs faked: no compile.)
+    The module is imported before the test (at collection): its table goes to the sys.stdout
+    of the call, not of the import (it went to the real stdout, past capsys and past
+    contextlib.redirect_stdout)."""
+    cr = compile_report
 
     def fake_compile_jobs(jobs, workers=None):
         out = []
