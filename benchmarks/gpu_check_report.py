@@ -177,6 +177,35 @@ def stages(d: str) -> list[str]:
     return out
 
 
+def _suites(root) -> list:
+    """The ``<testsuite>`` elements of a junit XML tree (pytest writes one under
+    ``<testsuites>``)."""
+    return [root] if root.tag == "testsuite" else list(root)
+
+
+def _junit_problems(suites) -> list[tuple[str, str]]:
+    """``(classname::name, first line of its message)`` of every ``<failure>`` and ``<error>``
+    in ``suites``, in file order."""
+    out = []
+    for s in suites:
+        for case in s.iter("testcase"):
+            for b in list(case.findall("failure")) + list(case.findall("error")):
+                msg = (b.get("message") or "").splitlines()[:1]
+                out.append((f"{case.get('classname')}::{case.get('name')}",
+                            msg[0] if msg else ""))
+    return out
+
+
+def _logged_failures(d: str) -> list[str]:
+    """The tests ``test_failures.log`` names (written as they fail: there even when pytest
+    was stopped before its junit XML); none when there is no log."""
+    try:
+        with open(os.path.join(d, "test_failures.log")) as f:
+            return [line[4:].rstrip() for line in f if line.startswith("=== ")]
+    except OSError:
+        return []
+
+
 def tests(d: str) -> list[str]:
     out = [""]
     try:
@@ -189,31 +218,19 @@ def tests(d: str) -> list[str]:
         out.append(f"tests: junit XML unreadable ({type(exc).__name__})")
         root = None
     if root is not None:
-        suites = [root] if root.tag == "testsuite" else list(root)
+        suites = _suites(root)
         n = {k: sum(int(s.get(k, 0)) for s in suites)
              for k in ("tests", "failures", "errors", "skipped")}
         t = sum(float(s.get("time", 0)) for s in suites)
         out.append(f"tests: {n['tests']} run, {n['failures']} failed, {n['errors']} errors, "
                    f"{n['skipped']} skipped ({t:.0f} s)")
-        bad = 0
-        for s in suites:
-            for case in s.iter("testcase"):
-                for b in list(case.findall("failure")) + list(case.findall("error")):
-                    bad += 1
-                    if bad <= 25:
-                        msg = (b.get("message") or "").splitlines()[:1]
-                        out.append(f"- {case.get('classname')}::{case.get('name')}: "
-                                   f"{msg[0] if msg else ''}"[:240])
-        if bad > 25:
-            out.append(f"- ... and {bad - 25} more (details/tests.xml in all.tar.gz)")
+        problems = _junit_problems(suites)
+        out += [f"- {name}: {msg}"[:240] for name, msg in problems[:25]]
+        if len(problems) > 25:
+            out.append(f"- ... and {len(problems) - 25} more (details/tests.xml in all.tar.gz)")
     else:
         out.append("tests: no junit results; failures recorded so far:")
-        try:
-            with open(os.path.join(d, "test_failures.log")) as f:
-                names = [line[4:].rstrip() for line in f if line.startswith("=== ")]
-            out += [f"- {n}"[:240] for n in names[:25]] or ["- none"]
-        except OSError:
-            out.append("- none")
+        out += [f"- {n}"[:240] for n in _logged_failures(d)[:25]] or ["- none"]
     try:  # how close the accuracy checks came to their bounds (err / bound)
         with open(os.path.join(d, "test_margins.tsv")) as f:
             checks = [line.rstrip("\n").split("\t") for line in f if line.count("\t") >= 4]
@@ -377,21 +394,15 @@ def recorded_failures(d: str) -> list[str]:
     out = []
     try:
         root = ET.parse(os.path.join(d, "tests.xml")).getroot()
-        suites = [root] if root.tag == "testsuite" else list(root)
-        for s in suites:
-            for case in s.iter("testcase"):
-                if case.findall("failure") or case.findall("error"):
-                    out.append(f"test {case.get('classname')}::{case.get('name')}")
+        # (one line per test: a test with a failure and a teardown error is one test)
+        out += [f"test {name}"
+                for name in dict.fromkeys(name for name, _ in _junit_problems(_suites(root)))]
     except FileNotFoundError:
         pass
     except Exception as exc:  # noqa: BLE001 - a run cut off mid-write
         out.append(f"tests.xml unreadable ({type(exc).__name__})")
     if not out:  # pytest stopped before its junit XML: what the tests logged as they failed
-        try:
-            with open(os.path.join(d, "test_failures.log")) as f:
-                out += [f"test {line[4:].rstrip()}" for line in f if line.startswith("=== ")]
-        except OSError:
-            pass
+        out += [f"test {name}" for name in _logged_failures(d)]
     for name, path, bad in (
             ("bench", ("bench", "bench.json"), lambda r: r.get("status") == "FAILED"),
             ("latency", ("latency", "bench_latency.json"),
