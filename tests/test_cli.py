@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import rel_err
 
 import fastres
 from fastres import cli, tuning
@@ -1507,13 +1508,6 @@ def test_gpu_driver_without_nvidia_smi_asks_libcuda(monkeypatch):
 # -- bench's gate and statistics, verify's bound, classify's batches ------------------------------
 
 
-def _rel_err64(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64, computed here (not with fastres.verify's)."""
-    out64, ref64 = out.detach().double(), ref.detach().double()
-    return float(torch.linalg.vector_norm((out64 - ref64).flatten())
-                 / torch.linalg.vector_norm(ref64.flatten()))
-
-
 def test_bench_fastres_gate_is_max_of_design_bound_and_twice_eager(capsys, monkeypatch,
                                                                   tmp_path):
     """fp32 on the CPU, fastres off by a relative 1e-3: its tolerance is max(DESIGN.md's 1e-5,
@@ -1553,7 +1547,7 @@ def test_bench_fastres_gate_is_max_of_design_bound_and_twice_eager(capsys, monke
             if r["impl"] == "fastres"}
     assert sorted(rows) == [1, 2, 3]
     for b, row in rows.items():
-        eager_err = _rel_err64(eagers[b], refs[b])
+        eager_err = rel_err(eagers[b], refs[b])
         assert row["tolerance"] == max(1e-5, 2 * eager_err), (b, row, eager_err)
         assert row["rel_err"] == pytest.approx(1e-3, rel=1e-3), row
     assert rows[1]["tolerance"] == 1e-5  # eager's own error is far below half of it
@@ -1668,7 +1662,7 @@ def test_bench_graphs_row_must_agree_to_be_timed(monkeypatch):
     assert "> tolerance" in row.note and "not timed" in row.note, row
     with torch.inference_mode():
         wrong_out = fr(base[0]) * 1.5 + 0.5
-    assert row.rel_err == pytest.approx(_rel_err64(wrong_out, ref), rel=1e-3)
+    assert row.rel_err == pytest.approx(rel_err(wrong_out, ref), rel=1e-3)
     assert timed == []
 
     def right(x):
@@ -1738,7 +1732,7 @@ def test_verify_eager_rule_counts_failed_batches_and_uses_channels_last(capsys, 
     assert layouts == [(True, False), (False, True)], layouts
     part = json.loads(out_json.read_text())["parts"][0]
     assert part["name"] == "random" and part["images"] == 4
-    expected = [max(1e-5, 2 * _rel_err64(e, r)) for e, r in zip(eagers, refs)]
+    expected = [max(1e-5, 2 * rel_err(e, r)) for e, r in zip(eagers, refs)]
     assert part["tolerances"] == pytest.approx(expected, rel=1e-12), (part, expected)
     assert expected[0] > 1e-3 and expected[1] == 1e-5
     assert part["batch_errors"] == pytest.approx([1e-3, 1e-3], rel=1e-3)

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from conftest import assert_close_rel
-from test_tuning import FakeTimer, fake_candidates, pool
+from test_tuning import FakeTimer, fake_candidates, pool, read_cache
 
 from fastres import tuning
 from fastres.ops import _backend
@@ -26,10 +26,6 @@ def fresh(tmp_path, monkeypatch):
     with _backend.use_backend("auto"):
         yield tmp_path
     tuning.reset()
-
-
-def entries():
-    return json.loads(tuning.cache_path("cpu").read_text())["entries"]
 
 
 def rand_hw():
@@ -72,7 +68,7 @@ def test_older_schema_or_missing_env_is_foreign(fresh, change):
     h, w = rand_hw()
     x = torch.randn(1, 4, h, w)
     pool(x)
-    key, = entries()
+    key, = read_cache()["entries"]
     doc = json.loads(tuning.cache_path("cpu").read_text())
     doc["entries"][key]["label"] = "a"  # a stale choice the file must not impose
     if change == "older_schema":
@@ -89,7 +85,7 @@ def test_older_schema_or_missing_env_is_foreign(fresh, change):
         y = pool(x)
     assert_close_rel(y, torch.nn.functional.max_pool2d(x, 3, 2, 1), 0.0)
     assert sorted(timer.calls) == ["a", "b"]
-    assert entries()[key]["label"] == "b"
+    assert read_cache()["entries"][key]["label"] == "b"
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -108,7 +104,7 @@ def test_stem_fp32_key_carries_the_cudnn_tf32_flag(fresh):
             torch.ops.fastres.stem(x, wt, b)
     finally:
         torch.backends.cudnn.allow_tf32 = old
-    keys = sorted(k for k in entries() if k.startswith("stem("))
+    keys = sorted(k for k in read_cache()["entries"] if k.startswith("stem("))
     assert len(keys) == 2 and {k.split(" tf32=")[1][0] for k in keys} == {"0", "1"}, keys
 
 
@@ -162,7 +158,7 @@ def test_fp32_candidate_one_percent_off_is_rejected(fresh):
     h, w = rand_hw()
     x = torch.randn(1, 8, h, w) + 3.0  # (no sign changes: a pure 1% scale error)
     assert_close_rel(pool(x), torch.nn.functional.max_pool2d(x, 3, 2, 1), 0.0)
-    rec, = entries().values()
+    rec, = read_cache()["entries"].values()
     assert rec["label"] == "good" and "relative error" in rec["rejected"]["triton:off"]
     assert timer.calls == ["good"]
 
@@ -175,7 +171,7 @@ def test_a_non_finite_timing_never_wins(fresh, bad):
     tuning.configure(timer=timer, devices=("cpu",), candidates=fake_candidates(("a", "b", "c")))
     h, w = rand_hw()
     pool(torch.randn(1, 4, h, w))
-    rec, = entries().values()
+    rec, = read_cache()["entries"].values()
     assert rec["label"] == "b" and math.isfinite(rec["ms"]), rec
     assert "torch:a" not in rec["timings"]
 
@@ -291,5 +287,5 @@ def test_check_is_not_disarmed_by_an_infinity_in_a_head_input(fresh):
     x[0, int(torch.randint(0, 8, ()).item()), 1, 1] = float("inf")
     wt, b = torch.randn(5, 8), torch.randn(5)
     torch.ops.fastres.avgpool_linear(x, wt, b)
-    rec, = entries().values()
+    rec, = read_cache()["entries"].values()
     assert rec["label"] == "good" and "triton:zeros" in rec["rejected"], rec
