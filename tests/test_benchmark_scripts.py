@@ -215,6 +215,44 @@ def test_gpu_check_exit_status_says_a_stage_failed(tmp_path):
     assert "| fastres_bench | FAILED (exit 2) |" in (tmp_path / "r" / "summary.md").read_text()
 
 
+def _gpu_check_tests_stage(tmp_path, source: str, **env: str):
+    """A dry run of the tests stage alone, over one test file written here: the result and
+    summary.md."""
+    tests = tmp_path / "t" / "test_on_purpose.py"
+    tests.parent.mkdir()
+    tests.write_text(source)
+    res = _gpu_check(tmp_path / "r", GPU_CHECK_STAGES="tests", GPU_CHECK_TESTS=str(tests),
+                     GPU_CHECK_WORKERS="1", **env)
+    return res, (tmp_path / "r" / "summary.md").read_text()
+
+
+@CPU_DRY_RUN
+def test_gpu_check_failing_test_fails_the_check(tmp_path):
+    """A tests stage whose pytest reports a failure is FAILED in the summary, the failure is
+    listed, and the exit status is 1 (the dry runs elsewhere only run passing tests)."""
+    res, summary = _gpu_check_tests_stage(
+        tmp_path, "def test_passes():\n    pass\n\n\n"
+                  "def test_fails():\n    assert 1 == 2, 'failed on purpose'\n")
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "| tests | FAILED (exit 1) |" in summary, summary
+    assert "tests: 2 run, 1 failed, 0 errors, 0 skipped" in summary, summary
+    assert "::test_fails: AssertionError: failed on purpose" in summary, summary
+
+
+@CPU_DRY_RUN
+def test_gpu_check_failure_in_a_stage_stopped_at_its_cap_fails_the_check(tmp_path):
+    """A tests stage stopped at its cap is TIMEOUT, not FAILED, but a test that failed before
+    the cap is in its junit XML: the check exits 1 (it exited 0) and says which test."""
+    res, summary = _gpu_check_tests_stage(
+        tmp_path, "import time\n\n\ndef test_fails():\n    assert 1 == 2, 'on purpose'\n\n\n"
+                  "def test_outlives_the_cap():\n    time.sleep(600)\n",
+        GPU_CHECK_TESTS_S="30")
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "| tests | TIMEOUT after 30s |" in summary, summary
+    assert "test_on_purpose::test_fails: AssertionError: on purpose" in summary, summary
+    assert "recorded failure: test " in res.stdout and "::test_fails" in res.stdout, res.stdout
+
+
 @CPU_DRY_RUN
 def test_gpu_check_stage_cap_keeps_the_partial_bench(tmp_path):
     """A bench that outlives its stage cap gets SIGTERM, writes what it measured and says it
