@@ -304,6 +304,9 @@ class CUDAGraphModule(nn.Module):
                 for _ in range(self.warmup):  # builds the plan, tunes, compiles kernels
                     model(static_input)
             torch.cuda.current_stream(x.device).wait_stream(side)
+            # keyed by the state the warm-up left, which the kernels captured below were
+            # chosen in (the first forward of a process may register what choices read)
+            key = self._key(x)
             cache = model.__dict__.get("_plan_cache")
             if cache is None or not cache.valid_for(model):
                 raise RuntimeError("the model has no valid inference plan after warm-up")

@@ -403,7 +403,10 @@ def test_gpu_compile_inductor_eval(dtype, mode):
 
 
 @pytest.mark.cuda
-def test_gpu_compile_train():
+def test_gpu_compile_train(monkeypatch):
+    # full fp32 on both sides: with cuDNN's TF32 (on by default) eager and inductor's
+    # convolutions round differently, and batch statistics magnify it (2.8e-3 on an H200)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     m = small_model("cuda").train()
     twin = copy.deepcopy(m)
     x = torch.randn(4, 3, 64, 64, device="cuda")

@@ -109,6 +109,30 @@ def test_graph_key_separates_pinned_and_tuned(monkeypatch):
         assert g._key(x) != tuned
 
 
+def test_a_first_tuned_call_leaves_the_graph_key_as_it_was(monkeypatch):
+    """A process's first tuned call registers the tuner's configuration providers. A graph
+    key read before it must already be the one read after it: one that changed made the
+    wrapper capture its first signature twice (seen on an H200, whatever test came first).
+    (CPU: that first call again, with the providers' registry emptied.)"""
+    from fastres import tuning
+    from fastres.ops import _backend
+
+    monkeypatch.setattr(_backend, "_optional_loaded", False)
+    monkeypatch.setattr(_backend, "_CONFIGS", {})
+    monkeypatch.setattr(_backend, "_generation", _backend._generation)  # (put back after)
+    monkeypatch.setattr(tuning, "_providers_done", False)
+    g = fastres.optimize(small_model())
+    x = torch.randn(1, 3, 32, 32)
+    key = g._key(x)
+    impls = _backend.implementations("conv_bias_act")
+    w, b = torch.randn(8, 3, 3, 3), torch.randn(8)
+    found = tuning.candidates("conv_bias_act", x.device, "auto", impls,
+                              (x, w, b, (1, 1), (1, 1), (1, 1), 1), {})
+    assert found
+    assert _backend.config_provider("conv_bias_act", "triton") is not None
+    assert g._key(x) == key
+
+
 def test_optimize_rejects_bad_arguments():
     m = small_model()
     with pytest.raises(ValueError, match="max_graphs"):

@@ -375,6 +375,14 @@ def _load_optional_backends() -> None:
                     __import__(module)
                 except ImportError as exc:  # a missing optional backend is not an error
                     log.info("fastres: optional backend %s not available: %s", module, exc)
+            # and the tuner's configuration providers, which it would otherwise register at
+            # its first call, bumping the generation: choice_state() read before a model's
+            # first tuned forward would differ from the one read after it (a CUDA-graphs
+            # wrapper keyed its first graph by the former and captured the same signature
+            # again, seen on an H200)
+            from fastres import tuning
+
+            tuning._ensure_default_providers()
         finally:  # tried once, as before, even when an import raised something else
             _optional_loaded = True
 
