@@ -135,6 +135,44 @@ def test_nvidia_pip_include_dirs_exist(setup_py, tmp_path, monkeypatch):
     assert len(found) == len(set(found))
 
 
+@pytest.mark.parametrize("arch_list", [None, "8.0;9.0a", "8.0 9.0a"])
+def test_arch_list_reaches_nvcc_whatever_the_include_dirs(setup_py, tmp_path, monkeypatch,
+                                                          arch_list):
+    """``TORCH_CUDA_ARCH_LIST`` becomes explicit -gencode flags, also when an include dir of
+    the nvidia pip packages has "arch" in its path (``/research/``): torch then adds no flags
+    of its own, and the list was silently ignored. Unset: the default targets."""
+    from torch.utils import cpp_extension
+
+    made = {}
+    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda **kw: made.update(kw) or kw)
+    monkeypatch.setattr(setup_py, "nvidia_pip_include_dirs",
+                        lambda: [str(tmp_path / "research" / "venv" / "include")])
+    monkeypatch.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "cuda")))
+    for var in ("FASTRES_SKIP_CUDA_BUILD", "FASTRES_FORCE_CUDA_BUILD", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(var, raising=False)
+    if arch_list is not None:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    exts, _ = setup_py.cuda_extensions()
+    assert len(exts) == 1
+    nvcc = made["extra_compile_args"]["nvcc"]
+    assert any("research" in f for f in nvcc)  # (the case: a flag with "arch" in it)
+    assert cpp_extension._get_cuda_arch_flags(nvcc) == []  # so torch adds nothing: ours count
+    gencode = [f for f in nvcc if f.startswith("-gencode")]
+    if arch_list is None:
+        assert gencode == setup_py.DEFAULT_GENCODE
+    else:
+        assert sorted(gencode) == ["-gencode=arch=compute_80,code=sm_80",
+                                   "-gencode=arch=compute_90a,code=sm_90a"]
+    assert os.environ.get("TORCH_CUDA_ARCH_LIST") == arch_list  # (put back as it was)
+
+
+def test_a_bad_arch_list_is_refused(setup_py, monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "4.2")
+    with pytest.raises(ValueError, match=r"Unknown CUDA arch \(4\.2\)"):
+        setup_py.gencode_flags()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "4.2"
+
+
 # The snippet run in a fresh interpreter: the package imports and works without _C, and the
 # first op that would have used CUDA says once that it runs without the extension.
 _CHECK_MISSING = textwrap.dedent("""
