@@ -20,11 +20,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: int = 300, drop: tuple[str, ...] = (),
+         **extra_env: str) -> subprocess.CompletedProcess:
     # the scripts' own setup, not the test suite's (conftest sets the interpreter and the
     # torch backend for this process; host_overhead.py sets the interpreter itself)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "FASTRES_BACKEND")}
+           if k not in ("TRITON_INTERPRET", "FASTRES_BACKEND", *drop)}
+    env.update(extra_env)
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -84,6 +86,17 @@ def test_host_overhead_reports(path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     m = re.search(rf"resnet18 1x3x16x16, {path} path: ([0-9.]+) ms", res.stdout)
     assert m and float(m.group(1)) > 0, res.stdout
+
+
+def test_host_overhead_leaves_no_cache_behind(tmp_path):
+    """Without FASTRES_CACHE_DIR it runs with a cache folder of its own, and removes it (every
+    run used to leave one in the temporary directory, also when the variable was set)."""
+    res = _run("benchmarks/host_overhead.py", "--model", "resnet18", "--size", "16",
+               "--iters", "1", "--repeats", "1", drop=("FASTRES_CACHE_DIR",),
+               TMPDIR=str(tmp_path))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "ms of fastres Python per forward" in res.stdout
+    assert not list(tmp_path.glob("fastres-overhead-*"))
 
 
 def test_tf32_emulation_table():
