@@ -65,7 +65,9 @@ def is_cuda_home(path: str | None) -> bool:
     return any(glob.glob(os.path.join(d, "libcudart.so*")) for d in lib_dirs)
 
 
-_SCRIPT_NVCC = re.compile(r"""(/[^\s"'`;|&]*?/bin/nvcc)(?![\w.-])""")
+_SCRIPT_NVCC = re.compile(r"""(/[^\s"'`;|&${}]*?/bin/nvcc)(?![\w.-])""")
+# ${VAR:-default} / ${VAR-default}: the default, the path a wrapper runs when VAR is unset
+_SHELL_DEFAULT = re.compile(r"\$\{\w+:?-([^}]*)\}")
 
 
 def _nvcc_script_targets(path: str) -> list[str]:
@@ -77,7 +79,7 @@ def _nvcc_script_targets(path: str) -> list[str]:
         return []
     if not head.startswith(b"#!"):
         return []
-    text = head.decode("utf-8", "replace")
+    text = _SHELL_DEFAULT.sub(r"\1", head.decode("utf-8", "replace"))
     return [m.group(1) for m in _SCRIPT_NVCC.finditer(text) if m.group(1) != path]
 
 

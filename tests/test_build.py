@@ -81,6 +81,26 @@ def test_wrapper_script_on_path_resolves_to_real_toolkit(setup_py, tmp_path):
     assert cands.index(str(tmp_path / "wrap")) < cands.index(str(real))
 
 
+@pytest.mark.parametrize("line", ['exec "${{CUDA_ROOT:-{real}}}/bin/nvcc" "$@"',
+                                  'exec ${{CUDA_ROOT-{real}}}/bin/nvcc "$@"',
+                                  'CUDA_ROOT=${{CUDA_ROOT:-{real}}}; exec "{real}/bin/nvcc" "$@"'],
+                         ids=["quoted", "unquoted", "assigned"])
+def test_wrapper_script_with_a_shell_default_resolves(setup_py, tmp_path, line):
+    """A wrapper that names its toolkit as ``${VAR:-/path}`` finds /path (the brace was taken
+    into the path: ``/path}/bin/nvcc``); a ``${VAR}`` alone names nothing."""
+    real = _fake_toolkit(tmp_path / "opt" / "cuda-12.4")
+    wrap_bin = tmp_path / "wrap" / "bin"
+    wrap_bin.mkdir(parents=True)
+    wrapper = wrap_bin / "nvcc"
+    wrapper.write_text("#!/bin/sh\n" + line.format(real=real) + "\n")
+    wrapper.chmod(0o755)
+    assert setup_py._nvcc_script_targets(str(wrapper)) == [f"{real}/bin/nvcc"]
+    home, how = setup_py.find_cuda_home({"PATH": str(wrap_bin)}, which=_which_in([wrap_bin]))
+    assert home == str(real), how
+    wrapper.write_text('#!/bin/sh\nexec "${CUDA_ROOT}/bin/nvcc" "$@"\n')
+    assert setup_py._nvcc_script_targets(str(wrapper)) == []
+
+
 def test_symlinked_nvcc_resolves(setup_py, tmp_path):
     real = _fake_toolkit(tmp_path / "toolkit")
     link_bin = tmp_path / "links"
