@@ -15,7 +15,8 @@ meta device at 224x224) at each batch size and dtype, in one process on one GPU:
 
 The fastres output is checked against the eager one (relative error <= 2e-2, DESIGN.md's
 bf16/fp16 bound) before anything is timed; a disagreeing layer is reported FAILED, not timed.
-Times are medians of CUDA-event timed groups after warm-up. Writes ``DIR/conv_layers.json``
+Times are GPU times: medians of CUDA-event timed groups after warm-up, queued
+behind a GPU sleep so that the host's launching is not timed (see :func:`time_ms`). Writes ``DIR/conv_layers.json``
 and ``DIR/conv_layers.md`` after every layer (a run that is stopped keeps what it measured)
 and prints the Markdown table at the end. ``--time-budget`` stops starting new layers after
 that many seconds (the rest are listed as not run).
@@ -182,28 +183,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
 
 
-def time_ms(fn, min_group_ms: float = 0.2, groups: int = 9) -> float:
-    """Median per-call milliseconds over ``groups`` CUDA-event timed groups after warm-up."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    est = max(start.elapsed_time(end), 1e-3)
-    per = max(1, min(200, int(min_group_ms / est) + 1))
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-           for _ in range(groups)]
-    for s, e in evs:
-        s.record()
-        for _ in range(per):
-            fn()
-        e.record()
-    torch.cuda.synchronize()
-    t = sorted(s.elapsed_time(e) / per for s, e in evs)
-    return t[len(t) // 2]
+def time_ms(fn) -> float:
+    """Median milliseconds of ``fn``'s GPU time after warm-up: the tuner's own timer
+    (:func:`fastres.tuning.cuda_event_timer`), whose timed calls wait behind a GPU sleep, so
+    a layer whose kernels are shorter than their launching is timed by its kernels, for
+    fastres and cuDNN alike (the host's cost per call is ``fastres bench``'s "host ms")."""
+    from fastres.tuning import cuda_event_timer
+
+    return cuda_event_timer(fn)
 
 
 def bench_layer(layer: Layer, batch: int, dtype: torch.dtype) -> dict:

@@ -702,30 +702,54 @@ def _ensure_default_providers() -> None:
 
 # -- timing ------------------------------------------------------------------------------------
 
-def cuda_event_timer(run: Callable[[], Any], candidate: Candidate | None = None) -> float:
-    """Median milliseconds of ``run()`` on the current CUDA stream, after warm-up.
+# The longest GPU sleep the timer queues ahead of the timed calls (see cuda_event_timer)
+_MAX_SLEEP_MS = 100.0
 
-    Runs are grouped so each timed group lasts about 0.1 ms or more (event resolution);
-    7 groups, median of the group means.
+
+def _sleep_cycles(ms: float, device: torch.device | None = None) -> int:
+    """Clock cycles of ``torch.cuda._sleep`` that last at least ``ms`` milliseconds: counted at
+    the GPU's highest SM clock (``clock_rate``, kHz), so a GPU running slower sleeps longer;
+    3 GHz where the rate is not known."""
+    khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 0) or 3_000_000
+    return int(ms * khz) + 1
+
+
+def cuda_event_timer(run: Callable[[], Any], candidate: Candidate | None = None) -> float:
+    """Median milliseconds of ``run()``'s GPU time on the current CUDA stream, after warm-up.
+
+    The host's cost of launching is kept out: the timed calls are queued behind a GPU sleep
+    (``torch.cuda._sleep``) that lasts longer than their launching, so the GPU runs them back
+    to back. Timed as launched, a call whose kernels are shorter than the Python that launches
+    them (batch 1, and most layers at batch 32) measures the launch path, alike for every
+    candidate, and the choice would not be the fastest kernel (the one a CUDA graph replays).
+    Calls are grouped so each timed group lasts about 0.1 ms or more (event resolution);
+    7 groups, median of the group means. Without ``torch.cuda._sleep``: timed as launched.
     """
     run()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    t0 = time.perf_counter()
     run()
-    end.record()
-    end.synchronize()
-    est = max(start.elapsed_time(end), 1e-3)
+    host_ms = (time.perf_counter() - t0) * 1e3  # launching one call (the GPU was idle)
+    torch.cuda.synchronize()
+    sleep = getattr(torch.cuda, "_sleep", None)
+
+    def timed_groups(groups: int, per_group: int) -> list[float]:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(groups)]
+        if sleep is not None:  # twice the launching of every call and event, 50 us at least
+            ms = min(_MAX_SLEEP_MS, 2 * groups * (per_group * host_ms + 0.02) + 0.05)
+            sleep(_sleep_cycles(ms))
+        for s, e in events:
+            s.record()
+            for _ in range(per_group):
+                run()
+            e.record()
+        events[-1][1].synchronize()
+        return [s.elapsed_time(e) / per_group for s, e in events]
+
+    est = max(timed_groups(1, 1)[0], 1e-3)
     per_group = max(1, min(50, math.ceil(0.1 / est)))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(7)]
-    for s, e in events:
-        s.record()
-        for _ in range(per_group):
-            run()
-        e.record()
-    events[-1][1].synchronize()
-    times = sorted(s.elapsed_time(e) / per_group for s, e in events)
+    times = sorted(timed_groups(7, per_group))
     return times[len(times) // 2]
 
 

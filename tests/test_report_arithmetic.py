@@ -275,33 +275,6 @@ def test_conv_layers_nan_output_is_failed_not_timed(conv_mod, monkeypatch):
     assert "fastres_ms" not in row and timed == []
 
 
-def test_conv_layers_time_ms_is_the_median_group(conv_mod, monkeypatch):
-    """Median per-call time over the groups (fake CUDA events on a fake clock)."""
-    clock = {"t": 0.0}
-
-    class Event:
-        def __init__(self, enable_timing=True):
-            self.t = None
-
-        def record(self):
-            self.t = clock["t"]
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return end.t - self.t
-
-    # 3 warm-ups, the estimate (1 ms: one call per group), then 9 groups
-    durations = iter([1.0, 1.0, 1.0, 1.0, 5.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0])
-
-    def fn():
-        clock["t"] += next(durations)
-
-    monkeypatch.setattr(conv_mod.torch.cuda, "Event", Event)
-    assert conv_mod.time_ms(fn) == pytest.approx(5.0)
-
-
 def test_conv_layers_markdown_totals(conv_mod):
     rows = [{"layer": "a", "count": 1, "shape": "s", "batch": 1, "dtype": "bfloat16",
              "schedule": "gemm", "config": "c", "status": "ok", "fastres_ms": 1.0,

@@ -1330,6 +1330,78 @@ def test_tune_cli_without_gpu_says_so(capsys):
     assert "no CUDA device" in capsys.readouterr().out
 
 
+class _GpuTimeline:
+    """A host and a GPU clock (ms) for cuda_event_timer, on the CPU: each call of ``run``
+    costs the host ``host_ms`` to launch and queues ``gpu_ms`` of GPU work; events complete
+    when the GPU reaches them; ``torch.cuda._sleep`` queues its cycles at ``khz``."""
+
+    def __init__(self, monkeypatch, host_ms: float, gpu_ms: float, khz: int = 1_980_000,
+                 with_sleep: bool = True):
+        self.host, self.gpu_free, self.host_ms, self.gpu_ms = 0.0, 0.0, host_ms, gpu_ms
+        self.slept: list[float] = []
+        sim = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self, stream=None):
+                self.t = max(sim.host, sim.gpu_free)
+
+            def synchronize(self):
+                sim.host = max(sim.host, self.t)
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+
+        def sleep(cycles):
+            self.slept.append(cycles / khz)
+            self._queue(cycles / khz)
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self._sync())
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device=None: type("P", (), {"clock_rate": khz})())
+        if with_sleep:
+            monkeypatch.setattr(torch.cuda, "_sleep", sleep)
+        else:
+            monkeypatch.delattr(torch.cuda, "_sleep")
+        monkeypatch.setattr(tuning, "time", type("T", (), {
+            "perf_counter": staticmethod(lambda: sim.host / 1e3)}))
+
+    def _queue(self, ms: float) -> None:
+        self.gpu_free = max(self.host, self.gpu_free) + ms
+
+    def _sync(self) -> None:
+        self.host = max(self.host, self.gpu_free)
+
+    def run(self) -> None:
+        self.host += self.host_ms
+        self._queue(next(self.gpu_ms) if hasattr(self.gpu_ms, "__next__") else self.gpu_ms)
+
+
+@pytest.mark.parametrize("host_ms,gpu_ms", [(0.06, 0.008), (0.06, 0.03), (0.05, 0.4)])
+def test_the_tuners_timer_times_the_gpu_not_the_launch(monkeypatch, host_ms, gpu_ms):
+    """A candidate whose kernels are shorter than the Python that launches it (batch 1 on a
+    GPU: ~0.06 ms of launching, kernels of 0.01 ms) is timed by its GPU time: the timed calls
+    wait behind a GPU sleep longer than their launching. Timed as launched (no
+    ``torch.cuda._sleep``), every such candidate measures the launch path."""
+    sim = _GpuTimeline(monkeypatch, host_ms, gpu_ms)
+    assert tuning.cuda_event_timer(sim.run) == pytest.approx(gpu_ms, rel=1e-6)
+    assert sim.slept and max(sim.slept) <= tuning._MAX_SLEEP_MS
+    sim = _GpuTimeline(monkeypatch, host_ms, gpu_ms, with_sleep=False)
+    assert tuning.cuda_event_timer(sim.run) == pytest.approx(max(host_ms, gpu_ms), rel=1e-6)
+
+
+def test_the_tuners_timer_is_the_median_group(monkeypatch):
+    """Median of the 7 groups' per-call times (the warm-up, the launch measurement and the
+    estimate not counted); groups of one call when a call lasts 0.1 ms or more."""
+    durations = iter([1.0, 1.0, 1.0] + [5.0, 1.0, 2.0, 3.0, 6.0, 7.0, 8.0])
+    sim = _GpuTimeline(monkeypatch, 0.05, durations)
+    assert tuning.cuda_event_timer(sim.run) == pytest.approx(5.0)
+    assert next(durations, None) is None  # every call timed, none more
+
+
 # -- GPU: the real implementations --------------------------------------------------------------
 
 GPU_RUN = """

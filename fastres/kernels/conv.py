@@ -624,17 +624,11 @@ def set_tuned_config(prob: ConvProblem, cfg: KernelConfig) -> None:
     _TUNED[_tuned_key(prob)] = cfg
 
 
-def _time_ms(fn, reps: int = 10) -> float:
-    fn()  # compile / warm
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+def _time_ms(fn) -> float:
+    """GPU milliseconds of ``fn()``: the tuner's timer (the host's launching not timed)."""
+    from fastres.tuning import cuda_event_timer
+
+    return cuda_event_timer(fn)
 
 
 def _choose_config(prob: ConvProblem, run) -> KernelConfig:
