@@ -18,8 +18,8 @@ bf16/fp16 bound) before anything is timed; a disagreeing layer is reported FAILE
 Times are GPU times: medians of CUDA-event timed groups after warm-up, queued behind a GPU
 sleep so that the host's launching is not timed (see :func:`time_ms`). Writes
 ``DIR/conv_layers.json`` and ``DIR/conv_layers.md`` after every layer (a run that is stopped
-keeps what it measured) and prints the Markdown table at the end. ``--time-budget`` stops starting new layers after
-that many seconds (the rest are listed as not run).
+keeps what it measured) and prints the Markdown table at the end. ``--time-budget`` stops
+starting new layers after that many seconds (the rest are listed as not run).
 """
 
 from __future__ import annotations
