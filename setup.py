@@ -174,7 +174,7 @@ def find_library(cuda_home: str, stem: str) -> tuple[str, str] | None:
 
 # -- the extension ------------------------------------------------------------------------------
 
-def gencode_flags(environ=None) -> list[str]:
+def gencode_flags() -> list[str]:
     """The ``-gencode`` flags: :data:`DEFAULT_GENCODE`, or torch's flags for
     ``TORCH_CUDA_ARCH_LIST`` when it is set, written out here.
 
@@ -182,25 +182,21 @@ def gencode_flags(environ=None) -> list[str]:
     "arch", and the ``-isystem`` include dirs of the nvidia pip packages can (a virtual
     environment under ``/research/`` or ``/archive/``): the list would be silently ignored.
     """
-    environ = os.environ if environ is None else environ
-    arch_list = environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
     if not arch_list:
         return list(DEFAULT_GENCODE)
     # (a private helper of torch, the one its build calls; it reads the variable itself)
     from torch.utils.cpp_extension import _get_cuda_arch_flags
 
-    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    saved = os.environ["TORCH_CUDA_ARCH_LIST"]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # (torch reads it unstripped)
     try:
         flags = _get_cuda_arch_flags()
     except IndexError:  # ("native" with no GPU visible)
         raise RuntimeError(f"TORCH_CUDA_ARCH_LIST={arch_list!r}: no GPU is visible to take "
                            "the architectures from; name them (e.g. '8.0;9.0a')") from None
     finally:
-        if saved is None:
-            del os.environ["TORCH_CUDA_ARCH_LIST"]
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+        os.environ["TORCH_CUDA_ARCH_LIST"] = saved
     if not flags:
         raise RuntimeError(f"TORCH_CUDA_ARCH_LIST={arch_list!r} gives no architecture to build "
                            "for (expected e.g. '8.0;9.0a' or '9.0+PTX')")
