@@ -54,9 +54,13 @@ GEMM_CONFIGS = [
     C(64, 64, 64, 8, 4, 4),
 ]
 
-# Implicit GEMM (3x3, strided 1x1, dilated). 4 warps only: inductor caps non-1x1 conv templates
-# at 4 warps because 8 warps gave wrong results (pytorch#173068). Candidate to verify on a GPU
-# against the reference before adding: C(128, 128, 64, 8, 8, 3) and C(256, 128, 64, 8, 8, 3).
+# Implicit GEMM (3x3, strided 1x1, dilated). The first row (the pinned choice) has 4 warps:
+# inductor caps non-1x1 conv templates at 4 warps because 8 warps gave wrong results
+# (pytorch#173068). The 8-warp rows (two warpgroups: the wide tiles Hopper's wgmma wants; the
+# layer3/layer4 3x3 layers ran at ~400 TFLOP/s against cuDNN's 660-745 with 4 warps) are
+# candidates only: the tuner checks each candidate's output against the torch reference on
+# the layer's own shape before timing it, and tests/test_triton_conv.py's
+# test_gpu_every_config runs every row against F.conv2d on a GPU.
 CONV_CONFIGS = [
     C(128, 128, 64, 8, 4, 3),
     C(128, 64, 64, 8, 4, 4),
@@ -66,6 +70,10 @@ CONV_CONFIGS = [
     # 32 channels per group (ResNeXt layer3/4: 32x4d, 64x4d, 32x8d): N and K tiles of 32
     C(128, 32, 32, 8, 4, 4),
     C(64, 32, 32, 8, 4, 4),
+    # 8 warps
+    C(128, 256, 64, 8, 8, 3),
+    C(256, 128, 64, 8, 8, 3),
+    C(128, 128, 64, 8, 8, 4),
 ]
 
 # Grouped convolutions with few channels per group (ResNeXt): block-diagonal packing, one
