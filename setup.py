@@ -30,7 +30,7 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "fastres._C"
-SOURCES = ["csrc/ops.cpp", "csrc/cublaslt_gemm.cpp", "csrc/kernels.cu"]
+SOURCES = ["csrc/ops.cpp", "csrc/host.cpp", "csrc/cublaslt_gemm.cpp", "csrc/kernels.cu"]
 
 # sm_80 (A100) and sm_90 (H100) SASS, plus compute_90 PTX so newer GPUs can JIT it. No kernel
 # uses Hopper-only (sm_90a) instructions, so no arch-specific target is built.

@@ -23,13 +23,20 @@
 #include "bodies.h"
 #include "format.h"
 #include "cublaslt_gemm.h"
+#include "host.h"
 #include "kernels.h"
 
-// A Python module with no methods: importing fastres._C runs the static registrations below.
+// Importing fastres._C runs the static registrations below; the module's own functions are
+// host-side helpers (host.cpp).
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyMethodDef methods[] = {
+      {"tensor_state", fastres::tensor_state, METH_O,
+       "tensor_state(tensors: list[Tensor]) -> bytes: every tensor's version counter (-1 for "
+       "an inference tensor) and data pointer, as int64 pairs"},
+      {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "fastres CUDA/C++ operators (torch.ops.fastres_C)", -1,
-      nullptr, nullptr, nullptr, nullptr, nullptr};
+      methods, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 

@@ -235,7 +235,7 @@ class CUDAGraphModule(nn.Module):
             return self._graphed(model, x)
 
     def _graphed(self, model: nn.Module, x: Tensor) -> Tensor:
-        self._check_valid()
+        self._check_valid(tree_checked=True)  # (forward's eager_reason has walked the tree)
         key = self._key(x)
         entry = self._graphs.get(key)
         if entry is None:
@@ -268,15 +268,16 @@ class CUDAGraphModule(nn.Module):
                 torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
                 torch.is_inference_mode_enabled(), _backend.choice_state())
 
-    def _check_valid(self) -> None:
+    def _check_valid(self, tree_checked: bool = False) -> None:
         """Drop every graph, and forget failed captures, when the plan they read is gone or
         stale, or when the kernel choices were forgotten (tuning reset, a new cache, a newly
-        registered implementation): the next calls capture again."""
+        registered implementation): the next calls capture again. ``tree_checked``: as
+        :meth:`fastres.plan._PlanCache.valid_for`'s."""
         if not self._graphs and not self._failed:
             return
         cache = self.module.__dict__.get("_plan_cache")
         if (cache is not self._plan_cache
-                or (cache is not None and not cache.valid_for(self.module))):
+                or (cache is not None and not cache.valid_for(self.module, tree_checked))):
             why = "model parameters changed"
         elif self._choices != _backend.choice_epoch():
             why = "kernel choices were reset"

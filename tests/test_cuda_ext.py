@@ -82,6 +82,42 @@ def test_ops_registered():
         assert "cuda" in by_backend and "torch" in by_backend, (op, sorted(by_backend))
 
 
+@needs_ext
+def test_tensor_state_reads_each_version_and_data_pointer():
+    """``fastres._C.tensor_state`` (the plan cache's per-forward check of the parameters and
+    buffers): each tensor's version counter (-1 for an inference tensor) and data pointer, as
+    native int64 pairs, equal to the values read in Python; an in-place edit, a ``.data`` swap
+    and a view's edit of its base change it; what it cannot read raises."""
+    state = _ext.load().tensor_state
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.randn(5, dtype=torch.float16)
+    b.add_(1)
+    with torch.inference_mode():
+        inf = torch.randn(2)
+    ts = [p, b, inf, p, b[1:]]
+
+    def read():
+        return np.array([[-1 if t.is_inference() else t._version, t.data_ptr()] for t in ts],
+                        dtype=np.int64).tobytes()
+
+    assert state(ts) == read() and state([]) == b""
+    seen = {state(ts)}
+    with torch.no_grad():
+        p.mul_(2)
+    seen.add(state(ts))
+    p.data = torch.randn(3, 4)  # new storage, same version
+    seen.add(state(ts))
+    ts[-1].add_(1)  # a view shares its base's version counter
+    seen.add(state(ts))
+    assert len(seen) == 4 and state(ts) == read()
+    with pytest.raises(TypeError, match="expects a list of tensors, got tuple"):
+        state(tuple(ts))
+    with pytest.raises(TypeError, match="element 1 is a int, not a tensor"):
+        state([p, 3])
+    with pytest.raises(RuntimeError):  # no storage
+        state([torch.zeros(2, 2).to_sparse()])
+
+
 def test_supports_conv1x1_reasons():
     from fastres._ext_impls import supports_conv1x1
 

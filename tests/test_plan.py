@@ -15,7 +15,7 @@ from conftest import assert_close_rel
 
 import fastres
 import fastres.plan as plan_mod
-from fastres import tuning
+from fastres import _ext, tuning
 from fastres.ops import _backend
 
 
@@ -84,11 +84,19 @@ def test_the_choices_remembered_per_input_shape_are_bounded_oldest_first(pair, m
                                   "param_assign", "fc_replaced", "reset_classifier",
                                   "load_state_dict", "optimizer_step", "data_assign",
                                   "submodule_cast"])
-def test_plan_rebuilt_after_change(pair, edit):
+@pytest.mark.parametrize("reader", ["extension", "python"])
+def test_plan_rebuilt_after_change(pair, edit, reader, monkeypatch):
+    """Each edit is seen, with the versions and data pointers read by the extension's
+    ``tensor_state`` and by the plan cache's Python fallback (no extension)."""
+    if reader == "python":
+        monkeypatch.setattr(plan_mod, "_tensor_state_function", lambda: None)
+    elif plan_mod._tensor_state_function() is None:
+        pytest.skip(f"fastres._C with tensor_state not built: {_ext.error()}")
     tv, fr = pair
     x = torch.randn(2, 3, 33, 35, device=DEVICE)
     before = _run(fr, x)
     p1 = _plan(fr)
+    assert (fr.__dict__["_plan_cache"].state_of is None) == (reader == "python")
     with torch.no_grad():
         if edit == "inplace_weight":
             fr.layer2[0].conv1.weight.mul_(1.5)

@@ -1,0 +1,11 @@
+// Host-side helpers of fastres._C exposed as module functions (host.cpp).
+#pragma once
+
+#include <Python.h>
+
+namespace fastres {
+
+// fastres._C.tensor_state(tensors: list[Tensor]) -> bytes (see host.cpp)
+PyObject* tensor_state(PyObject* self, PyObject* arg);
+
+}  // namespace fastres
