@@ -48,6 +48,11 @@ C = KernelConfig
 GEMM_CONFIGS = [
     C(128, 256, 64, 8, 8, 3),
     C(128, 128, 64, 8, 8, 4),
+    # 3 stages: 96 KiB of shared memory, so two programs fit an SM where their registers do
+    # (<= 128 per thread; the 4-stage row's 128 KiB fits one): for the long-K layers with few
+    # tiles (layer4.1.conv1 at batch 256: 392 tiles of 128x128 on 132 SMs, 0.81x cuDNN's
+    # convolution + epilogue with the 4-stage row)
+    C(128, 128, 64, 8, 8, 3),
     C(128, 128, 64, 8, 4, 3),
     C(128, 64, 64, 8, 4, 4),
     C(64, 128, 64, 8, 4, 4),
