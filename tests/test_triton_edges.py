@@ -318,3 +318,51 @@ def test_non_finite_input_stays_in_its_windows_channels_off_the_block(shape):
         fin = torch.isfinite(ref)
         assert fin.any() and (~fin).any()
         assert_close_rel(y[fin], ref[fin], TOL[torch.float32])
+
+
+# -- the residual read before the K loop (early_res rows) ----------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [
+    ("gemm-odd", 2, 24, 5, 7, 40, 1, 1, (1, 1), (0, 0), (1, 1), 1),
+    ("conv-odd", 1, 16, 7, 6, 24, 3, 3, (1, 1), (1, 1), (1, 1), 1),
+], ids=lambda s: s[0] if isinstance(s, tuple) else str(s))
+def test_early_residual_rows_equal_the_epilogue_load(shape, dtype):
+    """Kills: the early residual tile read at the wrong rows or columns, unmasked past M or
+    C_out, or added twice (or not at all) in the epilogue. A row with ``early_res`` computes
+    the same sums as the row without it, so the outputs are bit-identical, also written in
+    place over the residual, with and without ReLU; and right against F.conv2d. Without a
+    residual the flag changes nothing (the pruner does not offer those rows then)."""
+    name, n, c, h, w, k, r, s, st, pad, dil, g = shape
+    x = torch.randn(n, c, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
+    wt = (torch.randn(k, c, r, s) * (c * r * s) ** -0.5).to(dtype).to(DEV)
+    b = torch.randn(k).to(DEV)
+    p, q = _out_hw(h, w, r, s, st, pad, dil)
+    res = torch.randn(n, k, p, q).to(dtype).to(DEV).contiguous(memory_format=CL)
+    base = kcfg.KernelConfig(32, 16, 16, 4, 4, 1)  # several M and N blocks, masked edges
+    early = kcfg.KernelConfig(32, 16, 16, 4, 4, 1, early_res=True)
+    prob = ConvProblem.from_tensors(x, wt, st, pad, dil, g, res)
+    assert launch_params(prob, early).params["EARLY_RES"]
+    assert not launch_params(prob, base).params["EARLY_RES"]
+    assert str(early) == str(base) + " r"
+    for relu in (True, False):
+        y0 = conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, relu, config=base)
+        y1 = conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, relu, config=early)
+        assert torch.equal(y0, y1)
+        assert_close_rel(y1, _ref(x, wt, b, st, pad, dil, g, res, relu), TOL[dtype])
+        acc = res.clone()
+        y2 = conv_bias_act_triton(x, wt, b, st, pad, dil, g, acc, relu, config=early, out=acc)
+        assert y2.data_ptr() == acc.data_ptr() and torch.equal(y2, y0)
+    assert not launch_params(ConvProblem.from_tensors(x, wt, st, pad, dil, g),
+                             early).params["EARLY_RES"]
+
+
+def test_early_residual_rows_offered_only_with_a_residual():
+    for has_res in (False, True):
+        kept = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 256 * 56 * 56, 256, 64, 2, has_res,
+                          taps=1)
+        assert any(c.early_res for c in kept) == has_res
+        assert len(kept) == len(set(kept))
+    # fp32 (TF32 operands in registers): the early tile spills on sm_90, never offered
+    assert not any(c.early_res for c in kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 256 * 56 * 56,
+                                                    256, 64, 4, True, taps=1))

@@ -24,6 +24,10 @@ class KernelConfig:
 
     ``block_k`` is the channel block of one K step. In block-diagonal grouped mode it is the
     number of input channels one program packs (``groups_per_block * C_in/groups``).
+    ``early_res``: load the residual tile before the K loop rather than in the epilogue (a
+    layer with a residual only), so that its read overlaps the operand loads: for
+    memory-bound 1x1 layers with few K steps, where a program otherwise waits for memory
+    twice. Its label ends in ``r``.
     """
 
     block_m: int
@@ -32,13 +36,14 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    early_res: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
-                f"w{self.num_warps} s{self.num_stages}")
+                f"w{self.num_warps} s{self.num_stages}" + (" r" if self.early_res else ""))
 
 
 C = KernelConfig
@@ -57,6 +62,14 @@ GEMM_CONFIGS = [
     C(128, 64, 64, 8, 4, 4),
     C(64, 128, 64, 8, 4, 4),
     C(64, 64, 64, 8, 4, 4),
+    # the residual read before the K loop (offered for 16-bit layers with a residual only:
+    # ResNet's bottleneck conv3, memory-bound at 81-292 TFLOP/s in the 2026-12-04 run). Its
+    # tile is live through the K loop: 20-45 more registers per thread (64x64: 72 -> 96,
+    # seven programs per SM -> five), so whether it pays is for the tuner to measure.
+    C(128, 128, 64, 8, 8, 3, early_res=True),
+    C(128, 64, 64, 8, 4, 4, early_res=True),
+    C(64, 128, 64, 8, 4, 4, early_res=True),
+    C(64, 64, 64, 8, 4, 4, early_res=True),
 ]
 
 # Implicit GEMM (3x3, strided 1x1, dilated). The first row (the pinned choice) has 4 warps:
@@ -184,6 +197,12 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
     max_m = _pow2_at_least(m, 64)
     for cfg in table:
         if smem_bytes(cfg, elem_bytes) > smem_limit:
+            continue
+        if cfg.early_res and not has_res:  # (the same kernel as the row without it)
+            continue
+        # Compile report (sm_90): with fp32 operands (rounded to TF32 in registers) the early
+        # residual tile spills (stack 8-200 bytes) in most rows.
+        if cfg.early_res and elem_bytes == 4:
             continue
         acc_regs = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
         if acc_regs > ACC_REGS_LIMIT:

@@ -129,6 +129,7 @@ def conv_bias_act_kernel(
     ROUND_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SUB_C: tl.constexpr = 0, SUB_K: tl.constexpr = 0,
+    EARLY_RES: tl.constexpr = False,
 ):
     """out[m, g*N_EXT + n] = act(sum_k x_im2col[m, k] * w[n, k] + bias (+ res)).
 
@@ -165,6 +166,11 @@ def conv_bias_act_kernel(
     else:
         w_row = n_glob * (R * S * C_G)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if EARLY_RES:  # issued now, waited for in the epilogue: overlaps the K loop's loads
+        res = tl.load(r_ptr + rm_i[:, None] * K_OUT + n_glob[None, :],
+                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+    else:
+        res = 0.0  # (unused: the epilogue loads it)
 
     if MODE == 0:
         # 1x1 stride 1: x is already the [M, C] A matrix.
@@ -241,22 +247,24 @@ def conv_bias_act_kernel(
                            RELU, UPCAST, BLOCK_M, BLOCK_N, SUB_C, SUB_K)
         else:
             _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, n_ok, K_OUT, HAS_RES, RELU,
-                      UPCAST)
+                      UPCAST, res, EARLY_RES)
     else:
         _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, n_ok, K_OUT, HAS_RES, RELU,
-                  UPCAST)
+                  UPCAST, res, EARLY_RES)
 
 
 @triton.jit
 def _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, n_ok, K_OUT, HAS_RES: tl.constexpr,
-              RELU: tl.constexpr, UPCAST: tl.constexpr):
-    """In fp32: + bias (+ residual) (ReLU), then one rounding at the store."""
+              RELU: tl.constexpr, UPCAST: tl.constexpr, res=0.0, EARLY_RES: tl.constexpr = False):
+    """In fp32: + bias (+ residual: ``res``, loaded already when ``EARLY_RES``) (ReLU), then
+    one rounding at the store."""
     bias = tl.load(b_ptr + n_glob, mask=n_ok, other=0.0)
     acc = acc + bias.to(tl.float32)[None, :]
     o_off = rm_i[:, None] * K_OUT + n_glob[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RES:
-        res = tl.load(r_ptr + o_off, mask=o_mask, other=0.0)
+        if not EARLY_RES:
+            res = tl.load(r_ptr + o_off, mask=o_mask, other=0.0)
         acc = acc + res.to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
@@ -487,6 +495,7 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
         # the real groups inside a packed one (the non-finite slow path); 0: not grouped
         SUB_C=prob.c_g if kind == "grouped" else 0, SUB_K=prob.k_g if kind == "grouped" else 0,
+        EARLY_RES=cfg.early_res and prob.has_res,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn), groups)
