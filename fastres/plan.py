@@ -490,7 +490,7 @@ class _Modules:
     than a module attribute lookup (~7 us per ResNet-50 structure instead of ~16)."""
 
     __slots__ = ("modules", "convs", "bns", "frozen", "hooks", "model", "dicts", "tree", "kids",
-                 "values", "children")
+                 "values", "children", "last")
 
     def __init__(self, model: nn.Module):
         # the submodules only, and the model by weak reference: this lives in a
@@ -526,6 +526,7 @@ class _Modules:
         self.values = (dict.values if all(type(d) is dict for d in self.kids) else
                        operator.methodcaller("values"))
         self.children = list(map(list, map(self.values, self.kids)))
+        self.last: tuple | None = None  # what structure() returned last
 
     def tree_unchanged(self) -> bool:
         """True while every submodule with children holds the same ``_modules`` dict with the
@@ -548,11 +549,12 @@ class _Modules:
         model = self.model()
         pool, avg = getattr(model, "maxpool", None), getattr(model, "avgpool", None)
         # module classes too: ``blk.__class__ = MyBlock`` registers nothing
-        return (type(model), list(map(type, self.modules)),
-                list(map(_CONV_ITEMS, self.convs)),
-                list(map(_EPS, self.bns)), list(map(_EPS, self.frozen)),
-                _POOL_ATTRS(pool) if isinstance(pool, nn.MaxPool2d) else None,
-                getattr(avg, "output_size", None))
+        self.last = (type(model), list(map(type, self.modules)),
+                     list(map(_CONV_ITEMS, self.convs)),
+                     list(map(_EPS, self.bns)), list(map(_EPS, self.frozen)),
+                     _POOL_ATTRS(pool) if isinstance(pool, nn.MaxPool2d) else None,
+                     getattr(avg, "output_size", None))
+        return self.last
 
 
 _modules_memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -977,7 +979,8 @@ class _PlanCache:
 
     def valid_for(self, model: nn.Module, tree_checked: bool = False) -> bool:
         """True while the plans fit ``model``. ``tree_checked``: the caller has just checked
-        its tree (:func:`unsupported_reason` does), so the check is not repeated."""
+        its tree and read its :func:`structure` (:func:`unsupported_reason` does, in the
+        forward's :func:`eager_reason`), so neither is done again."""
         if not tree_checked:
             _modules(model, check_tree=True)  # (a deleted or inserted submodule: a registration)
         if not _HOOKS or self.registrations != _registrations:
@@ -1001,6 +1004,9 @@ class _PlanCache:
         elif (list(map(self.version_of, live)) != self.versions
               or list(map(_DATA_PTR, live)) != self.ptrs):
             return False
+        if tree_checked and _HOOKS:  # (the value unsupported_reason has just read)
+            mods = _modules(model)
+            return (mods.last if mods.last is not None else mods.structure()) == self.structure
         return structure(model) == self.structure
 
 

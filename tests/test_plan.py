@@ -754,6 +754,24 @@ def test_edits_after_a_forward_rebuild_the_plan(edit):
     assert_close_rel(out, ref, 1e-4, f"after the {edit} edit")
 
 
+@pytest.mark.parametrize("edit", ["stride", "eps"])
+def test_a_setting_edited_between_two_forwards_rebuilds_the_plan(edit):
+    """Kills: the forward's plan check comparing the module settings read by an earlier
+    forward (``valid_for(tree_checked=True)`` reuses what this forward's
+    ``unsupported_reason`` has just read, never an older value). Nothing but the edit happens
+    between the two forwards (the test above also moves the model, which checks again)."""
+    _, fr = _fresh_pair()
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    for _ in range(2):
+        _run(fr, x)
+    _REBUILT[edit](fr)
+    out = _run(fr, x)
+    with torch.no_grad():
+        ref = fr.forward_eager(x)
+    assert out.shape == ref.shape
+    assert_close_rel(out, ref, 1e-4, f"after the {edit} edit")
+
+
 def test_a_container_emptied_then_filled_rebuilds_the_plan():
     """Blocks inserted into a layer that was empty when the plan was built (``del
     fr.layer1[:]``, a forward, then ``insert``) and a model whose own ``_modules`` dict is
