@@ -33,6 +33,9 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
       {"tensor_state", fastres::tensor_state, METH_O,
        "tensor_state(tensors: list[Tensor]) -> bytes: every tensor's version counter (-1 for "
        "an inference tensor) and data pointer, as int64 pairs"},
+      {"slots_hold", fastres::slots_hold, METH_VARARGS,
+       "slots_hold(dicts: list[dict], names: list[str], held: list) -> bool: whether every "
+       "dicts[i].get(names[i]) is held[i]"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "fastres CUDA/C++ operators (torch.ops.fastres_C)", -1,

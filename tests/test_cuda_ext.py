@@ -118,6 +118,45 @@ def test_tensor_state_reads_each_version_and_data_pointer():
         state([torch.zeros(2, 2).to_sparse()])
 
 
+@needs_ext
+def test_slots_hold_checks_each_slot_by_identity():
+    """``fastres._C.slots_hold`` (the plan cache's per-forward check that each module slot
+    still holds the tensor the plan was folded from): ``dicts[i].get(names[i]) is held[i]``
+    for every i, as Python's ``dict.get`` reads it; a swap that registers nothing (a tensor
+    put straight into ``_buffers``) is seen; bad arguments raise."""
+    hold = _ext.load().slots_hold
+    conv, bn = torch.nn.Conv2d(2, 3, 1, bias=False), torch.nn.BatchNorm2d(3)
+    dicts = [conv._parameters, conv._parameters, bn._buffers]
+    names = ["weight", "bias", "running_mean"]
+    held = [conv.weight, None, bn.running_mean]
+
+    def python(held):
+        return all(dict.get(d, n) is t for d, n, t in zip(dicts, names, held))
+
+    assert hold(dicts, names, held) is True is python(held) and hold([], [], []) is True
+    other = [conv.weight, None, bn.running_var]
+    assert hold(dicts, names, other) is False is python(other)
+    bn._buffers["running_mean"] = bn.running_mean.clone()
+    assert hold(dicts, names, held) is False is python(held)
+    now = [conv.weight, None, bn.running_mean]
+    assert hold(dicts, names, now) is True is python(now)
+    assert hold([{}], ["gone"], [None]) is True  # a missing name reads as None
+
+    class Remapped(dict):  # dict.get does not call a subclass's __getitem__: nor does this
+        def __getitem__(self, key):
+            return None
+
+    assert hold([Remapped(w=conv.weight)], ["w"], [conv.weight]) is True
+    with pytest.raises(TypeError, match="element 0 of dicts is a list, not a dict"):
+        hold([[]], ["w"], [None])
+    with pytest.raises(ValueError, match="lists of 2, 1 and 1 elements"):
+        hold([{}, {}], ["w"], [None])
+    with pytest.raises(TypeError):
+        hold(tuple(dicts), names, held)
+    with pytest.raises(TypeError):  # an unhashable name
+        hold([{}], [[1]], [None])
+
+
 def test_supports_conv1x1_reasons():
     from fastres._ext_impls import supports_conv1x1
 

@@ -86,12 +86,13 @@ def test_the_choices_remembered_per_input_shape_are_bounded_oldest_first(pair, m
                                   "submodule_cast"])
 @pytest.mark.parametrize("reader", ["extension", "python"])
 def test_plan_rebuilt_after_change(pair, edit, reader, monkeypatch):
-    """Each edit is seen, with the versions and data pointers read by the extension's
-    ``tensor_state`` and by the plan cache's Python fallback (no extension)."""
+    """Each edit is seen, with the slots, versions and data pointers read by the extension
+    (``slots_hold``, ``tensor_state``) and by the plan cache's Python fallback (no
+    extension)."""
     if reader == "python":
-        monkeypatch.setattr(plan_mod, "_tensor_state_function", lambda: None)
-    elif plan_mod._tensor_state_function() is None:
-        pytest.skip(f"fastres._C with tensor_state not built: {_ext.error()}")
+        monkeypatch.setattr(plan_mod, "_host_checks", lambda: (None, None))
+    elif plan_mod._host_checks()[0] is None:
+        pytest.skip(f"fastres._C with slots_hold and tensor_state not built: {_ext.error()}")
     tv, fr = pair
     x = torch.randn(2, 3, 33, 35, device=DEVICE)
     before = _run(fr, x)
