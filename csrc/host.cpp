@@ -9,7 +9,6 @@
 #include "host.h"
 
 #include <cstdint>
-#include <cstring>
 #include <exception>
 #include <vector>
 

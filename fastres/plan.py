@@ -937,14 +937,29 @@ def _host_checks():
     return (hold, state) if hold is not None and state is not None else (None, None)
 
 
+def _slots_hold(dicts: list, names: list, held: list) -> bool:
+    """Python twin of ``fastres._C.slots_hold``: every ``dicts[i].get(names[i])`` is
+    ``held[i]``."""
+    return all(map(operator.is_, map(dict.get, dicts, names), held))
+
+
+def _python_tensor_state(version_of):
+    """Python twin of ``fastres._C.tensor_state``, reading versions with ``version_of``: a
+    function of a tensor list whose value is equal for two calls exactly when every tensor has
+    the same version and data pointer in both."""
+    def tensor_state(tensors: list) -> tuple[list, list]:
+        return list(map(version_of, tensors)), list(map(_DATA_PTR, tensors))
+    return tensor_state
+
+
 class _PlanCache:
     """Plans per compute dtype, valid while every parameter and buffer is unchanged: the same
     tensor objects in the same module slots (``torch.func.functional_call`` swaps them in
     without registering anything), the same storage and version counters, and the same
     module settings (:func:`structure`)."""
 
-    __slots__ = ("tensors", "live", "refs", "ptrs", "versions", "plans", "registrations",
-                 "slots", "names", "structure", "version_of", "hold_of", "state_of", "state")
+    __slots__ = ("tensors", "live", "refs", "plans", "registrations", "slots", "names",
+                 "structure", "hold_of", "state_of", "state")
 
     def __init__(self, model: nn.Module):
         self.registrations = _current_registrations()
@@ -965,20 +980,21 @@ class _PlanCache:
         # detach() shares storage and version counter: holding it keeps the storage alive, so
         # an equal data_ptr below means the very same storage, never a reused address.
         self.refs = [t.detach() for t in live]
-        self.ptrs = list(map(_DATA_PTR, live))
-        self.version_of = (_version_or_inference if any(t.is_inference() for t in live)
-                           else _VERSION)
-        self.versions = list(map(self.version_of, live))
-        # the same checks by the extension, when it is there (a slot dict or a tensor it
-        # cannot read, say a tensor without storage, keeps the Python reads)
-        (self.hold_of, self.state_of), self.state = _host_checks(), None
-        if self.state_of is not None:
+        # the checks valid_for repeats: by the extension when it is there, else (or for a
+        # slot dict or a tensor it cannot read, say a tensor without storage) in Python
+        hold, state = _host_checks()
+        if state is not None:
             try:
-                self.state = self.state_of(live)
-                if not self.hold_of(self.slots, self.names, held):
+                self.state = state(live)
+                if not hold(self.slots, self.names, held):
                     raise RuntimeError("slots_hold disagrees with the slots just read")
             except (TypeError, ValueError, RuntimeError):
-                self.hold_of = self.state_of = None
+                hold = state = None
+        if state is None:
+            hold, state = _slots_hold, _python_tensor_state(
+                _version_or_inference if any(t.is_inference() for t in live) else _VERSION)
+            self.state = state(live)
+        self.hold_of, self.state_of = hold, state
         self.structure = structure(model)
         self.plans: dict[torch.dtype, InferencePlan] = {}
 
@@ -1000,14 +1016,8 @@ class _PlanCache:
                     for (d, n), d0, n0 in zip(slots, self.slots, self.names)):
                 return False
             self.registrations = now
-        live = self.live
-        if self.state_of is not None:
-            if (not self.hold_of(self.slots, self.names, self.tensors)
-                    or self.state_of(live) != self.state):
-                return False
-        elif (not all(map(operator.is_, map(dict.get, self.slots, self.names), self.tensors))
-              or list(map(self.version_of, live)) != self.versions
-              or list(map(_DATA_PTR, live)) != self.ptrs):
+        if (not self.hold_of(self.slots, self.names, self.tensors)
+                or self.state_of(self.live) != self.state):
             return False
         if tree_checked and _HOOKS:  # (the value unsupported_reason has just read)
             mods = _modules(model)
