@@ -195,7 +195,7 @@ def time_ms(fn) -> float:
 
 def bench_layer(layer: Layer, batch: int, dtype: torch.dtype) -> dict:
     """Check, then time, one layer; returns one result row."""
-    from fastres.kernels.conv import ConvProblem, tuned_config
+    from fastres.kernels.conv import ConvProblem, tuned_config, tuning_timings
 
     x, w, b, res = make_inputs(layer, batch, dtype)
     ours, conv, fused = (f(layer, x, w, b, res) for f in (fastres_fn, cudnn_conv_fn,
@@ -212,6 +212,9 @@ def bench_layer(layer: Layer, batch: int, dtype: torch.dtype) -> dict:
     row["schedule"] = prob.kind
     # (none recorded: a single candidate, or FASTRES_TUNE=0 / deterministic mode's first one)
     row["config"] = str(cfg) if cfg is not None else "(not tuned)"
+    # every candidate the tuner timed ({label: ms, or why it did not run}): which rows of the
+    # configuration table win where
+    row["candidates"] = tuning_timings(prob)
     err = rel_err(out, fused())
     row["rel_err"] = err
     if not err <= TOL[dtype]:
@@ -272,9 +275,30 @@ def markdown(rows: list[dict], meta: dict) -> str:
                              f"weighted by occurrence): fastres {ours:.3f} ms, cuDNN conv "
                              f"{conv:.3f} ms, cuDNN fused {fused:.3f} ms -> "
                              f"{fused / ours:.2f}x vs fused, {conv / ours:.2f}x vs conv alone")
+    lines += candidate_lines(rows)
     if meta.get("interrupted"):
         lines.append("\nINTERRUPTED: partial results (layers not run are listed as such).")
     return "\n".join(lines) + "\n"
+
+
+def candidate_lines(rows: list[dict]) -> list[str]:
+    """The tuner's measurements: for each layer it timed, every candidate configuration's
+    GPU time relative to the fastest (1.00 = the chosen one), fastest first; a candidate
+    that did not run shows its error."""
+    timed = [r for r in rows if r.get("candidates")]
+    if not timed:
+        return []
+    out = ["", "### Tuner's candidates (time / fastest candidate's; fastest first)", "",
+           "| layer | batch | dtype | fastest ms | candidates |", "|---|---|---|---:|---|"]
+    for r in timed:
+        ms = {k: v for k, v in r["candidates"].items() if isinstance(v, (int, float))}
+        failed = [f"{k}: {v}" for k, v in r["candidates"].items() if k not in ms]
+        best = min(ms.values()) if ms else None
+        cells = [f"{k} {v / best:.2f}" for k, v in sorted(ms.items(), key=lambda kv: kv[1])]
+        cells += [f"{f[:80]} (did not run)" for f in failed]
+        out.append(f"| {r['layer']} | {r['batch']} | {r['dtype']} | "
+                   f"{'-' if best is None else f'{best:.4f}'} | {'; '.join(cells)} |")
+    return out
 
 
 def main(argv=None) -> int:

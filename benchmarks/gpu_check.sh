@@ -60,7 +60,8 @@
 # Output: OUTDIR holds at most 8 files, the device tool's limit: summary.md (printed LAST, also
 # rewritten after every stage), all.tar.gz (every log and result, rewritten after every stage),
 # gpu_check.log, bench.json, bench.md, bench.png, conv_layers.md, bench_latency.md. The details
-# are kept in a temporary folder (GPU_CHECK_KEEP=1 moves them to OUTDIR/details at the end).
+# are kept in a temporary folder (GPU_CHECK_KEEP=1 moves them to OUTDIR/details at the end);
+# they include fastres's tuning cache files (details/tuning: each layer's candidate times).
 # GPU_CHECK_COMMIT names the commit in the summary when the machine has no .git.
 #
 # Exit status: 0 when every stage ran (or stopped at its cap, keeping what it measured), 1 when
@@ -217,6 +218,13 @@ stage_cap() {
     echo $(( nominal < left ? nominal : left ))
 }
 
+# fastres's tuning cache (fastres.tuning.cache_dir()): its records hold every candidate's time
+# for each layer tuned in this run's stages, brought back under details/tuning
+if [ -n "${FASTRES_CACHE_DIR:-}" ]; then TUNE_DIR=$FASTRES_CACHE_DIR
+elif [ -n "${XDG_CACHE_HOME:-}" ]; then TUNE_DIR=$XDG_CACHE_HOME/fastres
+else TUNE_DIR=${HOME:-/nonexistent}/.cache/fastres
+fi
+
 summarize() {
     timeout 60 "$PY" benchmarks/gpu_check_report.py summary "$OUTDIR" "$D" \
         "$(( $(now) - START ))" "$BUDGET" "$INVOCATION" > "$WORK/summary.md" \
@@ -225,6 +233,9 @@ summarize() {
 bundle() {
     # Everything under details/ plus the top-level results, as one file for the trip back;
     # rewritten after every stage, so a run cut off by the device's limit still brings it back.
+    if compgen -G "$TUNE_DIR/tuning-*.json" > /dev/null; then
+        mkdir -p "$D/tuning" && cp -f "$TUNE_DIR"/tuning-*.json "$D/tuning/" 2>/dev/null
+    fi
     summarize
     local top
     top=$(cd "$OUTDIR" && ls summary.md bench.json bench.md bench.png gpu_check.log \

@@ -158,9 +158,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     import tarfile
 
     out = tmp_path / "r"
+    cache = tmp_path / "tuning_cache"  # (a GPU run's tuning records come back with the rest)
+    cache.mkdir()
+    (cache / "tuning-NVIDIA-H100-0123456789ab.json").write_text('{"entries": {}}')
     res = _gpu_check(out, GPU_CHECK_STAGES="env tests fastres_bench",
                      GPU_CHECK_TESTS="tests/test_graphs.py -m cuda", GPU_CHECK_WORKERS="1",
-                     GPU_CHECK_BENCH_ARGS=TINY_BENCH)
+                     GPU_CHECK_BENCH_ARGS=TINY_BENCH, FASTRES_CACHE_DIR=str(cache))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     _assert_device_tool_can_bring_back(out)
     assert {"summary.md", "all.tar.gz", "gpu_check.log", "bench.json", "bench.md",
@@ -182,7 +185,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     with tarfile.open(out / "all.tar.gz") as tar:
         names = set(tar.getnames())
     for n in ("details/stages.tsv", "details/env.json", "details/tests.xml",
-              "details/bench/bench.json", "details/bench/bench.png", "summary.md"):
+              "details/bench/bench.json", "details/bench/bench.png", "summary.md",
+              "details/tuning/tuning-NVIDIA-H100-0123456789ab.json"):
         assert n in names, names
 
 
@@ -481,6 +485,24 @@ def test_cuda_op_benchmarks_notice_a_fallback():
         assert backends_that_ran(call("torch")) == [("avgpool_linear", "torch")]
         ran = backends_that_ran(call("cuda"))
     assert ran and all(op == "avgpool_linear" and be != "cuda" for op, be in ran), ran
+
+
+def test_conv_layers_lists_the_tuners_candidates():
+    """Each timed layer's candidates, fastest first, as multiples of the fastest; one that did
+    not run shows why; a layer the tuner did not time (pinned, one candidate) is left out."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from conv_layers import candidate_lines
+
+    rows = [{"layer": "layer1.0.conv3", "batch": 256, "dtype": "bfloat16",
+             "candidates": {"64x64x64 g8 w4 s2": 0.3, "128x64x64 g8 w4 s4 p2": 0.2,
+                            "128x128x64 g8 w8 s3 p1": "OutOfResources: shared memory"}},
+            {"layer": "conv1", "batch": 1, "dtype": "bfloat16", "candidates": {}}]
+    lines = candidate_lines(rows)
+    assert lines[-1] == ("| layer1.0.conv3 | 256 | bfloat16 | 0.2000 | 128x64x64 g8 w4 s4 p2 "
+                         "1.00; 64x64x64 g8 w4 s2 1.50; 128x128x64 g8 w8 s3 p1: "
+                         "OutOfResources: shared memory (did not run) |")
+    assert not any("conv1" in line for line in lines)
+    assert candidate_lines(rows[1:]) == []
 
 
 def test_conv_layers_checks_one_launch_into_a_poisoned_output(monkeypatch):

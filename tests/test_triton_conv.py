@@ -244,10 +244,13 @@ def test_candidates_pruned_and_interpreter_single():
 ])
 def test_pipeline_depth_trimmed_to_k_loop(kind, c_in, taps, deepest):
     """No configuration keeps more pipeline stages than its K loop has steps (+1), none
-    fewer than 2; the rest of the row is the table's, and no row is offered twice."""
+    fewer than 2; the rest of the row is the table's, and no row is offered twice. A
+    persistent row keeps the table's depth (its flattened loop runs every tile's K steps)."""
     table = kcfg.TABLES[kind]
     kept = kcfg.prune(table, kind, 256 * 56 * 56, 256, c_in, 2, taps=taps)
     assert len(kept) == len(set(kept))
+    assert all(c in table for c in kept if c.persistent)
+    kept = [c for c in kept if not c.persistent]
     assert max(c.num_stages for c in kept) == min(deepest, max(c.num_stages for c in table))
     for cfg in kept:
         steps = kcfg.k_steps(cfg, kind, c_in, taps)
@@ -740,6 +743,7 @@ def test_tuning_keeps_an_in_place_residual(monkeypatch):
 
     timed = []
     monkeypatch.setattr(kc, "_TUNED", {})
+    monkeypatch.setattr(kc, "_TIMINGS", {})
     monkeypatch.setattr(kc, "problem_configs", lambda prob: cands)
     monkeypatch.setattr(kc, "_time_ms", fake_time_ms)
     monkeypatch.setenv("FASTRES_TUNE", "1")
@@ -760,6 +764,10 @@ def test_tuning_keeps_an_in_place_residual(monkeypatch):
     assert len(timed) == 2  # both candidates were timed
     assert y.data_ptr() == acc.data_ptr()
     assert_close_rel(y, ref, TOL[dtype])
+    # what the tuner measured, for reports: each candidate's time, in the order tried
+    prob = kc.ConvProblem.from_tensors(x, wt, st, pad, dil, g, res, False)
+    assert kc.tuning_timings(prob) == {str(cands[0]): 1.0, str(cands[1]): 2.0}
+    assert kc.tuned_config(prob) == cands[0]
 
 
 def test_a_tuned_configuration_is_remembered_per_device(monkeypatch):

@@ -366,3 +366,75 @@ def test_early_residual_rows_offered_only_with_a_residual():
     # fp32 (TF32 operands in registers): the early tile spills on sm_90, never offered
     assert not any(c.early_res for c in kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 256 * 56 * 56,
                                                     256, 64, 4, True, taps=1))
+
+
+# -- persistent GEMM rows (programs looping over tiles) ---------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sms", [1, 3])
+@pytest.mark.parametrize("shape", [
+    # (name, N, C_in, H, W, C_out, residual): M = 70 and 80 output pixels, C_out = 40
+    # (masked last blocks); C_in = 24 is not a multiple of block_k (two K steps, the second
+    # masked); 48 is three K steps.
+    ("odd", 2, 24, 5, 7, 40, True),
+    ("even-k", 2, 48, 5, 8, 40, False),
+], ids=lambda s: s[0] if isinstance(s, tuple) else str(s))
+def test_persistent_rows_equal_one_program_per_tile(shape, sms, dtype, monkeypatch):
+    """Kills: a persistent program that skips or repeats tiles (wrong start or stride of the
+    tile loop), an epilogue that writes to the tile of the K loop's counter rather than its
+    own, masks of the first tile reused for later ones, K steps that leak from one tile's
+    accumulator into the next. With 1 or 3 programs looping over the tiles the output is
+    bit-identical to one program per tile (15 tiles of 16x16), also written in place over the residual, and
+    right against F.conv2d."""
+    from fastres.kernels import conv as kconv
+
+    name, n, c, h, w, k, with_res = shape
+    monkeypatch.setattr(kconv, "device_sm_count", lambda: sms)
+    x = torch.randn(n, c, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
+    wt = (torch.randn(k, c, 1, 1) * c ** -0.5).to(dtype).to(DEV)
+    b = torch.randn(k).to(DEV)
+    res = (torch.randn(n, k, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
+           if with_res else None)
+    base = kcfg.KernelConfig(16, 16, 16, 4, 4, 1)
+    pers = kcfg.KernelConfig(16, 16, 16, 4, 4, 1, persistent=1)
+    assert str(pers) == str(base) + " p1"
+    prob = ConvProblem.from_tensors(x, wt, 1, 0, 1, 1, res)
+    lp = launch_params(prob, pers)
+    tiles = launch_params(prob, base).grid[0]
+    assert lp.params["PERSISTENT"] and lp.grid == (sms, 1) and tiles >= 4 * sms
+    for relu in (True, False):
+        poisoned = torch.full((n, k, h, w), float("nan"), dtype=dtype, device=DEV)
+        poisoned = poisoned.contiguous(memory_format=CL)
+        y0 = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, res, relu, config=base)
+        y1 = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, res, relu, config=pers, out=poisoned)
+        assert torch.equal(y0, y1)
+        assert_close_rel(y1, _ref(x, wt, b, (1, 1), (0, 0), (1, 1), 1, res, relu), TOL[dtype])
+        if res is not None:
+            acc = res.clone()
+            y2 = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, acc, relu, config=pers, out=acc)
+            assert y2.data_ptr() == acc.data_ptr() and torch.equal(y2, y0)
+
+
+def test_persistent_rows_offered_for_large_gemms_only():
+    """A persistent row is offered for 1x1 GEMMs with at least two tiles per program, when
+    its programs fit an SM together, and runs nothing else (a clear error)."""
+    big = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 256 * 56 * 56, 256, 64, 2, True, taps=1)
+    assert {c.persistent for c in big} == {0, 1, 2}
+    assert all(c in kcfg.GEMM_CONFIGS for c in big if c.persistent)  # depth kept whole
+    small = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 49, 2048, 512, 2, True, taps=1)
+    assert not any(c.persistent for c in small)
+    # 24 SMs: 64 tiles of 128x128 are two or more per program at one program per SM (24
+    # programs), not at two (48)
+    few = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 1024, 1024, 64, 2, False, taps=1, sms=24)
+    assert {c.persistent for c in few if c.block_m * c.block_n == 128 * 128} == {0, 1}
+    # 80 KiB of shared memory per block: no two 96 KiB programs per SM
+    tight = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 256 * 56 * 56, 256, 64, 2, False, taps=1,
+                       smem_limit=160 * 1024)
+    assert not any(c.persistent == 2 for c in tight)
+    assert not any(c.persistent for c in kcfg.prune(kcfg.CONV_CONFIGS, "conv", 256 * 56 * 56,
+                                                     256, 64, 2, False, taps=9))
+    x = torch.randn(1, 16, 6, 6).to(DEV)
+    wt = torch.randn(16, 16, 3, 3).to(DEV)
+    with pytest.raises(ValueError, match="persistent.*gemm"):
+        conv_bias_act_triton(x, wt, torch.zeros(16).to(DEV), 1, 1, 1, 1,
+                             config=kcfg.KernelConfig(16, 16, 16, 4, 4, 1, persistent=1))

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, replace
 
 # H100: 227 KiB of shared memory per block (opt-in maximum).
 SMEM_LIMIT = 232448
+# H100 SXM's multiprocessors (H200: also 132): the persistent rows' pruning without a GPU.
+SMS = 132
 # fp32 accumulator registers per thread we allow (the rest of the 255 go to addresses,
 # masks and the epilogue); BLOCK_M * BLOCK_N / (32 * num_warps) above this spills.
 ACC_REGS_LIMIT = 128
@@ -28,6 +30,10 @@ class KernelConfig:
     layer with a residual only), so that its read overlaps the operand loads: for
     memory-bound 1x1 layers with few K steps, where a program otherwise waits for memory
     twice. Its label ends in ``r``.
+    ``persistent`` (1x1 stride-1 GEMMs only): 0 launches one program per output tile; ``p``
+    launches ``p`` programs per SM (at most one per tile), each looping over tiles with the
+    tile and K loops flattened into one pipelined loop, so that a tile's epilogue overlaps
+    the next tile's operand loads. Its label ends in ``p`` and the count.
     """
 
     block_m: int
@@ -37,13 +43,15 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     early_res: bool = False
+    persistent: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
-                f"w{self.num_warps} s{self.num_stages}" + (" r" if self.early_res else ""))
+                f"w{self.num_warps} s{self.num_stages}" + (" r" if self.early_res else "")
+                + (f" p{self.persistent}" if self.persistent else ""))
 
 
 C = KernelConfig
@@ -70,6 +78,16 @@ GEMM_CONFIGS = [
     C(128, 64, 64, 8, 4, 4, early_res=True),
     C(64, 128, 64, 8, 4, 4, early_res=True),
     C(64, 64, 64, 8, 4, 4, early_res=True),
+    # persistent programs (one or two per SM, looping over tiles; the pipeline depth is
+    # kept: the flattened loop is long however few K steps a tile has). For the memory-bound
+    # layers whose programs are short (one to four K steps), where each program waits for
+    # its operands, then for its residual, then stores. Offered when every program gets at
+    # least two tiles. (Compile report, sm_90, 16-bit: 128x128 with 8 warps takes 187
+    # registers per thread and 128 KiB, one program per SM; the 4-warp rows 148-194
+    # registers and 104 KiB, two.)
+    C(128, 128, 64, 8, 8, 3, persistent=1),
+    C(128, 64, 64, 8, 4, 4, persistent=2),
+    C(64, 128, 64, 8, 4, 4, persistent=2),
 ]
 
 # Implicit GEMM (3x3, strided 1x1, dilated). The first row (the pinned choice) has 4 warps:
@@ -158,20 +176,23 @@ def trim_stages(cfg: KernelConfig, steps: int) -> KernelConfig:
     than the row has).
 
     Triton's pipeliner keeps ``num_stages - 1`` K steps in flight and allocates shared memory
-    for all stages whether or not the loop has that many iterations. A layer with one or two
+    for all stages whether or not the loop has that many iterations. (A persistent row is
+    kept whole: its flattened loop runs every tile's K steps.) A layer with one or two
     K steps (1x1 convolutions from 64 or 128 channels at block_k 64: ResNet layer1/layer2)
     gains nothing from deeper pipelining, while the unused stages halve how many programs fit
     on an SM (128x128x64, 4 stages, 16-bit: 128 KiB, one program per SM; 2 stages: 64 KiB).
     Those layers are memory-bound, and more resident programs overlap one tile's loads with
     another's epilogue.
     """
+    if cfg.persistent:
+        return cfg
     stages = min(cfg.num_stages, max(2, steps + 1))  # never deeper than the table's row
     return cfg if stages == cfg.num_stages else replace(cfg, num_stages=stages)
 
 
 def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
           elem_bytes: int, has_res: bool = False, *, taps: int,
-          smem_limit: int = SMEM_LIMIT) -> list[KernelConfig]:
+          smem_limit: int = SMEM_LIMIT, sms: int = SMS) -> list[KernelConfig]:
     """The rows of ``table`` worth trying for this problem (never empty), each with its
     pipeline depth trimmed to the K loop's length (:func:`trim_stages`).
 
@@ -181,16 +202,18 @@ def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_
     for the stem; required: a wrong count trims a 3x3 layer's pipeline). Shared memory is
     checked at the row's full depth, before trimming (conservative), against
     ``smem_limit`` bytes (default H100's; the launcher passes the GPU's own opt-in maximum,
-    smaller on A100 and on consumer GPUs).
+    smaller on A100 and on consumer GPUs); ``sms``: the GPU's multiprocessors (default
+    H100 SXM's), for the persistent rows.
     """
     return list(dict.fromkeys(
         trim_stages(cfg, k_steps(cfg, kind, k_per_group, taps))
         for cfg in _prune(table, kind, m, n_per_group, k_per_group, elem_bytes, has_res,
-                          smem_limit)))
+                          smem_limit, sms)))
 
 
 def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
-           elem_bytes: int, has_res: bool, smem_limit: int = SMEM_LIMIT) -> list[KernelConfig]:
+           elem_bytes: int, has_res: bool, smem_limit: int = SMEM_LIMIT,
+           sms: int = SMS) -> list[KernelConfig]:
     keep = []
     max_n = _pow2_at_least(n_per_group)
     max_k = _pow2_at_least(k_per_group)
@@ -200,6 +223,11 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
             continue
         if cfg.early_res and not has_res:  # (the same kernel as the row without it)
             continue
+        if cfg.persistent:
+            tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n)
+            if (kind != "gemm" or tiles < 2 * cfg.persistent * sms
+                    or cfg.persistent * smem_bytes(cfg, elem_bytes) > smem_limit):
+                continue  # (the programs of one SM would not fit it together)
         # Compile report (sm_90): with fp32 operands (rounded to TF32 in registers) the early
         # residual tile spills (stack 8-200 bytes) in most rows.
         if cfg.early_res and elem_bytes == 4:
@@ -232,7 +260,8 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
         keep.append(cfg)
     if not keep:  # tiny layer: the smallest row still runs correctly (masks); on a GPU with
         # little shared memory, with as few pipeline stages as it takes to fit
-        cfg = min(table, key=lambda c: (c.block_m * c.block_n * c.block_k, c.num_stages))
+        cfg = min((c for c in table if not (c.persistent or c.early_res)),
+                  key=lambda c: (c.block_m * c.block_n * c.block_k, c.num_stages))
         while cfg.num_stages > 1 and smem_bytes(cfg, elem_bytes) > smem_limit:
             cfg = replace(cfg, num_stages=cfg.num_stages - 1)
         keep = [cfg]

@@ -44,6 +44,7 @@ import triton.language as tl
 
 from fastres.kernels.configs import (
     SMEM_LIMIT,
+    SMS,
     TABLES,
     KernelConfig,
     _pow2_at_least,
@@ -118,6 +119,86 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr, PRECISION: t
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _tile_coords(tile, num_in_group, num_pid_m, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile number ``tile`` in grouped program order:
+    GROUP_M consecutive row blocks share each weight column block while it is in L2."""
+    first_m = (tile // num_in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((tile % num_in_group) % group_size)
+    pid_n = (tile % num_in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemm_k_loop(x_ptr, w_ptr, x_row, w_row, m_ok, n_ok, C, acc, EVEN_C: tl.constexpr,
+                 UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """``acc`` + one GEMM tile of a 1x1 stride-1 convolution: rows ``x_row`` of the
+    ``[M, C]`` activations times columns ``w_row`` of the ``[K_OUT, C]`` weight, channel
+    block by channel block (masked rows/columns read as zeros)."""
+    rk = tl.arange(0, BLOCK_K)
+    for kb in range(0, tl.cdiv(C, BLOCK_K)):
+        c = kb * BLOCK_K + rk
+        a_ptrs = x_ptr + x_row[:, None] + c[None, :]
+        b_ptrs = w_ptr + w_row[None, :] + c[:, None]
+        if EVEN_C:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            c_ok = c < C
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+        acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
+    return acc
+
+
+@triton.jit
+def _gemm_persistent(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES: tl.constexpr,
+                     RELU: tl.constexpr, EVEN_C: tl.constexpr, INDEX64: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """The 1x1 stride-1 GEMM ``[M, C] x [C, K_OUT]`` by persistent programs: each program
+    takes every ``num_programs``-th tile. The tile loop and the K loop are flattened into one
+    (``tl.range(flatten=True)``) so that the pipeliner issues the next tile's first operand
+    loads while this tile's epilogue reads the residual and stores: the memory-bound layers
+    (ResNet's 1x1 layers from 64-256 channels, one to four K steps) otherwise wait for memory
+    at every tile's start."""
+    start = tl.program_id(0)
+    step = tl.num_programs(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K_OUT, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    # The epilogue recomputes its tile's coordinates from a counter of its own (as Triton's
+    # persistent matmul tutorial does): values shared by the flattened loop's prologue and
+    # epilogue defeat its pipelining on some targets.
+    tile_c = start - step
+    for tile in tl.range(start, num_pid_m * num_pid_n, step, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_in_group, num_pid_m, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rm < M
+        n_ok = rn < K_OUT
+        if INDEX64:
+            x_row = rm.to(tl.int64) * C
+        else:
+            x_row = rm * C
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _gemm_k_loop(x_ptr, w_ptr, x_row, rn * C, m_ok, n_ok, C, acc, EVEN_C, UPCAST,
+                           ROUND_TF32, PRECISION, BLOCK_K)
+        tile_c += step
+        pid_m, pid_n = _tile_coords(tile_c, num_in_group, num_pid_m, GROUP_M)
+        rm_c = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if INDEX64:
+            rm_i = rm_c.to(tl.int64)
+        else:
+            rm_i = rm_c
+        _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, rm_c < M, rn_c, rn_c < K_OUT, K_OUT,
+                  HAS_RES, RELU, UPCAST)
+
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def conv_bias_act_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
@@ -129,128 +210,119 @@ def conv_bias_act_kernel(
     ROUND_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SUB_C: tl.constexpr = 0, SUB_K: tl.constexpr = 0,
-    EARLY_RES: tl.constexpr = False,
+    EARLY_RES: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
 ):
     """out[m, g*N_EXT + n] = act(sum_k x_im2col[m, k] * w[n, k] + bias (+ res)).
 
-    Grid: (cdiv(M, BLOCK_M) * cdiv(K_G, BLOCK_N), groups). x: NHWC contiguous [N, H, W, C];
+    Grid: (cdiv(M, BLOCK_M) * cdiv(K_G, BLOCK_N), groups), or with ``PERSISTENT`` (1x1
+    stride-1 GEMMs, one group) fewer programs, each looping over tiles
+    (:func:`_gemm_persistent`). x: NHWC contiguous [N, H, W, C];
     w: [K_OUT, R, S, C_G] contiguous (MODE 2: [K_OUT, R, BLOCK_K], zero-padded); out/res:
     [M, K_OUT] contiguous. ``SUB_C``/``SUB_K`` (block-diagonal grouped schedule only): the
     real groups' input/output channels inside a packed group; a tile whose sum is not finite
     is computed again group by group (:func:`_grouped_exact`).
     """
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(K_G, BLOCK_N)
-    # Grouped program order: GROUP_M row blocks share each weight column block in L2.
-    num_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_in_group
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % num_in_group) % group_size)
-    pid_n = (pid % num_in_group) // group_size
+    if PERSISTENT:
+        # 1x1 stride-1 GEMM only (the launcher's grid: a few programs per SM, each looping
+        # over tiles)
+        _gemm_persistent(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES, RELU, EVEN_C,
+                         INDEX64, UPCAST, PRECISION, ROUND_TF32, BLOCK_M, BLOCK_N, BLOCK_K,
+                         GROUP_M)
+    else:
+        g = tl.program_id(1)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(K_G, BLOCK_N)
+        pid_m, pid_n = _tile_coords(tl.program_id(0), GROUP_M * num_pid_n, num_pid_m, GROUP_M)
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < K_G
-    n_glob = g * K_G + rn
-    if INDEX64:
-        rm_i = rm.to(tl.int64)
-    else:
-        rm_i = rm
-    if MODE == 2:
-        w_row = n_glob * (R * BLOCK_K)
-    else:
-        w_row = n_glob * (R * S * C_G)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if EARLY_RES:  # issued now, waited for in the epilogue: overlaps the K loop's loads
-        res = tl.load(r_ptr + rm_i[:, None] * K_OUT + n_glob[None, :],
-                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-    else:
-        res = 0.0  # (unused: the epilogue loads it)
-
-    if MODE == 0:
-        # 1x1 stride 1: x is already the [M, C] A matrix.
-        x_row = rm_i * C
-        for kb in range(0, tl.cdiv(C, BLOCK_K)):
-            c = kb * BLOCK_K + rk
-            a_ptrs = x_ptr + x_row[:, None] + c[None, :]
-            b_ptrs = w_ptr + w_row[None, :] + c[:, None]
-            if EVEN_C:
-                a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                c_ok = c < C
-                a = tl.load(a_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
-            acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
-    else:
-        q = rm % Q
-        t = rm // Q
-        p = t % P
-        img = t // P
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < K_G
+        n_glob = g * K_G + rn
         if INDEX64:
-            img = img.to(tl.int64)
-        ih0 = p * stride_h - pad_h
-        iw0 = q * stride_w - pad_w
-        # Offset of the group's first channel at (img, ih0, iw0); may point into the padding
-        # (negative or past the row): such rows are masked, never dereferenced.
-        x_row = ((img * H + ih0) * W + iw0) * C + g * C_G
-        if MODE == 1:
-            cb_per_tap = tl.cdiv(C_G, BLOCK_K)
-            for it in range(0, R * S * cb_per_tap):
-                tap = it // cb_per_tap
-                cb = it - tap * cb_per_tap
-                r = tap // S
-                s = tap - r * S
-                ih = ih0 + r * dil_h
-                iw = iw0 + s * dil_w
-                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                c = cb * BLOCK_K + rk
-                a_ptrs = x_ptr + (x_row + (r * dil_h * W + s * dil_w) * C)[:, None] + c[None, :]
-                b_ptrs = w_ptr + w_row[None, :] + (tap * C_G + c)[:, None]
-                if EVEN_C:
-                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-                else:
-                    c_ok = c < C_G
-                    a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                    b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
-                acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
+            rm_i = rm.to(tl.int64)
         else:
-            # Stem: K step = one kernel row r; the S*C inputs of that row are contiguous, and
-            # the packed weight row is [S*C zero-padded to BLOCK_K].
-            k_ok = rk < S * C_G
-            iw = iw0[:, None] + (rk // C_G)[None, :]
-            col_ok = k_ok[None, :] & (iw >= 0) & (iw < W)
-            for r in range(0, R):
-                ih = ih0 + r * dil_h
-                row_ok = m_ok & (ih >= 0) & (ih < H)
-                a_ptrs = x_ptr + (x_row + r * dil_h * W * C)[:, None] + rk[None, :]
-                b_ptrs = w_ptr + w_row[None, :] + (r * BLOCK_K + rk)[:, None]
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & col_ok, other=0.0)
-                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-                acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
+            rm_i = rm
+        if MODE == 2:
+            w_row = n_glob * (R * BLOCK_K)
+        else:
+            w_row = n_glob * (R * S * C_G)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if EARLY_RES:  # issued now, waited for in the epilogue: overlaps the K loop's loads
+            res = tl.load(r_ptr + rm_i[:, None] * K_OUT + n_glob[None, :],
+                          mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        else:
+            res = 0.0  # (unused: the epilogue loads it)
 
-    if SUB_C > 0:
-        # Block-diagonal packing multiplies the other groups' inputs by zeros, and 0 * inf and
-        # 0 * NaN are NaN: an inf or NaN input would make NaN in every group of its block
-        # (the reference: its own group only, and inf stays inf). Such a tile, and only such a
-        # tile, is computed again, group by group, without the zeros.
-        bad = tl.max(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32))
-        if bad != 0:
-            _grouped_exact(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, x_row, ih0, iw0, rm_i, m_ok,
-                           pid_n, g, H, W, C, K_OUT, C_G, K_G, dil_h, dil_w, R, S, HAS_RES,
-                           RELU, UPCAST, BLOCK_M, BLOCK_N, SUB_C, SUB_K)
+        if MODE == 0:
+            # 1x1 stride 1: x is already the [M, C] A matrix.
+            acc = _gemm_k_loop(x_ptr, w_ptr, rm_i * C, w_row, m_ok, n_ok, C, acc, EVEN_C,
+                               UPCAST, ROUND_TF32, PRECISION, BLOCK_K)
+        else:
+            q = rm % Q
+            t = rm // Q
+            p = t % P
+            img = t // P
+            if INDEX64:
+                img = img.to(tl.int64)
+            ih0 = p * stride_h - pad_h
+            iw0 = q * stride_w - pad_w
+            # Offset of the group's first channel at (img, ih0, iw0); may point into the padding
+            # (negative or past the row): such rows are masked, never dereferenced.
+            x_row = ((img * H + ih0) * W + iw0) * C + g * C_G
+            if MODE == 1:
+                cb_per_tap = tl.cdiv(C_G, BLOCK_K)
+                for it in range(0, R * S * cb_per_tap):
+                    tap = it // cb_per_tap
+                    cb = it - tap * cb_per_tap
+                    r = tap // S
+                    s = tap - r * S
+                    ih = ih0 + r * dil_h
+                    iw = iw0 + s * dil_w
+                    row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    c = cb * BLOCK_K + rk
+                    a_ptrs = x_ptr + (x_row + (r * dil_h * W + s * dil_w) * C)[:, None] + c[None, :]
+                    b_ptrs = w_ptr + w_row[None, :] + (tap * C_G + c)[:, None]
+                    if EVEN_C:
+                        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                        b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+                    else:
+                        c_ok = c < C_G
+                        a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                        b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+                    acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
+            else:
+                # Stem: K step = one kernel row r; the S*C inputs of that row are contiguous, and
+                # the packed weight row is [S*C zero-padded to BLOCK_K].
+                k_ok = rk < S * C_G
+                iw = iw0[:, None] + (rk // C_G)[None, :]
+                col_ok = k_ok[None, :] & (iw >= 0) & (iw < W)
+                for r in range(0, R):
+                    ih = ih0 + r * dil_h
+                    row_ok = m_ok & (ih >= 0) & (ih < H)
+                    a_ptrs = x_ptr + (x_row + r * dil_h * W * C)[:, None] + rk[None, :]
+                    b_ptrs = w_ptr + w_row[None, :] + (r * BLOCK_K + rk)[:, None]
+                    a = tl.load(a_ptrs, mask=row_ok[:, None] & col_ok, other=0.0)
+                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+                    acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
+
+        if SUB_C > 0:
+            # Block-diagonal packing multiplies the other groups' inputs by zeros, and 0 * inf and
+            # 0 * NaN are NaN: an inf or NaN input would make NaN in every group of its block
+            # (the reference: its own group only, and inf stays inf). Such a tile, and only such a
+            # tile, is computed again, group by group, without the zeros.
+            bad = tl.max(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32))
+            if bad != 0:
+                _grouped_exact(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, x_row, ih0, iw0, rm_i, m_ok,
+                               pid_n, g, H, W, C, K_OUT, C_G, K_G, dil_h, dil_w, R, S, HAS_RES,
+                               RELU, UPCAST, BLOCK_M, BLOCK_N, SUB_C, SUB_K)
+            else:
+                _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, n_ok, K_OUT, HAS_RES, RELU,
+                          UPCAST, res, EARLY_RES)
         else:
             _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, n_ok, K_OUT, HAS_RES, RELU,
                       UPCAST, res, EARLY_RES)
-    else:
-        _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, n_ok, K_OUT, HAS_RES, RELU,
-                  UPCAST, res, EARLY_RES)
 
 
 @triton.jit
@@ -454,15 +526,20 @@ def launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool | None
     """
     if interpreted is None:
         interpreted = _interpreted()
-    return _launch_params(prob, cfg, bool(interpreted), index64)
+    return _launch_params(prob, cfg, bool(interpreted), index64,
+                          device_sm_count() if cfg.persistent else 0)
 
 
 @functools.lru_cache(maxsize=4096)
 def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
-                   index64: bool | None) -> Launch:
+                   index64: bool | None, sms: int = 0) -> Launch:
     kind = prob.kind
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     groups, c_g, k_g, pack, even_c = prob.groups, prob.c_g, prob.k_g, None, False
+    if cfg.persistent and kind != "gemm":
+        raise ValueError(f"persistent configuration {cfg} on a {kind} problem: persistent "
+                         "programs run 1x1 stride-1 convolutions (gemm) only")
+    persistent = cfg.persistent > 0
     if kind == "gemm":
         even_c = prob.c % bk == 0
     elif kind == "conv":
@@ -496,9 +573,12 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         # the real groups inside a packed one (the non-finite slow path); 0: not grouped
         SUB_C=prob.c_g if kind == "grouped" else 0, SUB_K=prob.k_g if kind == "grouped" else 0,
         EARLY_RES=cfg.early_res and prob.has_res,
+        PERSISTENT=persistent,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    grid = (triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn), groups)
+    tiles = triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn)
+    # persistent: cfg.persistent programs per SM (``sms``: the device's count), each looping
+    grid = (min(tiles, cfg.persistent * (sms or SMS)) if persistent else tiles, groups)
     return Launch(MappingProxyType(params), grid, groups, c_g, k_g, pack)  # shared: read-only
 
 
@@ -588,6 +668,23 @@ def device_smem_limit() -> int:
     return limit
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
+def device_sm_count() -> int:
+    """The current CUDA device's multiprocessors (the persistent rows' grid); without a GPU,
+    H100's (:data:`~fastres.kernels.configs.SMS`)."""
+    if not torch.cuda.is_available():
+        return SMS
+    idx = torch.cuda.current_device()
+    count = _SM_COUNT.get(idx)
+    if count is None:
+        props = torch.cuda.get_device_properties(idx)
+        count = int(getattr(props, "multi_processor_count", 0)) or SMS
+        _SM_COUNT[idx] = count
+    return count
+
+
 def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
     """Candidate configurations for ``prob`` (one, the small one, under the interpreter),
     pruned for the current CUDA device's shared memory (:func:`device_smem_limit`): on a
@@ -596,7 +693,8 @@ def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
     if _interpreted():  # grouped: 64 packed channels -> few, large programs
         return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else prob.k_extent)]
     return prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, prob.elem_bytes(),
-                 prob.has_res, taps=prob.taps, smem_limit=device_smem_limit())
+                 prob.has_res, taps=prob.taps, smem_limit=device_smem_limit(),
+                 sms=device_sm_count())
 
 
 def conv_configs(x, weight, stride, padding, dilation, groups, residual=None,
@@ -614,6 +712,9 @@ def conv_configs(x, weight, stride, padding, dilation, groups, residual=None,
 # -- autotuning ------------------------------------------------------------------------------
 
 _TUNED: dict[tuple, KernelConfig] = {}
+# What the tuner measured for each key it timed: {label: ms, or the error of a candidate that
+# did not run} (reports: benchmarks/conv_layers.py lists every candidate's time)
+_TIMINGS: dict[tuple, dict[str, float | str]] = {}
 
 
 def _tuned_key(prob: ConvProblem) -> tuple:
@@ -626,6 +727,13 @@ def tuned_config(prob: ConvProblem) -> KernelConfig | None:
     """The configuration remembered for ``prob``'s key on the current device, if it was tuned
     (or set)."""
     return _TUNED.get(_tuned_key(prob))
+
+
+def tuning_timings(prob: ConvProblem) -> dict[str, float | str]:
+    """Milliseconds of every candidate the tuner timed for ``prob``'s key on the current
+    device, in the order tried (the error message for one that did not run); empty when it
+    timed none (remembered, pinned, a single candidate, or interpreted)."""
+    return dict(_TIMINGS.get(_tuned_key(prob), {}))
 
 
 def set_tuned_config(prob: ConvProblem, cfg: KernelConfig) -> None:
@@ -656,17 +764,20 @@ def _choose_config(prob: ConvProblem, run) -> KernelConfig:
         return cands[0]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return cands[0]  # no timing inside a CUDA graph capture (tune before capturing)
-    best, best_ms, errors = None, float("inf"), []
+    best, best_ms, timings = None, float("inf"), {}
     for cand in cands:
         try:
             ms = _time_ms(lambda cand=cand: run(cand))
         except Exception as exc:  # out of resources on this GPU: not a candidate here
-            errors.append(f"{cand}: {exc}")
+            timings[str(cand)] = f"{type(exc).__name__}: {str(exc)[:200]}"
             continue
+        timings[str(cand)] = ms
         if ms < best_ms:
             best, best_ms = cand, ms
+    _TIMINGS[key] = timings
     if best is None:
-        raise RuntimeError("fastres: no Triton conv configuration ran:\n" + "\n".join(errors))
+        raise RuntimeError("fastres: no Triton conv configuration ran:\n" + "\n".join(
+            f"{label}: {err}" for label, err in timings.items()))
     _TUNED[key] = best
     return best
 
