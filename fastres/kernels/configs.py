@@ -110,6 +110,10 @@ CONV_CONFIGS = [
     C(128, 256, 64, 8, 8, 3),
     C(256, 128, 64, 8, 8, 3),
     C(128, 128, 64, 8, 8, 4),
+    # K steps of 128 channels (layers with C_in/groups >= 128): half the loop iterations and
+    # twice the work per wgmma wait; inductor offers 128x128x128 with 8 warps, 2-3 stages
+    C(128, 128, 128, 8, 8, 2),
+    C(128, 128, 128, 8, 8, 3),
 ]
 
 # Grouped convolutions with few channels per group (ResNeXt): block-diagonal packing, one
