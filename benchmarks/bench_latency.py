@@ -9,6 +9,9 @@ For each dtype, in one process on one GPU:
 - ``compile_reduce_overhead``: ``torch.compile(torchvision, mode="reduce-overhead")`` of the
   model cast to the dtype, channels-last (inductor + CUDA graphs);
 - ``fastres``: the fastres eval forward (tuned, no graphs);
+- ``fastres_dispatch``: the same with every Triton launch through Triton's own dispatch
+  (``kernel[grid]``) instead of straight to the compiled kernel
+  (:mod:`fastres.kernels._direct`, what ``FASTRES_DIRECT_LAUNCH=0`` does): what that saves;
 - ``fastres_graphs``: ``fastres.optimize(model, cuda_graphs=True)``.
 
 Every implementation's output is first checked against a float64 reference of the same
@@ -145,6 +148,17 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
         impls["compile_reduce_overhead"] = (torch.compile(tv_dt, mode="reduce-overhead"), x_dt)
     fr = fastres.from_torchvision(tv_fp32).to(dtype).eval()
     impls["fastres"] = (fr, x_dt)
+    from fastres.kernels import _direct
+
+    def fastres_dispatch(x, m=fr):
+        old = _direct.ENABLED
+        _direct.ENABLED = False
+        try:
+            return m(x)
+        finally:
+            _direct.ENABLED = old
+
+    impls["fastres_dispatch"] = (fastres_dispatch, x_dt)
     try:
         graphs = fastres.optimize(fr, cuda_graphs=True)
     except Exception as exc:  # the row says so (ERROR), as for an error in its first call

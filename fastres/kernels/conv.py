@@ -51,6 +51,7 @@ from fastres.kernels.configs import (
     interpreter_config,
     prune,
 )
+from fastres.kernels import _direct
 from fastres.ops import _backend
 from fastres.ops._backend import cudnn_allow_tf32, kernels_interpreted, launching
 from fastres.ops._checks import conv_output_size
@@ -515,6 +516,9 @@ class Launch:
     c_g: int
     k_g: int
     pack: tuple | None  # None | ("blockdiag", groups_per_block) | ("rows", block_k)
+    # {device: compiled kernel} for fastres.kernels._direct.launch: this description fixes
+    # everything that selects the compiled kernel but the tensors' data
+    direct: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool | None = None,
@@ -843,14 +847,15 @@ def conv_bias_act_triton(
     def run(cfg: KernelConfig, dst: torch.Tensor = out) -> None:
         lp = launch_params(prob, cfg, index64=index64)
         w = weight if lp.pack is None else _packed_weight(packable, prob.groups, lp.pack)
-        with launching():
-            conv_bias_act_kernel[lp.grid](
-                x, w, bias, res, dst,
+        args = (x, w, bias, res, dst,
                 prob.m, prob.h, prob.w, prob.c, p, q, prob.k_out, lp.c_g, lp.k_g,
                 prob.stride[0], prob.stride[1], prob.padding[0], prob.padding[1],
-                prob.dilation[0], prob.dilation[1],
-                **lp.params,
-            )
+                prob.dilation[0], prob.dilation[1])
+        if kernels_interpreted():  # (one interpreted launch at a time)
+            with launching():
+                conv_bias_act_kernel[lp.grid](*args, **lp.params)
+        else:
+            _direct.launch(conv_bias_act_kernel, lp.grid, args, lp.params, lp.direct, 5)
 
     if config is None:
         target: list[torch.Tensor] = []

@@ -1,0 +1,135 @@
+"""Launching a compiled Triton kernel again without Triton's per-call dispatch.
+
+``kernel[grid](*args, **constexprs)`` (``JITFunction.run``) binds every argument, computes
+each one's specialization (type, 16-byte alignment, divisibility by 16, equality to 1),
+builds the compile-cache key, looks it up, checks the kernel's globals and builds launch
+metadata, every call, before the C launcher runs. At batch 1 fastres's forward is bound by
+that host work (one launch per layer). :func:`launch` does it once per launch description
+and device: the first call goes through ``kernel[grid]`` and keeps the ``CompiledKernel``
+it returns; later calls with the same description hand the arguments straight to that
+kernel's C launcher (``CompiledKernel.run``, the call ``JITFunction.run`` ends with; the
+same in Triton 3.6 and 3.8).
+
+It is only valid while nothing that chooses the compiled kernel differs, so the caller's
+description must fix everything but the tensors: the constexprs, the grid, every integer
+argument (their specialization depends on their values), the tensors' dtypes. Per call,
+:func:`launch` itself checks what may still differ: the device (the kernel was loaded on
+one), every tensor argument's 16-byte alignment (kept only from a call where all were
+aligned, used only for such calls), and Triton's launch hooks (a profiler's hook set:
+Triton's own path, which calls it). Anything else goes through ``kernel[grid]``.
+
+``FASTRES_DIRECT_LAUNCH=0`` (read when fastres is imported) turns it off: every launch goes
+through Triton's dispatch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+ENABLED = os.environ.get("FASTRES_DIRECT_LAUNCH", "").strip() != "0"
+
+_stats = {"direct": 0, "dispatched": 0}
+# Triton's own device and stream getters (``driver.active``), looked up on first use
+_getters: list = []
+_TAILS: dict[tuple, tuple[str, ...]] = {}  # (kernel, positional count) -> constexpr names
+
+
+def stats() -> dict[str, int]:
+    """Launches that went straight to a compiled kernel (``direct``) and through
+    ``kernel[grid]`` (``dispatched``), in this process (for tests and reports)."""
+    return dict(_stats)
+
+
+def _device_and_stream() -> tuple[int, Any]:
+    if not _getters:
+        from triton.runtime import driver
+
+        active = driver.active
+        _getters.extend((active.get_current_device, active.get_current_stream))
+    device = _getters[0]()
+    return device, _getters[1](device)
+
+
+def _hooks_idle() -> bool:
+    """No launch hook is set: Triton's hooks are chains (3.6, 3.8; empty: ``calls == []``)
+    or ``None``; anything else is a hook to call, which Triton's own launch does."""
+    if not _runtime:
+        from triton import knobs
+
+        _runtime.append(knobs.runtime)
+    rt = _runtime[0]
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", None) != []:
+            return False
+    return True
+
+
+_runtime: list = []  # triton.knobs.runtime, once imported
+
+
+def _aligned(tensors: tuple) -> bool:
+    """Every tensor's data is 16-byte aligned (what Triton specializes pointers on)."""
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+    return True
+
+
+def constexpr_tail(kernel, n_args: int, params: Mapping[str, Any]) -> tuple:
+    """The values of ``kernel``'s parameters after the first ``n_args`` (its constexprs), in
+    its signature's order, from ``params`` or the defaults: what Triton's binder appends to
+    the positional arguments (the C launcher skips them, but takes them)."""
+    key = (kernel, n_args)
+    names = _TAILS.get(key)
+    if names is None:
+        fn = getattr(kernel, "fn", kernel)
+        names = tuple(inspect.signature(fn).parameters)[n_args:]
+        _TAILS[key] = names
+    defaults = _defaults(kernel)
+    return tuple(params[n] if n in params else defaults[n] for n in names)
+
+
+def _defaults(kernel) -> dict[str, Any]:
+    fn = getattr(kernel, "fn", kernel)
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def launch(kernel, grid: tuple, args: tuple, params: Mapping[str, Any], cache: dict,
+           n_tensors: int) -> None:
+    """``kernel[grid](*args, **params)``, straight to the compiled kernel when ``cache``
+    holds it for the current device (see the module's docstring).
+
+    ``cache``: a dict owned by the caller's launch description (``{device: (compiled
+    kernel, constexpr values)}``); it must be a new one whenever anything but the tensors'
+    data may differ. ``params``: the constexprs and the launch options (``num_warps``,
+    ``num_stages``), as for ``kernel[grid]``; ``n_tensors``: the leading arguments that are
+    tensors (the rest are not). Compiled kernels only: interpreted ones (no compiled kernel,
+    no device) are the caller's to launch.
+    """
+    if not ENABLED:
+        kernel[grid](*args, **params)
+        return
+    device, stream = _device_and_stream()
+    hit = cache.get(device)
+    tensors = args[:n_tensors]
+    if hit is not None and _aligned(tensors) and _hooks_idle():
+        compiled, tail = hit
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *tail)
+        _stats["direct"] += 1
+        return
+    compiled = kernel[grid](*args, **params)
+    _stats["dispatched"] += 1
+    if hit is None and _aligned(tensors) and all(
+            hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        names = set(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+        options = {k: v for k, v in params.items() if k not in names}
+        if options.keys() <= {"num_warps", "num_stages"}:  # (others change the compile)
+            cache[device] = (compiled, constexpr_tail(kernel, len(args), params))
