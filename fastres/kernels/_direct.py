@@ -29,7 +29,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 
 ENABLED = os.environ.get("FASTRES_DIRECT_LAUNCH", "").strip() != "0"
 
