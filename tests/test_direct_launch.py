@@ -226,3 +226,47 @@ def test_gpu_direct_launch_equals_triton_dispatch(shape):
     y = conv_bias_act_triton(shifted, wt, b, st, pad, 1, g, res, True, out=poisoned())
     assert _direct.stats()["dispatched"] == before["dispatched"] + 1
     assert_close_rel(y, ref, 8e-3)
+
+
+def test_launch_descriptions_without_an_object_of_their_own(monkeypatch):
+    """``cache_for``: one cache per key, the same one each time; past the bound all are
+    dropped (each refills on its next launch), never one shared by two keys."""
+    monkeypatch.setattr(_direct, "_CACHES", {})
+    monkeypatch.setattr(_direct, "_CACHES_MAX", 3)
+    a = _direct.cache_for(("max_pool", torch.bfloat16, 1, 2))
+    assert _direct.cache_for(("max_pool", torch.bfloat16, 1, 2)) is a
+    b = _direct.cache_for(("max_pool", torch.float16, 1, 2))
+    assert b is not a
+    _direct.cache_for(("avgpool", torch.float16, 49, 2048))
+    c = _direct.cache_for(("avgpool", torch.float16, 49, 1024))  # the fourth: a fresh start
+    assert set(_direct._CACHES) == {("avgpool", torch.float16, 49, 1024)}
+    assert _direct.cache_for(("max_pool", torch.bfloat16, 1, 2)) is not a and c == {}
+
+
+@pytest.mark.cuda
+def test_gpu_direct_launch_of_the_pooling_kernels():
+    """The max-pool and the global average pool, launched straight to their compiled kernels,
+    write what Triton's dispatch writes (into poisoned outputs) and what torch computes."""
+    import torch.nn.functional as F
+
+    from fastres.kernels.head import global_avgpool_triton
+    from fastres.kernels.pool import max_pool2d_triton
+
+    x = torch.randn(2, 64, 23, 17, device="cuda").to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    pooled, means = [], []
+    for enabled in (False, True, True):
+        _direct.ENABLED = enabled
+        try:
+            before = _direct.stats()["direct"]
+            out = torch.full((2, 64, 12, 9), float("nan"), device="cuda",
+                             dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            pooled.append(max_pool2d_triton(x, 3, 2, 1, out=out))
+            means.append(global_avgpool_triton(x))
+            torch.cuda.synchronize()
+        finally:
+            _direct.ENABLED = True
+    assert _direct.stats()["direct"] == before + 2
+    assert torch.equal(pooled[0], pooled[2]) and torch.equal(means[0], means[2])
+    assert torch.equal(pooled[2], F.max_pool2d(x, 3, 2, 1))
+    assert_close_rel(means[2], x.double().mean((2, 3)), 8e-3)

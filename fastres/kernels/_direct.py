@@ -38,6 +38,23 @@ _getters: list = []
 _TAILS: dict[tuple, tuple[str, ...]] = {}  # (kernel, positional count) -> constexpr names
 
 
+_CACHES: dict[tuple, dict] = {}
+_CACHES_MAX = 4096
+
+
+def cache_for(key: tuple) -> dict:
+    """The cache of the launch description ``key`` (hashable; it must fix everything that
+    selects the compiled kernel but the tensors' data: the kernel, the dtypes, every integer
+    argument and constexpr), for callers that keep no description object of their own. At
+    most 4096 are kept (then all are dropped: each refills on its next launch)."""
+    cache = _CACHES.get(key)
+    if cache is None:
+        if len(_CACHES) >= _CACHES_MAX:
+            _CACHES.clear()
+        cache = _CACHES[key] = {}
+    return cache
+
+
 def stats() -> dict[str, int]:
     """Launches that went straight to a compiled kernel (``direct``) and through
     ``kernel[grid]`` (``dispatched``), in this process (for tests and reports)."""

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastres.kernels import _direct
 from fastres.kernels.conv import _interpreted, _to_output, conv_bias_act_triton, conv_configs
 from fastres.ops._backend import launching, matmul_allow_tf32
 
@@ -54,11 +55,17 @@ def global_avgpool_triton(x: torch.Tensor) -> torch.Tensor:
     block_c = min(triton.next_power_of_2(c), 128)
     block_hw = min(triton.next_power_of_2(h * w), 16)
     grid = (n, triton.cdiv(c, block_c))
-    with launching():
-        global_avgpool_nhwc_kernel[grid](
-            x, out, h * w, c, INDEX64=x.numel() > 2**31 - 1, BLOCK_HW=block_hw,
-            BLOCK_C=block_c, INTERPRETED=_interpreted(), num_warps=4,
-        )
+    index64 = x.numel() > 2**31 - 1
+    args = (x, out, h * w, c)
+    params = dict(INDEX64=index64, BLOCK_HW=block_hw, BLOCK_C=block_c,
+                  INTERPRETED=_interpreted(), num_warps=4)
+    if params["INTERPRETED"]:
+        with launching():
+            global_avgpool_nhwc_kernel[grid](*args, **params)
+    else:
+        key = ("avgpool", x.dtype, h * w, c, index64)
+        _direct.launch(global_avgpool_nhwc_kernel, grid, args, params, _direct.cache_for(key),
+                       2)
     return out
 
 
