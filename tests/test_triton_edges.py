@@ -383,9 +383,9 @@ def test_persistent_rows_equal_one_program_per_tile(shape, sms, dtype, monkeypat
     """Kills: a persistent program that skips or repeats tiles (wrong start or stride of the
     tile loop), an epilogue that writes to the tile of the K loop's counter rather than its
     own, masks of the first tile reused for later ones, K steps that leak from one tile's
-    accumulator into the next. With 1 or 3 programs looping over the tiles the output is
-    bit-identical to one program per tile (15 tiles of 16x16), also written in place over the residual, and
-    right against F.conv2d."""
+    accumulator into the next. With 1 or 3 programs looping over the 15 tiles of 16x16, the
+    output is bit-identical to one program per tile, also written in place over the
+    residual, and right against F.conv2d."""
     from fastres.kernels import conv as kconv
 
     name, n, c, h, w, k, with_res = shape

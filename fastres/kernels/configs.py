@@ -227,11 +227,12 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
             continue
         if cfg.early_res and not has_res:  # (the same kernel as the row without it)
             continue
-        if cfg.persistent:
+        if cfg.persistent:  # gemm only; two tiles or more per program; the programs of
+            # one SM fit its shared memory together
             tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n)
             if (kind != "gemm" or tiles < 2 * cfg.persistent * sms
                     or cfg.persistent * smem_bytes(cfg, elem_bytes) > smem_limit):
-                continue  # (the programs of one SM would not fit it together)
+                continue
         # Compile report (sm_90): with fp32 operands (rounded to TF32 in registers) the early
         # residual tile spills (stack 8-200 bytes) in most rows.
         if cfg.early_res and elem_bytes == 4:
