@@ -77,6 +77,7 @@ from typing import Any
 import torch
 
 from fastres import _warnings
+from fastres.kernels.configs import tables_digest
 from fastres.ops import _backend
 from fastres.ops._checks import FLOAT_DTYPES, as_int, cuda_device_problem
 
@@ -256,7 +257,7 @@ _envs: dict[torch.device, dict] = {}
 
 def environment(device: torch.device) -> dict:
     """What, besides the layer, a choice depends on: GPU name and compute capability, torch,
-    triton, fastres and CUDA versions."""
+    triton, fastres and CUDA versions, and the Triton candidate tables (their digest)."""
     env = _envs.get(device)
     if env is not None:
         return env
@@ -280,6 +281,7 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version or _dist_version("triton"),
         "fastres": getattr(fastres, "__version__", None),
         "cuda": torch.version.cuda,
+        "triton_tables": tables_digest(),
     }
     _envs[device] = env
     return env

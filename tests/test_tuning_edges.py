@@ -49,6 +49,28 @@ def test_cache_file_follows_the_torch_and_toolkit_versions(fresh, monkeypatch, w
     assert tuning.cache_path("cpu") != first
 
 
+def test_cache_file_follows_the_candidate_tables(fresh, monkeypatch):
+    """A choice made among other candidates is not trusted when the tables change (a new row
+    may be faster): another file. Not every table edit is a new row; a changed one counts
+    too. (Mutant: "triton_tables" dropped from env, or a digest of the row count only.)"""
+    from dataclasses import replace
+
+    from fastres.kernels import configs
+
+    first = tuning.cache_path("cpu")
+    paths = {first}
+    gemm = configs.TABLES["gemm"]
+    for rows in (gemm + [configs.KernelConfig(16, 16, 16)],
+                 [replace(gemm[0], num_stages=gemm[0].num_stages + 1)] + gemm[1:]):
+        monkeypatch.setitem(configs.TABLES, "gemm", rows)
+        monkeypatch.setattr(tuning, "_envs", {})
+        paths.add(tuning.cache_path("cpu"))
+    assert len(paths) == 3
+    monkeypatch.setitem(configs.TABLES, "gemm", gemm)
+    monkeypatch.setattr(tuning, "_envs", {})
+    assert tuning.cache_path("cpu") == first
+
+
 def test_reset_forgets_the_environment(fresh, monkeypatch):
     """reset() is "as a fresh process": the environment is read again. (Mutant: _envs kept.)"""
     import triton

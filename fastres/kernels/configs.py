@@ -9,6 +9,7 @@ fastres.compile_report`` checks that and a row that fails it is removed from thi
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
 
 # H100: 227 KiB of shared memory per block (opt-in maximum).
@@ -146,6 +147,14 @@ TABLES = {
     "grouped": GROUPED_CONFIGS,
     "stem": STEM_CONFIGS,
 }
+
+
+def tables_digest() -> str:
+    """Twelve hex digits naming the candidate tables (every row of every schedule): the
+    tuning cache is kept per digest, since a choice made among other candidates may not be
+    the fastest of these."""
+    text = repr(sorted((kind, [repr(c) for c in rows]) for kind, rows in TABLES.items()))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def _pow2_at_least(v: int, lo: int = 16) -> int:
