@@ -917,8 +917,7 @@ def test_rows_are_pruned_for_the_gpus_shared_memory(monkeypatch):
             prob = kc.ConvProblem.from_tensors(x.to(dtype), w.to(dtype), 1, w.shape[-1] // 2,
                                                1, 1)
             for optin in (SMEM_LIMIT, 167936, 101376):
-                monkeypatch.setattr(kc, "_SMEM_OPTIN", {})
-                monkeypatch.setattr(kc, "_SM_COUNT", {})  # (not one read from the fake)
+                monkeypatch.setattr(kc, "_DEVICE_PROPS", {})
                 monkeypatch.setattr(kc, "_interpreted", lambda: False)
                 monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
                 monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

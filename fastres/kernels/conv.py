@@ -654,39 +654,34 @@ def _interpreted() -> bool:
     return kernels_interpreted()
 
 
-_SMEM_OPTIN: dict[int, int] = {}
+_DEVICE_PROPS: dict[tuple[int, str], int] = {}
+
+
+def _device_prop(name: str, default: int) -> int:
+    """Integer property ``name`` of the current CUDA device (read once per device), or
+    ``default`` without a GPU or where torch does not report it."""
+    if not torch.cuda.is_available():
+        return default
+    idx = torch.cuda.current_device()
+    value = _DEVICE_PROPS.get((idx, name))
+    if value is None:
+        props = torch.cuda.get_device_properties(idx)
+        value = int(getattr(props, name, 0)) or default
+        _DEVICE_PROPS[(idx, name)] = value
+    return value
 
 
 def device_smem_limit() -> int:
     """The current CUDA device's opt-in shared memory per block (bytes), what the rows are
     pruned against: 227 KiB on H100/H200, 163 KiB on A100, ~99 KiB on sm_86/sm_89. Without
     a GPU, H100's (:data:`~fastres.kernels.configs.SMEM_LIMIT`)."""
-    if not torch.cuda.is_available():
-        return SMEM_LIMIT
-    idx = torch.cuda.current_device()
-    limit = _SMEM_OPTIN.get(idx)
-    if limit is None:
-        props = torch.cuda.get_device_properties(idx)
-        limit = int(getattr(props, "shared_memory_per_block_optin", 0)) or SMEM_LIMIT
-        _SMEM_OPTIN[idx] = limit
-    return limit
-
-
-_SM_COUNT: dict[int, int] = {}
+    return _device_prop("shared_memory_per_block_optin", SMEM_LIMIT)
 
 
 def device_sm_count() -> int:
     """The current CUDA device's multiprocessors (the persistent rows' grid); without a GPU,
     H100's (:data:`~fastres.kernels.configs.SMS`)."""
-    if not torch.cuda.is_available():
-        return SMS
-    idx = torch.cuda.current_device()
-    count = _SM_COUNT.get(idx)
-    if count is None:
-        props = torch.cuda.get_device_properties(idx)
-        count = int(getattr(props, "multi_processor_count", 0)) or SMS
-        _SM_COUNT[idx] = count
-    return count
+    return _device_prop("multi_processor_count", SMS)
 
 
 def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
