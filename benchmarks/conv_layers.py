@@ -13,6 +13,10 @@ meta device at 224x224) at each batch size and dtype, in one process on one GPU:
 - ``cudnn fused``: what eager PyTorch runs for the same layer: ``F.conv2d`` with bias, then
   ``add_(residual)`` and ``relu_()`` where the layer has them.
 
+Each row also has its roofline floors (:func:`floors`): the least time the fused kernel and
+cuDNN's convolution alone could take at the copy bandwidth and matmul throughput measured at
+the start of each dtype (:func:`device_roofs`), and the report lists how close each comes.
+
 The fastres output is checked against the eager one (relative error <= 2e-2, DESIGN.md's
 bf16/fp16 bound) before anything is timed; a disagreeing layer is reported FAILED, not timed.
 Times are GPU times: medians of CUDA-event timed groups after warm-up, queued behind a GPU
@@ -77,6 +81,18 @@ class Layer:
     def flops(self, batch: int) -> int:
         p, q = self.out_hw()
         return 2 * batch * p * q * self.k * (self.c // self.groups) * self.r * self.s
+
+    def min_bytes(self, batch: int, elem: int, residual: bool) -> int:
+        """The least memory traffic of the layer: the input, the weight and the output each
+        moved once (``elem`` bytes per value), plus the residual when ``residual`` and the
+        layer has one (the fused kernel reads it; cuDNN's convolution alone does not); the
+        fp32 bias is negligible and left out."""
+        p, q = self.out_hw()
+        out = batch * self.k * p * q
+        weight = self.k * (self.c // self.groups) * self.r * self.s
+        reads = batch * self.c * self.h * self.w + weight + (out if residual and self.residual
+                                                              else 0)
+        return (reads + out) * elem
 
 
 def model_conv_layers(arch: str = "resnet50", size: int = 224) -> list[Layer]:
@@ -193,8 +209,40 @@ def time_ms(fn) -> float:
     return cuda_event_timer(fn)
 
 
-def bench_layer(layer: Layer, batch: int, dtype: torch.dtype) -> dict:
-    """Check, then time, one layer; returns one result row."""
+def device_roofs(dtype: torch.dtype) -> dict:
+    """What this GPU sustains, measured now: device-to-device copy bandwidth (GB/s, bytes
+    read + written, a 1 GiB copy) and dense matmul throughput in ``dtype`` (TFLOP/s, an
+    8192-cube ``torch.mm``: cuBLAS), both by :func:`time_ms`. The per-layer floors are
+    computed from these, not from datasheet peaks."""
+    n = 1 << 29  # 1 GiB of 16-bit values
+    src = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src))
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda").to(dtype)
+    b = torch.randn(8192, 8192, device="cuda").to(dtype)
+    mm_ms = time_ms(lambda: torch.mm(a, b))
+    return {"copy_gbps": 2 * n * 2 / copy_ms / 1e6, "matmul_tflops": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def floors(layer: Layer, batch: int, elem: int, roofs: dict) -> dict:
+    """The least time each path could take at the measured roofs: the larger of its memory
+    time (:meth:`Layer.min_bytes` at the copy bandwidth) and its math time (at the matmul
+    throughput), for fastres's fused kernel (which reads the residual) and for cuDNN's
+    convolution alone (which does not)."""
+    math_ms = layer.flops(batch) / roofs["matmul_tflops"] / 1e9
+    out = {}
+    for name, res in (("fastres", True), ("cudnn_conv", False)):
+        mem_ms = layer.min_bytes(batch, elem, res) / roofs["copy_gbps"] / 1e6
+        out[f"{name}_floor_ms"] = max(mem_ms, math_ms)
+        out[f"{name}_bound"] = "memory" if mem_ms >= math_ms else "math"
+    return out
+
+
+def bench_layer(layer: Layer, batch: int, dtype: torch.dtype,
+                roofs: dict | None = None) -> dict:
+    """Check, then time, one layer; returns one result row (with the roofline floors when
+    ``roofs``, :func:`device_roofs`, is given)."""
     from fastres.kernels.conv import ConvProblem, tuned_config, tuning_timings
 
     x, w, b, res = make_inputs(layer, batch, dtype)
@@ -228,6 +276,8 @@ def bench_layer(layer: Layer, batch: int, dtype: torch.dtype) -> dict:
     row["cudnn_conv_tflops"] = fl / row["cudnn_conv_ms"] / 1e9
     row["speedup_vs_cudnn_fused"] = row["cudnn_fused_ms"] / row["fastres_ms"]
     row["speedup_vs_cudnn_conv"] = row["cudnn_conv_ms"] / row["fastres_ms"]
+    if roofs:
+        row.update(floors(layer, batch, x.element_size(), roofs))
     row["status"] = "ok"
     return row
 
@@ -275,10 +325,40 @@ def markdown(rows: list[dict], meta: dict) -> str:
                              f"weighted by occurrence): fastres {ours:.3f} ms, cuDNN conv "
                              f"{conv:.3f} ms, cuDNN fused {fused:.3f} ms -> "
                              f"{fused / ours:.2f}x vs fused, {conv / ours:.2f}x vs conv alone")
+    lines += roofline_lines(rows, meta)
     lines += candidate_lines(rows)
     if meta.get("interrupted"):
         lines.append("\nINTERRUPTED: partial results (layers not run are listed as such).")
     return "\n".join(lines) + "\n"
+
+
+def roofline_lines(rows: list[dict], meta: dict) -> list[str]:
+    """Each measured layer against the least time it could take at the roofs measured in the
+    same run (:func:`floors`): how close fastres and cuDNN's convolution alone come to their
+    own floor, and whether fastres's floor (it reads the residual too) is above cuDNN's
+    measured time, so that no fused kernel could match cuDNN's convolution alone there."""
+    timed = [r for r in rows if r.get("status") == "ok" and "fastres_floor_ms" in r]
+    if not timed:
+        return []
+    roofs = ", ".join(f"{dt}: copy {v['copy_gbps']:.0f} GB/s, matmul "
+                      f"{v['matmul_tflops']:.0f} TFLOP/s"
+                      for dt, v in (meta.get("roofs") or {}).items() if v)
+    out = ["", f"### Against the roofline ({roofs}; measured in this run)", "",
+           "Floor: the larger of the least memory time (input, weight, output, and for "
+           "fastres the residual, each moved once, at the copy bandwidth) and the math time "
+           "(at the matmul throughput). \"of floor\" = floor / measured time (1.00: at the "
+           "roofline). \"fused floor > cuDNN conv\": the fused kernel's floor is above "
+           "cuDNN's measured convolution alone, which no fused kernel can then match.", "",
+           "| layer | batch | dtype | bound | fastres floor ms | fastres ms | of floor | "
+           "cuDNN conv floor ms | cuDNN conv ms | of floor | fused floor > cuDNN conv |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in timed:
+        f, c = r["fastres_floor_ms"], r["cudnn_conv_floor_ms"]
+        out.append(f"| {r['layer']} | {r['batch']} | {r['dtype']} | {r['fastres_bound']} | "
+                   f"{f:.4f} | {r['fastres_ms']:.4f} | {f / r['fastres_ms']:.2f} | {c:.4f} | "
+                   f"{r['cudnn_conv_ms']:.4f} | {c / r['cudnn_conv_ms']:.2f} | "
+                   f"{'yes' if f > r['cudnn_conv_ms'] else 'no'} |")
+    return out
 
 
 def candidate_lines(rows: list[dict]) -> list[str]:
@@ -343,7 +423,7 @@ def main(argv=None) -> int:
     print(f"{len(layers)} distinct convolutions of {args.arch}; batches {args.batch}; "
           f"dtypes {args.dtype}", flush=True)
     try:
-        run_all(args, layers, rows, write, t_start)
+        run_all(args, layers, rows, write, t_start, meta)
     except KeyboardInterrupt:  # keep what was measured; the rest is listed as not run
         done = {(r["layer"], r["batch"], r["dtype"]) for r in rows}
         for dt_name in args.dtype:
@@ -367,11 +447,21 @@ def main(argv=None) -> int:
     return 1 if bad else 0
 
 
-def run_all(args, layers: list[Layer], rows: list[dict], write, t_start: float) -> None:
+def run_all(args, layers: list[Layer], rows: list[dict], write, t_start: float,
+            meta: dict) -> None:
     """Every layer at every batch size and dtype, appended to ``rows`` (``write()`` after
     each)."""
     for dt_name in args.dtype:
         dt = str(DTYPES[dt_name]).split(".")[-1]
+        roofs = None
+        try:
+            roofs = device_roofs(DTYPES[dt_name])
+            print(f"{dt}: copy {roofs['copy_gbps']:.0f} GB/s, matmul "
+                  f"{roofs['matmul_tflops']:.0f} TFLOP/s (the roofline floors)", flush=True)
+        except Exception as exc:  # (out of memory, ...): the rows go without floors
+            print(f"{dt}: roofs not measured ({type(exc).__name__}: {exc})", flush=True)
+        meta.setdefault("roofs", {})[dt] = roofs
+        torch.cuda.empty_cache()
         for bs in args.batch:
             for layer in layers:
                 if args.time_budget is not None and time.time() - t_start > args.time_budget:
@@ -380,7 +470,7 @@ def run_all(args, layers: list[Layer], rows: list[dict], write, t_start: float) 
                                  "status": "not run (time budget)"})
                     continue
                 try:
-                    row = bench_layer(layer, bs, DTYPES[dt_name])
+                    row = bench_layer(layer, bs, DTYPES[dt_name], roofs)
                 except Exception as exc:  # report and go on with the other layers
                     row = {"layer": layer.name, "count": layer.count,
                            "shape": layer.shape_str(), "batch": bs, "dtype": dt,

@@ -264,6 +264,39 @@ def test_conv_layers_row_arithmetic(conv_mod, monkeypatch):
     assert row["cudnn_conv_tflops"] == pytest.approx(layer.flops(2) / 3.0e-3 / 1e12)
 
 
+def test_conv_layers_roofline_floors(conv_mod, monkeypatch):
+    """Least bytes: input, weight and output once, the residual only for the fused kernel;
+    a floor is the larger of bytes / bandwidth and FLOPs / throughput; the report says where
+    the fused kernel's floor is above cuDNN's measured convolution alone."""
+    layer = _small_layer(conv_mod)  # 8x5x6 -> 16 3x3/1 pad 1, with a residual
+    x, w, out = 2 * 8 * 5 * 6, 16 * 8 * 3 * 3, 2 * 16 * 5 * 6
+    assert layer.min_bytes(2, 2, False) == (x + w + out) * 2
+    assert layer.min_bytes(2, 2, True) == (x + w + 2 * out) * 2
+    plain = conv_mod.Layer("u", 1, c=8, h=5, w=6, k=16, r=3, s=3, stride=1, pad=1, dil=1,
+                           groups=1, residual=False, relu=True)
+    assert plain.min_bytes(2, 2, True) == plain.min_bytes(2, 2, False)
+    # 1 GB/s: bytes / 1e6 ms; 1 TFLOP/s: flops / 1e9 ms (memory-bound here)
+    roofs = {"copy_gbps": 1.0, "matmul_tflops": 1.0}
+    f = conv_mod.floors(layer, 2, 2, roofs)
+    assert f["fastres_floor_ms"] == pytest.approx(layer.min_bytes(2, 2, True) / 1e6)
+    assert f["cudnn_conv_floor_ms"] == pytest.approx(layer.min_bytes(2, 2, False) / 1e6)
+    assert f["fastres_bound"] == f["cudnn_conv_bound"] == "memory"
+    f = conv_mod.floors(layer, 2, 2, {"copy_gbps": 1e9, "matmul_tflops": 1e-6})
+    assert f["fastres_floor_ms"] == pytest.approx(layer.flops(2) / 1e3)
+    assert f["fastres_bound"] == "math"
+    times = iter([2.0, 3.0, 8.0])
+    monkeypatch.setattr(conv_mod, "time_ms", lambda fn, *a, **k: next(times))
+    row = conv_mod.bench_layer(layer, 2, torch.float32, {"copy_gbps": 1e-6,
+                                                         "matmul_tflops": 1e9})
+    assert row["fastres_floor_ms"] == pytest.approx(layer.min_bytes(2, 4, True))
+    lines = conv_mod.roofline_lines([row], {"roofs": {"float32": {"copy_gbps": 1e-6,
+                                                                  "matmul_tflops": 1e9}}})
+    cells = [c.strip() for c in lines[-1].split("|")[1:-1]]
+    assert cells[3] == "memory" and cells[-1] == "yes"  # its floor far above cuDNN's 3 ms
+    assert float(cells[6]) == pytest.approx(row["fastres_floor_ms"] / 2.0, rel=1e-2)
+    assert conv_mod.roofline_lines([dict(row, status="FAILED")], {}) == []
+
+
 def test_conv_layers_nan_output_is_failed_not_timed(conv_mod, monkeypatch):
     timed = []
     monkeypatch.setattr(conv_mod, "time_ms", lambda fn, *a, **k: timed.append(fn) or 1.0)
