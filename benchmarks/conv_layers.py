@@ -218,7 +218,6 @@ def device_roofs(dtype: torch.dtype) -> dict:
     src = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src))
-    del src, dst
     a = torch.randn(8192, 8192, device="cuda").to(dtype)
     b = torch.randn(8192, 8192, device="cuda").to(dtype)
     mm_ms = time_ms(lambda: torch.mm(a, b))
