@@ -83,15 +83,16 @@ class Layer:
         return 2 * batch * p * q * self.k * (self.c // self.groups) * self.r * self.s
 
     def min_bytes(self, batch: int, elem: int, residual: bool) -> int:
-        """The least memory traffic of the layer: the input, the weight and the output each
-        moved once (``elem`` bytes per value), plus the residual when ``residual`` and the
-        layer has one (the fused kernel reads it; cuDNN's convolution alone does not); the
-        fp32 bias is negligible and left out."""
+        """The least memory traffic of the layer: the input (the pixels a 1x1 kernel
+        samples, every pixel for a larger one), the weight and the output each moved once
+        (``elem`` bytes per value), plus the residual when ``residual`` and the layer has one
+        (the fused kernel reads it; cuDNN's convolution alone does not); the fp32 bias is
+        negligible and left out."""
         p, q = self.out_hw()
         out = batch * self.k * p * q
         weight = self.k * (self.c // self.groups) * self.r * self.s
-        reads = batch * self.c * self.h * self.w + weight + (out if residual and self.residual
-                                                              else 0)
+        pixels = p * q if self.r == self.s == 1 else self.h * self.w
+        reads = batch * self.c * pixels + weight + (out if residual and self.residual else 0)
         return (reads + out) * elem
 
 

@@ -275,6 +275,10 @@ def test_conv_layers_roofline_floors(conv_mod, monkeypatch):
     plain = conv_mod.Layer("u", 1, c=8, h=5, w=6, k=16, r=3, s=3, stride=1, pad=1, dil=1,
                            groups=1, residual=False, relu=True)
     assert plain.min_bytes(2, 2, True) == plain.min_bytes(2, 2, False)
+    # a strided 1x1 reads only the pixels it samples (8x8 -> 4x4)
+    down = conv_mod.Layer("d", 1, c=8, h=8, w=8, k=16, r=1, s=1, stride=2, pad=0, dil=1,
+                          groups=1, residual=False, relu=False)
+    assert down.min_bytes(1, 2, False) == (8 * 4 * 4 + 16 * 8 + 16 * 4 * 4) * 2
     # 1 GB/s: bytes / 1e6 ms; 1 TFLOP/s: flops / 1e9 ms (memory-bound here)
     roofs = {"copy_gbps": 1.0, "matmul_tflops": 1.0}
     f = conv_mod.floors(layer, 2, 2, roofs)
