@@ -71,6 +71,7 @@ GEMM_CONFIGS = [
     C(128, 64, 64, 8, 4, 4),
     C(64, 128, 64, 8, 4, 4),
     C(64, 64, 64, 8, 4, 4),
+    C(256, 64, 64, 8, 8, 3),  # 64 output channels (layer1's 1x1 layers): as in CONV_CONFIGS
     # the residual read before the K loop (offered for 16-bit layers with a residual only:
     # ResNet's bottleneck conv3, memory-bound at 81-292 TFLOP/s in the 2026-12-04 run). Its
     # tile is live through the K loop: 20-45 more registers per thread (64x64: 72 -> 96,
@@ -115,6 +116,10 @@ CONV_CONFIGS = [
     # twice the work per wgmma wait; inductor offers 128x128x128 with 8 warps, 2-3 stages
     C(128, 128, 128, 8, 8, 2),
     C(128, 128, 128, 8, 8, 3),
+    # layers with 64 output channels (ResNet layer1's 3x3): the 4-warp rows give them
+    # 128x64 or 64x64 tiles (the 3x3 ran at 260 TFLOP/s at batch 256, cuDNN's convolution
+    # at 462); two warpgroups on a 256-row tile. Offered for such narrow layers only.
+    C(256, 64, 64, 8, 8, 3),
 ]
 
 # Grouped convolutions with few channels per group (ResNeXt): block-diagonal packing, one
@@ -267,6 +272,8 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
                 continue
             if cfg.block_n < 64 <= n_per_group:  # narrow tiles only for narrow groups
                 continue
+            if cfg.block_m >= 4 * cfg.block_n and n_per_group > cfg.block_n:
+                continue  # tall, narrow tiles only for layers no wider than the tile
         if kind in ("stem", "grouped") and cfg.block_m > max_m:
             continue
         if kind == "grouped" and cfg.block_k < 2 * k_per_group:
