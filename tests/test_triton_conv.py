@@ -751,10 +751,10 @@ def test_tuning_keeps_an_in_place_residual(monkeypatch):
     # (fp32: no UPCAST needed)
     real_choose = kc._choose_config
 
-    def choose(prob, run):
+    def choose(prob, run, check=None):
         monkeypatch.setattr(kc, "_interpreted", lambda: False)
         try:
-            return real_choose(prob, run)
+            return real_choose(prob, run, check)
         finally:
             monkeypatch.setattr(kc, "_interpreted", lambda: True)
 
@@ -768,6 +768,58 @@ def test_tuning_keeps_an_in_place_residual(monkeypatch):
     prob = kc.ConvProblem.from_tensors(x, wt, st, pad, dil, g, res, False)
     assert kc.tuning_timings(prob) == {str(cands[0]): 1.0, str(cands[1]): 2.0}
     assert kc.tuned_config(prob) == cands[0]
+
+
+def test_tuning_rejects_a_candidate_with_a_wrong_result(monkeypatch):
+    """The launcher's own tuner (``config=None``, on a GPU) checks each candidate's output
+    against torch's before timing it: a row that computes wrongly (an 8-warp implicit-GEMM
+    row, pytorch#173068-style) is listed with its error and never chosen, however fast.
+    Emulated: the second candidate's launches add 1 to their output; it would time faster."""
+    from fastres.kernels import conv as kc
+
+    dtype = torch.float32
+    x, wt, b, st, pad, dil, g, res = make_case(SHAPES[3], dtype, residual=True)
+    good, bad = kcfg.INTERPRETER_CONFIG, replace(kcfg.INTERPRETER_CONFIG, block_n=16)
+    real_kernel = kc.conv_bias_act_kernel
+
+    class Wrong:
+        def __getitem__(self, grid):
+            def launch(*args, **params):
+                real_kernel[grid](*args, **params)
+                if params["BLOCK_N"] == bad.block_n:
+                    args[4].add_(1.0)
+            return launch
+
+    monkeypatch.setattr(kc, "conv_bias_act_kernel", Wrong())
+    monkeypatch.setattr(kc, "_TUNED", {})
+    monkeypatch.setattr(kc, "_TIMINGS", {})
+    monkeypatch.setattr(kc, "problem_configs", lambda prob: [good, bad])
+    timed = []
+
+    def fake_time_ms(fn):  # the first candidate timed takes 2 ms, any later one 1 ms
+        fn()
+        timed.append(fn)
+        return 2.0 if len(timed) == 1 else 1.0
+
+    monkeypatch.setattr(kc, "_time_ms", fake_time_ms)
+    monkeypatch.setenv("FASTRES_TUNE", "1")
+    real_choose = kc._choose_config
+
+    def choose(prob, run, check=None):
+        monkeypatch.setattr(kc, "_interpreted", lambda: False)
+        try:
+            return real_choose(prob, run, check)
+        finally:
+            monkeypatch.setattr(kc, "_interpreted", lambda: True)
+
+    monkeypatch.setattr(kc, "_choose_config", choose)
+    y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, False, tf32=False)
+    prob = kc.ConvProblem.from_tensors(x, wt, st, pad, dil, g, res, False, tf32=False)
+    assert kc.tuned_config(prob) == good and len(timed) == 1
+    times = kc.tuning_timings(prob)
+    assert times[str(good)] == 2.0
+    assert times[str(bad)].startswith("wrong result: relative error")
+    assert_close_rel(y, reference(x, wt, b, st, pad, dil, g, res, False), TOL[dtype])
 
 
 def test_a_tuned_configuration_is_remembered_per_device(monkeypatch):

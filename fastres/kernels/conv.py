@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -747,9 +748,14 @@ def _time_ms(fn) -> float:
     return cuda_event_timer(fn)
 
 
-def _choose_config(prob: ConvProblem, run) -> KernelConfig:
+def _choose_config(prob: ConvProblem, run, check=None) -> KernelConfig:
     """Best configuration for ``prob``: the first in pinned mode (``FASTRES_TUNE=0``,
-    deterministic algorithms), else remembered, else timed once (GPU), else the first."""
+    deterministic algorithms), else remembered, else timed once (GPU), else the first.
+
+    ``run(cfg)`` launches one candidate and returns what it wrote; ``check(output)`` (when
+    given) returns that output's relative error and the bound it must meet: a candidate
+    outside its bound is wrong (a kernel defect, pytorch#173068-style), listed with its
+    error and never chosen."""
     from fastres.tuning import mode
 
     if mode() == "pinned":  # (before the remembered one: pinned means the documented row)
@@ -766,6 +772,11 @@ def _choose_config(prob: ConvProblem, run) -> KernelConfig:
     best, best_ms, timings = None, float("inf"), {}
     for cand in cands:
         try:
+            if check is not None:
+                err, tol = check(run(cand))
+                if not err <= tol:
+                    timings[str(cand)] = f"wrong result: relative error {err:.3g} > {tol:g}"
+                    continue
             ms = _time_ms(lambda cand=cand: run(cand))
         except Exception as exc:  # out of resources on this GPU: not a candidate here
             timings[str(cand)] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -839,7 +850,7 @@ def conv_bias_act_triton(
         return out
     res = residual if residual is not None else out  # never read when HAS_RES is False
 
-    def run(cfg: KernelConfig, dst: torch.Tensor = out) -> None:
+    def run(cfg: KernelConfig, dst: torch.Tensor = out) -> torch.Tensor:
         lp = launch_params(prob, cfg, index64=index64)
         w = weight if lp.pack is None else _packed_weight(packable, prob.groups, lp.pack)
         args = (x, w, bias, res, dst,
@@ -851,11 +862,12 @@ def conv_bias_act_triton(
                 conv_bias_act_kernel[lp.grid](*args, **lp.params)
         else:
             _direct.launch(conv_bias_act_kernel, lp.grid, args, lp.params, lp.direct, 5)
+        return dst
 
     if config is None:
         target: list[torch.Tensor] = []
 
-        def tune_run(cfg: KernelConfig) -> None:  # called only when candidates are timed
+        def tune_run(cfg: KernelConfig) -> torch.Tensor:  # only when candidates are timed
             if not target:
                 # ``out`` sharing the residual's memory (an in-place residual add) is right in
                 # one launch, but the tuner launches each candidate repeatedly and every
@@ -864,9 +876,25 @@ def conv_bias_act_triton(
                 shared = residual is not None and (residual.untyped_storage().data_ptr()
                                                    == out.untyped_storage().data_ptr())
                 target.append(torch.empty_like(out, memory_format=cl) if shared else out)
-            run(cfg, target[0])
+            return run(cfg, target[0])
 
-        config = _choose_config(prob, tune_run)
+        reference: list[torch.Tensor] = []
+
+        def check(y: torch.Tensor) -> tuple[float, float]:
+            """Each candidate's output against torch's (computed once, in fp32, before any
+            candidate wrote over an in-place residual: those write to scratch)."""
+            from fastres.tuning import _rel_err, _tolerance
+
+            if not reference:
+                with torch.no_grad():
+                    ref = F.conv2d(x.float(), packable.float(), bias, prob.stride,
+                                   prob.padding, prob.dilation, prob.groups)
+                    if residual is not None:
+                        ref += residual.float()
+                    reference.append(torch.relu(ref) if relu else ref)
+            return _rel_err(y, reference[0]), _tolerance((x,))
+
+        config = _choose_config(prob, tune_run, check)
     run(config)
     return out
 
