@@ -408,6 +408,8 @@ def test_persistent_rows_equal_one_program_per_tile(shape, sms, dtype, monkeypat
         y0 = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, res, relu, config=base)
         y1 = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, res, relu, config=pers, out=poisoned)
         assert torch.equal(y0, y1)
+        y64 = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, res, relu, config=pers, index64=True)
+        assert torch.equal(y64, y0)  # 64-bit offsets (forced): the same tiles
         assert_close_rel(y1, _ref(x, wt, b, (1, 1), (0, 0), (1, 1), 1, res, relu), TOL[dtype])
         if res is not None:
             acc = res.clone()
