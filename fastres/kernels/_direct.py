@@ -29,16 +29,14 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-
 ENABLED = os.environ.get("FASTRES_DIRECT_LAUNCH", "").strip() != "0"
 
 _stats = {"direct": 0, "dispatched": 0}
 # Triton's own device and stream getters (``driver.active``), looked up on first use
 _getters: list = []
+_runtime: list = []  # triton.knobs.runtime, once imported
 _TAILS: dict[tuple, tuple[str, ...]] = {}  # (kernel, positional count) -> constexpr names
-
-
-_CACHES: dict[tuple, dict] = {}
+_CACHES: dict[tuple, dict] = {}  # cache_for's launch descriptions
 _CACHES_MAX = 4096
 
 
@@ -83,9 +81,6 @@ def _hooks_idle() -> bool:
         if hook is not None and getattr(hook, "calls", None) != []:
             return False
     return True
-
-
-_runtime: list = []  # triton.knobs.runtime, once imported
 
 
 def _aligned(tensors: tuple) -> bool:
