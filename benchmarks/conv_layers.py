@@ -364,7 +364,7 @@ def roofline_lines(rows: list[dict], meta: dict) -> list[str]:
 def candidate_lines(rows: list[dict]) -> list[str]:
     """The tuner's measurements: for each layer it timed, every candidate configuration's
     GPU time relative to the fastest (1.00 = the chosen one), fastest first; a candidate
-    that did not run shows its error."""
+    that was not timed (it did not run, or its result was wrong) shows why."""
     timed = [r for r in rows if r.get("candidates")]
     if not timed:
         return []
@@ -375,7 +375,7 @@ def candidate_lines(rows: list[dict]) -> list[str]:
         failed = [f"{k}: {v}" for k, v in r["candidates"].items() if k not in ms]
         best = min(ms.values()) if ms else None
         cells = [f"{k} {v / best:.2f}" for k, v in sorted(ms.items(), key=lambda kv: kv[1])]
-        cells += [f"{f[:80]} (did not run)" for f in failed]
+        cells += [f"{f[:80]} (not timed)" for f in failed]
         out.append(f"| {r['layer']} | {r['batch']} | {r['dtype']} | "
                    f"{'-' if best is None else f'{best:.4f}'} | {'; '.join(cells)} |")
     return out

@@ -500,7 +500,7 @@ def test_conv_layers_lists_the_tuners_candidates():
     lines = candidate_lines(rows)
     assert lines[-1] == ("| layer1.0.conv3 | 256 | bfloat16 | 0.2000 | 128x64x64 g8 w4 s4 p2 "
                          "1.00; 64x64x64 g8 w4 s2 1.50; 128x128x64 g8 w8 s3 p1: "
-                         "OutOfResources: shared memory (did not run) |")
+                         "OutOfResources: shared memory (not timed) |")
     assert not any("conv1" in line for line in lines)
     assert candidate_lines(rows[1:]) == []
 
