@@ -722,6 +722,29 @@ def test_supports_declines_more_groups_than_grid_y():
         assert (reason is None) == ok, reason
 
 
+def _tune_as_on_a_gpu(monkeypatch, cands, time_ms):
+    """The launcher's own tuner as it runs on a GPU (untuned, FASTRES_TUNE on, ``cands`` timed
+    by ``time_ms``), with the kernel itself still interpreted: ``_choose_config`` times only
+    when not interpreted (fp32 needs no UPCAST)."""
+    from fastres.kernels import conv as kc
+
+    monkeypatch.setattr(kc, "_TUNED", {})
+    monkeypatch.setattr(kc, "_TIMINGS", {})
+    monkeypatch.setattr(kc, "problem_configs", lambda prob: cands)
+    monkeypatch.setattr(kc, "_time_ms", time_ms)
+    monkeypatch.setenv("FASTRES_TUNE", "1")
+    real_choose = kc._choose_config
+
+    def choose(prob, run, check=None):
+        monkeypatch.setattr(kc, "_interpreted", lambda: False)
+        try:
+            return real_choose(prob, run, check)
+        finally:
+            monkeypatch.setattr(kc, "_interpreted", lambda: True)
+
+    monkeypatch.setattr(kc, "_choose_config", choose)
+
+
 def test_tuning_keeps_an_in_place_residual(monkeypatch):
     """``out=`` may be the residual itself (an in-place residual add: each element's residual
     is read by the program that writes it, so one launch is right). Tuning, which happens only
@@ -742,23 +765,7 @@ def test_tuning_keeps_an_in_place_residual(monkeypatch):
         return float(len(timed))
 
     timed = []
-    monkeypatch.setattr(kc, "_TUNED", {})
-    monkeypatch.setattr(kc, "_TIMINGS", {})
-    monkeypatch.setattr(kc, "problem_configs", lambda prob: cands)
-    monkeypatch.setattr(kc, "_time_ms", fake_time_ms)
-    monkeypatch.setenv("FASTRES_TUNE", "1")
-    # _choose_config times only when not interpreted; the kernel itself stays interpreted
-    # (fp32: no UPCAST needed)
-    real_choose = kc._choose_config
-
-    def choose(prob, run, check=None):
-        monkeypatch.setattr(kc, "_interpreted", lambda: False)
-        try:
-            return real_choose(prob, run, check)
-        finally:
-            monkeypatch.setattr(kc, "_interpreted", lambda: True)
-
-    monkeypatch.setattr(kc, "_choose_config", choose)
+    _tune_as_on_a_gpu(monkeypatch, cands, fake_time_ms)
     acc = res.clone()
     y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, acc, False, out=acc)
     assert len(timed) == 2  # both candidates were timed
@@ -791,9 +798,6 @@ def test_tuning_rejects_a_candidate_with_a_wrong_result(monkeypatch):
             return launch
 
     monkeypatch.setattr(kc, "conv_bias_act_kernel", Wrong())
-    monkeypatch.setattr(kc, "_TUNED", {})
-    monkeypatch.setattr(kc, "_TIMINGS", {})
-    monkeypatch.setattr(kc, "problem_configs", lambda prob: [good, bad])
     timed = []
 
     def fake_time_ms(fn):  # the first candidate timed takes 2 ms, any later one 1 ms
@@ -801,18 +805,7 @@ def test_tuning_rejects_a_candidate_with_a_wrong_result(monkeypatch):
         timed.append(fn)
         return 2.0 if len(timed) == 1 else 1.0
 
-    monkeypatch.setattr(kc, "_time_ms", fake_time_ms)
-    monkeypatch.setenv("FASTRES_TUNE", "1")
-    real_choose = kc._choose_config
-
-    def choose(prob, run, check=None):
-        monkeypatch.setattr(kc, "_interpreted", lambda: False)
-        try:
-            return real_choose(prob, run, check)
-        finally:
-            monkeypatch.setattr(kc, "_interpreted", lambda: True)
-
-    monkeypatch.setattr(kc, "_choose_config", choose)
+    _tune_as_on_a_gpu(monkeypatch, [good, bad], fake_time_ms)
     y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, False, tf32=False)
     prob = kc.ConvProblem.from_tensors(x, wt, st, pad, dil, g, res, False, tf32=False)
     assert kc.tuned_config(prob) == good and len(timed) == 1
