@@ -64,6 +64,8 @@ def fake(monkeypatch):
     kernel = _Kernel()
     runtime = _Runtime()
     monkeypatch.setattr(_direct, "ENABLED", True)
+    # compiled kernels (the stand-in), though this process's own kernels are interpreted
+    monkeypatch.setattr(_direct._backend, "kernels_interpreted", lambda: False)
     monkeypatch.setattr(_direct, "_getters", [lambda: kernel.device[0],
                                               lambda dev: f"stream{dev}"])
     monkeypatch.setattr(_direct, "_runtime", [runtime])
@@ -158,7 +160,6 @@ def test_conv_launches_through_the_direct_path_with_its_own_arguments(monkeypatc
         kernel[grid](*args, **params)
 
     monkeypatch.setattr(_direct, "launch", launch)
-    monkeypatch.setattr(kc, "kernels_interpreted", lambda: False)
     x = torch.randn(2, 16, 6, 5).contiguous(memory_format=torch.channels_last)
     w = torch.randn(24, 16, 3, 3) * 0.1
     b = torch.randn(24)
@@ -170,6 +171,29 @@ def test_conv_launches_through_the_direct_path_with_its_own_arguments(monkeypatc
     prob = kc.ConvProblem.from_tensors(x, w, 1, 1, 1, 1, res, tf32=False)
     lp = kc.launch_params(prob, kc.tuned_config(prob) or kc.problem_configs(prob)[0])
     assert cache is lp.direct and grid == lp.grid and n_tensors == 5 and args[4] is y
+
+
+def test_interpreted_kernels_go_through_triton_one_at_a_time(monkeypatch):
+    """An interpreted kernel has no compiled kernel to keep: ``kernel[grid]``, under the
+    interpreter's lock, whatever ``ENABLED`` says; nothing is cached."""
+    kernel = _Kernel()
+    held = []
+
+    class Lock:
+        def __enter__(self):
+            held.append(True)
+
+        def __exit__(self, *exc):
+            held.append(False)
+
+    monkeypatch.setattr(_direct._backend, "kernels_interpreted", lambda: True)
+    monkeypatch.setattr(_direct._backend, "launching", Lock)
+    monkeypatch.setattr(_direct, "ENABLED", True)
+    a = torch.zeros(4)
+    cache = {}
+    for _ in range(2):
+        _direct.launch(kernel, (1,), (a, a, 4), PARAMS, cache, 2)
+    assert len(kernel.dispatched) == 2 and cache == {} and held == [True, False] * 2
 
 
 @pytest.mark.cuda

@@ -18,8 +18,10 @@ one), every tensor argument's 16-byte alignment (kept only from a call where all
 aligned, used only for such calls), and Triton's launch hooks (a profiler's hook set:
 Triton's own path, which calls it). Anything else goes through ``kernel[grid]``.
 
-``FASTRES_DIRECT_LAUNCH=0`` (read when fastres is imported) turns it off: every launch goes
-through Triton's dispatch.
+Interpreted kernels (``TRITON_INTERPRET=1``) have no compiled kernel: :func:`launch` runs
+them through ``kernel[grid]``, one at a time (``_backend.launching``). ``FASTRES_DIRECT_LAUNCH=0``
+(read when fastres is imported) turns the direct path off: every launch goes through Triton's
+dispatch.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from fastres.ops import _backend
+
 ENABLED = os.environ.get("FASTRES_DIRECT_LAUNCH", "").strip() != "0"
 
 _stats = {"direct": 0, "dispatched": 0}
 # Triton's own device and stream getters (``driver.active``), looked up on first use
 _getters: list = []
 _runtime: list = []  # triton.knobs.runtime, once imported
-_TAILS: dict[tuple, tuple[str, ...]] = {}  # (kernel, positional count) -> constexpr names
+_SIGNATURES: dict = {}  # kernel -> (its parameter names, their defaults)
 _CACHES: dict[tuple, dict] = {}  # cache_for's launch descriptions
 _CACHES_MAX = 4096
 
@@ -91,24 +95,22 @@ def _aligned(tensors: tuple) -> bool:
     return True
 
 
+def _signature(kernel) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``kernel``'s parameter names in order, and the defaults of those that have one."""
+    sig = _SIGNATURES.get(kernel)
+    if sig is None:
+        params = inspect.signature(getattr(kernel, "fn", kernel)).parameters
+        sig = _SIGNATURES[kernel] = (tuple(params), {
+            n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty})
+    return sig
+
+
 def constexpr_tail(kernel, n_args: int, params: Mapping[str, Any]) -> tuple:
     """The values of ``kernel``'s parameters after the first ``n_args`` (its constexprs), in
     its signature's order, from ``params`` or the defaults: what Triton's binder appends to
     the positional arguments (the C launcher skips them, but takes them)."""
-    key = (kernel, n_args)
-    names = _TAILS.get(key)
-    if names is None:
-        fn = getattr(kernel, "fn", kernel)
-        names = tuple(inspect.signature(fn).parameters)[n_args:]
-        _TAILS[key] = names
-    defaults = _defaults(kernel)
-    return tuple(params[n] if n in params else defaults[n] for n in names)
-
-
-def _defaults(kernel) -> dict[str, Any]:
-    fn = getattr(kernel, "fn", kernel)
-    return {n: p.default for n, p in inspect.signature(fn).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    names, defaults = _signature(kernel)
+    return tuple(params[n] if n in params else defaults[n] for n in names[n_args:])
 
 
 def launch(kernel, grid: tuple, args: tuple, params: Mapping[str, Any], cache: dict,
@@ -120,9 +122,12 @@ def launch(kernel, grid: tuple, args: tuple, params: Mapping[str, Any], cache: d
     kernel, constexpr values)}``); it must be a new one whenever anything but the tensors'
     data may differ. ``params``: the constexprs and the launch options (``num_warps``,
     ``num_stages``), as for ``kernel[grid]``; ``n_tensors``: the leading arguments that are
-    tensors (the rest are not). Compiled kernels only: interpreted ones (no compiled kernel,
-    no device) are the caller's to launch.
+    tensors (the rest are not).
     """
+    if _backend.kernels_interpreted():  # no compiled kernel, no device: Triton's path
+        with _backend.launching():  # (one interpreted launch at a time)
+            kernel[grid](*args, **params)
+        return
     if not ENABLED:
         kernel[grid](*args, **params)
         return
@@ -140,7 +145,7 @@ def launch(kernel, grid: tuple, args: tuple, params: Mapping[str, Any], cache: d
     _stats["dispatched"] += 1
     if hit is None and _aligned(tensors) and all(
             hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
-        names = set(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
-        options = {k: v for k, v in params.items() if k not in names}
-        if options.keys() <= {"num_warps", "num_stages"}:  # (others change the compile)
+        names = _signature(kernel)[0]
+        if {k for k in params if k not in names} <= {"num_warps", "num_stages"}:
+            # (other options change the compile)
             cache[device] = (compiled, constexpr_tail(kernel, len(args), params))

@@ -54,7 +54,7 @@ from fastres.kernels.configs import (
 )
 from fastres.kernels import _direct
 from fastres.ops import _backend
-from fastres.ops._backend import cudnn_allow_tf32, kernels_interpreted, launching
+from fastres.ops._backend import cudnn_allow_tf32, kernels_interpreted
 from fastres.ops._checks import conv_output_size
 
 MODE_GEMM, MODE_CONV, MODE_STEM = 0, 1, 2
@@ -857,11 +857,7 @@ def conv_bias_act_triton(
                 prob.m, prob.h, prob.w, prob.c, p, q, prob.k_out, lp.c_g, lp.k_g,
                 prob.stride[0], prob.stride[1], prob.padding[0], prob.padding[1],
                 prob.dilation[0], prob.dilation[1])
-        if kernels_interpreted():  # (one interpreted launch at a time)
-            with launching():
-                conv_bias_act_kernel[lp.grid](*args, **lp.params)
-        else:
-            _direct.launch(conv_bias_act_kernel, lp.grid, args, lp.params, lp.direct, 5)
+        _direct.launch(conv_bias_act_kernel, lp.grid, args, lp.params, lp.direct, 5)
         return dst
 
     if config is None:

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from fastres.kernels import _direct
 from fastres.kernels.conv import _interpreted, _to_output, conv_bias_act_triton, conv_configs
-from fastres.ops._backend import launching, matmul_allow_tf32
+from fastres.ops._backend import matmul_allow_tf32
 
 NO_SPECIALIZE = ["HW"]
 
@@ -59,13 +59,8 @@ def global_avgpool_triton(x: torch.Tensor) -> torch.Tensor:
     args = (x, out, h * w, c)
     params = dict(INDEX64=index64, BLOCK_HW=block_hw, BLOCK_C=block_c,
                   INTERPRETED=_interpreted(), num_warps=4)
-    if params["INTERPRETED"]:
-        with launching():
-            global_avgpool_nhwc_kernel[grid](*args, **params)
-    else:
-        key = ("avgpool", x.dtype, h * w, c, index64)
-        _direct.launch(global_avgpool_nhwc_kernel, grid, args, params, _direct.cache_for(key),
-                       2)
+    key = ("avgpool", x.dtype, h * w, c, index64)
+    _direct.launch(global_avgpool_nhwc_kernel, grid, args, params, _direct.cache_for(key), 2)
     return out
 
 

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 from fastres.kernels import _direct
-from fastres.ops._backend import launching
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -91,12 +90,8 @@ def max_pool2d_triton(x: torch.Tensor, kernel_size: int = 3, stride: int = 2,
     args = (x, out, m, h, w, c, p, q, stride, padding)
     params = dict(KS=kernel_size, INDEX64=index64, BLOCK_M=block_m, BLOCK_C=block_c,
                   num_warps=4)
-    if _interpreted():
-        with launching():
-            max_pool_nhwc_kernel[grid](*args, **params)
-    else:
-        key = ("max_pool", x.dtype, *args[2:], kernel_size, index64)
-        _direct.launch(max_pool_nhwc_kernel, grid, args, params, _direct.cache_for(key), 2)
+    key = ("max_pool", x.dtype, *args[2:], kernel_size, index64)
+    _direct.launch(max_pool_nhwc_kernel, grid, args, params, _direct.cache_for(key), 2)
     return out
 
 
