@@ -122,6 +122,19 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr, PRECISION: t
 
 
 @triton.jit
+def output_pixel(rm, P, Q, INDEX64: tl.constexpr):
+    """(image, output row, output column) of flattened NHWC output pixel indices ``rm`` (the
+    image index in int64 with ``INDEX64``, so that image offsets cannot wrap)."""
+    q = rm % Q
+    t = rm // Q
+    p = t % P
+    img = t // P
+    if INDEX64:
+        img = img.to(tl.int64)
+    return img, p, q
+
+
+@triton.jit
 def _tile_coords(tile, num_in_group, num_pid_m, GROUP_M: tl.constexpr):
     """(row block, column block) of output tile number ``tile`` in grouped program order:
     GROUP_M consecutive row blocks share each weight column block while it is in L2."""
@@ -262,12 +275,7 @@ def conv_bias_act_kernel(
             acc = _gemm_k_loop(x_ptr, w_ptr, rm_i * C, w_row, m_ok, n_ok, C, acc, EVEN_C,
                                UPCAST, ROUND_TF32, PRECISION, BLOCK_K)
         else:
-            q = rm % Q
-            t = rm // Q
-            p = t % P
-            img = t // P
-            if INDEX64:
-                img = img.to(tl.int64)
+            img, p, q = output_pixel(rm, P, Q, INDEX64)
             ih0 = p * stride_h - pad_h
             iw0 = q * stride_w - pad_w
             # Offset of the group's first channel at (img, ih0, iw0); may point into the padding

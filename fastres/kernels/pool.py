@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from fastres.kernels import _direct
+from fastres.kernels.conv import output_pixel
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -29,12 +30,8 @@ def max_pool_nhwc_kernel(
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = rm < M
     c_ok = rc < C
-    q = rm % Q
-    t = rm // Q
-    p = t % P
-    img = t // P
+    img, p, q = output_pixel(rm, P, Q, INDEX64)
     if INDEX64:
-        img = img.to(tl.int64)
         rm_i = rm.to(tl.int64)
     else:
         rm_i = rm
