@@ -146,6 +146,21 @@ def _tile_coords(tile, num_in_group, num_pid_m, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_operands(a_ptrs, b_ptrs, row_ok, n_ok, c, c_end, EVEN_C: tl.constexpr):
+    """One K step's activation tile ``[rows, channels]`` and weight tile ``[channels,
+    columns]``: rows not ``row_ok`` and columns not ``n_ok`` read as zeros, and so do channels
+    ``c`` from ``c_end`` on unless ``EVEN_C`` (every channel block full: no channel mask)."""
+    if EVEN_C:
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+    else:
+        c_ok = c < c_end
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+    return a, b
+
+
+@triton.jit
 def _gemm_k_loop(x_ptr, w_ptr, x_row, w_row, m_ok, n_ok, C, acc, EVEN_C: tl.constexpr,
                  UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_K: tl.constexpr):
@@ -155,15 +170,8 @@ def _gemm_k_loop(x_ptr, w_ptr, x_row, w_row, m_ok, n_ok, C, acc, EVEN_C: tl.cons
     rk = tl.arange(0, BLOCK_K)
     for kb in range(0, tl.cdiv(C, BLOCK_K)):
         c = kb * BLOCK_K + rk
-        a_ptrs = x_ptr + x_row[:, None] + c[None, :]
-        b_ptrs = w_ptr + w_row[None, :] + c[:, None]
-        if EVEN_C:
-            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            c_ok = c < C
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+        a, b = _load_operands(x_ptr + x_row[:, None] + c[None, :],
+                              w_ptr + w_row[None, :] + c[:, None], m_ok, n_ok, c, C, EVEN_C)
         acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
     return acc
 
@@ -294,13 +302,7 @@ def conv_bias_act_kernel(
                     c = cb * BLOCK_K + rk
                     a_ptrs = x_ptr + (x_row + (r * dil_h * W + s * dil_w) * C)[:, None] + c[None, :]
                     b_ptrs = w_ptr + w_row[None, :] + (tap * C_G + c)[:, None]
-                    if EVEN_C:
-                        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                        b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-                    else:
-                        c_ok = c < C_G
-                        a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                        b = tl.load(b_ptrs, mask=n_ok[None, :] & c_ok[:, None], other=0.0)
+                    a, b = _load_operands(a_ptrs, b_ptrs, row_ok, n_ok, c, C_G, EVEN_C)
                     acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
             else:
                 # Stem: K step = one kernel row r; the S*C inputs of that row are contiguous, and
