@@ -17,7 +17,10 @@ and checked:
 - ``A16``/``B16``: the activation and weight tiles are loaded with 16-byte async copies
   (``ttg.async_copy_global_to_local`` of the tile with contiguity x element size >= 16 in the
   TTGIR, lowered to ``cp.async ... 0x10``). The stem's activation rows (3 channels, 7 taps,
-  stride 2) cannot be 16-byte aligned: that column reads ``n/a`` there;
+  stride 2) cannot be 16-byte aligned: that column reads ``n/a`` there. A TMA row
+  (``... t``) loads both tiles by the tensor memory accelerator instead: each must be an
+  ``ttng.async_tma_copy_global_to_local`` of the whole tile in the TTGIR, lowered to
+  ``cp.async.bulk.tensor`` in the PTX;
 - max-pool and global average pool: no spills and 16-byte vector loads (``ld.global.v4``).
 
 Prints a table and exits non-zero when any check fails. A failing configuration is removed
@@ -79,6 +82,7 @@ class Job:
     options: dict
     tiles: dict = field(default_factory=dict)  # "A"/"B" -> (rows, cols) or None (n/a)
     dot: bool = True
+    tma: bool = False  # the A and B tiles are loaded by TMA (tiles: their descriptor blocks)
 
     def key(self) -> str:
         _, plain = _kernel(self.kernel)
@@ -139,9 +143,11 @@ def conv_jobs(shapes, dtypes, first_only_dtypes=()) -> list[Job]:
                 sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32", "r_ptr": ptr,
                        "o_ptr": ptr}
                 bm, bn, bk = params["BLOCK_M"], params["BLOCK_N"], params["BLOCK_K"]
-                tiles = {"A": (bm, bk) if kind != "stem" else None, "B": (bk, bn)}
+                tma = bool(params.get("TMA"))
+                tiles = {"A": (bm, bk) if kind != "stem" else None,
+                         "B": (bn, bk) if tma else (bk, bn)}  # (TMA: the [N, K] weight block)
                 jobs.append(Job("conv", f"{name} [{kind}]", dt, str(cfg), sig, params, ints,
-                                options, tiles))
+                                options, tiles, tma=tma))
     return jobs
 
 
@@ -187,6 +193,15 @@ def _resources(cubin: bytes) -> dict:
 _COPY = re.compile(r"ttg\.async_copy_global_to_local.*?(\{[^}]*contiguity\s*=\s*(\d+)[^}]*\})?"
                    r"\s*:\s*tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>")
 _ELEM = {"f16": 2, "bf16": 2, "f32": 4}
+# (Triton 3.6 writes the descriptor type as ``!tt.tensordesc<tensor<128x64xbf16, ...>>``, 3.8
+# as ``!tt.tensordesc<128x64xbf16, ...>``)
+_TMA_LOAD = re.compile(r"ttng\.async_tma_copy_global_to_local.*?:\s*"
+                       r"!tt\.tensordesc<(?:tensor<)?(\d+)x(\d+)x")
+
+
+def _tma_tiles(ttgir: str) -> set[tuple[int, int]]:
+    """(rows, cols) of every TMA global->shared tile load (its descriptor's block)."""
+    return {(int(m.group(1)), int(m.group(2))) for m in _TMA_LOAD.finditer(ttgir)}
 
 
 def _tile_copies(ttgir: str) -> list[tuple[int, int, int | None]]:
@@ -254,7 +269,12 @@ def compile_job(job: Job) -> dict:
         copies = _tile_copies(ttgir)
         ptx_sizes = set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(0x[0-9a-f]+)",
                                    ptx))
+        tma_tiles = _tma_tiles(ttgir) if job.tma else set()
         for tile, shape in job.tiles.items():
+            if job.tma:  # the whole tile by the tensor memory accelerator
+                checks[tile + "16"] = (tuple(shape) in tma_tiles
+                                       and "cp.async.bulk.tensor" in ptx)
+                continue
             if shape is None:
                 res[tile + "16"] = "n/a"
                 continue

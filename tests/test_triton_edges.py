@@ -417,9 +417,11 @@ def test_persistent_rows_equal_one_program_per_tile(shape, sms, dtype, monkeypat
             assert y2.data_ptr() == acc.data_ptr() and torch.equal(y2, y0)
 
 
-def test_persistent_rows_offered_for_large_gemms_only():
+def test_persistent_rows_offered_for_large_gemms_only(monkeypatch):
     """A persistent row is offered for 1x1 GEMMs with at least two tiles per program, when
-    its programs fit an SM together, and runs nothing else (a clear error)."""
+    its programs fit an SM together, and runs nothing else (a clear error). (With a Triton
+    that pipelines their loop: see the next test.)"""
+    monkeypatch.setattr(kcfg, "POINTER_PERSISTENT", True)
     big = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 256 * 56 * 56, 256, 64, 2, True, taps=1)
     assert {c.persistent for c in big} == {0, 1, 2}
     assert all(c in kcfg.GEMM_CONFIGS for c in big if c.persistent)  # depth kept whole
@@ -440,3 +442,211 @@ def test_persistent_rows_offered_for_large_gemms_only():
     with pytest.raises(ValueError, match="persistent.*gemm"):
         conv_bias_act_triton(x, wt, torch.zeros(16).to(DEV), 1, 1, 1, 1,
                              config=kcfg.KernelConfig(16, 16, 16, 4, 4, 1, persistent=1))
+
+
+def test_pointer_persistent_rows_only_where_triton_pipelines_them(monkeypatch):
+    """Triton 3.6 does not pipeline the flattened loop of the pointer persistent rows (the
+    compile report under it: synchronous loads), 3.8 does: ``POINTER_PERSISTENT`` follows the
+    installed version, and without it only the TMA persistent rows are offered."""
+    import triton
+
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    assert kcfg.POINTER_PERSISTENT == ((major, minor) >= (3, 8))
+    args = ("gemm", 256 * 56 * 56, 256, 64, 2, False)
+    monkeypatch.setattr(kcfg, "POINTER_PERSISTENT", False)
+    rows = kcfg.prune(kcfg.GEMM_CONFIGS, *args, taps=1)
+    assert {c.persistent for c in rows if c.tma} == {0, 1, 2}
+    assert not any(c.persistent and not c.tma for c in rows)
+    monkeypatch.setattr(kcfg, "POINTER_PERSISTENT", True)
+    rows = kcfg.prune(kcfg.GEMM_CONFIGS, *args, taps=1)
+    assert {c.persistent for c in rows if not c.tma} == {0, 1, 2}
+
+
+# -- TMA GEMM rows (tiles moved by tensor descriptors) ----------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sms", [1, 3, 32])
+@pytest.mark.parametrize("shape", [
+    # (name, N, C_in, H, W, C_out, residual): M = 70 and 80 output pixels (a last row block
+    # past the tensor's end, which TMA must zero on load and clip on store); C_in = 24 is not
+    # a multiple of block_k (the second K step reads 8 channels past the end); C_out = 40
+    ("odd", 2, 24, 5, 7, 40, True),
+    ("even-k", 2, 48, 5, 8, 40, False),
+], ids=lambda s: s[0] if isinstance(s, tuple) else str(s))
+def test_tma_rows_equal_the_pointer_kernel(shape, sms, dtype, monkeypatch):
+    """Kills: a descriptor whose shape or strides are not the tensor's (rows or channels read
+    from the next pixel, out-of-bounds rows stored over the next image), the weight block
+    loaded untransposed, the epilogue storing to the K loop's tile rather than its own, a
+    residual or bias read from another tile, ReLU dropped. One program per tile and
+    persistent programs (1 or 3 looping over 15 tiles), into a NaN-poisoned output and in
+    place over the residual: against the pointer kernel and F.conv2d."""
+    from fastres.kernels import conv as kconv
+
+    name, n, c, h, w, k, with_res = shape
+    monkeypatch.setattr(kconv, "device_sm_count", lambda: sms)
+    x = torch.randn(n, c, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
+    wt = (torch.randn(k, c, 1, 1) * c ** -0.5).to(dtype).to(DEV)
+    b = torch.randn(k).to(DEV)
+    res = (torch.randn(n, k, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
+           if with_res else None)
+    base = kcfg.KernelConfig(16, 16, 16, 4, 4, 1)
+    prob = ConvProblem.from_tensors(x, wt, 1, 0, 1, 1, res)
+    for tma in (kcfg.KernelConfig(16, 16, 16, 4, 4, 1, tma=True),
+                kcfg.KernelConfig(16, 16, 16, 4, 4, 1, persistent=1, tma=True)):
+        assert str(tma).endswith(" t")
+        lp = launch_params(prob, tma)
+        assert lp.params["TMA"] and lp.grid[0] == (min(15, sms) if tma.persistent else 15)
+        for relu in (True, False):
+            poisoned = torch.full((n, k, h, w), float("nan"), dtype=dtype, device=DEV)
+            poisoned = poisoned.contiguous(memory_format=CL)
+            y0 = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, res, relu, config=base)
+            y1 = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, res, relu, config=tma,
+                                      out=poisoned)
+            ref = _ref(x, wt, b, (1, 1), (0, 0), (1, 1), 1, res, relu)
+            assert_close_rel(y1, ref, TOL[dtype])
+            # the same products summed in the same K order: equal to the pointer kernel
+            # but for the last bit (the dot's own summation order within a block)
+            assert rel_err(y1, y0) <= TOL[dtype] / 4
+            if res is not None:
+                acc = res.clone()
+                y2 = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, acc, relu, config=tma, out=acc)
+                assert y2.data_ptr() == acc.data_ptr() and torch.equal(y2, y1)
+
+
+def test_tma_rows_fall_back_where_descriptors_cannot_be_made():
+    """A TMA row on tensors a descriptor cannot describe runs the same row without TMA, and
+    right: an activation 2 bytes off 16-byte alignment, channel counts that are not multiples
+    of 8 (rows not whole 16-byte multiples), fp32; and a TMA row on a 3x3 layer is an error,
+    not a silent fallback (the tuner never offers one)."""
+    from fastres.kernels import conv as kconv
+
+    tma = kcfg.KernelConfig(16, 16, 16, 4, 4, 1, tma=True)
+    dtype = torch.float16
+    big = torch.randn(2 * 16 * 5 * 6 + 1).to(dtype).to(DEV)
+    x_off = big[1:].view(2, 5, 6, 16).permute(0, 3, 1, 2)  # channels-last, 2 bytes off
+    assert x_off.is_contiguous(memory_format=CL) and x_off.data_ptr() % 16 == 2
+    cases = [(x_off, torch.randn(24, 16, 1, 1)),
+             (torch.randn(2, 12, 5, 6), torch.randn(24, 12, 1, 1)),  # C_in 12
+             (torch.randn(2, 16, 5, 6), torch.randn(20, 16, 1, 1))]  # C_out 20
+    for x, wt in cases:
+        x = x.to(dtype).to(DEV).contiguous(memory_format=CL)
+        wt = (wt * x.shape[1] ** -0.5).to(dtype).to(DEV)
+        b = torch.randn(wt.shape[0]).to(DEV)
+        prob = ConvProblem.from_tensors(x, wt, 1, 0, 1, 1, None)
+        out = torch.empty(2, wt.shape[0], 5, 6, dtype=dtype, device=DEV).contiguous(
+            memory_format=CL)
+        assert kconv._tma_ready(tma, prob, x, wt, out) == kcfg.KernelConfig(16, 16, 16, 4, 4, 1)
+        y = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, None, True, config=tma)
+        assert_close_rel(y, _ref(x, wt, b, (1, 1), (0, 0), (1, 1), 1, None, True), TOL[dtype])
+    x = torch.randn(2, 16, 5, 6).to(DEV)  # fp32: its TF32 rounding is the pointer kernel's
+    wt = torch.randn(24, 16, 1, 1).to(DEV)
+    prob = ConvProblem.from_tensors(x, wt, 1, 0, 1, 1, None)
+    assert not kconv._tma_ready(tma, prob, x, wt, x).tma
+    assert kconv._tma_ready(tma, ConvProblem.from_tensors(x.half(), wt.half(), 1, 0, 1, 1, None),
+                            x.half(), wt.half()).tma
+    with pytest.raises(ValueError, match="TMA.*gemm"):
+        conv_bias_act_triton(x.half(), torch.randn(16, 16, 3, 3).half().to(DEV),
+                             torch.zeros(16).to(DEV), 1, 1, 1, 1, config=tma)
+
+
+def test_tma_rows_offered_for_aligned_16_bit_gemms_only():
+    """TMA rows are candidates for 1x1 stride-1 GEMMs in fp16/bf16 whose channel counts are
+    multiples of 8, never for fp32, other schedules, or odd channel counts; their shared
+    memory estimate counts the output (and residual) tile they stage."""
+    kept = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 256 * 56 * 56, 256, 64, 2, False, taps=1)
+    assert {c.persistent for c in kept if c.tma} == {0, 1, 2}
+    # with a residual tile staged too, two 4-stage 128x64 programs no longer fit one SM
+    kept = kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", 256 * 56 * 56, 256, 64, 2, True, taps=1)
+    assert {c.persistent for c in kept if c.tma} == {0, 1}
+    for args in [(256 * 56 * 56, 256, 64, 4, True),  # fp32
+                 (256 * 56 * 56, 256, 60, 2, True),  # C_in 60
+                 (256 * 56 * 56, 260, 64, 2, False)]:  # C_out 260
+        assert not any(c.tma for c in kcfg.prune(kcfg.GEMM_CONFIGS, "gemm", *args, taps=1))
+    assert not any(c.tma for c in kcfg.prune(kcfg.GEMM_CONFIGS, "conv", 256 * 28 * 28, 256,
+                                               256, 2, False, taps=9))
+    row = kcfg.KernelConfig(128, 128, 64, 8, 8, 3, tma=True)
+    plain = kcfg.smem_bytes(kcfg.KernelConfig(128, 128, 64, 8, 8, 3), 2)
+    assert kcfg.smem_bytes(row, 2) == plain + 128 * 128 * 2
+    assert kcfg.smem_bytes(row, 2, has_res=True) == plain + 2 * 128 * 128 * 2
+
+
+def test_tma_switched_off(monkeypatch):
+    """``FASTRES_TMA=0`` (``conv.TMA_ENABLED``): no TMA row among the candidates, and a
+    remembered TMA row runs as its twin without TMA."""
+    from fastres.kernels import conv as kconv
+
+    prob = ConvProblem(256, 64, 56, 56, 256, 1, 1, (1, 1), (0, 0), (1, 1), 1, torch.float16,
+                       has_res=True, relu=True, tf32=False)
+    monkeypatch.setattr(kconv, "_interpreted", lambda: False)  # the GPU's candidate list
+    on = kconv.problem_configs(prob)
+    assert any(c.tma for c in on)
+    x = torch.empty(0, dtype=torch.float16)
+    tma = kcfg.KernelConfig(128, 128, 64, 8, 8, 3, tma=True)
+    assert kconv._tma_ready(tma, prob, x) is tma
+    monkeypatch.setattr(kconv, "TMA_ENABLED", False)
+    assert kconv.problem_configs(prob) == [c for c in on if not c.tma]
+    assert kconv._tma_ready(tma, prob, x) == kcfg.KernelConfig(128, 128, 64, 8, 8, 3)
+
+
+@pytest.mark.cuda
+def test_gpu_tma_rows_in_threads_direct_launch_and_graphs():
+    """Triton's scratch allocator (where a TMA program writes its descriptors) is per
+    context: TMA rows launched first from threads that never set one, then again (straight
+    to the compiled kernel), then captured in a CUDA graph and replayed on new input, are
+    right each time (into poisoned outputs)."""
+    import threading
+
+    from fastres.kernels import _direct
+
+    dev, dt = "cuda", torch.bfloat16
+    n, c, h, w, k = 4, 64, 14, 14, 256
+    wt = (torch.randn(k, c, 1, 1, device=dev) * c ** -0.5).to(dt)
+    b = torch.randn(k, device=dev)
+
+    def case():
+        x = torch.randn(n, c, h, w, device=dev).to(dt).contiguous(memory_format=CL)
+        res = torch.randn(n, k, h, w, device=dev).to(dt).contiguous(memory_format=CL)
+        return x, res, _ref(x, wt, b, (1, 1), (0, 0), (1, 1), 1, res, True)
+
+    def poisoned():
+        return torch.full((n, k, h, w), float("nan"), device=dev, dtype=dt).contiguous(
+            memory_format=CL)
+
+    rows = [kcfg.KernelConfig(128, 128, 64, 8, 8, 3, tma=True),
+            kcfg.KernelConfig(64, 64, 64, 8, 4, 2, persistent=1, tma=True)]
+    errors = []
+
+    def in_thread(cfg):
+        try:
+            x, res, ref = case()
+            for _ in range(2):  # dispatched, then direct
+                y = conv_bias_act_triton(x, wt, b, 1, 0, 1, 1, res, True, config=cfg,
+                                         out=poisoned())
+                torch.cuda.synchronize()
+                errors.append(rel_err(y, ref))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    before = _direct.stats()["direct"]
+    threads = [threading.Thread(target=in_thread, args=(cfg,)) for cfg in rows]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 4 and all(isinstance(e, float) and e <= TOL[dt] for e in errors), \
+        errors
+    assert _direct.stats()["direct"] >= before + 2
+    for cfg in rows:
+        x, res, _ = case()
+        sx, sres, out = x.clone(), res.clone(), poisoned()
+        conv_bias_act_triton(sx, wt, b, 1, 0, 1, 1, sres, True, config=cfg, out=out)  # warm
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            conv_bias_act_triton(sx, wt, b, 1, 0, 1, 1, sres, True, config=cfg, out=out)
+        x, res, ref = case()
+        sx.copy_(x)
+        sres.copy_(res)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_rel(out, ref, TOL[dt])

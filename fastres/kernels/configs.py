@@ -10,12 +10,30 @@ fastres.compile_report`` checks that and a row that fails it is removed from thi
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import asdict, dataclass, replace
 
 # H100: 227 KiB of shared memory per block (opt-in maximum).
 SMEM_LIMIT = 232448
 # H100 SXM's multiprocessors (H200: also 132): the persistent rows' pruning without a GPU.
 SMS = 132
+
+
+def _triton_at_least(major: int, minor: int) -> bool:
+    try:
+        import triton
+    except ImportError:  # (the tables are data; nothing launches without Triton)
+        return False
+    m = re.match(r"(\d+)\.(\d+)", getattr(triton, "__version__", ""))
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+
+
+# Triton pipelines the persistent rows' flattened tile-and-K loop of pointer loads (async
+# copies, wgmma overlapped) from 3.8; 3.6 (the compile report under it: synchronous loads, 24-32
+# KiB of shared memory) does not, so the pointer persistent rows are offered from 3.8 only.
+# Their TMA twins are pipelined by both.
+POINTER_PERSISTENT = _triton_at_least(3, 8)
+
 # fp32 accumulator registers per thread we allow (the rest of the 255 go to addresses,
 # masks and the epilogue); BLOCK_M * BLOCK_N / (32 * num_warps) above this spills.
 ACC_REGS_LIMIT = 128
@@ -35,6 +53,11 @@ class KernelConfig:
     launches ``p`` programs per SM (at most one per tile), each looping over tiles with the
     tile and K loops flattened into one pipelined loop, so that a tile's epilogue overlaps
     the next tile's operand loads. Its label ends in ``p`` and the count.
+    ``tma`` (1x1 stride-1 GEMMs, 16-bit, channel counts that are multiples of 8): the
+    activation, weight and residual tiles are loaded, and the output tile stored, by Hopper's
+    tensor memory accelerator through tensor descriptors (no address or mask arithmetic in the
+    kernel; the output goes through shared memory). A call whose tensors are not 16-byte
+    aligned runs the same row without it. Its label ends in ``t``.
     """
 
     block_m: int
@@ -45,6 +68,7 @@ class KernelConfig:
     num_stages: int = 3
     early_res: bool = False
     persistent: int = 0
+    tma: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +76,8 @@ class KernelConfig:
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
                 f"w{self.num_warps} s{self.num_stages}" + (" r" if self.early_res else "")
-                + (f" p{self.persistent}" if self.persistent else ""))
+                + (f" p{self.persistent}" if self.persistent else "")
+                + (" t" if self.tma else ""))
 
 
 C = KernelConfig
@@ -90,6 +115,13 @@ GEMM_CONFIGS = [
     C(128, 128, 64, 8, 8, 3, persistent=1),
     C(128, 64, 64, 8, 4, 4, persistent=2),
     C(64, 128, 64, 8, 4, 4, persistent=2),
+    # TMA rows (Hopper's tensor memory accelerator moves every tile; Triton's Hopper matmul
+    # tutorials use it for their fastest schedules): offered for 16-bit layers whose channel
+    # counts are multiples of 8 (16-byte rows). One program per tile, and persistent.
+    C(128, 128, 64, 8, 8, 3, tma=True),
+    C(128, 64, 64, 8, 4, 4, tma=True),
+    C(128, 128, 64, 8, 8, 3, persistent=1, tma=True),
+    C(128, 64, 64, 8, 4, 4, persistent=2, tma=True),
 ]
 
 # Implicit GEMM (3x3, strided 1x1, dilated). The first row (the pinned choice) has 4 warps:
@@ -175,9 +207,13 @@ def interpreter_config(m: int, n_per_group: int, k_per_group: int) -> KernelConf
                         min(64, _pow2_at_least(k_per_group)), 4, 4, 1)
 
 
-def smem_bytes(cfg: KernelConfig, elem_bytes: int) -> int:
-    """Shared memory of the pipelined A and B tiles (the estimate inductor prunes with)."""
-    return (cfg.block_m + cfg.block_n) * cfg.block_k * elem_bytes * cfg.num_stages
+def smem_bytes(cfg: KernelConfig, elem_bytes: int, has_res: bool = False) -> int:
+    """Shared memory of the pipelined A and B tiles (the estimate inductor prunes with), and
+    for a TMA row the output tile it stores from (and the residual tile it loads into)."""
+    tiles = (cfg.block_m + cfg.block_n) * cfg.block_k * elem_bytes * cfg.num_stages
+    if cfg.tma:
+        tiles += cfg.block_m * cfg.block_n * elem_bytes * (2 if has_res else 1)
+    return tiles
 
 
 def k_steps(cfg: KernelConfig, kind: str, k_per_group: int, taps: int) -> int:
@@ -237,15 +273,21 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
     max_k = _pow2_at_least(k_per_group)
     max_m = _pow2_at_least(m, 64)
     for cfg in table:
-        if smem_bytes(cfg, elem_bytes) > smem_limit:
+        if smem_bytes(cfg, elem_bytes, has_res) > smem_limit:
+            continue
+        # TMA: gemm, 16-bit (fp32 operands are rounded to TF32 in registers, see below), and
+        # rows of whole 16-byte multiples (a descriptor's strides must be)
+        if cfg.tma and (kind != "gemm" or elem_bytes != 2 or (k_per_group * elem_bytes) % 16
+                        or (n_per_group * elem_bytes) % 16):
             continue
         if cfg.early_res and not has_res:  # (the same kernel as the row without it)
             continue
         if cfg.persistent:  # gemm only; two tiles or more per program; the programs of
-            # one SM fit its shared memory together
+            # one SM fit its shared memory together; pipelined by this Triton
             tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n)
             if (kind != "gemm" or tiles < 2 * cfg.persistent * sms
-                    or cfg.persistent * smem_bytes(cfg, elem_bytes) > smem_limit):
+                    or not (cfg.tma or POINTER_PERSISTENT)
+                    or cfg.persistent * smem_bytes(cfg, elem_bytes, has_res) > smem_limit):
                 continue
         # Compile report (sm_90): with fp32 operands (rounded to TF32 in registers) the early
         # residual tile spills (stack 8-200 bytes) in most rows.
@@ -281,7 +323,7 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
         keep.append(cfg)
     if not keep:  # tiny layer: the smallest row still runs correctly (masks); on a GPU with
         # little shared memory, with as few pipeline stages as it takes to fit
-        cfg = min((c for c in table if not (c.persistent or c.early_res)),
+        cfg = min((c for c in table if not (c.persistent or c.early_res or c.tma)),
                   key=lambda c: (c.block_m * c.block_n * c.block_k, c.num_stages))
         while cfg.num_stages > 1 and smem_bytes(cfg, elem_bytes) > smem_limit:
             cfg = replace(cfg, num_stages=cfg.num_stages - 1)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -222,6 +223,54 @@ def _gemm_persistent(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES: tl
                   HAS_RES, RELU, UPCAST)
 
 
+@triton.jit
+def _gemm_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES: tl.constexpr,
+              RELU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              GROUP_M: tl.constexpr):
+    """The 1x1 stride-1 GEMM ``[M, C] x [C, K_OUT]`` with every tile moved by the Hopper
+    tensor memory accelerator (TMA): the activation, weight and residual tiles are loaded, and
+    the output tile stored, through tensor descriptors made on the device. TMA fills rows and
+    channels past the tensor's end with zeros on load and clips them on store, so the kernel
+    computes no addresses or masks; the launcher runs it only where every tensor is 16-byte
+    aligned and C and K_OUT rows are whole 16-byte multiples (16-bit dtypes). Each program
+    takes every ``num_programs``-th tile: one per program for an ordinary grid, several for a
+    persistent one (tile and K loops flattened, as in :func:`_gemm_persistent`)."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, C], strides=[C, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K_OUT, C], strides=[C, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    o_desc = tl.make_tensor_descriptor(o_ptr, shape=[M, K_OUT], strides=[K_OUT, 1],
+                                       block_shape=[BLOCK_M, BLOCK_N])
+    if HAS_RES:
+        r_desc = tl.make_tensor_descriptor(r_ptr, shape=[M, K_OUT], strides=[K_OUT, 1],
+                                           block_shape=[BLOCK_M, BLOCK_N])
+    start = tl.program_id(0)
+    step = tl.num_programs(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K_OUT, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    tile_c = start - step  # the epilogue's own tile counter (see _gemm_persistent)
+    for tile in tl.range(start, num_pid_m * num_pid_n, step, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_in_group, num_pid_m, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(C, BLOCK_K)):
+            a = x_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+            b = w_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
+            acc = _mma(a, b.T, acc, UPCAST, False, PRECISION)
+        tile_c += step
+        pid_m, pid_n = _tile_coords(tile_c, num_in_group, num_pid_m, GROUP_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        bias = tl.load(b_ptr + rn, mask=rn < K_OUT, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+        if HAS_RES:
+            acc = acc + r_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)
+        if RELU:
+            acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
+        o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N],
+                     _to_output(acc, o_ptr.dtype.element_ty, UPCAST))
+
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def conv_bias_act_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
@@ -234,18 +283,24 @@ def conv_bias_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SUB_C: tl.constexpr = 0, SUB_K: tl.constexpr = 0,
     EARLY_RES: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     """out[m, g*N_EXT + n] = act(sum_k x_im2col[m, k] * w[n, k] + bias (+ res)).
 
     Grid: (cdiv(M, BLOCK_M) * cdiv(K_G, BLOCK_N), groups), or with ``PERSISTENT`` (1x1
     stride-1 GEMMs, one group) fewer programs, each looping over tiles
-    (:func:`_gemm_persistent`). x: NHWC contiguous [N, H, W, C];
+    (:func:`_gemm_persistent`); with ``TMA`` (1x1 stride-1 GEMMs, 16-bit, aligned) every
+    tile moves by tensor descriptors (:func:`_gemm_tma`), one program per tile or
+    persistent. x: NHWC contiguous [N, H, W, C];
     w: [K_OUT, R, S, C_G] contiguous (MODE 2: [K_OUT, R, BLOCK_K], zero-padded); out/res:
     [M, K_OUT] contiguous. ``SUB_C``/``SUB_K`` (block-diagonal grouped schedule only): the
     real groups' input/output channels inside a packed group; a tile whose sum is not finite
     is computed again group by group (:func:`_grouped_exact`).
     """
-    if PERSISTENT:
+    if TMA:
+        _gemm_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES, RELU, UPCAST,
+                  PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    elif PERSISTENT:
         # 1x1 stride-1 GEMM only (the launcher's grid: a few programs per SM, each looping
         # over tiles)
         _gemm_persistent(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES, RELU, EVEN_C,
@@ -551,9 +606,10 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
     kind = prob.kind
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     groups, c_g, k_g, pack, even_c = prob.groups, prob.c_g, prob.k_g, None, False
-    if cfg.persistent and kind != "gemm":
-        raise ValueError(f"persistent configuration {cfg} on a {kind} problem: persistent "
-                         "programs run 1x1 stride-1 convolutions (gemm) only")
+    if (cfg.persistent or cfg.tma) and kind != "gemm":
+        what = "persistent" if cfg.persistent else "TMA"
+        raise ValueError(f"{what} configuration {cfg} on a {kind} problem: {what} programs "
+                         "run 1x1 stride-1 convolutions (gemm) only")
     persistent = cfg.persistent > 0
     if kind == "gemm":
         even_c = prob.c % bk == 0
@@ -588,7 +644,7 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         # the real groups inside a packed one (the non-finite slow path); 0: not grouped
         SUB_C=prob.c_g if kind == "grouped" else 0, SUB_K=prob.k_g if kind == "grouped" else 0,
         EARLY_RES=cfg.early_res and prob.has_res,
-        PERSISTENT=persistent,
+        PERSISTENT=persistent, TMA=cfg.tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     tiles = triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn)
@@ -702,9 +758,11 @@ def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
     kind = prob.kind
     if _interpreted():  # grouped: 64 packed channels -> few, large programs
         return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else prob.k_extent)]
-    return prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, prob.elem_bytes(),
+    rows = prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, prob.elem_bytes(),
                  prob.has_res, taps=prob.taps, smem_limit=device_smem_limit(),
                  sms=device_sm_count())
+    # (never empty without them: each TMA row's twin without TMA passes the same pruning)
+    return rows if TMA_ENABLED else [c for c in rows if not c.tma]
 
 
 def conv_configs(x, weight, stride, padding, dilation, groups, residual=None,
@@ -861,6 +919,8 @@ def conv_bias_act_triton(
     res = residual if residual is not None else out  # never read when HAS_RES is False
 
     def run(cfg: KernelConfig, dst: torch.Tensor = out) -> torch.Tensor:
+        if cfg.tma:
+            cfg = _tma_ready(cfg, prob, x, weight, res, dst)
         lp = launch_params(prob, cfg, index64=index64)
         w = weight if lp.pack is None else _packed_weight(packable, prob.groups, lp.pack)
         args = (x, w, bias, res, dst,
@@ -903,6 +963,41 @@ def conv_bias_act_triton(
         config = _choose_config(prob, tune_run, check)
     run(config)
     return out
+
+
+# ``FASTRES_TMA=0`` (read at import): no TMA row is offered, and a remembered one runs without
+# TMA (the rows' way out, should a GPU or driver mishandle the descriptors)
+TMA_ENABLED = os.environ.get("FASTRES_TMA", "").strip() != "0"
+
+
+def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> KernelConfig:
+    """``cfg`` where its tensor descriptors can be made for these tensors (16-bit, every one
+    16-byte aligned, rows of whole 16-byte multiples: channel counts multiples of 8), with Triton's scratch allocator set for the
+    descriptors the kernel makes on the device; else the same row without TMA. (A TMA row on
+    a problem that is not a 1x1 stride-1 GEMM: :func:`launch_params` raises.)"""
+    if (not TMA_ENABLED or prob.elem_bytes() != 2 or prob.c % 8 or prob.k_out % 8
+            or any(t.data_ptr() % 16 for t in tensors)):
+        return dataclasses.replace(cfg, tma=False)
+    if tensors[0].is_cuda:
+        _set_scratch_allocator()
+    return cfg
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's device scratch (the tensor descriptors a TMA program writes), from torch's
+    caching allocator on the current device and stream (inside a CUDA graph capture: the
+    graph's pool). Blocks are 512-byte aligned, more than Triton asks."""
+    return torch.empty(size, dtype=torch.uint8, device="cuda")
+
+
+def _set_scratch_allocator() -> None:
+    """Give Triton :func:`_scratch` as its allocator in this context (thread), unless one is
+    set already (the user's, or torch's inductor's): Triton's default raises."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def _pair(v) -> tuple[int, int]:
