@@ -370,22 +370,19 @@ def test_early_residual_rows_offered_only_with_a_residual():
 
 # -- persistent GEMM rows (programs looping over tiles) ---------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("sms", [1, 3, 32])
-@pytest.mark.parametrize("shape", [
-    # (name, N, C_in, H, W, C_out, residual): M = 70 and 80 output pixels, C_out = 40
-    # (masked last blocks); C_in = 24 is not a multiple of block_k (two K steps, the second
-    # masked); 48 is three K steps.
+# (name, N, C_in, H, W, C_out, residual): M = 70 and 80 output pixels, C_out = 40 (masked last
+# blocks, or for TMA rows a last row block past the tensor's end, which TMA must zero on load
+# and clip on store); C_in = 24 is not a multiple of block_k (two K steps, the second masked or
+# reading 8 channels past the end); 48 is three K steps. 15 tiles of 16x16.
+GEMM_TILE_SHAPES = pytest.mark.parametrize("shape", [
     ("odd", 2, 24, 5, 7, 40, True),
     ("even-k", 2, 48, 5, 8, 40, False),
 ], ids=lambda s: s[0] if isinstance(s, tuple) else str(s))
-def test_persistent_rows_equal_one_program_per_tile(shape, sms, dtype, monkeypatch):
-    """Kills: a persistent program that skips or repeats tiles (wrong start or stride of the
-    tile loop), an epilogue that writes to the tile of the K loop's counter rather than its
-    own, masks of the first tile reused for later ones, K steps that leak from one tile's
-    accumulator into the next. With 1 or 3 programs looping over the 15 tiles of 16x16 (and
-    with 32 SMs, one program per tile), the output is bit-identical to one program per
-    tile, also written in place over the residual, and right against F.conv2d."""
+
+
+def _gemm_case(shape, dtype, sms, monkeypatch):
+    """(x, weight, bias, residual or None) of a GEMM_TILE_SHAPES case, fresh random, with the
+    launcher seeing ``sms`` multiprocessors (the persistent grids)."""
     from fastres.kernels import conv as kconv
 
     name, n, c, h, w, k, with_res = shape
@@ -395,6 +392,21 @@ def test_persistent_rows_equal_one_program_per_tile(shape, sms, dtype, monkeypat
     b = torch.randn(k).to(DEV)
     res = (torch.randn(n, k, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
            if with_res else None)
+    return x, wt, b, res
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sms", [1, 3, 32])
+@GEMM_TILE_SHAPES
+def test_persistent_rows_equal_one_program_per_tile(shape, sms, dtype, monkeypatch):
+    """Kills: a persistent program that skips or repeats tiles (wrong start or stride of the
+    tile loop), an epilogue that writes to the tile of the K loop's counter rather than its
+    own, masks of the first tile reused for later ones, K steps that leak from one tile's
+    accumulator into the next. With 1 or 3 programs looping over the 15 tiles of 16x16 (and
+    with 32 SMs, one program per tile), the output is bit-identical to one program per
+    tile, also written in place over the residual, and right against F.conv2d."""
+    x, wt, b, res = _gemm_case(shape, dtype, sms, monkeypatch)
+    n, k, h, w = x.shape[0], wt.shape[0], x.shape[2], x.shape[3]
     base = kcfg.KernelConfig(16, 16, 16, 4, 4, 1)
     pers = kcfg.KernelConfig(16, 16, 16, 4, 4, 1, persistent=1)
     assert str(pers) == str(base) + " p1"
@@ -466,13 +478,7 @@ def test_pointer_persistent_rows_only_where_triton_pipelines_them(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("sms", [1, 3, 32])
-@pytest.mark.parametrize("shape", [
-    # (name, N, C_in, H, W, C_out, residual): M = 70 and 80 output pixels (a last row block
-    # past the tensor's end, which TMA must zero on load and clip on store); C_in = 24 is not
-    # a multiple of block_k (the second K step reads 8 channels past the end); C_out = 40
-    ("odd", 2, 24, 5, 7, 40, True),
-    ("even-k", 2, 48, 5, 8, 40, False),
-], ids=lambda s: s[0] if isinstance(s, tuple) else str(s))
+@GEMM_TILE_SHAPES
 def test_tma_rows_equal_the_pointer_kernel(shape, sms, dtype, monkeypatch):
     """Kills: a descriptor whose shape or strides are not the tensor's (rows or channels read
     from the next pixel, out-of-bounds rows stored over the next image), the weight block
@@ -480,15 +486,8 @@ def test_tma_rows_equal_the_pointer_kernel(shape, sms, dtype, monkeypatch):
     residual or bias read from another tile, ReLU dropped. One program per tile and
     persistent programs (1 or 3 looping over 15 tiles), into a NaN-poisoned output and in
     place over the residual: against the pointer kernel and F.conv2d."""
-    from fastres.kernels import conv as kconv
-
-    name, n, c, h, w, k, with_res = shape
-    monkeypatch.setattr(kconv, "device_sm_count", lambda: sms)
-    x = torch.randn(n, c, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
-    wt = (torch.randn(k, c, 1, 1) * c ** -0.5).to(dtype).to(DEV)
-    b = torch.randn(k).to(DEV)
-    res = (torch.randn(n, k, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
-           if with_res else None)
+    x, wt, b, res = _gemm_case(shape, dtype, sms, monkeypatch)
+    n, k, h, w = x.shape[0], wt.shape[0], x.shape[2], x.shape[3]
     base = kcfg.KernelConfig(16, 16, 16, 4, 4, 1)
     prob = ConvProblem.from_tensors(x, wt, 1, 0, 1, 1, res)
     for tma in (kcfg.KernelConfig(16, 16, 16, 4, 4, 1, tma=True),
