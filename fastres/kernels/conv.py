@@ -972,9 +972,10 @@ TMA_ENABLED = os.environ.get("FASTRES_TMA", "").strip() != "0"
 
 def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> KernelConfig:
     """``cfg`` where its tensor descriptors can be made for these tensors (16-bit, every one
-    16-byte aligned, rows of whole 16-byte multiples: channel counts multiples of 8), with Triton's scratch allocator set for the
-    descriptors the kernel makes on the device; else the same row without TMA. (A TMA row on
-    a problem that is not a 1x1 stride-1 GEMM: :func:`launch_params` raises.)"""
+    16-byte aligned, rows of whole 16-byte multiples: channel counts multiples of 8), with
+    Triton's scratch allocator set for the descriptors the kernel makes on the device; else
+    the same row without TMA. (A TMA row on a problem that is not a 1x1 stride-1 GEMM:
+    :func:`launch_params` raises.)"""
     if (not TMA_ENABLED or prob.elem_bytes() != 2 or prob.c % 8 or prob.k_out % 8
             or any(t.data_ptr() % 16 for t in tensors)):
         return dataclasses.replace(cfg, tma=False)
