@@ -587,6 +587,40 @@ def test_tma_switched_off(monkeypatch):
     assert kconv._tma_ready(tma, prob, x) == kcfg.KernelConfig(128, 128, 64, 8, 8, 3)
 
 
+def test_tma_scratch_allocator_set_per_thread_and_never_over_the_users():
+    """Triton's allocator is per context: fastres sets its own in a thread that has none, and
+    keeps one the thread set itself (the user's, or inductor's)."""
+    import threading
+
+    import triton
+    from triton.runtime import _allocation
+
+    from fastres.kernels import conv as kconv
+
+    def mine(size, alignment, stream):
+        raise AssertionError("not called here")
+
+    seen = []
+
+    def fresh():
+        before = _allocation._allocator.get()
+        kconv._set_scratch_allocator()
+        seen.append((before, _allocation._allocator.get()))
+
+    def users():
+        triton.set_allocator(mine)
+        kconv._set_scratch_allocator()
+        seen.append((mine, _allocation._allocator.get()))
+
+    for target in (fresh, users):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+    (before, after), (_, kept) = seen
+    assert isinstance(before, _allocation.NullAllocator) and after is kconv._scratch
+    assert kept is mine
+
+
 @pytest.mark.cuda
 def test_gpu_tma_rows_in_threads_direct_launch_and_graphs():
     """Triton's scratch allocator (where a TMA program writes its descriptors) is per

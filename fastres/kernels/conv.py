@@ -966,8 +966,10 @@ def conv_bias_act_triton(
 
 
 # ``FASTRES_TMA=0`` (read at import): no TMA row is offered, and a remembered one runs without
-# TMA (the rows' way out, should a GPU or driver mishandle the descriptors)
-TMA_ENABLED = os.environ.get("FASTRES_TMA", "").strip() != "0"
+# TMA (the rows' way out, should a GPU or driver mishandle the descriptors). Also off with a
+# Triton that cannot make descriptors on the device or take an allocator for their scratch.
+TMA_ENABLED = (os.environ.get("FASTRES_TMA", "").strip() != "0"
+               and hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator"))
 
 
 def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> KernelConfig:
@@ -994,10 +996,13 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 def _set_scratch_allocator() -> None:
     """Give Triton :func:`_scratch` as its allocator in this context (thread), unless one is
     set already (the user's, or torch's inductor's): Triton's default raises."""
-    from triton.runtime import _allocation
+    try:  # (Triton's private module: 3.6 and 3.8 keep the allocator in a ContextVar there)
+        from triton.runtime import _allocation
 
-    current = getattr(_allocation, "_allocator", None)
-    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # cannot tell: a launch without one would raise
+        unset = True
+    if unset:
         triton.set_allocator(_scratch)
 
 
