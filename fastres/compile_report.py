@@ -19,8 +19,9 @@ and checked:
   TTGIR, lowered to ``cp.async ... 0x10``). The stem's activation rows (3 channels, 7 taps,
   stride 2) cannot be 16-byte aligned: that column reads ``n/a`` there. A TMA row
   (``... t``) loads both tiles by the tensor memory accelerator instead: each must be an
-  ``ttng.async_tma_copy_global_to_local`` of the whole tile in the TTGIR, lowered to
-  ``cp.async.bulk.tensor`` in the PTX;
+  ``ttng.async_tma_copy_global_to_local`` of the whole tile in the TTGIR, lowered to a
+  global->shared ``cp.async.bulk.tensor`` in the PTX, with no pointer load of a tile of its
+  shape (:func:`tma_tile_ok`);
 - max-pool and global average pool: no spills and 16-byte vector loads (``ld.global.v4``).
 
 Prints a table and exits non-zero when any check fails. A failing configuration is removed
@@ -199,9 +200,28 @@ _TMA_LOAD = re.compile(r"ttng\.async_tma_copy_global_to_local.*?:\s*"
                        r"!tt\.tensordesc<(?:tensor<)?(\d+)x(\d+)x")
 
 
+# a 2-D tile loaded through pointers (synchronously, or by a cp.async copy)
+_POINTER_TILE = re.compile(r"(?:tt\.load|ttg\.async_copy_global_to_local)\s.*?:\s*"
+                           r"tensor<(\d+)x(\d+)x!tt\.ptr<")
+# a TMA load (global -> shared; the output's store is ``...global.shared::cta...``)
+_TMA_LOAD_PTX = re.compile(r"cp\.async\.bulk\.tensor\.\d+d\.shared::\w+\.global")
+
+
 def _tma_tiles(ttgir: str) -> set[tuple[int, int]]:
     """(rows, cols) of every TMA global->shared tile load (its descriptor's block)."""
     return {(int(m.group(1)), int(m.group(2))) for m in _TMA_LOAD.finditer(ttgir)}
+
+
+def tma_tile_ok(ttgir: str, ptx: str, shape) -> bool:
+    """A TMA row's tile of block ``shape``: a TMA load of that block in the TTGIR, a
+    global->shared bulk tensor copy in the PTX, and no pointer load of a tile that shape (or
+    its transpose). (The activation and weight blocks, or the activation and residual ones,
+    can have one shape: a kernel that loaded one of them through pointers would otherwise
+    pass on the other's TMA load.)"""
+    rows, cols = shape
+    pointer = {(int(r), int(c)) for r, c in _POINTER_TILE.findall(ttgir)}
+    return ((rows, cols) in _tma_tiles(ttgir) and bool(_TMA_LOAD_PTX.search(ptx))
+            and not pointer & {(rows, cols), (cols, rows)})
 
 
 def _tile_copies(ttgir: str) -> list[tuple[int, int, int | None]]:
@@ -269,11 +289,9 @@ def compile_job(job: Job) -> dict:
         copies = _tile_copies(ttgir)
         ptx_sizes = set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(0x[0-9a-f]+)",
                                    ptx))
-        tma_tiles = _tma_tiles(ttgir) if job.tma else set()
         for tile, shape in job.tiles.items():
             if job.tma:  # the whole tile by the tensor memory accelerator
-                checks[tile + "16"] = (tuple(shape) in tma_tiles
-                                       and "cp.async.bulk.tensor" in ptx)
+                checks[tile + "16"] = tma_tile_ok(ttgir, ptx, shape)
                 continue
             if shape is None:
                 res[tile + "16"] = "n/a"

@@ -97,3 +97,24 @@ def test_compile_report_catches_a_tma_row_without_tma():
     job.constexprs["TMA"] = False
     (res,) = cr.compile_jobs([job], 1)
     assert not res["ok"] and not res["checks"]["A16"] and not res["checks"]["B16"], res
+
+
+def test_tma_tile_check_wants_each_tile_by_tma():
+    """The TMA tile check on IR text: a TMA load of the block and a global->shared bulk copy
+    pass; a pointer load of a tile of that shape fails it even beside another tile's TMA load
+    of the same shape (128x128x64: the activation and weight blocks are both 128x64), and so
+    does a PTX whose only bulk tensor copy is the output's store."""
+    from fastres.compile_report import tma_tile_ok
+
+    tma = ("ttng.async_tma_copy_global_to_local %w_desc[%a, %b] %buf, %bar, %true : "
+           "!tt.tensordesc<128x64xbf16, #shared> -> !ttg.memdesc<128x64xbf16>")
+    tma36 = tma.replace("<128x64xbf16, #shared>", "<tensor<128x64xbf16, #shared>>")
+    ptr = "%a = tt.load %a_ptrs, %m, %o : tensor<128x64x!tt.ptr<bf16>, #blocked2> loc(#l)"
+    ptr_t = ptr.replace("128x64x", "64x128x")
+    load = "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r1]"
+    store = "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd4, {%r5, %r6}]"
+    assert tma_tile_ok(tma, load, (128, 64)) and tma_tile_ok(tma36, load + store, (128, 64))
+    assert not tma_tile_ok(tma, load, (64, 128))  # no TMA load of that block
+    assert not tma_tile_ok(tma + "\n" + ptr, load, (128, 64))
+    assert not tma_tile_ok(tma + "\n" + ptr_t, load, (128, 64))
+    assert not tma_tile_ok(tma, store, (128, 64))

@@ -486,6 +486,9 @@ def test_tma_rows_equal_the_pointer_kernel(shape, sms, dtype, monkeypatch):
     residual or bias read from another tile, ReLU dropped. One program per tile and
     persistent programs (1 or 3 looping over 15 tiles), into a NaN-poisoned output and in
     place over the residual: against the pointer kernel and F.conv2d."""
+    from fastres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "TMA_ENABLED", True)  # (whatever FASTRES_TMA says)
     x, wt, b, res = _gemm_case(shape, dtype, sms, monkeypatch)
     n, k, h, w = x.shape[0], wt.shape[0], x.shape[2], x.shape[3]
     base = kcfg.KernelConfig(16, 16, 16, 4, 4, 1)
@@ -493,6 +496,8 @@ def test_tma_rows_equal_the_pointer_kernel(shape, sms, dtype, monkeypatch):
     for tma in (kcfg.KernelConfig(16, 16, 16, 4, 4, 1, tma=True),
                 kcfg.KernelConfig(16, 16, 16, 4, 4, 1, persistent=1, tma=True)):
         assert str(tma).endswith(" t")
+        # these tensors take TMA (the launch below is the TMA kernel, not the fallback)
+        assert kconv._tma_ready(tma, prob, x, wt, x if res is None else res) is tma
         lp = launch_params(prob, tma)
         assert lp.params["TMA"] and lp.grid[0] == (min(15, sms) if tma.persistent else 15)
         for relu in (True, False):
@@ -512,13 +517,14 @@ def test_tma_rows_equal_the_pointer_kernel(shape, sms, dtype, monkeypatch):
                 assert y2.data_ptr() == acc.data_ptr() and torch.equal(y2, y1)
 
 
-def test_tma_rows_fall_back_where_descriptors_cannot_be_made():
+def test_tma_rows_fall_back_where_descriptors_cannot_be_made(monkeypatch):
     """A TMA row on tensors a descriptor cannot describe runs the same row without TMA, and
     right: an activation 2 bytes off 16-byte alignment, channel counts that are not multiples
     of 8 (rows not whole 16-byte multiples), fp32; and a TMA row on a 3x3 layer is an error,
-    not a silent fallback (the tuner never offers one)."""
+    not a silent fallback (the tuner never offers one), in any dtype."""
     from fastres.kernels import conv as kconv
 
+    monkeypatch.setattr(kconv, "TMA_ENABLED", True)
     tma = kcfg.KernelConfig(16, 16, 16, 4, 4, 1, tma=True)
     dtype = torch.float16
     big = torch.randn(2 * 16 * 5 * 6 + 1).to(dtype).to(DEV)
@@ -543,9 +549,10 @@ def test_tma_rows_fall_back_where_descriptors_cannot_be_made():
     assert not kconv._tma_ready(tma, prob, x, wt, x).tma
     assert kconv._tma_ready(tma, ConvProblem.from_tensors(x.half(), wt.half(), 1, 0, 1, 1, None),
                             x.half(), wt.half()).tma
-    with pytest.raises(ValueError, match="TMA.*gemm"):
-        conv_bias_act_triton(x.half(), torch.randn(16, 16, 3, 3).half().to(DEV),
-                             torch.zeros(16).to(DEV), 1, 1, 1, 1, config=tma)
+    for dt in (torch.float16, torch.float32):  # (fp32 could not take TMA either: raises too)
+        with pytest.raises(ValueError, match="TMA.*gemm"):
+            conv_bias_act_triton(x.to(dt), torch.randn(16, 16, 3, 3).to(dt).to(DEV),
+                                 torch.zeros(16).to(DEV), 1, 1, 1, 1, config=tma)
 
 
 def test_tma_rows_offered_for_aligned_16_bit_gemms_only():
@@ -622,14 +629,19 @@ def test_tma_scratch_allocator_set_per_thread_and_never_over_the_users():
 
 
 @pytest.mark.cuda
-def test_gpu_tma_rows_in_threads_direct_launch_and_graphs():
+def test_gpu_tma_rows_in_threads_direct_launch_and_graphs(monkeypatch):
     """Triton's scratch allocator (where a TMA program writes its descriptors) is per
     context: TMA rows launched first from threads that never set one, then again (straight
     to the compiled kernel), then captured in a CUDA graph and replayed on new input, are
-    right each time (into poisoned outputs)."""
+    right each time (into poisoned outputs). The persistent row's grid is 3 programs (as if
+    on 3 SMs), each looping over ~17 of the 52 tiles."""
     import threading
 
     from fastres.kernels import _direct
+    from fastres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "TMA_ENABLED", True)
+    monkeypatch.setattr(kconv, "device_sm_count", lambda: 3)
 
     dev, dt = "cuda", torch.bfloat16
     n, c, h, w, k = 4, 64, 14, 14, 256
@@ -647,6 +659,11 @@ def test_gpu_tma_rows_in_threads_direct_launch_and_graphs():
 
     rows = [kcfg.KernelConfig(128, 128, 64, 8, 8, 3, tma=True),
             kcfg.KernelConfig(64, 64, 64, 8, 4, 2, persistent=1, tma=True)]
+    x, res, _ = case()
+    prob = ConvProblem.from_tensors(x, wt, 1, 0, 1, 1, res)
+    for cfg in rows:  # the launches below are the TMA kernel's, not the fallback's
+        assert kconv._tma_ready(cfg, prob, x, wt, res, poisoned()) is cfg
+    assert launch_params(prob, rows[1]).grid == (3, 1)
     errors = []
 
     def in_thread(cfg):

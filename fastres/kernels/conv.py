@@ -978,6 +978,8 @@ def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> 
     Triton's scratch allocator set for the descriptors the kernel makes on the device; else
     the same row without TMA. (A TMA row on a problem that is not a 1x1 stride-1 GEMM:
     :func:`launch_params` raises.)"""
+    if prob.kind != "gemm":
+        return cfg  # (launch_params says what TMA rows run, whatever the tensors)
     if (not TMA_ENABLED or prob.elem_bytes() != 2 or prob.c % 8 or prob.k_out % 8
             or any(t.data_ptr() % 16 for t in tensors)):
         return dataclasses.replace(cfg, tma=False)
