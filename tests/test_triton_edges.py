@@ -642,6 +642,7 @@ def test_gpu_tma_rows_in_threads_direct_launch_and_graphs(monkeypatch):
 
     monkeypatch.setattr(kconv, "TMA_ENABLED", True)
     monkeypatch.setattr(kconv, "device_sm_count", lambda: 3)
+    monkeypatch.setattr(_direct, "ENABLED", True)  # (whatever FASTRES_DIRECT_LAUNCH says)
 
     dev, dt = "cuda", torch.bfloat16
     n, c, h, w, k = 4, 64, 14, 14, 256
