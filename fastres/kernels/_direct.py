@@ -87,7 +87,7 @@ def _hooks_idle() -> bool:
     return True
 
 
-def _aligned(tensors: tuple) -> bool:
+def aligned(tensors) -> bool:
     """Every tensor's data is 16-byte aligned (what Triton specializes pointers on)."""
     for t in tensors:
         if t.data_ptr() % 16:
@@ -134,7 +134,7 @@ def launch(kernel, grid: tuple, args: tuple, params: Mapping[str, Any], cache: d
     device, stream = _device_and_stream()
     hit = cache.get(device)
     tensors = args[:n_tensors]
-    if hit is not None and _aligned(tensors) and _hooks_idle():
+    if hit is not None and aligned(tensors) and _hooks_idle():
         compiled, tail = hit
         compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                      stream, compiled.function, compiled.packed_metadata, None, None, None,
@@ -143,7 +143,7 @@ def launch(kernel, grid: tuple, args: tuple, params: Mapping[str, Any], cache: d
         return
     compiled = kernel[grid](*args, **params)
     _stats["dispatched"] += 1
-    if hit is None and _aligned(tensors) and all(
+    if hit is None and aligned(tensors) and all(
             hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
         names = _signature(kernel)[0]
         if {k for k in params if k not in names} <= {"num_warps", "num_stages"}:

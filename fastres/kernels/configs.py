@@ -10,7 +10,6 @@ fastres.compile_report`` checks that and a row that fails it is removed from thi
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import asdict, dataclass, replace
 
 # H100: 227 KiB of shared memory per block (opt-in maximum).
@@ -24,8 +23,9 @@ def _triton_at_least(major: int, minor: int) -> bool:
         import triton
     except ImportError:  # (the tables are data; nothing launches without Triton)
         return False
-    m = re.match(r"(\d+)\.(\d+)", getattr(triton, "__version__", ""))
-    return m is not None and (int(m.group(1)), int(m.group(2))) >= (major, minor)
+    from fastres.ops._backend import _leading_ints
+
+    return _leading_ints(getattr(triton, "__version__", "")) >= (major, minor)
 
 
 # Triton pipelines the persistent rows' flattened tile-and-K loop of pointer loads (async

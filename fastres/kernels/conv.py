@@ -981,7 +981,7 @@ def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> 
     if prob.kind != "gemm":
         return cfg  # (launch_params says what TMA rows run, whatever the tensors)
     if (not TMA_ENABLED or prob.elem_bytes() != 2 or prob.c % 8 or prob.k_out % 8
-            or any(t.data_ptr() % 16 for t in tensors)):
+            or not _direct.aligned(tensors)):
         return dataclasses.replace(cfg, tma=False)
     if tensors[0].is_cuda:
         _set_scratch_allocator()
