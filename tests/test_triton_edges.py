@@ -12,6 +12,8 @@ the mistake it catches.
 - shape classes that must not take the stem / block-diagonal schedules.
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -592,6 +594,26 @@ def test_tma_switched_off(monkeypatch):
     monkeypatch.setattr(kconv, "TMA_ENABLED", False)
     assert kconv.problem_configs(prob) == [c for c in on if not c.tma]
     assert kconv._tma_ready(tma, prob, x) == kcfg.KernelConfig(128, 128, 64, 8, 8, 3)
+
+
+def test_tma_switch_keys_the_tuning_cache():
+    """Choices made with ``FASTRES_TMA=0`` were made without the TMA rows: the candidate
+    tables' digest (part of the tuning cache's key) differs, so neither setting reuses the
+    other's choices."""
+    import subprocess
+    import sys
+
+    code = ("from fastres.kernels import configs as c; "
+            "print(c.TMA_ROWS, c.tables_digest())")
+
+    def read(tma: str) -> list[str]:
+        env = {**os.environ, "FASTRES_TMA": tma}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True).stdout.split()
+
+    off, on = read("0"), read("1")
+    assert off[0] == "False" and off[1] != on[1]
+    assert on[0] == str(kcfg.TMA_ROWS)
 
 
 def test_tma_scratch_allocator_set_per_thread_and_never_over_the_users():

@@ -10,6 +10,7 @@ fastres.compile_report`` checks that and a row that fails it is removed from thi
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import asdict, dataclass, replace
 
 # H100: 227 KiB of shared memory per block (opt-in maximum).
@@ -33,6 +34,23 @@ def _triton_at_least(major: int, minor: int) -> bool:
 # KiB of shared memory) does not, so the pointer persistent rows are offered from 3.8 only.
 # Their TMA twins are pipelined by both.
 POINTER_PERSISTENT = _triton_at_least(3, 8)
+
+
+def _tma_rows() -> bool:
+    if os.environ.get("FASTRES_TMA", "").strip() == "0":
+        return False
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return False
+    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
+# ``FASTRES_TMA=0`` (read at import): no TMA row is offered, and a remembered one runs without
+# TMA (the rows' way out, should a GPU or driver mishandle the descriptors). Also off with a
+# Triton that cannot make descriptors on the device or take an allocator for their scratch.
+TMA_ROWS = _tma_rows()
 
 # fp32 accumulator registers per thread we allow (the rest of the 255 go to addresses,
 # masks and the epilogue); BLOCK_M * BLOCK_N / (32 * num_warps) above this spills.
@@ -189,8 +207,11 @@ TABLES = {
 def tables_digest() -> str:
     """Twelve hex digits naming the candidate tables (every row of every schedule): the
     tuning cache is kept per digest, since a choice made among other candidates may not be
-    the fastest of these."""
-    text = repr(sorted((kind, [repr(c) for c in rows]) for kind, rows in TABLES.items()))
+    the fastest of these. The switches that decide which rows are offered (``FASTRES_TMA``,
+    the pointer persistent rows' Triton version) are part of it: a choice made with the TMA
+    rows off was made without them."""
+    text = repr((sorted((kind, [repr(c) for c in rows]) for kind, rows in TABLES.items()),
+                 {"tma": TMA_ROWS, "pointer_persistent": POINTER_PERSISTENT}))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

@@ -48,6 +48,7 @@ from fastres.kernels.configs import (
     SMEM_LIMIT,
     SMS,
     TABLES,
+    TMA_ROWS,
     KernelConfig,
     _pow2_at_least,
     interpreter_config,
@@ -965,11 +966,8 @@ def conv_bias_act_triton(
     return out
 
 
-# ``FASTRES_TMA=0`` (read at import): no TMA row is offered, and a remembered one runs without
-# TMA (the rows' way out, should a GPU or driver mishandle the descriptors). Also off with a
-# Triton that cannot make descriptors on the device or take an allocator for their scratch.
-TMA_ENABLED = (os.environ.get("FASTRES_TMA", "").strip() != "0"
-               and hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator"))
+# configs.TMA_ROWS: ``FASTRES_TMA=0`` or a Triton without device descriptors turns them off
+TMA_ENABLED = TMA_ROWS
 
 
 def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> KernelConfig:
