@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -112,12 +113,15 @@ class Candidate:
 
     ``fn`` has the op's signature; ``label`` names the configuration (the backend's name when
     it has none); ``config`` is its JSON-able description (recorded in the cache).
+    ``warmup`` (optional, the op's signature too) compiles what ``fn`` would launch, without
+    launching it (see :class:`fastres.ops._backend.ConfigProvider`).
     """
 
     backend: str
     label: str
     config: Any
     fn: Callable
+    warmup: Callable | None = None
 
     @property
     def name(self) -> str:
@@ -613,9 +617,10 @@ def _expand(op: str, impl: _backend.Impl, args, kwargs) -> list[Candidate]:
             log.warning("fastres: %s %s configurations unavailable: %s", op, impl.backend, exc)
             configs = []
         if configs:
-            run = provider.run
-            return [Candidate(impl.backend, str(cfg), _jsonable(cfg),
-                              _bind(run, cfg)) for cfg in configs]
+            run, warmup = provider.run, provider.warmup
+            return [Candidate(impl.backend, str(cfg), _jsonable(cfg), _bind(run, cfg),
+                              None if warmup is None else _bind(warmup, cfg))
+                    for cfg in configs]
     return [Candidate(impl.backend, impl.backend, None, impl.fn)]
 
 
@@ -686,6 +691,15 @@ def _ensure_default_providers() -> None:
     def stem_configs(x, weight, bias):
         return conv_configs(x, weight, (2, 2), (3, 3), (1, 1), 1, None, True)
 
+    def warmup(cfg, x, weight, bias, stride, padding, dilation, groups, residual=None,
+               relu=True):
+        return impls.conv_bias_act_triton(x, weight, bias, stride, padding, dilation, groups,
+                                          residual, relu, config=cfg, compile_only=True)
+
+    def stem_warmup(cfg, x, weight, bias):  # (the max-pool has one configuration)
+        return impls.conv_bias_act_triton(x, weight, bias, (2, 2), (3, 3), (1, 1), 1, None,
+                                          True, config=cfg, compile_only=True)
+
     def stem_run(cfg, x, weight, bias):
         y = impls.conv_bias_act_triton(x, weight, bias, (2, 2), (3, 3), (1, 1), 1, None, True,
                                        config=cfg)
@@ -697,9 +711,9 @@ def _ensure_default_providers() -> None:
     if "avgpool_linear" in want:
         _backend.register_configs("avgpool_linear", "triton", head_configs, head_run)
     if "conv_bias_act" in want:
-        _backend.register_configs("conv_bias_act", "triton", configs, run)
+        _backend.register_configs("conv_bias_act", "triton", configs, run, warmup)
     if "stem" in want:
-        _backend.register_configs("stem", "triton", stem_configs, stem_run)
+        _backend.register_configs("stem", "triton", stem_configs, stem_run, stem_warmup)
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -943,6 +957,7 @@ def _measure(op: str, key: str, cands: list[Candidate], impls: dict, args,
     timings: dict[str, float] = {}
     rejected: dict[str, str] = {}
     t0 = time.perf_counter()
+    _compile_ahead(cands, args, kwargs)
     for cand in _progress(cands, f"fastres: tuning {op}"):
         try:
             out = cand.fn(*check_args, **kwargs)  # first run: compiles, and is checked
@@ -985,6 +1000,23 @@ def _measure(op: str, key: str, cands: list[Candidate], impls: dict, args,
         "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     return best, record
+
+
+def _compile_ahead(cands: list[Candidate], args, kwargs) -> None:
+    """Compile every candidate that can be compiled without a launch (``warmup``), on a pool
+    of threads, before the first is timed: each would otherwise compile at its first launch,
+    one after another (0.37 s per distinct Triton conv kernel on a core of the 2-core
+    development CPU, ResNet-50 in bf16: ``benchmarks/compile_time.py``).
+    Best effort: a candidate that fails here is compiled again, and fails, where it runs."""
+    warmups = [functools.partial(c.warmup, *args, **kwargs) for c in cands
+               if c.warmup is not None]
+    if len(warmups) < 2:
+        return
+    try:
+        from fastres.kernels import _direct
+    except ImportError:  # (no Triton: nothing to compile)
+        return
+    _direct.compile_in_threads(warmups)
 
 
 def choices() -> dict[str, str]:

@@ -99,6 +99,21 @@ def test_host_overhead_leaves_no_cache_behind(tmp_path):
     assert not list(tmp_path.glob("fastres-overhead-*"))
 
 
+def test_compile_time_compiles_the_same_kernels_on_one_thread_and_two(tmp_path):
+    """``compile_time.py`` (without a GPU: for sm_90 through a stand-in driver) compiles each
+    candidate of the first two ResNet-50 layers once, whatever the thread count."""
+    out = tmp_path / "ct.json"
+    res = _run("benchmarks/compile_time.py", "--layers", "2", "--threads", "1", "2",
+               "--batch", "8", "--json", str(out), timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    one, two = json.loads(out.read_text())["results"]
+    assert (one["threads"], two["threads"]) == (1, 2)
+    cands = sum(r["candidates"] for r in one["layers"])
+    assert one["kernels"] == two["kernels"] == cands > 2, (one, two)
+    assert re.search(r"^\| 2 \| %d \| [0-9.]+ \| [0-9.]+ \|$" % cands, res.stdout, re.M), \
+        res.stdout
+
+
 def test_tf32_emulation_table():
     res = _run("benchmarks/tf32_emulation.py", "--arch", "resnet18")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

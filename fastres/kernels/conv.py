@@ -817,14 +817,16 @@ def _time_ms(fn) -> float:
     return cuda_event_timer(fn)
 
 
-def _choose_config(prob: ConvProblem, run, check=None) -> KernelConfig:
+def _choose_config(prob: ConvProblem, run, check=None, warm=None) -> KernelConfig:
     """Best configuration for ``prob``: the first in pinned mode (``FASTRES_TUNE=0``,
     deterministic algorithms), else remembered, else timed once (GPU), else the first.
 
     ``run(cfg)`` launches one candidate and returns what it wrote; ``check(output)`` (when
     given) returns that output's relative error and the bound it must meet: a candidate
     outside its bound is wrong (a kernel defect, pytorch#173068-style), listed with its
-    error and never chosen."""
+    error and never chosen. ``warm(cfg)`` (when given) compiles one candidate without
+    launching it: every candidate is compiled that way, on a pool of threads, before any is
+    timed."""
     from fastres.tuning import mode
 
     if mode() == "pinned":  # (before the remembered one: pinned means the documented row)
@@ -838,6 +840,8 @@ def _choose_config(prob: ConvProblem, run, check=None) -> KernelConfig:
         return cands[0]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return cands[0]  # no timing inside a CUDA graph capture (tune before capturing)
+    if warm is not None:
+        _direct.compile_in_threads([functools.partial(warm, c) for c in cands])
     best, best_ms, timings = None, float("inf"), {}
     for cand in cands:
         try:
@@ -879,6 +883,7 @@ def conv_bias_act_triton(
     out: torch.Tensor | None = None,
     tf32: bool | None = None,
     index64: bool | None = None,
+    compile_only: bool = False,
 ) -> torch.Tensor:
     """``relu?(conv2d(x, weight) + bias + residual)`` by the Triton implicit-GEMM kernel.
 
@@ -889,7 +894,11 @@ def conv_bias_act_triton(
     tuned one); ``out``: a channels-last contiguous tensor to write (tests poison it; it may
     be ``residual`` itself, an in-place residual add, but not ``x``);
     ``tf32``: override ``torch.backends.cudnn.allow_tf32``; ``index64``: force 64-bit
-    offsets (``None``: when a tensor has more than 2**31 elements).
+    offsets (``None``: when a tensor has more than 2**31 elements). ``compile_only``: compile
+    the kernel that ``config`` selects for this call (Triton's ``warmup``; with
+    ``config=None``, every candidate the tuner would time) and launch nothing; ``out`` is
+    returned unwritten. The tuner (``config=None``) compiles its candidates that way, on a
+    pool of threads (:func:`fastres.kernels._direct.compile_in_threads`), before timing any.
     """
     cl = torch.channels_last
     prob = ConvProblem.from_tensors(x, weight, stride, padding, dilation, groups, residual,
@@ -919,7 +928,7 @@ def conv_bias_act_triton(
         return out
     res = residual if residual is not None else out  # never read when HAS_RES is False
 
-    def run(cfg: KernelConfig, dst: torch.Tensor = out) -> torch.Tensor:
+    def run(cfg: KernelConfig, dst: torch.Tensor = out, warmup: bool = False) -> torch.Tensor:
         if cfg.tma:
             cfg = _tma_ready(cfg, prob, x, weight, res, dst)
         lp = launch_params(prob, cfg, index64=index64)
@@ -928,8 +937,22 @@ def conv_bias_act_triton(
                 prob.m, prob.h, prob.w, prob.c, p, q, prob.k_out, lp.c_g, lp.k_g,
                 prob.stride[0], prob.stride[1], prob.padding[0], prob.padding[1],
                 prob.dilation[0], prob.dilation[1])
-        _direct.launch(conv_bias_act_kernel, lp.grid, args, lp.params, lp.direct, 5)
+        if warmup:
+            if not _interpreted():  # (an interpreted kernel has nothing to compile)
+                conv_bias_act_kernel.warmup(*args, grid=lp.grid, **lp.params)
+        else:
+            _direct.launch(conv_bias_act_kernel, lp.grid, args, lp.params, lp.direct, 5)
         return dst
+
+    if compile_only:
+        if config is not None:
+            return run(config, warmup=True)
+        cands = problem_configs(prob)
+        if not _direct.compile_in_threads([functools.partial(run, c, warmup=True)
+                                           for c in cands]):
+            for cand in cands:
+                run(cand, warmup=True)
+        return out
 
     if config is None:
         target: list[torch.Tensor] = []
@@ -961,7 +984,10 @@ def conv_bias_act_triton(
                     reference.append(torch.relu(ref) if relu else ref)
             return _rel_err(y, reference[0]), _tolerance((x,))
 
-        config = _choose_config(prob, tune_run, check)
+        def warm(cfg: KernelConfig) -> torch.Tensor:
+            return run(cfg, out, warmup=True)
+
+        config = _choose_config(prob, tune_run, check, warm)
     run(config)
     return out
 

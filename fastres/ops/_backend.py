@@ -140,10 +140,14 @@ class ConfigProvider:
     ``configs(*args, **kwargs)`` lists the candidate configurations for one call (first =
     the pinned default); ``run(config, *args, **kwargs)`` runs the call with one of them.
     A configuration is a JSON-able value or has ``as_dict()``; ``str(config)`` names it.
+    ``warmup(config, *args, **kwargs)`` (optional) compiles what ``run`` would launch without
+    launching it: the tuner calls it for every candidate before timing any, on a pool of
+    compile threads (:func:`fastres.kernels._direct.compile_in_threads`).
     """
 
     configs: Callable[..., list]
     run: Callable[..., object]
+    warmup: Callable[..., object] | None = None
 
 
 _IMPLS: dict[str, dict[str, Impl]] = {}
@@ -175,13 +179,14 @@ def register_impl(op: str, backend: str, fn: Callable, supports: Callable | None
 
 
 def register_configs(op: str, backend: str, configs: Callable[..., list],
-                     run: Callable[..., object]) -> None:
+                     run: Callable[..., object],
+                     warmup: Callable[..., object] | None = None) -> None:
     """Offer ``backend``'s kernel configurations for ``op`` to the tuner (see
     :class:`ConfigProvider`). Without a provider an implementation is one candidate."""
     global _generation
     if backend not in _FALLBACK_ORDER:
         raise ValueError(f"backend must be one of {_FALLBACK_ORDER}, got {backend!r}")
-    _CONFIGS[(op, backend)] = ConfigProvider(configs, run)
+    _CONFIGS[(op, backend)] = ConfigProvider(configs, run, warmup)
     _generation += 1
     invalidate_choices()
 
