@@ -213,4 +213,3 @@ def compile_in_threads(warmups: Sequence[Callable[[], object]]) -> int:
         finally:
             mode.__exit__(None, None, None)  # waits for every compile, keeps those that built
     return len(warmups)
-

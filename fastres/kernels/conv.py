@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import weakref
 from dataclasses import dataclass
 from types import MappingProxyType
