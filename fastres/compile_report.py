@@ -3,7 +3,8 @@ GPU needed — and check what makes it fast.
 
     python -m fastres.compile_report [--quick] [--jobs N] [--json PATH] [--dtype fp16 ...]
 
-For representative ResNet-50/ResNeXt-50 layer shapes (batch 32) in fp16, bf16 and fp32
+For representative ResNet-50/ResNeXt-50 layer shapes (batch 32, and four at batch 1, where
+the split-K rows are offered) in fp16, bf16 and fp32
 (TF32), every configuration the autotuner would try is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` (integer arguments that
 are multiples of 16 get the divisibility attribute and 1 is specialized, as at a real launch,
@@ -22,7 +23,8 @@ and checked:
   ``ttng.async_tma_copy_global_to_local`` of the whole tile in the TTGIR, lowered to a
   global->shared ``cp.async.bulk.tensor`` in the PTX, with no pointer load of a tile of its
   shape (:func:`tma_tile_ok`);
-- max-pool and global average pool: no spills and 16-byte vector loads (``ld.global.v4``).
+- max-pool, global average pool and the split-K rows' epilogue kernel: no spills and
+  16-byte vector loads (``ld.global.v4``).
 
 Prints a table and exits non-zero when any check fails. A failing configuration is removed
 from :mod:`fastres.kernels.configs` (or fixed), not kept.
@@ -66,14 +68,19 @@ SHAPES = [
     ("x50 3x3/2 g32x8", 32, 256, 56, 56, 256, 3, 3, 2, 1, 1, 32, False),
     ("x50 3x3 g32x32", 32, 1024, 7, 7, 1024, 3, 3, 1, 1, 1, 32, False),
     ("fc 2048>1000", 32, 2048, 1, 1, 1000, 1, 1, 1, 0, 1, 1, False),
+    # batch 1: fewer output tiles than SMs, long K loops (the split-K rows)
+    ("b1 l3 3x3 256", 1, 256, 14, 14, 256, 3, 3, 1, 1, 1, 1, False),
+    ("b1 l4 3x3 512", 1, 512, 7, 7, 512, 3, 3, 1, 1, 1, 1, False),
+    ("b1 l4 1x1 2048>512", 1, 2048, 7, 7, 512, 1, 1, 1, 0, 1, 1, False),
+    ("b1 l4 1x1 512>2048 +res", 1, 512, 7, 7, 2048, 1, 1, 1, 0, 1, 1, True),
 ]
 QUICK_SHAPES = ["stem 7x7/2", "l1 1x1 64>256 +res", "l1 3x3 64", "l2 3x3/2 128",
-                "x50 3x3 g32x4"]
+                "x50 3x3 g32x4", "b1 l4 1x1 2048>512"]
 
 
 @dataclass
 class Job:
-    kernel: str  # conv | maxpool | avgpool
+    kernel: str  # conv | maxpool | avgpool | splitk
     layer: str
     dtype: str
     config: str
@@ -105,6 +112,10 @@ def _kernel(name: str):
     if name == "conv":
         from fastres.kernels.conv import NO_SPECIALIZE
         from fastres.kernels.conv import conv_bias_act_kernel as k
+    elif name == "splitk":
+        from fastres.kernels.conv import split_k_epilogue_kernel as k
+
+        return _jit(k), set()
     elif name == "maxpool":
         from fastres.kernels.pool import NO_SPECIALIZE
         from fastres.kernels.pool import max_pool_nhwc_kernel as k
@@ -142,7 +153,8 @@ def conv_jobs(shapes, dtypes, first_only_dtypes=()) -> list[Job]:
                             dil_h=dil, dil_w=dil)
                 ptr = _PTR[dt]
                 sig = {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32", "r_ptr": ptr,
-                       "o_ptr": ptr}
+                       # (split-K: the fp32 workspace of partial sums)
+                       "o_ptr": ptr if params["SPLIT_K"] == 1 else "*fp32"}
                 bm, bn, bk = params["BLOCK_M"], params["BLOCK_N"], params["BLOCK_K"]
                 tma = bool(params.get("TMA"))
                 tiles = {"A": (bm, bk) if kind != "stem" else None,
@@ -165,6 +177,17 @@ def pool_jobs(dtypes) -> list[Job]:
                         "o_ptr": ptr}, dict(INDEX64=False, BLOCK_HW=16, BLOCK_C=128,
                                             INTERPRETED=False),
                         ints, {"num_warps": 4, "num_stages": 1}, dot=False))
+        # the split-K rows' second kernel, as the launcher runs it (resnet50 layer4 at batch
+        # 1, 8 splits, with a residual)
+        from fastres.kernels.conv import split_k_epilogue_params
+
+        params = split_k_epilogue_params(8, True, True, False)
+        warps = params.pop("num_warps")
+        jobs.append(Job("splitk", "split-K epilogue 49x2048", dt,
+                        f"{params['BLOCK']} w{warps} k8",
+                        {"ws_ptr": "*fp32", "b_ptr": "*fp32", "r_ptr": ptr, "o_ptr": ptr},
+                        params, dict(MN=49 * 2048, K_OUT=2048),
+                        {"num_warps": warps, "num_stages": 1}, dot=False))
     return jobs
 
 

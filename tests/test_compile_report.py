@@ -61,8 +61,11 @@ def _check_rows(out) -> None:
     kinds = {r["layer"].split("[")[-1].rstrip("]") for r in rows if r["kernel"] == "conv"}
     assert kinds == {"stem", "gemm", "conv", "grouped"}
     assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
-    assert {r["kernel"] for r in rows} == {"conv", "maxpool", "avgpool"}
+    assert {r["kernel"] for r in rows} == {"conv", "maxpool", "avgpool", "splitk"}
     assert any(r["config"].endswith(" t") for r in rows)  # TMA rows were compiled and checked
+    # split-K rows (the batch-1 layer of the quick set) and their epilogue kernel's v4 loads
+    assert any(" k" in r["config"] and r["kernel"] == "conv" for r in rows)
+    assert all(r["checks"]["v4"] for r in rows if r["kernel"] == "splitk")
     for r in rows:
         assert r["ok"], r
         assert r["smem"] <= 232448 and r["stack"] == 0 and r["local"] == 0

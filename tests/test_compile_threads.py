@@ -56,15 +56,16 @@ from fastres.kernels import conv
 torch.manual_seed(int(os.environ["SEED"]))
 cl = torch.channels_last
 dt = torch.bfloat16
-x = torch.randn(4, 64, 10, 10, dtype=dt).contiguous(memory_format=cl)
-w = torch.randn(128, 64, 1, 1, dtype=dt).contiguous(memory_format=cl)
+x = torch.randn(4, 512, 5, 5, dtype=dt).contiguous(memory_format=cl)
+w = torch.randn(128, 512, 1, 1, dtype=dt).contiguous(memory_format=cl)
 b = torch.randn(128)
-res = torch.randn(4, 128, 10, 10, dtype=dt).contiguous(memory_format=cl)
+res = torch.randn(4, 128, 5, 5, dtype=dt).contiguous(memory_format=cl)
 prob = conv.ConvProblem.from_tensors(x, w, (1, 1), (0, 0), (1, 1), 1, res, True, None)
 cands = conv.problem_configs(prob)
 conv.conv_bias_act_triton(x, w, b, (1, 1), (0, 0), (1, 1), 1, res, True, compile_only=True)
 cache = conv.conv_bias_act_kernel.device_caches[0][0]
 kernels = list(cache.values())
+epilogues = len(conv.split_k_epilogue_kernel.device_caches[0][0])
 before = len(threads)
 # a single configuration: compiled at once in this thread (here: already compiled, a hit)
 conv.conv_bias_act_triton(x, w, b, (1, 1), (0, 0), (1, 1), 1, res, True, config=cands[0],
@@ -72,6 +73,8 @@ conv.conv_bias_act_triton(x, w, b, (1, 1), (0, 0), (1, 1), 1, res, True, config=
 print(json.dumps({
     "triton": triton.__version__,
     "candidates": [str(c) for c in cands],
+    "split": sum(c.split_k > 1 for c in cands),
+    "epilogues": epilogues,
     "threads": threads[:before],
     "recompiled": threads[before:],
     "cached": len(cache),
@@ -108,9 +111,11 @@ def test_candidates_compile_on_the_pool_once_each(tmp_path, triton_dir):
     if triton_dir:
         assert not got["triton"].startswith(__import__("triton").__version__), got["triton"]
     n = len(got["candidates"])
-    assert n >= 4, got["candidates"]  # (a 1x1 bf16 layer with a residual: several rows)
+    # (a 1x1 bf16 layer with a residual: several rows, one of them split-K, whose epilogue
+    # kernel is compiled too)
+    assert n >= 4 and got["split"] == 1 and got["epilogues"] == 1, got
     # every candidate compiled exactly once, each on a pool thread, none in the caller's
-    assert len(got["threads"]) == n, got
+    assert len(got["threads"]) == n + 1, got
     assert all(t.startswith("fastres-compile") for t in got["threads"]), got["threads"]
     assert got["cached"] == n and got["types"] == ["CompiledKernel"], got
     assert got["wgmma"] == n  # (sm_90 code: what the GPU would run)
@@ -119,7 +124,7 @@ def test_candidates_compile_on_the_pool_once_each(tmp_path, triton_dir):
 
 def test_one_compile_thread_compiles_in_the_callers_thread(tmp_path):
     got = _compile_in_subprocess(tmp_path, threads=1)
-    assert len(got["threads"]) == len(got["candidates"])
+    assert len(got["threads"]) == len(got["candidates"]) + got["epilogues"]
     assert set(got["threads"]) == {"MainThread"}
 
 

@@ -735,10 +735,10 @@ def _tune_as_on_a_gpu(monkeypatch, cands, time_ms):
     monkeypatch.setenv("FASTRES_TUNE", "1")
     real_choose = kc._choose_config
 
-    def choose(prob, run, check=None):
+    def choose(prob, run, check=None, warm=None):
         monkeypatch.setattr(kc, "_interpreted", lambda: False)
         try:
-            return real_choose(prob, run, check)
+            return real_choose(prob, run, check, warm)
         finally:
             monkeypatch.setattr(kc, "_interpreted", lambda: True)
 
@@ -908,6 +908,10 @@ def test_huge_problems_launch_with_64_bit_offsets():
     prob = ConvProblem(256, 64, 1024, 1024, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1,
                        torch.float16)
     for cfg in kcfg.TABLES["conv"]:
+        if cfg.split_k > 1:  # (never offered to so large a layer: its workspace is refused)
+            with pytest.raises(ValueError, match="split-K is for small layers"):
+                launch_params(prob, cfg, interpreted=False)
+            continue
         assert launch_params(prob, cfg, interpreted=False).params["INDEX64"]
     small = ConvProblem(1, 64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), 1, torch.float16)
     assert not launch_params(small, kcfg.TABLES["conv"][0], interpreted=False).params["INDEX64"]
@@ -924,3 +928,91 @@ def test_packed_weight_follows_a_data_swap():
             y = conv_bias_act_triton(x, p, b, st, pad, dil, g, res, True)
             assert_close_rel(y, reference(x, p, b, st, pad, dil, g, res, True), TOL[dtype])
             p.data = torch.randn_like(wt).contiguous(memory_format=torch.channels_last)
+
+
+# -- split-K rows ------------------------------------------------------------------------------
+
+SPLIT_SHAPES = [s for s in SHAPES if s[0] in (
+    "1x1s1", "1x1s1-odd-ch", "1x1s2", "3x3s1", "3x3s2-odd-hw", "3x3-dil2")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=[s[0] for s in SPLIT_SHAPES])
+def test_split_k_rows(shape, dtype):
+    """The K loop cut into 2 and 5 ranges (partial sums, then the epilogue kernel), with the
+    residual and ReLU and without either: the float64 reference, on a poisoned output. The
+    1x1 layers have 2 K steps of 16 channels here, so 5 splits leave three with none (their
+    partial sums are zeros)."""
+    case = make_case(shape, dtype)
+    no_res = (*case[:7], None)
+    for split in (2, 5):
+        cfg = replace(kcfg.INTERPRETER_CONFIG, split_k=split)
+        run_and_check(case, True, dtype, config=cfg)
+        run_and_check(no_res, False, dtype, config=cfg)
+
+
+def test_split_k_in_place_residual_and_batch_one():
+    """``out`` is the residual (the inference plan's in-place add): the epilogue kernel reads
+    each residual value before it writes that output value."""
+    dtype = torch.bfloat16
+    x, wt, b, st, pad, dil, g, res = make_case(("b1", 1, 48, 5, 5, 24, 3, 3, 1, 1, 1, 1),
+                                               dtype)
+    ref = reference(x, wt, b, st, pad, dil, g, res, True)
+    cfg = replace(kcfg.INTERPRETER_CONFIG, split_k=3)
+    y = conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, True, config=cfg, out=res)
+    assert y.data_ptr() == res.data_ptr()
+    assert_close_rel(y, ref, TOL[dtype])
+
+
+def test_split_k_launch_params():
+    prob = ConvProblem(1, 512, 7, 7, 512, 3, 3, (1, 1), (1, 1), (1, 1), 1, torch.bfloat16,
+                       has_res=True, relu=True)
+    cfg = kcfg.KernelConfig(64, 64, 64, 8, 4, 4, split_k=8)
+    assert str(cfg).endswith(" k8")
+    lp = launch_params(prob, cfg, interpreted=False)
+    assert lp.grid == (8, 1, 8)  # 1 x 8 tiles of 64x64, one group, 8 splits
+    # the partial sums go out raw: the epilogue kernel adds bias, residual and ReLU
+    assert lp.params["SPLIT_K"] == 8
+    assert not lp.params["HAS_RES"] and not lp.params["RELU"]
+    plain = launch_params(prob, replace(cfg, split_k=0), interpreted=False)
+    assert plain.grid == (8, 1) and plain.params["SPLIT_K"] == 1 and plain.params["HAS_RES"]
+    for kind_prob in (
+            ConvProblem(1, 3, 32, 32, 64, 7, 7, (2, 2), (3, 3), (1, 1), 1, torch.float16),
+            ConvProblem(1, 128, 8, 8, 128, 3, 3, (1, 1), (1, 1), (1, 1), 32, torch.float16)):
+        with pytest.raises(ValueError, match="split-K runs 1x1 GEMMs and implicit-GEMM"):
+            launch_params(kind_prob, cfg, interpreted=False)
+    with pytest.raises(ValueError, match="none of persistent"):
+        launch_params(prob, replace(cfg, early_res=True), interpreted=False)
+    big = ConvProblem(64, 64, 256, 256, 2048, 1, 1, (1, 1), (0, 0), (1, 1), 1,
+                      torch.bfloat16)
+    with pytest.raises(ValueError, match="2\\*\\*31 or more values"):
+        launch_params(big, cfg, interpreted=False)
+
+
+@pytest.mark.parametrize("name,m,n,c,taps,res,offered", [
+    # ResNet-50 at batch 1 (224x224): layer4's 3x3 (8 tiles of 64x64, 72 K steps)
+    ("b1 l4 3x3", 49, 512, 512, 9, False, {"64x64 k2", "64x64 k4", "64x64 k8", "64x64 k16",
+                                          "64x128 k4", "64x128 k8"}),
+    # layer3's 3x3 (16 tiles, 36 K steps): at least four steps per split, so no k16
+    ("b1 l3 3x3", 196, 256, 256, 9, False, {"64x64 k2", "64x64 k4", "64x64 k8",
+                                           "64x128 k4", "64x128 k8"}),
+    # layer4's conv3 with its residual: 32 tiles, 8 K steps
+    ("b1 l4 conv3", 49, 2048, 512, 1, True, {"64x64 k2"}),
+    # batch 32: 200 tiles of 64x64 already fill the GPU
+    ("b32 l4 3x3", 32 * 49, 512, 512, 9, False, set()),
+    # one K step (layer1's 1x1 from 64 channels at batch 1)
+    ("b1 l1 1x1", 3136, 64, 64, 1, False, set()),
+])
+def test_split_k_offered_only_to_small_long_layers(name, m, n, c, taps, res, offered):
+    kind = "conv" if taps > 1 else "gemm"
+    for elem in (2, 4):
+        rows = kcfg.prune(kcfg.TABLES[kind], kind, m, n, c, elem, res, taps=taps)
+        got = {f"{r.block_m}x{r.block_n} k{r.split_k}" for r in rows if r.split_k > 1}
+        want = offered
+        if elem == 4 and kind == "conv":  # (fp32 3x3: no 64x128 tiles, TF32 rounding's spill)
+            want = {o for o in offered if not o.startswith("64x128")}
+        assert got == want, (name, elem)
+        for r in rows:
+            if r.split_k > 1:
+                tiles = -(-m // r.block_m) * -(-n // r.block_n)
+                assert tiles < kcfg.SMS and tiles * r.split_k <= 2 * kcfg.SMS

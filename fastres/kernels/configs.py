@@ -76,6 +76,13 @@ class KernelConfig:
     tensor memory accelerator through tensor descriptors (no address or mask arithmetic in the
     kernel; the output goes through shared memory). A call whose tensors are not 16-byte
     aligned runs the same row without it. Its label ends in ``t``.
+    ``split_k`` (1x1 GEMMs and implicit-GEMM convolutions; 0 or 1: none): the K loop is cut
+    into ``split_k`` ranges, each run by programs of its own (grid axis 2) that write fp32
+    partial sums to a workspace; a second kernel adds them in order, then the bias, the
+    residual and the ReLU (:func:`fastres.kernels.conv.split_k_epilogue_kernel`). For layers
+    whose output has fewer tiles than the GPU has SMs and a long K loop (ResNet's layer3 and
+    layer4 at batch 1: 8 to 16 programs of 36 to 72 K steps each). Its label ends in ``k``
+    and the count.
     """
 
     block_m: int
@@ -87,6 +94,7 @@ class KernelConfig:
     early_res: bool = False
     persistent: int = 0
     tma: bool = False
+    split_k: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -95,10 +103,23 @@ class KernelConfig:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
                 f"w{self.num_warps} s{self.num_stages}" + (" r" if self.early_res else "")
                 + (f" p{self.persistent}" if self.persistent else "")
-                + (" t" if self.tma else ""))
+                + (" t" if self.tma else "")
+                + (f" k{self.split_k}" if self.split_k > 1 else ""))
 
 
 C = KernelConfig
+
+# Split-K rows, in the GEMM and implicit-GEMM tables: for layers with fewer output tiles than
+# the GPU has SMs and a long K loop (offered by _prune only there): ResNet's layer3/layer4 at
+# batch 1 run 8 to 16 programs of 36 to 72 K steps on 132 SMs otherwise.
+SPLIT_K_ROWS = [
+    C(64, 64, 64, 8, 4, 4, split_k=2),
+    C(64, 64, 64, 8, 4, 4, split_k=4),
+    C(64, 64, 64, 8, 4, 4, split_k=8),
+    C(64, 64, 64, 8, 4, 4, split_k=16),
+    C(64, 128, 64, 8, 4, 4, split_k=4),
+    C(64, 128, 64, 8, 4, 4, split_k=8),
+]
 
 # 1x1 stride-1 convolutions are plain GEMMs [N*H*W, C_in] x [C_in, C_out]: large tiles, deep
 # pipelining, 8 warps (the wrong-results report pytorch#173068 concerns non-1x1 templates).
@@ -140,6 +161,7 @@ GEMM_CONFIGS = [
     C(128, 64, 64, 8, 4, 4, tma=True),
     C(128, 128, 64, 8, 8, 3, persistent=1, tma=True),
     C(128, 64, 64, 8, 4, 4, persistent=2, tma=True),
+    *SPLIT_K_ROWS,
 ]
 
 # Implicit GEMM (3x3, strided 1x1, dilated). The first row (the pinned choice) has 4 warps:
@@ -170,6 +192,7 @@ CONV_CONFIGS = [
     # 128x64 or 64x64 tiles (the 3x3 ran at 260 TFLOP/s at batch 256, cuDNN's convolution
     # at 462); two warpgroups on a 256-row tile. Offered for such narrow layers only.
     C(256, 64, 64, 8, 8, 3),
+    *SPLIT_K_ROWS,
 ]
 
 # Grouped convolutions with few channels per group (ResNeXt): block-diagonal packing, one
@@ -278,17 +301,17 @@ def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_
     checked at the row's full depth, before trimming (conservative), against
     ``smem_limit`` bytes (default H100's; the launcher passes the GPU's own opt-in maximum,
     smaller on A100 and on consumer GPUs); ``sms``: the GPU's multiprocessors (default
-    H100 SXM's), for the persistent rows.
+    H100 SXM's), for the persistent and split-K rows.
     """
     return list(dict.fromkeys(
         trim_stages(cfg, k_steps(cfg, kind, k_per_group, taps))
         for cfg in _prune(table, kind, m, n_per_group, k_per_group, elem_bytes, has_res,
-                          smem_limit, sms)))
+                          smem_limit, sms, taps)))
 
 
 def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
            elem_bytes: int, has_res: bool, smem_limit: int = SMEM_LIMIT,
-           sms: int = SMS) -> list[KernelConfig]:
+           sms: int = SMS, taps: int = 1) -> list[KernelConfig]:
     keep = []
     max_n = _pow2_at_least(n_per_group)
     max_k = _pow2_at_least(k_per_group)
@@ -303,6 +326,16 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
             continue
         if cfg.early_res and not has_res:  # (the same kernel as the row without it)
             continue
+        if cfg.split_k > 1:
+            # fewer output tiles than SMs (the layer leaves SMs idle), at most two programs
+            # per SM once split, and at least four K steps per split (the partial sums'
+            # round trip through memory and the second kernel cost about that much)
+            tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n)
+            steps = k_steps(cfg, kind, k_per_group, taps)
+            if (kind not in ("gemm", "conv") or cfg.persistent or cfg.tma or cfg.early_res
+                    or tiles >= sms or tiles * cfg.split_k > 2 * sms
+                    or steps < 4 * cfg.split_k):
+                continue
         if cfg.persistent:  # gemm only; two tiles or more per program; the programs of
             # one SM fit its shared memory together; pipelined by this Triton
             tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n)

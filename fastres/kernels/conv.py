@@ -162,14 +162,31 @@ def _load_operands(a_ptrs, b_ptrs, row_ok, n_ok, c, c_end, EVEN_C: tl.constexpr)
 
 
 @triton.jit
+def _split_range(total, SPLIT_K: tl.constexpr):
+    """The K-loop iterations ``[lo, hi)`` of this program's split (``program_id(2)``) of
+    ``total``: all of them without split-K. A split past the end (more splits than steps)
+    gets none, and writes a zero partial sum."""
+    if SPLIT_K > 1:
+        per = tl.cdiv(total, SPLIT_K)
+        lo = tl.program_id(2) * per
+        hi = tl.minimum(total, lo + per)
+    else:
+        lo = 0
+        hi = total
+    return lo, hi
+
+
+@triton.jit
 def _gemm_k_loop(x_ptr, w_ptr, x_row, w_row, m_ok, n_ok, C, acc, EVEN_C: tl.constexpr,
                  UPCAST: tl.constexpr, ROUND_TF32: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1):
     """``acc`` + one GEMM tile of a 1x1 stride-1 convolution: rows ``x_row`` of the
     ``[M, C]`` activations times columns ``w_row`` of the ``[K_OUT, C]`` weight, channel
-    block by channel block (masked rows/columns read as zeros)."""
+    block by channel block (masked rows/columns read as zeros); with ``SPLIT_K``, this
+    program's split of the channel blocks only."""
     rk = tl.arange(0, BLOCK_K)
-    for kb in range(0, tl.cdiv(C, BLOCK_K)):
+    kb_lo, kb_hi = _split_range(tl.cdiv(C, BLOCK_K), SPLIT_K)
+    for kb in range(kb_lo, kb_hi):
         c = kb * BLOCK_K + rk
         a, b = _load_operands(x_ptr + x_row[:, None] + c[None, :],
                               w_ptr + w_row[None, :] + c[:, None], m_ok, n_ok, c, C, EVEN_C)
@@ -283,7 +300,7 @@ def conv_bias_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SUB_C: tl.constexpr = 0, SUB_K: tl.constexpr = 0,
     EARLY_RES: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
 ):
     """out[m, g*N_EXT + n] = act(sum_k x_im2col[m, k] * w[n, k] + bias (+ res)).
 
@@ -295,7 +312,10 @@ def conv_bias_act_kernel(
     w: [K_OUT, R, S, C_G] contiguous (MODE 2: [K_OUT, R, BLOCK_K], zero-padded); out/res:
     [M, K_OUT] contiguous. ``SUB_C``/``SUB_K`` (block-diagonal grouped schedule only): the
     real groups' input/output channels inside a packed group; a tile whose sum is not finite
-    is computed again group by group (:func:`_grouped_exact`).
+    is computed again group by group (:func:`_grouped_exact`). ``SPLIT_K`` > 1 (1x1 GEMMs
+    and implicit GEMMs; grid axis 2 = the split): the program sums its split of the K loop
+    only and stores that fp32 partial sum to ``o_ptr`` = a ``[SPLIT_K, M, K_OUT]`` fp32
+    workspace, with no bias, residual or ReLU (:func:`split_k_epilogue_kernel` adds them).
     """
     if TMA:
         _gemm_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES, RELU, UPCAST,
@@ -336,7 +356,7 @@ def conv_bias_act_kernel(
         if MODE == 0:
             # 1x1 stride 1: x is already the [M, C] A matrix.
             acc = _gemm_k_loop(x_ptr, w_ptr, rm_i * C, w_row, m_ok, n_ok, C, acc, EVEN_C,
-                               UPCAST, ROUND_TF32, PRECISION, BLOCK_K)
+                               UPCAST, ROUND_TF32, PRECISION, BLOCK_K, SPLIT_K)
         else:
             img, p, q = output_pixel(rm, P, Q, INDEX64)
             ih0 = p * stride_h - pad_h
@@ -346,7 +366,8 @@ def conv_bias_act_kernel(
             x_row = ((img * H + ih0) * W + iw0) * C + g * C_G
             if MODE == 1:
                 cb_per_tap = tl.cdiv(C_G, BLOCK_K)
-                for it in range(0, R * S * cb_per_tap):
+                it_lo, it_hi = _split_range(R * S * cb_per_tap, SPLIT_K)
+                for it in range(it_lo, it_hi):
                     tap = it // cb_per_tap
                     cb = it - tap * cb_per_tap
                     r = tap // S
@@ -374,7 +395,12 @@ def conv_bias_act_kernel(
                     b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
                     acc = _mma(a, b, acc, UPCAST, ROUND_TF32, PRECISION)
 
-        if SUB_C > 0:
+        if SPLIT_K > 1:
+            # this split's partial sum, in fp32, to its slice of the workspace
+            ws_ptr = o_ptr + tl.program_id(2).to(tl.int64) * M * K_OUT
+            tl.store(ws_ptr + rm_i[:, None] * K_OUT + n_glob[None, :], acc,
+                     mask=m_ok[:, None] & n_ok[None, :])
+        elif SUB_C > 0:
             # Block-diagonal packing multiplies the other groups' inputs by zeros, and 0 * inf and
             # 0 * NaN are NaN: an inf or NaN input would make NaN in every group of its block
             # (the reference: its own group only, and inf stays inf). Such a tile, and only such a
@@ -408,6 +434,27 @@ def _epilogue(acc, b_ptr, r_ptr, o_ptr, rm_i, m_ok, n_glob, n_ok, K_OUT, HAS_RES
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
     tl.store(o_ptr + o_off, _to_output(acc, o_ptr.dtype.element_ty, UPCAST), mask=o_mask)
+
+
+@triton.jit
+def split_k_epilogue_kernel(ws_ptr, b_ptr, r_ptr, o_ptr, MN, K_OUT, SPLIT_K: tl.constexpr,
+                            HAS_RES: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """The split-K rows' second kernel: ``out = relu?(sum of the SPLIT_K partial sums + bias
+    (+ residual))`` over the flattened ``[M, K_OUT]`` output (``MN`` values), the partial sums
+    (``ws``: ``[SPLIT_K, M, K_OUT]`` fp32) added in split order (the same result every run),
+    then one rounding at the store. Grid: cdiv(MN, BLOCK)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.load(ws_ptr + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=ok, other=0.0)
+    acc += tl.load(b_ptr + offs % K_OUT, mask=ok, other=0.0)
+    if HAS_RES:
+        acc += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
+    tl.store(o_ptr + offs, _to_output(acc, o_ptr.dtype.element_ty, UPCAST), mask=ok)
 
 
 @triton.jit
@@ -577,7 +624,7 @@ class Launch:
     kernel's view of the groups after packing (``pack``: how the weight is repacked)."""
 
     params: MappingProxyType
-    grid: tuple[int, int]
+    grid: tuple[int, ...]  # (tiles, groups), and the splits for a split-K row
     groups: int
     c_g: int
     k_g: int
@@ -610,6 +657,16 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         what = "persistent" if cfg.persistent else "TMA"
         raise ValueError(f"{what} configuration {cfg} on a {kind} problem: {what} programs "
                          "run 1x1 stride-1 convolutions (gemm) only")
+    split = max(cfg.split_k, 1)
+    if split > 1:
+        if kind not in ("gemm", "conv") or cfg.persistent or cfg.tma or cfg.early_res:
+            raise ValueError(f"split-K configuration {cfg} on a {kind} problem: split-K runs "
+                             "1x1 GEMMs and implicit-GEMM convolutions (gemm, conv), with "
+                             "none of persistent, TMA or early residual")
+        if split * prob.m * prob.k_out > _INT32_LIMIT:
+            raise ValueError(f"split-K configuration {cfg}: its workspace of {split} x "
+                             f"{prob.m} x {prob.k_out} fp32 partial sums has 2**31 or more "
+                             "values (32-bit offsets); split-K is for small layers")
     persistent = cfg.persistent > 0
     if kind == "gemm":
         even_c = prob.c % bk == 0
@@ -634,7 +691,9 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
     else:
         precision = "tf32" if prob.tf32 and not interpreted else "ieee"
     params = dict(
-        R=prob.r, S=prob.s, MODE=_MODES[kind], HAS_RES=prob.has_res, RELU=prob.relu,
+        # split-K: the partial sums go out raw; split_k_epilogue_kernel adds bias, residual
+        R=prob.r, S=prob.s, MODE=_MODES[kind], HAS_RES=prob.has_res and split == 1,
+        RELU=prob.relu and split == 1,
         EVEN_C=even_c, INDEX64=prob.index64() if index64 is None else index64,
         UPCAST=bool(interpreted), PRECISION=precision,
         # TF32 operands rounded also when interpreted: the interpreter's exact fp32 dot of
@@ -644,12 +703,14 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         # the real groups inside a packed one (the non-finite slow path); 0: not grouped
         SUB_C=prob.c_g if kind == "grouped" else 0, SUB_K=prob.k_g if kind == "grouped" else 0,
         EARLY_RES=cfg.early_res and prob.has_res,
-        PERSISTENT=persistent, TMA=cfg.tma,
+        PERSISTENT=persistent, TMA=cfg.tma, SPLIT_K=split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     tiles = triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn)
     # persistent: cfg.persistent programs per SM (``sms``: the device's count), each looping
     grid = (min(tiles, cfg.persistent * (sms or SMS)) if persistent else tiles, groups)
+    if split > 1:
+        grid = (*grid, split)
     return Launch(MappingProxyType(params), grid, groups, c_g, k_g, pack)  # shared: read-only
 
 
@@ -932,15 +993,17 @@ def conv_bias_act_triton(
             cfg = _tma_ready(cfg, prob, x, weight, res, dst)
         lp = launch_params(prob, cfg, index64=index64)
         w = weight if lp.pack is None else _packed_weight(packable, prob.groups, lp.pack)
-        args = (x, w, bias, res, dst,
+        split = lp.params["SPLIT_K"]
+        # split-K: the fp32 partial sums first, then bias, residual and ReLU into dst
+        partial = dst if split == 1 else torch.empty((split, prob.m, prob.k_out),
+                                                     dtype=torch.float32, device=x.device)
+        args = (x, w, bias, res, partial,
                 prob.m, prob.h, prob.w, prob.c, p, q, prob.k_out, lp.c_g, lp.k_g,
                 prob.stride[0], prob.stride[1], prob.padding[0], prob.padding[1],
                 prob.dilation[0], prob.dilation[1])
-        if warmup:
-            if not _interpreted():  # (an interpreted kernel has nothing to compile)
-                conv_bias_act_kernel.warmup(*args, grid=lp.grid, **lp.params)
-        else:
-            _direct.launch(conv_bias_act_kernel, lp.grid, args, lp.params, lp.direct, 5)
+        _launch(conv_bias_act_kernel, lp.grid, args, lp.params, lp.direct, 5, warmup)
+        if split > 1:
+            _split_k_epilogue(prob, split, partial, bias, res, dst, warmup)
         return dst
 
     if compile_only:
@@ -993,6 +1056,37 @@ def conv_bias_act_triton(
 
 # configs.TMA_ROWS: ``FASTRES_TMA=0`` or a Triton without device descriptors turns them off
 TMA_ENABLED = TMA_ROWS
+
+
+def _launch(kernel, grid, args, params, cache, n_tensors: int, warmup: bool) -> None:
+    """``_direct.launch``, or with ``warmup`` Triton's ``warmup``: compile, launch nothing (an
+    interpreted kernel has nothing to compile)."""
+    if not warmup:
+        _direct.launch(kernel, grid, args, params, cache, n_tensors)
+    elif not _interpreted():
+        kernel.warmup(*args, grid=grid, **params)
+
+
+def split_k_epilogue_params(split: int, has_res: bool, relu: bool, interpreted: bool) -> dict:
+    """Constexprs and launch options of :func:`split_k_epilogue_kernel` (``BLOCK``: output
+    values per program; the compile report compiles these)."""
+    return dict(SPLIT_K=split, HAS_RES=has_res, RELU=relu, UPCAST=interpreted,
+                BLOCK=256 if interpreted else 1024, num_warps=4)
+
+
+def _split_k_epilogue(prob: ConvProblem, split: int, partial: torch.Tensor,
+                      bias: torch.Tensor, res: torch.Tensor, out: torch.Tensor,
+                      warmup: bool = False) -> None:
+    """A split-K row's second kernel: ``out`` = the ``partial`` sums added, + bias (+
+    ``res``) (ReLU), one rounding to ``out``'s dtype (:func:`split_k_epilogue_kernel`)."""
+    mn = prob.m * prob.k_out
+    interpreted = _interpreted()
+    params = split_k_epilogue_params(split, prob.has_res, prob.relu, interpreted)
+    key = ("split_k_epilogue", out.dtype, mn, prob.k_out, split, prob.has_res, prob.relu,
+           interpreted)
+    _launch(split_k_epilogue_kernel, (triton.cdiv(mn, params["BLOCK"]),),
+            (partial, bias, res, out, mn, prob.k_out), params, _direct.cache_for(key), 4,
+            warmup)
 
 
 def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> KernelConfig:
