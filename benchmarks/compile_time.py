@@ -82,7 +82,8 @@ def _child(args: argparse.Namespace) -> dict:
         rows.append({"layer": layer.name, "shape": layer.shape_str(),
                      "candidates": len(conv.problem_configs(prob)),
                      "s": round(time.perf_counter() - t0, 3)})
-    kernels = sum(len(c[0]) for c in conv.conv_bias_act_kernel.device_caches.values())
+    kernels = sum(len(c[0]) for k in (conv.conv_bias_act_kernel, conv.split_k_epilogue_kernel)
+                  for c in k.device_caches.values())
     return {"threads": _direct.compile_threads(), "seconds": time.perf_counter() - t_all,
             "kernels": kernels, "layers": rows, "target": target,
             "triton": triton.__version__, "torch": torch.__version__}

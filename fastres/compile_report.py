@@ -139,7 +139,7 @@ def conv_jobs(shapes, dtypes, first_only_dtypes=()) -> list[Job]:
                                tf32=dt == "fp32")
             kind = prob.kind
             cands = prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, _BYTES[dt], res,
-                          taps=prob.taps)
+                          taps=prob.taps, groups=g)
             if dt in first_only_dtypes:
                 cands = cands[:1]
             p, q = prob.pq

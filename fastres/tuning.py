@@ -708,8 +708,12 @@ def _ensure_default_providers() -> None:
     def head_run(cfg, x, weight, bias):
         return impls.avgpool_linear_triton(x, weight, bias, config=cfg)
 
+    def head_warmup(cfg, x, weight, bias):  # (its linear layer: the pool has one configuration)
+        return impls.avgpool_linear_triton(x, weight, bias, config=cfg, compile_only=True)
+
     if "avgpool_linear" in want:
-        _backend.register_configs("avgpool_linear", "triton", head_configs, head_run)
+        _backend.register_configs("avgpool_linear", "triton", head_configs, head_run,
+                                  head_warmup)
     if "conv_bias_act" in want:
         _backend.register_configs("conv_bias_act", "triton", configs, run, warmup)
     if "stem" in want:

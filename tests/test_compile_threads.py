@@ -70,14 +70,23 @@ before = len(threads)
 # a single configuration: compiled at once in this thread (here: already compiled, a hit)
 conv.conv_bias_act_triton(x, w, b, (1, 1), (0, 0), (1, 1), 1, res, True, config=cands[0],
                           compile_only=True)
+# the head's warm-up: its linear layer's GEMM for one configuration, nothing launched
+from fastres.kernels import head
+
+xh = torch.randn(2, 256, 3, 3, dtype=dt).contiguous(memory_format=cl)
+wh, bh = torch.randn(100, 256, dtype=dt), torch.randn(100, dtype=dt)
+n_before = len(cache)
+head_cfg = head.head_configs(xh, wh, bh)[0]
+head_out = head.avgpool_linear_triton(xh, wh, bh, config=head_cfg, compile_only=True)
 print(json.dumps({
+    "head": [head_out is None, len(cache) - n_before],
     "triton": triton.__version__,
     "candidates": [str(c) for c in cands],
     "split": sum(c.split_k > 1 for c in cands),
     "epilogues": epilogues,
     "threads": threads[:before],
     "recompiled": threads[before:],
-    "cached": len(cache),
+    "cached": n_before,
     "types": sorted({type(k).__name__ for k in kernels}),
     "wgmma": sum("wgmma" in k.asm["ptx"] for k in kernels),
 }))
@@ -119,7 +128,8 @@ def test_candidates_compile_on_the_pool_once_each(tmp_path, triton_dir):
     assert all(t.startswith("fastres-compile") for t in got["threads"]), got["threads"]
     assert got["cached"] == n and got["types"] == ["CompiledKernel"], got
     assert got["wgmma"] == n  # (sm_90 code: what the GPU would run)
-    assert got["recompiled"] == [], got  # the launcher's next request is a cache hit
+    # the launcher's next request is a cache hit; the head's warm-up compiles its GEMM once
+    assert got["recompiled"] == ["MainThread"] and got["head"] == [True, 1], got
 
 
 def test_one_compile_thread_compiles_in_the_callers_thread(tmp_path):
@@ -252,3 +262,89 @@ def test_launchers_own_tuner_compiles_before_timing(monkeypatch):
     assert best == cands[2]
     assert events[0] == ("pool", [("warm", c) for c in cands])
     assert events[1:] == [("run", c) for c in cands for _ in range(2)]
+
+
+FAILURES = r"""
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["FASTRES_COMPILE_THREADS"] = "2"
+import torch, triton, triton.language as tl
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.runtime import _async_compile
+
+
+class _Driver:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+triton.runtime.driver.set_active(_Driver())
+from fastres.kernels import _direct
+
+
+@triton.jit
+def k(x_ptr, X: tl.constexpr):
+    tl.static_assert(X > 0)  # X = 0: a compile error
+    tl.store(x_ptr, X)
+
+
+_direct.pooled_kernels(k)
+x = torch.zeros(4)
+out = {"triton": triton.__version__}
+out["ran"] = _direct.compile_in_threads([lambda: k.warmup(x, 0, grid=(1,)),
+                                         lambda: k.warmup(x, 1, grid=(1,))])
+out["cached"] = sorted(type(v).__name__ for v in k.device_caches[0][0].values())
+try:  # compiled again, so its error is raised again (not a stored failure, nor nothing)
+    k.warmup(x, 0, grid=(1,))
+    out["again"] = "no error"
+except triton.compiler.errors.CompilationError:
+    out["again"] = "compile error"
+
+
+def interrupt(*args, **kwargs):  # a Ctrl-C while the pool's compiles are finished
+    raise KeyboardInterrupt
+
+
+knobs.runtime.jit_post_compile_hook = interrupt
+try:
+    _direct.compile_in_threads([lambda: k.warmup(x, 2, grid=(1,)),
+                                lambda: k.warmup(x, 3, grid=(1,))])
+    out["interrupted"] = False
+except KeyboardInterrupt:
+    out["interrupted"] = True
+knobs.runtime.jit_post_compile_hook = None
+out["mode_left_active"] = _async_compile.active_mode.get() is not None
+k.warmup(x, 4, grid=(1,))  # an ordinary compile afterwards (it raised under a stale mode)
+out["later_pool"] = _direct.compile_in_threads([lambda: k.warmup(x, 5, grid=(1,)),
+                                                lambda: k.warmup(x, 6, grid=(1,))])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("triton_dir", _triton_dirs())
+def test_failed_and_interrupted_pools_leave_nothing_behind(tmp_path, triton_dir):
+    """A compile that failed in the pool is compiled again at the next request (Triton 3.8
+    kept the failed future in the kernel's cache, and every later launch raised its stored
+    error), and an interrupt while the pool finishes leaves no async-compile mode active in
+    the caller's context (Triton 3.6 cleared it only after every compile: every later compile
+    then failed on the shut-down pool)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (triton_dir, str(ROOT)) if p)
+    script = tmp_path / "failures.py"  # (a file: triton.jit reads its kernel's source)
+    script.write_text(FAILURES)
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["ran"] == 2 and got["cached"] == ["CompiledKernel"], got  # the good one only
+    assert got["again"] == "compile error", got
+    assert got["interrupted"] and not got["mode_left_active"], got
+    assert got["later_pool"] == 2, got

@@ -198,22 +198,27 @@ def test_interpreted_kernels_go_through_triton_one_at_a_time(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", [
-    # (N, C_in, H, W, C_out, R, stride, pad, groups, residual)
-    (2, 64, 14, 14, 256, 1, 1, 0, 1, True),     # gemm
-    (2, 64, 15, 13, 64, 3, 2, 1, 1, False),     # implicit GEMM, strided
-    (2, 3, 32, 32, 64, 7, 2, 3, 1, False),      # stem
-    (2, 128, 9, 9, 128, 3, 1, 1, 32, True),     # block-diagonal grouped
-], ids=["gemm", "conv", "stem", "grouped"])
+    # (N, C_in, H, W, C_out, R, stride, pad, groups, residual, split-K)
+    (2, 64, 14, 14, 256, 1, 1, 0, 1, True, 0),     # gemm
+    (2, 64, 15, 13, 64, 3, 2, 1, 1, False, 0),     # implicit GEMM, strided
+    (2, 3, 32, 32, 64, 7, 2, 3, 1, False, 0),      # stem
+    (2, 128, 9, 9, 128, 3, 1, 1, 32, True, 0),     # block-diagonal grouped
+    (1, 512, 7, 7, 512, 3, 1, 1, 1, True, 8),      # split-K: two kernels, 3-D grid
+], ids=["gemm", "conv", "stem", "grouped", "split-k"])
 def test_gpu_direct_launch_equals_triton_dispatch(shape):
     """Launched straight to the compiled kernel, each schedule writes exactly what Triton's
     own dispatch writes (into poisoned outputs), and F.conv2d's result; an unaligned input
-    goes through Triton's dispatch, and is right too."""
+    goes through Triton's dispatch, and is right too. The split-K row launches its two
+    kernels (the partial sums on a 3-D grid, then the epilogue) straight, both."""
     import torch.nn.functional as F
 
+    from fastres.kernels.configs import KernelConfig
     from fastres.kernels.conv import conv_bias_act_triton
 
     assert _direct.ENABLED, "FASTRES_DIRECT_LAUNCH=0 in this environment"
-    n, c, h, w, k, r, st, pad, g, with_res = shape
+    n, c, h, w, k, r, st, pad, g, with_res, split = shape
+    config = KernelConfig(64, 64, 64, 8, 4, 4, split_k=split) if split else None
+    launches = 2 if split else 1
     dev, dt, cl = "cuda", torch.bfloat16, torch.channels_last
     x = torch.randn(n, c, h, w, device=dev).to(dt).contiguous(memory_format=cl)
     wt = (torch.randn(k, c // g, r, r, device=dev) * (c // g * r * r) ** -0.5).to(dt)
@@ -232,11 +237,11 @@ def test_gpu_direct_launch_equals_triton_dispatch(shape):
         try:
             before = _direct.stats()["direct"]
             outs.append(conv_bias_act_triton(x, wt, b, st, pad, 1, g, res, True,
-                                             out=poisoned()))
+                                             out=poisoned(), config=config))
             torch.cuda.synchronize()
         finally:
             _direct.ENABLED = True
-    assert _direct.stats()["direct"] == before + 1  # the last one went straight
+    assert _direct.stats()["direct"] == before + launches  # the last call went straight
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     ref = F.conv2d(x.double(), wt.double(), b.double(), st, pad, 1, g)
     ref = torch.relu(ref + res.double() if res is not None else ref)
@@ -247,7 +252,9 @@ def test_gpu_direct_launch_equals_triton_dispatch(shape):
     shifted.copy_(x)
     assert shifted.data_ptr() % 16 and shifted.is_contiguous(memory_format=cl)
     before = _direct.stats()
-    y = conv_bias_act_triton(shifted, wt, b, st, pad, 1, g, res, True, out=poisoned())
+    y = conv_bias_act_triton(shifted, wt, b, st, pad, 1, g, res, True, out=poisoned(),
+                             config=config)
+    # (split-K: the epilogue kernel reads the aligned workspace, and goes straight)
     assert _direct.stats()["dispatched"] == before["dispatched"] + 1
     assert_close_rel(y, ref, 8e-3)
 

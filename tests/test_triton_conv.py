@@ -933,7 +933,7 @@ def test_packed_weight_follows_a_data_swap():
 # -- split-K rows ------------------------------------------------------------------------------
 
 SPLIT_SHAPES = [s for s in SHAPES if s[0] in (
-    "1x1s1", "1x1s1-odd-ch", "1x1s2", "3x3s1", "3x3s2-odd-hw", "3x3-dil2")]
+    "1x1s1", "1x1s1-odd-ch", "1x1s2", "3x3s1", "3x3s2-odd-hw", "3x3-dil2", "conv-g2-8ch")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -1016,3 +1016,38 @@ def test_split_k_offered_only_to_small_long_layers(name, m, n, c, taps, res, off
             if r.split_k > 1:
                 tiles = -(-m // r.block_m) * -(-n // r.block_n)
                 assert tiles < kcfg.SMS and tiles * r.split_k <= 2 * kcfg.SMS
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [2, 8])
+def test_gpu_split_k_in_a_cuda_graph(split):
+    """A split-K row captured in a CUDA graph (its workspace comes from the graph's pool) and
+    replayed on new input: the float64 reference of the new input, and the same bits as an
+    eager call of the row (the partial sums are added in split order, every run)."""
+    dtype = torch.bfloat16
+    x, wt, b, st, pad, dil, g, res = make_case(("b1-l4-3x3", 1, 512, 7, 7, 512, 3, 3, 1, 1,
+                                                1, 1), dtype)
+    cfg = kcfg.KernelConfig(64, 64, 64, 8, 4, 4, split_k=split)
+    conv_bias_act_triton(x, wt, b, st, pad, dil, g, res, True, config=cfg)  # compiled now
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = conv_bias_act_triton(static_x, wt, b, st, pad, dil, g, res, True, config=cfg)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_rel(y, reference(static_x, wt, b, st, pad, dil, g, res, True), TOL[dtype])
+    eager = conv_bias_act_triton(static_x, wt, b, st, pad, dil, g, res, True, config=cfg)
+    assert torch.equal(y, eager)
+
+
+def test_split_k_counts_every_groups_programs():
+    """A grouped layer (the implicit-GEMM schedule, 64 channels per group) runs tiles x
+    groups programs: split-K is for layers whose programs leave SMs idle."""
+    def offered(groups):
+        rows = kcfg.prune(kcfg.CONV_CONFIGS, "conv", 49, 64, 64, 2, taps=9, groups=groups)
+        return {str(r) for r in rows if r.split_k > 1}
+
+    assert offered(1) == {"64x64x64 g8 w4 s4 k2"}  # 9 K steps: two splits of 4 or 5
+    assert offered(100) == {"64x64x64 g8 w4 s4 k2"}  # 200 programs split: at most 2 per SM
+    assert offered(140) == set()  # 140 programs already: more than the SMs

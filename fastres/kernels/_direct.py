@@ -26,6 +26,7 @@ dispatch.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +40,9 @@ from fastres.ops import _backend
 ENABLED = os.environ.get("FASTRES_DIRECT_LAUNCH", "").strip() != "0"
 # compile_in_threads's default pool: the CPUs this process may use, at most this many
 _COMPILE_THREADS_MAX = 16
+# the JIT kernels compile_in_threads compiles (pooled_kernels): their caches are cleared of
+# failed compiles after each pool
+_POOLED: list = []
 
 _stats = {"direct": 0, "dispatched": 0}
 # Triton's own device and stream getters (``driver.active``), looked up on first use
@@ -177,6 +181,28 @@ def compile_threads() -> int:
     return max(1, min(cpus, _COMPILE_THREADS_MAX))
 
 
+def pooled_kernels(*kernels) -> None:
+    """Register JIT kernels that :func:`compile_in_threads`'s warmups compile: after each
+    pool, a compile of theirs that failed is dropped from their caches, so that the launch
+    compiles it again (Triton 3.8 keeps the failed compile in the kernel's cache, and every
+    later launch would raise its stored error, a passing failure such as an out-of-memory
+    ``ptxas`` included; 3.6 keeps nothing)."""
+    for k in kernels:
+        if k not in _POOLED:
+            _POOLED.append(k)
+
+
+def _drop_failed_compiles() -> None:
+    for kernel in _POOLED:
+        for caches in list(getattr(kernel, "device_caches", {}).values()):
+            cache = caches[0]
+            for key, entry in list(cache.items()):
+                future = getattr(entry, "future", None)  # (a FutureKernel: 3.8)
+                if (future is not None and future.done() and not future.cancelled()
+                        and future.exception() is not None):
+                    cache.pop(key, None)
+
+
 def compile_in_threads(warmups: Sequence[Callable[[], object]]) -> int:
     """Run ``warmups`` (each a ``kernel.warmup(...)``: Triton binds the arguments and
     compiles the kernel they select without launching it) with Triton's
@@ -190,14 +216,25 @@ def compile_in_threads(warmups: Sequence[Callable[[], object]]) -> int:
     Best effort, returns how many warmups ran in the pool (0: none did): with interpreted
     kernels, one thread, fewer than two warmups, a Triton without ``AsyncCompileMode``, or
     one of the caller's own already active, nothing is done. A warmup that raises, or a
-    compile that fails, is skipped: the launch compiles it again and raises there, where the
-    tuner records why the candidate did not run."""
+    compile that fails, is skipped: the launch compiles it again (for the kernels registered
+    with :func:`pooled_kernels`) and raises there, where the tuner records why the candidate
+    did not run. A ``FASTRES_COMPILE_THREADS`` that is not a positive integer raises
+    ``ValueError`` (as a bad ``FASTRES_TUNE`` does). The async mode is entered in a copy of
+    the caller's context, so that an interrupt while it waits for the compiles cannot leave
+    it active in the caller's (Triton 3.6 clears it only after every compile returned)."""
     if len(warmups) < 2 or _backend.kernels_interpreted():
         return 0
     workers = min(compile_threads(), len(warmups))
     mode_type = getattr(triton, "AsyncCompileMode", None)
     if workers < 2 or mode_type is None:
         return 0
+    try:
+        return contextvars.copy_context().run(_compile_in_pool, warmups, workers, mode_type)
+    finally:
+        _drop_failed_compiles()
+
+
+def _compile_in_pool(warmups, workers: int, mode_type) -> int:
     with ThreadPoolExecutor(workers, thread_name_prefix="fastres-compile") as pool:
         mode = mode_type(pool, ignore_errors=True)
         try:

@@ -290,7 +290,7 @@ def trim_stages(cfg: KernelConfig, steps: int) -> KernelConfig:
 
 def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
           elem_bytes: int, has_res: bool = False, *, taps: int,
-          smem_limit: int = SMEM_LIMIT, sms: int = SMS) -> list[KernelConfig]:
+          smem_limit: int = SMEM_LIMIT, sms: int = SMS, groups: int = 1) -> list[KernelConfig]:
     """The rows of ``table`` worth trying for this problem (never empty), each with its
     pipeline depth trimmed to the K loop's length (:func:`trim_stages`).
 
@@ -301,17 +301,18 @@ def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_
     checked at the row's full depth, before trimming (conservative), against
     ``smem_limit`` bytes (default H100's; the launcher passes the GPU's own opt-in maximum,
     smaller on A100 and on consumer GPUs); ``sms``: the GPU's multiprocessors (default
-    H100 SXM's), for the persistent and split-K rows.
+    H100 SXM's), for the persistent and split-K rows; ``groups``: the kernel's groups (its
+    programs are tiles x groups), for the split-K rows.
     """
     return list(dict.fromkeys(
         trim_stages(cfg, k_steps(cfg, kind, k_per_group, taps))
         for cfg in _prune(table, kind, m, n_per_group, k_per_group, elem_bytes, has_res,
-                          smem_limit, sms, taps)))
+                          smem_limit, sms, taps, groups)))
 
 
 def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
            elem_bytes: int, has_res: bool, smem_limit: int = SMEM_LIMIT,
-           sms: int = SMS, taps: int = 1) -> list[KernelConfig]:
+           sms: int = SMS, taps: int = 1, groups: int = 1) -> list[KernelConfig]:
     keep = []
     max_n = _pow2_at_least(n_per_group)
     max_k = _pow2_at_least(k_per_group)
@@ -330,7 +331,7 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
             # fewer output tiles than SMs (the layer leaves SMs idle), at most two programs
             # per SM once split, and at least four K steps per split (the partial sums'
             # round trip through memory and the second kernel cost about that much)
-            tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n)
+            tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n) * groups
             steps = k_steps(cfg, kind, k_per_group, taps)
             if (kind not in ("gemm", "conv") or cfg.persistent or cfg.tma or cfg.early_res
                     or tiles >= sms or tiles * cfg.split_k > 2 * sms

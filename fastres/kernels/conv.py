@@ -164,12 +164,12 @@ def _load_operands(a_ptrs, b_ptrs, row_ok, n_ok, c, c_end, EVEN_C: tl.constexpr)
 @triton.jit
 def _split_range(total, SPLIT_K: tl.constexpr):
     """The K-loop iterations ``[lo, hi)`` of this program's split (``program_id(2)``) of
-    ``total``: all of them without split-K. A split past the end (more splits than steps)
-    gets none, and writes a zero partial sum."""
+    ``total``: all of them without split-K. The splits' lengths differ by one at most; with
+    more splits than steps some get none, and write a zero partial sum."""
     if SPLIT_K > 1:
-        per = tl.cdiv(total, SPLIT_K)
-        lo = tl.program_id(2) * per
-        hi = tl.minimum(total, lo + per)
+        pid = tl.program_id(2)
+        lo = pid * total // SPLIT_K
+        hi = (pid + 1) * total // SPLIT_K
     else:
         lo = 0
         hi = total
@@ -821,7 +821,7 @@ def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
         return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else prob.k_extent)]
     rows = prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, prob.elem_bytes(),
                  prob.has_res, taps=prob.taps, smem_limit=device_smem_limit(),
-                 sms=device_sm_count())
+                 sms=device_sm_count(), groups=prob.groups)
     # (never empty without them: each TMA row's twin without TMA passes the same pruning)
     return rows if TMA_ENABLED else [c for c in rows if not c.tma]
 
@@ -1056,6 +1056,8 @@ def conv_bias_act_triton(
 
 # configs.TMA_ROWS: ``FASTRES_TMA=0`` or a Triton without device descriptors turns them off
 TMA_ENABLED = TMA_ROWS
+# the kernels the tuner compiles on a pool of threads (their failed compiles are retried)
+_direct.pooled_kernels(conv_bias_act_kernel, split_k_epilogue_kernel)
 
 
 def _launch(kernel, grid, args, params, cache, n_tensors: int, warmup: bool) -> None:

@@ -65,25 +65,32 @@ def global_avgpool_triton(x: torch.Tensor) -> torch.Tensor:
 
 
 def avgpool_linear_triton(x: torch.Tensor, weight: torch.Tensor,
-                          bias: torch.Tensor, *, config=None) -> torch.Tensor:
+                          bias: torch.Tensor, *, config=None,
+                          compile_only: bool = False) -> torch.Tensor | None:
     """Global average pool then ``pooled @ weight.T + bias`` -> ``[N, num_classes]``.
 
     x: ``[N, C, H, W]``; weight ``[num_classes, C]`` in x's dtype; bias ``[num_classes]``
     (x's dtype or fp32; rounded to x's dtype first, as the reference does). fp32 uses TF32
     exactly when ``torch.backends.cuda.matmul.allow_tf32`` is true (eager ``F.linear``'s flag).
     ``config``: the linear layer's GEMM :class:`~fastres.kernels.configs.KernelConfig`
-    (``None``: the launcher's, see :func:`head_configs`).
+    (``None``: the launcher's, see :func:`head_configs`). ``compile_only``: compile the
+    linear layer's kernel for ``config`` (the tuner's warm-up), launch nothing, return
+    ``None``; the pool's kernel (one configuration) compiles at its first launch.
     """
-    pooled = global_avgpool_triton(x)
-    n, c = pooled.shape
+    n, c = x.shape[0], x.shape[1]
     k = weight.shape[0]
     b = bias.to(x.dtype).to(torch.float32)
+    if compile_only:
+        pooled = x.new_empty((n, c))  # (the pool's output: only its shape and dtype count)
+    else:
+        pooled = global_avgpool_triton(x)
     y = conv_bias_act_triton(
         pooled.view(n, c, 1, 1), weight.contiguous().view(k, c, 1, 1), b,
         (1, 1), (0, 0), (1, 1), 1, None, False,
         tf32=x.dtype == torch.float32 and matmul_allow_tf32(), config=config,
+        compile_only=compile_only,
     )
-    return y.reshape(n, k)
+    return None if compile_only else y.reshape(n, k)
 
 
 def head_configs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> list:
