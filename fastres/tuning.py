@@ -1009,7 +1009,7 @@ def _measure(op: str, key: str, cands: list[Candidate], impls: dict, args,
 def _compile_ahead(cands: list[Candidate], args, kwargs) -> None:
     """Compile every candidate that can be compiled without a launch (``warmup``), on a pool
     of threads, before the first is timed: each would otherwise compile at its first launch,
-    one after another (0.37 s per distinct Triton conv kernel on a core of the 2-core
+    one after another (about 0.4 s per distinct Triton conv kernel on a core of the 2-core
     development CPU, ResNet-50 in bf16: ``benchmarks/compile_time.py``).
     Best effort: a candidate that fails here is compiled again, and fails, where it runs."""
     warmups = [functools.partial(c.warmup, *args, **kwargs) for c in cands

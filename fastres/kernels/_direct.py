@@ -22,6 +22,9 @@ Interpreted kernels (``TRITON_INTERPRET=1``) have no compiled kernel: :func:`lau
 them through ``kernel[grid]``, one at a time (``_backend.launching``). ``FASTRES_DIRECT_LAUNCH=0``
 (read when fastres is imported) turns the direct path off: every launch goes through Triton's
 dispatch.
+
+:func:`compile_in_threads` is the tuner's other use of Triton's launch machinery: it compiles
+a layer's candidates (``kernel.warmup``) on a pool of threads before any is timed.
 """
 
 from __future__ import annotations
@@ -210,7 +213,7 @@ def compile_in_threads(warmups: Sequence[Callable[[], object]]) -> int:
     compile: the tuner's candidates, which would otherwise compile one after another at
     their first launches. Triton releases the GIL for most of a compile: ResNet-50's
     candidates at batch 256 in bf16 (258 over its 24 distinct convolutions, 87 distinct
-    kernels) compiled for sm_90 in 18.1 s on 2 threads against 32.0 s on one, on a 2-core CPU
+    kernels) compiled for sm_90 in 19.4 s on 2 threads against 34.1 s on one, on a 2-core CPU
     (``benchmarks/compile_time.py``, Triton 3.8).
 
     Best effort, returns how many warmups ran in the pool (0: none did): with interpreted
