@@ -39,19 +39,9 @@ def _child(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     target = "this GPU"
     if device == "cpu":
-        from triton.backends.compiler import GPUTarget
+        from fastres.compile_report import use_sm90_driver
 
-        class _Driver:  # what Triton's binder and warmup ask of the driver
-            def get_current_target(self):
-                return GPUTarget("cuda", 90, 32)
-
-            def get_current_device(self):
-                return 0
-
-            def get_current_stream(self, device=None):
-                return 0
-
-        triton.runtime.driver.set_active(_Driver())
+        use_sm90_driver()
         target = "sm_90 (no GPU: stand-in driver)"
     from benchmarks.conv_layers import DTYPES, model_conv_layers
     from fastres.kernels import _direct, conv

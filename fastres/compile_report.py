@@ -99,6 +99,32 @@ class Job:
                           sort_keys=True, default=str)
 
 
+class _SM90Driver:
+    """What Triton's JIT binder and ``kernel.warmup`` ask of the active driver, for an H100
+    (sm_90): the target, device 0, stream 0. Compiling needs no more; launching does."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def use_sm90_driver() -> None:
+    """Make a stand-in driver for an H100 Triton's active one in this process (no GPU
+    needed): ``kernel.warmup(...)`` on CPU tensors then compiles for sm_90 through Triton's
+    own JIT path, as the tuner's compile pool does on a GPU (nothing can be launched).
+    For benchmarks/compile_time.py and tests, in processes of their own."""
+    import triton
+
+    triton.runtime.driver.set_active(_SM90Driver())
+
+
 def _jit(fn):
     """The kernel as a JITFunction (under TRITON_INTERPRET=1 ``@triton.jit`` gives an
     InterpretedFunction, which ``triton.compile`` cannot take)."""

@@ -2,7 +2,8 @@
 (``fastres.kernels._direct.compile_in_threads``, Triton's ``AsyncCompileMode``).
 
 The compile path is checked for real on the CPU: a subprocess without ``TRITON_INTERPRET``
-gives Triton a stand-in driver that names an H100 (sm_90) as the current target, so that
+gives Triton a stand-in driver that names an H100 (sm_90) as the current target
+(``fastres.compile_report.use_sm90_driver``), so that
 ``kernel.warmup`` binds CPU tensors and compiles the conv kernel for sm_90 as it would on a
 GPU (nothing is launched). It runs under the installed Triton and, when
 ``FASTRES_COMPILE_REPORT_TRITON`` names another one (CI installs 3.6, the GPU machine's), under
@@ -26,21 +27,9 @@ SCRIPT = r"""
 import json, os, sys, threading
 os.environ.pop("TRITON_INTERPRET", None)
 import torch, triton, triton.compiler
-from triton.backends.compiler import GPUTarget
+from fastres.compile_report import use_sm90_driver
 
-
-class _Driver:  # what Triton's binder and warmup ask of the driver, for an H100
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-
-triton.runtime.driver.set_active(_Driver())
+use_sm90_driver()
 threads = []
 real_compile = triton.compiler.compile
 
@@ -270,23 +259,11 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ["FASTRES_COMPILE_THREADS"] = "2"
 import torch, triton, triton.language as tl
 from triton import knobs
-from triton.backends.compiler import GPUTarget
 from triton.runtime import _async_compile
-
-
-class _Driver:
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-
-triton.runtime.driver.set_active(_Driver())
+from fastres.compile_report import use_sm90_driver
 from fastres.kernels import _direct
+
+use_sm90_driver()
 
 
 @triton.jit
