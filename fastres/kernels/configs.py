@@ -320,6 +320,7 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
     for cfg in table:
         if smem_bytes(cfg, elem_bytes, has_res) > smem_limit:
             continue
+        tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n)  # per group
         # TMA: gemm, 16-bit (fp32 operands are rounded to TF32 in registers, see below), and
         # rows of whole 16-byte multiples (a descriptor's strides must be)
         if cfg.tma and (kind != "gemm" or elem_bytes != 2 or (k_per_group * elem_bytes) % 16
@@ -331,15 +332,14 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
             # fewer output tiles than SMs (the layer leaves SMs idle), at most two programs
             # per SM once split, and at least four K steps per split (the partial sums'
             # round trip through memory and the second kernel cost about that much)
-            tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n) * groups
+            programs = tiles * groups
             steps = k_steps(cfg, kind, k_per_group, taps)
             if (kind not in ("gemm", "conv") or cfg.persistent or cfg.tma or cfg.early_res
-                    or tiles >= sms or tiles * cfg.split_k > 2 * sms
+                    or programs >= sms or programs * cfg.split_k > 2 * sms
                     or steps < 4 * cfg.split_k):
                 continue
         if cfg.persistent:  # gemm only; two tiles or more per program; the programs of
             # one SM fit its shared memory together; pipelined by this Triton
-            tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n)
             if (kind != "gemm" or tiles < 2 * cfg.persistent * sms
                     or not (cfg.tma or POINTER_PERSISTENT)
                     or cfg.persistent * smem_bytes(cfg, elem_bytes, has_res) > smem_limit):
@@ -378,7 +378,8 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
         keep.append(cfg)
     if not keep:  # tiny layer: the smallest row still runs correctly (masks); on a GPU with
         # little shared memory, with as few pipeline stages as it takes to fit
-        cfg = min((c for c in table if not (c.persistent or c.early_res or c.tma)),
+        cfg = min((c for c in table
+                   if not (c.persistent or c.early_res or c.tma or c.split_k > 1)),
                   key=lambda c: (c.block_m * c.block_n * c.block_k, c.num_stages))
         while cfg.num_stages > 1 and smem_bytes(cfg, elem_bytes) > smem_limit:
             cfg = replace(cfg, num_stages=cfg.num_stages - 1)

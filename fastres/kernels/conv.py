@@ -1046,10 +1046,7 @@ def conv_bias_act_triton(
                     reference.append(torch.relu(ref) if relu else ref)
             return _rel_err(y, reference[0]), _tolerance((x,))
 
-        def warm(cfg: KernelConfig) -> torch.Tensor:
-            return run(cfg, out, warmup=True)
-
-        config = _choose_config(prob, tune_run, check, warm)
+        config = _choose_config(prob, tune_run, check, functools.partial(run, warmup=True))
     run(config)
     return out
 
