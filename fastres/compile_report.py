@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -88,7 +89,7 @@ class Job:
     constexprs: dict  # arg name -> value
     ints: dict  # arg name -> value (for the divisibility attribute)
     options: dict
-    tiles: dict = field(default_factory=dict)  # "A"/"B" -> (rows, cols) or None (n/a)
+    tiles: dict = field(default_factory=dict)  # "A"/"B" -> block shape or None (n/a)
     dot: bool = True
     tma: bool = False  # the A and B tiles are loaded by TMA (tiles: their descriptor blocks)
 
@@ -155,7 +156,7 @@ def conv_jobs(shapes, dtypes, first_only_dtypes=()) -> list[Job]:
     import torch
 
     from fastres.kernels.configs import TABLES, prune
-    from fastres.kernels.conv import ConvProblem, launch_params
+    from fastres.kernels.conv import ConvProblem, launch_params, tma_box
 
     jobs = []
     for name, n, c, h, w, k, r, s, st, pad, dil, g, res in shapes:
@@ -165,7 +166,7 @@ def conv_jobs(shapes, dtypes, first_only_dtypes=()) -> list[Job]:
                                tf32=dt == "fp32")
             kind = prob.kind
             cands = prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, _BYTES[dt], res,
-                          taps=prob.taps, groups=g)
+                          taps=prob.taps, groups=g, box=tma_box(prob))
             if dt in first_only_dtypes:
                 cands = cands[:1]
             p, q = prob.pq
@@ -185,6 +186,8 @@ def conv_jobs(shapes, dtypes, first_only_dtypes=()) -> list[Job]:
                 tma = bool(params.get("TMA"))
                 tiles = {"A": (bm, bk) if kind != "stem" else None,
                          "B": (bn, bk) if tma else (bk, bn)}  # (TMA: the [N, K] weight block)
+                if cfg.box_h:  # the activation's 4-D NHWC box
+                    tiles["A"] = (1, cfg.box_h, bm // cfg.box_h, bk)
                 jobs.append(Job("conv", f"{name} [{kind}]", dt, str(cfg), sig, params, ints,
                                 options, tiles, tma=tma))
     return jobs
@@ -246,7 +249,7 @@ _ELEM = {"f16": 2, "bf16": 2, "f32": 4}
 # (Triton 3.6 writes the descriptor type as ``!tt.tensordesc<tensor<128x64xbf16, ...>>``, 3.8
 # as ``!tt.tensordesc<128x64xbf16, ...>``)
 _TMA_LOAD = re.compile(r"ttng\.async_tma_copy_global_to_local.*?:\s*"
-                       r"!tt\.tensordesc<(?:tensor<)?(\d+)x(\d+)x")
+                       r"!tt\.tensordesc<(?:tensor<)?((?:\d+x)+)")
 
 
 # a 2-D tile loaded through pointers (synchronously, or by a cp.async copy)
@@ -256,20 +259,24 @@ _POINTER_TILE = re.compile(r"(?:tt\.load|ttg\.async_copy_global_to_local)\s.*?:\
 _TMA_LOAD_PTX = re.compile(r"cp\.async\.bulk\.tensor\.\d+d\.shared::\w+\.global")
 
 
-def _tma_tiles(ttgir: str) -> set[tuple[int, int]]:
-    """(rows, cols) of every TMA global->shared tile load (its descriptor's block)."""
-    return {(int(m.group(1)), int(m.group(2))) for m in _TMA_LOAD.finditer(ttgir)}
+def _tma_tiles(ttgir: str) -> set[tuple[int, ...]]:
+    """The block shape of every TMA global->shared tile load (its descriptor's block: (rows,
+    cols), or the implicit-GEMM activation's 4-D NHWC box)."""
+    return {tuple(int(d) for d in m.group(1).rstrip("x").split("x"))
+            for m in _TMA_LOAD.finditer(ttgir)}
 
 
 def tma_tile_ok(ttgir: str, ptx: str, shape) -> bool:
     """A TMA row's tile of block ``shape``: a TMA load of that block in the TTGIR, a
-    global->shared bulk tensor copy in the PTX, and no pointer load of a tile that shape (or
-    its transpose). (The activation and weight blocks, or the activation and residual ones,
-    can have one shape: a kernel that loaded one of them through pointers would otherwise
-    pass on the other's TMA load.)"""
-    rows, cols = shape
+    global->shared bulk tensor copy in the PTX, and no pointer load of a tile of that shape
+    (for a box, its flattened ``[pixels, channels]`` shape), nor of its transpose. (The
+    activation and weight blocks, or the activation and residual ones, can have one shape:
+    a kernel that loaded one of them through pointers would otherwise pass on the other's
+    TMA load.)"""
+    shape = tuple(shape)
+    rows, cols = math.prod(shape[:-1]), shape[-1]
     pointer = {(int(r), int(c)) for r, c in _POINTER_TILE.findall(ttgir)}
-    return ((rows, cols) in _tma_tiles(ttgir) and bool(_TMA_LOAD_PTX.search(ptx))
+    return (shape in _tma_tiles(ttgir) and bool(_TMA_LOAD_PTX.search(ptx))
             and not pointer & {(rows, cols), (cols, rows)})
 
 

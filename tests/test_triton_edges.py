@@ -12,6 +12,7 @@ the mistake it catches.
 - shape classes that must not take the stem / block-diagonal schedules.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -218,8 +219,11 @@ def test_block_diagonal_only_for_power_of_two_groups_of_16_channels():
         b = torch.randn(k).to(DEV)
         prob = ConvProblem.from_tensors(x, wt, 1, 1, 1, 2)
         assert prob.kind == "conv", (c, k, prob.kind)
-        # every candidate's GPU launch has tensor-core sized tiles
+        # every candidate's GPU launch has tensor-core sized tiles (a TMA block row runs
+        # as its twin without TMA on a grouped layer: the twin is in the table)
         for cfg in kcfg.TABLES[prob.kind]:
+            if cfg.box_h:
+                continue
             params = launch_params(prob, cfg, interpreted=False).params
             assert min(params["BLOCK_M"], params["BLOCK_N"], params["BLOCK_K"]) >= 16
         y = conv_bias_act_triton(x, wt, b, 1, 1, 1, 2, None, False).cpu()
@@ -578,6 +582,176 @@ def test_tma_rows_offered_for_aligned_16_bit_gemms_only():
     assert kcfg.smem_bytes(row, 2, has_res=True) == plain + 2 * 128 * 128 * 2
 
 
+# -- TMA block rows of the implicit-GEMM schedule (stride 1, one group) -----------------------
+
+# (name, N, C_in, H, W, C_out, padding, dilation, residual): output sizes that are not whole
+# blocks (4x8 blocks at 32-row tiles), zero and wider padding, dilation 2, C_out not a
+# multiple of the 16-wide N tile
+BOX_SHAPES = pytest.mark.parametrize("shape", [
+    ("pad1-odd", 2, 32, 7, 9, 24, 1, 1, True),
+    ("pad2-dil2", 1, 16, 5, 11, 48, 2, 2, False),
+    ("pad0", 2, 16, 6, 6, 16, 0, 1, True),
+], ids=lambda s: s[0] if isinstance(s, tuple) else str(s))
+
+
+def _box_case(shape, dtype):
+    name, n, c, h, w, k, pad, dil, with_res = shape
+    x = torch.randn(n, c, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
+    wt = (torch.randn(k, c, 3, 3) * (9 * c) ** -0.5).to(dtype).to(DEV)
+    b = torch.randn(k).to(DEV)
+    p, q = _out_hw(h, w, 3, 3, (1, 1), (pad, pad), (dil, dil))
+    res = (torch.randn(n, k, p, q).to(dtype).to(DEV).contiguous(memory_format=CL)
+           if with_res else None)
+    return x, wt, b, res, pad, dil
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@BOX_SHAPES
+def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
+    """Kills: a box at the wrong tap offset (padding or dilation ignored, r and s swapped), a
+    halo read from the neighbouring row or image instead of zeros, a block decomposition
+    that skips or repeats pixels (rows and columns of blocks swapped, the image index
+    wrong), the weight block of another tap, an output block stored past the image's edge
+    (over the next image's pixels), residual or bias of another block, ReLU dropped. Into
+    a NaN-poisoned output and in place over the residual: against F.conv2d in float64 and
+    the pointer kernel."""
+    from fastres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "TMA_ENABLED", True)  # (whatever FASTRES_TMA says)
+    x, wt, b, res, pad, dil = _box_case(shape, dtype)
+    args = (1, pad, dil, 1)
+    prob = ConvProblem.from_tensors(x, wt, *args, res)
+    p, q = prob.pq
+    n, k = x.shape[0], wt.shape[0]
+    base = kcfg.KernelConfig(32, 16, 16, 4, 4, 1)
+    for row in (kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=4),
+                kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=2)):
+        assert str(row).endswith(f" t{row.box_h}x{32 // row.box_h}")
+        # these tensors take TMA (the launch below is the block kernel, not the fallback)
+        assert kconv._tma_ready(row, prob, x, wt, x if res is None else res) is row
+        lp = launch_params(prob, row)
+        bw = 32 // row.box_h
+        assert lp.params["BOX_H"] == row.box_h and lp.params["TMA"]
+        assert lp.grid == (n * -(-p // row.box_h) * -(-q // bw) * -(-k // 16), 1)
+        for relu in (True, False):
+            poisoned = torch.full((n, k, p, q), float("nan"), dtype=dtype, device=DEV)
+            poisoned = poisoned.contiguous(memory_format=CL)
+            y0 = conv_bias_act_triton(x, wt, b, *args, res, relu, config=base)
+            y1 = conv_bias_act_triton(x, wt, b, *args, res, relu, config=row, out=poisoned)
+            assert_close_rel(y1, _ref(x, wt, b, (1, 1), (pad, pad), (dil, dil), 1, res, relu),
+                             TOL[dtype])
+            assert rel_err(y1, y0) <= TOL[dtype] / 4  # the same products in the same K order
+            if res is not None:
+                acc = res.clone()
+                y2 = conv_bias_act_triton(x, wt, b, *args, acc, relu, config=row, out=acc)
+                assert y2.data_ptr() == acc.data_ptr() and torch.equal(y2, y1)
+
+
+def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
+    """A block row runs as its twin without TMA (and right) where a descriptor cannot be
+    made, where its boxes are not shifted copies of the input (strided, grouped
+    implicit GEMMs), or where a channel block would run into the next tap's weights: an
+    activation 2 bytes off 16-byte alignment, C_in or C_out not multiples of 8, C_in not a
+    whole number of channel blocks, stride 2, 3 groups, fp32. It is an error, not a silent
+    fallback, on another schedule's problem (a GEMM, block-diagonal grouped: the tuner never
+    offers one there) and where block_m is not box_h times a power of two."""
+    from fastres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "TMA_ENABLED", True)
+    row = kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=4)
+    twin = kcfg.KernelConfig(32, 16, 16, 4, 4, 1)
+    dtype = torch.float16
+    big = torch.randn(2 * 16 * 5 * 6 + 1).to(dtype).to(DEV)
+    x_off = big[1:].view(2, 5, 6, 16).permute(0, 3, 1, 2)  # channels-last, 2 bytes off
+    assert x_off.is_contiguous(memory_format=CL) and x_off.data_ptr() % 16 == 2
+    cases = [(x_off, torch.randn(24, 16, 3, 3), 1, 1),
+             (torch.randn(2, 20, 5, 6), torch.randn(24, 20, 3, 3), 1, 1),  # C_in 20
+             # 24 = 1.5 blocks of 16
+             (torch.randn(2, 24, 5, 6), torch.randn(24, 24, 3, 3), 1, 1),
+             (torch.randn(2, 16, 5, 6), torch.randn(20, 16, 3, 3), 1, 1),  # C_out 20
+             (torch.randn(2, 16, 5, 6), torch.randn(24, 16, 3, 3), 2, 1),  # stride 2
+             (torch.randn(2, 48, 5, 6), torch.randn(48, 16, 3, 3), 1, 3)]  # 3 groups
+    for x, wt, stride, groups in cases:
+        x = x.to(dtype).to(DEV).contiguous(memory_format=CL)
+        wt = (wt * (9 * wt.shape[1]) ** -0.5).to(dtype).to(DEV)
+        b = torch.randn(wt.shape[0]).to(DEV)
+        prob = ConvProblem.from_tensors(x, wt, stride, 1, 1, groups, None)
+        assert prob.kind == "conv"
+        p, q = prob.pq
+        out = torch.empty(2, wt.shape[0], p, q, dtype=dtype, device=DEV).contiguous(
+            memory_format=CL)
+        assert kconv._tma_ready(row, prob, x, wt, out) == twin
+        y = conv_bias_act_triton(x, wt, b, stride, 1, 1, groups, None, True, config=row)
+        assert_close_rel(y, _ref(x, wt, b, (stride, stride), (1, 1), (1, 1), groups, None,
+                                 True), TOL[dtype])
+    x = torch.randn(2, 16, 5, 6).to(DEV)
+    wt = torch.randn(16, 16, 3, 3).to(DEV)
+    assert kconv._tma_ready(row, ConvProblem.from_tensors(x, wt, 1, 1, 1, 1, None), x,
+                            wt) == twin  # fp32
+    refused = [(2, torch.randn(16, 8, 3, 3), 1, "grouped"),  # block-diagonal
+               (1, torch.randn(16, 16, 1, 1), 0, "gemm")]  # (the GEMM's TMA rows: no block)
+    for groups, w, pad, kind in refused:
+        assert ConvProblem.from_tensors(x, w, 1, pad, 1, groups, None).kind == kind
+        for dt in (torch.float16, torch.float32):
+            with pytest.raises(ValueError, match="stride-1, one-group implicit-GEMM"):
+                conv_bias_act_triton(x.to(dt), w.to(dt).to(DEV), torch.zeros(16).to(DEV),
+                                     1, pad, 1, groups, config=row)
+    with pytest.raises(ValueError, match="not box_h 4 times a power of two"):
+        conv_bias_act_triton(x.half(), wt.half(), torch.zeros(16).to(DEV), 1, 1, 1, 1,
+                             config=kcfg.KernelConfig(48, 16, 16, 4, 4, 1, tma=True, box_h=4))
+
+
+def test_tma_block_rows_offered_where_their_blocks_fit():
+    """Block rows are candidates for 16-bit, stride-1, one-group implicit GEMMs (``box``
+    given) whose channels are whole blocks and multiples of 8, and only rows whose blocks
+    waste at most a quarter of the pixels they compute: at 56x56, 28x28 and 14x14 the 8x16
+    blocks (12.5% and 23% wasted), at 7x7 the 8x8 block only (8x16 would waste 62%). Never
+    without ``box``, for fp32, C_in or C_out not multiples of 8, or a partial channel block;
+    a GEMM is never offered one."""
+    def boxes(m_hw, c=256, k=256, eb=2, box=True, kind="conv", table=kcfg.CONV_CONFIGS):
+        h, w = m_hw
+        return {str(r).split()[-1] for r in kcfg.prune(
+            table, kind, 256 * h * w, k, c, eb, taps=9 if kind == "conv" else 1,
+            box=(h, w) if box else None) if r.box_h}
+
+    assert boxes((56, 56), c=64, k=64) == {"t8x16"}  # 64 outputs: the 128x64 row only
+    assert boxes((28, 28)) == boxes((14, 14)) == {"t8x16", "t8x8"}
+    assert boxes((7, 7), c=512, k=512) == {"t8x8"}
+    assert kcfg.box_waste_ok(kcfg.KernelConfig(128, 64, 64, tma=True, box_h=8), (56, 56))
+    assert not kcfg.box_waste_ok(kcfg.KernelConfig(128, 64, 64, tma=True, box_h=8), (7, 7))
+    assert not boxes((28, 28), box=False)
+    assert not boxes((28, 28), eb=4)
+    assert not boxes((28, 28), c=200)  # a multiple of 8, not of the 64-channel block
+    assert not boxes((28, 28), c=100) and not boxes((28, 28), k=260)
+    assert not boxes((28, 28), kind="gemm", table=kcfg.GEMM_CONFIGS + kcfg.CONV_CONFIGS)
+    for row in kcfg.CONV_CONFIGS:  # every block row's twin without TMA is in the table
+        if row.box_h:
+            assert dataclasses.replace(row, tma=False, box_h=0) in kcfg.CONV_CONFIGS
+
+
+def test_tma_block_rows_for_resnet_layers(monkeypatch):
+    """What the launcher offers a GPU: ResNet-50's stride-1 3x3 layers get block rows in
+    16-bit (and not with FASTRES_TMA=0), the stride-2 3x3 and the dilated layers of a
+    dilated backbone as their stride allows, fp32 none."""
+    from fastres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "_interpreted", lambda: False)  # the GPU's candidate list
+    monkeypatch.setattr(kconv, "TMA_ENABLED", True)
+
+    def offered(c, hw, k, stride=1, pad=1, dil=1, dtype=torch.bfloat16, groups=1):
+        prob = ConvProblem(256, c, hw, hw, k, 3, 3, (stride, stride), (pad, pad), (dil, dil),
+                           groups, dtype, has_res=False, relu=True, tf32=False)
+        return [str(r) for r in kconv.problem_configs(prob) if r.box_h]
+
+    assert offered(64, 56, 64) and offered(256, 14, 256) and offered(512, 7, 512)
+    assert offered(512, 28, 512, pad=4, dil=4)  # DeepLab-style dilated layer4
+    assert not offered(128, 56, 128, stride=2)
+    assert not offered(128, 56, 128, groups=32)
+    assert not offered(256, 14, 256, dtype=torch.float32)
+    monkeypatch.setattr(kconv, "TMA_ENABLED", False)
+    assert not offered(256, 14, 256)
+
+
 def test_tma_switched_off(monkeypatch):
     """``FASTRES_TMA=0`` (``conv.TMA_ENABLED``): no TMA row among the candidates, and a
     remembered TMA row runs as its twin without TMA."""
@@ -723,3 +897,69 @@ def test_gpu_tma_rows_in_threads_direct_launch_and_graphs(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert_close_rel(out, ref, TOL[dt])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16,
+                                   pytest.param(torch.float16, marks=pytest.mark.slow)],
+                         ids=str)
+def test_gpu_tma_block_rows(dtype, monkeypatch):
+    """The implicit-GEMM block rows on the GPU, where TMA itself fills the halo (negative
+    and past-the-edge box coordinates) and clips the output blocks: ResNet-50-like stride-1
+    3x3 layers (56x56 from 64 channels, 14x14 with a residual, dilation 2 at 28x28, and 7x7
+    with 8x8 blocks), every block row of the table into a NaN-poisoned output, launched
+    twice (Triton's dispatch, then straight to the compiled kernel), in place over the
+    residual, and captured in a CUDA graph replayed on new input; against F.conv2d in
+    float64."""
+    from fastres.kernels import _direct
+    from fastres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "TMA_ENABLED", True)
+    monkeypatch.setattr(_direct, "ENABLED", True)
+    dev = "cuda"
+    rows = [r for r in kcfg.CONV_CONFIGS if r.box_h]
+    # (N, C_in, H, W, C_out, padding, dilation, residual)
+    for n, c, hw, k, pad, dil, with_res in [(4, 64, 56, 64, 1, 1, False),
+                                            (4, 256, 14, 256, 1, 1, True),
+                                            (2, 256, 28, 256, 2, 2, False),
+                                            (4, 512, 7, 512, 1, 1, True)]:
+        wt = (torch.randn(k, c, 3, 3, device=dev) * (9 * c) ** -0.5).to(dtype)
+        b = torch.randn(k, device=dev)
+
+        def case():
+            x = torch.randn(n, c, hw, hw, device=dev).to(dtype).contiguous(memory_format=CL)
+            res = (torch.randn(n, k, hw, hw, device=dev).to(dtype).contiguous(
+                memory_format=CL) if with_res else None)
+            return x, res, _ref(x, wt, b, (1, 1), (pad, pad), (dil, dil), 1, res, True)
+
+        def poisoned():
+            return torch.full((n, k, hw, hw), float("nan"), device=dev, dtype=dtype).contiguous(
+                memory_format=CL)
+
+        for cfg in rows:
+            x, res, ref = case()
+            prob = ConvProblem.from_tensors(x, wt, 1, pad, dil, 1, res)
+            assert kconv._tma_ready(cfg, prob, x, wt, poisoned()) is cfg  # the block kernel
+            for _ in range(2):  # dispatched, then direct
+                y = conv_bias_act_triton(x, wt, b, 1, pad, dil, 1, res, True, config=cfg,
+                                         out=poisoned())
+                assert_close_rel(y, ref, TOL[dtype])
+            if res is not None:
+                acc = res.clone()
+                conv_bias_act_triton(x, wt, b, 1, pad, dil, 1, acc, True, config=cfg, out=acc)
+                assert torch.equal(acc, y)
+            sx = x.clone()
+            sres = None if res is None else res.clone()
+            out = poisoned()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                conv_bias_act_triton(sx, wt, b, 1, pad, dil, 1, sres, True, config=cfg,
+                                     out=out)
+            x, res, ref = case()
+            sx.copy_(x)
+            if res is not None:
+                sres.copy_(res)
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert_close_rel(out, ref, TOL[dtype])

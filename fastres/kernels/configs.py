@@ -76,6 +76,14 @@ class KernelConfig:
     tensor memory accelerator through tensor descriptors (no address or mask arithmetic in the
     kernel; the output goes through shared memory). A call whose tensors are not 16-byte
     aligned runs the same row without it. Its label ends in ``t``.
+    ``box_h`` (TMA rows of the implicit-GEMM schedule: stride-1, ungrouped convolutions such
+    as ResNet's 3x3 layers): the output tile is a ``box_h`` x ``block_m // box_h`` block of
+    one image's output pixels rather than ``block_m`` consecutive pixels, and each K step's
+    activation tile is one 4-D ``[1, box_h, block_m // box_h, block_k]`` NHWC box at the
+    tap's offset, loaded by TMA, which fills the padding halo (coordinates before or past the
+    image) with zeros: no address or mask arithmetic. Offered where those blocks cover the
+    output with at most a quarter of the computed pixels wasted. Its label ends in
+    ``t`` and the block (``t8x16``).
     ``split_k`` (1x1 GEMMs and implicit-GEMM convolutions; 0 or 1: none): the K loop is cut
     into ``split_k`` ranges, each run by programs of its own (grid axis 2) that write fp32
     partial sums to a workspace; a second kernel adds them in order, then the bias, the
@@ -95,6 +103,7 @@ class KernelConfig:
     persistent: int = 0
     tma: bool = False
     split_k: int = 0
+    box_h: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -103,7 +112,8 @@ class KernelConfig:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
                 f"w{self.num_warps} s{self.num_stages}" + (" r" if self.early_res else "")
                 + (f" p{self.persistent}" if self.persistent else "")
-                + (" t" if self.tma else "")
+                + (f" t{self.box_h}x{self.block_m // self.box_h}" if self.box_h
+                   else " t" if self.tma else "")
                 + (f" k{self.split_k}" if self.split_k > 1 else ""))
 
 
@@ -192,6 +202,16 @@ CONV_CONFIGS = [
     # 128x64 or 64x64 tiles (the 3x3 ran at 260 TFLOP/s at batch 256, cuDNN's convolution
     # at 462); two warpgroups on a 256-row tile. Offered for such narrow layers only.
     C(256, 64, 64, 8, 8, 3),
+    # TMA rows (stride-1, ungrouped, 16-bit, channel counts multiples of 8): the output tile
+    # is a block of box_h x block_m/box_h pixels of one image, each K step's activation tile
+    # a 4-D box at the tap's offset whose halo TMA fills with zeros. 8x16 blocks cover 56x56
+    # outputs with 12.5% of the computed pixels wasted, 28x28 and 14x14 with 23%; 8x8 blocks
+    # cover 7x7 with 23%. Triton feeds the box to wgmma from registers (it cannot reshape
+    # the 4-D shared tile in place): the compile report shows the TMA loads and wgmma.
+    C(128, 128, 64, 8, 4, 3, tma=True, box_h=8),
+    C(128, 64, 64, 8, 4, 4, tma=True, box_h=8),
+    C(64, 128, 64, 8, 4, 4, tma=True, box_h=8),
+    C(128, 256, 64, 8, 8, 3, tma=True, box_h=8),
     *SPLIT_K_ROWS,
 ]
 
@@ -290,7 +310,8 @@ def trim_stages(cfg: KernelConfig, steps: int) -> KernelConfig:
 
 def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
           elem_bytes: int, has_res: bool = False, *, taps: int,
-          smem_limit: int = SMEM_LIMIT, sms: int = SMS, groups: int = 1) -> list[KernelConfig]:
+          smem_limit: int = SMEM_LIMIT, sms: int = SMS, groups: int = 1,
+          box: tuple[int, int] | None = None) -> list[KernelConfig]:
     """The rows of ``table`` worth trying for this problem (never empty), each with its
     pipeline depth trimmed to the K loop's length (:func:`trim_stages`).
 
@@ -302,17 +323,30 @@ def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_
     ``smem_limit`` bytes (default H100's; the launcher passes the GPU's own opt-in maximum,
     smaller on A100 and on consumer GPUs); ``sms``: the GPU's multiprocessors (default
     H100 SXM's), for the persistent and split-K rows; ``groups``: the kernel's groups (its
-    programs are tiles x groups), for the split-K rows.
+    programs are tiles x groups), for the split-K rows; ``box``: the output's (height,
+    width) when the layer's activation boxes can be loaded by TMA (an implicit-GEMM
+    convolution with stride 1 and one group, :func:`fastres.kernels.conv.tma_box`), for the
+    implicit-GEMM TMA rows; ``None``: none of them.
     """
     return list(dict.fromkeys(
         trim_stages(cfg, k_steps(cfg, kind, k_per_group, taps))
         for cfg in _prune(table, kind, m, n_per_group, k_per_group, elem_bytes, has_res,
-                          smem_limit, sms, taps, groups)))
+                          smem_limit, sms, taps, groups, box)))
+
+
+def box_waste_ok(cfg: KernelConfig, box: tuple[int, int]) -> bool:
+    """Whether ``cfg``'s output blocks (``box_h`` x ``block_m // box_h`` pixels) cover a
+    ``box`` = (height, width) output with at most a quarter of the computed pixels wasted."""
+    p, q = box
+    bh, bw = cfg.box_h, cfg.block_m // cfg.box_h
+    covered = -(-p // bh) * bh * (-(-q // bw) * bw)
+    return covered * 3 <= p * q * 4
 
 
 def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
            elem_bytes: int, has_res: bool, smem_limit: int = SMEM_LIMIT,
-           sms: int = SMS, taps: int = 1, groups: int = 1) -> list[KernelConfig]:
+           sms: int = SMS, taps: int = 1, groups: int = 1,
+           box: tuple[int, int] | None = None) -> list[KernelConfig]:
     keep = []
     max_n = _pow2_at_least(n_per_group)
     max_k = _pow2_at_least(k_per_group)
@@ -321,10 +355,19 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
         if smem_bytes(cfg, elem_bytes, has_res) > smem_limit:
             continue
         tiles = -(-m // cfg.block_m) * -(-n_per_group // cfg.block_n)  # per group
-        # TMA: gemm, 16-bit (fp32 operands are rounded to TF32 in registers, see below), and
-        # rows of whole 16-byte multiples (a descriptor's strides must be)
-        if cfg.tma and (kind != "gemm" or elem_bytes != 2 or (k_per_group * elem_bytes) % 16
+        # TMA: 16-bit (fp32 operands are rounded to TF32 in registers, see below), and rows
+        # of whole 16-byte multiples (a descriptor's strides must be); the GEMM's rows, or
+        # the implicit GEMM's box rows on a layer whose boxes TMA can load (``box``), whole
+        # channel blocks per tap (a partial block would read the next tap's weights) and
+        # blocks that waste at most a quarter of what they compute
+        if cfg.tma and (elem_bytes != 2 or (k_per_group * elem_bytes) % 16
                         or (n_per_group * elem_bytes) % 16):
+            continue
+        if cfg.tma and kind == "gemm" and cfg.box_h:
+            continue
+        if cfg.tma and kind != "gemm" and (kind != "conv" or not cfg.box_h or box is None
+                                           or k_per_group % cfg.block_k
+                                           or not box_waste_ok(cfg, box)):
             continue
         if cfg.early_res and not has_res:  # (the same kernel as the row without it)
             continue

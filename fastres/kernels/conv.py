@@ -288,6 +288,68 @@ def _gemm_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES: tl.conste
                      _to_output(acc, o_ptr.dtype.element_ty, UPCAST))
 
 
+@triton.jit
+def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, pad_h, pad_w, dil_h,
+              dil_w, R: tl.constexpr, S: tl.constexpr, HAS_RES: tl.constexpr,
+              RELU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              GROUP_M: tl.constexpr, BOX_H: tl.constexpr):
+    """A stride-1, one-group implicit-GEMM convolution with every tile moved by TMA. The
+    output tile is a ``BOX_H x BOX_W`` block of one image's output pixels (``BOX_W =
+    BLOCK_M // BOX_H``); for tap (r, s) and a channel block, its activation tile is the
+    ``[1, BOX_H, BOX_W, BLOCK_K]`` box of the NHWC input at (row, column) = (block's first
+    output pixel) + (r*dil - pad, s*dil - pad). Coordinates before the image (negative) or
+    past it read zeros (TMA's out-of-bounds fill): the padding halo, with no masks. The
+    weight tile is a ``[BLOCK_N, BLOCK_K]`` block of the ``[K_OUT, R*S*C]`` weight (the
+    launcher offers these rows only where C is a whole number of channel blocks, so a tap's
+    last block never reads the next tap's weights). The residual is loaded and the output
+    stored as ``[1, BOX_H, BOX_W, BLOCK_N]`` boxes; pixels past the output's edge are not
+    written."""
+    BOX_W: tl.constexpr = BLOCK_M // BOX_H
+    n_img = M // (P * Q)
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[n_img, H, W, C],
+                                       strides=[H * W * C, W * C, C, 1],
+                                       block_shape=[1, BOX_H, BOX_W, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K_OUT, R * S * C], strides=[R * S * C, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    o_desc = tl.make_tensor_descriptor(o_ptr, shape=[n_img, P, Q, K_OUT],
+                                       strides=[P * Q * K_OUT, Q * K_OUT, K_OUT, 1],
+                                       block_shape=[1, BOX_H, BOX_W, BLOCK_N])
+    boxes_h = tl.cdiv(P, BOX_H)
+    boxes_w = tl.cdiv(Q, BOX_W)
+    num_pid_m = n_img * boxes_h * boxes_w
+    num_pid_n = tl.cdiv(K_OUT, BLOCK_N)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), GROUP_M * num_pid_n, num_pid_m, GROUP_M)
+    img = pid_m // (boxes_h * boxes_w)
+    rest = pid_m - img * (boxes_h * boxes_w)
+    p0 = (rest // boxes_w) * BOX_H
+    q0 = (rest % boxes_w) * BOX_W
+    n0 = pid_n * BLOCK_N
+    cb_per_tap = tl.cdiv(C, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, R * S * cb_per_tap):
+        tap = it // cb_per_tap
+        cb = it - tap * cb_per_tap
+        r = tap // S
+        s = tap - r * S
+        a = x_desc.load([img, p0 + r * dil_h - pad_h, q0 + s * dil_w - pad_w, cb * BLOCK_K])
+        b = w_desc.load([n0, tap * C + cb * BLOCK_K])
+        acc = _mma(tl.reshape(a, [BLOCK_M, BLOCK_K]), b.T, acc, UPCAST, False, PRECISION)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    bias = tl.load(b_ptr + rn, mask=rn < K_OUT, other=0.0)
+    acc = acc + bias.to(tl.float32)[None, :]
+    if HAS_RES:
+        r_desc = tl.make_tensor_descriptor(r_ptr, shape=[n_img, P, Q, K_OUT],
+                                           strides=[P * Q * K_OUT, Q * K_OUT, K_OUT, 1],
+                                           block_shape=[1, BOX_H, BOX_W, BLOCK_N])
+        res = r_desc.load([img, p0, q0, n0])
+        acc = acc + tl.reshape(res, [BLOCK_M, BLOCK_N]).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
+    y = _to_output(acc, o_ptr.dtype.element_ty, UPCAST)
+    o_desc.store([img, p0, q0, n0], tl.reshape(y, [1, BOX_H, BOX_W, BLOCK_N]))
+
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def conv_bias_act_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, o_ptr,
@@ -300,7 +362,7 @@ def conv_bias_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SUB_C: tl.constexpr = 0, SUB_K: tl.constexpr = 0,
     EARLY_RES: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-    TMA: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
+    TMA: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, BOX_H: tl.constexpr = 0,
 ):
     """out[m, g*N_EXT + n] = act(sum_k x_im2col[m, k] * w[n, k] + bias (+ res)).
 
@@ -308,7 +370,9 @@ def conv_bias_act_kernel(
     stride-1 GEMMs, one group) fewer programs, each looping over tiles
     (:func:`_gemm_persistent`); with ``TMA`` (1x1 stride-1 GEMMs, 16-bit, aligned) every
     tile moves by tensor descriptors (:func:`_gemm_tma`), one program per tile or
-    persistent. x: NHWC contiguous [N, H, W, C];
+    persistent; with ``TMA`` and ``BOX_H`` (stride-1, one-group implicit GEMMs, 16-bit,
+    aligned) the output tile is a block of one image's pixels and every tile moves by TMA
+    (:func:`_conv_tma`). x: NHWC contiguous [N, H, W, C];
     w: [K_OUT, R, S, C_G] contiguous (MODE 2: [K_OUT, R, BLOCK_K], zero-padded); out/res:
     [M, K_OUT] contiguous. ``SUB_C``/``SUB_K`` (block-diagonal grouped schedule only): the
     real groups' input/output channels inside a packed group; a tile whose sum is not finite
@@ -317,7 +381,11 @@ def conv_bias_act_kernel(
     only and stores that fp32 partial sum to ``o_ptr`` = a ``[SPLIT_K, M, K_OUT]`` fp32
     workspace, with no bias, residual or ReLU (:func:`split_k_epilogue_kernel` adds them).
     """
-    if TMA:
+    if TMA and BOX_H > 0:
+        _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, pad_h, pad_w,
+                  dil_h, dil_w, R, S, HAS_RES, RELU, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                  BLOCK_K, GROUP_M, BOX_H)
+    elif TMA:
         _gemm_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES, RELU, UPCAST,
                   PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     elif PERSISTENT:
@@ -595,6 +663,16 @@ def _problem(xs, ws, stride, padding, dilation, groups, dtype, has_res, relu, tf
                        dtype, has_res, relu, tf32)
 
 
+def tma_box(prob: ConvProblem) -> tuple[int, int] | None:
+    """The output's (height, width) when ``prob``'s activation boxes can be loaded by TMA
+    (an implicit-GEMM convolution with stride 1 and one group: each tap's tile is a shifted
+    box of the input), for the implicit-GEMM TMA rows; else ``None``. Dtype, channel counts
+    and alignment are checked by the pruner and :func:`_tma_ready`."""
+    if prob.kind == "conv" and prob.stride == (1, 1) and prob.groups == 1:
+        return prob.pq
+    return None
+
+
 def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
@@ -653,10 +731,21 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
     kind = prob.kind
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     groups, c_g, k_g, pack, even_c = prob.groups, prob.c_g, prob.k_g, None, False
-    if (cfg.persistent or cfg.tma) and kind != "gemm":
-        what = "persistent" if cfg.persistent else "TMA"
-        raise ValueError(f"{what} configuration {cfg} on a {kind} problem: {what} programs "
-                         "run 1x1 stride-1 convolutions (gemm) only")
+    if cfg.persistent and kind != "gemm":
+        raise ValueError(f"persistent configuration {cfg} on a {kind} problem: persistent "
+                         "programs run 1x1 stride-1 convolutions (gemm) only")
+    if cfg.tma and not cfg.box_h and kind != "gemm":
+        raise ValueError(f"TMA configuration {cfg} on a {kind} problem: TMA programs without "
+                         "an output block (box_h) run 1x1 stride-1 convolutions (gemm) only")
+    if cfg.box_h:
+        if not cfg.tma or cfg.persistent or tma_box(prob) is None:
+            raise ValueError(
+                f"TMA block configuration {cfg} on a {kind} problem with stride "
+                f"{prob.stride} and {prob.groups} group(s): its boxes run stride-1, one-group "
+                "implicit-GEMM convolutions (conv) only, with tma and not persistent")
+        if bm % cfg.box_h or not _pow2(bm // cfg.box_h):
+            raise ValueError(f"TMA block configuration {cfg}: block_m {bm} is not box_h "
+                             f"{cfg.box_h} times a power of two")
     split = max(cfg.split_k, 1)
     if split > 1:
         if kind not in ("gemm", "conv") or cfg.persistent or cfg.tma or cfg.early_res:
@@ -703,10 +792,15 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         # the real groups inside a packed one (the non-finite slow path); 0: not grouped
         SUB_C=prob.c_g if kind == "grouped" else 0, SUB_K=prob.k_g if kind == "grouped" else 0,
         EARLY_RES=cfg.early_res and prob.has_res,
-        PERSISTENT=persistent, TMA=cfg.tma, SPLIT_K=split,
+        PERSISTENT=persistent, TMA=cfg.tma, SPLIT_K=split, BOX_H=cfg.box_h,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    tiles = triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn)
+    if cfg.box_h:  # output blocks of box_h x bm/box_h pixels of one image
+        p, q = prob.pq
+        tiles = (prob.n * triton.cdiv(p, cfg.box_h) * triton.cdiv(q, bm // cfg.box_h)
+                 * triton.cdiv(k_g, bn))
+    else:
+        tiles = triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn)
     # persistent: cfg.persistent programs per SM (``sms``: the device's count), each looping
     grid = (min(tiles, cfg.persistent * (sms or SMS)) if persistent else tiles, groups)
     if split > 1:
@@ -821,7 +915,7 @@ def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
         return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else prob.k_extent)]
     rows = prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, prob.elem_bytes(),
                  prob.has_res, taps=prob.taps, smem_limit=device_smem_limit(),
-                 sms=device_sm_count(), groups=prob.groups)
+                 sms=device_sm_count(), groups=prob.groups, box=tma_box(prob))
     # (never empty without them: each TMA row's twin without TMA passes the same pruning)
     return rows if TMA_ENABLED else [c for c in rows if not c.tma]
 
@@ -1092,13 +1186,16 @@ def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> 
     """``cfg`` where its tensor descriptors can be made for these tensors (16-bit, every one
     16-byte aligned, rows of whole 16-byte multiples: channel counts multiples of 8), with
     Triton's scratch allocator set for the descriptors the kernel makes on the device; else
-    the same row without TMA. (A TMA row on a problem that is not a 1x1 stride-1 GEMM:
-    :func:`launch_params` raises.)"""
-    if prob.kind != "gemm":
+    the same row without TMA. An implicit-GEMM block row also runs without TMA on the
+    implicit-GEMM layers its boxes do not fit (strided, grouped) and where a channel block
+    would run past its tap. (A TMA row of another schedule's table, say a GEMM row on a 3x3
+    layer or a block row on a GEMM: :func:`launch_params` raises.)"""
+    if prob.kind != ("conv" if cfg.box_h else "gemm"):
         return cfg  # (launch_params says what TMA rows run, whatever the tensors)
     if (not TMA_ENABLED or prob.elem_bytes() != 2 or prob.c % 8 or prob.k_out % 8
+            or (cfg.box_h and (tma_box(prob) is None or prob.c % cfg.block_k))
             or not _direct.aligned(tensors)):
-        return dataclasses.replace(cfg, tma=False)
+        return dataclasses.replace(cfg, tma=False, box_h=0)
     if tensors[0].is_cuda:
         _set_scratch_allocator()
     return cfg
