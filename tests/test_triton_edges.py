@@ -582,34 +582,41 @@ def test_tma_rows_offered_for_aligned_16_bit_gemms_only():
     assert kcfg.smem_bytes(row, 2, has_res=True) == plain + 2 * 128 * 128 * 2
 
 
-# -- TMA block rows of the implicit-GEMM schedule (stride 1, one group) -----------------------
+# -- TMA block rows of the implicit-GEMM schedule (one group, strides dividing the input) ----
 
-# (name, N, C_in, H, W, C_out, padding, dilation, residual): output sizes that are not whole
-# blocks (4x8 blocks at 32-row tiles), zero and wider padding, dilation 2, C_out not a
+# (name, N, C_in, H, W, C_out, kernel, stride, padding, dilation, residual): output sizes that
+# are not whole blocks (4x8 blocks at 32-row tiles), zero and wider padding, dilation 2,
+# stride 2 (3x3 and 1x1: the input seen as [N, H/2, 2, W/2, 2*C]) and (2, 1), C_out not a
 # multiple of the 16-wide N tile
 BOX_SHAPES = pytest.mark.parametrize("shape", [
-    ("pad1-odd", 2, 32, 7, 9, 24, 1, 1, True),
-    ("pad2-dil2", 1, 16, 5, 11, 48, 2, 2, False),
-    ("pad0", 2, 16, 6, 6, 16, 0, 1, True),
+    ("pad1-odd", 2, 32, 7, 9, 24, 3, (1, 1), 1, 1, True),
+    ("pad2-dil2", 1, 16, 5, 11, 48, 3, (1, 1), 2, 2, False),
+    ("pad0", 2, 16, 6, 6, 16, 3, (1, 1), 0, 1, True),
+    ("s2", 2, 32, 10, 18, 24, 3, (2, 2), 1, 1, True),
+    ("s2x1-dil2", 1, 16, 8, 7, 16, 3, (2, 1), 2, 2, False),
+    ("s1x2", 1, 16, 7, 8, 16, 3, (1, 2), 1, 1, True),
+    ("1x1s2", 2, 16, 12, 10, 40, 1, (2, 2), 0, 1, True),
 ], ids=lambda s: s[0] if isinstance(s, tuple) else str(s))
 
 
 def _box_case(shape, dtype):
-    name, n, c, h, w, k, pad, dil, with_res = shape
+    name, n, c, h, w, k, r, stride, pad, dil, with_res = shape
     x = torch.randn(n, c, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
-    wt = (torch.randn(k, c, 3, 3) * (9 * c) ** -0.5).to(dtype).to(DEV)
+    wt = (torch.randn(k, c, r, r) * (r * r * c) ** -0.5).to(dtype).to(DEV)
     b = torch.randn(k).to(DEV)
-    p, q = _out_hw(h, w, 3, 3, (1, 1), (pad, pad), (dil, dil))
+    p, q = _out_hw(h, w, r, r, stride, (pad, pad), (dil, dil))
     res = (torch.randn(n, k, p, q).to(dtype).to(DEV).contiguous(memory_format=CL)
            if with_res else None)
-    return x, wt, b, res, pad, dil
+    return x, wt, b, res, stride, pad, dil
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @BOX_SHAPES
 def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
-    """Kills: a box at the wrong tap offset (padding or dilation ignored, r and s swapped), a
-    halo read from the neighbouring row or image instead of zeros, a block decomposition
+    """Kills: a box at the wrong tap offset (padding, dilation or stride ignored, r and s
+    swapped, a negative offset's phase rounded toward zero, the row stride applied to
+    columns), a halo read from the neighbouring row or image instead of zeros, a block
+    decomposition
     that skips or repeats pixels (rows and columns of blocks swapped, the image index
     wrong), the weight block of another tap, an output block stored past the image's edge
     (over the next image's pixels), residual or bias of another block, ReLU dropped. Into
@@ -618,9 +625,10 @@ def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
     from fastres.kernels import conv as kconv
 
     monkeypatch.setattr(kconv, "TMA_ENABLED", True)  # (whatever FASTRES_TMA says)
-    x, wt, b, res, pad, dil = _box_case(shape, dtype)
-    args = (1, pad, dil, 1)
+    x, wt, b, res, stride, pad, dil = _box_case(shape, dtype)
+    args = (stride, pad, dil, 1)
     prob = ConvProblem.from_tensors(x, wt, *args, res)
+    assert prob.kind == "conv"
     p, q = prob.pq
     n, k = x.shape[0], wt.shape[0]
     base = kcfg.KernelConfig(32, 16, 16, 4, 4, 1)
@@ -638,7 +646,7 @@ def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
             poisoned = poisoned.contiguous(memory_format=CL)
             y0 = conv_bias_act_triton(x, wt, b, *args, res, relu, config=base)
             y1 = conv_bias_act_triton(x, wt, b, *args, res, relu, config=row, out=poisoned)
-            assert_close_rel(y1, _ref(x, wt, b, (1, 1), (pad, pad), (dil, dil), 1, res, relu),
+            assert_close_rel(y1, _ref(x, wt, b, stride, (pad, pad), (dil, dil), 1, res, relu),
                              TOL[dtype])
             assert rel_err(y1, y0) <= TOL[dtype] / 4  # the same products in the same K order
             if res is not None:
@@ -648,13 +656,13 @@ def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
 
 
 def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
-    """A block row runs as its twin without TMA (and right) where a descriptor cannot be
-    made, where its boxes are not shifted copies of the input (strided, grouped
-    implicit GEMMs), or where a channel block would run into the next tap's weights: an
-    activation 2 bytes off 16-byte alignment, C_in or C_out not multiples of 8, C_in not a
-    whole number of channel blocks, stride 2, 3 groups, fp32. It is an error, not a silent
-    fallback, on another schedule's problem (a GEMM, block-diagonal grouped: the tuner never
-    offers one there) and where block_m is not box_h times a power of two."""
+    """A block row runs as its twin without TMA (and right) where a descriptor cannot be made, where
+    its boxes do not fit the input (grouped implicit GEMMs, a stride that does not divide the
+    input's size), or where a channel block would run into the next tap's weights: an activation
+    2 bytes off 16-byte alignment, C_in or C_out not multiples of 8, C_in not a whole number of
+    channel blocks, stride 2 on 5 rows, 3 groups, fp32. It is an error, not a silent fallback,
+    on another schedule's problem (a GEMM, block-diagonal grouped: the tuner never offers one
+    there) and where block_m is not box_h times a power of two."""
     from fastres.kernels import conv as kconv
 
     monkeypatch.setattr(kconv, "TMA_ENABLED", True)
@@ -669,7 +677,7 @@ def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
              # 24 = 1.5 blocks of 16
              (torch.randn(2, 24, 5, 6), torch.randn(24, 24, 3, 3), 1, 1),
              (torch.randn(2, 16, 5, 6), torch.randn(20, 16, 3, 3), 1, 1),  # C_out 20
-             (torch.randn(2, 16, 5, 6), torch.randn(24, 16, 3, 3), 2, 1),  # stride 2
+             (torch.randn(2, 16, 5, 6), torch.randn(24, 16, 3, 3), 2, 1),  # 2 into 5 rows
              (torch.randn(2, 48, 5, 6), torch.randn(48, 16, 3, 3), 1, 3)]  # 3 groups
     for x, wt, stride, groups in cases:
         x = x.to(dtype).to(DEV).contiguous(memory_format=CL)
@@ -693,7 +701,7 @@ def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
     for groups, w, pad, kind in refused:
         assert ConvProblem.from_tensors(x, w, 1, pad, 1, groups, None).kind == kind
         for dt in (torch.float16, torch.float32):
-            with pytest.raises(ValueError, match="stride-1, one-group implicit-GEMM"):
+            with pytest.raises(ValueError, match="one-group implicit-GEMM convolutions"):
                 conv_bias_act_triton(x.to(dt), w.to(dt).to(DEV), torch.zeros(16).to(DEV),
                                      1, pad, 1, groups, config=row)
     with pytest.raises(ValueError, match="not box_h 4 times a power of two"):
@@ -702,12 +710,12 @@ def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
 
 
 def test_tma_block_rows_offered_where_their_blocks_fit():
-    """Block rows are candidates for 16-bit, stride-1, one-group implicit GEMMs (``box``
-    given) whose channels are whole blocks and multiples of 8, and only rows whose blocks
-    waste at most a quarter of the pixels they compute: at 56x56, 28x28 and 14x14 the 8x16
-    blocks (12.5% and 23% wasted), at 7x7 the 8x8 block only (8x16 would waste 62%). Never
-    without ``box``, for fp32, C_in or C_out not multiples of 8, or a partial channel block;
-    a GEMM is never offered one."""
+    """Block rows are candidates for 16-bit, one-group implicit GEMMs whose strides divide the input
+    (``box`` given) whose channels are whole blocks and multiples of 8, and only rows whose
+    blocks waste at most a quarter of the pixels they compute: at 56x56, 28x28 and 14x14 the
+    8x16 blocks (12.5% and 23% wasted), at 7x7 the 8x8 block only (8x16 would waste 62%). Never
+    without ``box``, for fp32, C_in or C_out not multiples of 8, or a partial channel block; a
+    GEMM is never offered one."""
     def boxes(m_hw, c=256, k=256, eb=2, box=True, kind="conv", table=kcfg.CONV_CONFIGS):
         h, w = m_hw
         return {str(r).split()[-1] for r in kcfg.prune(
@@ -730,22 +738,25 @@ def test_tma_block_rows_offered_where_their_blocks_fit():
 
 
 def test_tma_block_rows_for_resnet_layers(monkeypatch):
-    """What the launcher offers a GPU: ResNet-50's stride-1 3x3 layers get block rows in
-    16-bit (and not with FASTRES_TMA=0), the stride-2 3x3 and the dilated layers of a
-    dilated backbone as their stride allows, fp32 none."""
+    """What the launcher offers a GPU: ResNet-50's 3x3 layers (stride 1 and 2), its 1x1/2
+    downsampling layers and the dilated layers of a dilated backbone get block rows in 16-bit
+    (and not with FASTRES_TMA=0); a stride-2 layer on an odd size, grouped layers and fp32
+    none."""
     from fastres.kernels import conv as kconv
 
     monkeypatch.setattr(kconv, "_interpreted", lambda: False)  # the GPU's candidate list
     monkeypatch.setattr(kconv, "TMA_ENABLED", True)
 
-    def offered(c, hw, k, stride=1, pad=1, dil=1, dtype=torch.bfloat16, groups=1):
-        prob = ConvProblem(256, c, hw, hw, k, 3, 3, (stride, stride), (pad, pad), (dil, dil),
+    def offered(c, hw, k, stride=1, pad=1, dil=1, dtype=torch.bfloat16, groups=1, r=3):
+        prob = ConvProblem(256, c, hw, hw, k, r, r, (stride, stride), (pad, pad), (dil, dil),
                            groups, dtype, has_res=False, relu=True, tf32=False)
         return [str(r) for r in kconv.problem_configs(prob) if r.box_h]
 
     assert offered(64, 56, 64) and offered(256, 14, 256) and offered(512, 7, 512)
     assert offered(512, 28, 512, pad=4, dil=4)  # DeepLab-style dilated layer4
-    assert not offered(128, 56, 128, stride=2)
+    assert offered(128, 56, 128, stride=2) and offered(512, 14, 512, stride=2)
+    assert offered(256, 56, 512, stride=2, pad=0, r=1)
+    assert not offered(128, 57, 128, stride=2)
     assert not offered(128, 56, 128, groups=32)
     assert not offered(256, 14, 256, dtype=torch.float32)
     monkeypatch.setattr(kconv, "TMA_ENABLED", False)
@@ -905,12 +916,12 @@ def test_gpu_tma_rows_in_threads_direct_launch_and_graphs(monkeypatch):
                          ids=str)
 def test_gpu_tma_block_rows(dtype, monkeypatch):
     """The implicit-GEMM block rows on the GPU, where TMA itself fills the halo (negative
-    and past-the-edge box coordinates) and clips the output blocks: ResNet-50-like stride-1
-    3x3 layers (56x56 from 64 channels, 14x14 with a residual, dilation 2 at 28x28, and 7x7
-    with 8x8 blocks), every block row of the table into a NaN-poisoned output, launched
-    twice (Triton's dispatch, then straight to the compiled kernel), in place over the
-    residual, and captured in a CUDA graph replayed on new input; against F.conv2d in
-    float64."""
+    and past-the-edge box coordinates) and clips the output blocks: ResNet-50-like layers
+    (3x3 at 56x56 from 64 channels, 3x3 at 14x14 with a residual, dilation 2 at 28x28, 3x3
+    at 7x7, 3x3/2 from 56x56, 1x1/2 from 28x28: the input as a 5-D view), every block row of
+    the table into a NaN-poisoned output, launched twice (Triton's dispatch, then straight
+    to the compiled kernel), in place over the residual, and captured in a CUDA graph
+    replayed on new input; against F.conv2d in float64."""
     from fastres.kernels import _direct
     from fastres.kernels import conv as kconv
 
@@ -918,43 +929,46 @@ def test_gpu_tma_block_rows(dtype, monkeypatch):
     monkeypatch.setattr(_direct, "ENABLED", True)
     dev = "cuda"
     rows = [r for r in kcfg.CONV_CONFIGS if r.box_h]
-    # (N, C_in, H, W, C_out, padding, dilation, residual)
-    for n, c, hw, k, pad, dil, with_res in [(4, 64, 56, 64, 1, 1, False),
-                                            (4, 256, 14, 256, 1, 1, True),
-                                            (2, 256, 28, 256, 2, 2, False),
-                                            (4, 512, 7, 512, 1, 1, True)]:
-        wt = (torch.randn(k, c, 3, 3, device=dev) * (9 * c) ** -0.5).to(dtype)
+    # (N, C_in, H = W, C_out, kernel, stride, padding, dilation, residual)
+    for n, c, hw, k, r, st, pad, dil, with_res in [(4, 64, 56, 64, 3, 1, 1, 1, False),
+                                                   (4, 256, 14, 256, 3, 1, 1, 1, True),
+                                                   (2, 256, 28, 256, 3, 1, 2, 2, False),
+                                                   (4, 512, 7, 512, 3, 1, 1, 1, True),
+                                                   (4, 128, 56, 128, 3, 2, 1, 1, False),
+                                                   (4, 512, 28, 1024, 1, 2, 0, 1, False)]:
+        wt = (torch.randn(k, c, r, r, device=dev) * (r * r * c) ** -0.5).to(dtype)
         b = torch.randn(k, device=dev)
+        pq = _out_hw(hw, hw, r, r, (st, st), (pad, pad), (dil, dil))
+        geo = ((st, st), (pad, pad), (dil, dil))
 
         def case():
             x = torch.randn(n, c, hw, hw, device=dev).to(dtype).contiguous(memory_format=CL)
-            res = (torch.randn(n, k, hw, hw, device=dev).to(dtype).contiguous(
+            res = (torch.randn(n, k, *pq, device=dev).to(dtype).contiguous(
                 memory_format=CL) if with_res else None)
-            return x, res, _ref(x, wt, b, (1, 1), (pad, pad), (dil, dil), 1, res, True)
+            return x, res, _ref(x, wt, b, *geo, 1, res, True)
 
         def poisoned():
-            return torch.full((n, k, hw, hw), float("nan"), device=dev, dtype=dtype).contiguous(
+            return torch.full((n, k, *pq), float("nan"), device=dev, dtype=dtype).contiguous(
                 memory_format=CL)
 
         for cfg in rows:
             x, res, ref = case()
-            prob = ConvProblem.from_tensors(x, wt, 1, pad, dil, 1, res)
+            prob = ConvProblem.from_tensors(x, wt, *geo, 1, res)
             assert kconv._tma_ready(cfg, prob, x, wt, poisoned()) is cfg  # the block kernel
             for _ in range(2):  # dispatched, then direct
-                y = conv_bias_act_triton(x, wt, b, 1, pad, dil, 1, res, True, config=cfg,
+                y = conv_bias_act_triton(x, wt, b, *geo, 1, res, True, config=cfg,
                                          out=poisoned())
                 assert_close_rel(y, ref, TOL[dtype])
             if res is not None:
                 acc = res.clone()
-                conv_bias_act_triton(x, wt, b, 1, pad, dil, 1, acc, True, config=cfg, out=acc)
+                conv_bias_act_triton(x, wt, b, *geo, 1, acc, True, config=cfg, out=acc)
                 assert torch.equal(acc, y)
             sx = x.clone()
             sres = None if res is None else res.clone()
             out = poisoned()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                conv_bias_act_triton(sx, wt, b, 1, pad, dil, 1, sres, True, config=cfg,
-                                     out=out)
+                conv_bias_act_triton(sx, wt, b, *geo, 1, sres, True, config=cfg, out=out)
             x, res, ref = case()
             sx.copy_(x)
             if res is not None:

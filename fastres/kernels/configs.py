@@ -76,14 +76,15 @@ class KernelConfig:
     tensor memory accelerator through tensor descriptors (no address or mask arithmetic in the
     kernel; the output goes through shared memory). A call whose tensors are not 16-byte
     aligned runs the same row without it. Its label ends in ``t``.
-    ``box_h`` (TMA rows of the implicit-GEMM schedule: stride-1, ungrouped convolutions such
-    as ResNet's 3x3 layers): the output tile is a ``box_h`` x ``block_m // box_h`` block of
-    one image's output pixels rather than ``block_m`` consecutive pixels, and each K step's
-    activation tile is one 4-D ``[1, box_h, block_m // box_h, block_k]`` NHWC box at the
-    tap's offset, loaded by TMA, which fills the padding halo (coordinates before or past the
-    image) with zeros: no address or mask arithmetic. Offered where those blocks cover the
-    output with at most a quarter of the computed pixels wasted. Its label ends in
-    ``t`` and the block (``t8x16``).
+    ``box_h`` (TMA rows of the implicit-GEMM schedule: ungrouped convolutions whose strides
+    divide the input's size, such as ResNet's 3x3 layers and its 3x3/2 and 1x1/2 layers at
+    even sizes): the output tile is a ``box_h`` x ``block_m // box_h`` block of one image's
+    output pixels rather than ``block_m`` consecutive pixels, and each K step's activation
+    tile is one box of the NHWC input at the tap's offset (for a stride, of the input seen
+    as ``[N, H/sh, sh, W/sw, sw*C]``), loaded by TMA, which fills the padding halo
+    (coordinates before or past the image) with zeros: no address or mask arithmetic.
+    Offered where those blocks cover the output with at most a quarter of the computed
+    pixels wasted. Its label ends in ``t`` and the block (``t8x16``).
     ``split_k`` (1x1 GEMMs and implicit-GEMM convolutions; 0 or 1: none): the K loop is cut
     into ``split_k`` ranges, each run by programs of its own (grid axis 2) that write fp32
     partial sums to a workspace; a second kernel adds them in order, then the bias, the
@@ -202,9 +203,10 @@ CONV_CONFIGS = [
     # 128x64 or 64x64 tiles (the 3x3 ran at 260 TFLOP/s at batch 256, cuDNN's convolution
     # at 462); two warpgroups on a 256-row tile. Offered for such narrow layers only.
     C(256, 64, 64, 8, 8, 3),
-    # TMA rows (stride-1, ungrouped, 16-bit, channel counts multiples of 8): the output tile
-    # is a block of box_h x block_m/box_h pixels of one image, each K step's activation tile
-    # a 4-D box at the tap's offset whose halo TMA fills with zeros. 8x16 blocks cover 56x56
+    # TMA rows (ungrouped, strides dividing the input, 16-bit, channel counts multiples of
+    # 8): the output tile is a block of box_h x block_m/box_h pixels of one image, each K
+    # step's activation tile a box at the tap's offset whose halo TMA fills with zeros
+    # (:func:`fastres.kernels.conv._conv_tma`). 8x16 blocks cover 56x56
     # outputs with 12.5% of the computed pixels wasted, 28x28 and 14x14 with 23%; 8x8 blocks
     # cover 7x7 with 23%. Triton feeds the box to wgmma from registers (it cannot reshape
     # the 4-D shared tile in place): the compile report shows the TMA loads and wgmma.
@@ -325,7 +327,8 @@ def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_
     H100 SXM's), for the persistent and split-K rows; ``groups``: the kernel's groups (its
     programs are tiles x groups), for the split-K rows; ``box``: the output's (height,
     width) when the layer's activation boxes can be loaded by TMA (an implicit-GEMM
-    convolution with stride 1 and one group, :func:`fastres.kernels.conv.tma_box`), for the
+    convolution with one group whose strides divide its input's size,
+    :func:`fastres.kernels.conv.tma_box`), for the
     implicit-GEMM TMA rows; ``None``: none of them.
     """
     return list(dict.fromkeys(

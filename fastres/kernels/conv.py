@@ -289,27 +289,31 @@ def _gemm_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES: tl.conste
 
 
 @triton.jit
-def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, pad_h, pad_w, dil_h,
-              dil_w, R: tl.constexpr, S: tl.constexpr, HAS_RES: tl.constexpr,
-              RELU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              GROUP_M: tl.constexpr, BOX_H: tl.constexpr):
-    """A stride-1, one-group implicit-GEMM convolution with every tile moved by TMA. The
-    output tile is a ``BOX_H x BOX_W`` block of one image's output pixels (``BOX_W =
-    BLOCK_M // BOX_H``); for tap (r, s) and a channel block, its activation tile is the
-    ``[1, BOX_H, BOX_W, BLOCK_K]`` box of the NHWC input at (row, column) = (block's first
-    output pixel) + (r*dil - pad, s*dil - pad). Coordinates before the image (negative) or
-    past it read zeros (TMA's out-of-bounds fill): the padding halo, with no masks. The
-    weight tile is a ``[BLOCK_N, BLOCK_K]`` block of the ``[K_OUT, R*S*C]`` weight (the
-    launcher offers these rows only where C is a whole number of channel blocks, so a tap's
-    last block never reads the next tap's weights). The residual is loaded and the output
-    stored as ``[1, BOX_H, BOX_W, BLOCK_N]`` boxes; pixels past the output's edge are not
-    written."""
+def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride_h, stride_w,
+              pad_h, pad_w, dil_h, dil_w, R: tl.constexpr, S: tl.constexpr,
+              HAS_RES: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, BOX_H: tl.constexpr):
+    """A one-group implicit-GEMM convolution whose strides divide the input's height and
+    width, with every tile moved by TMA. The output tile is a ``BOX_H x BOX_W`` block of one
+    image's output pixels (``BOX_W = BLOCK_M // BOX_H``). The NHWC input is described as
+    ``[N, H/sh, sh, W/sw, sw*C]`` (sh, sw: the strides; the same memory), where the input
+    pixels a block reads for one tap, (p*sh + r*dil - pad, q*sw + s*dil - pad) for its
+    output pixels (p, q), form one box ``[1, BOX_H, 1, BOX_W, BLOCK_K]``: the row offset
+    ``r*dil - pad`` splits into whole strides and a phase (index 2), the column offset
+    likewise, its phase selecting which C channels of the merged ``sw*C`` axis. Coordinates
+    before the image (negative) or past it read zeros (TMA's out-of-bounds fill): the padding
+    halo, with no masks. The weight tile is a ``[BLOCK_N, BLOCK_K]`` block of the ``[K_OUT,
+    R*S*C]`` weight (the launcher runs these rows only where C is a whole number of channel
+    blocks, so a tap's last block never reads the next tap's weights, nor the next phase's
+    channels). The residual is loaded and the output stored as ``[1, BOX_H, BOX_W,
+    BLOCK_N]`` boxes; pixels past the output's edge are not written."""
     BOX_W: tl.constexpr = BLOCK_M // BOX_H
     n_img = M // (P * Q)
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[n_img, H, W, C],
-                                       strides=[H * W * C, W * C, C, 1],
-                                       block_shape=[1, BOX_H, BOX_W, BLOCK_K])
+    x_desc = tl.make_tensor_descriptor(
+        x_ptr, shape=[n_img, H // stride_h, stride_h, W // stride_w, stride_w * C],
+        strides=[H * W * C, stride_h * W * C, W * C, stride_w * C, 1],
+        block_shape=[1, BOX_H, 1, BOX_W, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K_OUT, R * S * C], strides=[R * S * C, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
     o_desc = tl.make_tensor_descriptor(o_ptr, shape=[n_img, P, Q, K_OUT],
@@ -332,7 +336,12 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, pad_h,
         cb = it - tap * cb_per_tap
         r = tap // S
         s = tap - r * S
-        a = x_desc.load([img, p0 + r * dil_h - pad_h, q0 + s * dil_w - pad_w, cb * BLOCK_K])
+        dh = r * dil_h - pad_h  # the tap's input offset: whole strides and a phase (>= 0)
+        dw = s * dil_w - pad_w
+        ph = (dh % stride_h + stride_h) % stride_h
+        pw = (dw % stride_w + stride_w) % stride_w
+        a = x_desc.load([img, p0 + (dh - ph) // stride_h, ph, q0 + (dw - pw) // stride_w,
+                         pw * C + cb * BLOCK_K])
         b = w_desc.load([n0, tap * C + cb * BLOCK_K])
         acc = _mma(tl.reshape(a, [BLOCK_M, BLOCK_K]), b.T, acc, UPCAST, False, PRECISION)
     rn = n0 + tl.arange(0, BLOCK_N)
@@ -370,9 +379,9 @@ def conv_bias_act_kernel(
     stride-1 GEMMs, one group) fewer programs, each looping over tiles
     (:func:`_gemm_persistent`); with ``TMA`` (1x1 stride-1 GEMMs, 16-bit, aligned) every
     tile moves by tensor descriptors (:func:`_gemm_tma`), one program per tile or
-    persistent; with ``TMA`` and ``BOX_H`` (stride-1, one-group implicit GEMMs, 16-bit,
-    aligned) the output tile is a block of one image's pixels and every tile moves by TMA
-    (:func:`_conv_tma`). x: NHWC contiguous [N, H, W, C];
+    persistent; with ``TMA`` and ``BOX_H`` (one-group implicit GEMMs whose strides divide
+    the input, 16-bit, aligned) the output tile is a block of one image's pixels and every
+    tile moves by TMA (:func:`_conv_tma`). x: NHWC contiguous [N, H, W, C];
     w: [K_OUT, R, S, C_G] contiguous (MODE 2: [K_OUT, R, BLOCK_K], zero-padded); out/res:
     [M, K_OUT] contiguous. ``SUB_C``/``SUB_K`` (block-diagonal grouped schedule only): the
     real groups' input/output channels inside a packed group; a tile whose sum is not finite
@@ -382,9 +391,9 @@ def conv_bias_act_kernel(
     workspace, with no bias, residual or ReLU (:func:`split_k_epilogue_kernel` adds them).
     """
     if TMA and BOX_H > 0:
-        _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, pad_h, pad_w,
-                  dil_h, dil_w, R, S, HAS_RES, RELU, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                  BLOCK_K, GROUP_M, BOX_H)
+        _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride_h,
+                  stride_w, pad_h, pad_w, dil_h, dil_w, R, S, HAS_RES, RELU, UPCAST, PRECISION,
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BOX_H)
     elif TMA:
         _gemm_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES, RELU, UPCAST,
                   PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
@@ -665,10 +674,13 @@ def _problem(xs, ws, stride, padding, dilation, groups, dtype, has_res, relu, tf
 
 def tma_box(prob: ConvProblem) -> tuple[int, int] | None:
     """The output's (height, width) when ``prob``'s activation boxes can be loaded by TMA
-    (an implicit-GEMM convolution with stride 1 and one group: each tap's tile is a shifted
-    box of the input), for the implicit-GEMM TMA rows; else ``None``. Dtype, channel counts
-    and alignment are checked by the pruner and :func:`_tma_ready`."""
-    if prob.kind == "conv" and prob.stride == (1, 1) and prob.groups == 1:
+    (an implicit-GEMM convolution with one group whose strides divide the input's height
+    and width, as ResNet's 3x3/2 and 1x1/2 layers at even sizes: each tap's tile is then a
+    box of the input seen as ``[N, H/sh, sh, W/sw, sw*C]``), for the implicit-GEMM TMA
+    rows; else ``None``. Dtype, channel counts and alignment are checked by the pruner and
+    :func:`_tma_ready`."""
+    (sh, sw) = prob.stride
+    if prob.kind == "conv" and prob.groups == 1 and prob.h % sh == 0 and prob.w % sw == 0:
         return prob.pq
     return None
 
@@ -741,8 +753,9 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         if not cfg.tma or cfg.persistent or tma_box(prob) is None:
             raise ValueError(
                 f"TMA block configuration {cfg} on a {kind} problem with stride "
-                f"{prob.stride} and {prob.groups} group(s): its boxes run stride-1, one-group "
-                "implicit-GEMM convolutions (conv) only, with tma and not persistent")
+                f"{prob.stride}, input {prob.h}x{prob.w} and {prob.groups} group(s): its boxes "
+                "run one-group implicit-GEMM convolutions (conv) whose strides divide the "
+                "input's height and width only, with tma and not persistent")
         if bm % cfg.box_h or not _pow2(bm // cfg.box_h):
             raise ValueError(f"TMA block configuration {cfg}: block_m {bm} is not box_h "
                              f"{cfg.box_h} times a power of two")
@@ -1187,7 +1200,8 @@ def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> 
     16-byte aligned, rows of whole 16-byte multiples: channel counts multiples of 8), with
     Triton's scratch allocator set for the descriptors the kernel makes on the device; else
     the same row without TMA. An implicit-GEMM block row also runs without TMA on the
-    implicit-GEMM layers its boxes do not fit (strided, grouped) and where a channel block
+    implicit-GEMM layers its boxes do not fit (grouped, or a stride that does not divide the
+    input's size) and where a channel block
     would run past its tap. (A TMA row of another schedule's table, say a GEMM row on a 3x3
     layer or a block row on a GEMM: :func:`launch_params` raises.)"""
     if prob.kind != ("conv" if cfg.box_h else "gemm"):
