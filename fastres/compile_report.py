@@ -186,8 +186,9 @@ def conv_jobs(shapes, dtypes, first_only_dtypes=()) -> list[Job]:
                 tma = bool(params.get("TMA"))
                 tiles = {"A": (bm, bk) if kind != "stem" else None,
                          "B": (bn, bk) if tma else (bk, bn)}  # (TMA: the [N, K] weight block)
-                if cfg.box_h:  # the activation's box of the [N, H/sh, sh, W/sw, sw*C] view
-                    tiles["A"] = (1, cfg.box_h, 1, bm // cfg.box_h, bk)
+                if cfg.box_h:  # the activation's box (strided: of [N, H/sh, sh, W/sw, sw*C])
+                    box = (cfg.box_h, bm // cfg.box_h, bk)
+                    tiles["A"] = (1, *box) if st == 1 else (1, box[0], 1, *box[1:])
                 jobs.append(Job("conv", f"{name} [{kind}]", dt, str(cfg), sig, params, ints,
                                 options, tiles, tma=tma))
     return jobs
@@ -261,7 +262,7 @@ _TMA_LOAD_PTX = re.compile(r"cp\.async\.bulk\.tensor\.\d+d\.shared::\w+\.global"
 
 def _tma_tiles(ttgir: str) -> set[tuple[int, ...]]:
     """The block shape of every TMA global->shared tile load (its descriptor's block: (rows,
-    cols), or the implicit-GEMM activation's 5-D box)."""
+    cols), or the implicit-GEMM activation's 4-D or 5-D box)."""
     return {tuple(int(d) for d in m.group(1).rstrip("x").split("x"))
             for m in _TMA_LOAD.finditer(ttgir)}
 

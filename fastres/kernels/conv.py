@@ -293,15 +293,19 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
               pad_h, pad_w, dil_h, dil_w, R: tl.constexpr, S: tl.constexpr,
               HAS_RES: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, BOX_H: tl.constexpr):
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, BOX_H: tl.constexpr,
+              STRIDED: tl.constexpr):
     """A one-group implicit-GEMM convolution whose strides divide the input's height and
     width, with every tile moved by TMA. The output tile is a ``BOX_H x BOX_W`` block of one
-    image's output pixels (``BOX_W = BLOCK_M // BOX_H``). The NHWC input is described as
-    ``[N, H/sh, sh, W/sw, sw*C]`` (sh, sw: the strides; the same memory), where the input
-    pixels a block reads for one tap, (p*sh + r*dil - pad, q*sw + s*dil - pad) for its
-    output pixels (p, q), form one box ``[1, BOX_H, 1, BOX_W, BLOCK_K]``: the row offset
-    ``r*dil - pad`` splits into whole strides and a phase (index 2), the column offset
-    likewise, its phase selecting which C channels of the merged ``sw*C`` axis. Coordinates
+    image's output pixels (``BOX_W = BLOCK_M // BOX_H``). At stride 1 the input pixels a
+    block reads for tap (r, s) are the box ``[1, BOX_H, BOX_W, BLOCK_K]`` of the NHWC input
+    at the block's first pixel plus (r*dil - pad, s*dil - pad). With a stride (``STRIDED``)
+    the input is described as ``[N, H/sh, sh, W/sw, sw*C]`` (sh, sw: the strides; the same
+    memory), where the input pixels a block reads for one tap, (p*sh + r*dil - pad, q*sw +
+    s*dil - pad) for its output pixels (p, q), form one box ``[1, BOX_H, 1, BOX_W,
+    BLOCK_K]``: the row offset ``r*dil - pad`` splits into whole strides and a phase (index
+    2), the column offset likewise, its phase selecting which C channels of the merged
+    ``sw*C`` axis. Coordinates
     before the image (negative) or past it read zeros (TMA's out-of-bounds fill): the padding
     halo, with no masks. The weight tile is a ``[BLOCK_N, BLOCK_K]`` block of the ``[K_OUT,
     R*S*C]`` weight (the launcher runs these rows only where C is a whole number of channel
@@ -310,10 +314,15 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
     BLOCK_N]`` boxes; pixels past the output's edge are not written."""
     BOX_W: tl.constexpr = BLOCK_M // BOX_H
     n_img = M // (P * Q)
-    x_desc = tl.make_tensor_descriptor(
-        x_ptr, shape=[n_img, H // stride_h, stride_h, W // stride_w, stride_w * C],
-        strides=[H * W * C, stride_h * W * C, W * C, stride_w * C, 1],
-        block_shape=[1, BOX_H, 1, BOX_W, BLOCK_K])
+    if STRIDED:
+        x_desc = tl.make_tensor_descriptor(
+            x_ptr, shape=[n_img, H // stride_h, stride_h, W // stride_w, stride_w * C],
+            strides=[H * W * C, stride_h * W * C, W * C, stride_w * C, 1],
+            block_shape=[1, BOX_H, 1, BOX_W, BLOCK_K])
+    else:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[n_img, H, W, C],
+                                           strides=[H * W * C, W * C, C, 1],
+                                           block_shape=[1, BOX_H, BOX_W, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K_OUT, R * S * C], strides=[R * S * C, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
     o_desc = tl.make_tensor_descriptor(o_ptr, shape=[n_img, P, Q, K_OUT],
@@ -336,12 +345,15 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
         cb = it - tap * cb_per_tap
         r = tap // S
         s = tap - r * S
-        dh = r * dil_h - pad_h  # the tap's input offset: whole strides and a phase (>= 0)
+        dh = r * dil_h - pad_h  # the tap's input offset
         dw = s * dil_w - pad_w
-        ph = (dh % stride_h + stride_h) % stride_h
-        pw = (dw % stride_w + stride_w) % stride_w
-        a = x_desc.load([img, p0 + (dh - ph) // stride_h, ph, q0 + (dw - pw) // stride_w,
-                         pw * C + cb * BLOCK_K])
+        if STRIDED:  # in whole strides and a phase (>= 0)
+            ph = (dh % stride_h + stride_h) % stride_h
+            pw = (dw % stride_w + stride_w) % stride_w
+            a = x_desc.load([img, p0 + (dh - ph) // stride_h, ph, q0 + (dw - pw) // stride_w,
+                             pw * C + cb * BLOCK_K])
+        else:
+            a = x_desc.load([img, p0 + dh, q0 + dw, cb * BLOCK_K])
         b = w_desc.load([n0, tap * C + cb * BLOCK_K])
         acc = _mma(tl.reshape(a, [BLOCK_M, BLOCK_K]), b.T, acc, UPCAST, False, PRECISION)
     rn = n0 + tl.arange(0, BLOCK_N)
@@ -372,6 +384,7 @@ def conv_bias_act_kernel(
     GROUP_M: tl.constexpr, SUB_C: tl.constexpr = 0, SUB_K: tl.constexpr = 0,
     EARLY_RES: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
     TMA: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, BOX_H: tl.constexpr = 0,
+    BOX_STRIDED: tl.constexpr = False,
 ):
     """out[m, g*N_EXT + n] = act(sum_k x_im2col[m, k] * w[n, k] + bias (+ res)).
 
@@ -393,7 +406,7 @@ def conv_bias_act_kernel(
     if TMA and BOX_H > 0:
         _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride_h,
                   stride_w, pad_h, pad_w, dil_h, dil_w, R, S, HAS_RES, RELU, UPCAST, PRECISION,
-                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BOX_H)
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BOX_H, BOX_STRIDED)
     elif TMA:
         _gemm_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES, RELU, UPCAST,
                   PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
@@ -806,6 +819,7 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         SUB_C=prob.c_g if kind == "grouped" else 0, SUB_K=prob.k_g if kind == "grouped" else 0,
         EARLY_RES=cfg.early_res and prob.has_res,
         PERSISTENT=persistent, TMA=cfg.tma, SPLIT_K=split, BOX_H=cfg.box_h,
+        BOX_STRIDED=bool(cfg.box_h) and prob.stride != (1, 1),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if cfg.box_h:  # output blocks of box_h x bm/box_h pixels of one image
@@ -1201,9 +1215,9 @@ def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> 
     Triton's scratch allocator set for the descriptors the kernel makes on the device; else
     the same row without TMA. An implicit-GEMM block row also runs without TMA on the
     implicit-GEMM layers its boxes do not fit (grouped, or a stride that does not divide the
-    input's size) and where a channel block
-    would run past its tap. (A TMA row of another schedule's table, say a GEMM row on a 3x3
-    layer or a block row on a GEMM: :func:`launch_params` raises.)"""
+    input's size) and where a channel block would run past its tap. (A TMA row of another
+    schedule's table, say a GEMM row on a 3x3 layer or a block row on a GEMM:
+    :func:`launch_params` raises.)"""
     if prob.kind != ("conv" if cfg.box_h else "gemm"):
         return cfg  # (launch_params says what TMA rows run, whatever the tensors)
     if (not TMA_ENABLED or prob.elem_bytes() != 2 or prob.c % 8 or prob.k_out % 8
