@@ -987,6 +987,16 @@ def test_split_k_launch_params():
                       torch.bfloat16)
     with pytest.raises(ValueError, match="2\\*\\*31 or more values"):
         launch_params(big, cfg, interpreted=False)
+    # the epilogue kernel's launch: built once per problem and split, read-only
+    from fastres.kernels.conv import _split_k_epilogue_launch
+
+    params, grid, direct = _split_k_epilogue_launch(prob, 8, False)
+    assert _split_k_epilogue_launch(prob, 8, False)[2] is direct
+    assert grid == (-(-49 * 512 // params["BLOCK"]),) and params["SPLIT_K"] == 8
+    assert params["HAS_RES"] and params["RELU"]
+    with pytest.raises(TypeError):
+        params["SPLIT_K"] = 2
+    assert _split_k_epilogue_launch(prob, 4, False)[0]["SPLIT_K"] == 4
 
 
 @pytest.mark.parametrize("name,m,n,c,taps,res,offered", [

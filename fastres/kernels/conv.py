@@ -1200,13 +1200,19 @@ def _split_k_epilogue(prob: ConvProblem, split: int, partial: torch.Tensor,
     """A split-K row's second kernel: ``out`` = the ``partial`` sums added, + bias (+
     ``res``) (ReLU), one rounding to ``out``'s dtype (:func:`split_k_epilogue_kernel`)."""
     mn = prob.m * prob.k_out
-    interpreted = _interpreted()
+    params, grid, direct = _split_k_epilogue_launch(prob, split, _interpreted())
+    _launch(split_k_epilogue_kernel, grid, (partial, bias, res, out, mn, prob.k_out), params,
+            direct, 4, warmup)
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_k_epilogue_launch(prob: ConvProblem, split: int, interpreted: bool):
+    """(params, grid, direct-launch cache) of ``prob``'s split-K epilogue, built once per
+    problem (as :func:`launch_params` is for the main kernel: a split row runs every
+    forward)."""
     params = split_k_epilogue_params(split, prob.has_res, prob.relu, interpreted)
-    key = ("split_k_epilogue", out.dtype, mn, prob.k_out, split, prob.has_res, prob.relu,
-           interpreted)
-    _launch(split_k_epilogue_kernel, (triton.cdiv(mn, params["BLOCK"]),),
-            (partial, bias, res, out, mn, prob.k_out), params, _direct.cache_for(key), 4,
-            warmup)
+    return (MappingProxyType(params), (triton.cdiv(prob.m * prob.k_out, params["BLOCK"]),),
+            {})
 
 
 def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> KernelConfig:
