@@ -633,7 +633,8 @@ def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
     n, k = x.shape[0], wt.shape[0]
     base = kcfg.KernelConfig(32, 16, 16, 4, 4, 1)
     for row in (kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=4),
-                kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=2)):
+                kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=2),
+                kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=1)):  # one row
         assert str(row).endswith(f" t{row.box_h}x{32 // row.box_h}")
         # these tensors take TMA (the launch below is the block kernel, not the fallback)
         assert kconv._tma_ready(row, prob, x, wt, x if res is None else res) is row
@@ -713,7 +714,8 @@ def test_tma_block_rows_offered_where_their_blocks_fit():
     """Block rows are candidates for 16-bit, one-group implicit GEMMs whose strides divide the input
     (``box`` given) whose channels are whole blocks and multiples of 8, and only rows whose
     blocks waste at most a quarter of the pixels they compute: at 56x56, 28x28 and 14x14 the
-    8x16 blocks (12.5% and 23% wasted), at 7x7 the 8x8 block only (8x16 would waste 62%). Never
+    8x16 blocks (12.5% and 23% wasted), at 56x56 also the 1x64 row (12.5%; at 28x28 it would
+    waste 56%), at 7x7 the 8x8 block only (8x16 would waste 62%). Never
     without ``box``, for fp32, C_in or C_out not multiples of 8, or a partial channel block; a
     GEMM is never offered one."""
     def boxes(m_hw, c=256, k=256, eb=2, box=True, kind="conv", table=kcfg.CONV_CONFIGS):
@@ -722,7 +724,8 @@ def test_tma_block_rows_offered_where_their_blocks_fit():
             table, kind, 256 * h * w, k, c, eb, taps=9 if kind == "conv" else 1,
             box=(h, w) if box else None) if r.box_h}
 
-    assert boxes((56, 56), c=64, k=64) == {"t8x16"}  # 64 outputs: the 128x64 row only
+    # 64 outputs: the 128x64 block row and the 64x64 one-row box only
+    assert boxes((56, 56), c=64, k=64) == {"t8x16", "t1x64"}
     assert boxes((28, 28)) == boxes((14, 14)) == {"t8x16", "t8x8"}
     assert boxes((7, 7), c=512, k=512) == {"t8x8"}
     assert kcfg.box_waste_ok(kcfg.KernelConfig(128, 64, 64, tma=True, box_h=8), (56, 56))

@@ -208,12 +208,17 @@ CONV_CONFIGS = [
     # step's activation tile a box at the tap's offset whose halo TMA fills with zeros
     # (:func:`fastres.kernels.conv._conv_tma`). 8x16 blocks cover 56x56
     # outputs with 12.5% of the computed pixels wasted, 28x28 and 14x14 with 23%; 8x8 blocks
-    # cover 7x7 with 23%. Triton feeds the box to wgmma from registers (it cannot reshape
-    # the 4-D shared tile in place): the compile report shows the TMA loads and wgmma.
+    # cover 7x7 with 23%. Triton feeds a box of several rows to wgmma from registers (it
+    # cannot flatten such a shared tile in place): the compile report shows the TMA loads
+    # and wgmma.
     C(128, 128, 64, 8, 4, 3, tma=True, box_h=8),
     C(128, 64, 64, 8, 4, 4, tma=True, box_h=8),
     C(64, 128, 64, 8, 4, 4, tma=True, box_h=8),
     C(128, 256, 64, 8, 8, 3, tma=True, box_h=8),
+    # one output row of 64 pixels (56-wide outputs: ResNet layer1's 3x3, 12.5% wasted): a
+    # box with unit row axes, which Triton hands to wgmma in shared memory (the blocks of
+    # several rows above go through registers)
+    C(64, 64, 64, 8, 4, 4, tma=True, box_h=1),
     *SPLIT_K_ROWS,
 ]
 
