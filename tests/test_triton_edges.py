@@ -656,6 +656,43 @@ def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
                 assert y2.data_ptr() == acc.data_ptr() and torch.equal(y2, y1)
 
 
+@pytest.mark.parametrize("shape", [
+    # (N, C_in, H = W, C_out, kernel, stride, padding, dilation, residual): small
+    # ResNet-like layers, including outputs narrower than a block and C_out under BLOCK_N
+    (1, 64, 16, 64, 3, 1, 1, 1, False), (1, 64, 14, 128, 3, 1, 1, 1, True),
+    (1, 64, 12, 64, 3, 1, 2, 2, False), (1, 64, 7, 128, 3, 1, 1, 1, True),
+    (1, 64, 16, 64, 3, 2, 1, 1, False), (1, 64, 12, 128, 1, 2, 0, 1, False),
+], ids=lambda s: "x".join(str(v) for v in s[:6]))
+def test_tma_block_table_rows_at_their_own_tile_sizes(shape, monkeypatch):
+    """Every block row of the table as the GPU would run it (its own BLOCK_M/N/K, 8x16, 8x8
+    and 1x64 boxes), under the interpreter on small layers: bf16 against F.conv2d, into a
+    NaN-poisoned output, and in place over the residual."""
+    from fastres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "TMA_ENABLED", True)
+    dtype = torch.bfloat16
+    n, c, hw, k, r, st, pad, dil, with_res = shape
+    geo = ((st, st), (pad, pad), (dil, dil))
+    pq = _out_hw(hw, hw, r, r, *geo)
+    rows = [row for row in kcfg.CONV_CONFIGS if row.box_h]
+    assert {row.box_h for row in rows} == {8, 1}
+    for row in rows:
+        x = torch.randn(n, c, hw, hw).to(dtype).to(DEV).contiguous(memory_format=CL)
+        wt = (torch.randn(k, c, r, r) * (r * r * c) ** -0.5).to(dtype).to(DEV)
+        b = torch.randn(k).to(DEV)
+        res = (torch.randn(n, k, *pq).to(dtype).to(DEV).contiguous(memory_format=CL)
+               if with_res else None)
+        out = torch.full((n, k, *pq), float("nan"), dtype=dtype, device=DEV).contiguous(
+            memory_format=CL)
+        prob = ConvProblem.from_tensors(x, wt, *geo, 1, res)
+        assert kconv._tma_ready(row, prob, x, wt, out) is row  # the block kernel runs
+        y = conv_bias_act_triton(x, wt, b, *geo, 1, res, True, config=row, out=out)
+        assert_close_rel(y, _ref(x, wt, b, *geo, 1, res, True), TOL[dtype], str(row))
+        if res is not None:
+            acc = res.clone()
+            conv_bias_act_triton(x, wt, b, *geo, 1, acc, True, config=row, out=acc)
+            assert torch.equal(acc, y)
+
 def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
     """A block row runs as its twin without TMA (and right) where a descriptor cannot be made, where
     its boxes do not fit the input (grouped implicit GEMMs, a stride that does not divide the
