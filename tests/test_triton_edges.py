@@ -584,27 +584,31 @@ def test_tma_rows_offered_for_aligned_16_bit_gemms_only():
 
 # -- TMA block rows of the implicit-GEMM schedule (one group, strides dividing the input) ----
 
-# (name, N, C_in, H, W, C_out, kernel, stride, padding, dilation, residual): output sizes that
-# are not whole blocks (4x8 blocks at 32-row tiles), zero and wider padding, dilation 2,
-# stride 2 (3x3 and 1x1: the input seen as [N, H/2, 2, W/2, 2*C]) and (2, 1), C_out not a
-# multiple of the 16-wide N tile
+# (name, N, C_in, H, W, C_out, kernel (R, S), stride, padding, dilation, residual): output
+# sizes that are not whole blocks (4x8 blocks at 32-row tiles), zero and wider padding,
+# dilation 2, stride 2 (3x3 and 1x1: the input seen as [N, H/2, 2, W/2, 2*C]), (2, 1) and
+# (1, 2), C_out not a multiple of the 16-wide N tile, and kernels, paddings and dilations
+# that differ between the axes (a row quantity used for columns shows)
 BOX_SHAPES = pytest.mark.parametrize("shape", [
-    ("pad1-odd", 2, 32, 7, 9, 24, 3, (1, 1), 1, 1, True),
-    ("pad2-dil2", 1, 16, 5, 11, 48, 3, (1, 1), 2, 2, False),
-    ("pad0", 2, 16, 6, 6, 16, 3, (1, 1), 0, 1, True),
-    ("s2", 2, 32, 10, 18, 24, 3, (2, 2), 1, 1, True),
-    ("s2x1-dil2", 1, 16, 8, 7, 16, 3, (2, 1), 2, 2, False),
-    ("s1x2", 1, 16, 7, 8, 16, 3, (1, 2), 1, 1, True),
-    ("1x1s2", 2, 16, 12, 10, 40, 1, (2, 2), 0, 1, True),
+    ("pad1-odd", 2, 32, 7, 9, 24, (3, 3), (1, 1), (1, 1), (1, 1), True),
+    ("pad2-dil2", 1, 16, 5, 11, 48, (3, 3), (1, 1), (2, 2), (2, 2), False),
+    ("pad0", 2, 16, 6, 6, 16, (3, 3), (1, 1), (0, 0), (1, 1), True),
+    ("s2", 2, 32, 10, 18, 24, (3, 3), (2, 2), (1, 1), (1, 1), True),
+    ("s2x1-dil2", 1, 16, 8, 7, 16, (3, 3), (2, 1), (2, 2), (2, 2), False),
+    ("s1x2", 1, 16, 7, 8, 16, (3, 3), (1, 2), (1, 1), (1, 1), True),
+    ("1x1s2", 2, 16, 12, 10, 40, (1, 1), (2, 2), (0, 0), (1, 1), True),
+    ("1x3-pad0x1", 1, 16, 6, 9, 16, (1, 3), (1, 1), (0, 1), (1, 1), True),
+    ("3x1-dil2x1", 1, 16, 9, 6, 24, (3, 1), (1, 1), (2, 0), (2, 1), False),
+    ("5x3-pad2x1-s2x1", 2, 16, 10, 7, 16, (5, 3), (2, 1), (2, 1), (1, 2), True),
 ], ids=lambda s: s[0] if isinstance(s, tuple) else str(s))
 
 
 def _box_case(shape, dtype):
-    name, n, c, h, w, k, r, stride, pad, dil, with_res = shape
+    name, n, c, h, w, k, (r, s), stride, pad, dil, with_res = shape
     x = torch.randn(n, c, h, w).to(dtype).to(DEV).contiguous(memory_format=CL)
-    wt = (torch.randn(k, c, r, r) * (r * r * c) ** -0.5).to(dtype).to(DEV)
+    wt = (torch.randn(k, c, r, s) * (r * s * c) ** -0.5).to(dtype).to(DEV)
     b = torch.randn(k).to(DEV)
-    p, q = _out_hw(h, w, r, r, stride, (pad, pad), (dil, dil))
+    p, q = _out_hw(h, w, r, s, stride, pad, dil)
     res = (torch.randn(n, k, p, q).to(dtype).to(DEV).contiguous(memory_format=CL)
            if with_res else None)
     return x, wt, b, res, stride, pad, dil
@@ -647,8 +651,7 @@ def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
             poisoned = poisoned.contiguous(memory_format=CL)
             y0 = conv_bias_act_triton(x, wt, b, *args, res, relu, config=base)
             y1 = conv_bias_act_triton(x, wt, b, *args, res, relu, config=row, out=poisoned)
-            assert_close_rel(y1, _ref(x, wt, b, stride, (pad, pad), (dil, dil), 1, res, relu),
-                             TOL[dtype])
+            assert_close_rel(y1, _ref(x, wt, b, stride, pad, dil, 1, res, relu), TOL[dtype])
             assert rel_err(y1, y0) <= TOL[dtype] / 4  # the same products in the same K order
             if res is not None:
                 acc = res.clone()
@@ -698,7 +701,7 @@ def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
     its boxes do not fit the input (grouped implicit GEMMs, a stride that does not divide the
     input's size), or where a channel block would run into the next tap's weights: an activation
     2 bytes off 16-byte alignment, C_in or C_out not multiples of 8, C_in not a whole number of
-    channel blocks, stride 2 on 5 rows, 3 groups, fp32. It is an error, not a silent fallback,
+    channel blocks, stride 2 on 5 rows or 5 columns, 3 groups, fp32. It is an error, not a silent fallback,
     on another schedule's problem (a GEMM, block-diagonal grouped: the tuner never offers one
     there) and where block_m is not box_h times a power of two."""
     from fastres.kernels import conv as kconv
@@ -716,6 +719,8 @@ def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
              (torch.randn(2, 24, 5, 6), torch.randn(24, 24, 3, 3), 1, 1),
              (torch.randn(2, 16, 5, 6), torch.randn(20, 16, 3, 3), 1, 1),  # C_out 20
              (torch.randn(2, 16, 5, 6), torch.randn(24, 16, 3, 3), 2, 1),  # 2 into 5 rows
+             (torch.randn(2, 16, 6, 5), torch.randn(24, 16, 3, 3), 2, 1),  # 2 into 5 columns
+             (torch.randn(2, 16, 6, 5), torch.randn(24, 16, 3, 3), (1, 2), 1),
              (torch.randn(2, 48, 5, 6), torch.randn(48, 16, 3, 3), 1, 3)]  # 3 groups
     for x, wt, stride, groups in cases:
         x = x.to(dtype).to(DEV).contiguous(memory_format=CL)
@@ -728,7 +733,8 @@ def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
             memory_format=CL)
         assert kconv._tma_ready(row, prob, x, wt, out) == twin
         y = conv_bias_act_triton(x, wt, b, stride, 1, 1, groups, None, True, config=row)
-        assert_close_rel(y, _ref(x, wt, b, (stride, stride), (1, 1), (1, 1), groups, None,
+        st = stride if isinstance(stride, tuple) else (stride, stride)
+        assert_close_rel(y, _ref(x, wt, b, st, (1, 1), (1, 1), groups, None,
                                  True), TOL[dtype])
     x = torch.randn(2, 16, 5, 6).to(DEV)
     wt = torch.randn(16, 16, 3, 3).to(DEV)
@@ -742,6 +748,12 @@ def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
             with pytest.raises(ValueError, match="one-group implicit-GEMM convolutions"):
                 conv_bias_act_triton(x.to(dt), w.to(dt).to(DEV), torch.zeros(16).to(DEV),
                                      1, pad, 1, groups, config=row)
+    # a partial channel block (the launcher's fallback never lets one reach the kernel)
+    partial = ConvProblem.from_tensors(torch.empty(2, 24, 5, 6, dtype=torch.float16),
+                                       torch.empty(16, 24, 3, 3, dtype=torch.float16), 1, 1, 1,
+                                       1, None)
+    with pytest.raises(ValueError, match="24 input channels are not a whole number of 16"):
+        launch_params(partial, row)
     with pytest.raises(ValueError, match="not box_h 4 times a power of two"):
         conv_bias_act_triton(x.half(), wt.half(), torch.zeros(16).to(DEV), 1, 1, 1, 1,
                              config=kcfg.KernelConfig(48, 16, 16, 4, 4, 1, tma=True, box_h=4))
@@ -767,6 +779,9 @@ def test_tma_block_rows_offered_where_their_blocks_fit():
     assert boxes((7, 7), c=512, k=512) == {"t8x8"}
     assert kcfg.box_waste_ok(kcfg.KernelConfig(128, 64, 64, tma=True, box_h=8), (56, 56))
     assert not kcfg.box_waste_ok(kcfg.KernelConfig(128, 64, 64, tma=True, box_h=8), (7, 7))
+    two_by_four = kcfg.KernelConfig(8, 16, 16, tma=True, box_h=2)
+    assert kcfg.box_waste_ok(two_by_four, (3, 4))  # 16 computed for 12: a quarter, kept
+    assert not kcfg.box_waste_ok(two_by_four, (3, 3))
     assert not boxes((28, 28), box=False)
     assert not boxes((28, 28), eb=4)
     assert not boxes((28, 28), c=200)  # a multiple of 8, not of the 64-channel block
@@ -969,6 +984,7 @@ def test_gpu_tma_block_rows(dtype, monkeypatch):
     monkeypatch.setattr(_direct, "ENABLED", True)
     dev = "cuda"
     rows = [r for r in kcfg.CONV_CONFIGS if r.box_h]
+    direct_before = _direct.stats()["direct"]
     # (N, C_in, H = W, C_out, kernel, stride, padding, dilation, residual)
     for n, c, hw, k, r, st, pad, dil, with_res in [(4, 64, 56, 64, 3, 1, 1, 1, False),
                                                    (4, 256, 14, 256, 3, 1, 1, 1, True),
@@ -1017,3 +1033,5 @@ def test_gpu_tma_block_rows(dtype, monkeypatch):
             graph.replay()
             torch.cuda.synchronize()
             assert_close_rel(out, ref, TOL[dtype])
+    # the second launch of each row and layer went straight to the compiled kernel
+    assert _direct.stats()["direct"] >= direct_before + 6 * len(rows)

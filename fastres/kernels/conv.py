@@ -295,8 +295,8 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, BOX_H: tl.constexpr,
               STRIDED: tl.constexpr):
-    """A one-group implicit-GEMM convolution whose strides divide the input's height and
-    width, with every tile moved by TMA. The output tile is a ``BOX_H x BOX_W`` block of one
+    """A one-group implicit-GEMM convolution whose strides divide the input's height and width,
+    with every tile moved by TMA. The output tile is a ``BOX_H x BOX_W`` block of one
     image's output pixels (``BOX_W = BLOCK_M // BOX_H``). At stride 1 the input pixels a
     block reads for tap (r, s) are the box ``[1, BOX_H, BOX_W, BLOCK_K]`` of the NHWC input
     at the block's first pixel plus (r*dil - pad, s*dil - pad). With a stride (``STRIDED``)
@@ -305,28 +305,34 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
     s*dil - pad) for its output pixels (p, q), form one box ``[1, BOX_H, 1, BOX_W,
     BLOCK_K]``: the row offset ``r*dil - pad`` splits into whole strides and a phase (index
     2), the column offset likewise, its phase selecting which C channels of the merged
-    ``sw*C`` axis. Coordinates
-    before the image (negative) or past it read zeros (TMA's out-of-bounds fill): the padding
-    halo, with no masks. The weight tile is a ``[BLOCK_N, BLOCK_K]`` block of the ``[K_OUT,
-    R*S*C]`` weight (the launcher runs these rows only where C is a whole number of channel
-    blocks, so a tap's last block never reads the next tap's weights, nor the next phase's
-    channels). The residual is loaded and the output stored as ``[1, BOX_H, BOX_W,
-    BLOCK_N]`` boxes; pixels past the output's edge are not written."""
+    ``sw*C`` axis. Coordinates before the image (negative) or past it read zeros (TMA's
+    out-of-bounds fill): the padding halo, with no masks. The weight tile is a ``[BLOCK_N,
+    BLOCK_K]`` block of the ``[K_OUT, R*S*C]`` weight (the launcher runs these rows only
+    where C is a whole number of channel blocks (:func:`_launch_params` refuses the rest),
+    so a tap's last block never reads the next tap's weights, nor the next phase's
+    channels). Strides are 64-bit (an image may hold 2**31 values or more). The residual is
+    loaded and the output stored as ``[1, BOX_H, BOX_W, BLOCK_N]`` boxes; pixels past the
+    output's edge are not written."""
     BOX_W: tl.constexpr = BLOCK_M // BOX_H
     n_img = M // (P * Q)
+    # strides in 64 bits: one image can hold 2**31 values or more (its coordinates cannot)
+    row_in = W.to(tl.int64) * C
+    img_in = H * row_in
+    row_out = Q.to(tl.int64) * K_OUT
+    img_out = P * row_out
     if STRIDED:
         x_desc = tl.make_tensor_descriptor(
             x_ptr, shape=[n_img, H // stride_h, stride_h, W // stride_w, stride_w * C],
-            strides=[H * W * C, stride_h * W * C, W * C, stride_w * C, 1],
+            strides=[img_in, stride_h * row_in, row_in, stride_w * C, 1],
             block_shape=[1, BOX_H, 1, BOX_W, BLOCK_K])
     else:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[n_img, H, W, C],
-                                           strides=[H * W * C, W * C, C, 1],
+                                           strides=[img_in, row_in, C, 1],
                                            block_shape=[1, BOX_H, BOX_W, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K_OUT, R * S * C], strides=[R * S * C, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
     o_desc = tl.make_tensor_descriptor(o_ptr, shape=[n_img, P, Q, K_OUT],
-                                       strides=[P * Q * K_OUT, Q * K_OUT, K_OUT, 1],
+                                       strides=[img_out, row_out, K_OUT, 1],
                                        block_shape=[1, BOX_H, BOX_W, BLOCK_N])
     boxes_h = tl.cdiv(P, BOX_H)
     boxes_w = tl.cdiv(Q, BOX_W)
@@ -361,7 +367,7 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
     acc = acc + bias.to(tl.float32)[None, :]
     if HAS_RES:
         r_desc = tl.make_tensor_descriptor(r_ptr, shape=[n_img, P, Q, K_OUT],
-                                           strides=[P * Q * K_OUT, Q * K_OUT, K_OUT, 1],
+                                           strides=[img_out, row_out, K_OUT, 1],
                                            block_shape=[1, BOX_H, BOX_W, BLOCK_N])
         res = r_desc.load([img, p0, q0, n0])
         acc = acc + tl.reshape(res, [BLOCK_M, BLOCK_N]).to(tl.float32)
@@ -772,6 +778,9 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         if bm % cfg.box_h or not _pow2(bm // cfg.box_h):
             raise ValueError(f"TMA block configuration {cfg}: block_m {bm} is not box_h "
                              f"{cfg.box_h} times a power of two")
+        if prob.c % bk:  # a partial block would read the next tap's (or phase's) channels
+            raise ValueError(f"TMA block configuration {cfg}: {prob.c} input channels are "
+                             f"not a whole number of {bk}-channel blocks")
     split = max(cfg.split_k, 1)
     if split > 1:
         if kind not in ("gemm", "conv") or cfg.persistent or cfg.tma or cfg.early_res:
@@ -1220,8 +1229,8 @@ def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> 
     16-byte aligned, rows of whole 16-byte multiples: channel counts multiples of 8), with
     Triton's scratch allocator set for the descriptors the kernel makes on the device; else
     the same row without TMA. An implicit-GEMM block row also runs without TMA on the
-    implicit-GEMM layers its boxes do not fit (grouped, or a stride that does not divide the
-    input's size) and where a channel block would run past its tap. (A TMA row of another
+    implicit-GEMM layers its boxes do not fit (grouped layers of this schedule, or a stride
+    that does not divide the input's size) and where a channel block would run past its tap. (A TMA row of another
     schedule's table, say a GEMM row on a 3x3 layer or a block row on a GEMM:
     :func:`launch_params` raises.)"""
     if prob.kind != ("conv" if cfg.box_h else "gemm"):
