@@ -206,10 +206,10 @@ CONV_CONFIGS = [
     # TMA rows (ungrouped, strides dividing the input, 16-bit, channel counts multiples of
     # 8): the output tile is a block of box_h x block_m/box_h pixels of one image, each K
     # step's activation tile a box at the tap's offset whose halo TMA fills with zeros
-    # (:func:`fastres.kernels.conv._conv_tma`). 8x16 blocks cover 56x56
-    # outputs with 12.5% of the computed pixels wasted, 28x28 and 14x14 with 23%; 8x8 blocks
-    # cover 7x7 with 23%. Triton feeds a box of several rows to wgmma from registers (it
-    # cannot flatten such a shared tile in place): the compile report shows the TMA loads
+    # (:func:`fastres.kernels.conv._conv_tma`). 8x16 blocks cover 56x56 outputs with 12.5%
+    # of the computed pixels wasted, 28x28 and 14x14 with 23%; 8x8 blocks cover 28x28, 14x14
+    # and 7x7 with 23%. Triton feeds a box of several rows to wgmma from registers (it
+    # cannot flatten such a shared tile in place): the compile report checks the TMA loads
     # and wgmma.
     C(128, 128, 64, 8, 4, 3, tma=True, box_h=8),
     C(128, 64, 64, 8, 4, 4, tma=True, box_h=8),
@@ -333,8 +333,8 @@ def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_
     programs are tiles x groups), for the split-K rows; ``box``: the output's (height,
     width) when the layer's activation boxes can be loaded by TMA (an implicit-GEMM
     convolution with one group whose strides divide its input's size,
-    :func:`fastres.kernels.conv.tma_box`), for the
-    implicit-GEMM TMA rows; ``None``: none of them.
+    :func:`fastres.kernels.conv.tma_box`), for the implicit-GEMM TMA rows; ``None``: none
+    of them.
     """
     return list(dict.fromkeys(
         trim_stages(cfg, k_steps(cfg, kind, k_per_group, taps))
