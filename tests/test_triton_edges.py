@@ -696,14 +696,16 @@ def test_tma_block_table_rows_at_their_own_tile_sizes(shape, monkeypatch):
             conv_bias_act_triton(x, wt, b, *geo, 1, acc, True, config=row, out=acc)
             assert torch.equal(acc, y)
 
+
 def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
-    """A block row runs as its twin without TMA (and right) where a descriptor cannot be made, where
-    its boxes do not fit the input (grouped implicit GEMMs, a stride that does not divide the
-    input's size), or where a channel block would run into the next tap's weights: an activation
-    2 bytes off 16-byte alignment, C_in or C_out not multiples of 8, C_in not a whole number of
-    channel blocks, stride 2 on 5 rows or 5 columns, 3 groups, fp32. It is an error, not a silent fallback,
-    on another schedule's problem (a GEMM, block-diagonal grouped: the tuner never offers one
-    there) and where block_m is not box_h times a power of two."""
+    """A block row runs as its twin without TMA (and right) where a descriptor cannot be made,
+    where its boxes do not fit the input (grouped implicit GEMMs, a stride that does not
+    divide the input's size), or where a channel block would run into the next tap's
+    weights: an activation 2 bytes off 16-byte alignment, C_in or C_out not multiples of 8,
+    C_in not a whole number of channel blocks, stride 2 on 5 rows or 5 columns, 3 groups,
+    fp32. It is an error, not a silent fallback, on another schedule's problem (a GEMM,
+    block-diagonal grouped: the tuner never offers one there) and where block_m is not box_h
+    times a power of two."""
     from fastres.kernels import conv as kconv
 
     monkeypatch.setattr(kconv, "TMA_ENABLED", True)

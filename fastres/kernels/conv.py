@@ -1230,9 +1230,9 @@ def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> 
     Triton's scratch allocator set for the descriptors the kernel makes on the device; else
     the same row without TMA. An implicit-GEMM block row also runs without TMA on the
     implicit-GEMM layers its boxes do not fit (grouped layers of this schedule, or a stride
-    that does not divide the input's size) and where a channel block would run past its tap. (A TMA row of another
-    schedule's table, say a GEMM row on a 3x3 layer or a block row on a GEMM:
-    :func:`launch_params` raises.)"""
+    that does not divide the input's size) and where a channel block would run past its tap.
+    (A TMA row of another schedule's table, say a GEMM row on a 3x3 layer or a block row on
+    a GEMM: :func:`launch_params` raises.)"""
     if prob.kind != ("conv" if cfg.box_h else "gemm"):
         return cfg  # (launch_params says what TMA rows run, whatever the tensors)
     if (not TMA_ENABLED or prob.elem_bytes() != 2 or prob.c % 8 or prob.k_out % 8
