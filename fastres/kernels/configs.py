@@ -342,13 +342,18 @@ def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_
                           smem_limit, sms, taps, groups, box)))
 
 
-def box_waste_ok(cfg: KernelConfig, box: tuple[int, int]) -> bool:
-    """Whether ``cfg``'s output blocks (``box_h`` x ``block_m // box_h`` pixels) cover a
-    ``box`` = (height, width) output with at most a quarter of the computed pixels wasted."""
+def box_blocks(cfg: KernelConfig, box: tuple[int, int]) -> tuple[int, int]:
+    """How many of ``cfg``'s output blocks (``box_h`` x ``block_m // box_h`` pixels) cover a
+    ``box`` = (height, width) output: (block rows, block columns)."""
     p, q = box
-    bh, bw = cfg.box_h, cfg.block_m // cfg.box_h
-    covered = -(-p // bh) * bh * (-(-q // bw) * bw)
-    return covered * 3 <= p * q * 4
+    return -(-p // cfg.box_h), -(-q // (cfg.block_m // cfg.box_h))
+
+
+def box_waste_ok(cfg: KernelConfig, box: tuple[int, int]) -> bool:
+    """Whether ``cfg``'s output blocks cover a ``box`` = (height, width) output with at most
+    a quarter of the computed pixels wasted."""
+    rows, cols = box_blocks(cfg, box)
+    return rows * cols * cfg.block_m * 3 <= box[0] * box[1] * 4
 
 
 def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,

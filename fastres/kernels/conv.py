@@ -50,6 +50,7 @@ from fastres.kernels.configs import (
     TMA_ROWS,
     KernelConfig,
     _pow2_at_least,
+    box_blocks,
     interpreter_config,
     prune,
 )
@@ -832,9 +833,8 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if cfg.box_h:  # output blocks of box_h x bm/box_h pixels of one image
-        p, q = prob.pq
-        tiles = (prob.n * triton.cdiv(p, cfg.box_h) * triton.cdiv(q, bm // cfg.box_h)
-                 * triton.cdiv(k_g, bn))
+        rows, cols = box_blocks(cfg, prob.pq)
+        tiles = prob.n * rows * cols * triton.cdiv(k_g, bn)
     else:
         tiles = triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn)
     # persistent: cfg.persistent programs per SM (``sms``: the device's count), each looping
