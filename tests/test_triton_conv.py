@@ -730,15 +730,15 @@ def _tune_as_on_a_gpu(monkeypatch, cands, time_ms):
 
     monkeypatch.setattr(kc, "_TUNED", {})
     monkeypatch.setattr(kc, "_TIMINGS", {})
-    monkeypatch.setattr(kc, "problem_configs", lambda prob: cands)
+    monkeypatch.setattr(kc, "problem_configs", lambda prob, tensors=None: cands)
     monkeypatch.setattr(kc, "_time_ms", time_ms)
     monkeypatch.setenv("FASTRES_TUNE", "1")
     real_choose = kc._choose_config
 
-    def choose(prob, run, check=None, warm=None):
+    def choose(prob, run, check=None, warm=None, tensors=None):
         monkeypatch.setattr(kc, "_interpreted", lambda: False)
         try:
-            return real_choose(prob, run, check, warm)
+            return real_choose(prob, run, check, warm, tensors)
         finally:
             monkeypatch.setattr(kc, "_interpreted", lambda: True)
 

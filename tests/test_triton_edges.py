@@ -838,6 +838,67 @@ def test_tma_switched_off(monkeypatch):
     assert kconv._tma_ready(tma, prob, x) == kcfg.KernelConfig(128, 128, 64, 8, 8, 3)
 
 
+def test_tuner_offered_no_tma_row_that_would_run_without_tma(monkeypatch):
+    """A TMA row runs as its twin without TMA on an operand that is not 16-byte aligned
+    (``_tma_ready``). The candidates of such a call (the engine's, ``conv_configs``, and the
+    launcher's own tuner's) leave those rows out, so no tuner times the twin under the TMA
+    row's label and remembers a TMA row it never ran. Operands the launcher copies
+    (not channels-last, or of another dtype) are aligned copies and take TMA."""
+    from fastres.kernels import conv as kconv
+    from fastres import tuning
+
+    monkeypatch.setattr(kconv, "_interpreted", lambda: False)  # the GPU's candidate list
+    monkeypatch.setattr(kconv, "TMA_ENABLED", True)
+    dt = torch.bfloat16
+
+    def cl(n, c, h, w, offset=0):  # channels-last contiguous, ``offset`` elements in
+        buf = torch.randn(n * c * h * w + 8).to(dt)
+        return buf[offset:offset + n * c * h * w].view(n, h, w, c).permute(0, 3, 1, 2)
+
+    for c, k, r, hw in [(64, 64, 3, 56), (256, 64, 1, 56)]:  # block rows; GEMM TMA rows
+        x, xu = cl(2, c, hw, hw), cl(2, c, hw, hw, offset=1)
+        assert xu.data_ptr() % 16 and xu.is_contiguous(memory_format=CL)
+        wt = torch.randn(k, c, r, r).to(dt)
+        res, resu = cl(2, k, hw, hw), cl(2, k, hw, hw, offset=3)
+        aligned = kconv.conv_configs(x, wt, 1, r // 2, 1, 1, res)
+        plain = [cfg for cfg in aligned if not cfg.tma]
+        assert len(plain) < len(aligned)
+        assert kconv.conv_configs(xu, wt, 1, r // 2, 1, 1, res) == plain
+        assert kconv.conv_configs(x, wt, 1, r // 2, 1, 1, resu) == plain
+        # copied by the launcher: NCHW x, an fp32 residual (converted), the weight's layout
+        assert kconv.conv_configs(xu.contiguous(), wt, 1, r // 2, 1, 1, res) == aligned
+        assert kconv.conv_configs(x, wt, 1, r // 2, 1, 1, resu.float()) == aligned
+        prob = ConvProblem.from_tensors(x, wt, 1, r // 2, 1, 1, res)
+        assert kconv.problem_configs(prob, (x, wt, res)) == aligned
+        # the launcher's own tuner: only the rows that run as labelled are timed
+        monkeypatch.setattr(tuning, "mode", lambda: "tune")
+        monkeypatch.setattr(kconv, "_TUNED", {})
+        monkeypatch.setattr(kconv, "_TIMINGS", {})
+        monkeypatch.setattr(kconv, "_time_ms", lambda fn: fn())
+        timed = []
+        assert not kconv._choose_config(prob, lambda cfg: timed.append(cfg) or len(timed),
+                                        tensors=(xu, wt, res, res)).tma
+        assert timed == plain
+    # and the launcher hands its tuner the tensors it launches with
+    seen = []
+
+    def choose(prob, run, check=None, warm=None, tensors=None):
+        seen.append(tensors)
+        return kcfg.INTERPRETER_CONFIG
+
+    monkeypatch.setattr(kconv, "_choose_config", choose)
+    monkeypatch.setattr(kconv, "_interpreted", lambda: True)  # (the kernel interpreted)
+    xu, res = cl(1, 16, 4, 5, offset=1).to(DEV), cl(1, 8, 4, 5).to(DEV)
+    wt, out = torch.randn(8, 16, 3, 3).to(dt).to(DEV), torch.empty_like(res)
+    y = conv_bias_act_triton(xu, wt, torch.zeros(8).to(DEV), 1, 1, 1, 1, res, out=out)
+    assert y is out
+    # x, residual and out as given (channels-last already), the weight's channels-last copy
+    x_, w_, res_, out_ = seen[0]
+    assert (x_.data_ptr(), res_.data_ptr(), out_.data_ptr()) == (
+        xu.data_ptr(), res.data_ptr(), out.data_ptr())
+    assert w_.is_contiguous(memory_format=CL) and torch.equal(w_, wt)
+
+
 def test_tma_switch_keys_the_tuning_cache():
     """Choices made with ``FASTRES_TMA=0`` were made without the TMA rows: the candidate
     tables' digest (part of the tuning cache's key) differs, so neither setting reuses the

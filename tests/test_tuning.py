@@ -791,7 +791,7 @@ def test_pinned_mode_runs_the_first_row_even_after_tuning(monkeypatch):
     prob = kc.ConvProblem.from_tensors(torch.randn(1, 8, 9, 9), torch.randn(4, 8, 3, 3),
                                        1, 1, 1, 1)
     rows = [kc.KernelConfig(32, 32, 16, 4, 4, 1), kc.KernelConfig(64, 32, 16, 4, 4, 1)]
-    monkeypatch.setattr(kc, "problem_configs", lambda prob: rows)
+    monkeypatch.setattr(kc, "problem_configs", lambda prob, tensors=None: rows)
     monkeypatch.setitem(kc._TUNED, kc._tuned_key(prob), rows[1])
     monkeypatch.delenv("FASTRES_TUNE", raising=False)
     assert kc._choose_config(prob, lambda cfg: None) == rows[1]

@@ -942,10 +942,16 @@ def device_sm_count() -> int:
     return _device_prop("multi_processor_count", SMS)
 
 
-def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
+def problem_configs(prob: ConvProblem,
+                    tensors: tuple[torch.Tensor, ...] | None = None) -> list[KernelConfig]:
     """Candidate configurations for ``prob`` (one, the small one, under the interpreter),
     pruned for the current CUDA device's shared memory (:func:`device_smem_limit`): on a
-    GPU with less than H100 the first row, the pinned one, must still launch."""
+    GPU with less than H100 the first row, the pinned one, must still launch.
+
+    With ``tensors`` (the call's, as the launcher passes them to the kernel), the TMA rows
+    that would run as their twin without TMA for these tensors (:func:`_tma_ready`: an
+    operand not 16-byte aligned) are left out: the twin is in the list already, and a tuner
+    timing the TMA row's label would time the twin and remember a TMA row it never ran."""
     kind = prob.kind
     if _interpreted():  # grouped: 64 packed channels -> few, large programs
         return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else prob.k_extent)]
@@ -953,7 +959,11 @@ def problem_configs(prob: ConvProblem) -> list[KernelConfig]:
                  prob.has_res, taps=prob.taps, smem_limit=device_smem_limit(),
                  sms=device_sm_count(), groups=prob.groups, box=tma_box(prob))
     # (never empty without them: each TMA row's twin without TMA passes the same pruning)
-    return rows if TMA_ENABLED else [c for c in rows if not c.tma]
+    if not TMA_ENABLED:
+        return [c for c in rows if not c.tma]
+    if tensors is not None:
+        return [c for c in rows if not c.tma or _tma_runs(c, prob, tensors)]
+    return rows
 
 
 def conv_configs(x, weight, stride, padding, dilation, groups, residual=None,
@@ -962,10 +972,15 @@ def conv_configs(x, weight, stride, padding, dilation, groups, residual=None,
     ``x``'s GPU."""
     prob = ConvProblem.from_tensors(x, weight, stride, padding, dilation, groups, residual,
                                     relu)
+    # what the launcher hands the kernel: these as they are where they are already
+    # channels-last (and, for the weight, of x's dtype), else its fresh (aligned) copies
+    cl = torch.channels_last
+    tensors = tuple(t for t in (x, weight, residual) if t is not None
+                    and t.dtype == x.dtype and t.is_contiguous(memory_format=cl))
     if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):
-            return problem_configs(prob)
-    return problem_configs(prob)
+            return problem_configs(prob, tensors)
+    return problem_configs(prob, tensors)
 
 
 # -- autotuning ------------------------------------------------------------------------------
@@ -1007,7 +1022,8 @@ def _time_ms(fn) -> float:
     return cuda_event_timer(fn)
 
 
-def _choose_config(prob: ConvProblem, run, check=None, warm=None) -> KernelConfig:
+def _choose_config(prob: ConvProblem, run, check=None, warm=None,
+                   tensors: tuple[torch.Tensor, ...] | None = None) -> KernelConfig:
     """Best configuration for ``prob``: the first in pinned mode (``FASTRES_TUNE=0``,
     deterministic algorithms), else remembered, else timed once (GPU), else the first.
 
@@ -1016,7 +1032,8 @@ def _choose_config(prob: ConvProblem, run, check=None, warm=None) -> KernelConfi
     outside its bound is wrong (a kernel defect, pytorch#173068-style), listed with its
     error and never chosen. ``warm(cfg)`` (when given) compiles one candidate without
     launching it: every candidate is compiled that way, on a pool of threads, before any is
-    timed."""
+    timed. ``tensors``: the call's, for :func:`problem_configs` (TMA rows that run
+    without TMA for them are not timed)."""
     from fastres.tuning import mode
 
     if mode() == "pinned":  # (before the remembered one: pinned means the documented row)
@@ -1025,7 +1042,7 @@ def _choose_config(prob: ConvProblem, run, check=None, warm=None) -> KernelConfi
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    cands = problem_configs(prob)
+    cands = problem_configs(prob, tensors)
     if len(cands) == 1 or _interpreted():
         return cands[0]
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -1176,7 +1193,8 @@ def conv_bias_act_triton(
                     reference.append(torch.relu(ref) if relu else ref)
             return _rel_err(y, reference[0]), _tolerance((x,))
 
-        config = _choose_config(prob, tune_run, check, functools.partial(run, warmup=True))
+        config = _choose_config(prob, tune_run, check, functools.partial(run, warmup=True),
+                                (x, weight, res, out))
     run(config)
     return out
 
@@ -1235,13 +1253,19 @@ def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> 
     a GEMM: :func:`launch_params` raises.)"""
     if prob.kind != ("conv" if cfg.box_h else "gemm"):
         return cfg  # (launch_params says what TMA rows run, whatever the tensors)
-    if (not TMA_ENABLED or prob.elem_bytes() != 2 or prob.c % 8 or prob.k_out % 8
-            or (cfg.box_h and (tma_box(prob) is None or prob.c % cfg.block_k))
-            or not _direct.aligned(tensors)):
+    if not _tma_runs(cfg, prob, tensors):
         return dataclasses.replace(cfg, tma=False, box_h=0)
     if tensors[0].is_cuda:
         _set_scratch_allocator()
     return cfg
+
+
+def _tma_runs(cfg: KernelConfig, prob: ConvProblem, tensors) -> bool:
+    """TMA row ``cfg`` of ``prob``'s schedule runs with TMA on these tensors (the conditions
+    of :func:`_tma_ready`)."""
+    return not (not TMA_ENABLED or prob.elem_bytes() != 2 or prob.c % 8 or prob.k_out % 8
+                or (cfg.box_h and (tma_box(prob) is None or prob.c % cfg.block_k))
+                or not _direct.aligned(tensors))
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
