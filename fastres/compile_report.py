@@ -14,7 +14,10 @@ and checked:
 - ``smem``: shared memory <= 232448 bytes (H100's per-block maximum);
 - ``spill``: no stack or local memory (``cuobjdump --dump-resource-usage`` from Triton's
   bundled binaries), registers <= 255;
-- ``wgmma``: the dot runs on Hopper tensor cores (``wgmma.mma_async`` in the PTX);
+- ``wgmma``: the dot runs on Hopper tensor cores (``wgmma.mma_async`` in the PTX); for a
+  TMA row, every ``wgmma`` reads both operands from shared memory (two matrix descriptors,
+  :func:`wgmma_from_shared`: the tiles go from the TMA buffers to the tensor cores, not
+  through registers);
 - ``A16``/``B16``: the activation and weight tiles are loaded with 16-byte async copies
   (``ttg.async_copy_global_to_local`` of the tile with contiguity x element size >= 16 in the
   TTGIR, lowered to ``cp.async ... 0x10``). The stem's activation rows (3 channels, 7 taps,
@@ -281,6 +284,17 @@ def tma_tile_ok(ttgir: str, ptx: str, shape) -> bool:
             and not pointer & {(rows, cols), (cols, rows)})
 
 
+# a wgmma whose A operand is in registers: ``wgmma... {d...}, {a...}, desc_b, ...`` (from
+# shared memory: ``{d...}, desc_a, desc_b, ...``)
+_WGMMA_RS = re.compile(r"wgmma\.mma_async[^;{]*\{[^}]*\}\s*,\s*\{")
+
+
+def wgmma_from_shared(ptx: str) -> bool:
+    """The PTX has ``wgmma`` instructions and every one reads both operands from shared
+    memory (matrix descriptors), none its A operand from registers."""
+    return "wgmma.mma_async" in ptx and not _WGMMA_RS.search(ptx)
+
+
 def _tile_copies(ttgir: str) -> list[tuple[int, int, int | None]]:
     """(rows, cols, bytes per copy or None) of every async global->shared tile copy."""
     out = []
@@ -342,7 +356,7 @@ def compile_job(job: Job) -> dict:
         "spill": rsc["stack"] == 0 and rsc["local"] == 0 and (rsc["reg"] or 0) <= 255,
     }
     if job.dot:
-        checks["wgmma"] = "wgmma.mma_async" in ptx
+        checks["wgmma"] = wgmma_from_shared(ptx) if job.tma else "wgmma.mma_async" in ptx
         copies = _tile_copies(ttgir)
         ptx_sizes = set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(0x[0-9a-f]+)",
                                    ptx))

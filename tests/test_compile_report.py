@@ -63,6 +63,8 @@ def _check_rows(out) -> None:
     assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}
     assert {r["kernel"] for r in rows} == {"conv", "maxpool", "avgpool", "splitk"}
     assert any(r["config"].endswith(" t") for r in rows)  # TMA rows were compiled and checked
+    # and block rows (3x3 and 3x3/2), whose wgmma check wants both operands in shared memory
+    assert {r["config"].split()[-1] for r in rows} >= {"t8x16", "t8x8", "t1x64"}
     # split-K rows (the batch-1 layer of the quick set) and their epilogue kernel's v4 loads
     assert any(" k" in r["config"] and r["kernel"] == "conv" for r in rows)
     assert all(r["checks"]["v4"] for r in rows if r["kernel"] == "splitk")
@@ -121,3 +123,19 @@ def test_tma_tile_check_wants_each_tile_by_tma():
     assert not tma_tile_ok(tma + "\n" + ptr, load, (128, 64))
     assert not tma_tile_ok(tma + "\n" + ptr_t, load, (128, 64))
     assert not tma_tile_ok(tma, store, (128, 64))
+
+
+def test_wgmma_check_wants_both_operands_from_shared_memory():
+    """A TMA row's wgmma check on PTX text: ``wgmma`` with two matrix descriptors passes; one
+    whose A operand is a register list (a tile loaded from shared memory into registers
+    first: how Triton ran a reshaped multi-row box as the A operand) fails it, even beside
+    descriptor ones, and so does a PTX with no wgmma."""
+    from fastres.compile_report import wgmma_from_shared
+
+    d = "{" + ",".join(f"%r{i}" for i in range(64)) + "}"
+    op = "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"
+    ss = f"{op} {d}, %rd30, %rd31, %p26, 1, 1, 0, 0;"
+    rs = f"{op} {d}, {{%r118,%r120,%r122,%r124}}, %rd30, %p29, 1, 1, 0;"
+    assert wgmma_from_shared(ss) and wgmma_from_shared(ss + "\n" + ss)
+    assert not wgmma_from_shared(rs) and not wgmma_from_shared(ss + "\n" + rs)
+    assert not wgmma_from_shared("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1};")

@@ -346,7 +346,14 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
     q0 = (rest % boxes_w) * BOX_W
     n0 = pid_n * BLOCK_N
     cb_per_tap = tl.cdiv(C, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The product is computed transposed, acc_t = W_tile @ X_box^T ([BLOCK_N, BLOCK_M]): a
+    # multi-row box [1, BOX_H, BOX_W, BLOCK_K] is then wgmma's B operand, which Triton keeps
+    # in shared memory and reshapes there (memdesc_reshape: TMA's 128-byte-swizzled box is
+    # the [BLOCK_M, BLOCK_K] tile's layout), so both operands go from the TMA buffers to the
+    # tensor cores. As the A operand it went through registers (Triton 3.6/3.8 keep a
+    # reshaped A tile in registers) with a shallower pipeline. Its transpose back after the
+    # loop is a relabelling of the accumulator's registers (no data moves).
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for it in range(0, R * S * cb_per_tap):
         tap = it // cb_per_tap
         cb = it - tap * cb_per_tap
@@ -362,7 +369,8 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
         else:
             a = x_desc.load([img, p0 + dh, q0 + dw, cb * BLOCK_K])
         b = w_desc.load([n0, tap * C + cb * BLOCK_K])
-        acc = _mma(tl.reshape(a, [BLOCK_M, BLOCK_K]), b.T, acc, UPCAST, False, PRECISION)
+        acc_t = _mma(b, tl.reshape(a, [BLOCK_M, BLOCK_K]).T, acc_t, UPCAST, False, PRECISION)
+    acc = acc_t.T
     rn = n0 + tl.arange(0, BLOCK_N)
     bias = tl.load(b_ptr + rn, mask=rn < K_OUT, other=0.0)
     acc = acc + bias.to(tl.float32)[None, :]
