@@ -667,9 +667,9 @@ def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
     (1, 64, 16, 64, 3, 2, 1, 1, False), (1, 64, 12, 128, 1, 2, 0, 1, False),
 ], ids=lambda s: "x".join(str(v) for v in s[:6]))
 def test_tma_block_table_rows_at_their_own_tile_sizes(shape, monkeypatch):
-    """Every block row of the table as the GPU would run it (its own BLOCK_M/N/K, 8x16, 8x8
-    and 1x64 boxes), under the interpreter on small layers: bf16 against F.conv2d, into a
-    NaN-poisoned output, and in place over the residual."""
+    """Every block row of the table as the GPU would run it (its own BLOCK_M/N/K, 8x16, 8x8,
+    16x16 and 1x64 boxes), under the interpreter on small layers: bf16 against F.conv2d,
+    into a NaN-poisoned output, and in place over the residual."""
     from fastres.kernels import conv as kconv
 
     monkeypatch.setattr(kconv, "TMA_ENABLED", True)
@@ -678,7 +678,7 @@ def test_tma_block_table_rows_at_their_own_tile_sizes(shape, monkeypatch):
     geo = ((st, st), (pad, pad), (dil, dil))
     pq = _out_hw(hw, hw, r, r, *geo)
     rows = [row for row in kcfg.CONV_CONFIGS if row.box_h]
-    assert {row.box_h for row in rows} == {8, 1}
+    assert {row.box_h for row in rows} == {16, 8, 1}
     for row in rows:
         x = torch.randn(n, c, hw, hw).to(dtype).to(DEV).contiguous(memory_format=CL)
         wt = (torch.randn(k, c, r, r) * (r * r * c) ** -0.5).to(dtype).to(DEV)
@@ -765,8 +765,8 @@ def test_tma_block_rows_offered_where_their_blocks_fit():
     """Block rows are candidates for 16-bit, one-group implicit GEMMs whose strides divide the input
     (``box`` given) whose channels are whole blocks and multiples of 8, and only rows whose
     blocks waste at most a quarter of the pixels they compute: at 56x56, 28x28 and 14x14 the
-    8x16 blocks (12.5% and 23% wasted), at 56x56 also the 1x64 row (12.5%; at 28x28 it would
-    waste 56%), at 7x7 the 8x8 block only (8x16 would waste 62%). Never
+    8x16 and 16x16 blocks (12.5% and 23% wasted), at 56x56 also the 1x64 row (12.5%; at
+    28x28 it would waste 56%), at 7x7 the 8x8 block only (8x16 would waste 62%). Never
     without ``box``, for fp32, C_in or C_out not multiples of 8, or a partial channel block; a
     GEMM is never offered one."""
     def boxes(m_hw, c=256, k=256, eb=2, box=True, kind="conv", table=kcfg.CONV_CONFIGS):
@@ -775,9 +775,9 @@ def test_tma_block_rows_offered_where_their_blocks_fit():
             table, kind, 256 * h * w, k, c, eb, taps=9 if kind == "conv" else 1,
             box=(h, w) if box else None) if r.box_h}
 
-    # 64 outputs: the 128x64 block row and the 64x64 one-row box only
-    assert boxes((56, 56), c=64, k=64) == {"t8x16", "t1x64"}
-    assert boxes((28, 28)) == boxes((14, 14)) == {"t8x16", "t8x8"}
+    # 64 outputs: the 128x64 and 256x64 block rows and the 64x64 one-row box only
+    assert boxes((56, 56), c=64, k=64) == {"t8x16", "t16x16", "t1x64"}
+    assert boxes((28, 28)) == boxes((14, 14)) == {"t8x16", "t8x8", "t16x16"}
     assert boxes((7, 7), c=512, k=512) == {"t8x8"}
     assert kcfg.box_waste_ok(kcfg.KernelConfig(128, 64, 64, tma=True, box_h=8), (56, 56))
     assert not kcfg.box_waste_ok(kcfg.KernelConfig(128, 64, 64, tma=True, box_h=8), (7, 7))

@@ -208,16 +208,16 @@ CONV_CONFIGS = [
     # step's activation tile a box at the tap's offset whose halo TMA fills with zeros
     # (:func:`fastres.kernels.conv._conv_tma`). 8x16 blocks cover 56x56 outputs with 12.5%
     # of the computed pixels wasted, 28x28 and 14x14 with 23%; 8x8 blocks cover 28x28, 14x14
-    # and 7x7 with 23%. Triton feeds a box of several rows to wgmma from registers (it
-    # cannot flatten such a shared tile in place): the compile report checks the TMA loads
-    # and wgmma.
+    # and 7x7 with 23%; 16x16 blocks cover 56x56, 28x28 and 14x14 with 23%. The kernel
+    # computes the transposed product, so wgmma reads the box from shared memory, reshaped
+    # there (the compile report checks the TMA loads, and wgmma's operands in shared memory).
     C(128, 128, 64, 8, 4, 3, tma=True, box_h=8),
     C(128, 64, 64, 8, 4, 4, tma=True, box_h=8),
     C(64, 128, 64, 8, 4, 4, tma=True, box_h=8),
     C(128, 256, 64, 8, 8, 3, tma=True, box_h=8),
-    # one output row of 64 pixels (56-wide outputs: ResNet layer1's 3x3, 12.5% wasted): a
-    # box with unit row axes, which Triton hands to wgmma in shared memory (the blocks of
-    # several rows above go through registers)
+    C(256, 128, 64, 8, 8, 3, tma=True, box_h=16),
+    C(256, 64, 64, 8, 8, 3, tma=True, box_h=16),
+    # one output row of 64 pixels (56-wide outputs: ResNet layer1's 3x3, 12.5% wasted)
     C(64, 64, 64, 8, 4, 4, tma=True, box_h=1),
     *SPLIT_K_ROWS,
 ]
