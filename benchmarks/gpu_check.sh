@@ -20,7 +20,7 @@
 #   tests              the GPU tests (`-m "cuda and not slow"`; GPU_CHECK_TESTS="tests -m cuda"
 #                      for the slow ones too, GPU_CHECK_TESTS="tests" for the whole suite),
 #                      pytest-xdist workers, junit XML, failures and accuracy margins as they happen
-#   conv_layers        every ResNet-50 convolution, Triton kernel vs cuDNN, batch 1/32/256,
+#   conv_layers        every ResNet-50 convolution, Triton kernel vs cuDNN, batch 256/32/1,
 #                      bf16/fp16, TFLOP/s and ratios (benchmarks/conv_layers.py)
 #   pytest_benchmarks  pytest-benchmark quick set (conv layers, CUDA-extension ops vs Triton
 #                      and eager)
@@ -360,8 +360,11 @@ fi
 if selected conv_layers; then
     CAP=$(stage_cap conv_layers)
     mkdir -p "$D/kernels"
+    # batch 256 first: the per-layer target is at batch 256 bf16, and a run stopped by its
+    # cap keeps what it measured first
     run_stage conv_layers "$CAP" "$D/conv_layers.log" \
-        "$PY" benchmarks/conv_layers.py --out "$D/kernels" --time-budget $(( CAP - 15 ))
+        "$PY" benchmarks/conv_layers.py --out "$D/kernels" --batch 256 32 1 \
+        --time-budget $(( CAP - 15 ))
     cp -f "$D/kernels/conv_layers.md" "$OUTDIR/conv_layers.md" 2>/dev/null
 fi
 if selected pytest_benchmarks && [ "$HAVE_PYBENCH" = 0 ]; then
