@@ -538,10 +538,27 @@ def _layout(t: torch.Tensor) -> str:
     return ":s" + ",".join(map(str, t.stride()))
 
 
+def _unaligned(t: torch.Tensor) -> bool:
+    """``t``'s data is not 16-byte aligned (a tensor with no data, a meta or fake one while
+    tracing, counts as aligned)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if t.device.type == "meta" or is_fake(t):
+        return False
+    try:
+        return t.data_ptr() % 16 != 0
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 def _sig(a: Any) -> str:
     if isinstance(a, torch.Tensor):
         dt = _DT.get(a.dtype, str(a.dtype).replace("torch.", ""))
-        return f"{dt}[{','.join(map(str, a.shape))}]{_layout(a)}"
+        # an operand off 16-byte alignment keys a layer of its own: the Triton TMA rows run
+        # without TMA on it, so it is tuned without them, and its choice must not replace
+        # the aligned calls' (the key of aligned operands is unchanged)
+        odd = ":unaligned" if _unaligned(a) else ""
+        return f"{dt}[{','.join(map(str, a.shape))}]{_layout(a)}{odd}"
     if isinstance(a, (list, tuple)):
         return "[" + ",".join(_sig(v) for v in a) + "]"
     return repr(a)
@@ -567,9 +584,9 @@ _TF32_FLAG = {
 
 
 def layer_key(op: str, args: Sequence, kwargs: dict, backends: Iterable[str]) -> str:
-    """The cache key of one call: op, argument shapes/dtypes/layouts and scalars, the TF32
-    flag the op's fp32 arithmetic follows when its input is fp32 (:data:`_TF32_FLAG`), and
-    the backends that compete for it."""
+    """The cache key of one call: op, argument shapes/dtypes/layouts (and a mark on an operand
+    off 16-byte alignment) and scalars, the TF32 flag the op's fp32 arithmetic follows when
+    its input is fp32 (:data:`_TF32_FLAG`), and the backends that compete for it."""
     parts = [_sig(a) for a in args] + [f"{k}={_sig(v)}" for k, v in sorted(kwargs.items())]
     key = f"{op}({', '.join(parts)})"
     if op in _TF32_FLAG:

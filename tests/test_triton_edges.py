@@ -879,6 +879,21 @@ def test_tuner_offered_no_tma_row_that_would_run_without_tma(monkeypatch):
         assert not kconv._choose_config(prob, lambda cfg: timed.append(cfg) or len(timed),
                                         tensors=(xu, wt, res, res)).tma
         assert timed == plain
+        # remembered apart: the problem's aligned calls are tuned with every row
+        assert kconv.tuned_config(prob) is None
+        timed.clear()
+        assert kconv._choose_config(prob, lambda cfg: timed.append(cfg) or len(timed),
+                                    tensors=(x, wt, res, res)) == aligned[0]
+        assert timed == aligned and kconv.tuned_config(prob) == aligned[0]
+    # the head's linear layer: its weight as the launcher gets it
+    from fastres.kernels.head import head_configs
+
+    pooled = torch.randn(256, 512, 1, 1).to(dt)
+    buf = torch.randn(1000 * 512 + 8).to(dt)
+    fc, fc_u = buf[:512000].view(1000, 512), buf[1:512001].view(1000, 512)
+    assert any(cfg.tma for cfg in head_configs(pooled, fc, None))
+    assert not any(cfg.tma for cfg in head_configs(pooled, fc_u, None))
+    assert any(cfg.tma for cfg in head_configs(pooled, fc_u.t().contiguous().t(), None))
     # and the launcher hands its tuner the tensors it launches with
     seen = []
 

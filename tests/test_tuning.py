@@ -178,6 +178,33 @@ def test_keys_separate_shape_dtype_and_layout(tuner):
     assert len(keys) == 5 and sum(":s" in k for k in keys) == 1, keys
 
 
+def test_an_unaligned_operand_keys_a_layer_of_its_own(tuner):
+    """An input whose data is not 16-byte aligned (a view 4 bytes into its storage) is a layer
+    of its own on disk: a Triton TMA row runs without TMA on it, so such a call is tuned
+    without those rows, and its choice must not replace the aligned calls' record. The key
+    of an aligned input is what it was. (Within one process the memo, keyed by shapes and
+    strides, serves both from the first one's choice: right either way, as a TMA row runs
+    without TMA on an unaligned input.)"""
+    x = torch.randn(1, 8, 9, 9)
+    buf = torch.randn(x.numel() + 4)
+    xu = buf[1:x.numel() + 1].view_as(x)
+    assert xu.data_ptr() % 16 and xu.is_contiguous()
+    pool(x)
+    (aligned, record), = read_cache()["entries"].items()
+    assert aligned.startswith("max_pool2d(f32[1,8,9,9], ")
+    pool(xu)
+    assert tuning.stats()["tuned"] == 1  # the memo's choice
+    new_process()
+    pool(xu)
+    entries = read_cache()["entries"]
+    assert len(entries) == 2 and tuning.stats()["tuned"] == 1
+    assert entries[aligned] == record
+    assert set(entries) - {aligned} == {aligned.replace("f32[1,8,9,9]", "f32[1,8,9,9]:unaligned")}
+    new_process()  # 16 bytes in: aligned, the first layer's record
+    pool(buf[4:x.numel() + 4].view_as(x))
+    assert tuning.stats()["disk_hits"] == 1 and tuning.stats()["tuned"] == 0
+
+
 def test_pinning_after_tuning_in_one_process_runs_the_pinned_choice(tuner, monkeypatch):
     """A layer timed first and then run with FASTRES_TUNE=0 in the same process runs the
     pinned choice, not the remembered timed one (the mode is part of the memo's key)."""

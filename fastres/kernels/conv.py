@@ -958,15 +958,18 @@ def problem_configs(prob: ConvProblem,
 
     With ``tensors`` (the call's, as the launcher passes them to the kernel), the TMA rows
     that would run as their twin without TMA for these tensors (:func:`_tma_ready`: an
-    operand not 16-byte aligned) are left out: the twin is in the list already, and a tuner
-    timing the TMA row's label would time the twin and remember a TMA row it never ran."""
+    operand not 16-byte aligned) are left out: a tuner timing the TMA row's label would time
+    the twin and remember a TMA row it never ran. (The twin is in the list, except for the
+    persistent TMA rows under a Triton that offers no pointer persistent rows; rows without
+    TMA remain either way.)"""
     kind = prob.kind
     if _interpreted():  # grouped: 64 packed channels -> few, large programs
         return [interpreter_config(prob.m, prob.k_g, 64 if kind == "grouped" else prob.k_extent)]
     rows = prune(TABLES[kind], kind, prob.m, prob.k_g, prob.k_extent, prob.elem_bytes(),
                  prob.has_res, taps=prob.taps, smem_limit=device_smem_limit(),
                  sms=device_sm_count(), groups=prob.groups, box=tma_box(prob))
-    # (never empty without them: each TMA row's twin without TMA passes the same pruning)
+    # (never empty without them: each non-persistent TMA row's twin passes the same pruning,
+    # and no problem is offered persistent TMA rows alone)
     if not TMA_ENABLED:
         return [c for c in rows if not c.tma]
     if tensors is not None:
@@ -1041,12 +1044,16 @@ def _choose_config(prob: ConvProblem, run, check=None, warm=None,
     error and never chosen. ``warm(cfg)`` (when given) compiles one candidate without
     launching it: every candidate is compiled that way, on a pool of threads, before any is
     timed. ``tensors``: the call's, for :func:`problem_configs` (TMA rows that run
-    without TMA for them are not timed)."""
+    without TMA for them are not timed); a call whose tensors are not all 16-byte aligned
+    is remembered apart (chosen without the TMA rows, its choice must not stand for the
+    aligned calls of the problem, which :func:`tuned_config` reports)."""
     from fastres.tuning import mode
 
     if mode() == "pinned":  # (before the remembered one: pinned means the documented row)
         return problem_configs(prob)[0]
     key = _tuned_key(prob)
+    if tensors is not None and not _direct.aligned(tensors):
+        key += ("unaligned",)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg

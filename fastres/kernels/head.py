@@ -98,8 +98,10 @@ def head_configs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> l
     ``[N, C, 1, 1]`` tensor), for the tuning engine."""
     n, c = x.shape[0], x.shape[1]
     k = weight.shape[0]
-    return conv_configs(x.new_empty((n, c, 1, 1)), weight.new_empty((k, c, 1, 1)), (1, 1),
-                        (0, 0), (1, 1), 1)
+    # the weight as the launcher passes it (its alignment decides the TMA rows); the pooled
+    # input is a fresh tensor
+    return conv_configs(x.new_empty((n, c, 1, 1)), weight.contiguous().view(k, c, 1, 1),
+                        (1, 1), (0, 0), (1, 1), 1)
 
 
 def supports_avgpool_linear(x, weight, bias) -> str | None:
