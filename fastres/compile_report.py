@@ -190,8 +190,9 @@ def conv_jobs(shapes, dtypes, first_only_dtypes=()) -> list[Job]:
                 tiles = {"A": (bm, bk) if kind != "stem" else None,
                          "B": (bn, bk) if tma else (bk, bn)}  # (TMA: the [N, K] weight block)
                 if cfg.box_h:  # the activation's box (strided: of [N, H/sh, sh, W/sw, sw*C])
-                    box = (cfg.box_h, bm // cfg.box_h, bk)
-                    tiles["A"] = (1, *box) if st == 1 else (1, box[0], 1, *box[1:])
+                    box = (cfg.box_h, cfg.box_w, bk)
+                    tiles["A"] = ((cfg.box_n, *box) if st == 1
+                                  else (cfg.box_n, box[0], 1, *box[1:]))
                 jobs.append(Job("conv", f"{name} [{kind}]", dt, str(cfg), sig, params, ints,
                                 options, tiles, tma=tma))
     return jobs

@@ -64,7 +64,8 @@ def _check_rows(out) -> None:
     assert {r["kernel"] for r in rows} == {"conv", "maxpool", "avgpool", "splitk"}
     assert any(r["config"].endswith(" t") for r in rows)  # TMA rows were compiled and checked
     # and block rows (3x3 and 3x3/2), whose wgmma check wants both operands in shared memory
-    assert {r["config"].split()[-1] for r in rows} >= {"t8x16", "t8x8", "t16x16", "t1x64"}
+    assert {r["config"].split()[-1] for r in rows} >= {"t8x16", "t8x8", "t16x16", "t1x64",
+                                                        "t2x8x8", "t4x8x8"}
     # split-K rows (the batch-1 layer of the quick set) and their epilogue kernel's v4 loads
     assert any(" k" in r["config"] and r["kernel"] == "conv" for r in rows)
     assert all(r["checks"]["v4"] for r in rows if r["kernel"] == "splitk")

@@ -600,6 +600,8 @@ BOX_SHAPES = pytest.mark.parametrize("shape", [
     ("1x3-pad0x1", 1, 16, 6, 9, 16, (1, 3), (1, 1), (0, 1), (1, 1), True),
     ("3x1-dil2x1", 1, 16, 9, 6, 24, (3, 1), (1, 1), (2, 0), (2, 1), False),
     ("5x3-pad2x1-s2x1", 2, 16, 10, 7, 16, (5, 3), (2, 1), (2, 1), (1, 2), True),
+    # three images: blocks of two images in turn, the last with its second one missing
+    ("n3-s2", 3, 16, 6, 10, 24, (3, 3), (2, 2), (1, 1), (1, 1), True),
 ], ids=lambda s: s[0] if isinstance(s, tuple) else str(s))
 
 
@@ -638,14 +640,19 @@ def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
     base = kcfg.KernelConfig(32, 16, 16, 4, 4, 1)
     for row in (kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=4),
                 kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=2),
-                kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=1)):  # one row
-        assert str(row).endswith(f" t{row.box_h}x{32 // row.box_h}")
+                kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=1),  # one row
+                # blocks of two images (a batch of one: the second is past the batch)
+                kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=2, box_n=2)):
+        bw = 32 // (row.box_n * row.box_h)
+        images = f"{row.box_n}x" if row.box_n > 1 else ""
+        assert str(row).endswith(f" t{images}{row.box_h}x{bw}")
         # these tensors take TMA (the launch below is the block kernel, not the fallback)
         assert kconv._tma_ready(row, prob, x, wt, x if res is None else res) is row
         lp = launch_params(prob, row)
-        bw = 32 // row.box_h
         assert lp.params["BOX_H"] == row.box_h and lp.params["TMA"]
-        assert lp.grid == (n * -(-p // row.box_h) * -(-q // bw) * -(-k // 16), 1)
+        assert lp.params["BOX_N"] == row.box_n
+        assert lp.grid == (-(-n // row.box_n) * -(-p // row.box_h) * -(-q // bw) * -(-k // 16),
+                           1)
         for relu in (True, False):
             poisoned = torch.full((n, k, p, q), float("nan"), dtype=dtype, device=DEV)
             poisoned = poisoned.contiguous(memory_format=CL)
@@ -756,29 +763,43 @@ def test_tma_block_rows_fall_back_or_refuse(monkeypatch):
                                        1, None)
     with pytest.raises(ValueError, match="24 input channels are not a whole number of 16"):
         launch_params(partial, row)
-    with pytest.raises(ValueError, match="not box_h 4 times a power of two"):
-        conv_bias_act_triton(x.half(), wt.half(), torch.zeros(16).to(DEV), 1, 1, 1, 1,
-                             config=kcfg.KernelConfig(48, 16, 16, 4, 4, 1, tma=True, box_h=4))
+    for bad in (kcfg.KernelConfig(48, 16, 16, 4, 4, 1, tma=True, box_h=4),
+                kcfg.KernelConfig(48, 16, 16, 4, 4, 1, tma=True, box_h=2, box_n=3),
+                kcfg.KernelConfig(32, 16, 16, 4, 4, 1, tma=True, box_h=4, box_n=16)):
+        with pytest.raises(ValueError, match=f"not box_n {bad.box_n} .* times box_h "
+                                             f"{bad.box_h} times a power of two"):
+            conv_bias_act_triton(x.half(), wt.half(), torch.zeros(16).to(DEV), 1, 1, 1, 1,
+                                 config=bad)
 
 
 def test_tma_block_rows_offered_where_their_blocks_fit():
     """Block rows are candidates for 16-bit, one-group implicit GEMMs whose strides divide the input
     (``box`` given) whose channels are whole blocks and multiples of 8, and only rows whose
     blocks waste at most a quarter of the pixels they compute: at 56x56, 28x28 and 14x14 the
-    8x16 and 16x16 blocks (12.5% and 23% wasted), at 56x56 also the 1x64 row (12.5%; at
-    28x28 it would waste 56%), at 7x7 the 8x8 block only (8x16 would waste 62%). Never
-    without ``box``, for fp32, C_in or C_out not multiples of 8, or a partial channel block; a
-    GEMM is never offered one."""
-    def boxes(m_hw, c=256, k=256, eb=2, box=True, kind="conv", table=kcfg.CONV_CONFIGS):
+    8x16, 16x16 and 8x8 blocks of 2 and 4 images (12.5% and 23% wasted), at 56x56 also the
+    1x64 row (12.5%; at 28x28 it would waste 56%), at 7x7 the 8x8 blocks, of 1, 2 and 4
+    images (8x16 would waste 62%). The waste counts the images a batch leaves missing in its
+    last block of several (batch 1: half of a two-image block). Never without ``box``, for
+    fp32, C_in or C_out not multiples of 8, or a partial channel block; a GEMM is never
+    offered one."""
+    def boxes(m_hw, c=256, k=256, eb=2, box=True, kind="conv", table=kcfg.CONV_CONFIGS,
+              images=256):
         h, w = m_hw
         return {str(r).split()[-1] for r in kcfg.prune(
-            table, kind, 256 * h * w, k, c, eb, taps=9 if kind == "conv" else 1,
+            table, kind, images * h * w, k, c, eb, taps=9 if kind == "conv" else 1,
             box=(h, w) if box else None) if r.box_h}
 
     # 64 outputs: the 128x64 and 256x64 block rows and the 64x64 one-row box only
     assert boxes((56, 56), c=64, k=64) == {"t8x16", "t16x16", "t1x64"}
-    assert boxes((28, 28)) == boxes((14, 14)) == {"t8x16", "t8x8", "t16x16"}
-    assert boxes((7, 7), c=512, k=512) == {"t8x8"}
+    several = {"t2x8x8", "t4x8x8"}
+    assert boxes((28, 28)) == boxes((14, 14)) == {"t8x16", "t8x8", "t16x16"} | several
+    assert boxes((7, 7), c=512, k=512) == {"t8x8"} | several
+    assert boxes((7, 7), c=512, k=512, images=1) == {"t8x8"}
+    assert boxes((7, 7), c=512, k=512, images=3) == {"t8x8"}  # t2x8x8: 147 pixels in 256
+    assert boxes((7, 7), c=512, k=512, images=6) == {"t8x8", "t2x8x8"}  # 294 in 384, 512
+    two_images = kcfg.KernelConfig(32, 16, 16, tma=True, box_h=2, box_n=2)  # 2 x 2x8
+    assert kcfg.box_waste_ok(two_images, (2, 6), images=4)  # 4 x 12 computed as 4 x 16
+    assert not kcfg.box_waste_ok(two_images, (2, 6), images=3)  # 3 x 12 of 4 x 16
     assert kcfg.box_waste_ok(kcfg.KernelConfig(128, 64, 64, tma=True, box_h=8), (56, 56))
     assert not kcfg.box_waste_ok(kcfg.KernelConfig(128, 64, 64, tma=True, box_h=8), (7, 7))
     two_by_four = kcfg.KernelConfig(8, 16, 16, tma=True, box_h=2)
@@ -791,7 +812,7 @@ def test_tma_block_rows_offered_where_their_blocks_fit():
     assert not boxes((28, 28), kind="gemm", table=kcfg.GEMM_CONFIGS + kcfg.CONV_CONFIGS)
     for row in kcfg.CONV_CONFIGS:  # every block row's twin without TMA is in the table
         if row.box_h:
-            assert dataclasses.replace(row, tma=False, box_h=0) in kcfg.CONV_CONFIGS
+            assert dataclasses.replace(row, tma=False, box_h=0, box_n=1) in kcfg.CONV_CONFIGS
 
 
 def test_tma_block_rows_for_resnet_layers(monkeypatch):

@@ -85,6 +85,10 @@ class KernelConfig:
     (coordinates before or past the image) with zeros: no address or mask arithmetic.
     Offered where those blocks cover the output with at most a quarter of the computed
     pixels wasted. Its label ends in ``t`` and the block (``t8x16``).
+    ``box_n`` (block rows only; 1 by default): the block spans ``box_n`` consecutive images,
+    ``box_n`` x ``box_h`` x ``block_m // (box_n * box_h)`` pixels, one box of ``box_n``
+    images per tap: a small output (7x7) then fills a wide tile. Its label gives the images
+    first (``t2x8x8``).
     ``split_k`` (1x1 GEMMs and implicit-GEMM convolutions; 0 or 1: none): the K loop is cut
     into ``split_k`` ranges, each run by programs of its own (grid axis 2) that write fp32
     partial sums to a workspace; a second kernel adds them in order, then the bias, the
@@ -105,15 +109,22 @@ class KernelConfig:
     tma: bool = False
     split_k: int = 0
     box_h: int = 0
+    box_n: int = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def box_w(self) -> int:
+        """A block row's block width (``block_m // (box_n * box_h)``)."""
+        return self.block_m // (self.box_n * self.box_h)
 
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
                 f"w{self.num_warps} s{self.num_stages}" + (" r" if self.early_res else "")
                 + (f" p{self.persistent}" if self.persistent else "")
-                + (f" t{self.box_h}x{self.block_m // self.box_h}" if self.box_h
+                + ((f" t{self.box_n}x" if self.box_n > 1 else " t")
+                   + f"{self.box_h}x{self.box_w}" if self.box_h
                    else " t" if self.tma else "")
                 + (f" k{self.split_k}" if self.split_k > 1 else ""))
 
@@ -217,6 +228,12 @@ CONV_CONFIGS = [
     C(128, 256, 64, 8, 8, 3, tma=True, box_h=8),
     C(256, 128, 64, 8, 8, 3, tma=True, box_h=16),
     C(256, 64, 64, 8, 8, 3, tma=True, box_h=16),
+    # blocks of 8x8 pixels in 2 or 4 consecutive images: 128- and 256-pixel tiles (wgmma
+    # n128 / n256) for 7x7 outputs (ResNet layer4, 23% wasted), where a block of one image
+    # has 64 pixels at most; 56x56 outputs are whole 8x8 blocks (none wasted), 28x28 and
+    # 14x14 waste 23%. Not at batch 1 (half the block would be the missing second image).
+    C(128, 128, 64, 8, 4, 3, tma=True, box_h=8, box_n=2),
+    C(256, 128, 64, 8, 8, 3, tma=True, box_h=8, box_n=4),
     # one output row of 64 pixels (56-wide outputs: ResNet layer1's 3x3, 12.5% wasted)
     C(64, 64, 64, 8, 4, 4, tma=True, box_h=1),
     *SPLIT_K_ROWS,
@@ -343,17 +360,20 @@ def prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_
 
 
 def box_blocks(cfg: KernelConfig, box: tuple[int, int]) -> tuple[int, int]:
-    """How many of ``cfg``'s output blocks (``box_h`` x ``block_m // box_h`` pixels) cover a
-    ``box`` = (height, width) output: (block rows, block columns)."""
+    """How many of ``cfg``'s output blocks (``box_h`` x ``box_w`` pixels of each of its
+    ``box_n`` images) cover a ``box`` = (height, width) output: (block rows, block
+    columns)."""
     p, q = box
-    return -(-p // cfg.box_h), -(-q // (cfg.block_m // cfg.box_h))
+    return -(-p // cfg.box_h), -(-q // cfg.box_w)
 
 
-def box_waste_ok(cfg: KernelConfig, box: tuple[int, int]) -> bool:
-    """Whether ``cfg``'s output blocks cover a ``box`` = (height, width) output with at most
-    a quarter of the computed pixels wasted."""
+def box_waste_ok(cfg: KernelConfig, box: tuple[int, int], images: int = 1) -> bool:
+    """Whether ``cfg``'s output blocks cover ``images`` outputs of ``box`` = (height, width)
+    with at most a quarter of the computed pixels wasted (a block of ``box_n`` images
+    computes the missing images of the last group too)."""
     rows, cols = box_blocks(cfg, box)
-    return rows * cols * cfg.block_m * 3 <= box[0] * box[1] * 4
+    computed = -(-images // cfg.box_n) * rows * cols * cfg.block_m
+    return computed * 3 <= images * box[0] * box[1] * 4
 
 
 def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per_group: int,
@@ -380,7 +400,8 @@ def _prune(table: list[KernelConfig], kind: str, m: int, n_per_group: int, k_per
             continue
         if cfg.tma and kind != "gemm" and (kind != "conv" or not cfg.box_h or box is None
                                            or k_per_group % cfg.block_k
-                                           or not box_waste_ok(cfg, box)):
+                                           or not box_waste_ok(cfg, box,
+                                                               m // (box[0] * box[1]))):
             continue
         if cfg.early_res and not has_res:  # (the same kernel as the row without it)
             continue

@@ -295,10 +295,12 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
               HAS_RES: tl.constexpr, RELU: tl.constexpr, UPCAST: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, BOX_H: tl.constexpr,
-              STRIDED: tl.constexpr):
+              STRIDED: tl.constexpr, BOX_N: tl.constexpr):
     """A one-group implicit-GEMM convolution whose strides divide the input's height and width,
-    with every tile moved by TMA. The output tile is a ``BOX_H x BOX_W`` block of one
-    image's output pixels (``BOX_W = BLOCK_M // BOX_H``). At stride 1 the input pixels a
+    with every tile moved by TMA. The output tile is a ``BOX_H x BOX_W`` block of the output
+    pixels of ``BOX_N`` consecutive images (``BOX_W = BLOCK_M // (BOX_N * BOX_H)``; images
+    past the batch read zeros and are not stored, like pixels past an edge; below, boxes are
+    written for ``BOX_N`` = 1). At stride 1 the input pixels a
     block reads for tap (r, s) are the box ``[1, BOX_H, BOX_W, BLOCK_K]`` of the NHWC input
     at the block's first pixel plus (r*dil - pad, s*dil - pad). With a stride (``STRIDED``)
     the input is described as ``[N, H/sh, sh, W/sw, sw*C]`` (sh, sw: the strides; the same
@@ -314,7 +316,7 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
     channels). Strides are 64-bit (an image may hold 2**31 values or more). The residual is
     loaded and the output stored as ``[1, BOX_H, BOX_W, BLOCK_N]`` boxes; pixels past the
     output's edge are not written."""
-    BOX_W: tl.constexpr = BLOCK_M // BOX_H
+    BOX_W: tl.constexpr = BLOCK_M // (BOX_N * BOX_H)
     n_img = M // (P * Q)
     # strides in 64 bits: one image can hold 2**31 values or more (its coordinates cannot)
     row_in = W.to(tl.int64) * C
@@ -325,23 +327,24 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
         x_desc = tl.make_tensor_descriptor(
             x_ptr, shape=[n_img, H // stride_h, stride_h, W // stride_w, stride_w * C],
             strides=[img_in, stride_h * row_in, row_in, stride_w * C, 1],
-            block_shape=[1, BOX_H, 1, BOX_W, BLOCK_K])
+            block_shape=[BOX_N, BOX_H, 1, BOX_W, BLOCK_K])
     else:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[n_img, H, W, C],
                                            strides=[img_in, row_in, C, 1],
-                                           block_shape=[1, BOX_H, BOX_W, BLOCK_K])
+                                           block_shape=[BOX_N, BOX_H, BOX_W, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K_OUT, R * S * C], strides=[R * S * C, 1],
                                        block_shape=[BLOCK_N, BLOCK_K])
     o_desc = tl.make_tensor_descriptor(o_ptr, shape=[n_img, P, Q, K_OUT],
                                        strides=[img_out, row_out, K_OUT, 1],
-                                       block_shape=[1, BOX_H, BOX_W, BLOCK_N])
+                                       block_shape=[BOX_N, BOX_H, BOX_W, BLOCK_N])
     boxes_h = tl.cdiv(P, BOX_H)
     boxes_w = tl.cdiv(Q, BOX_W)
-    num_pid_m = n_img * boxes_h * boxes_w
+    num_pid_m = tl.cdiv(n_img, BOX_N) * boxes_h * boxes_w
     num_pid_n = tl.cdiv(K_OUT, BLOCK_N)
     pid_m, pid_n = _tile_coords(tl.program_id(0), GROUP_M * num_pid_n, num_pid_m, GROUP_M)
-    img = pid_m // (boxes_h * boxes_w)
-    rest = pid_m - img * (boxes_h * boxes_w)
+    img_group = pid_m // (boxes_h * boxes_w)
+    rest = pid_m - img_group * (boxes_h * boxes_w)
+    img = img_group * BOX_N  # the block's first image
     p0 = (rest // boxes_w) * BOX_H
     q0 = (rest % boxes_w) * BOX_W
     n0 = pid_n * BLOCK_N
@@ -377,13 +380,13 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
     if HAS_RES:
         r_desc = tl.make_tensor_descriptor(r_ptr, shape=[n_img, P, Q, K_OUT],
                                            strides=[img_out, row_out, K_OUT, 1],
-                                           block_shape=[1, BOX_H, BOX_W, BLOCK_N])
+                                           block_shape=[BOX_N, BOX_H, BOX_W, BLOCK_N])
         res = r_desc.load([img, p0, q0, n0])
         acc = acc + tl.reshape(res, [BLOCK_M, BLOCK_N]).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
     y = _to_output(acc, o_ptr.dtype.element_ty, UPCAST)
-    o_desc.store([img, p0, q0, n0], tl.reshape(y, [1, BOX_H, BOX_W, BLOCK_N]))
+    o_desc.store([img, p0, q0, n0], tl.reshape(y, [BOX_N, BOX_H, BOX_W, BLOCK_N]))
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -399,7 +402,7 @@ def conv_bias_act_kernel(
     GROUP_M: tl.constexpr, SUB_C: tl.constexpr = 0, SUB_K: tl.constexpr = 0,
     EARLY_RES: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
     TMA: tl.constexpr = False, SPLIT_K: tl.constexpr = 1, BOX_H: tl.constexpr = 0,
-    BOX_STRIDED: tl.constexpr = False,
+    BOX_STRIDED: tl.constexpr = False, BOX_N: tl.constexpr = 1,
 ):
     """out[m, g*N_EXT + n] = act(sum_k x_im2col[m, k] * w[n, k] + bias (+ res)).
 
@@ -421,7 +424,7 @@ def conv_bias_act_kernel(
     if TMA and BOX_H > 0:
         _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride_h,
                   stride_w, pad_h, pad_w, dil_h, dil_w, R, S, HAS_RES, RELU, UPCAST, PRECISION,
-                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BOX_H, BOX_STRIDED)
+                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BOX_H, BOX_STRIDED, BOX_N)
     elif TMA:
         _gemm_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, C, K_OUT, HAS_RES, RELU, UPCAST,
                   PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
@@ -784,9 +787,11 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
                 f"{prob.stride}, input {prob.h}x{prob.w} and {prob.groups} group(s): its boxes "
                 "run one-group implicit-GEMM convolutions (conv) whose strides divide the "
                 "input's height and width only, with tma and not persistent")
-        if bm % cfg.box_h or not _pow2(bm // cfg.box_h):
-            raise ValueError(f"TMA block configuration {cfg}: block_m {bm} is not box_h "
-                             f"{cfg.box_h} times a power of two")
+        if (not _pow2(cfg.box_n) or bm % (cfg.box_n * cfg.box_h)
+                or not _pow2(bm // (cfg.box_n * cfg.box_h))):
+            raise ValueError(f"TMA block configuration {cfg}: block_m {bm} is not box_n "
+                             f"{cfg.box_n} (a power of two) times box_h {cfg.box_h} times a "
+                             "power of two")
         if prob.c % bk:  # a partial block would read the next tap's (or phase's) channels
             raise ValueError(f"TMA block configuration {cfg}: {prob.c} input channels are "
                              f"not a whole number of {bk}-channel blocks")
@@ -837,12 +842,12 @@ def _launch_params(prob: ConvProblem, cfg: KernelConfig, interpreted: bool,
         SUB_C=prob.c_g if kind == "grouped" else 0, SUB_K=prob.k_g if kind == "grouped" else 0,
         EARLY_RES=cfg.early_res and prob.has_res,
         PERSISTENT=persistent, TMA=cfg.tma, SPLIT_K=split, BOX_H=cfg.box_h,
-        BOX_STRIDED=bool(cfg.box_h) and prob.stride != (1, 1),
+        BOX_STRIDED=bool(cfg.box_h) and prob.stride != (1, 1), BOX_N=cfg.box_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if cfg.box_h:  # output blocks of box_h x bm/box_h pixels of one image
+    if cfg.box_h:  # output blocks of box_h x box_w pixels of box_n images
         rows, cols = box_blocks(cfg, prob.pq)
-        tiles = prob.n * rows * cols * triton.cdiv(k_g, bn)
+        tiles = triton.cdiv(prob.n, cfg.box_n) * rows * cols * triton.cdiv(k_g, bn)
     else:
         tiles = triton.cdiv(prob.m, bm) * triton.cdiv(k_g, bn)
     # persistent: cfg.persistent programs per SM (``sms``: the device's count), each looping
@@ -1269,7 +1274,7 @@ def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> 
     if prob.kind != ("conv" if cfg.box_h else "gemm"):
         return cfg  # (launch_params says what TMA rows run, whatever the tensors)
     if not _tma_runs(cfg, prob, tensors):
-        return dataclasses.replace(cfg, tma=False, box_h=0)
+        return dataclasses.replace(cfg, tma=False, box_h=0, box_n=1)
     if tensors[0].is_cuda:
         _set_scratch_allocator()
     return cfg
