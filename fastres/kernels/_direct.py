@@ -212,9 +212,9 @@ def compile_in_threads(warmups: Sequence[Callable[[], object]]) -> int:
     ``AsyncCompileMode`` on a pool of :func:`compile_threads` threads, and wait for every
     compile: the tuner's candidates, which would otherwise compile one after another at
     their first launches. Triton releases the GIL for most of a compile: ResNet-50's
-    candidates at batch 256 in bf16 (292 over its 24 distinct convolutions, 104 distinct
-    kernels) compiled for sm_90 in 23.5 s on 2 threads against 41.2 s on one, on a 2-core CPU
-    (``benchmarks/compile_time.py``, Triton 3.8, commit b31f3c1).
+    candidates at batch 256 in bf16 (310 over its 24 distinct convolutions, 110 distinct
+    kernels) compiled for sm_90 in 24.2 s on 2 threads against 43.0 s on one, on a 2-core CPU
+    (``benchmarks/compile_time.py``, Triton 3.8, commit a4bda94).
 
     Best effort, returns how many warmups ran in the pool (0: none did): with interpreted
     kernels, one thread, fewer than two warmups, a Triton without ``AsyncCompileMode``, or
