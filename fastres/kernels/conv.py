@@ -299,10 +299,10 @@ def _conv_tma(x_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, H, W, C, P, Q, K_OUT, stride
     """A one-group implicit-GEMM convolution whose strides divide the input's height and width,
     with every tile moved by TMA. The output tile is a ``BOX_H x BOX_W`` block of the output
     pixels of ``BOX_N`` consecutive images (``BOX_W = BLOCK_M // (BOX_N * BOX_H)``; images
-    past the batch read zeros and are not stored, like pixels past an edge; below, boxes are
-    written for ``BOX_N`` = 1). At stride 1 the input pixels a
-    block reads for tap (r, s) are the box ``[1, BOX_H, BOX_W, BLOCK_K]`` of the NHWC input
-    at the block's first pixel plus (r*dil - pad, s*dil - pad). With a stride (``STRIDED``)
+    past the batch read zeros and are not stored, like pixels past an edge; the boxes below
+    are written for ``BOX_N`` = 1, their first axis is ``BOX_N``). At stride 1 the input
+    pixels a block reads for tap (r, s) are the box ``[1, BOX_H, BOX_W, BLOCK_K]`` of the NHWC
+    input at the block's first pixel plus (r*dil - pad, s*dil - pad). With a stride (``STRIDED``)
     the input is described as ``[N, H/sh, sh, W/sw, sw*C]`` (sh, sw: the strides; the same
     memory), where the input pixels a block reads for one tap, (p*sh + r*dil - pad, q*sw +
     s*dil - pad) for its output pixels (p, q), form one box ``[1, BOX_H, 1, BOX_W,
