@@ -675,8 +675,9 @@ def test_tma_block_rows_equal_f_conv2d(shape, dtype, monkeypatch):
 ], ids=lambda s: "x".join(str(v) for v in s[:6]))
 def test_tma_block_table_rows_at_their_own_tile_sizes(shape, monkeypatch):
     """Every block row of the table as the GPU would run it (its own BLOCK_M/N/K, 8x16, 8x8,
-    16x16 and 1x64 boxes), under the interpreter on small layers: bf16 against F.conv2d,
-    into a NaN-poisoned output, and in place over the residual."""
+    16x16 and 1x64 boxes, and 8x8 boxes of 2 and 4 images, of which a batch of one fills
+    the first), under the interpreter on small layers: bf16 against F.conv2d, into a
+    NaN-poisoned output, and in place over the residual."""
     from fastres.kernels import conv as kconv
 
     monkeypatch.setattr(kconv, "TMA_ENABLED", True)
@@ -686,6 +687,7 @@ def test_tma_block_table_rows_at_their_own_tile_sizes(shape, monkeypatch):
     pq = _out_hw(hw, hw, r, r, *geo)
     rows = [row for row in kcfg.CONV_CONFIGS if row.box_h]
     assert {row.box_h for row in rows} == {16, 8, 1}
+    assert {row.box_n for row in rows} == {1, 2, 4}
     for row in rows:
         x = torch.randn(n, c, hw, hw).to(dtype).to(DEV).contiguous(memory_format=CL)
         wt = (torch.randn(k, c, r, r) * (r * r * c) ** -0.5).to(dtype).to(DEV)
