@@ -547,8 +547,8 @@ def _unaligned(t: torch.Tensor) -> bool:
         return False
     try:
         return t.data_ptr() % 16 != 0
-    except (RuntimeError, NotImplementedError):
-        return False
+    except (RuntimeError, NotImplementedError):  # no storage: a sparse tensor, or torch's
+        return False  # FunctionalTensor (RuntimeError); a subclass without data_ptr
 
 
 def _sig(a: Any) -> str:

@@ -1283,9 +1283,9 @@ def _tma_ready(cfg: KernelConfig, prob: ConvProblem, *tensors: torch.Tensor) -> 
 def _tma_runs(cfg: KernelConfig, prob: ConvProblem, tensors) -> bool:
     """TMA row ``cfg`` of ``prob``'s schedule runs with TMA on these tensors (the conditions
     of :func:`_tma_ready`)."""
-    return not (not TMA_ENABLED or prob.elem_bytes() != 2 or prob.c % 8 or prob.k_out % 8
-                or (cfg.box_h and (tma_box(prob) is None or prob.c % cfg.block_k))
-                or not _direct.aligned(tensors))
+    return (TMA_ENABLED and prob.elem_bytes() == 2 and prob.c % 8 == 0 and prob.k_out % 8 == 0
+            and (not cfg.box_h or (tma_box(prob) is not None and prob.c % cfg.block_k == 0))
+            and _direct.aligned(tensors))
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
