@@ -1,10 +1,32 @@
-"""A process environment variable set for the duration of a block."""
+"""Process environment variables: a switch's reading, and a variable set for a block."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
+
+OFF = ("0", "false", "off", "no")
+ON = ("", "1", "true", "on", "yes")
+
+
+def switched_off(name: str) -> bool:
+    """Whether the switch ``name`` (a variable that turns a feature off) says off:
+    ``0``/``false``/``off``/``no`` in any case, spaces around ignored. Unset, empty,
+    ``1``/``true``/``on``/``yes`` leave the feature on; another value leaves it on too, with
+    a warning that names the values the switch takes."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in OFF:
+        return True
+    if value not in ON:
+        warnings.warn(f"fastres: the {name} environment variable must be 0/false/off/no "
+                      f"(off) or 1/true/on/yes (on; also when unset or empty), got {raw!r}: "
+                      "left on", stacklevel=2)
+    return False
 
 
 @contextlib.contextmanager

@@ -344,8 +344,14 @@ def _instance_forward_reason(name: str, m: nn.Module) -> str | None:
     """Why the submodule ``m`` named ``name`` keeps the plan from running because a
     ``forward`` is set on the instance (which the plan would skip); ``None``: none is."""
     if name and "forward" in vars(m):
+        if isinstance(m, torch.jit.ScriptModule):  # (its compiled forward is an attribute)
+            return _script_reason(name)
         return f"{name}.forward is set on the instance, which the fused plan would skip"
     return None
+
+
+def _script_reason(name: str) -> str:
+    return f"{name} is a TorchScript module, whose tensors the plan cache cannot follow"
 
 
 def _module_reason(name: str, m: nn.Module, frozen: type | None,
@@ -394,8 +400,7 @@ def _unsupported_reason(model: nn.Module, instance_forward: bool = True) -> str 
         return _FORWARD_IMPL_SET
     for name, m in model.named_modules():
         if isinstance(m, torch.jit.ScriptModule):  # (its slots are not dicts)
-            return (f"{name} is a TorchScript module, whose tensors the plan cache cannot "
-                    "follow")
+            return _script_reason(name)
         if not _in_head(name):  # (the head's modules: _head_reason)
             reason = _module_reason(name, m, frozen, instance_forward)
             if reason is not None:

@@ -844,14 +844,22 @@ def test_head_verdicts_do_not_outlive_a_forward_set_on_the_head():
 
 
 @pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
-def test_a_torchscript_head_runs_eagerly_without_crashing():
+def test_a_torchscript_head_runs_eagerly_without_crashing(monkeypatch):
     """A TorchScript module anywhere in the model (a scripted ``fc``) keeps every path eager,
     as before the feature paths ignored the head: the plan cache cannot read its slots (the
-    second forward_features and ``.float()`` raised a TypeError)."""
+    second forward_features and ``.float()`` raised a TypeError). The warning names the
+    scripted module (its compiled ``forward`` is an instance attribute: the warning said
+    "fc.forward is set on the instance")."""
+    from fastres import plan as plan_mod
+
     tv, fr = _fresh_pair()
     fr.fc = torch.jit.script(copy.deepcopy(tv.fc))
     x = torch.randn(1, 3, 40, 36, device=DEVICE)
+    monkeypatch.setattr(plan_mod, "_said", set())  # (said once per process)
     with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="fc is a TorchScript module") as said:
+            fr(x)
+        assert not [w for w in said if "set on the instance" in str(w.message)]
         for _ in range(2):
             assert torch.equal(fr.forward_features(x), fr.forward_features_eager(x))  # eager
             assert_close_rel(fr(x), tv(x), 1e-5, "scripted fc")

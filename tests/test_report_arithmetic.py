@@ -390,6 +390,38 @@ def test_environ_puts_back_absence_and_value():
         os.environ.pop(name, None)
 
 
+def test_switched_off_reads_a_switch_as_the_other_switches_do(monkeypatch):
+    """``FASTRES_TMA`` and ``FASTRES_DIRECT_LAUNCH`` take 0/false/off/no (any case) for off,
+    as ``FASTRES_TUNE`` and ``FASTRES_DISABLE_EXTENSION`` do (``false`` left them on); any
+    other value leaves the feature on, with a warning naming what the switch takes."""
+    import warnings
+
+    from fastres._env import switched_off
+
+    name = f"FASTRES_SWITCH_TEST_{os.getpid()}"
+    monkeypatch.delenv(name, raising=False)
+    assert switched_off(name) is False
+    for off in ("0", "false", " OFF ", "No"):
+        monkeypatch.setenv(name, off)
+        assert switched_off(name) is True, off
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for on in ("", "1", "true", "On", " yes"):
+            monkeypatch.setenv(name, on)
+            assert switched_off(name) is False, on
+    monkeypatch.setenv(name, "disabled")
+    with pytest.warns(UserWarning, match=f"{name} .*0/false/off/no.*'disabled'.*left on"):
+        assert switched_off(name) is False
+    # the two switches read this way where their modules are first imported
+    code = ("from fastres.kernels import _direct, configs; "
+            "print(configs.TMA_ROWS, _direct.ENABLED)")
+    env = {**os.environ, "FASTRES_TMA": "false", "FASTRES_DIRECT_LAUNCH": "Off"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"], out.stdout
+
+
 def test_tune_parse_batches():
     from fastres.tune_cli import TuneUsageError, parse_batches
 

@@ -19,9 +19,10 @@ aligned, used only for such calls), and Triton's launch hooks (a profiler's hook
 Triton's own path, which calls it). Anything else goes through ``kernel[grid]``.
 
 Interpreted kernels (``TRITON_INTERPRET=1``) have no compiled kernel: :func:`launch` runs
-them through ``kernel[grid]``, one at a time (``_backend.launching``). ``FASTRES_DIRECT_LAUNCH=0``
-(read when fastres is imported) turns the direct path off: every launch goes through Triton's
-dispatch.
+them through ``kernel[grid]``, one at a time (``_backend.launching``).
+``FASTRES_DIRECT_LAUNCH=0`` (or ``false``/``off``/``no``; read when this module is first
+imported, at fastres's first use of its Triton kernels) turns the direct path off: every
+launch goes through Triton's dispatch.
 
 :func:`compile_in_threads` is the tuner's other use of Triton's launch machinery: it compiles
 a layer's candidates (``kernel.warmup``) on a pool of threads before any is timed.
@@ -38,9 +39,10 @@ from typing import Any
 
 import triton
 
+from fastres._env import switched_off
 from fastres.ops import _backend
 
-ENABLED = os.environ.get("FASTRES_DIRECT_LAUNCH", "").strip() != "0"
+ENABLED = not switched_off("FASTRES_DIRECT_LAUNCH")
 # compile_in_threads's default pool: the CPUs this process may use, at most this many
 _COMPILE_THREADS_MAX = 16
 # the JIT kernels compile_in_threads compiles (pooled_kernels): their caches are cleared of

@@ -10,8 +10,9 @@ fastres.compile_report`` checks that and a row that fails it is removed from thi
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import asdict, dataclass, replace
+
+from fastres._env import switched_off
 
 # H100: 227 KiB of shared memory per block (opt-in maximum).
 SMEM_LIMIT = 232448
@@ -37,7 +38,7 @@ POINTER_PERSISTENT = _triton_at_least(3, 8)
 
 
 def _tma_rows() -> bool:
-    if os.environ.get("FASTRES_TMA", "").strip() == "0":
+    if switched_off("FASTRES_TMA"):
         return False
     try:
         import triton
@@ -47,7 +48,7 @@ def _tma_rows() -> bool:
     return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
-# ``FASTRES_TMA=0`` (read at import): no TMA row is offered, and a remembered one runs without
+# ``FASTRES_TMA=0`` (or false/off/no; read at import): no TMA row is offered, and a remembered one runs without
 # TMA (the rows' way out, should a GPU or driver mishandle the descriptors). Also off with a
 # Triton that cannot make descriptors on the device or take an allocator for their scratch.
 TMA_ROWS = _tma_rows()
@@ -218,8 +219,8 @@ CONV_CONFIGS = [
     # 8): the output tile is a block of box_h x block_m/box_h pixels of one image, each K
     # step's activation tile a box at the tap's offset whose halo TMA fills with zeros
     # (:func:`fastres.kernels.conv._conv_tma`). 8x16 blocks cover 56x56 outputs with 12.5%
-    # of the computed pixels wasted, 28x28 and 14x14 with 23%; 8x8 blocks cover 28x28, 14x14
-    # and 7x7 with 23%; 16x16 blocks cover 56x56, 28x28 and 14x14 with 23%. The kernel
+    # of the computed pixels wasted, 28x28 and 14x14 with 23%; 8x8 blocks cover 56x56 exactly,
+    # 28x28, 14x14 and 7x7 with 23%; 16x16 blocks cover 56x56, 28x28 and 14x14 with 23%. The kernel
     # computes the transposed product, so wgmma reads the box from shared memory, reshaped
     # there (the compile report checks the TMA loads, and wgmma's operands in shared memory).
     C(128, 128, 64, 8, 4, 3, tma=True, box_h=8),
