@@ -37,7 +37,7 @@ from torch.autograd import forward_ad as _forward_ad
 
 from fastres import _warnings
 from fastres.ops import _backend
-from fastres.ops._checks import FLOAT_DTYPES
+from fastres.ops._checks import FLOAT_DTYPES, conv_output_size
 
 SUPPORTED_COMPUTE_DTYPES = FLOAT_DTYPES  # float32, float16, bfloat16
 
@@ -603,6 +603,17 @@ class ConvStep:
     name: str
 
 
+_MISFIT = "the model's layers do not fit together (torchvision's code decides): "
+
+
+class LayersDoNotFit(ValueError):
+    """The model's layers do not fit together as the plan would run them (a BatchNorm or a
+    bias of another size than its convolution's output, a convolution's input channels or a
+    residual that differs from what the layer before gives, an ``fc`` of other features): the
+    forward runs torchvision's code instead, which raises its own error, or broadcasts where
+    torchvision's layers do."""
+
+
 _NO_FLOAT64 = frozenset({"mps"})  # device types whose tensors cannot be float64
 
 
@@ -629,6 +640,7 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype,
     the weights per call, and skips the finiteness check (it is data-dependent). Devices
     without float64 (Apple's ``mps``) fold in fp32 too.
     """
+    _check_fold_sizes(conv, bn, name)
     work = fold_dtype(conv.weight.device, traced)
     scale = torch.rsqrt(bn.running_var.to(work) + bn.eps)
     if bn.weight is not None:
@@ -638,7 +650,8 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype,
         shift = shift + bn.bias.to(work)
     if conv.bias is not None:
         shift = shift + conv.bias.to(work) * scale
-    shift = shift.float()
+    # (a FrozenBatchNorm2d's one-value tensors broadcast, as in torchvision's forward)
+    shift = shift.float().expand(conv.weight.shape[0])
     # the weight is promoted to ``work`` inside the multiply (no converted copy of it)
     folded = (conv.weight * scale.view(-1, 1, 1, 1)).to(dtype)
     if not traced and (not bool(torch.isfinite(folded).all())
@@ -654,6 +667,46 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype,
         groups=conv.groups,
         name=name,
     )
+
+
+def _check_fold_sizes(conv: nn.Conv2d, bn: nn.Module, name: str) -> None:
+    """Raise :class:`LayersDoNotFit` where torchvision's layers would refuse ``conv`` and
+    ``bn`` together, or compute something the fold does not: a 4-D weight, a bias of one value
+    per output channel, and BatchNorm tensors of one value per channel (a
+    ``FrozenBatchNorm2d``'s may also hold one value, which its forward broadcasts). The fold
+    would otherwise broadcast a one-value tensor, or the kernels read past a short one."""
+    weight = conv.weight
+    label = name or "a convolution"
+    if weight.dim() != 4:
+        raise LayersDoNotFit(f"{label}'s weight has shape {tuple(weight.shape)} (a 2-D "
+                             "convolution's weight is 4-D)")
+    c_out = weight.shape[0]
+    if conv.bias is not None and tuple(conv.bias.shape) != (c_out,):
+        raise LayersDoNotFit(f"{label}'s bias has shape {tuple(conv.bias.shape)}, expected "
+                             f"({c_out},): one per output channel")
+    frozen = frozen_bn_type()
+    broadcasts = frozen is not None and isinstance(bn, frozen)
+    for attr in _FOLDED:
+        t = getattr(bn, attr, None)
+        if t is None or tuple(t.shape) == (c_out,):
+            continue
+        if broadcasts and t.dim() <= 1 and t.numel() == 1:
+            continue
+        raise LayersDoNotFit(f"{_bn_name(name)}.{attr} has shape {tuple(t.shape)}, expected "
+                             f"({c_out},): one per output channel of {label}")
+
+
+def _bn_name(conv_name: str) -> str:
+    """The BatchNorm's name beside the convolution ``conv_name``: ``layer1.0.conv2`` ->
+    ``layer1.0.bn2``, ``conv1`` -> ``bn1``, ``layer2.0.downsample`` ->
+    ``layer2.0.downsample.1``."""
+    if not conv_name:
+        return "its BatchNorm"
+    if conv_name.endswith("downsample"):
+        return f"{conv_name}.1"
+    head, _, tail = conv_name.rpartition(".")
+    bn = "bn" + tail[len("conv"):] if tail.startswith("conv") else f"{tail}'s BatchNorm"
+    return f"{head}.{bn}" if head else bn
 
 
 @dataclass
@@ -708,6 +761,62 @@ class InferencePlan:
                                for autocast in (False, True) for head in (False, True)}
         # input signature and choice state -> the implementation of every step, in order
         self._dispatch: dict[tuple, tuple] = {}
+        # (channels, height, width, head) of an input -> why the layers do not fit it (None)
+        self._fits: dict[tuple, str | None] = {}
+
+    def misfit(self, c: int, h: int, w: int, head: bool = True) -> str | None:
+        """Why an input of ``c`` channels and ``h`` x ``w`` pixels does not go through this
+        plan's layers as torchvision's would take it (``None``: it does): each
+        convolution's input channels and groups against what the step before gives, each
+        block's residual against its last convolution's output, and, with ``head``, ``fc``
+        against the features. Integer arithmetic, remembered per input size, so the kernels
+        (which take their operands' sizes on trust) never see a layer that does not fit."""
+        key = (c, h, w, head)
+        if key not in self._fits:
+            if len(self._fits) >= _DISPATCH_MEMO_SIZE:
+                self._fits.clear()
+            self._fits[key] = self._misfit(c, h, w, head)
+        return self._fits[key]
+
+    def _misfit(self, c: int, h: int, w: int, head: bool) -> str | None:
+        def through(step: ConvStep, shape: tuple[int, int, int]):
+            cin, hh, ww = shape
+            weight = step.weight
+            k, per_group, r, s = weight.shape
+            if step.groups < 1 or k % step.groups or per_group * step.groups != cin:
+                return (f"{step.name} takes {per_group * step.groups} input channels "
+                        f"(weight {tuple(weight.shape)}, groups {step.groups}) and gets {cin}")
+            p, q = conv_output_size(hh, ww, r, s, step.stride, step.padding, step.dilation)
+            if p < 1 or q < 1:
+                return f"{step.name} gets {hh}x{ww} pixels, too few for its {r}x{s} kernel"
+            return (k, p, q)
+
+        shape = through(self.stem, (c, h, w))
+        if isinstance(shape, str):
+            return shape
+        shape = (shape[0], (shape[1] - 1) // 2 + 1, (shape[2] - 1) // 2 + 1)  # max-pool 3/2/1
+        for i, blk in enumerate(self.blocks):
+            identity = shape
+            if blk.downsample is not None:
+                identity = through(blk.downsample, shape)
+                if isinstance(identity, str):
+                    return identity
+            for step in blk.convs:
+                shape = through(step, shape)
+                if isinstance(shape, str):
+                    return shape
+            if shape != identity:
+                name = blk.convs[-1].name.rpartition(".")[0]
+                return (f"{name} adds a residual of {list(identity)} (channels, height, width) "
+                        f"to its last convolution's {list(shape)}")
+        if head and self.fc_weight is not None:
+            if self.fc_weight.dim() != 2 or self.fc_weight.shape[1] != shape[0]:
+                return (f"fc's weight has shape {tuple(self.fc_weight.shape)}, expected "
+                        f"[out_features, {shape[0]}] for the {shape[0]} features it gets")
+            if tuple(self.fc_bias.shape) != (self.fc_weight.shape[0],):
+                return (f"fc's bias has shape {tuple(self.fc_bias.shape)}, not one per output "
+                        f"({self.fc_weight.shape[0]},) (torchvision's F.linear broadcasts it)")
+        return None
 
     def convs(self) -> list[ConvStep]:
         """Every convolution of the plan, in execution order."""
@@ -1128,6 +1237,15 @@ def plan_for_input(model: nn.Module, x: Tensor, head: bool = True,
     except FloatingPointError as exc:
         say_eager_once(str(exc))
         return None
+    except LayersDoNotFit as exc:
+        say_eager_once(f"{_MISFIT}{exc}")
+        return None
+    if not plan.traced:  # (a traced plan runs the custom ops, whose checks raise)
+        sizes = _sizes(x)
+        misfit = plan.misfit(sizes[1], sizes[2], sizes[3], head)
+        if misfit is not None:
+            say_eager_once(f"{_MISFIT}{misfit}")
+            return None
     dev = x.device.type
     mismatch = plan.dtype_mismatch[dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev),
                                    head]

@@ -1357,3 +1357,90 @@ def test_warning_location_does_not_depend_on_how_paths_are_spelled():
     with pytest.warns(RuntimeWarning, match="where") as rec:
         scope["inner"]()
     assert rec[0].filename == __file__
+
+
+def _set(path: str, value_fn):
+    """An edit that sets the attribute ``path`` (dotted, from the model) to ``value_fn()``,
+    drawn after seeding, so the torchvision model and its fastres twin get equal values."""
+    def edit(m):
+        *parents, attr = path.split(".")
+        obj = m
+        for p in parents:
+            obj = obj[int(p)] if p.isdigit() else getattr(obj, p)
+        torch.manual_seed(0)
+        setattr(obj, attr, value_fn())
+
+    return edit
+
+
+_P = torch.nn.Parameter
+_MISFITS = {
+    "a 1-channel BatchNorm": _set("layer1.0.bn1", lambda: torch.nn.BatchNorm2d(1).eval()),
+    "a BatchNorm weight of one value": _set("layer1.0.bn1.weight", lambda: _P(torch.ones(1))),
+    "a running mean of shape (1, 64)": _set("layer1.0.bn1.running_mean",
+                                            lambda: torch.zeros(1, 64)),
+    "a conv bias of one value": _set("layer1.0.conv1.bias", lambda: _P(torch.ones(1))),
+    "a conv of other input channels": _set(
+        "layer1.0.conv2", lambda: torch.nn.Conv2d(32, 64, 3, padding=1, bias=False)),
+    "a conv given groups its weight is not for": _set("layer1.0.conv2.groups", lambda: 2),
+    "a downsample removed": _set("layer2.0.downsample", lambda: None),
+    "a stride without a downsample": _set("layer1.0.conv1.stride", lambda: (2, 2)),
+    "an fc of other in_features": _set("fc", lambda: torch.nn.Linear(256, 7)),
+    # torchvision broadcasts this one (F.linear): the same numbers come back
+    "an fc bias of one value": _set("fc.bias", lambda: _P(torch.ones(1))),
+}
+
+
+@pytest.mark.parametrize("edit", list(_MISFITS), ids=list(_MISFITS))
+def test_layers_that_do_not_fit_run_torchvisions_code(edit, monkeypatch, triton_calls):
+    """Layers that do not fit together (a BatchNorm or bias of another size than its
+    convolution's output, a convolution's channels or groups against the layer before, a
+    residual of another shape than its block's output, an ``fc`` of other features) never
+    reach the kernels, which take their operands' sizes on trust (the Triton kernels read past
+    short tensors: 1e32 or NaN came back, and the fold broadcast one-value BatchNorm tensors
+    where torchvision refuses them). The forward warns and runs torchvision's code: its error,
+    or its result where it broadcasts."""
+    tv, fr = _fresh_pair()
+    for m in (tv, fr):
+        _MISFITS[edit](m)
+    monkeypatch.setattr(plan_mod, "_said", set())
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    # the Triton kernels (interpreted on a CPU): none may launch
+    with torch.no_grad(), _backend.use_backend("triton"):
+        try:
+            want, err = tv(x), None
+        except Exception as exc:  # noqa: BLE001 - compared with fastres's below
+            want, err = None, exc
+        with pytest.warns(RuntimeWarning, match="layers do not fit together"):
+            if err is None:
+                got = fr(x)
+            else:
+                with pytest.raises(type(err)) as raised:
+                    fr(x)
+    if err is None:
+        assert_close_rel(got, want, 1e-5, edit)
+    else:
+        assert str(raised.value) == str(err)
+    assert triton_calls == {"conv": 0, "pool": 0, "head": 0}
+
+
+def test_frozen_batchnorm_of_one_value_broadcasts_as_torchvisions(monkeypatch):
+    """torchvision's FrozenBatchNorm2d broadcasts one-value tensors (its forward reshapes them
+    to [1, -1, 1, 1]): the fold does too, so such a model still runs fused, with
+    torchvision's numbers."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    tv, fr = _fresh_pair()
+    for m in (tv, fr):
+        bn = FrozenBatchNorm2d(64).to(DEVICE)
+        bn.weight = torch.full((1,), 0.75, device=DEVICE)
+        bn.running_var = torch.full((), 2.0, device=DEVICE)
+        bn.bias = torch.linspace(-1, 1, 64, device=DEVICE)
+        m.layer1[0].bn2 = bn
+    monkeypatch.setattr(plan_mod, "_said", set())
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no eager fallback
+        got = fr(x)
+        assert plan_mod.get_plan(fr).blocks[0].convs[1].bias.shape == (64,)
+    assert_close_rel(got, tv(x), 1e-5, "frozen BN of one value")
