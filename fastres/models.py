@@ -14,8 +14,10 @@ import contextlib
 import copy
 import operator
 import os
+import pickle
 import re
 import sys
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -651,6 +653,9 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
         except Exception as exc:
             why = str(exc) or ("the file is empty or truncated" if isinstance(exc, EOFError)
                                else type(exc).__name__)
+            if isinstance(exc, (KeyError, IndexError, pickle.UnpicklingError)):
+                # the unpickler's own words ("101", "pop from empty list") say nothing here
+                why = _not_torch_save(path, f"{type(exc).__name__}: {why}")
             raise ValueError(f"fastres: could not read {path!r} as a PyTorch checkpoint: "
                              f"{why}") from exc
         if not isinstance(sd, Mapping):
@@ -731,7 +736,13 @@ def _build(arch: str, weights, progress: bool = True, **kwargs: Any) -> ResNet:
         kwargs[key] = value
     sd = load_weights(weights, arch) if weights is not None else None
     if sd is not None and "num_classes" not in kwargs and "fc.weight" in sd:
-        kwargs["num_classes"] = sd["fc.weight"].shape[0]
+        fc_weight = sd["fc.weight"]
+        if not (isinstance(fc_weight, torch.Tensor) and fc_weight.dim() == 2):
+            what = (f"shape {tuple(fc_weight.shape)}" if isinstance(fc_weight, torch.Tensor)
+                    else f"a {type(fc_weight).__name__}")
+            raise ValueError(f"fastres: the weights do not fit {arch}: fc.weight must be a "
+                             f"2-D tensor [num_classes, features], got {what}")
+        kwargs["num_classes"] = fc_weight.shape[0]
     model = ResNet(block, layers, **kwargs)
     if sd is not None:
         try:
@@ -739,6 +750,20 @@ def _build(arch: str, weights, progress: bool = True, **kwargs: Any) -> ResNet:
         except RuntimeError as exc:
             raise ValueError(f"fastres: the weights do not fit {arch}: {exc}") from exc
     return model
+
+
+def _not_torch_save(path: str, detail: str) -> str:
+    """Why ``path`` did not unpickle, where it is not the zip archive ``torch.save`` writes:
+    not that (nor its legacy pickle), with its first bytes; else ``detail``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if zipfile.is_zipfile(path):
+            return detail
+    except OSError:
+        return detail
+    return ("it is neither the zip archive torch.save writes nor a legacy torch.save pickle "
+            f"(its first bytes: {head!r}; the unpickler said {detail})")
 
 
 def _make_constructor(arch: str):
@@ -904,22 +929,30 @@ def from_torchvision(model: nn.Module) -> ResNet:
     if not isinstance(model, nn.Module) or not all(hasattr(model, n) for n in needed):
         raise TypeError("from_torchvision expects a torchvision ResNet (with conv1, bn1, "
                         f"layer1..4 and fc), got {type(model).__name__}")
-    first = model.layer1[0]
-    kind = type(first).__name__
-    if kind not in ("BasicBlock", "Bottleneck"):
-        raise TypeError(f"from_torchvision: unknown block type {kind!r} in layer1")
-    block = BasicBlock if kind == "BasicBlock" else Bottleneck
-    layers = [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
+    # The architecture is read off the stages that are still torchvision's (an nn.Sequential
+    # of blocks); a stage edited away from that (an nn.Identity() for layer4, an emptied
+    # Sequential, a block replaced) is built with one block and replaced (or cut) below.
+    stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
+    firsts = [st[0] if type(st) is nn.Sequential and len(st) else None for st in stages]
+    first = next((b for b in firsts if isinstance(b, nn.Module)
+                  and type(b).__name__ in ("BasicBlock", "Bottleneck")), None)
+    if first is None:
+        kinds = sorted({type(b).__name__ for b in firsts if b is not None})
+        raise TypeError("from_torchvision: no torchvision BasicBlock or Bottleneck begins "
+                        f"any of layer1..4 (found {kinds or 'none'})")
+    block = BasicBlock if type(first).__name__ == "BasicBlock" else Bottleneck
+    layers = [max(len(st), 1) if type(st) is nn.Sequential else 1 for st in stages]
     groups, width_per_group = 1, 64
     if block is Bottleneck:
         groups = first.conv2.groups
         width = first.conv2.out_channels
         width_per_group = width * 64 // (64 * groups)
     dilate = []
-    for i in (2, 3, 4):
-        blk0 = getattr(model, f"layer{i}")[0]
+    for blk0 in firsts[1:]:
         # torchvision replaces a stride-2 layer by stride 1 and dilation in the layers after.
-        strided = (blk0.conv2 if block is Bottleneck else blk0.conv1).stride[0] == 2
+        conv = getattr(blk0, "conv2" if block is Bottleneck else "conv1", None)
+        stride = getattr(conv, "stride", 2)
+        strided = (stride if isinstance(stride, int) else stride[0]) == 2
         dilate.append(not strided)
     fc = model.fc
     plain_fc = type(fc) is nn.Linear
@@ -955,6 +988,10 @@ def from_torchvision(model: nn.Module) -> ResNet:
         parent, _, attr = name.rpartition(".")
         setattr(new.get_submodule(parent), attr, twin)
         copied.append(name)
+    for i, st in enumerate(stages, 1):  # an emptied stage (built with one block)
+        ours = getattr(new, f"layer{i}")
+        if type(st) is nn.Sequential and type(ours) is nn.Sequential and len(ours) > len(st):
+            del ours[len(st):]
     new._norm_layer = getattr(model, "_norm_layer", nn.BatchNorm2d)
     # copies assigned, not copied into fastres's tensors: each keeps the source's dtype (a
     # model cast in part, such as fc.half(), stays so), device and memory format

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 
@@ -64,7 +63,10 @@ def check_cache_dir(path: str | os.PathLike, what: str) -> None:
     in the way is a :class:`TuneUsageError` before anything is tuned."""
     from fastres import tuning
 
-    p = Path(path).expanduser()
+    try:
+        p = tuning.expand_user(path, what)
+    except OSError as exc:
+        raise TuneUsageError(str(exc)) from None
     try:
         probe = tuning.nearest_existing(p)
         if probe.exists() and not probe.is_dir():
@@ -106,7 +108,7 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
         from_env = bool(os.environ.get("FASTRES_CACHE_DIR"))
         try:
             default = tuning.cache_dir()
-        except OSError as exc:  # no home directory
+        except OSError as exc:  # no home directory, or a ~user that names none
             raise TuneUsageError(str(exc)) from None
         check_cache_dir(default, "FASTRES_CACHE_DIR" if from_env
                         else "the tuning cache directory")

@@ -230,14 +230,25 @@ def stats() -> dict[str, int]:
 
 # -- the cache file --------------------------------------------------------------------------
 
+def expand_user(path: str | os.PathLike, what: str) -> Path:
+    """``Path(path).expanduser()``, with an ``OSError`` naming ``what`` where a ``~user`` or
+    ``~`` in it names no home directory (``expanduser`` raises ``RuntimeError``)."""
+    try:
+        return Path(path).expanduser()
+    except (RuntimeError, KeyError) as exc:
+        raise OSError(f"{what} {str(path)!r} starts with a home directory that cannot be "
+                      f"found ({exc})") from exc
+
+
 def cache_dir() -> Path:
-    """``$FASTRES_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastres``, else ``~/.cache/fastres``."""
+    """``$FASTRES_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastres``, else ``~/.cache/fastres``
+    (``OSError`` where one of these names a home directory that cannot be found)."""
     env = os.environ.get("FASTRES_CACHE_DIR")
     if env:
-        return Path(env).expanduser()
+        return expand_user(env, "FASTRES_CACHE_DIR")
     xdg = os.environ.get("XDG_CACHE_HOME")
     if xdg:
-        return Path(xdg).expanduser() / "fastres"
+        return expand_user(xdg, "XDG_CACHE_HOME") / "fastres"
     try:
         home = Path.home()
     except (RuntimeError, KeyError, OSError) as exc:  # no $HOME and no passwd entry

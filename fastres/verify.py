@@ -183,9 +183,15 @@ class Agreement:
     # fastres ran torchvision's eager code instead of its fused path (why): eager compared
     # with itself proves nothing about the fused path, so the part fails
     eager_fallback: str = ""
+    # batches whose reference output had a NaN or inf: nothing to compare against (a failure)
+    reference_not_finite: int = 0
 
     def add(self, out: Tensor, ref: Tensor, eager: Tensor, tol_design: float) -> None:
         n = ref.shape[0]
+        if not bool(torch.isfinite(ref).all()):
+            self.reference_not_finite += 1
+            self.note = ("torchvision's own output is not finite (NaN or inf): are the weights "
+                         "finite?")
         shaped = isinstance(out, Tensor) and tuple(out.shape) == tuple(ref.shape)
         if not shaped:  # a wrong-shaped output is a failed batch (reported), not a crash
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
@@ -221,7 +227,7 @@ class Agreement:
 
     @property
     def ok(self) -> bool:
-        return self.failures == 0 and not self.eager_fallback
+        return self.failures == 0 and not self.eager_fallback and not self.reference_not_finite
 
     def summary(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
@@ -283,6 +289,9 @@ class VerifyResult:
             verdict = "FAILED (nothing was compared)"
         elif any(p.eager_fallback for p in self.parts):
             verdict = "FAILED (the fused path did not run)"
+        elif any(p.reference_not_finite for p in self.parts):
+            verdict = ("FAILED (torchvision's output is not finite: there was nothing to "
+                       "compare against)")
         else:
             verdict = "FAILED (outputs disagree beyond the tolerance)"
         lines.append("verify: " + verdict)

@@ -430,6 +430,25 @@ def test_verify_fails_when_fastres_runs_eagerly(capsys, monkeypatch, tmp_path):
     assert data["parts"][0]["eager_fallback"] == "a reason of this test"
 
 
+def test_verify_of_weights_whose_outputs_are_not_finite(capsys, tmp_path):
+    """Weights that make torchvision's own output NaN: fastres's is NaN too, and verify said
+    "outputs disagree beyond the tolerance". It fails saying the reference is not finite
+    (nothing to compare against), as classify says of such weights."""
+    sd = fastres.resnet18().state_dict()
+    sd["fc.weight"] = torch.full_like(sd["fc.weight"], float("nan"))
+    path = tmp_path / "nan.pth"
+    torch.save(sd, path)
+    out_json = tmp_path / "v.json"
+    code, out, _ = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--batches", "1",
+                           "--weights", str(path), "--json", str(out_json))
+    assert code == 1, out
+    assert "torchvision's own output is not finite" in out, out
+    assert "verify: FAILED (torchvision's output is not finite" in out, out
+    assert "disagree" not in out, out
+    data = json.loads(out_json.read_text())
+    assert data["ok"] is False and data["parts"][0]["reference_not_finite"] == 1
+
+
 def test_verify_that_compares_nothing_fails(capsys, monkeypatch):
     """No random batches and no photographs to be had (scikit-image missing): FAILED, not
     PASSED with zeros that were never measured."""

@@ -208,6 +208,22 @@ def test_weights_path_that_is_not_a_checkpoint_file_says_what_it_is(tmp_path, mo
     assert "as a PyTorch checkpoint" not in str(info.value)
 
 
+def test_a_file_torch_save_did_not_write_says_so(tmp_path):
+    """A few bytes of text were "could not read ... as a PyTorch checkpoint: 101" (or "pop
+    from empty list"): the unpickler's words. Now the message says what the file is not and
+    shows its first bytes."""
+    text, short = tmp_path / "text.pth", tmp_path / "abc.pth"
+    text.write_bytes(b"hello world, no checkpoint here")
+    short.write_bytes(b"abc")
+    for path in (text, short):
+        with pytest.raises(ValueError) as info:
+            fastres.resnet18(weights=str(path))
+        said = str(info.value)
+        assert ("as a PyTorch checkpoint: it is neither the zip archive torch.save writes nor "
+                "a legacy torch.save pickle") in said, said
+        assert repr(path.read_bytes()[:16]) in said, said
+
+
 def test_weights_from_training_checkpoints(tmp_path):
     """The Python API takes what training code saves, as the CLI does: DDP's "module." keys
     inside torchvision's reference-script checkpoint ({"model", "args": Namespace}), the
@@ -1041,6 +1057,49 @@ def test_from_torchvision_keeps_edited_modules():
             fused = what in ("fc without bias", "1-channel stem")
             assert (_plan.eager_reason(fr, x) is None) == fused, what
             assert_close_rel(fr(x), tv(x), 1e-5, what)
+
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
+def test_from_torchvision_of_edited_stages():
+    """Backbone edits to the stages convert (they raised TypeError, IndexError or
+    AttributeError from reading the architecture off layer1[0] and each stage's first
+    block): the last stage dropped, a stage emptied, a stage's first block replaced, and a
+    BasicBlock model whose layer1 is gone. The copy has the source's tree and state_dict and
+    gives its output, or its error (an emptied middle stage leaves channels that do not
+    fit)."""
+    edits = {
+        "layer4 = Identity()": lambda tv: setattr(tv, "layer4", torch.nn.Identity()),
+        "layer3 emptied": lambda tv: setattr(tv, "layer3", torch.nn.Sequential()),
+        "layer4 emptied": lambda tv: setattr(tv, "layer4", torch.nn.Sequential()),
+        "layer2[0] = Identity()": lambda tv: tv.layer2.__setitem__(0, torch.nn.Identity()),
+        "layer1 = Identity()": lambda tv: setattr(tv, "layer1", torch.nn.Identity()),
+    }
+    for what, edit in edits.items():
+        for arch in ("resnet18", "resnet50"):
+            tv = getattr(torchvision.models, arch)(weights=None, num_classes=10).eval()
+            edit(tv)
+            if what == "layer4 = Identity()" or what == "layer4 emptied":
+                tv.fc = torch.nn.Linear(tv.layer3[-1].conv1.in_channels, 10)
+            fr = fastres.from_torchvision(tv)
+            assert repr(fr) == repr(tv), (what, arch)
+            assert list(fr.state_dict()) == list(tv.state_dict()), (what, arch)
+            x = torch.randn(1, 3, 32, 32)
+            with torch.no_grad():
+                try:
+                    want, err = tv(x), None
+                except RuntimeError as exc:
+                    want, err = None, exc
+                if err is None:
+                    assert_close_rel(fr(x), want, 1e-5, f"{what} {arch}")
+                else:
+                    with pytest.raises(type(err)) as raised:
+                        fr(x)
+                    assert str(raised.value) == str(err), (what, arch)
+    tv = torchvision.models.resnet18()
+    for i in range(1, 5):
+        setattr(tv, f"layer{i}", torch.nn.Identity())
+    with pytest.raises(TypeError, match="no torchvision BasicBlock or Bottleneck begins"):
+        fastres.from_torchvision(tv)
 
 
 def test_builders_and_get_model_like_torchvision():

@@ -79,6 +79,18 @@ def test_weights_without_fc_are_a_clear_value_error():
         fastres.resnet18(weights=sd)
 
 
+def test_weights_whose_fc_weight_is_not_a_matrix_are_a_clear_value_error():
+    """The class count is read off ``fc.weight`` before ``load_state_dict`` checks anything: a
+    list or a 0-d tensor there gave AttributeError / IndexError."""
+    sd = dict(torchvision.models.resnet18().state_dict())
+    for bad, said in (([[0.0] * 512] * 1000, "a list"), (torch.tensor(1.0), r"shape \(\)"),
+                      (torch.zeros(1000), r"shape \(1000,\)")):
+        sd["fc.weight"] = bad
+        with pytest.raises(ValueError, match=f"do not fit resnet18: fc.weight must be a 2-D "
+                                             f"tensor .*got {said}"):
+            fastres.resnet18(weights=sd)
+
+
 def test_reset_classifier_refuses_a_bool():
     m = fastres.resnet18()
     with pytest.raises(ValueError, match="num_classes must be an int >= 0"):

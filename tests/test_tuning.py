@@ -1158,6 +1158,32 @@ def test_no_home_directory_keeps_choices_in_memory(tuner, monkeypatch, capsys):
     assert "home directory" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("var", ["FASTRES_CACHE_DIR", "XDG_CACHE_HOME"])
+def test_a_cache_dir_of_an_unknown_users_home_keeps_choices_in_memory(tuner, monkeypatch,
+                                                                      capsys, var):
+    """A cache directory given as ``~nosuchuser/...``: ``Path.expanduser`` raises
+    RuntimeError, which came out of the tuned forward and out of ``fastres tune`` as a
+    traceback. Now the variable is named in one warning (choices kept in memory), and
+    ``fastres tune`` says it as a usage error, as for the option."""
+    from fastres import cli
+
+    monkeypatch.delenv("FASTRES_CACHE_DIR", raising=False)
+    bad = "~fastres-no-such-user-4711/cache"
+    monkeypatch.setenv(var, bad)
+    with pytest.raises(OSError, match=f"{var} '{bad}' starts with a home directory"):
+        tuning.cache_dir()
+    with pytest.warns(tuning.TuningCacheWarning, match=f"{var}.*keeps its choices in memory"):
+        y = pool(torch.randn(1, 4, 9, 9))
+    assert y.shape == (1, 4, 5, 5) and tuning.stats()["tuned"] == 1
+    assert cli.main(["tune", "resnet18", "--batch", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert var in err and "home directory" in err and "Traceback" not in err, err
+    monkeypatch.delenv(var)
+    assert cli.main(["tune", "resnet18", "--device", "cpu", "--cache-dir", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--cache-dir" in err and "home directory" in err and "Traceback" not in err, err
+
+
 def test_a_config_json_cannot_hold_does_not_stop_later_writes(tuner):
     """A configuration provider whose config holds a value JSON has no form for (at any
     depth) is recorded with that value as text; it used to fail every later write of the
