@@ -653,7 +653,8 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
         except Exception as exc:
             why = str(exc) or ("the file is empty or truncated" if isinstance(exc, EOFError)
                                else type(exc).__name__)
-            if isinstance(exc, (KeyError, IndexError, pickle.UnpicklingError)):
+            if (isinstance(exc, (KeyError, IndexError, pickle.UnpicklingError))
+                    and not _legacy_torch_save(path)):
                 # the unpickler's own words ("101", "pop from empty list") say nothing here
                 why = _not_torch_save(path, f"{type(exc).__name__}: {why}")
             raise ValueError(f"fastres: could not read {path!r} as a PyTorch checkpoint: "
@@ -750,6 +751,18 @@ def _build(arch: str, weights, progress: bool = True, **kwargs: Any) -> ResNet:
         except RuntimeError as exc:
             raise ValueError(f"fastres: the weights do not fit {arch}: {exc}") from exc
     return model
+
+
+# torch.save's legacy (non-zip) format begins with its magic number, pickled
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _legacy_torch_save(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
+    except OSError:
+        return False
 
 
 def _not_torch_save(path: str, detail: str) -> str:
@@ -934,8 +947,8 @@ def from_torchvision(model: nn.Module) -> ResNet:
     # Sequential, a block replaced) is built with one block and replaced (or cut) below.
     stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
     firsts = [st[0] if type(st) is nn.Sequential and len(st) else None for st in stages]
-    first = next((b for b in firsts if isinstance(b, nn.Module)
-                  and type(b).__name__ in ("BasicBlock", "Bottleneck")), None)
+    stage, first = next(((i, b) for i, b in enumerate(firsts) if isinstance(b, nn.Module)
+                         and type(b).__name__ in ("BasicBlock", "Bottleneck")), (0, None))
     if first is None:
         kinds = sorted({type(b).__name__ for b in firsts if b is not None})
         raise TypeError("from_torchvision: no torchvision BasicBlock or Bottleneck begins "
@@ -945,8 +958,8 @@ def from_torchvision(model: nn.Module) -> ResNet:
     groups, width_per_group = 1, 64
     if block is Bottleneck:
         groups = first.conv2.groups
-        width = first.conv2.out_channels
-        width_per_group = width * 64 // (64 * groups)
+        width = first.conv2.out_channels  # planes * width_per_group / 64 * groups
+        width_per_group = width * 64 // ((64 << stage) * groups)
     dilate = []
     for blk0 in firsts[1:]:
         # torchvision replaces a stride-2 layer by stride 1 and dilation in the layers after.

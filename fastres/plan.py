@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import operator
 import sys
 import threading
@@ -642,12 +643,13 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype,
     """
     _check_fold_sizes(conv, bn, name)
     work = fold_dtype(conv.weight.device, traced)
-    scale = torch.rsqrt(bn.running_var.to(work) + bn.eps)
+    # (flat: a FrozenBatchNorm2d's tensors may be [1, C] or [1, 1], which its forward reshapes)
+    scale = torch.rsqrt(bn.running_var.to(work).reshape(-1) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.to(work)
-    shift = -bn.running_mean.to(work) * scale
+        scale = scale * bn.weight.to(work).reshape(-1)
+    shift = -bn.running_mean.to(work).reshape(-1) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.to(work)
+        shift = shift + bn.bias.to(work).reshape(-1)
     if conv.bias is not None:
         shift = shift + conv.bias.to(work) * scale
     # (a FrozenBatchNorm2d's one-value tensors broadcast, as in torchvision's forward)
@@ -673,26 +675,28 @@ def _check_fold_sizes(conv: nn.Conv2d, bn: nn.Module, name: str) -> None:
     """Raise :class:`LayersDoNotFit` where torchvision's layers would refuse ``conv`` and
     ``bn`` together, or compute something the fold does not: a 4-D weight, a bias of one value
     per output channel, and BatchNorm tensors of one value per channel (a
-    ``FrozenBatchNorm2d``'s may also hold one value, which its forward broadcasts). The fold
-    would otherwise broadcast a one-value tensor, or the kernels read past a short one."""
-    weight = conv.weight
+    ``FrozenBatchNorm2d``'s, which its forward reshapes to ``[1, -1, 1, 1]``, of any shape
+    with one value per channel or one value in all, which broadcasts). The fold would
+    otherwise broadcast a one-value tensor, or the kernels read past a short one."""
+    weight = _sizes(conv.weight)  # (sizes as ints: under torch.jit.trace too)
     label = name or "a convolution"
-    if weight.dim() != 4:
-        raise LayersDoNotFit(f"{label}'s weight has shape {tuple(weight.shape)} (a 2-D "
-                             "convolution's weight is 4-D)")
-    c_out = weight.shape[0]
-    if conv.bias is not None and tuple(conv.bias.shape) != (c_out,):
-        raise LayersDoNotFit(f"{label}'s bias has shape {tuple(conv.bias.shape)}, expected "
+    if len(weight) != 4:
+        raise LayersDoNotFit(f"{label}'s weight has shape {weight} (a 2-D convolution's "
+                             "weight is 4-D)")
+    c_out = weight[0]
+    if conv.bias is not None and _sizes(conv.bias) != (c_out,):
+        raise LayersDoNotFit(f"{label}'s bias has shape {_sizes(conv.bias)}, expected "
                              f"({c_out},): one per output channel")
     frozen = frozen_bn_type()
     broadcasts = frozen is not None and isinstance(bn, frozen)
     for attr in _FOLDED:
         t = getattr(bn, attr, None)
-        if t is None or tuple(t.shape) == (c_out,):
+        shape = None if t is None else _sizes(t)
+        if shape is None or shape == (c_out,):
             continue
-        if broadcasts and t.dim() <= 1 and t.numel() == 1:
+        if broadcasts and math.prod(shape) in (1, c_out):
             continue
-        raise LayersDoNotFit(f"{_bn_name(name)}.{attr} has shape {tuple(t.shape)}, expected "
+        raise LayersDoNotFit(f"{_bn_name(name)}.{attr} has shape {shape}, expected "
                              f"({c_out},): one per output channel of {label}")
 
 
@@ -750,52 +754,73 @@ class InferencePlan:
         if _head_reason(model, instance_forward=False) is None:  # (the layout decides)
             with torch.no_grad():
                 self.fc_weight = model.fc.weight.detach().to(dtype).contiguous()
+                rows = _sizes(self.fc_weight)[:1]  # (out_features, unless edited)
                 fc_bias = model.fc.bias
-                if fc_bias is None:  # nn.Linear(..., bias=False)
-                    fc_bias = torch.zeros(model.fc.out_features, device=model.fc.weight.device)
+                if fc_bias is None:  # nn.Linear(..., bias=False): one zero per weight row
+                    fc_bias = torch.zeros(rows, device=self.fc_weight.device)
                 self.fc_bias = fc_bias.detach().to(dtype).contiguous()
-            self.num_classes = model.fc.out_features
+            self.num_classes = rows[0] if rows else 0
         # why torchvision's layers would refuse these parameters at this compute dtype, without
         # and with autocast (see dtype_mismatch)
         self.dtype_mismatch = {(autocast, head): _dtype_mismatch(model, dtype, autocast, head)
                                for autocast in (False, True) for head in (False, True)}
         # input signature and choice state -> the implementation of every step, in order
         self._dispatch: dict[tuple, tuple] = {}
+        # The layers' channels, groups and settings against each other (any input size):
+        # the trunk's misfit is no plan (the forward runs torchvision's code); the head's
+        # keeps the plan for the feature paths, and the full forward runs eagerly.
+        channels = _sizes(self.stem.weight)[1] * self.stem.groups
+        trunk = self._walk(channels, None, head=False)
+        if trunk is not None:
+            raise LayersDoNotFit(trunk)
+        self.head_misfit = self._walk(channels, None, head=True)
         # (channels, height, width, head) of an input -> why the layers do not fit it (None)
         self._fits: dict[tuple, str | None] = {}
 
     def misfit(self, c: int, h: int, w: int, head: bool = True) -> str | None:
         """Why an input of ``c`` channels and ``h`` x ``w`` pixels does not go through this
-        plan's layers as torchvision's would take it (``None``: it does): each
-        convolution's input channels and groups against what the step before gives, each
-        block's residual against its last convolution's output, and, with ``head``, ``fc``
-        against the features. Integer arithmetic, remembered per input size, so the kernels
-        (which take their operands' sizes on trust) never see a layer that does not fit."""
+        plan's layers as torchvision's would take it (``None``: it does): on top of what the
+        plan's build checked (each convolution's input channels, groups, stride, padding and
+        dilation against the step before, ``fc`` against the features), each convolution's
+        output size and each block's residual against its last convolution's output.
+        Integer arithmetic, remembered per input size, so the kernels (which take their
+        operands' sizes on trust) never see a layer that does not fit."""
         key = (c, h, w, head)
-        if key not in self._fits:
-            if len(self._fits) >= _DISPATCH_MEMO_SIZE:
-                self._fits.clear()
-            self._fits[key] = self._misfit(c, h, w, head)
-        return self._fits[key]
+        fits = self._fits
+        if key in fits:
+            return fits[key]
+        if len(fits) >= _DISPATCH_MEMO_SIZE:
+            fits.clear()
+        reason = fits[key] = self._walk(c, (h, w), head)
+        return reason
 
-    def _misfit(self, c: int, h: int, w: int, head: bool) -> str | None:
-        def through(step: ConvStep, shape: tuple[int, int, int]):
-            cin, hh, ww = shape
-            weight = step.weight
-            k, per_group, r, s = weight.shape
+    def _walk(self, c: int, hw: tuple[int, int] | None, head: bool) -> str | None:
+        """The first misfit met on the way of ``c`` input channels through the plan (with
+        ``hw``, the input's height and width, the sizes too), or ``None``. Messages name
+        no input size, so a misfit met at several sizes is said once."""
+        def through(step: ConvStep, shape: tuple):
+            cin, size = shape
+            k, per_group, r, s = weight = _sizes(step.weight)
             if step.groups < 1 or k % step.groups or per_group * step.groups != cin:
                 return (f"{step.name} takes {per_group * step.groups} input channels "
-                        f"(weight {tuple(weight.shape)}, groups {step.groups}) and gets {cin}")
-            p, q = conv_output_size(hh, ww, r, s, step.stride, step.padding, step.dilation)
+                        f"(weight {weight}, groups {step.groups}) and gets {cin}")
+            if min(step.stride) < 1 or min(step.dilation) < 1 or min(step.padding) < 0:
+                return (f"{step.name} has stride {tuple(step.stride)}, padding "
+                        f"{tuple(step.padding)}, dilation {tuple(step.dilation)} (a convolution "
+                        "takes strides and dilations of at least 1 and no negative padding)")
+            if size is None:
+                return (k, None)
+            p, q = conv_output_size(*size, r, s, step.stride, step.padding, step.dilation)
             if p < 1 or q < 1:
-                return f"{step.name} gets {hh}x{ww} pixels, too few for its {r}x{s} kernel"
-            return (k, p, q)
+                return f"{step.name}'s {r}x{s} kernel leaves no output pixel at this input size"
+            return (k, (p, q))
 
-        shape = through(self.stem, (c, h, w))
+        shape = through(self.stem, (c, hw))
         if isinstance(shape, str):
             return shape
-        shape = (shape[0], (shape[1] - 1) // 2 + 1, (shape[2] - 1) // 2 + 1)  # max-pool 3/2/1
-        for i, blk in enumerate(self.blocks):
+        if hw is not None:  # the max-pool 3x3/2, padding 1
+            shape = (shape[0], ((shape[1][0] - 1) // 2 + 1, (shape[1][1] - 1) // 2 + 1))
+        for blk in self.blocks:
             identity = shape
             if blk.downsample is not None:
                 identity = through(blk.downsample, shape)
@@ -807,15 +832,20 @@ class InferencePlan:
                     return shape
             if shape != identity:
                 name = blk.convs[-1].name.rpartition(".")[0]
-                return (f"{name} adds a residual of {list(identity)} (channels, height, width) "
-                        f"to its last convolution's {list(shape)}")
+                if shape[0] != identity[0]:
+                    return (f"{name} adds a residual of {identity[0]} channels to its last "
+                            f"convolution's {shape[0]}")
+                return (f"{name} adds a residual of another height and width than its last "
+                        "convolution's output (its strides and its downsample's differ)")
         if head and self.fc_weight is not None:
-            if self.fc_weight.dim() != 2 or self.fc_weight.shape[1] != shape[0]:
-                return (f"fc's weight has shape {tuple(self.fc_weight.shape)}, expected "
-                        f"[out_features, {shape[0]}] for the {shape[0]} features it gets")
-            if tuple(self.fc_bias.shape) != (self.fc_weight.shape[0],):
-                return (f"fc's bias has shape {tuple(self.fc_bias.shape)}, not one per output "
-                        f"({self.fc_weight.shape[0]},) (torchvision's F.linear broadcasts it)")
+            features = shape[0]
+            fc_weight, fc_bias = _sizes(self.fc_weight), _sizes(self.fc_bias)
+            if len(fc_weight) != 2 or fc_weight[1] != features:
+                return (f"fc's weight has shape {fc_weight}, expected "
+                        f"[out_features, {features}] for the {features} features it gets")
+            if fc_bias != fc_weight[:1]:
+                return (f"fc's bias has shape {fc_bias}, not one per output "
+                        f"({fc_weight[0]},) (torchvision's F.linear broadcasts it)")
         return None
 
     def convs(self) -> list[ConvStep]:
@@ -1110,7 +1140,7 @@ class _PlanCache:
             self.state = state(live)
         self.hold_of, self.state_of = hold, state
         self.structure = structure(model)
-        self.plans: dict[torch.dtype, InferencePlan] = {}
+        self.plans: dict[torch.dtype, InferencePlan | _FailedBuild] = {}
 
     def valid_for(self, model: nn.Module, tree_checked: bool = False) -> bool:
         """True while the plans fit ``model``. ``tree_checked``: the caller has just checked
@@ -1177,7 +1207,7 @@ def get_plan(model: nn.Module, dtype: torch.dtype | None = None,
     if cache is not None and cache.valid_for(model, tree_checked):
         plan = cache.plans.get(dtype)
         if plan is not None:
-            return plan
+            return _built(plan)
     with _build_lock:  # check again: another thread may have built it meanwhile
         cache = model.__dict__.get("_plan_cache")
         if cache is None or not cache.valid_for(model):
@@ -1185,8 +1215,28 @@ def get_plan(model: nn.Module, dtype: torch.dtype | None = None,
             model.__dict__["_plan_cache"] = cache
         plan = cache.plans.get(dtype)
         if plan is None:
-            plan = cache.plans[dtype] = InferencePlan(model, dtype)
-        return plan
+            try:
+                plan = cache.plans[dtype] = InferencePlan(model, dtype)
+            except (FloatingPointError, LayersDoNotFit) as exc:
+                # remembered with the cache (so dropped with it when the model changes): each
+                # forward would otherwise fold every layer again, under the build lock
+                cache.plans[dtype] = _FailedBuild(type(exc), str(exc))
+                raise
+        return _built(plan)
+
+
+@dataclass(frozen=True)
+class _FailedBuild:
+    """A plan that could not be built, and why (raised again by :func:`get_plan`)."""
+
+    kind: type
+    message: str
+
+
+def _built(plan) -> InferencePlan:
+    if isinstance(plan, _FailedBuild):
+        raise plan.kind(plan.message)
+    return plan
 
 
 try:
@@ -1240,8 +1290,12 @@ def plan_for_input(model: nn.Module, x: Tensor, head: bool = True,
     except LayersDoNotFit as exc:
         say_eager_once(f"{_MISFIT}{exc}")
         return None
-    if not plan.traced:  # (a traced plan runs the custom ops, whose checks raise)
-        sizes = _sizes(x)
+    if head and plan.head_misfit is not None:
+        say_eager_once(f"{_MISFIT}{plan.head_misfit}")
+        return None
+    sizes = _sizes(x)
+    # (not inside dynamo, and not for symbolic sizes: the custom ops' checks raise there)
+    if not _dynamo_tracing() and all(type(v) is int for v in sizes[1:]):
         misfit = plan.misfit(sizes[1], sizes[2], sizes[3], head)
         if misfit is not None:
             say_eager_once(f"{_MISFIT}{misfit}")

@@ -401,7 +401,8 @@ class EagerProbe:
             with torch.inference_mode():
                 reason = _plan.eager_reason(self.model, x)
                 if reason is None:
-                    _plan.get_plan(self.model, _plan.compute_dtype(self.model, x))
+                    plan = _plan.get_plan(self.model, _plan.compute_dtype(self.model, x))
+                    reason = plan.head_misfit or plan.misfit(*_plan._sizes(x)[1:])
         except Exception as exc:  # noqa: BLE001 - FloatingPointError: weights not finite
             return short_error(exc)
         return reason or "reason not known"

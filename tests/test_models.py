@@ -222,6 +222,19 @@ def test_a_file_torch_save_did_not_write_says_so(tmp_path):
         assert ("as a PyTorch checkpoint: it is neither the zip archive torch.save writes nor "
                 "a legacy torch.save pickle") in said, said
         assert repr(path.read_bytes()[:16]) in said, said
+    # a legacy (non-zip) torch.save file the weights-only unpickler refuses is one: its
+    # message stays the unpickler's
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": {}, "extra": _NotAllowed()}, legacy,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError) as info:
+        fastres.resnet18(weights=str(legacy))
+    assert "Weights only load failed" in str(info.value), info.value
+    assert "neither the zip archive" not in str(info.value), info.value
+
+
+class _NotAllowed:
+    """A class the weights-only unpickler refuses."""
 
 
 def test_weights_from_training_checkpoints(tmp_path):
@@ -1095,6 +1108,11 @@ def test_from_torchvision_of_edited_stages():
                     with pytest.raises(type(err)) as raised:
                         fr(x)
                     assert str(raised.value) == str(err), (what, arch)
+    # the width per group read off a later stage's first block (planes 128, not 64)
+    tv = torchvision.models.resnext50_32x4d()
+    tv.layer1 = torch.nn.Identity()
+    fr = fastres.from_torchvision(tv)
+    assert (fr.base_width, fr.groups) == (tv.base_width, tv.groups) == (4, 32)
     tv = torchvision.models.resnet18()
     for i in range(1, 5):
         setattr(tv, f"layer{i}", torch.nn.Identity())

@@ -1385,6 +1385,10 @@ _MISFITS = {
     "a conv given groups its weight is not for": _set("layer1.0.conv2.groups", lambda: 2),
     "a downsample removed": _set("layer2.0.downsample", lambda: None),
     "a stride without a downsample": _set("layer1.0.conv1.stride", lambda: (2, 2)),
+    "a zero stride": _set("layer1.0.conv2.stride", lambda: 0),
+    "a negative padding where the sizes still fit": lambda m: (
+        _set("layer1.0.conv1.padding", lambda: (3, 3))(m),
+        _set("layer1.0.conv2.padding", lambda: (-1, -1))(m)),
     "an fc of other in_features": _set("fc", lambda: torch.nn.Linear(256, 7)),
     # torchvision broadcasts this one (F.linear): the same numbers come back
     "an fc bias of one value": _set("fc.bias", lambda: _P(torch.ones(1))),
@@ -1425,9 +1429,9 @@ def test_layers_that_do_not_fit_run_torchvisions_code(edit, monkeypatch, triton_
 
 
 def test_frozen_batchnorm_of_one_value_broadcasts_as_torchvisions(monkeypatch):
-    """torchvision's FrozenBatchNorm2d broadcasts one-value tensors (its forward reshapes them
-    to [1, -1, 1, 1]): the fold does too, so such a model still runs fused, with
-    torchvision's numbers."""
+    """torchvision's FrozenBatchNorm2d reshapes its tensors to [1, -1, 1, 1], so any shape
+    with one value per channel, or one value in all (which broadcasts), works there: the fold
+    takes them too, so such a model still runs fused, with torchvision's numbers."""
     from torchvision.ops import FrozenBatchNorm2d
 
     tv, fr = _fresh_pair()
@@ -1435,7 +1439,8 @@ def test_frozen_batchnorm_of_one_value_broadcasts_as_torchvisions(monkeypatch):
         bn = FrozenBatchNorm2d(64).to(DEVICE)
         bn.weight = torch.full((1,), 0.75, device=DEVICE)
         bn.running_var = torch.full((), 2.0, device=DEVICE)
-        bn.bias = torch.linspace(-1, 1, 64, device=DEVICE)
+        bn.bias = torch.linspace(-1, 1, 64, device=DEVICE).reshape(1, 64)
+        bn.running_mean = torch.full((1, 1), 0.25, device=DEVICE)
         m.layer1[0].bn2 = bn
     monkeypatch.setattr(plan_mod, "_said", set())
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
@@ -1444,3 +1449,84 @@ def test_frozen_batchnorm_of_one_value_broadcasts_as_torchvisions(monkeypatch):
         got = fr(x)
         assert plan_mod.get_plan(fr).blocks[0].convs[1].bias.shape == (64,)
     assert_close_rel(got, tv(x), 1e-5, "frozen BN of one value")
+
+
+def test_a_fold_that_does_not_fit_is_remembered(monkeypatch):
+    """A BatchNorm of another size than its convolution stops the plan's build; the failure
+    is kept with the plan cache, so later forwards run torchvision's code without folding
+    every layer again (under the process-wide build lock), until the model changes."""
+    builds = []
+
+    class Counting(plan_mod.InferencePlan):
+        def __init__(self, *args, **kwargs):
+            builds.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(plan_mod, "InferencePlan", Counting)
+    monkeypatch.setattr(plan_mod, "_said", set())
+    tv, fr = _fresh_pair()
+    for m in (tv, fr):
+        m.layer4[1].bn2.weight = torch.nn.Parameter(torch.ones(1, device=DEVICE))
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            with pytest.raises(RuntimeError) as err:
+                fr(x)
+        with pytest.raises(RuntimeError) as want:
+            tv(x)
+    assert str(err.value) == str(want.value) and len(builds) == 1
+    with torch.no_grad():  # the model mended: built again, fused, torchvision's numbers
+        for m in (tv, fr):
+            m.layer4[1].bn2.weight = torch.nn.Parameter(torch.ones(512, device=DEVICE))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = fr(x)
+        assert_close_rel(got, tv(x), 1e-5, "mended")
+    assert len(builds) == 2
+
+
+def test_a_head_that_does_not_fit_keeps_the_features_fused(monkeypatch):
+    """An fc of other in_features makes the full forward run torchvision's code (its error);
+    forward_features, which does not run the head, stays fused. A bias-less fc whose weight
+    has other rows than its out_features says (torchvision computes one logit per row) stays
+    fused for the full forward too, with torchvision's output."""
+    monkeypatch.setattr(plan_mod, "_said", set())
+    tv, fr = _fresh_pair()
+    torch.manual_seed(0)
+    bad_fc = torch.nn.Linear(256, 7).to(DEVICE)
+    tv.fc, fr.fc = bad_fc, copy.deepcopy(bad_fc)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="fc's weight has shape"), \
+                pytest.raises(RuntimeError, match="cannot be multiplied"):
+            fr(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            feats = fr.forward_features(x)
+        assert_close_rel(feats, tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(
+            tv.relu(tv.bn1(tv.conv1(x)))))))), 1e-5, "features")
+        rows = torch.nn.Linear(512, 10, bias=False).to(DEVICE)
+        rows.weight = torch.nn.Parameter(torch.randn(7, 512, device=DEVICE))
+        tv.fc, fr.fc = rows, copy.deepcopy(rows)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = fr(x)
+        assert got.shape == (1, 7)
+        assert_close_rel(got, tv(x), 1e-5, "bias-less fc of 7 rows")
+
+
+def test_a_traced_forward_of_a_head_that_broadcasts_is_torchvisions(monkeypatch):
+    """An fc bias of one value, which torchvision's F.linear broadcasts: torch.jit.trace and a
+    forward on the meta device record or shape torchvision's code too (the custom op's
+    check raised a ValueError there while the plain forward gave torchvision's result)."""
+    monkeypatch.setattr(plan_mod, "_said", set())
+    tv, fr = _fresh_pair()
+    for m in (tv, fr):
+        m.fc.bias = torch.nn.Parameter(torch.full((1,), 0.5, device=DEVICE))
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(fr, x)
+        assert_close_rel(traced(x), tv(x), 1e-5, "jit.trace")
+        assert fr.to("meta")(x.to("meta")).shape == (2, 1000)
