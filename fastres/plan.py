@@ -653,7 +653,7 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype,
     if conv.bias is not None:
         shift = shift + conv.bias.to(work) * scale
     # (a FrozenBatchNorm2d's one-value tensors broadcast, as in torchvision's forward)
-    shift = shift.float().expand(conv.weight.shape[0])
+    shift = shift.float().expand(_sizes(conv.weight)[0])
     # the weight is promoted to ``work`` inside the multiply (no converted copy of it)
     folded = (conv.weight * scale.view(-1, 1, 1, 1)).to(dtype)
     if not traced and (not bool(torch.isfinite(folded).all())

@@ -78,6 +78,7 @@ from typing import Any
 import torch
 
 from fastres import _warnings
+from fastres._env import OFF, ON
 from fastres.kernels.configs import tables_digest
 from fastres.ops import _backend
 from fastres.ops._checks import FLOAT_DTYPES, as_int, cuda_device_problem
@@ -192,8 +193,7 @@ def reset() -> None:
         _stats[k] = 0
 
 
-_OFF = ("0", "false", "off", "no")
-_ON = ("", "1", "true", "on", "yes")
+_OFF, _ON = OFF, ON  # (the switches' readings: fastres._env)
 
 
 def mode() -> str:
