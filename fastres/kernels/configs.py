@@ -48,9 +48,10 @@ def _tma_rows() -> bool:
     return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
-# ``FASTRES_TMA=0`` (or false/off/no; read at import): no TMA row is offered, and a remembered one runs without
-# TMA (the rows' way out, should a GPU or driver mishandle the descriptors). Also off with a
-# Triton that cannot make descriptors on the device or take an allocator for their scratch.
+# ``FASTRES_TMA=0`` (or false/off/no; read when this module is imported): no TMA row is
+# offered, and a remembered one runs without TMA (the rows' way out, should a GPU or driver
+# mishandle the descriptors). Also off with a Triton that cannot make descriptors on the
+# device or take an allocator for their scratch.
 TMA_ROWS = _tma_rows()
 
 # fp32 accumulator registers per thread we allow (the rest of the 255 go to addresses,
