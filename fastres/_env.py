@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Iterator
 
 OFF = ("0", "false", "off", "no")
@@ -23,9 +22,11 @@ def switched_off(name: str) -> bool:
     if value in OFF:
         return True
     if value not in ON:
-        warnings.warn(f"fastres: the {name} environment variable must be 0/false/off/no "
-                      f"(off) or 1/true/on/yes (on; also when unset or empty), got {raw!r}: "
-                      "left on", stacklevel=2)
+        from fastres import _warnings  # (said at the caller's line outside fastres)
+
+        _warnings.warn(f"fastres: the {name} environment variable must be 0/false/off/no "
+                       f"(off) or 1/true/on/yes (on; also when unset or empty), got {raw!r}: "
+                       "left on")
     return False
 
 

@@ -410,7 +410,7 @@ def test_switched_off_reads_a_switch_as_the_other_switches_do(monkeypatch):
             monkeypatch.setenv(name, on)
             assert switched_off(name) is False, on
     monkeypatch.setenv(name, "disabled")
-    with pytest.warns(UserWarning, match=f"{name} .*0/false/off/no.*'disabled'.*left on"):
+    with pytest.warns(RuntimeWarning, match=f"{name} .*0/false/off/no.*'disabled'.*left on"):
         assert switched_off(name) is False
     # the two switches read this way where their modules are first imported
     code = ("from fastres.kernels import _direct, configs; "
