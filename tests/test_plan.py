@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from _models import DEVICE, assert_matches_torchvision, twin
+from _models import DEVICE, assert_matches_torchvision, tol_for, twin
 from conftest import assert_close_rel
 
 import fastres
@@ -1373,15 +1373,23 @@ def _set(path: str, value_fn):
     return edit
 
 
-_P = torch.nn.Parameter
+# fused fp32 against torchvision's fp32 eager: twice the bound against float64 (TF32 on a GPU)
+_FUSED_TOL = 2 * tol_for(torch.float32, torch.device(DEVICE))
+
+
+def _P(*size):  # (a parameter on the test device: the edits must not mix devices)
+    return torch.nn.Parameter(torch.ones(*size, device=DEVICE))
+
+
 _MISFITS = {
-    "a 1-channel BatchNorm": _set("layer1.0.bn1", lambda: torch.nn.BatchNorm2d(1).eval()),
-    "a BatchNorm weight of one value": _set("layer1.0.bn1.weight", lambda: _P(torch.ones(1))),
+    "a 1-channel BatchNorm": _set("layer1.0.bn1",
+                                  lambda: torch.nn.BatchNorm2d(1).to(DEVICE).eval()),
+    "a BatchNorm weight of one value": _set("layer1.0.bn1.weight", lambda: _P(1)),
     "a running mean of shape (1, 64)": _set("layer1.0.bn1.running_mean",
-                                            lambda: torch.zeros(1, 64)),
-    "a conv bias of one value": _set("layer1.0.conv1.bias", lambda: _P(torch.ones(1))),
+                                            lambda: torch.zeros(1, 64, device=DEVICE)),
+    "a conv bias of one value": _set("layer1.0.conv1.bias", lambda: _P(1)),
     "a conv of other input channels": _set(
-        "layer1.0.conv2", lambda: torch.nn.Conv2d(32, 64, 3, padding=1, bias=False)),
+        "layer1.0.conv2", lambda: torch.nn.Conv2d(32, 64, 3, padding=1, bias=False).to(DEVICE)),
     "a conv given groups its weight is not for": _set("layer1.0.conv2.groups", lambda: 2),
     "a downsample removed": _set("layer2.0.downsample", lambda: None),
     "a stride without a downsample": _set("layer1.0.conv1.stride", lambda: (2, 2)),
@@ -1389,9 +1397,9 @@ _MISFITS = {
     "a negative padding where the sizes still fit": lambda m: (
         _set("layer1.0.conv1.padding", lambda: (3, 3))(m),
         _set("layer1.0.conv2.padding", lambda: (-1, -1))(m)),
-    "an fc of other in_features": _set("fc", lambda: torch.nn.Linear(256, 7)),
+    "an fc of other in_features": _set("fc", lambda: torch.nn.Linear(256, 7).to(DEVICE)),
     # torchvision broadcasts this one (F.linear): the same numbers come back
-    "an fc bias of one value": _set("fc.bias", lambda: _P(torch.ones(1))),
+    "an fc bias of one value": _set("fc.bias", lambda: _P(1)),
 }
 
 
@@ -1448,7 +1456,7 @@ def test_frozen_batchnorm_of_one_value_broadcasts_as_torchvisions(monkeypatch):
         warnings.simplefilter("error")  # no eager fallback
         got = fr(x)
         assert plan_mod.get_plan(fr).blocks[0].convs[1].bias.shape == (64,)
-    assert_close_rel(got, tv(x), 1e-5, "frozen BN of one value")
+    assert_close_rel(got, tv(x), _FUSED_TOL, "frozen BN of one value")
 
 
 def test_a_fold_that_does_not_fit_is_remembered(monkeypatch):
@@ -1482,7 +1490,7 @@ def test_a_fold_that_does_not_fit_is_remembered(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             got = fr(x)
-        assert_close_rel(got, tv(x), 1e-5, "mended")
+        assert_close_rel(got, tv(x), _FUSED_TOL, "mended")
     assert len(builds) == 2
 
 
@@ -1505,7 +1513,7 @@ def test_a_head_that_does_not_fit_keeps_the_features_fused(monkeypatch):
             warnings.simplefilter("error")
             feats = fr.forward_features(x)
         assert_close_rel(feats, tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(
-            tv.relu(tv.bn1(tv.conv1(x)))))))), 1e-5, "features")
+            tv.relu(tv.bn1(tv.conv1(x)))))))), _FUSED_TOL, "features")
         rows = torch.nn.Linear(512, 10, bias=False).to(DEVICE)
         rows.weight = torch.nn.Parameter(torch.randn(7, 512, device=DEVICE))
         tv.fc, fr.fc = rows, copy.deepcopy(rows)
@@ -1513,7 +1521,7 @@ def test_a_head_that_does_not_fit_keeps_the_features_fused(monkeypatch):
             warnings.simplefilter("error")
             got = fr(x)
         assert got.shape == (1, 7)
-        assert_close_rel(got, tv(x), 1e-5, "bias-less fc of 7 rows")
+        assert_close_rel(got, tv(x), _FUSED_TOL, "bias-less fc of 7 rows")
 
 
 def test_a_traced_forward_of_a_head_that_broadcasts_is_torchvisions(monkeypatch):
