@@ -16,6 +16,8 @@ from types import ModuleType
 
 import torch
 
+from fastres._env import OFF
+
 _lock = threading.Lock()
 _tried = False
 _module: ModuleType | None = None
@@ -82,7 +84,7 @@ def load() -> ModuleType | None:
         try:
             # (read as setup.py reads its FASTRES_* switches: 0/false/no/off or unset: off)
             if os.environ.get("FASTRES_DISABLE_EXTENSION", "").strip().lower() not in (
-                    "", "0", "false", "no", "off"):
+                    "", *OFF):
                 raise ImportError("disabled by FASTRES_DISABLE_EXTENSION")
             from fastres import _C as module  # runs the TORCH_LIBRARY registrations
 

@@ -769,35 +769,36 @@ class InferencePlan:
         # The layers' channels, groups and settings against each other (any input size):
         # the trunk's misfit is no plan (the forward runs torchvision's code); the head's
         # keeps the plan for the feature paths, and the full forward runs eagerly.
-        channels = _sizes(self.stem.weight)[1] * self.stem.groups
-        trunk = self._walk(channels, None, head=False)
-        if trunk is not None:
+        trunk = self._walk(_sizes(self.stem.weight)[1] * self.stem.groups, None)
+        if isinstance(trunk, str):
             raise LayersDoNotFit(trunk)
-        self.head_misfit = self._walk(channels, None, head=True)
-        # (channels, height, width, head) of an input -> why the layers do not fit it (None)
+        self.head_misfit = self._head_misfit(trunk[0])
+        # (channels, height, width) of an input -> why the layers do not fit it (None)
         self._fits: dict[tuple, str | None] = {}
 
-    def misfit(self, c: int, h: int, w: int, head: bool = True) -> str | None:
+    def misfit(self, c: int, h: int, w: int) -> str | None:
         """Why an input of ``c`` channels and ``h`` x ``w`` pixels does not go through this
-        plan's layers as torchvision's would take it (``None``: it does): on top of what the
+        plan's trunk as torchvision's would take it (``None``: it does): on top of what the
         plan's build checked (each convolution's input channels, groups, stride, padding and
-        dilation against the step before, ``fc`` against the features), each convolution's
-        output size and each block's residual against its last convolution's output.
-        Integer arithmetic, remembered per input size, so the kernels (which take their
-        operands' sizes on trust) never see a layer that does not fit."""
-        key = (c, h, w, head)
+        dilation against the step before; ``fc`` against the features: ``head_misfit``),
+        each convolution's output size and each block's residual against its last
+        convolution's output. Integer arithmetic, remembered per input size, so the kernels
+        (which take their operands' sizes on trust) never see a layer that does not fit."""
+        key = (c, h, w)
         fits = self._fits
         if key in fits:
             return fits[key]
         if len(fits) >= _DISPATCH_MEMO_SIZE:
             fits.clear()
-        reason = fits[key] = self._walk(c, (h, w), head)
+        walked = self._walk(c, (h, w))
+        reason = fits[key] = walked if isinstance(walked, str) else None
         return reason
 
-    def _walk(self, c: int, hw: tuple[int, int] | None, head: bool) -> str | None:
-        """The first misfit met on the way of ``c`` input channels through the plan (with
-        ``hw``, the input's height and width, the sizes too), or ``None``. Messages name
-        no input size, so a misfit met at several sizes is said once."""
+    def _walk(self, c: int, hw: tuple[int, int] | None):
+        """The first misfit met on the way of ``c`` input channels through the trunk (with
+        ``hw``, the input's height and width, the sizes too), or the trunk's output:
+        ``(channels, (height, width) or None)``. Messages name no input size, so a misfit
+        met at several sizes is said once."""
         def through(step: ConvStep, shape: tuple):
             cin, size = shape
             k, per_group, r, s = weight = _sizes(step.weight)
@@ -837,15 +838,20 @@ class InferencePlan:
                             f"convolution's {shape[0]}")
                 return (f"{name} adds a residual of another height and width than its last "
                         "convolution's output (its strides and its downsample's differ)")
-        if head and self.fc_weight is not None:
-            features = shape[0]
-            fc_weight, fc_bias = _sizes(self.fc_weight), _sizes(self.fc_bias)
-            if len(fc_weight) != 2 or fc_weight[1] != features:
-                return (f"fc's weight has shape {fc_weight}, expected "
-                        f"[out_features, {features}] for the {features} features it gets")
-            if fc_bias != fc_weight[:1]:
-                return (f"fc's bias has shape {fc_bias}, not one per output "
-                        f"({fc_weight[0]},) (torchvision's F.linear broadcasts it)")
+        return shape
+
+    def _head_misfit(self, features: int) -> str | None:
+        """Why ``fc`` does not take the trunk's ``features`` channels, or adds a bias of
+        another size than its outputs (``None``: it fits, or the plan has no head)."""
+        if self.fc_weight is None:
+            return None
+        fc_weight, fc_bias = _sizes(self.fc_weight), _sizes(self.fc_bias)
+        if len(fc_weight) != 2 or fc_weight[1] != features:
+            return (f"fc's weight has shape {fc_weight}, expected "
+                    f"[out_features, {features}] for the {features} features it gets")
+        if fc_bias != fc_weight[:1]:
+            return (f"fc's bias has shape {fc_bias}, not one per output "
+                    f"({fc_weight[0]},) (torchvision's F.linear broadcasts it)")
         return None
 
     def convs(self) -> list[ConvStep]:
@@ -1296,7 +1302,7 @@ def plan_for_input(model: nn.Module, x: Tensor, head: bool = True,
     sizes = _sizes(x)
     # (not inside dynamo, and not for symbolic sizes: the custom ops' checks raise there)
     if not _dynamo_tracing() and all(type(v) is int for v in sizes[1:]):
-        misfit = plan.misfit(sizes[1], sizes[2], sizes[3], head)
+        misfit = plan.misfit(sizes[1], sizes[2], sizes[3])
         if misfit is not None:
             say_eager_once(f"{_MISFIT}{misfit}")
             return None

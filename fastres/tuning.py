@@ -193,9 +193,6 @@ def reset() -> None:
         _stats[k] = 0
 
 
-_OFF, _ON = OFF, ON  # (the switches' readings: fastres._env)
-
-
 def mode() -> str:
     """``"pinned"`` when ``FASTRES_TUNE=0`` (or ``false``/``off``/``no``, any case) or
     deterministic algorithms are on, else ``"tune"`` (``FASTRES_TUNE`` unset, empty, ``1``,
@@ -206,9 +203,9 @@ def mode() -> str:
     v = os.environ.get("FASTRES_TUNE")
     if v is not None:
         v = v.strip().lower()
-        if v in _OFF:
+        if v in OFF:
             return "pinned"
-        if v not in _ON:
+        if v not in ON:
             raise ValueError(
                 "the FASTRES_TUNE environment variable must be 0/false/off/no (pinned "
                 "choices) or 1/true/on/yes (tune; also when unset or empty), got "
