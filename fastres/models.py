@@ -653,8 +653,7 @@ def load_weights(weights: str | os.PathLike | Mapping[str, Tensor],
         except Exception as exc:
             why = str(exc) or ("the file is empty or truncated" if isinstance(exc, EOFError)
                                else type(exc).__name__)
-            if (isinstance(exc, (KeyError, IndexError, pickle.UnpicklingError))
-                    and not _legacy_torch_save(path)):
+            if isinstance(exc, (KeyError, IndexError, pickle.UnpicklingError)):
                 # the unpickler's own words ("101", "pop from empty list") say nothing here
                 why = _not_torch_save(path, f"{type(exc).__name__}: {why}")
             raise ValueError(f"fastres: could not read {path!r} as a PyTorch checkpoint: "
@@ -757,21 +756,14 @@ def _build(arch: str, weights, progress: bool = True, **kwargs: Any) -> ResNet:
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
-def _legacy_torch_save(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
-    except OSError:
-        return False
-
-
 def _not_torch_save(path: str, detail: str) -> str:
-    """Why ``path`` did not unpickle, where it is not the zip archive ``torch.save`` writes:
-    not that (nor its legacy pickle), with its first bytes; else ``detail``."""
+    """Why ``path`` did not unpickle, where it is neither the zip archive ``torch.save``
+    writes nor its legacy pickle (which begins with its magic number): that, with its first
+    bytes; else ``detail``."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
-        if zipfile.is_zipfile(path):
+        if head.startswith(_LEGACY_MAGIC) or zipfile.is_zipfile(path):
             return detail
     except OSError:
         return detail
