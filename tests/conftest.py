@@ -19,13 +19,15 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-# The property tests' hypothesis (in the test extra), imported once for every test module; a
-# module defines its property tests only when it is installed.
-try:
-    from hypothesis import given, settings  # noqa: E402
-    from hypothesis import strategies as st  # noqa: E402
-except ImportError:  # pragma: no cover - hypothesis is in the test extra
-    given = settings = st = None
+# The property tests' hypothesis is in the test extra (`pip install -e ".[test]"`).
+from hypothesis import settings  # noqa: E402
+
+# Hypothesis's own "ci" profile (loaded when a CI variable such as CI=true is set) derandomizes:
+# every run would draw the same examples. Ours draws new ones each run, from the run's salt
+# (FASTRES_TEST_SEED, see pytest_configure), and keeps no example database.
+settings.register_profile("fastres", derandomize=False, database=None, deadline=None,
+                          print_blob=True)
+settings.load_profile("fastres")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,9 +39,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.hookimpl(tryfirst=True)  # before hypothesis's plugin reads its seed option
 def pytest_configure(config):
     # one salt per run, drawn here (before pytest-xdist starts its workers, which inherit it)
     os.environ.setdefault("FASTRES_TEST_SEED", str(torch.seed() % (2**31)))
+    if getattr(config.option, "hypothesis_seed", "") is None:
+        # the property tests' examples follow the salt too (--hypothesis-seed overrides it)
+        config.option.hypothesis_seed = os.environ["FASTRES_TEST_SEED"]
     if not HAS_CUDA:  # every Triton test would fail the same obscure way: say why, once
         from fastres.ops._backend import interpreter_problem
 

@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, assert_close_rel, given, in_layout, rel_err, settings, st
+from conftest import HAS_CUDA, assert_close_rel, in_layout, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastres
 from fastres import _ext
@@ -700,146 +702,145 @@ def _with_nan(t: torch.Tensor, nan: bool, gen: torch.Generator) -> torch.Tensor:
     return t
 
 
-if given is not None:
-    _seed = st.integers(0, 2**32 - 1)
-    # mostly small; sometimes large enough (up to 3 * 80 * 80 * 3 elements) that the CPU
-    # implementation's parallel_for (grain 4096) splits the work
-    _pre_size = st.one_of(st.integers(0, 19), st.integers(20, 80))
+_seed = st.integers(0, 2**32 - 1)
+# mostly small; sometimes large enough (up to 3 * 80 * 80 * 3 elements) that the CPU
+# implementation's parallel_for (grain 4096) splits the work
+_pre_size = st.one_of(st.integers(0, 19), st.integers(20, 80))
 
-    @needs_ext
-    @settings(max_examples=100, deadline=None)
-    @given(n=st.integers(0, 3), h=_pre_size, w=_pre_size,
-           layout=st.sampled_from(["NHWC", "NCHW"]), mem=st.sampled_from(LAYOUTS4),
-           mean=st.lists(st.floats(-3, 3), min_size=3, max_size=3),
-           std=st.lists(st.tuples(st.floats(1e-3, 1e3), st.booleans()).map(
-               lambda t: -t[0] if t[1] else t[0]), min_size=3, max_size=3),
-           dtype=st.sampled_from(DTYPES), seed=_seed)
-    def test_preprocess_cpu_property(n, h, w, layout, mem, mean, std, dtype, seed):
-        """Any batch (0 too), any H, W (0 and 1 too, up to 80), either layout in any memory
-        layout, any mean and std (negative std too) and output dtype: bit-identical to the
-        contract's fp32 reference, and within rounding of ((x / 255) - mean) / std in
-        float64."""
-        gen = torch.Generator().manual_seed(seed)
-        shape = (n, h, w, 3) if layout == "NHWC" else (n, 3, h, w)
-        img = in_layout(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen), mem,
-                        gen)
-        out = torch.ops.fastres_C.preprocess(img, layout, mean, std, dtype)
-        assert out.shape == (n, 3, h, w) and out.dtype == dtype
-        assert out.is_contiguous(memory_format=torch.channels_last)
-        # The contract: these fp32 operations in this order, one rounding (so bit-identical).
-        torch.testing.assert_close(out, preprocess_reference(img, layout, mean, std, dtype),
-                                   rtol=0, atol=0)
-        # float64, with mean and std as the fp32 values the contract computes with: the fp32
-        # error (a few 2^-24 of |x/255| + |mean|, over |std|) scales with the cancellation in
-        # x/255 - mean, then one rounding to dtype.
-        nchw = (img.permute(0, 3, 1, 2) if layout == "NHWC" else img).double() / 255
-        m = torch.tensor(mean, dtype=torch.float32).double().view(1, 3, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32).double().view(1, 3, 1, 1)
-        ref = (nchw - m) / s
-        mag = (nchw + m.abs()) / s.abs()
-        assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
-                         f"preprocess {layout} {mem} {dtype}")
+@needs_ext
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 3), h=_pre_size, w=_pre_size,
+       layout=st.sampled_from(["NHWC", "NCHW"]), mem=st.sampled_from(LAYOUTS4),
+       mean=st.lists(st.floats(-3, 3), min_size=3, max_size=3),
+       std=st.lists(st.tuples(st.floats(1e-3, 1e3), st.booleans()).map(
+           lambda t: -t[0] if t[1] else t[0]), min_size=3, max_size=3),
+       dtype=st.sampled_from(DTYPES), seed=_seed)
+def test_preprocess_cpu_property(n, h, w, layout, mem, mean, std, dtype, seed):
+    """Any batch (0 too), any H, W (0 and 1 too, up to 80), either layout in any memory
+    layout, any mean and std (negative std too) and output dtype: bit-identical to the
+    contract's fp32 reference, and within rounding of ((x / 255) - mean) / std in
+    float64."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, h, w, 3) if layout == "NHWC" else (n, 3, h, w)
+    img = in_layout(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen), mem,
+                    gen)
+    out = torch.ops.fastres_C.preprocess(img, layout, mean, std, dtype)
+    assert out.shape == (n, 3, h, w) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # The contract: these fp32 operations in this order, one rounding (so bit-identical).
+    torch.testing.assert_close(out, preprocess_reference(img, layout, mean, std, dtype),
+                               rtol=0, atol=0)
+    # float64, with mean and std as the fp32 values the contract computes with: the fp32
+    # error (a few 2^-24 of |x/255| + |mean|, over |std|) scales with the cancellation in
+    # x/255 - mean, then one rounding to dtype.
+    nchw = (img.permute(0, 3, 1, 2) if layout == "NHWC" else img).double() / 255
+    m = torch.tensor(mean, dtype=torch.float32).double().view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).double().view(1, 3, 1, 1)
+    ref = (nchw - m) / s
+    mag = (nchw + m.abs()) / s.abs()
+    assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
+                     f"preprocess {layout} {mem} {dtype}")
 
-    @needs_ext
-    @settings(max_examples=100, deadline=None)
-    @given(n=st.integers(0, 3), cin=st.one_of(st.just(3), st.integers(1, 12)),
-           cout=st.one_of(st.sampled_from([64, 128]), st.integers(1, 140)),
-           h=st.integers(1, 40), w=st.integers(1, 72), xmem=st.sampled_from(LAYOUTS4),
-           wmem=st.sampled_from(["contig", "cl", "strided"]),
-           bias_shift=st.sampled_from([0.0, 4.0, -4.0]), nan=st.booleans(),
-           dtype=st.sampled_from(DTYPES), seed=_seed)
-    def test_stem_cpu_property(n, cin, cout, h, w, xmem, wmem, bias_shift, nan, dtype, seed):
-        """Any batch (0 too), C_in (the C_in = 3 specialization and the generic kernel), C_out
-        (one to three channel chunks, partial ones), H, W (pooled outputs from 1x1 up to three
-        tiles each way, partial tiles), x and weight in any memory layout, any dtype: the float64
-        conv 7x7/2 + bias + ReLU + max-pool 3x3/2. A bias shifted up makes (nearly) every output
-        positive (an output the kernel never wrote shows), shifted down tests the ReLU. A NaN
-        in x makes NaN exactly where PyTorch's outputs are NaN (every pooled output whose
-        window's receptive field holds it, through the ReLU)."""
-        gen = torch.Generator().manual_seed(seed)
-        x = in_layout(_with_nan(torch.randn(n, cin, h, w, generator=gen), nan, gen).to(dtype),
-                      xmem, gen)
-        wt = (torch.randn(cout, cin, 7, 7, generator=gen) * (49 * cin) ** -0.5).to(dtype)
-        wt = in_layout(wt, wmem, gen)
-        b = torch.randn(cout, generator=gen) + bias_shift
-        out = torch.ops.fastres_C.stem(x, wt, b)
-        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
-        ref = stem_f64(x, wt, b)
-        # fp32 accumulation of 49 * C_in products and the bias: the error scales with the
-        # conv of |x|, |w| and |b| (max-pool and ReLU do not increase it), then one rounding.
-        mag = stem_f64(x.abs(), wt.abs(), b.abs())
-        assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
-                         f"stem {dtype} x {tuple(x.shape)} {xmem} w {wmem}")
+@needs_ext
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 3), cin=st.one_of(st.just(3), st.integers(1, 12)),
+       cout=st.one_of(st.sampled_from([64, 128]), st.integers(1, 140)),
+       h=st.integers(1, 40), w=st.integers(1, 72), xmem=st.sampled_from(LAYOUTS4),
+       wmem=st.sampled_from(["contig", "cl", "strided"]),
+       bias_shift=st.sampled_from([0.0, 4.0, -4.0]), nan=st.booleans(),
+       dtype=st.sampled_from(DTYPES), seed=_seed)
+def test_stem_cpu_property(n, cin, cout, h, w, xmem, wmem, bias_shift, nan, dtype, seed):
+    """Any batch (0 too), C_in (the C_in = 3 specialization and the generic kernel), C_out
+    (one to three channel chunks, partial ones), H, W (pooled outputs from 1x1 up to three
+    tiles each way, partial tiles), x and weight in any memory layout, any dtype: the float64
+    conv 7x7/2 + bias + ReLU + max-pool 3x3/2. A bias shifted up makes (nearly) every output
+    positive (an output the kernel never wrote shows), shifted down tests the ReLU. A NaN
+    in x makes NaN exactly where PyTorch's outputs are NaN (every pooled output whose
+    window's receptive field holds it, through the ReLU)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = in_layout(_with_nan(torch.randn(n, cin, h, w, generator=gen), nan, gen).to(dtype),
+                  xmem, gen)
+    wt = (torch.randn(cout, cin, 7, 7, generator=gen) * (49 * cin) ** -0.5).to(dtype)
+    wt = in_layout(wt, wmem, gen)
+    b = torch.randn(cout, generator=gen) + bias_shift
+    out = torch.ops.fastres_C.stem(x, wt, b)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    ref = stem_f64(x, wt, b)
+    # fp32 accumulation of 49 * C_in products and the bias: the error scales with the
+    # conv of |x|, |w| and |b| (max-pool and ReLU do not increase it), then one rounding.
+    mag = stem_f64(x.abs(), wt.abs(), b.abs())
+    assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
+                     f"stem {dtype} x {tuple(x.shape)} {xmem} w {wmem}")
 
-    @needs_ext
-    @settings(max_examples=100, deadline=None)
-    @given(n=st.integers(0, 4), c=st.integers(0, 80), h=st.integers(0, 9), w=st.integers(0, 9),
-           k=st.integers(0, 24), xmem=st.sampled_from(LAYOUTS4),
-           wmem=st.sampled_from(["contig", "transposed", "strided"]), bias_fp32=st.booleans(),
-           x_shift=st.sampled_from([0.0, 0.3, 3.0]), nan=st.booleans(),
-           dtype=st.sampled_from(DTYPES), seed=_seed)
-    def test_head_cpu_property(n, c, h, w, k, xmem, wmem, bias_fp32, x_shift, nan, dtype,
-                               seed):
-        """Any batch (0 too), channels and classes (0 too: the output is the bias), H, W (1x1,
-        odd; 0, where the mean and so every output is NaN when C > 0, as in PyTorch), x in any
-        memory layout, weight in any strides, bias fp32 or x's dtype, any dtype: the float64
-        linear layer of the fp32 mean rounded to x's dtype (the contract). A NaN in x makes
-        its image's outputs NaN."""
-        gen = torch.Generator().manual_seed(seed)
-        x = _with_nan(torch.randn(n, c, h, w, generator=gen) + x_shift, nan, gen)
-        x = in_layout(x.to(dtype), xmem, gen)
-        wt = (torch.randn(k, c, generator=gen) / max(c, 1) ** 0.5).to(dtype)
-        if wmem == "transposed":
-            wt = wt.t().contiguous().t()
-        elif wmem == "strided":
-            big = torch.full((2 * k + 1, 2 * c + 1), float("nan"), dtype=dtype)
-            big[1::2, 1::2] = wt
-            wt = big[1::2, 1::2]
-        b = torch.randn(k, generator=gen)
-        b = b if bias_fp32 else b.to(dtype)
-        out = torch.ops.fastres_C.avgpool_linear(x, wt, b, False)
-        assert out.shape == (n, k) and out.dtype == dtype
-        ref = head_f64(x, wt, b)
-        # The pooled mean's fp32 sum (its order differs from torch's, so a 16-bit pooled value
-        # may round to the neighbour of torch's: one ulp) and the fp32 dot product: the error
-        # scales with mean(|x|) @ |w|.T + |b|, then one rounding. (rel_err requires NaN exactly
-        # where ref has NaN, and compares the other elements.)
-        mag = x.abs().double().mean(dim=(2, 3)) @ wt.abs().double().t() + b.abs().double()
-        assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
-                         f"head {dtype} x {tuple(x.shape)} {xmem} w {wmem}")
+@needs_ext
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 4), c=st.integers(0, 80), h=st.integers(0, 9), w=st.integers(0, 9),
+       k=st.integers(0, 24), xmem=st.sampled_from(LAYOUTS4),
+       wmem=st.sampled_from(["contig", "transposed", "strided"]), bias_fp32=st.booleans(),
+       x_shift=st.sampled_from([0.0, 0.3, 3.0]), nan=st.booleans(),
+       dtype=st.sampled_from(DTYPES), seed=_seed)
+def test_head_cpu_property(n, c, h, w, k, xmem, wmem, bias_fp32, x_shift, nan, dtype,
+                           seed):
+    """Any batch (0 too), channels and classes (0 too: the output is the bias), H, W (1x1,
+    odd; 0, where the mean and so every output is NaN when C > 0, as in PyTorch), x in any
+    memory layout, weight in any strides, bias fp32 or x's dtype, any dtype: the float64
+    linear layer of the fp32 mean rounded to x's dtype (the contract). A NaN in x makes
+    its image's outputs NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _with_nan(torch.randn(n, c, h, w, generator=gen) + x_shift, nan, gen)
+    x = in_layout(x.to(dtype), xmem, gen)
+    wt = (torch.randn(k, c, generator=gen) / max(c, 1) ** 0.5).to(dtype)
+    if wmem == "transposed":
+        wt = wt.t().contiguous().t()
+    elif wmem == "strided":
+        big = torch.full((2 * k + 1, 2 * c + 1), float("nan"), dtype=dtype)
+        big[1::2, 1::2] = wt
+        wt = big[1::2, 1::2]
+    b = torch.randn(k, generator=gen)
+    b = b if bias_fp32 else b.to(dtype)
+    out = torch.ops.fastres_C.avgpool_linear(x, wt, b, False)
+    assert out.shape == (n, k) and out.dtype == dtype
+    ref = head_f64(x, wt, b)
+    # The pooled mean's fp32 sum (its order differs from torch's, so a 16-bit pooled value
+    # may round to the neighbour of torch's: one ulp) and the fp32 dot product: the error
+    # scales with mean(|x|) @ |w|.T + |b|, then one rounding. (rel_err requires NaN exactly
+    # where ref has NaN, and compares the other elements.)
+    mag = x.abs().double().mean(dim=(2, 3)) @ wt.abs().double().t() + b.abs().double()
+    assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
+                     f"head {dtype} x {tuple(x.shape)} {xmem} w {wmem}")
 
-    @needs_ext
-    @settings(max_examples=100, deadline=None)
-    @given(n=st.integers(0, 3), cin=st.integers(1, 40), cout=st.integers(1, 40),
-           h=st.integers(1, 12), w=st.integers(1, 12), stride=st.integers(1, 4),
-           xmem=st.sampled_from(LAYOUTS4), wmem=st.sampled_from(["contig", "cl", "strided"]),
-           residual=st.sampled_from([None, *LAYOUTS4]), relu=st.booleans(),
-           allow_tf32=st.booleans(), nan=st.booleans(), dtype=st.sampled_from(DTYPES),
-           seed=_seed)
-    def test_conv1x1_cpu_property(n, cin, cout, h, w, stride, xmem, wmem, residual, relu,
-                                  allow_tf32, nan, dtype, seed):
-        """Any batch (0 too), C_in, C_out, H, W (outputs down to 1x1, strides past the input),
-        x, weight and residual in any memory layout, with or without residual and ReLU, any
-        dtype: the float64 1x1 convolution. (The host GEMM is fp32 whatever allow_tf32 says.)
-        A NaN in x stays NaN through the ReLU in its pixel's outputs, if the stride reads it."""
-        gen = torch.Generator().manual_seed(seed)
-        x = _with_nan(torch.randn(n, cin, h, w, generator=gen), nan, gen)
-        x = in_layout(x.to(dtype), xmem, gen)
-        wt = in_layout((torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(dtype),
-                       wmem, gen)
-        b = torch.randn(cout, generator=gen)
-        p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
-        res = None if residual is None else in_layout(
-            torch.randn(n, cout, p, q, generator=gen).to(dtype), residual, gen)
-        out = torch.ops.fastres_C.conv1x1(x, wt, b, stride, res, relu, allow_tf32)
-        assert out.shape == (n, cout, p, q) and out.dtype == dtype
-        assert out.is_contiguous(memory_format=torch.channels_last)
-        ref = conv1x1_f64(x, wt, b, stride, res, relu)
-        # fp32 accumulation of C_in products, the bias and the residual, then one rounding.
-        mag = conv1x1_f64(x.abs(), wt.abs(), b.abs(), stride,
-                          None if res is None else res.abs(), False)
-        assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
-                         f"conv1x1 {dtype} x {tuple(x.shape)} {xmem} w {wmem} res {residual}")
+@needs_ext
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 3), cin=st.integers(1, 40), cout=st.integers(1, 40),
+       h=st.integers(1, 12), w=st.integers(1, 12), stride=st.integers(1, 4),
+       xmem=st.sampled_from(LAYOUTS4), wmem=st.sampled_from(["contig", "cl", "strided"]),
+       residual=st.sampled_from([None, *LAYOUTS4]), relu=st.booleans(),
+       allow_tf32=st.booleans(), nan=st.booleans(), dtype=st.sampled_from(DTYPES),
+       seed=_seed)
+def test_conv1x1_cpu_property(n, cin, cout, h, w, stride, xmem, wmem, residual, relu,
+                              allow_tf32, nan, dtype, seed):
+    """Any batch (0 too), C_in, C_out, H, W (outputs down to 1x1, strides past the input),
+    x, weight and residual in any memory layout, with or without residual and ReLU, any
+    dtype: the float64 1x1 convolution. (The host GEMM is fp32 whatever allow_tf32 says.)
+    A NaN in x stays NaN through the ReLU in its pixel's outputs, if the stride reads it."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _with_nan(torch.randn(n, cin, h, w, generator=gen), nan, gen)
+    x = in_layout(x.to(dtype), xmem, gen)
+    wt = in_layout((torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(dtype),
+                   wmem, gen)
+    b = torch.randn(cout, generator=gen)
+    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    res = None if residual is None else in_layout(
+        torch.randn(n, cout, p, q, generator=gen).to(dtype), residual, gen)
+    out = torch.ops.fastres_C.conv1x1(x, wt, b, stride, res, relu, allow_tf32)
+    assert out.shape == (n, cout, p, q) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref = conv1x1_f64(x, wt, b, stride, res, relu)
+    # fp32 accumulation of C_in products, the bias and the residual, then one rounding.
+    mag = conv1x1_f64(x.abs(), wt.abs(), b.abs(), stride,
+                      None if res is None else res.abs(), False)
+    assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
+                     f"conv1x1 {dtype} x {tuple(x.shape)} {xmem} w {wmem} res {residual}")
 
 
 # -- GPU: CUDA implementations -------------------------------------------------------------------

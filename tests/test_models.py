@@ -11,7 +11,9 @@ import torch
 import torchvision
 from _models import (ARCHS, DEVICE, assert_matches_torchvision, realistic_bn, tol_for,
                      torchvision_stages, twin)
-from conftest import assert_close_rel, given, rel_err, settings, st
+from conftest import assert_close_rel, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastres
 from fastres import plan as _plan
@@ -1148,63 +1150,62 @@ def test_builders_and_get_model_like_torchvision():
         assert float(getattr(fr.layer1[0], bn).weight.detach().abs().sum()) == 0
 
 
-if given is not None:
-    @st.composite
-    def _architectures(draw):
-        """torchvision ResNet constructor arguments: block, depth per stage, groups and width
-        (Bottleneck only, as torchvision's BasicBlock refuses them), dilation flags, classes."""
-        bottleneck = draw(st.booleans())
-        kw = {"layers": draw(st.lists(st.integers(1, 2), min_size=4, max_size=4)),
-              "num_classes": draw(st.integers(1, 17))}
-        if bottleneck:
-            kw["groups"] = draw(st.sampled_from([1, 2, 4, 8]))
-            kw["width_per_group"] = draw(st.sampled_from([4, 8, 16, 64]))
-            kw["replace_stride_with_dilation"] = draw(
-                st.lists(st.booleans(), min_size=3, max_size=3))
-        return bottleneck, kw
+@st.composite
+def _architectures(draw):
+    """torchvision ResNet constructor arguments: block, depth per stage, groups and width
+    (Bottleneck only, as torchvision's BasicBlock refuses them), dilation flags, classes."""
+    bottleneck = draw(st.booleans())
+    kw = {"layers": draw(st.lists(st.integers(1, 2), min_size=4, max_size=4)),
+          "num_classes": draw(st.integers(1, 17))}
+    if bottleneck:
+        kw["groups"] = draw(st.sampled_from([1, 2, 4, 8]))
+        kw["width_per_group"] = draw(st.sampled_from([4, 8, 16, 64]))
+        kw["replace_stride_with_dilation"] = draw(
+            st.lists(st.booleans(), min_size=3, max_size=3))
+    return bottleneck, kw
 
-    @settings(max_examples=12, deadline=None)
-    @given(arch=_architectures(), n=st.integers(1, 2), h=st.integers(1, 40),
-           w=st.integers(1, 40), channels_last=st.booleans(), through=st.sampled_from(
-               ["from_torchvision", "constructor"]), seed=st.integers(0, 2**31 - 1))
-    def test_any_architecture_matches_torchvision(arch, n, h, w, channels_last, through, seed):
-        """Any ResNet torchvision's constructor builds (depths, groups, width, dilation, class
-        count), on any input size down to 1x1, through from_torchvision or fastres.ResNet
-        loaded with the same state_dict: the fused eval forward matches torchvision. Weights
-        and inputs come from ``seed``, so a falsifying example replays."""
-        torch.manual_seed(seed)
-        bottleneck, kw = arch
-        tv_block = (torchvision.models.resnet.Bottleneck if bottleneck
-                    else torchvision.models.resnet.BasicBlock)
-        tv = realistic_bn(torchvision.models.ResNet(tv_block, **kw).to(DEVICE), size=24)
-        if through == "from_torchvision":
-            fr = fastres.from_torchvision(tv)
-        else:
-            block = fastres.models.Bottleneck if bottleneck else fastres.models.BasicBlock
-            fr = fastres.ResNet(block, **kw).to(DEVICE)
-            fr.load_state_dict(tv.state_dict(), strict=True)
-            fr.eval()
-        x = torch.randn(n, 3, h, w, device=DEVICE)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            assert _plan.eager_reason(fr, x) is None  # the plan runs, not torchvision's code
-            out = fr(x)
-            feats = fr.forward_features(x)
-        assert out.shape == (n, kw["num_classes"])
-        what = f"{tv_block.__name__} {kw} on {tuple(x.shape)}"
-        # The features (hundreds of values per image) against torchvision's, norm-wise. The
-        # logits are too few (1-17 per image) for a norm-wise bound drawn from eager's own
-        # error: one logit's cancellation makes it a coin toss (with 1 class, fastres's error
-        # over eager's ranges 0.1-16 across weight draws, either way round). They are checked
-        # as the head on those features instead, in float64, against the head's summands.
-        tv_features = torch.nn.Sequential(*list(tv.children())[:-2])
-        assert_matches_torchvision(feats, tv_features, x, f"features of {what}")
-        pooled = feats.double().mean((2, 3))
-        w, b = fr.fc.weight.double(), fr.fc.bias.double()
-        err = (out.double() - (pooled @ w.T + b)).abs()
-        assert bool((err <= 1e-5 * (pooled.abs() @ w.abs().T + b.abs())).all()), (
-            f"head of {what}: |logits - fc(features)| {err.max().item():.2e}")
+@settings(max_examples=12, deadline=None)
+@given(arch=_architectures(), n=st.integers(1, 2), h=st.integers(1, 40),
+       w=st.integers(1, 40), channels_last=st.booleans(), through=st.sampled_from(
+           ["from_torchvision", "constructor"]), seed=st.integers(0, 2**31 - 1))
+def test_any_architecture_matches_torchvision(arch, n, h, w, channels_last, through, seed):
+    """Any ResNet torchvision's constructor builds (depths, groups, width, dilation, class
+    count), on any input size down to 1x1, through from_torchvision or fastres.ResNet
+    loaded with the same state_dict: the fused eval forward matches torchvision. Weights
+    and inputs come from ``seed``, so a falsifying example replays."""
+    torch.manual_seed(seed)
+    bottleneck, kw = arch
+    tv_block = (torchvision.models.resnet.Bottleneck if bottleneck
+                else torchvision.models.resnet.BasicBlock)
+    tv = realistic_bn(torchvision.models.ResNet(tv_block, **kw).to(DEVICE), size=24)
+    if through == "from_torchvision":
+        fr = fastres.from_torchvision(tv)
+    else:
+        block = fastres.models.Bottleneck if bottleneck else fastres.models.BasicBlock
+        fr = fastres.ResNet(block, **kw).to(DEVICE)
+        fr.load_state_dict(tv.state_dict(), strict=True)
+        fr.eval()
+    x = torch.randn(n, 3, h, w, device=DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert _plan.eager_reason(fr, x) is None  # the plan runs, not torchvision's code
+        out = fr(x)
+        feats = fr.forward_features(x)
+    assert out.shape == (n, kw["num_classes"])
+    what = f"{tv_block.__name__} {kw} on {tuple(x.shape)}"
+    # The features (hundreds of values per image) against torchvision's, norm-wise. The
+    # logits are too few (1-17 per image) for a norm-wise bound drawn from eager's own
+    # error: one logit's cancellation makes it a coin toss (with 1 class, fastres's error
+    # over eager's ranges 0.1-16 across weight draws, either way round). They are checked
+    # as the head on those features instead, in float64, against the head's summands.
+    tv_features = torch.nn.Sequential(*list(tv.children())[:-2])
+    assert_matches_torchvision(feats, tv_features, x, f"features of {what}")
+    pooled = feats.double().mean((2, 3))
+    w, b = fr.fc.weight.double(), fr.fc.bias.double()
+    err = (out.double() - (pooled @ w.T + b)).abs()
+    assert bool((err <= 1e-5 * (pooled.abs() @ w.abs().T + b.abs())).all()), (
+        f"head of {what}: |logits - fc(features)| {err.max().item():.2e}")
 
 
 def _outcome(f):

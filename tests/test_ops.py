@@ -7,7 +7,9 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rel, given, settings, st
+from conftest import assert_close_rel
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastres
 from fastres import ops
@@ -300,46 +302,45 @@ def test_broken_interpreter_falls_back_to_torch_and_says_why(monkeypatch):
     assert torch.equal(y, F.max_pool2d(x, 3, 2, 1))
 
 
-if given is not None:
-    @settings(max_examples=25, deadline=None)
-    @given(n=st.integers(1, 3), cin_g=st.integers(1, 6), cout_g=st.integers(1, 6),
-           groups=st.integers(1, 3), k=st.sampled_from([1, 3, 5, 7]),
-           stride=st.integers(1, 3), dil=st.integers(1, 3), pad=st.integers(0, 3),
-           h=st.integers(1, 14), w=st.integers(1, 14), relu=st.booleans(),
-           residual=st.booleans())
-    def test_conv_bias_act_shapes_property(n, cin_g, cout_g, groups, k, stride, dil, pad, h,
-                                           w, relu, residual):
-        """Any valid conv geometry: same shape and values as F.conv2d + bias (+ res) (+ ReLU)."""
-        from fastres.ops._checks import conv_output_size
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3), cin_g=st.integers(1, 6), cout_g=st.integers(1, 6),
+       groups=st.integers(1, 3), k=st.sampled_from([1, 3, 5, 7]),
+       stride=st.integers(1, 3), dil=st.integers(1, 3), pad=st.integers(0, 3),
+       h=st.integers(1, 14), w=st.integers(1, 14), relu=st.booleans(),
+       residual=st.booleans())
+def test_conv_bias_act_shapes_property(n, cin_g, cout_g, groups, k, stride, dil, pad, h,
+                                       w, relu, residual):
+    """Any valid conv geometry: same shape and values as F.conv2d + bias (+ res) (+ ReLU)."""
+    from fastres.ops._checks import conv_output_size
 
-        p, q = conv_output_size(h, w, k, k, (stride,) * 2, (pad,) * 2, (dil,) * 2)
-        x = torch.randn(n, cin_g * groups, h, w)
-        wt = torch.randn(cout_g * groups, cin_g, k, k)
-        b = torch.randn(cout_g * groups)
-        if p < 1 or q < 1:
-            with pytest.raises(ValueError, match="too small"):
-                ops.conv_bias_act(x, wt, b, stride, pad, dil, groups)
-            return
-        res = torch.randn(n, cout_g * groups, p, q) if residual else None
-        with fastres.use_backend("torch"):
-            out = ops.conv_bias_act(x, wt, b, stride, pad, dil, groups, res, relu)
-        ref = F.conv2d(x.double(), wt.double(), b.double(), stride, pad, dil, groups)
-        # fp32 rounding is relative to the size of the terms summed, not of their sum: where
-        # x*w, the bias and the residual nearly cancel (a one-element output is a common
-        # draw), eager F.conv2d in fp32 is itself 1e-4 off relative to the result. So the bound
-        # is 1e-5 of the magnitude |x|*|w| + |b| (+ |res|); any wrong index, term or ReLU
-        # still misses it by orders of magnitude.
-        mag = F.conv2d(x.double().abs(), wt.double().abs(), b.double().abs(), stride, pad,
-                       dil, groups)
-        if residual:
-            ref = ref + res.double()
-            mag = mag + res.double().abs()
-        if relu:
-            ref = ref.relu()
-        assert out.shape == ref.shape
-        cond = float(torch.linalg.vector_norm(mag)
-                     / torch.linalg.vector_norm(ref).clamp_min(1e-30))
-        assert_close_rel(out, ref, 1e-5 * max(1.0, cond), "conv_bias_act property")
+    p, q = conv_output_size(h, w, k, k, (stride,) * 2, (pad,) * 2, (dil,) * 2)
+    x = torch.randn(n, cin_g * groups, h, w)
+    wt = torch.randn(cout_g * groups, cin_g, k, k)
+    b = torch.randn(cout_g * groups)
+    if p < 1 or q < 1:
+        with pytest.raises(ValueError, match="too small"):
+            ops.conv_bias_act(x, wt, b, stride, pad, dil, groups)
+        return
+    res = torch.randn(n, cout_g * groups, p, q) if residual else None
+    with fastres.use_backend("torch"):
+        out = ops.conv_bias_act(x, wt, b, stride, pad, dil, groups, res, relu)
+    ref = F.conv2d(x.double(), wt.double(), b.double(), stride, pad, dil, groups)
+    # fp32 rounding is relative to the size of the terms summed, not of their sum: where
+    # x*w, the bias and the residual nearly cancel (a one-element output is a common
+    # draw), eager F.conv2d in fp32 is itself 1e-4 off relative to the result. So the bound
+    # is 1e-5 of the magnitude |x|*|w| + |b| (+ |res|); any wrong index, term or ReLU
+    # still misses it by orders of magnitude.
+    mag = F.conv2d(x.double().abs(), wt.double().abs(), b.double().abs(), stride, pad,
+                   dil, groups)
+    if residual:
+        ref = ref + res.double()
+        mag = mag + res.double().abs()
+    if relu:
+        ref = ref.relu()
+    assert out.shape == ref.shape
+    cond = float(torch.linalg.vector_norm(mag)
+                 / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+    assert_close_rel(out, ref, 1e-5 * max(1.0, cond), "conv_bias_act property")
 
 
 def test_conv_bias_none_means_zeros():

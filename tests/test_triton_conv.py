@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from conftest import HAS_CUDA, assert_close_rel, given, rel_err, settings, st
+from conftest import HAS_CUDA, assert_close_rel, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastres
 from fastres.kernels import configs as kcfg
@@ -287,48 +289,47 @@ def test_block_diagonal_packing_is_the_same_conv():
     assert torch.allclose(F.conv2d(x, dense, None, 1, 1, 1, g // gpb), ref)
 
 
-if given is not None:
-    _geom = st.tuples(st.integers(1, 3), st.integers(1, 3))
+_geom = st.tuples(st.integers(1, 3), st.integers(1, 3))
 
-    @settings(max_examples=40, deadline=None)
-    @given(n=st.integers(1, 2), cin_g=st.integers(1, 9), cout_g=st.integers(1, 9),
-           groups=st.integers(1, 3), r=st.sampled_from([1, 2, 3, 5, 7]),
-           s=st.sampled_from([1, 2, 3, 5, 7]), stride=_geom, dil=_geom,
-           pad=st.tuples(st.integers(0, 3), st.integers(0, 3)), extra_h=st.integers(0, 9),
-           extra_w=st.integers(0, 9), residual=st.booleans(), relu=st.booleans(),
-           channels_last=st.booleans(), dtype=st.sampled_from(DTYPES),
-           seed=st.integers(0, 2**31 - 1), data=st.data())
-    def test_conv_any_geometry_property(n, cin_g, cout_g, groups, r, s, stride, dil, pad,
-                                        extra_h, extra_w, residual, relu, channels_last, dtype,
-                                        seed, data):
-        """Any valid geometry (kernel extent, stride, padding and dilation each per axis,
-        groups, channel counts off every block size, outputs down to 1x1) in any dtype and
-        layout, under the tuned choice or any candidate of its schedule, matches the float64
-        reference. (Geometries with an empty output are refused by the op's argument check,
-        tested in test_ops; this launcher is called after it.) The inputs come from ``seed``,
-        so a falsifying example replays."""
-        torch.manual_seed(seed)
-        # The smallest input that gives a 1-pixel output, plus extra rows and columns.
-        h = max(1, dil[0] * (r - 1) + 1 - 2 * pad[0]) + extra_h
-        w = max(1, dil[1] * (s - 1) + 1 - 2 * pad[1]) + extra_w
-        shape = ("any", n, cin_g * groups, h, w, cout_g * groups, r, s, stride, pad, dil,
-                 groups)
-        case = make_case(shape, dtype, residual=residual, channels_last=channels_last)
-        x, wt, b, st_, pad_, dil_, g, res = case
-        config = data.draw(st.sampled_from([None, *kcfg.TABLES[problem_of(case).kind]]),
-                           label="config")
-        out = poisoned(x, wt, st_, pad_, dil_)
-        y = conv_bias_act_triton(x, wt, b, st_, pad_, dil_, g, res, relu, config=config,
-                                 out=out)
-        ref = reference(x, wt, b, st_, pad_, dil_, g, res, relu)
-        # Rounding is relative to the terms summed, not to their sum (where the bias, the
-        # residual and the products nearly cancel): the bound scales with |x|*|w|+|b|+|res|.
-        mag = reference(x.abs(), wt.abs(), b.abs(), st_, pad_, dil_, g,
-                        None if res is None else res.abs(), False)
-        cond = float(torch.linalg.vector_norm(mag)
-                     / torch.linalg.vector_norm(ref).clamp_min(1e-30))
-        assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
-        assert_close_rel(y, ref, TOL[dtype] * max(1.0, cond), "conv_bias_act_triton")
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 2), cin_g=st.integers(1, 9), cout_g=st.integers(1, 9),
+       groups=st.integers(1, 3), r=st.sampled_from([1, 2, 3, 5, 7]),
+       s=st.sampled_from([1, 2, 3, 5, 7]), stride=_geom, dil=_geom,
+       pad=st.tuples(st.integers(0, 3), st.integers(0, 3)), extra_h=st.integers(0, 9),
+       extra_w=st.integers(0, 9), residual=st.booleans(), relu=st.booleans(),
+       channels_last=st.booleans(), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_conv_any_geometry_property(n, cin_g, cout_g, groups, r, s, stride, dil, pad,
+                                    extra_h, extra_w, residual, relu, channels_last, dtype,
+                                    seed, data):
+    """Any valid geometry (kernel extent, stride, padding and dilation each per axis,
+    groups, channel counts off every block size, outputs down to 1x1) in any dtype and
+    layout, under the tuned choice or any candidate of its schedule, matches the float64
+    reference. (Geometries with an empty output are refused by the op's argument check,
+    tested in test_ops; this launcher is called after it.) The inputs come from ``seed``,
+    so a falsifying example replays."""
+    torch.manual_seed(seed)
+    # The smallest input that gives a 1-pixel output, plus extra rows and columns.
+    h = max(1, dil[0] * (r - 1) + 1 - 2 * pad[0]) + extra_h
+    w = max(1, dil[1] * (s - 1) + 1 - 2 * pad[1]) + extra_w
+    shape = ("any", n, cin_g * groups, h, w, cout_g * groups, r, s, stride, pad, dil,
+             groups)
+    case = make_case(shape, dtype, residual=residual, channels_last=channels_last)
+    x, wt, b, st_, pad_, dil_, g, res = case
+    config = data.draw(st.sampled_from([None, *kcfg.TABLES[problem_of(case).kind]]),
+                       label="config")
+    out = poisoned(x, wt, st_, pad_, dil_)
+    y = conv_bias_act_triton(x, wt, b, st_, pad_, dil_, g, res, relu, config=config,
+                             out=out)
+    ref = reference(x, wt, b, st_, pad_, dil_, g, res, relu)
+    # Rounding is relative to the terms summed, not to their sum (where the bias, the
+    # residual and the products nearly cancel): the bound scales with |x|*|w|+|b|+|res|.
+    mag = reference(x.abs(), wt.abs(), b.abs(), st_, pad_, dil_, g,
+                    None if res is None else res.abs(), False)
+    cond = float(torch.linalg.vector_norm(mag)
+                 / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+    assert y.data_ptr() == out.data_ptr() and y.dtype == dtype
+    assert_close_rel(y, ref, TOL[dtype] * max(1.0, cond), "conv_bias_act_triton")
 
 
 def test_nan_propagates_and_relu_keeps_nan():

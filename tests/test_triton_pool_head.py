@@ -7,7 +7,9 @@ channel counts off the block size, NaN propagation, poisoned output buffers.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, assert_close_rel, given, in_layout, settings, st
+from conftest import HAS_CUDA, assert_close_rel, in_layout
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastres
 from fastres.kernels.head import avgpool_linear_triton, global_avgpool_triton
@@ -168,80 +170,79 @@ def _equal_nan(a, b):
             and torch.equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0)))
 
 
-if given is not None:
-    # x (contiguous NCHW) as is, channels-last, or every other element of a twice-as-wide
-    # buffer (conftest's in_layout)
-    _LAYOUTS = ["contig", "cl", "strided_w"]
+# x (contiguous NCHW) as is, channels-last, or every other element of a twice-as-wide
+# buffer (conftest's in_layout)
+_LAYOUTS = ["contig", "cl", "strided_w"]
 
-    @settings(max_examples=60, deadline=None)
-    @given(n=st.integers(1, 2), c=st.integers(1, 70), k=st.integers(1, 7),
-           stride=st.integers(1, 4), extra_h=st.integers(0, 6), extra_w=st.integers(0, 6),
-           dtype=st.sampled_from(DTYPES), layout=st.sampled_from(_LAYOUTS),
-           use_out=st.booleans(), specials=st.booleans(), seed=st.integers(0, 2**31 - 1),
-           data=st.data())
-    def test_max_pool_any_geometry_property(n, c, k, stride, extra_h, extra_w, dtype, layout,
-                                            use_out, specials, seed, data):
-        """Any geometry the launcher claims (square kernel 1..7, the limit of
-        ``supports_max_pool``; any stride; padding up to half the kernel, the op's rule;
-        outputs down to 1x1; channel counts off the 64-channel and pixel blocks) in any dtype
-        and layout, NaN and +-inf included, equals ``F.max_pool2d`` on the same input exactly.
-        (Windows that do not fit are refused by the op's argument check, tested in test_ops.)
-        The inputs come from ``seed``, so a falsifying example reproduces."""
-        pad = data.draw(st.integers(0, k // 2), label="padding")
-        # the smallest input that gives a 1-pixel output, plus extra rows and columns
-        h, w = max(1, k - 2 * pad) + extra_h, max(1, k - 2 * pad) + extra_w
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, c, h, w, generator=g).to(dtype)
-        if specials:  # a few NaN, +inf and -inf (and a whole channel of -inf)
-            flat = x.view(-1)
-            for v in (float("nan"), float("inf"), float("-inf")):
-                count = int(torch.randint(1, 4, (1,), generator=g))
-                flat[torch.randint(0, flat.numel(), (count,), generator=g)] = v
-            x[:, int(torch.randint(0, c, (1,), generator=g))] = float("-inf")
-        x = in_layout(x.to(DEV), layout)
-        ref = F.max_pool2d(x, k, stride, pad)
-        assert ref.shape[2] >= 1 and ref.shape[3] >= 1
-        out = None
-        if use_out:
-            out = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEV).contiguous(
-                memory_format=torch.channels_last)
-        y = max_pool2d_triton(x, k, stride, pad, out=out)
-        assert out is None or y.data_ptr() == out.data_ptr()
-        assert y.is_contiguous(memory_format=torch.channels_last)
-        assert _equal_nan(y, ref), (
-            f"max-pool differs from F.max_pool2d at "
-            f"{(~((y == ref) | (torch.isnan(y) & torch.isnan(ref)))).nonzero()[:5].tolist()}")
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 2), c=st.integers(1, 70), k=st.integers(1, 7),
+       stride=st.integers(1, 4), extra_h=st.integers(0, 6), extra_w=st.integers(0, 6),
+       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(_LAYOUTS),
+       use_out=st.booleans(), specials=st.booleans(), seed=st.integers(0, 2**31 - 1),
+       data=st.data())
+def test_max_pool_any_geometry_property(n, c, k, stride, extra_h, extra_w, dtype, layout,
+                                        use_out, specials, seed, data):
+    """Any geometry the launcher claims (square kernel 1..7, the limit of
+    ``supports_max_pool``; any stride; padding up to half the kernel, the op's rule;
+    outputs down to 1x1; channel counts off the 64-channel and pixel blocks) in any dtype
+    and layout, NaN and +-inf included, equals ``F.max_pool2d`` on the same input exactly.
+    (Windows that do not fit are refused by the op's argument check, tested in test_ops.)
+    The inputs come from ``seed``, so a falsifying example reproduces."""
+    pad = data.draw(st.integers(0, k // 2), label="padding")
+    # the smallest input that gives a 1-pixel output, plus extra rows and columns
+    h, w = max(1, k - 2 * pad) + extra_h, max(1, k - 2 * pad) + extra_w
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    if specials:  # a few NaN, +inf and -inf (and a whole channel of -inf)
+        flat = x.view(-1)
+        for v in (float("nan"), float("inf"), float("-inf")):
+            count = int(torch.randint(1, 4, (1,), generator=g))
+            flat[torch.randint(0, flat.numel(), (count,), generator=g)] = v
+        x[:, int(torch.randint(0, c, (1,), generator=g))] = float("-inf")
+    x = in_layout(x.to(DEV), layout)
+    ref = F.max_pool2d(x, k, stride, pad)
+    assert ref.shape[2] >= 1 and ref.shape[3] >= 1
+    out = None
+    if use_out:
+        out = torch.full(ref.shape, float("nan"), dtype=dtype, device=DEV).contiguous(
+            memory_format=torch.channels_last)
+    y = max_pool2d_triton(x, k, stride, pad, out=out)
+    assert out is None or y.data_ptr() == out.data_ptr()
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert _equal_nan(y, ref), (
+        f"max-pool differs from F.max_pool2d at "
+        f"{(~((y == ref) | (torch.isnan(y) & torch.isnan(ref)))).nonzero()[:5].tolist()}")
 
-    @settings(max_examples=60, deadline=None)
-    @given(n=st.integers(1, 3), c=st.integers(1, 140), h=st.integers(1, 9),
-           w=st.integers(1, 9), num_classes=st.integers(1, 40),
-           dtype=st.sampled_from(DTYPES), layout=st.sampled_from(_LAYOUTS),
-           weight_t=st.booleans(), bias_fp32=st.booleans(), seed=st.integers(0, 2**31 - 1))
-    def test_avgpool_linear_any_shape_property(n, c, h, w, num_classes, dtype, layout,
-                                               weight_t, bias_fp32, seed):
-        """Any batch (1 included), channel count (off the 128-channel block and the GEMM's
-        blocks), spatial size (1x1 up to more than one 16-pixel block), class count, dtype and
-        layout of x, weight contiguous or a transposed view, bias fp32 or in x's dtype (the
-        bias is required: ``check_head_args``): the float64 reference of the op's contract
-        (the mean rounded to x's dtype, the bias rounded to x's dtype, then the linear layer)
-        within the per-op tolerance. The inputs come from ``seed``."""
-        g = torch.Generator().manual_seed(seed)
-        x = in_layout(torch.randn(n, c, h, w, generator=g).to(dtype).to(DEV), layout)
-        wt = (torch.randn(num_classes, c, generator=g) * c**-0.5).to(dtype).to(DEV)
-        if weight_t:  # the same values, read through a transposed [C, num_classes] buffer
-            wt = wt.t().contiguous().t()
-        b = torch.randn(num_classes, generator=g).to(DEV)
-        if not bias_fp32:
-            b = b.to(dtype)
-        y, ref = _head_without_tf32(x, wt, b)
-        # Rounding is relative to the terms summed, not to their sum: the fp32 mean's error
-        # scales with mean|x| (a mean near 0 is a common draw at small H*W), the linear
-        # layer's with |pooled|*|w| + |b|. So the bound scales with mean|x| @ |w|.T + |b|.
-        mag = x.double().abs().mean(dim=(2, 3)) @ wt.double().abs().t() + b.double().abs()
-        cond = float(torch.linalg.vector_norm(mag)
-                     / torch.linalg.vector_norm(ref).clamp_min(1e-30))
-        assert y.shape == (n, num_classes) and y.dtype == dtype
-        assert_close_rel(y, ref, TOL[dtype] * max(1.0, cond), "avgpool_linear_triton")
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 140), h=st.integers(1, 9),
+       w=st.integers(1, 9), num_classes=st.integers(1, 40),
+       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(_LAYOUTS),
+       weight_t=st.booleans(), bias_fp32=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_avgpool_linear_any_shape_property(n, c, h, w, num_classes, dtype, layout,
+                                           weight_t, bias_fp32, seed):
+    """Any batch (1 included), channel count (off the 128-channel block and the GEMM's
+    blocks), spatial size (1x1 up to more than one 16-pixel block), class count, dtype and
+    layout of x, weight contiguous or a transposed view, bias fp32 or in x's dtype (the
+    bias is required: ``check_head_args``): the float64 reference of the op's contract
+    (the mean rounded to x's dtype, the bias rounded to x's dtype, then the linear layer)
+    within the per-op tolerance. The inputs come from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    x = in_layout(torch.randn(n, c, h, w, generator=g).to(dtype).to(DEV), layout)
+    wt = (torch.randn(num_classes, c, generator=g) * c**-0.5).to(dtype).to(DEV)
+    if weight_t:  # the same values, read through a transposed [C, num_classes] buffer
+        wt = wt.t().contiguous().t()
+    b = torch.randn(num_classes, generator=g).to(DEV)
+    if not bias_fp32:
+        b = b.to(dtype)
+    y, ref = _head_without_tf32(x, wt, b)
+    # Rounding is relative to the terms summed, not to their sum: the fp32 mean's error
+    # scales with mean|x| (a mean near 0 is a common draw at small H*W), the linear
+    # layer's with |pooled|*|w| + |b|. So the bound scales with mean|x| @ |w|.T + |b|.
+    mag = x.double().abs().mean(dim=(2, 3)) @ wt.double().abs().t() + b.double().abs()
+    cond = float(torch.linalg.vector_norm(mag)
+                 / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+    assert y.shape == (n, num_classes) and y.dtype == dtype
+    assert_close_rel(y, ref, TOL[dtype] * max(1.0, cond), "avgpool_linear_triton")
 
 
 def test_threads_launching_at_once_get_right_results():
