@@ -76,12 +76,22 @@ PyObject* slots_hold(PyObject* /*self*/, PyObject* args) {
                    Py_TYPE(d)->tp_name);
       return nullptr;
     }
-    PyObject* v = PyDict_GetItemWithError(d, PyList_GET_ITEM(names, i));  // borrowed
-    if (v == nullptr) {
-      if (PyErr_Occurred()) return nullptr;  // (an unhashable name)
-      v = Py_None;
+    // A lookup can run Python code (a key's __eq__ or __hash__, for a name or a key that is
+    // not a plain str), which may change the lists: the dict and the name are held across it,
+    // and the lists are read again only while they still have n elements (else: not held).
+    PyObject* name = PyList_GET_ITEM(names, i);
+    Py_INCREF(d);
+    Py_INCREF(name);
+    PyObject* v = PyDict_GetItemWithError(d, name);  // borrowed (compared, never read)
+    const bool failed = v == nullptr && PyErr_Occurred();
+    Py_DECREF(name);
+    Py_DECREF(d);
+    if (failed) return nullptr;  // (an unhashable name)
+    if (v == nullptr) v = Py_None;
+    if (PyList_GET_SIZE(dicts) != n || PyList_GET_SIZE(names) != n ||
+        PyList_GET_SIZE(held) != n || v != PyList_GET_ITEM(held, i)) {
+      Py_RETURN_FALSE;
     }
-    if (v != PyList_GET_ITEM(held, i)) Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
 }

@@ -169,6 +169,20 @@ void opt_in_shared_memory(Kernel kernel, std::atomic<bool>* opted_in, size_t sme
 
 // -- launchers -------------------------------------------------------------------------------
 
+bool kernels_available() {
+  // Every kernel here is compiled for the same targets: one stands for all.
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, preprocess_kernel<float>);
+  if (err == cudaSuccess) return true;
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction ||
+      err == cudaErrorUnsupportedPtxVersion || err == cudaErrorInvalidPtx) {
+    (void)cudaGetLastError();  // (not a sticky error: clear it, nothing is wrong with the GPU)
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return false;
+}
+
 void launch_preprocess(const uint8_t* in, void* out, DType out_dtype, const PreprocessGeom& g,
                        CUstream_st* stream) {
   const int64_t total = g.N * g.H * g.W * 3;

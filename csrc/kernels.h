@@ -14,6 +14,12 @@ namespace fastres {
 
 enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2 };
 
+// Whether this build of the extension holds code the current CUDA device can run (machine
+// code for its architecture, or PTX its driver can compile): false on a GPU the extension was
+// not built for (TORCH_CUDA_ARCH_LIST), where every launch would fail with "no kernel image".
+// Any other CUDA error is raised.
+bool kernels_available();
+
 // out: [N*H*W*3] in `out_dtype`, NHWC-physical.
 void launch_preprocess(const uint8_t* in, void* out, DType out_dtype, const PreprocessGeom& g,
                        CUstream_st* stream);

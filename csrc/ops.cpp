@@ -503,6 +503,16 @@ TORCH_LIBRARY(fastres_C, m) {
                 fastres::STEM_MAX_CIN_INDEX, ", got ", cin);
     return static_cast<int64_t>(fastres::stem_smem_bytes(static_cast<int>(cin)));
   });
+  // whether the extension's own kernels (preprocess, stem, head) run on CUDA device `device`:
+  // the Python side asks once per device before choosing them (the cuBLASLt GEMMs need no code
+  // of ours for the GPU's architecture)
+  m.def("kernels_available(int device) -> bool", [](int64_t device) -> bool {
+    const int64_t count = c10::cuda::device_count();
+    TORCH_CHECK(device >= 0 && device < count, "fastres_C::kernels_available: no CUDA device ",
+                device, " (", count, " visible)");
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    return fastres::kernels_available();
+  });
 }
 
 TORCH_LIBRARY_IMPL(fastres_C, CPU, m) {

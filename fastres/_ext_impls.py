@@ -50,8 +50,34 @@ def supports_stem(x, weight, bias) -> str | None:
     if bias.dtype != torch.float32:
         return f"bias dtype {bias.dtype} (needs float32)"
     if x.is_cuda:
-        return stem_smem_reason(int(x.shape[1]), _smem_optin(x.device.index))
+        return (kernels_reason(_index(x.device))
+                or stem_smem_reason(int(x.shape[1]), _smem_optin(x.device.index)))
     return None
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_reason(index: int) -> str | None:
+    """Why the extension's own kernels (the fused stem, the head's pooling, preprocessing)
+    cannot run on CUDA device ``index``, or None: the build holds no code for the GPU's
+    architecture (default build: sm_80 and sm_90 machine code, which GPUs of compute capability
+    8.x and 9.x run, and compute_90 PTX, which newer ones compile; not Volta or Turing). Asked
+    once per device; those ops then run on Triton or the reference instead, said once."""
+    if torch.ops.fastres_C.kernels_available(index):
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return (f"fastres._C holds no kernels for this GPU ({torch.cuda.get_device_name(index)}, "
+            f"compute capability {major}.{minor}); rebuild fastres with "
+            f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" to use them")
+
+
+def supports_own_kernels(x, *args, **kwargs) -> str | None:
+    """``avgpool_linear``'s and ``preprocess``'s check: the extension's kernels run on ``x``'s
+    GPU (:func:`kernels_reason`)."""
+    return kernels_reason(_index(x.device)) if x.is_cuda else None
 
 
 def stem_smem_reason(cin: int, limit: int | None) -> str | None:
@@ -120,8 +146,8 @@ def register() -> bool:
         return False
     _backend.register_impl("stem", "cuda", _stem, supports_stem)
     _backend.register_impl("conv_bias_act", "cuda", _conv1x1, supports_conv1x1)
-    _backend.register_impl("avgpool_linear", "cuda", _avgpool_linear)
-    _backend.register_impl("preprocess", "cuda", _preprocess)
+    _backend.register_impl("avgpool_linear", "cuda", _avgpool_linear, supports_own_kernels)
+    _backend.register_impl("preprocess", "cuda", _preprocess, supports_own_kernels)
     return True
 
 

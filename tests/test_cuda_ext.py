@@ -159,6 +159,43 @@ def test_slots_hold_checks_each_slot_by_identity():
         hold([{}], [[1]], [None])
 
 
+@needs_ext
+def test_slots_hold_survives_a_lookup_that_changes_its_lists():
+    """A lookup runs Python code for a key that is not a plain str (its ``__eq__`` on a hash
+    collision): code that empties the lists there made ``slots_hold`` read past their ends
+    (it kept their first length). Now the answer is False (not held: the plan rebuilds),
+    and a raising ``__eq__`` raises."""
+    hold = _ext.load().slots_hold
+    w = torch.nn.Parameter(torch.randn(3))
+    n = int(torch.randint(2, 9, ()))
+
+    lists = []  # (filled once the dicts are built: building them compares keys too)
+
+    class Meddling(str):
+        def __hash__(self):
+            return hash("weight")
+
+        def __eq__(self, other):
+            for each in lists:
+                each.clear()
+            return False
+
+    # the name hashes like the dict's other key, so the lookup compares the two
+    dicts = [{Meddling("odd"): 1, "weight": w} for _ in range(n)]
+    names, held = [Meddling("odd")] * n, [1] * n
+    lists += [dicts, names, held]
+    assert hold(dicts, names, held) is False and dicts == names == held == []
+
+    class Raising(Meddling):
+        __hash__ = Meddling.__hash__  # (a class that defines __eq__ alone is unhashable)
+
+        def __eq__(self, other):
+            raise KeyError("from __eq__")
+
+    with pytest.raises(KeyError, match="from __eq__"):
+        hold([{Raising("a"): 1, "weight": w}], ["weight"], [w])
+
+
 def test_supports_conv1x1_reasons():
     from fastres._ext_impls import supports_conv1x1
 
@@ -386,6 +423,59 @@ def test_stem_declines_what_the_cuda_op_refuses():
     why = _ext_impls.supports_stem(torch.empty(1, 3, 64, 64, device="meta"), w,
                                    torch.empty(64, device="meta", dtype=torch.float16))
     assert why is not None and "bias dtype" in why, why
+
+
+@needs_ext
+def test_a_gpu_the_build_has_no_kernels_for_is_declined(monkeypatch):
+    """On a GPU the extension holds no code for (a Volta or Turing card against the default
+    sm_80/sm_90 build), its stem, head and preprocessing raised "no kernel image" on every
+    call where nothing else was measured (FASTRES_TUNE=0, a named backend). They are now
+    declined, saying why, and the next implementation runs. (No GPU here: a CUDA-like
+    tensor stands in, and the extension's answer and the device's description are faked.)"""
+    from types import SimpleNamespace
+
+    from fastres import _ext_impls
+
+    asked = []
+
+    def available(index):
+        asked.append(index)
+        return index == 0
+
+    monkeypatch.setattr(torch.ops.fastres_C, "kernels_available", available)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4")
+    _ext_impls.kernels_reason.cache_clear()
+    try:
+        assert _ext_impls.kernels_reason(0) is None
+        why = _ext_impls.kernels_reason(1)
+        assert "Tesla T4" in why and "7.5" in why and 'TORCH_CUDA_ARCH_LIST="7.5"' in why, why
+        assert _ext_impls.kernels_reason(1) == why and asked == [0, 1]  # asked once per device
+        on = {i: SimpleNamespace(is_cuda=True, device=torch.device("cuda", i)) for i in (0, 1)}
+        assert _ext_impls.supports_own_kernels(on[0], None, None) is None
+        assert _ext_impls.supports_own_kernels(on[1], "NHWC", [0.5], [0.5], None) == why
+        monkeypatch.setattr(_ext_impls, "_smem_optin", lambda index: 232448)
+        w, b = torch.empty(64, 3, 7, 7), torch.empty(64)
+        x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1), shape=(1, 3, 64, 64))
+        assert _ext_impls.supports_stem(x, w, b) == why
+        x.device = torch.device("cuda", 0)
+        assert _ext_impls.supports_stem(x, w, b) is None
+        assert _ext_impls.supports_own_kernels(torch.empty(1, 2048, 7, 7), None, None) is None
+        assert asked == [0, 1]  # (a CPU tensor asks nothing)
+    finally:
+        _ext_impls.kernels_reason.cache_clear()
+
+
+@pytest.mark.cuda
+@needs_ext
+def test_the_build_has_kernels_for_this_gpu():
+    from fastres import _ext_impls
+
+    index = torch.cuda.current_device()
+    assert torch.ops.fastres_C.kernels_available(index) is True
+    assert _ext_impls.kernels_reason(index) is None
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        torch.ops.fastres_C.kernels_available(torch.cuda.device_count())
 
 
 @needs_ext
