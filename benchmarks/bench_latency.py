@@ -124,7 +124,7 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
     """Check and time every implementation in ``dtype``; each row is appended to ``rows`` (and
     ``on_row()`` called) as soon as it is measured, so an interrupted run keeps it."""
     device = args.device
-    torch.manual_seed(1)
+    torch.manual_seed(args.seed + 1)
     x32 = torch.randn(1, 3, args.image_size, args.image_size, device=device)
     cl = torch.channels_last
     with torch.no_grad():
@@ -278,6 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=_int_at_least(0), default=20)
     p.add_argument("--image-size", type=_int_at_least(32), default=224)
     p.add_argument("--model", default="resnet50")
+    p.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="random weights from SEED, the input from SEED + 1 (default: 0)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile(mode='reduce-overhead') baseline")
     p.add_argument("--smoke", action="store_true",
@@ -311,7 +313,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         tv = getattr(torchvision.models, args.model)(weights=None).to(args.device)
         tv = realistic_bn(tv, batch=4, size=96, device=args.device)
         for name in args.dtypes:

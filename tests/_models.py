@@ -57,6 +57,18 @@ def twin(arch: str, device=DEVICE, **kwargs) -> tuple[torch.nn.Module, torch.nn.
     return tv, fr
 
 
+def assert_resnet18_is_torchvisions(out: torch.Tensor, fr: torch.nn.Module, x: torch.Tensor,
+                                    what: str, dtype: torch.dtype = torch.float32) -> None:
+    """``out``, fastres resnet18 ``fr``'s output on ``x`` (compiled, exported, traced or
+    replayed from a CUDA graph), against torchvision's resnet18 given ``fr``'s weights, by
+    :func:`assert_matches_torchvision` (float64, DESIGN.md's bound for ``dtype``): eager
+    PyTorch, not only fastres's own uncompiled forward."""
+    tv = torchvision.models.resnet18(num_classes=fr.fc.out_features)
+    tv.load_state_dict({k: v.float() for k, v in fr.state_dict().items()})
+    tv = tv.to(fr.fc.weight.device).eval()
+    assert_matches_torchvision(out.float(), tv, x.float(), what, dtype)
+
+
 def torchvision_stages(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """torchvision's modules run stage by stage (the stages of timm's forward_intermediates):
     the stem's activation before its max-pool, then layer1-layer4's outputs."""
@@ -68,6 +80,26 @@ def torchvision_stages(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Te
             y = getattr(model, f"layer{i}")(y)
             out.append(y)
     return out
+
+
+def stage_references(tv: torch.nn.Module, x: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> tuple[list, list]:
+    """Each of :func:`torchvision_stages`' outputs in float64 on the CPU, and its bound for
+    fastres's stage in ``dtype``, by :func:`assert_matches_torchvision`'s rule: DESIGN.md's
+    tolerance (:func:`tol_for`, read now), or twice eager PyTorch's own error in ``dtype``
+    (NCHW or channels-last, the larger) where that is larger."""
+    import copy
+
+    from conftest import rel_err
+
+    ref = torchvision_stages(copy.deepcopy(tv).double().cpu(), x.double().cpu())
+    eager = copy.deepcopy(tv).to(dtype)
+    nchw = torchvision_stages(eager, x.to(dtype))
+    nhwc = torchvision_stages(eager.to(memory_format=torch.channels_last),
+                              x.to(dtype, memory_format=torch.channels_last))
+    tol = tol_for(dtype, x.device)
+    return ref, [max(tol, 2 * rel_err(a, r), 2 * rel_err(b, r))
+                 for a, b, r in zip(nchw, nhwc, ref)]
 
 
 def tol_for(dtype: torch.dtype, device: torch.device) -> float:

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+from _models import assert_resnet18_is_torchvisions
 from conftest import assert_close_rel
 
 import fastres
@@ -319,6 +320,7 @@ def test_replay_equals_plain_forward(dtype):
             x = torch.randn(2, 3, 64, 64, device="cuda", dtype=dtype)
             y = g(x)
             assert_close_rel(y, m(x), 1e-5, "graph replay")
+            assert_resnet18_is_torchvisions(y, m, x, f"graph replay ({dtype})", dtype)
     assert g.num_graphs == 1 and g.captures == 1
 
 
