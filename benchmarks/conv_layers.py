@@ -44,7 +44,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float32: 2e-3}
+# One layer against eager PyTorch in the same dtype, whose output is rounded too: twice the
+# per-op bounds against float64 of tests/test_triton_conv.py (fp16 2e-3, bf16 8e-3: the
+# output's rounding), not DESIGN.md's end-to-end 2e-2, which would pass a 1% error in every
+# element; fp32 (TF32 on both sides, cuDNN's default): DESIGN.md's TF32 bound.
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3, torch.float32: 2e-3}
 
 
 @dataclass(frozen=True)
