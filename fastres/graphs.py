@@ -24,7 +24,7 @@ inference plan's folded weights, so they are valid exactly while the plan is
 (:meth:`fastres.plan._PlanCache.valid_for`: no parameter or buffer changed, was replaced or
 moved). When it is not, every graph is dropped and keys are captured again on their next call
 (the bound counts from zero); so are they when the kernel choices are forgotten
-(``fastres.tune_model``, a tuning reset or a new cache), and a signature whose capture failed
+(``fastres.tuning.tune_model``, a tuning reset or a new cache), and a signature whose capture failed
 is tried again after either. Warm-up and capture run with autocast's weight cache off (a
 cached cast would be freed under the graph). ``param.data`` edits bypass version counters, as
 for the plan: call ``model.invalidate_plan()`` (or :meth:`CUDAGraphModule.reset`) after them.

@@ -95,8 +95,9 @@ class KernelConfig:
     into ``split_k`` ranges, each run by programs of its own (grid axis 2) that write fp32
     partial sums to a workspace; a second kernel adds them in order, then the bias, the
     residual and the ReLU (:func:`fastres.kernels.conv.split_k_epilogue_kernel`). For layers
-    whose output has fewer tiles than the GPU has SMs and a long K loop (ResNet's layer3 and
-    layer4 at batch 1: 8 to 16 programs of 36 to 72 K steps each). Its label ends in ``k``
+    whose output has fewer tiles than the GPU has SMs and a long K loop (at batch 1, most of
+    ResNet's layers from layer1's 3x3 on; layer3 and layer4 there: 8 to 16 programs of 36 to
+    72 K steps each; and the head's linear layer). Its label ends in ``k``
     and the count.
     """
 
@@ -134,8 +135,9 @@ class KernelConfig:
 C = KernelConfig
 
 # Split-K rows, in the GEMM and implicit-GEMM tables: for layers with fewer output tiles than
-# the GPU has SMs and a long K loop (offered by _prune only there): ResNet's layer3/layer4 at
-# batch 1 run 8 to 16 programs of 36 to 72 K steps on 132 SMs otherwise.
+# the GPU has SMs and a long K loop (offered by _prune only there): at batch 1 most of ResNet's
+# layers from layer1's 3x3 on (layer3/layer4 run 8 to 16 programs of 36 to 72 K steps on 132
+# SMs otherwise), and the head's linear layer at batches up to 512.
 SPLIT_K_ROWS = [
     C(64, 64, 64, 8, 4, 4, split_k=2),
     C(64, 64, 64, 8, 4, 4, split_k=4),
