@@ -65,7 +65,8 @@ def kernels_reason(index: int) -> str | None:
     cannot run on CUDA device ``index``, or None: the build holds no code for the GPU's
     architecture (default build: sm_80 and sm_90 machine code, which GPUs of compute capability
     8.x and 9.x run, and compute_90 PTX, which newer ones compile; not Volta or Turing). Asked
-    once per device; those ops then run on Triton or the reference instead, said once."""
+    once per device; those ops then run on Triton or the reference instead (said once when the
+    ``cuda`` backend is asked for by name)."""
     if torch.ops.fastres_C.kernels_available(index):
         return None
     major, minor = torch.cuda.get_device_capability(index)
