@@ -72,6 +72,12 @@ def _seed_per_test(request):
     yield
 
 
+def fresh_seed_args() -> list[str]:
+    """``--seed N`` for a command line (fastres's CLI, the benchmark scripts), N drawn from the
+    test's seed: fresh weights and inputs every run."""
+    return ["--seed", str(int(torch.randint(0, 2**31, ())))]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in float64 (NaN if either has a NaN where the other has not)."""
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh_seed_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,16 +32,11 @@ def _run(*args: str, timeout: int = 300, drop: tuple[str, ...] = (),
                           text=True, timeout=timeout)
 
 
-def _fresh_seed() -> list[str]:
-    """``--seed N`` with N drawn from the test's seed: fresh weights and inputs every run."""
-    return ["--seed", str(int(torch.randint(0, 2**31, ())))]
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs the real benchmark")
 def test_bench_latency_smoke(tmp_path):
     res = _run("benchmarks/bench_latency.py", "--smoke", "--out", str(tmp_path),
                "--dtypes", "bf16", "--iters", "3", "--warmup", "1", "--image-size", "32",
-               "--model", "resnet18", *_fresh_seed())
+               "--model", "resnet18", *fresh_seed_args())
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads((tmp_path / "bench_latency.json").read_text())
     rows = {r["impl"]: r for r in report["rows"]}
@@ -68,7 +64,7 @@ def test_bench_latency_fails_when_fastres_raises(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mod.fastres, "optimize", broken)
     rc = mod.main(["--smoke", "--out", str(tmp_path), "--dtypes", "fp32", "--iters", "2",
                    "--warmup", "0", "--image-size", "32", "--model", "resnet18",
-                   *_fresh_seed()])
+                   *fresh_seed_args()])
     rows = {r["impl"]: r for r in json.loads((tmp_path / "bench_latency.json").read_text())["rows"]}
     assert rc == 1 and rows["fastres_graphs"]["status"] == "ERROR", rows
     assert rows["fastres"]["status"] == "ok"
@@ -121,7 +117,7 @@ def test_compile_time_compiles_the_same_kernels_on_one_thread_and_two(tmp_path):
 
 
 def test_tf32_emulation_table():
-    res = _run("benchmarks/tf32_emulation.py", "--arch", "resnet18", *_fresh_seed())
+    res = _run("benchmarks/tf32_emulation.py", "--arch", "resnet18", *fresh_seed_args())
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     row = [line for line in res.stdout.splitlines() if line.startswith("| resnet18 |")]
     assert len(row) == 1, res.stdout
@@ -131,7 +127,7 @@ def test_tf32_emulation_table():
 
 
 def test_bn_fold_precision_table():
-    res = _run("benchmarks/bn_fold_precision.py", "--dtype", "fp32", *_fresh_seed())
+    res = _run("benchmarks/bn_fold_precision.py", "--dtype", "fp32", *fresh_seed_args())
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| mean |")]
     assert len(rows) == 1, res.stdout

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import rel_err
+from conftest import fresh_seed_args, rel_err
 
 import fastres
 from fastres import cli, tuning
@@ -45,7 +45,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     ``--seed`` defaults to 0) get a fresh ``--seed`` first, which a test's own overrides."""
     argv = list(argv)
     if argv[:1] in (["bench"], ["verify"]):
-        argv[1:1] = _fresh_seed()
+        argv[1:1] = fresh_seed_args()
     code = cli.main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
@@ -1107,11 +1107,6 @@ def test_tune_out_of_memory_is_one_line(capsys, monkeypatch, tmp_path, error):
 # -- bench: failures that must not stop the run or pass for fastres's speed ------------------------
 
 
-def _fresh_seed() -> list[str]:
-    """``--seed N`` with N drawn from the test's seed: fresh inputs every run."""
-    return ["--seed", str(int(torch.randint(0, 2**31, ())))]
-
-
 def test_bench_wrong_shaped_non_tensor_or_nan_output_is_failed_not_timed(capsys, monkeypatch,
                                                                        tmp_path):
     """A fastres output of the wrong shape, a non-tensor or one with a NaN/inf: that group's
@@ -1132,7 +1127,7 @@ def test_bench_wrong_shaped_non_tensor_or_nan_output_is_failed_not_timed(capsys,
         return out
 
     monkeypatch.setattr(ResNet, "forward", broken)
-    code, out, err = run_cli(capsys, *bench_argv("1", "2", "3"), *_fresh_seed(),
+    code, out, err = run_cli(capsys, *bench_argv("1", "2", "3"), *fresh_seed_args(),
                              "--out", str(tmp_path))
     assert code == 1 and "Traceback" not in err, out + err
     report = json.loads((tmp_path / "bench.json").read_text())  # strict JSON (no NaN/Infinity)
@@ -1158,7 +1153,7 @@ def test_bench_eager_fallback_is_not_timed_as_fastres(capsys, monkeypatch):
     calls = []
     handle = register_module_forward_hook(lambda module, args, output: calls.append(1))
     try:
-        code, out, err = run_cli(capsys, *bench_argv("1"), *_fresh_seed())
+        code, out, err = run_cli(capsys, *bench_argv("1"), *fresh_seed_args())
     finally:
         handle.remove()
     assert calls and code == 0 and "Traceback" not in err, out + err
@@ -1179,7 +1174,7 @@ def test_bench_goes_on_when_fastres_cannot_be_built_or_eager_raises(capsys, monk
         raise RuntimeError("cannot build")
 
     monkeypatch.setattr(bench, "fastres_twin", no_fastres)
-    code, out, err = run_cli(capsys, *bench_argv("1"), *_fresh_seed(),
+    code, out, err = run_cli(capsys, *bench_argv("1"), *fresh_seed_args(),
                              "--out", str(tmp_path))
     assert code == 1 and "Traceback" not in err, out + err
     rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
@@ -1192,7 +1187,7 @@ def test_bench_goes_on_when_fastres_cannot_be_built_or_eager_raises(capsys, monk
         raise RuntimeError("no eager today")
 
     monkeypatch.setattr(bench, "eager_forward", eager_raises)
-    code, out, err = run_cli(capsys, *bench_argv("1"), *_fresh_seed(),
+    code, out, err = run_cli(capsys, *bench_argv("1"), *fresh_seed_args(),
                              "--out", str(tmp_path))
     assert code == 0 and "Traceback" not in err, out + err
     rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
@@ -1217,7 +1212,7 @@ def test_bench_batch_that_runs_out_of_memory_is_skipped(capsys, monkeypatch, tmp
 
     monkeypatch.setattr(bench, "reference_forward", oom_at_batch_2)
     out_dir = tmp_path / "out"
-    code, out, err = run_cli(capsys, *SMALL_BENCH, *_fresh_seed(), "--out", str(out_dir))
+    code, out, err = run_cli(capsys, *SMALL_BENCH, *fresh_seed_args(), "--out", str(out_dir))
     assert "Traceback" not in err, err
     rows = json.loads((out_dir / "bench.json").read_text())["rows"]
     two = [r for r in rows if r["batch"] == 2]
@@ -1244,7 +1239,7 @@ def test_bench_out_dir_lost_mid_run_keeps_measuring(capsys, monkeypatch, tmp_pat
         return real(self, row, *args, **kwargs)
 
     monkeypatch.setattr(bench.Runner, "check_and_time", lose_the_directory)
-    code, out, err = run_cli(capsys, *SMALL_BENCH, *_fresh_seed(), "--out", str(out_dir))
+    code, out, err = run_cli(capsys, *SMALL_BENCH, *fresh_seed_args(), "--out", str(out_dir))
     assert code == 2 and "Traceback" not in err, out + err  # the run is fine, --out is not
     assert err.count("warning: --out") == 1, err  # warned once, not after every group
     assert err.count("could not be written") == 2, err  # and the final error line
@@ -1345,7 +1340,7 @@ def test_bench_baseline_with_non_finite_output_is_no_speedup_reference(capsys, m
         return out
 
     monkeypatch.setattr(torchvision.models.ResNet, "forward", broken_when_channels_last)
-    code, out, err = run_cli(capsys, *bench_argv("1"), *_fresh_seed(),
+    code, out, err = run_cli(capsys, *bench_argv("1"), *fresh_seed_args(),
                              "--out", str(tmp_path))
     assert code == 0 and "Traceback" not in err, out + err
     rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
@@ -1567,7 +1562,7 @@ def test_bench_fastres_gate_is_max_of_design_bound_and_twice_eager(capsys, monke
     monkeypatch.setattr(bench, "eager_forward", controlled_eager)
     original = ResNet.forward
     monkeypatch.setattr(ResNet, "forward", lambda self, x: original(self, x) * (1 + 1e-3))
-    code, out, err = run_cli(capsys, *bench_argv("1", "2", "3"), *_fresh_seed(),
+    code, out, err = run_cli(capsys, *bench_argv("1", "2", "3"), *fresh_seed_args(),
                              "--out", str(tmp_path))
     assert code == 1 and "Traceback" not in err, out + err
     rows = {r["batch"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]
@@ -1611,7 +1606,7 @@ def test_bench_reports_the_statistics_of_its_timed_calls(capsys, monkeypatch, tm
         return list(measured[key])
 
     monkeypatch.setattr(bench, "time_calls", fake_time_calls)
-    code, out, err = run_cli(capsys, *bench_argv("2"), *_fresh_seed(), "--out", str(tmp_path))
+    code, out, err = run_cli(capsys, *bench_argv("2"), *fresh_seed_args(), "--out", str(tmp_path))
     assert code == 0, out + err
     rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
     assert set(given) == set(measured)
@@ -1711,7 +1706,7 @@ def test_bench_graphs_row_with_wrong_outputs_fails_on_gpu(capsys, monkeypatch, t
                         lambda: (lambda model, **kwargs: _wrong_graphs(model)))
     argv = ["bench", "-m", "resnet18", "-b", "2", "--image-size", "64", "--iters", "2",
             "--warmup", "1", "--no-progress", "--device", "cuda", "--dtype", "fp32",
-            "--no-compile", "--no-tune", *_fresh_seed(), "--out", str(tmp_path)]
+            "--no-compile", "--no-tune", *fresh_seed_args(), "--out", str(tmp_path)]
     code, out, err = run_cli(capsys, *argv)
     assert code == 1 and "Traceback" not in err, out + err
     rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
@@ -1753,7 +1748,7 @@ def test_verify_eager_rule_counts_failed_batches_and_uses_channels_last(capsys, 
     monkeypatch.setattr(verify_mod, "eager_forward", controlled_eager)
     monkeypatch.setattr(ResNet, "forward", off_by_1e_3)
     out_json = tmp_path / "v.json"
-    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", *_fresh_seed(),
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", *fresh_seed_args(),
                              "--json", str(out_json))
     assert code == 1, out + err
     assert layouts == [(True, False), (False, True)], layouts
@@ -1783,7 +1778,7 @@ def test_verify_reports_top5_apart_from_top1(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(ResNet, "forward", fifth_to_last)
     out_json = tmp_path / "v.json"
     code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--batches", "1",
-                             *_fresh_seed(), "--json", str(out_json))
+                             *fresh_seed_args(), "--json", str(out_json))
     assert code == 1, out + err
     part = json.loads(out_json.read_text())["parts"][0]
     assert part["top1"] == 1.0 and part["top5"] == 0.0, part

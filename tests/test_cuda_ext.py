@@ -797,6 +797,7 @@ _seed = st.integers(0, 2**32 - 1)
 # implementation's parallel_for (grain 4096) splits the work
 _pre_size = st.one_of(st.integers(0, 19), st.integers(20, 80))
 
+
 @needs_ext
 @settings(max_examples=100, deadline=None)
 @given(n=st.integers(0, 3), h=_pre_size, w=_pre_size,
@@ -831,6 +832,7 @@ def test_preprocess_cpu_property(n, h, w, layout, mem, mean, std, dtype, seed):
     assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
                      f"preprocess {layout} {mem} {dtype}")
 
+
 @needs_ext
 @settings(max_examples=100, deadline=None)
 @given(n=st.integers(0, 3), cin=st.one_of(st.just(3), st.integers(1, 12)),
@@ -861,6 +863,7 @@ def test_stem_cpu_property(n, cin, cout, h, w, xmem, wmem, bias_shift, nan, dtyp
     mag = stem_f64(x.abs(), wt.abs(), b.abs())
     assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
                      f"stem {dtype} x {tuple(x.shape)} {xmem} w {wmem}")
+
 
 @needs_ext
 @settings(max_examples=100, deadline=None)
@@ -898,6 +901,7 @@ def test_head_cpu_property(n, c, h, w, k, xmem, wmem, bias_fp32, x_shift, nan, d
     mag = x.abs().double().mean(dim=(2, 3)) @ wt.abs().double().t() + b.abs().double()
     assert_close_rel(out, ref, _cond_tol(TOL[dtype], ref, mag, dtype),
                      f"head {dtype} x {tuple(x.shape)} {xmem} w {wmem}")
+
 
 @needs_ext
 @settings(max_examples=100, deadline=None)

@@ -1380,8 +1380,6 @@ def _set(path: str, value_fn):
     return edit
 
 
-
-
 def _P(*size):  # (a parameter on the test device: the edits must not mix devices)
     return torch.nn.Parameter(torch.ones(*size, device=DEVICE))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh_seed_args
 
 from fastres import compile_report
 
@@ -352,7 +353,7 @@ def test_bn_fold_precision_mean_row_is_the_column_means():
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "FASTRES_BACKEND")}
     res = subprocess.run([sys.executable, "benchmarks/bn_fold_precision.py", "--dtype", "bf16",
-                          "--seed", str(int(torch.randint(0, 2**31, ())))], cwd=REPO, env=env,
+                          *fresh_seed_args()], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     table = [line for line in res.stdout.splitlines() if line.startswith("| ")

@@ -291,6 +291,7 @@ def test_block_diagonal_packing_is_the_same_conv():
 
 _geom = st.tuples(st.integers(1, 3), st.integers(1, 3))
 
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 2), cin_g=st.integers(1, 9), cout_g=st.integers(1, 9),
        groups=st.integers(1, 3), r=st.sampled_from([1, 2, 3, 5, 7]),

@@ -174,6 +174,7 @@ def _equal_nan(a, b):
 # buffer (conftest's in_layout)
 _LAYOUTS = ["contig", "cl", "strided_w"]
 
+
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 2), c=st.integers(1, 70), k=st.integers(1, 7),
        stride=st.integers(1, 4), extra_h=st.integers(0, 6), extra_w=st.integers(0, 6),
@@ -212,6 +213,7 @@ def test_max_pool_any_geometry_property(n, c, k, stride, extra_h, extra_w, dtype
     assert _equal_nan(y, ref), (
         f"max-pool differs from F.max_pool2d at "
         f"{(~((y == ref) | (torch.isnan(y) & torch.isnan(ref)))).nonzero()[:5].tolist()}")
+
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 140), h=st.integers(1, 9),
