@@ -202,7 +202,7 @@ def normalize_torch(images: Tensor, dtype: torch.dtype = torch.float32,
     Computed in fp32 (``(x / 255 - mean) / std``), then cast: torchvision's ``ToTensor`` +
     ``Normalize`` followed by ``.to(dtype)``.
     """
-    _check_normalize_args(images, dtype, mean, std)
+    mean, std = _check_normalize_args(images, dtype, mean, std)
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
@@ -210,9 +210,13 @@ def normalize_torch(images: Tensor, dtype: torch.dtype = torch.float32,
     return x.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-def _check_normalize_args(images, dtype, mean, std) -> None:
+def _check_normalize_args(images, dtype, mean, std) -> tuple[list[float], list[float]]:
     """What :func:`normalize_torch` takes: uint8 ``[N, H, W, 3]`` images (as decoders give
-    them), a floating-point ``dtype``, 3 means and 3 finite non-zero standard deviations."""
+    them), a floating-point ``dtype``, 3 means and 3 finite non-zero standard deviations
+    (sequences of numbers, NumPy arrays or 1-D tensors). Returns ``mean`` and ``std`` as
+    lists of floats."""
+    from fastres.ops.preprocess import _floats, finite_nonzero_in_float32
+
     if not isinstance(images, Tensor) or images.dtype != torch.uint8:
         got = images.dtype if isinstance(images, Tensor) else type(images).__name__
         raise TypeError(f"normalize expects uint8 [N, H, W, 3] images, got {got} (float "
@@ -222,14 +226,13 @@ def _check_normalize_args(images, dtype, mean, std) -> None:
                          f"shape {tuple(images.shape)}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"normalize: dtype must be a floating-point torch.dtype, got {dtype!r}")
-    mean, std = list(mean), list(std)
+    mean, std = _floats("mean", mean, "normalize"), _floats("std", std, "normalize")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"normalize: mean and std must have 3 values, got {mean} and {std}")
-    from fastres.ops.preprocess import finite_nonzero_in_float32
-
-    if not all(map(finite_nonzero_in_float32, map(float, std))):  # (it divides in float32)
+    if not all(map(finite_nonzero_in_float32, std)):  # (it divides in float32)
         raise ValueError(f"normalize: std values must be finite and non-zero in float32, got "
                          f"{std}")
+    return mean, std
 
 
 def _fused_preprocess():
@@ -259,12 +262,13 @@ def normalize(images: Tensor, dtype: torch.dtype = torch.float32,
     :func:`normalize_torch` on this batch (relative error within the dtype's rounding);
     otherwise plain torch, said once. Returns ``(tensor, "fused" | "torch")``.
     """
+    mean, std = _check_normalize_args(images, dtype, mean, std)
     ref = normalize_torch(images, dtype, mean, std)
     fused = _fused_preprocess() if prefer_fused else None
     if fused is None:
         return ref, "torch"
     try:
-        out = fused(images, "NHWC", tuple(mean), tuple(std), dtype)
+        out = fused(images, "NHWC", mean, std, dtype)
     except Exception as exc:  # the op refused this call: fall back, say so once
         _say_fallback_once(f"{type(exc).__name__}: {exc}")
         return ref, "torch"

@@ -1356,7 +1356,9 @@ def test_preprocessing_helpers_refuse_what_they_cannot_take():
     """classify's normalize takes uint8 [N, H, W, 3] images: float images already in [0, 1]
     were divided by 255 again, a zero std gave infinities and an int dtype a truncated
     tensor, silently; to_pil_rgb said 'builtin_function_or_method' for a tensor. NumPy
-    means and a tensor std still work."""
+    means and a tensor std still work, through the fused op (its check refused the
+    one-value tensors ``tuple(std)`` gave it, and the batch fell back to plain torch with a
+    warning) and without torch's copy-construct warning."""
     from fastres.classify import normalize, normalize_torch, to_pil_rgb
 
     u8 = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
@@ -1367,6 +1369,9 @@ def test_preprocessing_helpers_refuse_what_they_cannot_take():
         (lambda: normalize(u8, dtype=torch.int32), TypeError, "floating-point"),
         (lambda: normalize(u8.permute(0, 3, 1, 2)), ValueError, r"\[N, H, W, 3\]"),
         (lambda: normalize(u8[0]), ValueError, r"\[N, H, W, 3\]"),
+        (lambda: normalize(u8, mean="abc"), TypeError, "mean must be a sequence of 3 num"),
+        (lambda: normalize(u8, std=0.5), TypeError, "std must be a sequence of 3 numbers"),
+        (lambda: normalize(u8, std=(0.5, 0.5)), ValueError, "must have 3 values"),
         (lambda: to_pil_rgb(u8[0]), TypeError, "PIL image or a NumPy array"),
         (lambda: to_pil_rgb(u8[0].permute(2, 0, 1).numpy()), ValueError, "HxW or HxWxC"),
     ]:
@@ -1374,13 +1379,18 @@ def test_preprocessing_helpers_refuse_what_they_cannot_take():
             bad()
     from torchvision.transforms.v2 import functional as tvf
 
-    mean, std = np.array([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
-    out, _ = normalize(u8, mean=mean, std=std)
+    mean = np.array(torch.rand(3).mul(0.5).add(0.25).tolist())
+    std = torch.rand(3).mul(0.2).add(0.15)
     ref = tvf.normalize(
         u8.permute(0, 3, 1, 2).float() / 255, mean.tolist(), std.tolist())
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(normalize_torch(u8, torch.float32, mean, std), ref,
-                               rtol=1e-6, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither a fallback nor torch's copy-construct note
+        out, how = normalize(u8, mean=mean, std=std)
+        listed, how_listed = normalize(u8, mean=mean, std=list(std))  # one-value tensors
+        plain = normalize_torch(u8, torch.float32, mean, std)
+    assert (how, how_listed) == ("fused", "fused")
+    for got in (out, listed, plain):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
 # -- options taken in any case; a plot that cannot be written --------------------------------------

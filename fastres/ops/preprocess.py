@@ -79,24 +79,26 @@ def preprocess(images: torch.Tensor, layout: str = "NHWC",
     return _preprocess_op(images, layout, mean, std, dtype)
 
 
-def _floats(name: str, values) -> list[float]:
-    """``values`` (a sequence of real numbers: Python or NumPy floats and ints, or a 1-D
-    tensor) as a list of floats; a ``TypeError`` for anything else (a scalar, ``None``,
-    strings, bools)."""
+def _floats(name: str, values, op: str = OP) -> list[float]:
+    """``values`` (a sequence of real numbers: Python or NumPy floats and ints, one-value
+    tensors, or a 1-D tensor) as a list of floats; a ``TypeError`` for anything else (a
+    scalar, ``None``, strings, bools). ``op`` names the caller in the message."""
     if isinstance(values, torch.Tensor):
         values = values.tolist() if values.dim() == 1 else values
     if (isinstance(values, (str, bytes)) or not isinstance(values, Sequence)
             and (not hasattr(values, "__array__") or getattr(values, "ndim", 1) != 1)):
-        raise TypeError(f"{OP}: {name} must be a sequence of 3 numbers, got {_shown(values)}")
+        raise TypeError(f"{op}: {name} must be a sequence of 3 numbers, got {_shown(values)}")
     out = []
     for v in list(values):
+        if isinstance(v, torch.Tensor) and v.dim() == 0:  # (iterating over a tensor)
+            v = v.item()
         if isinstance(v, (bool, str, bytes)) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{OP}: {name} must be a sequence of 3 numbers, got "
+            raise TypeError(f"{op}: {name} must be a sequence of 3 numbers, got "
                             f"{_shown(values)}")
         try:
             out.append(float(v))
         except OverflowError:  # an int beyond float's range
-            raise ValueError(f"{OP}: {name} must hold numbers within float range, got "
+            raise ValueError(f"{op}: {name} must hold numbers within float range, got "
                              f"{_shown(values)}") from None
     return out
 
