@@ -5,7 +5,9 @@
 For each dtype, in one process on one GPU:
 
 - ``eager``: torchvision eager (fp32: fp32 NCHW; bf16: autocast + channels-last, the usual
-  mixed-precision baseline); ``eager_fp32``, in a 16-bit dtype's table: fp32 NCHW eager too;
+  mixed-precision baseline, which casts every weight again on each call); ``eager_fp32``, in
+  a 16-bit dtype's table: fp32 NCHW eager too; ``eager_cl``, in a 16-bit dtype's table:
+  torchvision cast to the dtype, channels-last, with the input fastres gets (no casts);
 - ``compile_reduce_overhead``: ``torch.compile(torchvision, mode="reduce-overhead")`` of the
   model cast to the dtype, channels-last (inductor + CUDA graphs);
 - ``fastres``: the fastres eval forward (tuned, no graphs);
@@ -20,7 +22,9 @@ is reported ``FAILED`` and not timed (a baseline's error is reported, never a re
 it). Timing: warm-up (which tunes fastres and captures
 graphs), then ``--iters`` calls, each bracketed by CUDA events and followed by a synchronize
 (true per-call latency, launch overhead included); medians and p10/p90 are reported, with the
-speedup of each row over eager and over compile. Exit status 1 when a fastres row is
+speedup of each row over eager, over the fastest eager row of its table, and over compile.
+cuDNN's benchmark mode is on for every row (its algorithms timed per shape during the
+warm-up, as fastres tunes its kernels). Exit status 1 when a fastres row is
 ``FAILED`` or ``ERROR``. Writes ``DIR/bench_latency.json`` and
 ``DIR/bench_latency.md``. Phase times are printed so a slow first run (tuning, inductor
 compile) is visible; later runs reuse the tuning cache and Triton's and inductor's caches.
@@ -115,6 +119,7 @@ def env_info() -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "tf32_conv": torch.backends.cudnn.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "fastres_tune": os.environ.get("FASTRES_TUNE", "1"),
     }
 
@@ -143,8 +148,10 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
         impls["eager"] = (eager_amp, x32.contiguous(memory_format=cl))
         impls["eager_fp32"] = (lambda x: tv_fp32(x), x32)
     x_dt = x32.to(dtype).contiguous(memory_format=cl)
+    tv_dt = copy.deepcopy(tv_fp32).to(dtype=dtype, memory_format=cl)
+    if dtype != torch.float32:
+        impls["eager_cl"] = (tv_dt, x_dt)
     if args.compile:
-        tv_dt = copy.deepcopy(tv_fp32).to(dtype=dtype, memory_format=cl)
         impls["compile_reduce_overhead"] = (torch.compile(tv_dt, mode="reduce-overhead"), x_dt)
     fr = fastres.from_torchvision(tv_fp32).to(dtype).eval()
     impls["fastres"] = (fr, x_dt)
@@ -207,14 +214,21 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
     return rows
 
 
+EAGER_ROWS = ("eager", "eager_fp32", "eager_cl")
+
+
 def add_speedups(rows: list[dict]) -> None:
-    """``speedup_vs_eager`` / ``speedup_vs_compile_reduce_overhead`` of every timed row, against
-    the baseline of the same dtype measured in the same run."""
+    """``speedup_vs_eager`` / ``speedup_vs_best_eager`` (the fastest of the table's eager
+    rows) / ``speedup_vs_compile_reduce_overhead`` of every timed row, against the baselines
+    of the same dtype measured in the same run."""
     for dt in {r["dtype"] for r in rows}:
         same = [r for r in rows if r["dtype"] == dt]
         base = {r["impl"]: r.get("median_ms") for r in same if r.get("status") == "ok"}
+        eager = [base[k] for k in EAGER_ROWS if base.get(k)]
+        if eager:
+            base["best_eager"] = min(eager)
         for r in same:
-            for b in ("eager", "compile_reduce_overhead"):
+            for b in ("eager", "best_eager", "compile_reduce_overhead"):
                 if r.get("status") == "ok" and r.get("median_ms") and base.get(b):
                     r[f"speedup_vs_{b}"] = base[b] / r["median_ms"]
 
@@ -235,11 +249,13 @@ def to_markdown(report: dict) -> str:
          + (f" at {env['fastres_commit']}" if env.get("fastres_commit") else "")
          + f" (CUDA extension {'loaded' if env.get('fastres_extension') else 'NOT loaded'}); "
          f"{env['date']}; TF32 convolutions {'on' if env['tf32_conv'] else 'off'}; "
+         f"cuDNN benchmark mode "
+         f"{ {True: 'on', False: 'off'}.get(env.get('cudnn_benchmark'), 'not recorded')}; "
          f"FASTRES_TUNE={env.get('fastres_tune')}."),
         "",
         ("| dtype | implementation | median ms | p10 | p90 | speedup vs eager "
-         "| vs compile (r-o) | rel err | status |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+         "| vs best eager | vs compile (r-o) | rel err | status |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def f(v, spec):
@@ -250,6 +266,7 @@ def to_markdown(report: dict) -> str:
             f"| {r['dtype']} | {r['impl']} | {f(r.get('median_ms'), '.3f')} | "
             f"{f(r.get('p10_ms'), '.3f')} | {f(r.get('p90_ms'), '.3f')} | "
             f"{f(r.get('speedup_vs_eager'), '.2f')} | "
+            f"{f(r.get('speedup_vs_best_eager'), '.2f')} | "
             f"{f(r.get('speedup_vs_compile_reduce_overhead'), '.2f')} | "
             f"{_err(r.get('rel_err'))} | {r.get('status')} |")
     lines += ["", f"Phases (s): {json.dumps(report['phases_s'])}", ""]
@@ -312,6 +329,10 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
+    saved_benchmark = torch.backends.cudnn.benchmark
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # every row on cuDNN's timed algorithms
+        report["env"]["cudnn_benchmark"] = True
     try:
         torch.manual_seed(args.seed)
         tv = getattr(torchvision.models, args.model)(weights=None).to(args.device)
@@ -325,6 +346,8 @@ def main(argv=None) -> int:
         log("interrupted: writing the rows measured so far")
         print(write())
         return 130
+    finally:
+        torch.backends.cudnn.benchmark = saved_benchmark
     print(write())
     return 1 if any(r.get("status") in ("FAILED", "ERROR") and r["impl"].startswith("fastres")
                     for r in rows) else 0

@@ -396,7 +396,8 @@ if selected fastres_bench; then
     BENCH_BUDGET=$(( CAP - SLACK ))
     # GPU_CHECK_BENCH_ARGS replaces the model/batch/dtype/timing options (e.g. for a dry run).
     BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-"--device cuda -m resnet50,resnet101,resnet18 -b 1 32 256 \
---dtype bf16 fp16 --iters 30 --warmup 5 --max-time 2 --compile-models resnet50 --compile-budget 100"}
+--dtype bf16 fp16 --iters 30 --warmup 5 --max-time 2 --compile-models resnet50 --compile-reduce-overhead \
+--compile-budget 200"}
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of options on purpose
     run_stage fastres_bench "$CAP" "$D/bench.log" \
         "$PY" -m fastres bench $BENCH_ARGS \

@@ -22,12 +22,24 @@ Implementations (``IMPLS``):
 
 - ``eager_fp32``: torchvision eager, fp32, NCHW input (measured once per model and batch);
 - ``eager_amp_cl``: torchvision eager under ``torch.autocast(dtype)``, channels-last model and
-  fp32 channels-last input (for fp32 rows: channels-last fp32, no autocast);
+  fp32 channels-last input (for fp32 rows: channels-last fp32, no autocast); autocast casts
+  every weight again on each call (its cast cache lasts one autocast region);
+- ``eager_cl`` (fp16/bf16 rows): torchvision cast to the dtype, channels-last, eager, with
+  channels-last input in the dtype (what fastres and ``torch.compile`` are given); for fp32
+  rows the ``eager_amp_cl`` row is this baseline;
 - ``compile`` / ``compile_max_autotune``: ``torch.compile(dynamic=False)`` of torchvision cast
   to the dtype, channels-last (``max-autotune`` only when asked: it is slow to compile);
+- ``compile_reduce_overhead`` (when asked): the same with ``mode="reduce-overhead"`` (CUDA
+  graphs), the like-for-like baseline of ``fastres_graphs``;
 - ``fastres``: fastres cast to the dtype, channels-last input in the dtype;
 - ``fastres_graphs``: ``fastres.optimize(model, cuda_graphs=True)`` when the engine provides it
   (``n/a`` otherwise, and always on the CPU).
+
+On a GPU every implementation runs with ``torch.backends.cudnn.benchmark`` on (cuDNN times
+its algorithms for each shape during the check call and the warm-up, as fastres tunes its
+kernels); the flag is put back afterwards and recorded with the environment. Speedups
+against ``torch.compile`` are like for like: ``fastres`` against ``compile`` (no graphs),
+``fastres_graphs`` against ``compile_reduce_overhead`` (none when that row was not asked for).
 """
 
 from __future__ import annotations
@@ -66,12 +78,14 @@ from fastres.verify import (
 IMPLS: dict[str, str] = {
     "eager_fp32": "torchvision eager fp32",
     "eager_amp_cl": "torchvision AMP + channels_last",
+    "eager_cl": "torchvision {dtype} + channels_last",
     "compile": "torch.compile",
     "compile_max_autotune": "torch.compile max-autotune",
+    "compile_reduce_overhead": "torch.compile reduce-overhead",
     "fastres": "fastres",
     "fastres_graphs": "fastres + CUDA graphs",
 }
-BASELINES = ("eager_fp32", "eager_amp_cl", "compile")
+BASELINES = ("eager_fp32", "eager_amp_cl", "eager_cl", "compile")
 FASTRES_IMPLS = ("fastres", "fastres_graphs")
 
 # Defaults. CPU ones finish in about a minute on a 2-core machine (measured: ~30-40 s).
@@ -86,7 +100,7 @@ INPUT_BYTES_CAP = 1 << 30  # pre-made input batches per implementation, all rota
 def impl_label(impl: str, dtype: torch.dtype) -> str:
     if impl == "eager_amp_cl" and dtype == torch.float32:
         return "torchvision fp32 + channels_last"
-    return IMPLS[impl]
+    return IMPLS[impl].format(dtype=dtype_name(dtype))
 
 
 @dataclass
@@ -103,6 +117,7 @@ class BenchConfig:
     max_time: float = 10.0          # seconds per timed measurement (at least 5 calls are timed)
     compile: bool = True
     max_autotune: bool = False
+    compile_reduce_overhead: bool = False
     compile_models: list[str] | None = None   # None: every model
     compile_budget: float | None = None       # seconds of compiling, then compile rows skip
     cuda_graphs: bool = True
@@ -304,7 +319,8 @@ def format_env(env: dict) -> str:
         hw = (f"GPU: {env.get('gpu')} ({env.get('gpu_memory_gib')} GiB, sm "
               f"{env.get('compute_capability')}), driver {env.get('driver')}, CUDA "
               f"{env.get('cuda')}, cuDNN {env.get('cudnn')}, TF32 conv "
-              f"{'on' if env.get('cudnn_tf32') else 'off'}")
+              f"{'on' if env.get('cudnn_tf32') else 'off'}, cuDNN benchmark mode "
+              f"{'on' if env.get('cudnn_benchmark') else 'off'}")
     else:
         hw = f"CPU: {env.get('cpu')}, {env.get('cpu_threads')} threads (no GPU)"
     commit = f" at {env['fastres_commit']}" if env.get("fastres_commit") else ""
@@ -406,6 +422,39 @@ def _param_bytes(model: nn.Module | None) -> int:
                for t in list(model.parameters()) + list(model.buffers()))
 
 
+def _plan_bytes(model: nn.Module | None) -> int:
+    """Bytes of the tensors that fastres's inference plans for ``model`` hold (the folded
+    weights and biases in the compute dtype: a second copy of the parameters, made before
+    the timed calls), each storage counted once; 0 for a model without plans."""
+    cache = getattr(model, "__dict__", {}).get("_plan_cache")
+    plans = getattr(cache, "plans", None)
+    if not isinstance(plans, dict):
+        return 0
+    seen: set[int] = set()
+    total = 0
+
+    def walk(obj, depth: int) -> None:
+        nonlocal total
+        if isinstance(obj, Tensor):
+            if obj.device.type != "meta" and not obj.is_sparse:
+                storage = obj.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        elif depth > 0 and isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, depth - 1)
+        elif depth > 0 and isinstance(obj, dict):
+            for v in obj.values():
+                walk(v, depth - 1)
+        elif depth > 0 and not isinstance(obj, nn.Module) and hasattr(obj, "__dict__"):
+            for v in vars(obj).values():  # (the plan and its steps: no module is walked)
+                walk(v, depth - 1)
+
+    walk(list(plans.values()), 8)
+    return total
+
+
 # -- implementations -------------------------------------------------------------------------
 
 
@@ -487,8 +536,8 @@ class Runner:
         have = {(r.model, r.dtype, r.batch, r.impl) for r in self.report.rows}
         order = {}
         for m in self.cfg.models:
-            keys = self.impl_keys(m)
             for d in self.cfg.dtypes:
+                keys = self.impl_keys(m, d)
                 for b in self.cfg.batch_sizes:
                     for impl in keys:
                         order[(m, dtype_name(d), b, impl)] = len(order)
@@ -535,17 +584,23 @@ class Runner:
             self.on_update(self.report)
 
     def skip_group(self, model: str, dtype: torch.dtype, batch: int, why: str) -> None:
-        for impl in self.impl_keys(model):
+        for impl in self.impl_keys(model, dtype):
             self.report.rows.append(Row(model, dtype_name(dtype), batch, impl,
                                         impl_label(impl, dtype), status="skipped", note=why))
 
-    def impl_keys(self, model: str) -> list[str]:
+    def impl_keys(self, model: str, dtype: torch.dtype) -> list[str]:
         keys = ["eager_fp32", "eager_amp_cl"]
-        if self.compile_wanted(model):
-            keys.append("compile")
-            if self.cfg.max_autotune:
-                keys.append("compile_max_autotune")
+        if dtype != torch.float32:  # (fp32: eager_amp_cl is the channels-last eager model)
+            keys.append("eager_cl")
+        keys += self.compile_keys(model)
         return keys + ["fastres", "fastres_graphs"]
+
+    def compile_keys(self, model: str) -> list[str]:
+        """The ``torch.compile`` rows timed for ``model``."""
+        if not self.compile_wanted(model):
+            return []
+        return (["compile"] + (["compile_max_autotune"] if self.cfg.max_autotune else [])
+                + (["compile_reduce_overhead"] if self.cfg.compile_reduce_overhead else []))
 
     def compile_wanted(self, model: str) -> bool:
         cm = self.cfg.compile_models
@@ -608,11 +663,7 @@ class Runner:
                     return tv_cl(x)
             return tv_cl(x)
 
-        compiled: dict[str, object] = {}
-        if self.compile_wanted(name):
-            compiled["compile"] = None
-            if cfg.max_autotune:
-                compiled["compile_max_autotune"] = None
+        compiled = self.compile_keys(name)
 
         def to_fp32_nchw(x: Tensor) -> Tensor:
             return x.contiguous()
@@ -659,6 +710,8 @@ class Runner:
             impls: list[tuple[str, _Impl | None, str]] = []
             impls.append(("eager_fp32", _Impl("eager_fp32", tv, to_fp32_nchw, tv), ""))
             impls.append(("eager_amp_cl", _Impl("eager_amp_cl", amp_fn, to_fp32_cl, tv_cl), ""))
+            if dtype != torch.float32:
+                impls.append(("eager_cl", _Impl("eager_cl", cast_cl, to_dtype_cl, cast_cl), ""))
             for key in compiled:
                 impls.append((key, self.compiled_impl(key, cast_cl, to_dtype_cl), ""))
             impls.append(("fastres",
@@ -714,7 +767,8 @@ class Runner:
         budget = self.cfg.compile_budget
         if budget is not None and self.compile_spent > budget:
             return _Impl(key, None, make_input, model)
-        mode = "max-autotune" if key == "compile_max_autotune" else None
+        mode = {"compile_max_autotune": "max-autotune",
+                "compile_reduce_overhead": "reduce-overhead"}.get(key)
         # Every model, dtype and batch size is one more compiled entry on torchvision's
         # ResNet.forward: past dynamo's recompile limit (8) it would silently run eager.
         import torch._dynamo as dynamo
@@ -792,7 +846,9 @@ class Runner:
             return
         if dev.type == "cuda":
             peak = torch.cuda.max_memory_allocated(dev) - before
-            peak += _tensor_bytes(inputs) + _param_bytes(impl.model)
+            # (fastres's folded weights were made before ``before``: counted here)
+            peak += (_tensor_bytes(inputs) + _param_bytes(impl.model)
+                     + _plan_bytes(impl.model))
             row.peak_mib = peak / 2**20
             try:
                 row.host_ms = statistics.median(host_times(impl.fn, inputs, dev))
@@ -805,12 +861,25 @@ class Runner:
         row.images_per_s = row.batch / (row.median_ms / 1e3) if row.median_ms > 0 else None
 
 
+def baseline_row(rows: dict[str, Row], baseline: str, impl: str) -> Row | None:
+    """The row of ``rows`` (one group) that ``impl``'s speedup over ``baseline`` is measured
+    against: ``torch.compile`` like for like (``fastres_graphs`` against the reduce-overhead
+    compile, which uses CUDA graphs too, everything else against the default mode), and for
+    fp32 groups ``eager_cl`` is the ``eager_amp_cl`` row (fp32 channels-last, no autocast)."""
+    if baseline == "compile" and impl == "fastres_graphs":
+        return rows.get("compile_reduce_overhead")
+    if baseline == "eager_cl" and "eager_cl" not in rows:
+        amp = rows.get("eager_amp_cl")
+        return amp if amp is not None and amp.dtype == "fp32" else None
+    return rows.get(baseline)
+
+
 def fill_speedups(rows: dict[str, Row]) -> None:
     """Each row's speedup over every baseline of its group (``None`` where either is untimed,
-    or the baseline's output was not finite)."""
+    or the baseline's output was not finite; see :func:`baseline_row` for which row)."""
     for row in rows.values():
         for b in BASELINES:
-            base_row = rows.get(b)
+            base_row = baseline_row(rows, b, row.impl)
             # a baseline whose output was not finite (fp16 AMP overflowing, say) is shown,
             # timed, but no reference for a speedup
             ok = (base_row is not None and base_row.status == "ok" and base_row.median_ms
@@ -836,6 +905,11 @@ def run_bench(config: BenchConfig, on_update: Callable[[BenchReport], None] | No
                         f"{config.warmup}")
     torch.manual_seed(config.seed)
     saved_threads = torch.get_num_threads()
+    saved_benchmark = torch.backends.cudnn.benchmark
+    if config.device.type == "cuda":
+        # every implementation on cuDNN's timed algorithm choice, not its heuristic one (the
+        # baselines' convolutions are cuDNN's, and fastres's layers are tuned)
+        torch.backends.cudnn.benchmark = True
     note = ""
     if config.device.type == "cpu":
         threads = config.threads
@@ -851,6 +925,7 @@ def run_bench(config: BenchConfig, on_update: Callable[[BenchReport], None] | No
         return runner.run()
     finally:
         torch.set_num_threads(saved_threads)
+        torch.backends.cudnn.benchmark = saved_benchmark
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -865,8 +940,8 @@ def _speed(v) -> str:
 
 
 TABLE_COLUMNS = ("model", "dtype", "batch", "implementation", "img/s", "median ms", "p90 ms",
-                 "host ms", "peak MiB", "rel err", "top-1", "x eager fp32", "x AMP+CL", "x compile",
-                 "status")
+                 "host ms", "peak MiB", "rel err", "top-1", "x eager fp32", "x AMP+CL",
+                 "x eager CL", "x compile", "status")
 
 
 def _table_cells(row: Row) -> list[str]:
@@ -878,7 +953,7 @@ def _table_cells(row: Row) -> list[str]:
             _fmt(row.peak_mib, ".0f"),
             _fmt(row.rel_err, ".1e"), "-" if row.top1 is None else f"{row.top1 * 100:.0f}%",
             _speed(row.speedup.get("eager_fp32")), _speed(row.speedup.get("eager_amp_cl")),
-            _speed(row.speedup.get("compile")), status]
+            _speed(row.speedup.get("eager_cl")), _speed(row.speedup.get("compile")), status]
 
 
 def format_table(report: BenchReport) -> str:
@@ -925,7 +1000,10 @@ def summary_lines(report: BenchReport) -> list[str]:
         if best.status != "ok" or not best.images_per_s:
             out.append(head + f"fastres {best.status} ({best.note})")
             continue
-        short = {"eager_fp32": "eager fp32", "eager_amp_cl": "AMP+CL", "compile": "compile"}
+        short = {"eager_fp32": "eager fp32", "eager_amp_cl": "AMP+CL",
+                 "eager_cl": f"eager {dtype}+CL",
+                 "compile": "compile" + (" reduce-overhead" if best.impl == "fastres_graphs"
+                                         else "")}
         speed = ", ".join(f"{best.speedup[b]:.2f}x vs {short[b]}"
                           for b in BASELINES if best.speedup.get(b))
         checked = fr if fr.rel_err is not None else best
@@ -958,7 +1036,13 @@ def to_markdown(report: BenchReport) -> str:
     lines += [""] + [f"- {esc(s)}" for s in summary_lines(report)]
     lines += [f"- note: {esc(n)}" for n in report.notes]
     lines += ["", "Speedup columns: the baseline's median latency / this row's median latency "
-              "(same run, same inputs). Relative error against torchvision "
+              "(same run, same inputs). \"x eager CL\": torchvision in the row's dtype, "
+              "channels-last, eager. \"x compile\": like for like, fastres against "
+              "torch.compile's default mode and fastres + CUDA graphs against its "
+              "reduce-overhead mode (CUDA graphs; \"-\" when that row was not timed). "
+              + ("cuDNN benchmark mode was on for every row. "
+                 if report.env.get("cudnn_benchmark") else "")
+              + "Relative error against torchvision "
               + ("float64" if str(report.env.get("device")) == "cpu" else "fp32 with TF32 off")
               + "."]
     return "\n".join(lines) + "\n"
@@ -1015,8 +1099,9 @@ def plot(report: BenchReport, path: str) -> str | None:
                          and r.impl in FASTRES_IMPLS and r.speedup.get(b)]
                 # no bar (not a 0x one) for a group without a timed fastres row (FAILED, skipped)
                 vals.append(max((r.speedup[b] for r in cands), default=float("nan")))
-            label = ("torchvision channels_last (AMP for fp16/bf16)" if b == "eager_amp_cl"
-                     else IMPLS[b])
+            label = {"eager_amp_cl": "torchvision channels_last (AMP for fp16/bf16)",
+                     "eager_cl": "torchvision in the dtype, channels_last",
+                     "compile": "torch.compile (graphs: reduce-overhead)"}.get(b, IMPLS[b])
             ax.bar([i + (j - (len(present) - 1) / 2) * width for i in range(len(groups))],
                    vals, width, label=f"vs {label}")
         ax.axhline(1.0, color="black", lw=0.8)

@@ -28,6 +28,7 @@ from fastres.models import ResNet
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
+
 # Tiny sizes everywhere: resnet18 at 64x64, two timed calls.
 def bench_argv(*batches: str) -> list[str]:
     """``fastres bench`` of resnet18 at 64 px on the CPU, quick, at these batch sizes."""
@@ -1632,6 +1633,8 @@ def test_bench_reports_the_statistics_of_its_timed_calls(capsys, monkeypatch, tm
     assert fr["images_per_s"] == pytest.approx(2 / (0.003 * c))
     for base in ("eager_fp32", "eager_amp_cl"):
         assert fr["speedup"][base] == pytest.approx(np.median(measured[base]) / (3 * c))
+    # fp32: the channels-last eager baseline is the AMP+CL row's model (no autocast in fp32)
+    assert "eager_cl" not in rows and fr["speedup"]["eager_cl"] == fr["speedup"]["eager_amp_cl"]
     # the inputs: 4 distinct batches, the same values for every implementation
     for key, inputs in given.items():
         assert len(inputs) == 4, key
@@ -1645,6 +1648,56 @@ def test_bench_reports_the_statistics_of_its_timed_calls(capsys, monkeypatch, tm
     assert all(x.is_contiguous() for x in given["eager_fp32"])
     for key in ("eager_amp_cl", "fastres"):
         assert all(x.is_contiguous(memory_format=torch.channels_last) for x in given[key])
+
+
+def test_bench_speedups_are_like_for_like():
+    """fastres + CUDA graphs is compared with torch.compile's reduce-overhead mode (CUDA
+    graphs too), never with its default mode (the 2026-12-04 table's "x compile" at batch 1
+    and 32 compared graphs with no graphs); plain fastres with the default mode; without a
+    reduce-overhead row the graphs row has no compile speedup. In a bf16 group the
+    channels-last eager baseline is its own row, not the AMP one."""
+    from fastres import bench
+
+    ms = {k: float(v) for k, v in zip(
+        ("eager_fp32", "eager_amp_cl", "eager_cl", "compile", "compile_reduce_overhead",
+         "fastres", "fastres_graphs"), torch.rand(7) * 20 + 0.5)}
+
+    def group(keys):
+        rows = {k: bench.Row("resnet50", "bf16", 1, k, k, median_ms=ms[k], rel_err=1e-3)
+                for k in keys}
+        bench.fill_speedups(rows)
+        return rows
+
+    rows = group(ms)
+    fr, gr = rows["fastres"].speedup, rows["fastres_graphs"].speedup
+    assert fr["compile"] == pytest.approx(ms["compile"] / ms["fastres"])
+    assert gr["compile"] == pytest.approx(ms["compile_reduce_overhead"] / ms["fastres_graphs"])
+    for base in ("eager_fp32", "eager_amp_cl", "eager_cl"):
+        assert fr[base] == pytest.approx(ms[base] / ms["fastres"])
+        assert gr[base] == pytest.approx(ms[base] / ms["fastres_graphs"])
+    rows = group([k for k in ms if k not in ("compile_reduce_overhead", "eager_cl")])
+    assert rows["fastres_graphs"].speedup["compile"] is None
+    assert rows["fastres"].speedup["compile"] == pytest.approx(ms["compile"] / ms["fastres"])
+    assert rows["fastres"].speedup["eager_cl"] is None  # (bf16: AMP is not that baseline)
+
+
+def test_bench_counts_the_plans_folded_weights():
+    """"peak MiB" adds the plan's folded weights (a second copy of the parameters, made
+    before the measurement started): fastres's rows left them out. Each plan tensor is
+    counted once: the convolutions' and fc's weights in the dtype, the folded biases."""
+    from fastres.bench import _plan_bytes
+
+    dtype = (torch.bfloat16, torch.float16, torch.float32)[int(torch.randint(0, 3, ()))]
+    m = fastres.resnet18(num_classes=int(torch.randint(2, 50, ()))).eval().to(dtype)
+    assert _plan_bytes(m) == 0  # no plan before the first forward
+    with torch.no_grad():
+        m(torch.randn(1, 3, 32, 32, dtype=dtype))
+    convs = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+    weights = sum(t.numel() * t.element_size() for t in [c.weight for c in convs]
+                  + [m.fc.weight])
+    biases = 4 * (sum(c.out_channels for c in convs) + m.fc.out_features)  # at most fp32
+    assert weights < _plan_bytes(m) <= weights + biases, (_plan_bytes(m), weights, biases)
+    assert _plan_bytes(torch.nn.Linear(2, 2)) == 0 and _plan_bytes(None) == 0
 
 
 def _wrong_graphs(model):

@@ -48,7 +48,7 @@ def _bench_table(lines: list[str]) -> dict:
     out = {}
     for line in lines:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 16 and cells[2].isdigit():
+        if len(cells) == 19 and cells[2].isdigit():
             out[(cells[0], cells[1], int(cells[2]))] = cells
     return out
 
@@ -79,9 +79,9 @@ def test_report_best_column_is_the_fastest_row_that_passed(report, tmp_path):
     text = "\n".join(lines)
     t = _bench_table(lines)
     g1, g2 = t[("resnet50", "bf16", 1)], t[("resnet50", "bf16", 32)]
-    # columns: 9 = best ms (p90), 11 = best x fp32
-    assert g1[9].startswith("1.00 ") and g1[11] == "6.00", g1
-    assert g2[9].startswith("10.00 ") and g2[11] == "2.50", g2
+    # columns: 11 = best ms (p90), 13 = best x fp32
+    assert g1[11].startswith("1.00 ") and g1[13] == "6.00", g1
+    assert g2[11].startswith("10.00 ") and g2[13] == "2.50", g2
     assert g2[4] == "FAILED", g2  # the failed row's rate is not shown as a rate
     assert "32000" not in text and "25.00" not in text
     # the run as a whole: outputs disagreed, and it was cut off
@@ -98,7 +98,7 @@ def test_report_bench_status_is_fastres_own(report, tmp_path):
     (d / "bench").mkdir(parents=True)
     (d / "bench" / "bench.json").write_text(json.dumps({"ok": False, "rows": rows}))
     cells = _bench_table(report.bench(str(d)))[("resnet18", "fp16", 1)]
-    assert cells[15].startswith("FAILED"), cells
+    assert cells[18].startswith("FAILED"), cells
 
 
 # -- gpu_check_report.py: stages, tests, latency, conv layers -------------------------------------
@@ -141,19 +141,21 @@ def test_report_latency_columns(report, tmp_path):
     (tmp_path / "latency").mkdir()
     rows = [{"dtype": "bf16", "impl": "fastres_graphs", "status": "ok", "median_ms": 1.5,
              "p10_ms": 1.25, "p90_ms": 2.75, "speedup_vs_eager": 3.0,
+             "speedup_vs_best_eager": 1.75,
              "speedup_vs_compile_reduce_overhead": 0.8, "rel_err": 2e-3}]
     (tmp_path / "latency" / "bench_latency.json").write_text(json.dumps(
         {"args": {"model": "resnet50"}, "rows": rows}))
     text = "\n".join(report.latency(str(tmp_path)))
-    assert "| bf16 | fastres_graphs | 1.500 | 1.250 | 2.750 | 3.00 | 0.80 | 2.0e-03 | ok |" \
-        in text, text
+    assert ("| bf16 | fastres_graphs | 1.500 | 1.250 | 2.750 | 3.00 | 1.75 | 0.80 | 2.0e-03 "
+            "| ok |") in text, text
     # an output that was NaN: its error reads nan, not "-" (as no check at all would)
     rows[0].update(status="FAILED", rel_err=float("nan"), median_ms=None, p10_ms=None,
-                   p90_ms=None, speedup_vs_eager=None, speedup_vs_compile_reduce_overhead=None)
+                   p90_ms=None, speedup_vs_eager=None, speedup_vs_best_eager=None,
+                   speedup_vs_compile_reduce_overhead=None)
     (tmp_path / "latency" / "bench_latency.json").write_text(json.dumps(
         {"args": {"model": "resnet50"}, "rows": rows}))
     text = "\n".join(report.latency(str(tmp_path)))
-    assert "| bf16 | fastres_graphs | - | - | - | - | - | nan | FAILED |" in text, text
+    assert "| bf16 | fastres_graphs | - | - | - | - | - | - | nan | FAILED |" in text, text
 
 
 def test_report_conv_layers_counts_errors_and_weights_by_count(report, tmp_path):
@@ -187,13 +189,18 @@ def test_latency_speedups_point_the_right_way_per_dtype(latency_mod):
              "median_ms": 1.0},
             {"dtype": "bf16", "impl": "fastres", "status": "ok", "median_ms": 2.0},
             {"dtype": "bf16", "impl": "fastres_graphs", "status": "FAILED"},
+            {"dtype": "bf16", "impl": "eager_fp32", "status": "ok", "median_ms": 3.0},
+            {"dtype": "bf16", "impl": "eager_cl", "status": "ok", "median_ms": 2.5},
             {"dtype": "fp32", "impl": "eager", "status": "ok", "median_ms": 10.0},
             {"dtype": "fp32", "impl": "fastres", "status": "ok", "median_ms": 5.0}]
     latency_mod.add_speedups(rows)
     by = {(r["dtype"], r["impl"]): r for r in rows}
     assert by[("bf16", "fastres")]["speedup_vs_eager"] == pytest.approx(2.0)
     assert by[("bf16", "fastres")]["speedup_vs_compile_reduce_overhead"] == pytest.approx(0.5)
+    # against the fastest eager row of the table (bf16 channels-last, no autocast casts)
+    assert by[("bf16", "fastres")]["speedup_vs_best_eager"] == pytest.approx(1.25)
     assert by[("fp32", "fastres")]["speedup_vs_eager"] == pytest.approx(2.0)
+    assert by[("fp32", "fastres")]["speedup_vs_best_eager"] == pytest.approx(2.0)
     assert "speedup_vs_compile_reduce_overhead" not in by[("fp32", "fastres")]
     assert "speedup_vs_eager" not in by[("bf16", "fastres_graphs")]
 
@@ -227,7 +234,7 @@ def test_latency_graphs_row_with_wrong_output_is_failed_not_timed(latency_mod, t
     assert rows["fastres"]["status"] == "ok"
     assert rc == 1
     md = (tmp_path / "bench_latency.md").read_text()
-    assert "| fp32 | fastres_graphs | - | - | - | - | - | nan | FAILED |" in md, md
+    assert "| fp32 | fastres_graphs | - | - | - | - | - | - | nan | FAILED |" in md, md
 
 
 # -- conv_layers.py -----------------------------------------------------------------------------
