@@ -21,7 +21,9 @@ weights; fastres's must be within ``max(DESIGN.md bound, 2 x eager's own error)`
 is reported ``FAILED`` and not timed (a baseline's error is reported, never a reason to drop
 it). Timing: warm-up (which tunes fastres and captures
 graphs), then ``--iters`` calls, each bracketed by CUDA events and followed by a synchronize
-(true per-call latency, launch overhead included); medians and p10/p90 are reported, with the
+(true per-call latency, launch overhead included), in ``--rounds`` interleaved rounds (each
+implementation timed once per round, in turn: a busy spell of the host falls on every row, and
+each row lists its round medians); medians and p10/p90 over all calls are reported, with the
 speedup of each row over eager, over the fastest eager row of its table, and over compile.
 cuDNN's benchmark mode is on for every row (its algorithms timed per shape during the
 warm-up, as fastres tunes its kernels). Exit status 1 when a fastres row is
@@ -65,6 +67,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def time_ms(fn, x, iters: int, warmup: int) -> dict:
+    """Median, p10 and p90 milliseconds of ``iters`` calls after ``warmup`` untimed ones
+    (``times``: every call's, sorted)."""
     with torch.no_grad():
         for _ in range(warmup):
             fn(x)
@@ -89,7 +93,22 @@ def time_ms(fn, x, iters: int, warmup: int) -> dict:
     def pct(q):
         return times[min(len(times) - 1, int(q * len(times)))]
 
-    return {"median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9), "iters": iters}
+    return {"median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9), "iters": iters,
+            "times": times}
+
+
+def merge_rounds(row: dict, rounds: list[dict]) -> None:
+    """``row``'s median, p10 and p90 over every call of its ``rounds`` (each a
+    :func:`time_ms` result), and each round's median (``round_medians``): the rows of a table
+    are timed in interleaved rounds, so a stretch of a busy host lands on every row, and the
+    spread of a row's round medians shows how much its figure moved."""
+    times = sorted(t for r in rounds for t in r["times"])
+
+    def pct(q):
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    row.update(median_ms=pct(0.5), p10_ms=pct(0.1), p90_ms=pct(0.9), iters=len(times),
+               round_medians=[r["median_ms"] for r in rounds])
 
 
 def env_info() -> dict:
@@ -175,6 +194,10 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
 
     rows = [] if rows is None else rows
     eager_err = None
+    rounds = max(1, min(args.rounds, args.iters))
+    per_round = max(1, args.iters // rounds)
+    timed: dict[str, list[dict]] = {}  # impl -> its rounds (time_ms results)
+    mine: dict[str, dict] = {}
     for impl, (fn, x) in impls.items():
         row = {"dtype": name, "impl": impl, "batch": 1, "image_size": args.image_size}
         t0 = time.perf_counter()
@@ -196,17 +219,36 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
                     row["status"] = "FAILED"
                     log(f"{name} {impl}: relative error {err:.3e} > {tol:.1e}: FAILED, not timed")
                 else:
-                    row.update(time_ms(fn, x, args.iters, args.warmup))
+                    timed[impl] = [time_ms(fn, x, per_round, args.warmup)]
+                    merge_rounds(row, timed[impl])
                     row["status"] = "ok"
         except Exception as exc:  # a baseline that cannot run is reported, not fatal
             row.update(status="ERROR", error=f"{type(exc).__name__}: {str(exc)[:300]}")
         rows.append(row)  # kept before it is logged: a SIGTERM after the log line keeps it
+        mine[impl] = row
         add_speedups(rows)
         if on_row is not None:
             on_row()
         log(f"{name} {impl}: {row.get('status')} "
             f"median {row.get('median_ms', float('nan')):.3f} ms "
             f"(first calls {row.get('first_calls_s', '-')} s)")
+    # the other rounds, every row in turn (the host's busy spells then fall on every row)
+    for _ in range(rounds - 1):
+        for impl, rounds_done in timed.items():
+            fn, x = impls[impl]
+            try:
+                rounds_done.append(time_ms(fn, x, per_round, min(args.warmup, 3)))
+            except Exception as exc:  # (it ran before: keep what was measured, say why)
+                mine[impl]["error"] = f"a later round raised {type(exc).__name__}: {exc}"[:300]
+                continue
+            merge_rounds(mine[impl], rounds_done)
+        add_speedups(rows)
+        if on_row is not None:
+            on_row()
+    for impl, rounds_done in timed.items():
+        medians = mine[impl]["round_medians"]
+        log(f"{name} {impl}: median {mine[impl]['median_ms']:.3f} ms over {len(medians)} "
+            f"rounds (round medians {min(medians):.3f} to {max(medians):.3f} ms)")
     from fastres import tuning
 
     log(f"{name}: tuning stats {tuning.stats()}, graphs held "
@@ -238,6 +280,13 @@ def _err(v) -> str:
     return "-" if v is None else format(v, ".1e")
 
 
+def _spread(medians) -> str:
+    """A row's round medians as ``min-max`` (ms), or ``-``."""
+    if not medians:
+        return "-"
+    return f"{min(medians):.3f}-{max(medians):.3f}"
+
+
 def to_markdown(report: dict) -> str:
     env = report["env"]
     lines = [
@@ -253,9 +302,9 @@ def to_markdown(report: dict) -> str:
          f"{ {True: 'on', False: 'off'}.get(env.get('cudnn_benchmark'), 'not recorded')}; "
          f"FASTRES_TUNE={env.get('fastres_tune')}."),
         "",
-        ("| dtype | implementation | median ms | p10 | p90 | speedup vs eager "
+        ("| dtype | implementation | median ms | p10 | p90 | round medians | speedup vs eager "
          "| vs best eager | vs compile (r-o) | rel err | status |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def f(v, spec):
@@ -265,7 +314,7 @@ def to_markdown(report: dict) -> str:
         lines.append(
             f"| {r['dtype']} | {r['impl']} | {f(r.get('median_ms'), '.3f')} | "
             f"{f(r.get('p10_ms'), '.3f')} | {f(r.get('p90_ms'), '.3f')} | "
-            f"{f(r.get('speedup_vs_eager'), '.2f')} | "
+            f"{_spread(r.get('round_medians'))} | {f(r.get('speedup_vs_eager'), '.2f')} | "
             f"{f(r.get('speedup_vs_best_eager'), '.2f')} | "
             f"{f(r.get('speedup_vs_compile_reduce_overhead'), '.2f')} | "
             f"{_err(r.get('rel_err'))} | {r.get('status')} |")
@@ -291,7 +340,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    p.add_argument("--iters", type=_int_at_least(1), default=200)
+    p.add_argument("--iters", type=_int_at_least(1), default=200,
+                   help="timed calls per implementation, over all rounds (default: 200)")
+    p.add_argument("--rounds", type=_int_at_least(1), default=4,
+                   help="the timed calls are split into this many rounds, every "
+                        "implementation timed once per round in turn (default: 4)")
     p.add_argument("--warmup", type=_int_at_least(0), default=20)
     p.add_argument("--image-size", type=_int_at_least(32), default=224)
     p.add_argument("--model", default="resnet50")

@@ -40,10 +40,13 @@ def test_bench_latency_smoke(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads((tmp_path / "bench_latency.json").read_text())
     rows = {r["impl"]: r for r in report["rows"]}
-    assert {"eager", "eager_fp32", "fastres", "fastres_dispatch", "fastres_graphs"} <= set(rows)
+    assert {"eager", "eager_fp32", "eager_cl", "fastres", "fastres_dispatch",
+            "fastres_graphs"} <= set(rows)
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row)
         assert row["rel_err"] < 0.1 and row["median_ms"] > 0, (name, row)
+        # --iters 3 in (at most) 3 interleaved rounds of one call each
+        assert row["iters"] == 3 and len(row["round_medians"]) == 3, (name, row)
     assert "| bf16 | fastres |" in (tmp_path / "bench_latency.md").read_text()
 
 

@@ -216,6 +216,24 @@ def test_latency_time_ms_reports_the_median(latency_mod):
     assert t["median_ms"] < 20 and t["p10_ms"] < 20 and t["p90_ms"] >= 250, t
 
 
+def test_latency_rounds_are_pooled(latency_mod):
+    """A row timed in rounds: median / p10 / p90 over every call of every round, and each
+    round's own median kept (how much the row's figure moved between rounds)."""
+    rounds = []
+    for _ in range(int(torch.randint(2, 5, ()))):
+        times = sorted((torch.rand(int(torch.randint(3, 9, ()))) * 10 + 0.5).tolist())
+        rounds.append({"times": times, "median_ms": times[len(times) // 2]})
+    row = {}
+    latency_mod.merge_rounds(row, rounds)
+    pooled = sorted(t for r in rounds for t in r["times"])
+    assert row["iters"] == len(pooled)
+    assert row["median_ms"] == pooled[len(pooled) // 2]
+    assert row["p10_ms"] == pooled[int(0.1 * len(pooled))]
+    assert row["p90_ms"] == pooled[int(0.9 * len(pooled))]
+    assert row["round_medians"] == [r["median_ms"] for r in rounds]
+    assert "times" not in row  # (not written into the JSON)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke run of the script")
 def test_latency_graphs_row_with_wrong_output_is_failed_not_timed(latency_mod, tmp_path,
                                                                   monkeypatch):
@@ -234,7 +252,7 @@ def test_latency_graphs_row_with_wrong_output_is_failed_not_timed(latency_mod, t
     assert rows["fastres"]["status"] == "ok"
     assert rc == 1
     md = (tmp_path / "bench_latency.md").read_text()
-    assert "| fp32 | fastres_graphs | - | - | - | - | - | - | nan | FAILED |" in md, md
+    assert "| fp32 | fastres_graphs | - | - | - | - | - | - | - | nan | FAILED |" in md, md
 
 
 # -- conv_layers.py -----------------------------------------------------------------------------
