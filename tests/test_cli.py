@@ -316,8 +316,17 @@ def test_bench_compile_options_imply_compile(capsys, monkeypatch):
     assert run_cli(capsys, *SMALL_BENCH, "--compile-models", "resnet18")[0] == 0
     assert run_cli(capsys, *SMALL_BENCH, "--max-autotune")[0] == 0
     assert run_cli(capsys, *SMALL_BENCH, "--compile-models", "resnet18", "--no-compile")[0] == 0
-    assert [c.compile for c in seen] == [False, True, True, False]
+    assert run_cli(capsys, *SMALL_BENCH, "--compile-reduce-overhead")[0] == 0
+    assert [c.compile for c in seen] == [False, True, True, False, True]
+    assert [c.compile_reduce_overhead for c in seen] == [False] * 4 + [True]
     assert seen[1].compile_models == ["resnet18"]
+    # the rows each group gets: reduce-overhead only when asked; eager_cl in 16-bit groups
+    runner = bench.Runner(seen[4], None)
+    assert runner.impl_keys("resnet18", torch.bfloat16) == [
+        "eager_fp32", "eager_amp_cl", "eager_cl", "compile", "compile_reduce_overhead",
+        "fastres", "fastres_graphs"]
+    assert bench.Runner(seen[0], None).impl_keys("resnet18", torch.float32) == [
+        "eager_fp32", "eager_amp_cl", "fastres", "fastres_graphs"]
     words = seen[0].command.split()  # (run_cli puts a fresh --seed first)
     assert words[:3] == ["fastres", "bench", "--seed"] and words[4:] == SMALL_BENCH[1:], words
 
