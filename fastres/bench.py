@@ -11,7 +11,10 @@ For each model x dtype x batch size, in one run on one device:
    timed: its speed would be eager's.
 2. **Then time.** Warm-up (and, on a GPU, ``fastres.tuning.tune_model`` when it exists), then
    ``iters`` calls timed with CUDA events (``time.perf_counter`` on the CPU), inputs rotated over a
-   few pre-made batches so caches do not flatter small batches. Reported: images/s (batch /
+   few pre-made batches so caches do not flatter small batches, split into ``rounds`` (3 on a
+   GPU): every row of a group is timed once per round, in turn, so that a busy spell of the
+   host does not fall on one row only; the statistics are over all calls, and the summary
+   names the rows whose round medians differ by more than 10%. Reported: images/s (batch /
    median), median and p90 latency per batch, on a GPU the host time per call (the CPU time
    to issue one call with the GPU idle, :func:`host_times`: near the median, the call is bound
    by the host), peak GPU memory (the implementation's weights, inputs and everything
@@ -90,9 +93,13 @@ FASTRES_IMPLS = ("fastres", "fastres_graphs")
 
 # Defaults. CPU ones finish in about a minute on a 2-core machine (measured: ~30-40 s).
 GPU_DEFAULTS = {"models": ["resnet50"], "batch_sizes": [1, 32, 256], "dtypes": ["bf16"],
-                "image_size": 224, "iters": 50, "warmup": 10, "max_time": 10.0, "compile": True}
+                "image_size": 224, "iters": 50, "warmup": 10, "max_time": 10.0, "compile": True,
+                "rounds": 3}
 CPU_DEFAULTS = {"models": ["resnet50"], "batch_sizes": [1, 4], "dtypes": ["fp32"],
-                "image_size": 224, "iters": 8, "warmup": 2, "max_time": 6.0, "compile": False}
+                "image_size": 224, "iters": 8, "warmup": 2, "max_time": 6.0, "compile": False,
+                "rounds": 1}
+# a row whose round medians differ by more than this (max / min - 1) is named in the summary
+ROUND_SPREAD_NOTE = 0.10
 
 INPUT_BYTES_CAP = 1 << 30  # pre-made input batches per implementation, all rotations together
 
@@ -115,6 +122,9 @@ class BenchConfig:
     iters: int = 50
     warmup: int = 10
     max_time: float = 10.0          # seconds per timed measurement (at least 5 calls are timed)
+    # the timed calls of a group's rows split into this many rounds, every row once per round
+    # in turn, so that a busy spell of the host falls on every row, not on one
+    rounds: int = 1
     compile: bool = True
     max_autotune: bool = False
     compile_reduce_overhead: bool = False
@@ -160,6 +170,9 @@ class Row:
     top1: float | None = None
     speedup: dict[str, float | None] = field(default_factory=dict)
     note: str = ""
+    # the median of each round of timed calls (the rows of a group are timed in rounds, each
+    # row once per round in turn: see BenchConfig.rounds)
+    round_medians: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -722,6 +735,7 @@ class Runner:
                           graphs_why))
 
             rows: dict[str, Row] = {}
+            timed: dict[str, tuple] = {}  # key -> (impl, its inputs, its rounds' times)
             for key, impl, why in impls:
                 row = Row(name, dn, batch, key, impl_label(key, dtype),
                           tolerance=tol if key in FASTRES_IMPLS else None)
@@ -734,7 +748,8 @@ class Runner:
                 if key == "eager_fp32" and (name, batch) in self.eager_fp32_cache:
                     cached = self.eager_fp32_cache[(name, batch)]
                     for f in ("status", "median_ms", "p90_ms", "host_ms", "images_per_s",
-                              "peak_mib", "iters", "rel_err", "top1", "note"):
+                              "peak_mib", "iters", "rel_err", "top1", "note",
+                              "round_medians"):
                         setattr(row, f, getattr(cached, f))
                     continue
                 if key.startswith("compile") and impl.fn is None:
@@ -743,9 +758,12 @@ class Runner:
                 if key.startswith("compile") and self.compile_would_overrun():
                     row.status, row.note = "skipped", "time budget too short to compile"
                     continue
-                self.check_and_time(row, impl, base, ref, key in FASTRES_IMPLS)
+                first = self.check_and_time(row, impl, base, ref, key in FASTRES_IMPLS)
+                if first is not None:
+                    timed[key] = (impl, *first)
                 if key == "eager_fp32":
                     self.eager_fp32_cache[(name, batch)] = row
+            self.more_rounds(rows, timed)
             fill_speedups(rows)
             rows["fastres"].note = (rows["fastres"].note + "; " if rows["fastres"].note else "") \
                 + eager_note
@@ -779,9 +797,16 @@ class Runner:
         compiled = torch.compile(model, mode=mode, dynamic=False)
         return _Impl(key, compiled, make_input, model)
 
+    def round_calls(self) -> tuple[int, float]:
+        """Timed calls and seconds of one round: ``iters`` and ``max_time`` split over the
+        rounds (each round times at least one call)."""
+        rounds = max(1, self.cfg.rounds)
+        return max(1, self.cfg.iters // rounds), self.cfg.max_time / rounds
+
     def check_and_time(self, row: Row, impl: _Impl, base: list[Tensor], ref: Tensor,
-                       must_agree: bool) -> None:
-        """Check the output on ``base[0]``, then time (only if it agrees, for fastres)."""
+                       must_agree: bool) -> tuple[list[Tensor], list[list[float]]] | None:
+        """Check the output on ``base[0]``, then time the first round (only if it agrees, for
+        fastres). Returns the inputs and the round's times when the row was timed."""
         cfg, dev = self.cfg, self.dev
         inputs = [impl.make_input(x) for x in base]
         is_compile = row.impl.startswith("compile")
@@ -808,23 +833,23 @@ class Runner:
         except Exception as exc:
             row.status = "FAILED" if must_agree else "error"
             row.note = f"raised {short_error(exc)}"
-            return
+            return None
         if graphs_row and captures is not None and impl.fn.captures == captures:
             row.status = "error"
             row.note = "no CUDA graph was captured for this input (see the warning): not timed"
-            return
+            return None
         if not isinstance(out, Tensor) or out.shape != ref.shape:
             row.status = "FAILED" if must_agree else "error"
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             row.note = f"output {got} != {tuple(ref.shape)}: not timed"
-            return
+            return None
         row.rel_err = rel_err(out, ref)
         row.top1 = topk_agreement(out, ref, 1)
         if must_agree and not row.rel_err <= row.tolerance:
             row.status = "FAILED"
             row.note = (f"relative error {row.rel_err:.2e} > tolerance {row.tolerance:.1e}: "
                         "not timed")
-            return
+            return None
         if not must_agree and not math.isfinite(row.rel_err):
             note = "output not finite: timed, but not used for speedups"
             row.note = f"{row.note}; {note}" if row.note else note
@@ -832,18 +857,19 @@ class Runner:
             row.status = "error"
             row.note = (f"fastres ran torchvision's eager code, not its fused path "
                         f"({probe.why(inputs[0])}): not timed")
-            return
+            return None
         del out
         if dev.type == "cuda" and not graphs_row:
             torch.cuda.synchronize(dev)
             before = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
+        iters, max_time = self.round_calls()
         try:
-            times = time_calls(impl.fn, inputs, cfg.warmup, cfg.iters, cfg.max_time, dev)
+            times = time_calls(impl.fn, inputs, cfg.warmup, iters, max_time, dev)
         except Exception as exc:
             row.status = "FAILED" if must_agree else "error"
             row.note = f"raised while timed: {short_error(exc)}"
-            return
+            return None
         if dev.type == "cuda":
             peak = torch.cuda.max_memory_allocated(dev) - before
             # (fastres's folded weights were made before ``before``: counted here)
@@ -855,10 +881,38 @@ class Runner:
             except Exception as exc:  # (it ran just before: note it, keep the timing)
                 note = f"host time not measured: {short_error(exc)}"
                 row.note = f"{row.note}; {note}" if row.note else note
-        row.iters = len(times)
-        row.median_ms = statistics.median(times)
-        row.p90_ms = percentile(times, 90)
-        row.images_per_s = row.batch / (row.median_ms / 1e3) if row.median_ms > 0 else None
+        rounds = [times]
+        set_times(row, rounds)
+        return inputs, rounds
+
+    def more_rounds(self, rows: dict[str, Row], timed: dict[str, tuple]) -> None:
+        """The group's other rounds: every timed row once per round, in turn (a few warm-up
+        calls first, as the row ran others' kernels since)."""
+        iters, max_time = self.round_calls()
+        for _ in range(max(1, self.cfg.rounds) - 1):
+            for key, (impl, inputs, rounds) in timed.items():
+                row = rows[key]
+                if row.status != "ok":
+                    continue
+                try:
+                    rounds.append(time_calls(impl.fn, inputs, min(self.cfg.warmup, 2), iters,
+                                             max_time, self.dev))
+                except Exception as exc:  # (its first round stands; say why no more)
+                    note = f"a later round raised {short_error(exc)}"
+                    row.note = f"{row.note}; {note}" if row.note else note
+                    continue
+                set_times(row, rounds)
+
+
+def set_times(row: Row, rounds: list[list[float]]) -> None:
+    """``row``'s statistics over every call of its ``rounds`` (ms per call), and each round's
+    median."""
+    times = [t for r in rounds for t in r]
+    row.iters = len(times)
+    row.median_ms = statistics.median(times)
+    row.p90_ms = percentile(times, 90)
+    row.images_per_s = row.batch / (row.median_ms / 1e3) if row.median_ms > 0 else None
+    row.round_medians = [statistics.median(r) for r in rounds]
 
 
 def baseline_row(rows: dict[str, Row], baseline: str, impl: str) -> Row | None:
@@ -903,6 +957,8 @@ def run_bench(config: BenchConfig, on_update: Callable[[BenchReport], None] | No
     if config.iters < 1 or config.warmup < 0:
         raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {config.iters}, "
                         f"{config.warmup}")
+    if config.rounds < 1:
+        raise UserError(f"--rounds must be >= 1, got {config.rounds}")
     torch.manual_seed(config.seed)
     saved_threads = torch.get_num_threads()
     saved_benchmark = torch.backends.cudnn.benchmark
@@ -1011,6 +1067,13 @@ def summary_lines(report: BenchReport) -> list[str]:
                  f"{_fmt(checked.rel_err, '.1e')} <= {_fmt(checked.tolerance, '.1e')}, top-1 "
                  + ("-" if checked.top1 is None else f"{checked.top1 * 100:.0f}%"))
         out.append(head + f"{best.label} {best.images_per_s:.1f} img/s ({speed}); {agree}")
+    moved = [f"{r.model} {r.dtype} b{r.batch} {r.label} ({min(r.round_medians):.3g}-"
+             f"{max(r.round_medians):.3g} ms)" for r in report.rows
+             if r.status == "ok" and len(r.round_medians) > 1 and min(r.round_medians) > 0
+             and max(r.round_medians) / min(r.round_medians) - 1 > ROUND_SPREAD_NOTE]
+    if moved:
+        out.append(f"round medians differing by more than {ROUND_SPREAD_NOTE:.0%} (the host or "
+                   f"the GPU was busier in some rounds): {', '.join(moved)}")
     checked = any(r.impl in FASTRES_IMPLS and r.rel_err is not None for r in report.rows)
     untimed = sum(r.impl in FASTRES_IMPLS and r.status == "error" for r in report.rows)
     out.append("result: " + ("FAILED: fastres outputs disagree with torchvision (not timed)"

@@ -224,6 +224,9 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-time", type=float,
                    help=f"seconds per measurement before stopping early, at least 5 calls "
                         f"timed ({d('max_time')})")
+    p.add_argument("--rounds", type=int,
+                   help=f"split the timed calls into this many rounds, every implementation "
+                        f"of a group timed once per round in turn ({d('rounds')})")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="time torch.compile (default: on with a GPU, off on the CPU)")
     p.add_argument("--max-autotune", action="store_true",
@@ -295,7 +298,8 @@ def _bench_run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         models=models, batch_sizes=batch_sizes, dtypes=dtypes, device=device,
         image_size=pick("image_size"), iters=pick("iters"), warmup=pick("warmup"),
-        max_time=pick("max_time"), compile=pick("compile"), max_autotune=args.max_autotune,
+        max_time=pick("max_time"), rounds=pick("rounds"), compile=pick("compile"),
+        max_autotune=args.max_autotune,
         compile_reduce_overhead=args.compile_reduce_overhead,
         compile_models=compile_models, compile_budget=args.compile_budget,
         cuda_graphs=args.cuda_graphs, tune=args.tune, weights=args.weights,

@@ -1709,6 +1709,49 @@ def test_bench_counts_the_plans_folded_weights():
     assert _plan_bytes(torch.nn.Linear(2, 2)) == 0 and _plan_bytes(None) == 0
 
 
+def test_bench_times_a_group_in_interleaved_rounds(capsys, monkeypatch, tmp_path):
+    """--rounds 3: every row of the group is timed once per round, in turn (eager fp32, AMP,
+    fastres; then again), each round with iters // rounds calls; the row's statistics are over
+    every call, its round medians are kept, and a row whose round medians differ by more than
+    10% is named in the summary."""
+    from fastres import bench
+
+    order, calls = [], {}
+
+    def fake_time_calls(fn, inputs, warmup, iters, max_time, device):
+        key = ("fastres" if isinstance(fn, ResNet) else
+               "eager_fp32" if isinstance(fn, torchvision.models.ResNet) else "eager_amp_cl")
+        order.append(key)
+        assert iters == 2 and max_time == pytest.approx(6.0 / 3), (iters, max_time)
+        base = {"fastres": 1.0, "eager_fp32": 2.0, "eager_amp_cl": 3.0}[key]
+        # the AMP row's third round is twice as slow (a busy host), the others steady
+        slow = 2.0 if key == "eager_amp_cl" and order.count(key) == 3 else 1.0
+        times = [base * slow * (1 + 0.01 * float(torch.rand(()))) for _ in range(iters)]
+        calls.setdefault(key, []).append(times)
+        return times
+
+    monkeypatch.setattr(bench, "time_calls", fake_time_calls)
+    argv = ["bench", "-m", "resnet18", "-b", "1", "--image-size", "64", "--iters", "7",
+            "--warmup", "1", "--no-progress", "--device", "cpu", "--no-cuda-graphs",
+            "--rounds", "3", "--max-time", "6", *fresh_seed_args(), "--out", str(tmp_path)]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, out + err
+    assert order == ["eager_fp32", "eager_amp_cl", "fastres"] * 3, order
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    for key, rounds in calls.items():
+        pooled = [t for r in rounds for t in r]
+        row = rows[key]
+        assert row["iters"] == 6 and row["median_ms"] == pytest.approx(float(np.median(pooled)))
+        assert row["round_medians"] == pytest.approx([float(np.median(r)) for r in rounds])
+    line = next(x for x in out.splitlines() if "round medians differing by more than 10%" in x)
+    assert "b1 torchvision fp32 + channels_last (3" in line, line  # (fp32: no autocast)
+    assert "fastres" not in line and "eager fp32" not in line, line
+    assert rows["fastres"]["speedup"]["eager_fp32"] == pytest.approx(
+        rows["eager_fp32"]["median_ms"] / rows["fastres"]["median_ms"])
+    code, out, err = run_cli(capsys, *argv[:-2], "--rounds", "0")
+    assert code == 2 and "--rounds must be >= 1, got 0" in err, (out, err)
+
+
 def _wrong_graphs(model):
     """A stand-in for ``fastres.optimize(model, cuda_graphs=True)`` whose outputs are wrong."""
 
