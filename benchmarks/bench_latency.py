@@ -89,12 +89,15 @@ def time_ms(fn, x, iters: int, warmup: int) -> dict:
                 fn(x)
                 times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
+    return {**_percentiles(times), "iters": iters, "times": times}
 
+
+def _percentiles(times: list[float]) -> dict:
+    """Median, p10 and p90 of the sorted ``times`` (nearest rank)."""
     def pct(q):
         return times[min(len(times) - 1, int(q * len(times)))]
 
-    return {"median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9), "iters": iters,
-            "times": times}
+    return {"median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9)}
 
 
 def merge_rounds(row: dict, rounds: list[dict]) -> None:
@@ -103,11 +106,7 @@ def merge_rounds(row: dict, rounds: list[dict]) -> None:
     are timed in interleaved rounds, so a stretch of a busy host lands on every row, and the
     spread of a row's round medians shows how much its figure moved."""
     times = sorted(t for r in rounds for t in r["times"])
-
-    def pct(q):
-        return times[min(len(times) - 1, int(q * len(times)))]
-
-    row.update(median_ms=pct(0.5), p10_ms=pct(0.1), p90_ms=pct(0.9), iters=len(times),
+    row.update(_percentiles(times), iters=len(times),
                round_medians=[r["median_ms"] for r in rounds])
 
 
