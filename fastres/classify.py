@@ -202,7 +202,12 @@ def normalize_torch(images: Tensor, dtype: torch.dtype = torch.float32,
     Computed in fp32 (``(x / 255 - mean) / std``), then cast: torchvision's ``ToTensor`` +
     ``Normalize`` followed by ``.to(dtype)``.
     """
-    mean, std = _check_normalize_args(images, dtype, mean, std)
+    return _normalize(images, dtype, *_check_normalize_args(images, dtype, mean, std))
+
+
+def _normalize(images: Tensor, dtype: torch.dtype, mean: list[float],
+               std: list[float]) -> Tensor:
+    """:func:`normalize_torch` on arguments :func:`_check_normalize_args` has checked."""
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
@@ -263,7 +268,7 @@ def normalize(images: Tensor, dtype: torch.dtype = torch.float32,
     otherwise plain torch, said once. Returns ``(tensor, "fused" | "torch")``.
     """
     mean, std = _check_normalize_args(images, dtype, mean, std)
-    ref = normalize_torch(images, dtype, mean, std)
+    ref = _normalize(images, dtype, mean, std)
     fused = _fused_preprocess() if prefer_fused else None
     if fused is None:
         return ref, "torch"
