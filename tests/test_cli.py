@@ -1604,6 +1604,12 @@ def test_bench_fastres_gate_is_max_of_design_bound_and_twice_eager(capsys, monke
     assert "result: FAILED" in out
 
 
+def _cpu_bench_row(fn) -> str:
+    """Which row of a CPU fp32 ``fastres bench`` group (no graphs, no compile) times ``fn``."""
+    return ("fastres" if isinstance(fn, ResNet) else
+            "eager_fp32" if isinstance(fn, torchvision.models.ResNet) else "eager_amp_cl")
+
+
 def test_bench_reports_the_statistics_of_its_timed_calls(capsys, monkeypatch, tmp_path):
     """What time_calls measured (ms per call) is what the row says: median, p90 (linear
     interpolation), images/s = batch / median, speedup = baseline median / this median; and
@@ -1619,8 +1625,7 @@ def test_bench_reports_the_statistics_of_its_timed_calls(capsys, monkeypatch, tm
     given = {}
 
     def fake_time_calls(fn, inputs, warmup, iters, max_time, device):
-        key = ("fastres" if isinstance(fn, ResNet) else
-               "eager_fp32" if isinstance(fn, torchvision.models.ResNet) else "eager_amp_cl")
+        key = _cpu_bench_row(fn)
         assert key not in given, key
         given[key] = list(inputs)
         return list(measured[key])
@@ -1719,8 +1724,7 @@ def test_bench_times_a_group_in_interleaved_rounds(capsys, monkeypatch, tmp_path
     order, calls = [], {}
 
     def fake_time_calls(fn, inputs, warmup, iters, max_time, device):
-        key = ("fastres" if isinstance(fn, ResNet) else
-               "eager_fp32" if isinstance(fn, torchvision.models.ResNet) else "eager_amp_cl")
+        key = _cpu_bench_row(fn)
         order.append(key)
         assert iters == 2 and max_time == pytest.approx(6.0 / 3), (iters, max_time)
         base = {"fastres": 1.0, "eager_fp32": 2.0, "eager_amp_cl": 3.0}[key]
