@@ -10,6 +10,9 @@ For each dtype, in one process on one GPU:
   torchvision cast to the dtype, channels-last, with the input fastres gets (no casts);
 - ``compile_reduce_overhead``: ``torch.compile(torchvision, mode="reduce-overhead")`` of the
   model cast to the dtype, channels-last (inductor + CUDA graphs);
+  ``compile_reduce_overhead_freezing``: the same with inductor's ``freezing`` option too
+  (BatchNorm folded into constant weights, as fastres folds it); the "vs best compile (r-o)"
+  column is against the faster of the two;
 - ``fastres``: the fastres eval forward (tuned, no graphs);
 - ``fastres_dispatch``: the same with every Triton launch through Triton's own dispatch
   (``kernel[grid]``) instead of straight to the compiled kernel
@@ -171,6 +174,12 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
         impls["eager_cl"] = (tv_dt, x_dt)
     if args.compile:
         impls["compile_reduce_overhead"] = (torch.compile(tv_dt, mode="reduce-overhead"), x_dt)
+        if args.freezing:  # (a mode and options cannot both be given: the mode's options)
+            from torch._inductor import list_mode_options
+
+            options = {**list_mode_options("reduce-overhead"), "freezing": True}
+            impls["compile_reduce_overhead_freezing"] = (
+                torch.compile(tv_dt, options=options), x_dt)
     fr = fastres.from_torchvision(tv_fp32).to(dtype).eval()
     impls["fastres"] = (fr, x_dt)
     from fastres.kernels import _direct
@@ -256,18 +265,22 @@ def bench_dtype(name: str, dtype: torch.dtype, tv_fp32: torch.nn.Module, args,
 
 
 EAGER_ROWS = ("eager", "eager_fp32", "eager_cl")
+COMPILE_ROWS = ("compile_reduce_overhead", "compile_reduce_overhead_freezing")
 
 
 def add_speedups(rows: list[dict]) -> None:
     """``speedup_vs_eager`` / ``speedup_vs_best_eager`` (the fastest of the table's eager
-    rows) / ``speedup_vs_compile_reduce_overhead`` of every timed row, against the baselines
-    of the same dtype measured in the same run."""
+    rows) / ``speedup_vs_compile_reduce_overhead`` (the faster of the reduce-overhead rows,
+    with and without freezing) of every timed row, against the baselines of the same dtype
+    measured in the same run."""
     for dt in {r["dtype"] for r in rows}:
         same = [r for r in rows if r["dtype"] == dt]
         base = {r["impl"]: r.get("median_ms") for r in same if r.get("status") == "ok"}
         eager = [base[k] for k in EAGER_ROWS if base.get(k)]
         if eager:
             base["best_eager"] = min(eager)
+        compiled = [base[k] for k in COMPILE_ROWS if base.get(k)]
+        base["compile_reduce_overhead"] = min(compiled) if compiled else None
         for r in same:
             for b in ("eager", "best_eager", "compile_reduce_overhead"):
                 if r.get("status") == "ok" and r.get("median_ms") and base.get(b):
@@ -302,7 +315,7 @@ def to_markdown(report: dict) -> str:
          f"FASTRES_TUNE={env.get('fastres_tune')}."),
         "",
         ("| dtype | implementation | median ms | p10 | p90 | round medians | speedup vs eager "
-         "| vs best eager | vs compile (r-o) | rel err | status |"),
+         "| vs best eager | vs best compile (r-o) | rel err | status |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
@@ -350,7 +363,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=_int_at_least(0), default=0,
                    help="random weights from SEED, the input from SEED + 1 (default: 0)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="skip the torch.compile(mode='reduce-overhead') baseline")
+                   help="skip the torch.compile(mode='reduce-overhead') baselines")
+    p.add_argument("--no-freezing", dest="freezing", action="store_false",
+                   help="skip the reduce-overhead baseline with inductor's freezing option "
+                        "(one compile less)")
     p.add_argument("--smoke", action="store_true",
                    help="check the script on a CPU machine (small sizes, wall-clock timing; "
                         "the numbers mean nothing)")

@@ -25,9 +25,11 @@
 #   pytest_benchmarks  pytest-benchmark quick set (conv layers, CUDA-extension ops vs Triton
 #                      and eager)
 #   latency            ResNet-50 batch-1 latency, fastres with/without CUDA graphs vs eager and
-#                      torch.compile(mode="reduce-overhead") (benchmarks/bench_latency.py)
+#                      torch.compile(mode="reduce-overhead"), with and without inductor's
+#                      freezing (benchmarks/bench_latency.py)
 #   fastres_bench      `python3 -m fastres bench`: resnet50, resnet101, resnet18 x batch 1, 32,
-#                      256 x bf16, fp16, outputs checked first; compile baseline for resnet50
+#                      256 x bf16, fp16, outputs checked first; compile baselines (default,
+#                      freezing, reduce-overhead) for resnet50
 #                      (resnet101 before resnet18: its layers are resnet50's, already tuned)
 #
 # Time: everything ends within GPU_CHECK_BUDGET_S (default 520 s) plus at most 15 s, under
@@ -43,7 +45,7 @@
 #   tests              200 s (GPU_CHECK_TESTS_S)              90 s
 #   conv_layers        150 s (GPU_CHECK_CONV_S)               45 s
 #   pytest_benchmarks   90 s (GPU_CHECK_PYBENCH_S)            45 s
-#   latency            120 s (GPU_CHECK_LATENCY_S)            60 s
+#   latency            150 s (GPU_CHECK_LATENCY_S)            60 s
 #   fastres_bench      the rest (GPU_CHECK_BENCH_S)          120 s; its own --time-budget
 #                      stops starting groups 45 s before its cap
 # Estimated on an H100 with cold caches (a Triton compile of one kernel configuration for sm_90
@@ -51,10 +53,10 @@
 # 1/32/256, resnet18 adds 11, resnet101 none; a torch.compile of ResNet-50 ~30-45 s per shape):
 #   part1: checks 10 + env 5 + build 60-90 + tests <= 200 + conv_layers ~105 (76 compiles,
 #          144 rows) + pytest_benchmarks ~50 = ~450 s
-#   part2: checks 10 + env 5 + build 0 (warm) or 60-90 (cold) + latency ~80 (one compile,
-#          tuning at batch 1) + fastres_bench the rest, 330-420 s (it needs 300-360 s cold: tuning
-#          ~120 s, <= 100 s of torch.compile (resnet50 bf16 at 3 batch sizes), ~60 s timed;
-#          ~280 s when part1's Triton cache is warm)
+#   part2: checks 10 + env 5 + build 0 (warm) or 60-90 (cold) + latency ~110 (two compiles,
+#          tuning at batch 1) + fastres_bench the rest, 300-390 s (tuning ~120 s, up to 300 s
+#          of torch.compile (--compile-budget: resnet50's compile rows, bf16 first), ~60 s
+#          timed; the groups its --time-budget leaves out are listed as skipped)
 # A machine stays warm 30 s after a call: start part2 at once to keep the build and caches.
 #
 # Output: OUTDIR holds at most 8 files, the device tool's limit: summary.md (printed LAST, also
@@ -187,7 +189,7 @@ nominal_of() {
         tests) echo "${GPU_CHECK_TESTS_S:-200}" ;;
         conv_layers) echo "${GPU_CHECK_CONV_S:-150}" ;;
         pytest_benchmarks) echo "${GPU_CHECK_PYBENCH_S:-90}" ;;
-        latency) echo "${GPU_CHECK_LATENCY_S:-120}" ;;
+        latency) echo "${GPU_CHECK_LATENCY_S:-150}" ;;
         fastres_bench) echo "${GPU_CHECK_BENCH_S:-100000}" ;;
     esac
 }
@@ -396,8 +398,8 @@ if selected fastres_bench; then
     BENCH_BUDGET=$(( CAP - SLACK ))
     # GPU_CHECK_BENCH_ARGS replaces the model/batch/dtype/timing options (e.g. for a dry run).
     BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-"--device cuda -m resnet50,resnet101,resnet18 -b 1 32 256 \
---dtype bf16 fp16 --iters 30 --warmup 5 --max-time 2 --compile-models resnet50 --compile-reduce-overhead \
---compile-budget 200"}
+--dtype bf16 fp16 --iters 30 --warmup 5 --max-time 2 --compile-models resnet50 --compile-freezing \
+--compile-reduce-overhead --compile-budget 300"}
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of options on purpose
     run_stage fastres_bench "$CAP" "$D/bench.log" \
         "$PY" -m fastres bench $BENCH_ARGS \

@@ -276,9 +276,9 @@ def bench(d: str) -> list[str]:
         return _num(r.get("images_per_s"), ".0f") if r.get("status") == "ok" else r.get("status")
 
     out += ["| model | dtype | batch | fastres img/s | + graphs | eager fp32 | AMP+CL | eager CL "
-            "| compile | compile r-o | fastres ms (host) | best ms (p90) | best peak MiB "
+            "| compile | compile frz | compile r-o | fastres ms (host) | best ms (p90) | best peak MiB "
             "| best x fp32 | x AMP+CL | x eager CL | x compile | rel err | status |",
-            "|---|---|---:|" + "---:|" * 15 + "---|"]
+            "|---|---|---:|" + "---:|" * 16 + "---|"]
     for (model, dtype, batch), rows in groups.items():
         fr, gr = rows.get("fastres", {}), rows.get("fastres_graphs", {})
         cands = [r for r in (fr, gr) if r.get("status") == "ok" and r.get("images_per_s")]
@@ -291,7 +291,7 @@ def bench(d: str) -> list[str]:
             f"| {model} | {dtype} | {batch} | {ips(fr)} | {ips(gr)} | "
             f"{ips(rows.get('eager_fp32'))} | {ips(rows.get('eager_amp_cl'))} | "
             f"{ips(rows.get('eager_cl'))} | {ips(rows.get('compile'))} | "
-            f"{ips(rows.get('compile_reduce_overhead'))} | "
+            f"{ips(rows.get('compile_freezing'))} | {ips(rows.get('compile_reduce_overhead'))} | "
             f"{_num(fr.get('median_ms'), '.2f')} ({_num(fr.get('host_ms'), '.2f')}) | "
             f"{_num(best.get('median_ms'), '.2f')} ({_num(best.get('p90_ms'), '.2f')}) | "
             f"{_num(best.get('peak_mib'), '.0f')} | {_num(sp.get('eager_fp32'), '.2f')} | "
@@ -299,9 +299,11 @@ def bench(d: str) -> list[str]:
             f"{_num(sp.get('compile'), '.2f')} | "
             f"{_err(fr.get('rel_err'))} | {_cell(status)[:90]} |")
     out += ["", "\"best\": the faster of fastres and fastres + CUDA graphs. \"eager CL\": "
-            "torchvision cast to the dtype, channels-last input. \"x compile\" is like for like: "
-            "fastres against torch.compile's default mode, fastres + CUDA graphs against its "
-            "reduce-overhead mode (\"compile r-o\"). cuDNN benchmark mode: "
+            "torchvision cast to the dtype, channels-last input. \"compile frz\": torch.compile "
+            "with inductor's freezing (BatchNorm folded into the constant weights). \"x "
+            "compile\" is like for like: fastres against the faster of torch.compile's default "
+            "mode and freezing, fastres + CUDA graphs against its reduce-overhead mode "
+            "(\"compile r-o\"). cuDNN benchmark mode: "
             + {True: "on", False: "off"}.get(env.get("cudnn_benchmark"), "not recorded") + "."]
     out += [f"- note: {_cell(n)[:240]}" for n in rep.get("notes", [])[:12]]
     return out

@@ -32,6 +32,9 @@ Implementations (``IMPLS``):
   rows the ``eager_amp_cl`` row is this baseline;
 - ``compile`` / ``compile_max_autotune``: ``torch.compile(dynamic=False)`` of torchvision cast
   to the dtype, channels-last (``max-autotune`` only when asked: it is slow to compile);
+- ``compile_freezing`` (when asked): the same with inductor's ``freezing`` option (the
+  parameters become constants: BatchNorm folded into the convolutions, as fastres's plan
+  folds it, and the weights laid out for the kernels once);
 - ``compile_reduce_overhead`` (when asked): the same with ``mode="reduce-overhead"`` (CUDA
   graphs), the like-for-like baseline of ``fastres_graphs``;
 - ``fastres``: fastres cast to the dtype, channels-last input in the dtype;
@@ -41,8 +44,10 @@ Implementations (``IMPLS``):
 On a GPU every implementation runs with ``torch.backends.cudnn.benchmark`` on (cuDNN times
 its algorithms for each shape during the check call and the warm-up, as fastres tunes its
 kernels); the flag is put back afterwards and recorded with the environment. Speedups
-against ``torch.compile`` are like for like: ``fastres`` against ``compile`` (no graphs),
-``fastres_graphs`` against ``compile_reduce_overhead`` (none when that row was not asked for).
+against ``torch.compile`` are like for like: ``fastres`` against the fastest ``torch.compile``
+row without CUDA graphs (``compile``, ``compile_max_autotune`` or ``compile_freezing``, those
+timed), ``fastres_graphs`` against ``compile_reduce_overhead`` (none when that row was not asked
+for).
 """
 
 from __future__ import annotations
@@ -84,11 +89,14 @@ IMPLS: dict[str, str] = {
     "eager_cl": "torchvision {dtype} + channels_last",
     "compile": "torch.compile",
     "compile_max_autotune": "torch.compile max-autotune",
+    "compile_freezing": "torch.compile freezing",
     "compile_reduce_overhead": "torch.compile reduce-overhead",
     "fastres": "fastres",
     "fastres_graphs": "fastres + CUDA graphs",
 }
 BASELINES = ("eager_fp32", "eager_amp_cl", "eager_cl", "compile")
+# the torch.compile rows without CUDA graphs: plain fastres's "x compile" is against the fastest
+COMPILE_NO_GRAPHS = ("compile", "compile_max_autotune", "compile_freezing")
 FASTRES_IMPLS = ("fastres", "fastres_graphs")
 
 # Defaults. CPU ones finish in about a minute on a 2-core machine (measured: ~30-40 s).
@@ -127,6 +135,7 @@ class BenchConfig:
     rounds: int = 1
     compile: bool = True
     max_autotune: bool = False
+    compile_freezing: bool = False
     compile_reduce_overhead: bool = False
     compile_models: list[str] | None = None   # None: every model
     compile_budget: float | None = None       # seconds of compiling, then compile rows skip
@@ -613,6 +622,7 @@ class Runner:
         if not self.compile_wanted(model):
             return []
         return (["compile"] + (["compile_max_autotune"] if self.cfg.max_autotune else [])
+                + (["compile_freezing"] if self.cfg.compile_freezing else [])
                 + (["compile_reduce_overhead"] if self.cfg.compile_reduce_overhead else []))
 
     def compile_wanted(self, model: str) -> bool:
@@ -794,7 +804,10 @@ class Runner:
         for limit in ("recompile_limit", "cache_size_limit"):
             if hasattr(dynamo.config, limit):
                 setattr(dynamo.config, limit, max(256, getattr(dynamo.config, limit)))
-        compiled = torch.compile(model, mode=mode, dynamic=False)
+        # freezing: an inductor option (no mode sets it); the parameters are folded into the
+        # graph as constants when it compiles, under the timed calls' inference_mode
+        options = {"freezing": True} if key == "compile_freezing" else None
+        compiled = torch.compile(model, mode=mode, dynamic=False, options=options)
         return _Impl(key, compiled, make_input, model)
 
     def round_calls(self) -> tuple[int, float]:
@@ -918,14 +931,25 @@ def set_times(row: Row, rounds: list[list[float]]) -> None:
 def baseline_row(rows: dict[str, Row], baseline: str, impl: str) -> Row | None:
     """The row of ``rows`` (one group) that ``impl``'s speedup over ``baseline`` is measured
     against: ``torch.compile`` like for like (``fastres_graphs`` against the reduce-overhead
-    compile, which uses CUDA graphs too, everything else against the default mode), and for
-    fp32 groups ``eager_cl`` is the ``eager_amp_cl`` row (fp32 channels-last, no autocast)."""
+    compile, which uses CUDA graphs too, everything else against the fastest timed compile
+    row without graphs: :data:`COMPILE_NO_GRAPHS`), and for fp32 groups ``eager_cl`` is the
+    ``eager_amp_cl`` row (fp32 channels-last, no autocast)."""
     if baseline == "compile" and impl == "fastres_graphs":
         return rows.get("compile_reduce_overhead")
+    if baseline == "compile":
+        timed = [rows[k] for k in COMPILE_NO_GRAPHS if k in rows and _usable_baseline(rows[k])]
+        return min(timed, key=lambda r: r.median_ms) if timed else rows.get("compile")
     if baseline == "eager_cl" and "eager_cl" not in rows:
         amp = rows.get("eager_amp_cl")
         return amp if amp is not None and amp.dtype == "fp32" else None
     return rows.get(baseline)
+
+
+def _usable_baseline(row: Row) -> bool:
+    """Timed, and its output finite: a baseline whose output was not finite (fp16 AMP
+    overflowing, say) is shown, timed, but no reference for a speedup."""
+    return bool(row.status == "ok" and row.median_ms
+                and (row.rel_err is None or math.isfinite(row.rel_err)))
 
 
 def fill_speedups(rows: dict[str, Row]) -> None:
@@ -934,10 +958,7 @@ def fill_speedups(rows: dict[str, Row]) -> None:
     for row in rows.values():
         for b in BASELINES:
             base_row = baseline_row(rows, b, row.impl)
-            # a baseline whose output was not finite (fp16 AMP overflowing, say) is shown,
-            # timed, but no reference for a speedup
-            ok = (base_row is not None and base_row.status == "ok" and base_row.median_ms
-                  and (base_row.rel_err is None or math.isfinite(base_row.rel_err))
+            ok = (base_row is not None and _usable_baseline(base_row)
                   and row.status == "ok" and row.median_ms)
             row.speedup[b] = (base_row.median_ms / row.median_ms) if ok else None
 
@@ -1056,10 +1077,10 @@ def summary_lines(report: BenchReport) -> list[str]:
         if best.status != "ok" or not best.images_per_s:
             out.append(head + f"fastres {best.status} ({best.note})")
             continue
+        compiled = baseline_row(rows, "compile", best.impl)
         short = {"eager_fp32": "eager fp32", "eager_amp_cl": "AMP+CL",
                  "eager_cl": f"eager {dtype}+CL",
-                 "compile": "compile" + (" reduce-overhead" if best.impl == "fastres_graphs"
-                                         else "")}
+                 "compile": IMPLS[compiled.impl].removeprefix("torch.") if compiled else ""}
         speed = ", ".join(f"{best.speedup[b]:.2f}x vs {short[b]}"
                           for b in BASELINES if best.speedup.get(b))
         checked = fr if fr.rel_err is not None else best
@@ -1101,7 +1122,8 @@ def to_markdown(report: BenchReport) -> str:
     lines += ["", "Speedup columns: the baseline's median latency / this row's median latency "
               "(same run, same inputs). \"x eager CL\": torchvision in the row's dtype, "
               "channels-last, eager. \"x compile\": like for like, fastres against "
-              "torch.compile's default mode and fastres + CUDA graphs against its "
+              "the fastest torch.compile row without CUDA graphs (default mode, or "
+              "max-autotune or freezing where timed) and fastres + CUDA graphs against its "
               "reduce-overhead mode (CUDA graphs; \"-\" when that row was not timed). "
               + ("cuDNN benchmark mode was on for every row. "
                  if report.env.get("cudnn_benchmark") else "")
@@ -1164,7 +1186,7 @@ def plot(report: BenchReport, path: str) -> str | None:
                 vals.append(max((r.speedup[b] for r in cands), default=float("nan")))
             label = {"eager_amp_cl": "torchvision channels_last (AMP for fp16/bf16)",
                      "eager_cl": "torchvision in the dtype, channels_last",
-                     "compile": "torch.compile (graphs: reduce-overhead)"}.get(b, IMPLS[b])
+                     "compile": "fastest torch.compile (graphs: reduce-overhead)"}.get(b, IMPLS[b])
             ax.bar([i + (j - (len(present) - 1) / 2) * width for i in range(len(groups))],
                    vals, width, label=f"vs {label}")
         ax.axhline(1.0, color="black", lw=0.8)

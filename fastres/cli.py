@@ -231,6 +231,10 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="time torch.compile (default: on with a GPU, off on the CPU)")
     p.add_argument("--max-autotune", action="store_true",
                    help="also time torch.compile(mode='max-autotune') (slow to compile)")
+    p.add_argument("--compile-freezing", action="store_true",
+                   help="also time torch.compile with inductor's freezing option (BatchNorm "
+                        "folded into constant weights, as fastres folds it); fastres's 'x "
+                        "compile' is against the fastest compile row without CUDA graphs")
     p.add_argument("--compile-reduce-overhead", action="store_true",
                    help="also time torch.compile(mode='reduce-overhead') (CUDA graphs: the "
                         "baseline of fastres + CUDA graphs, whose 'x compile' is '-' without "
@@ -300,13 +304,15 @@ def _bench_run(args: argparse.Namespace) -> int:
         image_size=pick("image_size"), iters=pick("iters"), warmup=pick("warmup"),
         max_time=pick("max_time"), rounds=pick("rounds"), compile=pick("compile"),
         max_autotune=args.max_autotune,
+        compile_freezing=args.compile_freezing,
         compile_reduce_overhead=args.compile_reduce_overhead,
         compile_models=compile_models, compile_budget=args.compile_budget,
         cuda_graphs=args.cuda_graphs, tune=args.tune, weights=args.weights,
         time_budget=args.time_budget, seed=args.seed, progress=not args.no_progress,
         threads=args.threads, command=_command_line(),
     )
-    if ((cfg.max_autotune or cfg.compile_reduce_overhead or compile_models)
+    if ((cfg.max_autotune or cfg.compile_freezing or cfg.compile_reduce_overhead
+         or compile_models)
             and args.compile is None):
         cfg.compile = True  # asking for compile rows asks for compile (also on the CPU)
     out_dir = args.out

@@ -362,7 +362,8 @@ def _synthetic_details(d: Path) -> None:
         for dt in ("bf16", "fp16"):
             for bs in (1, 32, 256):
                 for impl in ("eager_fp32", "eager_amp_cl", "eager_cl", "compile",
-                             "compile_reduce_overhead", "fastres", "fastres_graphs"):
+                             "compile_freezing", "compile_reduce_overhead", "fastres",
+                             "fastres_graphs"):
                     ok = not impl.startswith("compile") or model == "resnet50"
                     rows.append({"model": model, "dtype": dt, "batch": bs, "impl": impl,
                                  "label": impl, "status": "ok" if ok else "skipped",
@@ -432,9 +433,9 @@ def test_gpu_check_summary_of_a_full_run_fits_the_reply(tmp_path):
                    "- tests.test_x::test_b: boom | bad",
                    "accuracy checks: 2, 1 over their bound",
                    "| resnet50 | bf16 | 256 | 128000 | 128000 | 128000 | 128000 | 128000 | "
-                   "128000 | 128000 | 2.00 (1.90) | 2.00 (2.10) | 812 | 1.50 | 1.20 | 1.30 | "
+                   "128000 | 128000 | 128000 | 2.00 (1.90) | 2.00 (2.10) | 812 | 1.50 | 1.20 | 1.30 | "
                    "1.10 | 4.5e-02 | ok |",
-                   "| resnet18 | fp16 | 1 | 500 | 500 | 500 | 500 | 500 | skipped | skipped |",
+                   "| resnet18 | fp16 | 1 | 500 | 500 | 500 | 500 | 500 | skipped | skipped | skipped |",
                    "\"x compile\" is like for like",
                    "| bf16 | fastres_graphs | 0.700 | 0.700 | 0.700 | - | - | - | 4.0e-02 | ok |",
                    "| bfloat16 | 32 | 24 of 24 | 0.530 | 300 | 0.636 | 1.060 | 2.00 | 1.20 | 0 |",

@@ -317,14 +317,19 @@ def test_bench_compile_options_imply_compile(capsys, monkeypatch):
     assert run_cli(capsys, *SMALL_BENCH, "--max-autotune")[0] == 0
     assert run_cli(capsys, *SMALL_BENCH, "--compile-models", "resnet18", "--no-compile")[0] == 0
     assert run_cli(capsys, *SMALL_BENCH, "--compile-reduce-overhead")[0] == 0
-    assert [c.compile for c in seen] == [False, True, True, False, True]
-    assert [c.compile_reduce_overhead for c in seen] == [False] * 4 + [True]
+    assert run_cli(capsys, *SMALL_BENCH, "--compile-freezing", "--compile-reduce-overhead")[0] == 0
+    assert [c.compile for c in seen] == [False, True, True, False, True, True]
+    assert [c.compile_reduce_overhead for c in seen] == [False] * 4 + [True, True]
+    assert [c.compile_freezing for c in seen] == [False] * 5 + [True]
     assert seen[1].compile_models == ["resnet18"]
-    # the rows each group gets: reduce-overhead only when asked; eager_cl in 16-bit groups
-    runner = bench.Runner(seen[4], None)
-    assert runner.impl_keys("resnet18", torch.bfloat16) == [
+    # the rows each group gets: reduce-overhead and freezing only when asked; eager_cl in
+    # 16-bit groups
+    assert bench.Runner(seen[4], None).impl_keys("resnet18", torch.bfloat16) == [
         "eager_fp32", "eager_amp_cl", "eager_cl", "compile", "compile_reduce_overhead",
         "fastres", "fastres_graphs"]
+    assert bench.Runner(seen[5], None).impl_keys("resnet18", torch.bfloat16) == [
+        "eager_fp32", "eager_amp_cl", "eager_cl", "compile", "compile_freezing",
+        "compile_reduce_overhead", "fastres", "fastres_graphs"]
     assert bench.Runner(seen[0], None).impl_keys("resnet18", torch.float32) == [
         "eager_fp32", "eager_amp_cl", "fastres", "fastres_graphs"]
     words = seen[0].command.split()  # (run_cli puts a fresh --seed first)
@@ -1693,6 +1698,59 @@ def test_bench_speedups_are_like_for_like():
     assert rows["fastres_graphs"].speedup["compile"] is None
     assert rows["fastres"].speedup["compile"] == pytest.approx(ms["compile"] / ms["fastres"])
     assert rows["fastres"].speedup["eager_cl"] is None  # (bf16: AMP is not that baseline)
+
+
+def test_bench_compile_speedup_is_against_the_fastest_compile_without_graphs():
+    """With max-autotune and freezing rows timed, plain fastres's "x compile" is against the
+    fastest of the three default-mode-like rows (a baseline that erred or whose output was not
+    finite is not one), the graphs row still against reduce-overhead; the summary names the
+    row it compared with. The freezing row compiles with inductor's freezing option."""
+    from fastres import bench
+
+    keys = ("compile", "compile_max_autotune", "compile_freezing", "compile_reduce_overhead",
+            "fastres", "fastres_graphs")
+    ms = dict(zip(keys, (torch.rand(len(keys)) * 20 + 0.5).tolist()))
+    fastest = min(("compile", "compile_max_autotune", "compile_freezing"), key=ms.get)
+
+    def group(broken=()):
+        rows = {k: bench.Row("resnet50", "bf16", 8, k, k, median_ms=ms[k], rel_err=1e-3,
+                             status="error" if k in broken else "ok",
+                             images_per_s=8e3 / ms[k]) for k in keys}
+        rows["fastres"].tolerance = 1e-2
+        bench.fill_speedups(rows)
+        return rows
+
+    rows = group()
+    assert rows["fastres"].speedup["compile"] == pytest.approx(ms[fastest] / ms["fastres"])
+    assert rows["fastres_graphs"].speedup["compile"] == pytest.approx(
+        ms["compile_reduce_overhead"] / ms["fastres_graphs"])
+    line = bench.summary_lines(bench.BenchReport(env={}, config={},
+                                                 rows=list(rows.values())))[0]
+    named = (fastest if ms["fastres"] < ms["fastres_graphs"] else "compile_reduce_overhead")
+    assert f"x vs {bench.IMPLS[named].removeprefix('torch.')})" in line, line
+    rest = [k for k in ("compile", "compile_max_autotune", "compile_freezing") if k != fastest]
+    rows = group(broken=(fastest,))
+    assert rows["fastres"].speedup["compile"] == pytest.approx(
+        min(ms[k] for k in rest) / ms["fastres"])
+
+    seen = {}
+
+    def fake_compile(model, **kwargs):
+        seen[kwargs.get("mode")] = kwargs
+        return model
+
+    cfg = bench.BenchConfig(models=["resnet18"], batch_sizes=[1], dtypes=[torch.float32],
+                            device=torch.device("cpu"))
+    runner = bench.Runner(cfg, None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "compile", fake_compile)
+        for key in ("compile", "compile_freezing", "compile_reduce_overhead"):
+            seen.clear()
+            runner.compiled_impl(key, torch.nn.Identity(), lambda x: x)
+            (mode, kwargs), = seen.items()
+            assert kwargs.get("options") == ({"freezing": True} if key == "compile_freezing"
+                                             else None), key
+            assert mode == ("reduce-overhead" if key == "compile_reduce_overhead" else None)
 
 
 def test_bench_counts_the_plans_folded_weights():

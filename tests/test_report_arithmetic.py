@@ -48,7 +48,7 @@ def _bench_table(lines: list[str]) -> dict:
     out = {}
     for line in lines:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 19 and cells[2].isdigit():
+        if len(cells) == 20 and cells[2].isdigit():
             out[(cells[0], cells[1], int(cells[2]))] = cells
     return out
 
@@ -79,9 +79,9 @@ def test_report_best_column_is_the_fastest_row_that_passed(report, tmp_path):
     text = "\n".join(lines)
     t = _bench_table(lines)
     g1, g2 = t[("resnet50", "bf16", 1)], t[("resnet50", "bf16", 32)]
-    # columns: 11 = best ms (p90), 13 = best x fp32
-    assert g1[11].startswith("1.00 ") and g1[13] == "6.00", g1
-    assert g2[11].startswith("10.00 ") and g2[13] == "2.50", g2
+    # columns: 12 = best ms (p90), 14 = best x fp32
+    assert g1[12].startswith("1.00 ") and g1[14] == "6.00", g1
+    assert g2[12].startswith("10.00 ") and g2[14] == "2.50", g2
     assert g2[4] == "FAILED", g2  # the failed row's rate is not shown as a rate
     assert "32000" not in text and "25.00" not in text
     # the run as a whole: outputs disagreed, and it was cut off
@@ -98,7 +98,7 @@ def test_report_bench_status_is_fastres_own(report, tmp_path):
     (d / "bench").mkdir(parents=True)
     (d / "bench" / "bench.json").write_text(json.dumps({"ok": False, "rows": rows}))
     cells = _bench_table(report.bench(str(d)))[("resnet18", "fp16", 1)]
-    assert cells[18].startswith("FAILED"), cells
+    assert cells[19].startswith("FAILED"), cells
 
 
 # -- gpu_check_report.py: stages, tests, latency, conv layers -------------------------------------
@@ -203,6 +203,21 @@ def test_latency_speedups_point_the_right_way_per_dtype(latency_mod):
     assert by[("fp32", "fastres")]["speedup_vs_best_eager"] == pytest.approx(2.0)
     assert "speedup_vs_compile_reduce_overhead" not in by[("fp32", "fastres")]
     assert "speedup_vs_eager" not in by[("bf16", "fastres_graphs")]
+
+
+def test_latency_compile_speedup_is_against_the_faster_reduce_overhead_row(latency_mod):
+    """With freezing timed too, "vs best compile (r-o)" is against the faster of the two
+    reduce-overhead rows; a row that failed is not a baseline."""
+    fast, slow = (torch.rand(1).item() * 0.9 + 0.05, torch.rand(1).item() + 1.05)
+    for frz_ms, frz_status, want in ((fast, "ok", fast), (slow, "ok", 1.0),
+                                     (fast, "ERROR", 1.0)):
+        rows = [{"dtype": "bf16", "impl": "compile_reduce_overhead", "status": "ok",
+                 "median_ms": 1.0},
+                {"dtype": "bf16", "impl": "compile_reduce_overhead_freezing",
+                 "status": frz_status, "median_ms": frz_ms},
+                {"dtype": "bf16", "impl": "fastres_graphs", "status": "ok", "median_ms": 0.7}]
+        latency_mod.add_speedups(rows)
+        assert rows[2]["speedup_vs_compile_reduce_overhead"] == pytest.approx(want / 0.7)
 
 
 def test_latency_time_ms_reports_the_median(latency_mod):
