@@ -62,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -420,6 +421,27 @@ def host_times(fn: Callable[[Tensor], object], inputs: Sequence[Tensor],
             times.append((time.perf_counter() - s) * 1e3)
         _sync(device)
     return times
+
+
+def host_syncs(fn: Callable[[Tensor], object], x: Tensor) -> list[str]:
+    """The synchronizing CUDA operations one call of ``fn`` makes, as torch's sync debug mode
+    (``torch.cuda.set_sync_debug_mode("warn")``) reports them: copies to the host, ``.item()``
+    and the like (not the driver's own waits). A call that waits for the GPU has a host time
+    close to its GPU time, whatever its launch cost."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return [f"{str(w.message).splitlines()[0][:100]} at {os.path.basename(w.filename)}:"
+            f"{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+def _add_note(row: Row, note: str) -> None:
+    row.note = f"{row.note}; {note}" if row.note else note
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -864,8 +886,7 @@ class Runner:
                         "not timed")
             return None
         if not must_agree and not math.isfinite(row.rel_err):
-            note = "output not finite: timed, but not used for speedups"
-            row.note = f"{row.note}; {note}" if row.note else note
+            _add_note(row, "output not finite: timed, but not used for speedups")
         if probe.ran:  # right numbers, but eager's: its speed is not fastres's
             row.status = "error"
             row.note = (f"fastres ran torchvision's eager code, not its fused path "
@@ -891,9 +912,13 @@ class Runner:
             row.peak_mib = peak / 2**20
             try:
                 row.host_ms = statistics.median(host_times(impl.fn, inputs, dev))
+                if row.impl in FASTRES_IMPLS:
+                    syncs = host_syncs(impl.fn, inputs[0])
+                    if syncs:
+                        _add_note(row, f"the call synchronizes with the GPU {len(syncs)} "
+                                       f"time(s) (torch's sync debug mode), first: {syncs[0]}")
             except Exception as exc:  # (it ran just before: note it, keep the timing)
-                note = f"host time not measured: {short_error(exc)}"
-                row.note = f"{row.note}; {note}" if row.note else note
+                _add_note(row, f"host time not measured: {short_error(exc)}")
         rounds = [times]
         set_times(row, rounds)
         return inputs, rounds
@@ -911,8 +936,7 @@ class Runner:
                     rounds.append(time_calls(impl.fn, inputs, min(self.cfg.warmup, 2), iters,
                                              max_time, self.dev))
                 except Exception as exc:  # (its first round stands; say why no more)
-                    note = f"a later round raised {short_error(exc)}"
-                    row.note = f"{row.note}; {note}" if row.note else note
+                    _add_note(row, f"a later round raised {short_error(exc)}")
                     continue
                 set_times(row, rounds)
 

@@ -1753,6 +1753,40 @@ def test_bench_compile_speedup_is_against_the_fastest_compile_without_graphs():
             assert mode == ("reduce-overhead" if key == "compile_reduce_overhead" else None)
 
 
+def test_bench_host_syncs_reports_the_calls_syncs_and_restores_the_mode(monkeypatch):
+    """host_syncs runs one call under torch's sync debug mode ("warn") and returns what it
+    reported (where, in the call), ignoring other warnings; the mode before is put back, also
+    when the call raises. (On the CPU the mode is faked: it needs a GPU.)"""
+    from fastres import bench
+
+    state = {"mode": int(torch.randint(0, 3, ()))}
+    before = state["mode"]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: state["mode"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode",
+                        lambda m: state.update(mode={"warn": 1}.get(m, m)))
+    syncs = int(torch.randint(0, 4, ()))
+
+    def call(x):
+        import warnings
+
+        warnings.warn("unrelated")
+        for _ in range(syncs if state["mode"] == 1 else 0):
+            warnings.warn("called a synchronizing CUDA operation\nmore")
+        return x
+
+    got = bench.host_syncs(call, torch.zeros(1))
+    assert len(got) == syncs and all(g.startswith("called a synchronizing CUDA operation at "
+                                                  "test_cli.py:") for g in got), got
+    assert state["mode"] == before
+
+    def boom(x):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.host_syncs(boom, torch.zeros(1))
+    assert state["mode"] == before
+
+
 def test_bench_counts_the_plans_folded_weights():
     """"peak MiB" adds the plan's folded weights (a second copy of the parameters, made
     before the measurement started): fastres's rows left them out. Each plan tensor is
