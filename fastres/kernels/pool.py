@@ -25,7 +25,8 @@ def max_pool_nhwc_kernel(
     M, H, W, C, P, Q, stride, pad,
     KS: tl.constexpr, INDEX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[m, c] = max over the KSxKS window of pixel m; grid (cdiv(M, BLOCK_M), cdiv(C, BLOCK_C))."""
+    """out[m, c] = max over the KSxKS window of pixel m; grid (cdiv(M, BLOCK_M),
+    cdiv(C, BLOCK_C))."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = rm < M

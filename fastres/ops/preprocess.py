@@ -1,4 +1,5 @@
-"""``preprocess``: uint8 images -> normalized float batch (torchvision's ToTensor + Normalize), one op.
+"""``preprocess``: uint8 images -> normalized float batch (torchvision's ToTensor + Normalize),
+one op.
 
 Contract: ``preprocess(images, layout="NHWC", mean=IMAGENET_MEAN, std=IMAGENET_STD,
 dtype=torch.float32) -> [N, 3, H, W]``
