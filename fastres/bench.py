@@ -202,6 +202,12 @@ class BenchReport:
     def ok(self) -> bool:
         return not any(r.status == "FAILED" for r in self.rows)
 
+    @property
+    def checked(self) -> bool:
+        """Whether any fastres output was compared with torchvision (``False``: every group
+        skipped, say for memory or the time budget)."""
+        return any(r.impl in FASTRES_IMPLS and r.rel_err is not None for r in self.rows)
+
     def to_json(self) -> dict:
         return {"fastres_bench": 1, "ok": self.ok, "interrupted": self.interrupted,
                 "elapsed_s": round(self.elapsed_s, 2),
@@ -1119,7 +1125,7 @@ def summary_lines(report: BenchReport) -> list[str]:
     if moved:
         out.append(f"round medians differing by more than {ROUND_SPREAD_NOTE:.0%} (the host or "
                    f"the GPU was busier in some rounds): {', '.join(moved)}")
-    checked = any(r.impl in FASTRES_IMPLS and r.rel_err is not None for r in report.rows)
+    checked = report.checked
     untimed = sum(r.impl in FASTRES_IMPLS and r.status == "error" for r in report.rows)
     out.append("result: " + ("FAILED: fastres outputs disagree with torchvision (not timed)"
                              if not report.ok else "all outputs agree" if checked

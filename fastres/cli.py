@@ -334,6 +334,10 @@ def _bench_run(args: argparse.Namespace) -> int:
         return 130
     if not report.ok:
         return 1
+    if not report.checked:  # (a gate on bench must not pass having compared nothing)
+        print(f"{PROG} bench: error: no fastres output was compared with torchvision (every "
+              "group skipped: see the table)", file=sys.stderr)
+        return 1
     if out_dir and report.output_error:  # the run was fine, but --out did not get it
         print(f"{PROG} bench: error: {report.output_error}", file=sys.stderr)
         return 2
@@ -526,6 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_environment() -> None:
+    """A ``FASTRES_BACKEND`` that names no backend is a usage error of every command (each runs
+    models), said before anything runs: not a traceback from the first forward."""
+    from fastres.ops._backend import get_backend
+
+    try:
+        get_backend()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastres`` console script; returns the exit status."""
     parser = build_parser()
@@ -539,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_environment()
         return int(cmd.run(args) or 0)
     except UserError as exc:
         print(f"{PROG} {cmd.name}: error: {exc}", file=sys.stderr)

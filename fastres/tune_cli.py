@@ -173,9 +173,12 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=str.lower, help="architecture, any case, e.g. resnet50")
-    p.add_argument("--batch", "-b", nargs="+", default=["1"], metavar="N",
-                   help="batch size(s): '--batch 1 32' or '--batch 1,32' (default 1)")
-    p.add_argument("--dtype", "-d", nargs="+", default=["bf16"], choices=DTYPE_CHOICES,
+    # (repeated options add up, as bench's do; the defaults are filled in by run: argparse's
+    # "extend" would add to a default list)
+    p.add_argument("--batch", "-b", nargs="+", action="extend", metavar="N",
+                   help="batch size(s): '--batch 1 32', '--batch 1,32' or '-b 1 -b 32' "
+                        "(default 1)")
+    p.add_argument("--dtype", "-d", nargs="+", action="extend", choices=DTYPE_CHOICES,
                    type=str.lower,
                    help="compute dtype(s) (default bf16; fp16/bf16 run under autocast)")
     p.add_argument("--image-size", type=int, default=224, help="input height/width (224)")
@@ -193,7 +196,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return tune_main(args.model, args.batch, args.dtype, args.image_size, args.device,
+        return tune_main(args.model, args.batch or ["1"], args.dtype or ["bf16"],
+                         args.image_size, args.device,
                          args.num_classes, args.weights, args.cache_dir, args.progress)
     except TuneUsageError as exc:
         try:

@@ -380,19 +380,19 @@ class TuningCache:
         if self.path is None:
             return {}
         try:
-            text = self.path.read_text(encoding="utf-8")
+            raw = self.path.read_bytes()
         except (FileNotFoundError, NotADirectoryError):  # (a file where a directory should be:
             return {}  # no cache file there; save() says what is in the way)
-        except (OSError, UnicodeDecodeError) as exc:
-            if for_merge and not isinstance(exc, UnicodeDecodeError):
+        except OSError as exc:
+            if for_merge:
                 # there but unreadable (permissions, ...): replacing it would drop what other
                 # processes saved in it
                 raise OSError(f"the existing file cannot be read ({exc}); not replacing it")
             if warn:
                 self._warn(f"cannot read tuning cache {self.path} ({exc}); ignoring it")
             return {}
-        try:
-            data = json.loads(text)
+        try:  # (bytes that are not UTF-8: read, but corrupt, as JSON that does not parse)
+            data = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as exc:  # (RecursionError: nested too deeply)
             if warn:
                 self._warn(f"tuning cache {self.path} is corrupt or truncated ({exc}); "

@@ -261,8 +261,11 @@ def test_bench_with_weights_file(capsys, r18_checkpoint):
 
 
 def test_bench_time_budget_skips_groups(capsys, tmp_path):
-    code, out, _ = run_cli(capsys, *SMALL_BENCH, "--time-budget", "0", "--out", str(tmp_path))
-    assert code == 0
+    """Every group skipped: the table says so, and the exit status is 1 (it was 0: a gate on
+    bench passed having compared nothing)."""
+    code, out, err = run_cli(capsys, *SMALL_BENCH, "--time-budget", "0", "--out", str(tmp_path))
+    assert code == 1, err
+    assert "no fastres output was compared with torchvision" in err
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert rows and all(r["status"] == "skipped" for r in rows)
     assert "nothing was checked" in out and "all outputs agree" not in out
@@ -1041,6 +1044,35 @@ def test_tune_cache_dir_is_for_that_command_only(capsys, monkeypatch, tmp_path,
                            str(r18_checkpoint))
     assert_usage_error(code, err, "does not fit resnet50", "give MODEL as resnet18")
     assert "--model" not in err
+
+
+def test_tune_repeated_batch_and_dtype_options_add_up(capsys, monkeypatch):
+    """``-b 1 -b 32 --dtype fp16 --dtype bf16`` tunes both batches in both dtypes, as bench's
+    options do (argparse kept the last of each: batch 1 and fp16 were dropped silently); with
+    neither given, batch 1 in bf16."""
+    from fastres import tune_cli
+
+    seen = []
+    monkeypatch.setattr(tune_cli, "tune_main", lambda *a: seen.append(a[1:3]) or 0)
+    assert run_cli(capsys, "tune", "resnet18", "-b", "1", "--batch", "32,8", "--dtype", "fp16",
+                   "-d", "bf16", "fp32")[0] == 0
+    assert run_cli(capsys, "tune", "resnet18")[0] == 0
+    assert seen == [(["1", "32,8"], ["fp16", "bf16", "fp32"]), (["1"], ["bf16"])]
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "-m", "resnet18", "-b", "1", "--image-size", "32"],
+    ["verify", "-m", "resnet18", "-b", "1", "--batches", "1", "--image-size", "32"],
+    ["classify", "nothing.png", "-m", "resnet18", "--weights", "nothing.pth"],
+    ["tune", "resnet18", "--device", "cpu"],
+])
+def test_a_bad_backend_variable_is_a_usage_error_of_every_command(capsys, monkeypatch, argv):
+    """``FASTRES_BACKEND=bogus``: exit 2 with one line naming the variable and its choices,
+    before anything runs (bench, verify and classify ended in a traceback)."""
+    monkeypatch.setenv("FASTRES_BACKEND", "bogus")
+    code, out, err = run_cli(capsys, *argv)
+    assert_usage_error(code, err, "FASTRES_BACKEND", "'bogus'", "'triton'")
+    assert "Traceback" not in err and out == ""
 
 
 def test_tune_batch_option_without_a_number(capsys):

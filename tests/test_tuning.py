@@ -442,11 +442,15 @@ def _assert_rewritten_valid(n_entries=1):
     "\x00\x01garbage\n",                                             # not JSON at all
     "",                                                              # empty file
     "[" * 100000 + "]" * 100000,                # nested too deeply for json (RecursionError)
+    b"\xff\xfe\x00binary",                            # not UTF-8 (it was "cannot read")
 ])
 def test_corrupt_or_truncated_file_is_ignored_and_rewritten(tuner, content):
     path = tuning.cache_path("cpu")
     path.parent.mkdir(parents=True)
-    path.write_text(content)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
     with pytest.warns(tuning.TuningCacheWarning, match="corrupt or truncated"):
         pool(torch.randn(1, 4, 9, 9))
     assert len(tuner.calls) == 3
@@ -640,14 +644,14 @@ def test_unreadable_cache_file_is_not_replaced(tmp_path, monkeypatch):
     path = tmp_path / "c.json"
     tuning.TuningCache(path, env).put("theirs", rec)
     before = path.read_text()
-    real_read = type(path).read_text
+    real_read = type(path).read_bytes
 
-    def read_text(self, *a, **k):
+    def read_bytes(self, *a, **k):
         if self == path:
             raise PermissionError(13, "Permission denied", str(self))
         return real_read(self, *a, **k)
 
-    monkeypatch.setattr(type(path), "read_text", read_text)
+    monkeypatch.setattr(type(path), "read_bytes", read_bytes)
     with pytest.warns(tuning.TuningCacheWarning, match="cannot read"):
         mine = tuning.TuningCache(path, env)
     with pytest.warns(tuning.TuningCacheWarning, match="not replacing it"):
