@@ -392,7 +392,14 @@ class ResNet(nn.Module):
         self.invalidate_plan()
 
     def invalidate_plan(self) -> None:
-        """Drop the cached inference plan; the next eval forward rebuilds it."""
+        """Drop the cached inference plan; the next eval forward rebuilds it.
+
+        Call it after editing weights in a way their version counters do not see: through
+        ``param.data``, a NumPy view, ``param.untyped_storage()``, in-place inside
+        ``torch.inference_mode()`` on inference tensors, or from another process through
+        shared memory. (Until then the plan may run the old weights, or some of the new
+        ones: a layer whose plan tensor is the parameter itself sees the edit, a folded
+        one does not.)"""
         object.__setattr__(self, "_plan_cache", None)
 
     def _apply(self, fn, *args, **kwargs):
@@ -910,6 +917,40 @@ def _is_container_slot(name: str, m: nn.Module) -> bool:
     return type(m) is nn.Sequential
 
 
+def _own_forward(model: nn.Module) -> str | None:
+    """``"forward"`` or ``"_forward_impl"`` when ``model`` (its class, or the instance) has
+    its own, not torchvision's ResNet's (or fastres's): a subclass that post-processes the
+    logits, say. ``None`` otherwise."""
+    import torchvision.models.resnet as tvr
+
+    for name in ("forward", "_forward_impl"):
+        theirs = {getattr(tvr.ResNet, name), getattr(ResNet, name)}
+        if name in model.__dict__ or getattr(type(model), name, None) not in theirs:
+            return name
+    return None
+
+
+def _same_layout(ours: nn.Module, theirs: nn.Module) -> bool:
+    """Whether ``theirs`` is ``ours`` as built: the same ``repr`` (the settings) and its own
+    parameters and buffers of the same names and shapes (a weight assigned with another
+    shape, such as a grayscale stem's or a class subset's fc, leaves the repr as it was). A
+    repr that raises (a setting torch's own repr cannot print) is a difference."""
+    try:
+        if repr(ours) != repr(theirs):
+            return False
+    except Exception:
+        return False
+
+    def tensors(m: nn.Module) -> list[tuple[str, tuple]]:
+        return [(n, tuple(t.shape)) for n, t in (*m.named_parameters(recurse=False),
+                                                  *m.named_buffers(recurse=False))]
+
+    try:
+        return tensors(ours) == tensors(theirs)
+    except Exception:  # (an uninitialized lazy parameter has no shape)
+        return False
+
+
 def from_torchvision(model: nn.Module) -> ResNet:
     """A fastres :class:`ResNet` with ``model``'s architecture, weights, mode, dtype, device.
 
@@ -934,6 +975,11 @@ def from_torchvision(model: nn.Module) -> ResNet:
     if not isinstance(model, nn.Module) or not all(hasattr(model, n) for n in needed):
         raise TypeError("from_torchvision expects a torchvision ResNet (with conv1, bn1, "
                         f"layer1..4 and fc), got {type(model).__name__}")
+    own = _own_forward(model)
+    if own:
+        raise TypeError(f"from_torchvision: {type(model).__name__} has its own {own}, which "
+                        "fastres's ResNet (torchvision's forward) would drop; convert the "
+                        "torchvision ResNet it runs, or wrap the converted model in that code")
     # The architecture is read off the stages that are still torchvision's (an nn.Sequential
     # of blocks); a stage edited away from that (an nn.Identity() for layer4, an emptied
     # Sequential, a block replaced) is built with one block and replaced (or cut) below.
@@ -983,7 +1029,7 @@ def from_torchvision(model: nn.Module) -> ResNet:
             continue
         ours = mine.get(name)
         if not (_is_norm_slot(name) or ours is None or type(ours) is not type(m)
-                or repr(ours) != repr(m)):
+                or not _same_layout(ours, m)):
             continue
         twin = copy.deepcopy(m)
         for sub in twin.modules():  # the source's hooks stay with the source

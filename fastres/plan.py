@@ -176,7 +176,7 @@ def check_input(model: nn.Module, x) -> None:
     c = shape[1]
     # (a stem that is not a Conv2d, or a lazy one not yet made: torchvision's code runs, and
     # says what it takes)
-    in_ch = (conv.in_channels if isinstance(conv, nn.Conv2d) and not _uninitialized(conv)
+    in_ch = (conv_in_channels(conv) if isinstance(conv, nn.Conv2d) and not _uninitialized(conv)
              else c)
     if c != in_ch:
         raise InputValueError(f"fastres ResNet expects {in_ch} input channels, got {c} "
@@ -193,6 +193,15 @@ def check_input(model: nn.Module, x) -> None:
     if x.dtype != dtype and not autocast:
         raise InputTypeError(f"fastres ResNet input dtype must match the model's ({dtype}) "
                              f"unless autocast is on, got {x.dtype}")
+
+
+def conv_in_channels(conv: nn.Conv2d) -> int:
+    """The input channels ``conv`` takes, as its forward does: from its weight, not its
+    ``in_channels`` attribute, which a weight assigned later does not change (a grayscale
+    stem: ``conv1.weight = nn.Parameter(w.sum(1, keepdim=True))``)."""
+    if _uninitialized(conv):  # (a lazy stem: what it was declared with, 0 for "any")
+        return conv.in_channels
+    return conv.weight.shape[1] * conv.groups
 
 
 def eager_reason(model: nn.Module, x, head: bool = True) -> str | None:

@@ -1104,7 +1104,8 @@ def _tune_stage0(net: torch.nn.Module, batch: int, image_size: tuple[int, int]) 
     dtype, device = _plan.model_dtype_device(net)
     if not isinstance(conv, torch.nn.Conv2d) or device.type not in _backend._TUNED_DEVICE_TYPES:
         return
-    x = torch.randn(batch, conv.in_channels, *image_size, device=device, dtype=dtype)
+    x = torch.randn(batch, _plan.conv_in_channels(conv), *image_size, device=device,
+                    dtype=dtype)
     if _plan.eager_reason(net, x, head=False) is None:
         net.forward_intermediates(x, [0], stop_early=True, intermediates_only=True)
 
@@ -1230,7 +1231,10 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
         else:
             run_model = copy.deepcopy(model).to(dtype)
             pdtype = dtype
-    in_ch = getattr(getattr(model, "conv1", None), "in_channels", 3)
+    from fastres import plan as _plan
+
+    stem = getattr(model, "conv1", None)
+    in_ch = (_plan.conv_in_channels(stem) or 3) if isinstance(stem, torch.nn.Conv2d) else 3
     # every module's own mode, not only the top's: ``train(flag)`` sets the whole tree, and a
     # model with a frozen stage (``m.train(); m.layer1.eval()``) or one BatchNorm left in train
     # mode (test-time adaptation) must come back as it was

@@ -1073,6 +1073,86 @@ def test_from_torchvision_keeps_edited_modules():
             assert_close_rel(fr(x), tv(x), 1e-5, what)
 
 
+def test_weights_assigned_with_other_shapes_convert_and_run_fused():
+    """Weights replaced by assignment leave the modules' settings (and repr) as they were:
+    a grayscale stem (conv1's weight summed over RGB: conv1.in_channels still says 3), an
+    RGB-D stem, a class subset of fc (fc.out_features still 1000). torchvision runs them on
+    the weights' shapes, and so does fastres, built directly or by from_torchvision, through
+    its plan (it refused the stem's input as "expects 3 input channels", and from_torchvision
+    failed in load_state_dict with a size mismatch). A wrong channel count is still refused,
+    naming the weight's."""
+    cin = int(torch.randint(1, 5, ()))
+    if cin == 3:
+        cin = 1
+    keep = torch.randperm(1000)[:int(torch.randint(2, 20, ()))]
+    tv = torchvision.models.resnet18(weights=None)
+    realistic_bn(tv, size=32, device="cpu")
+    direct = fastres.resnet18().eval()
+    direct.load_state_dict(tv.state_dict())
+    stem = torch.randn(64, cin, 7, 7) * (2 / (cin * 49)) ** 0.5
+    fc_w, fc_b = tv.fc.weight.detach()[keep], tv.fc.bias.detach()[keep]
+    for m in (tv, direct):
+        m.conv1.weight = torch.nn.Parameter(stem.clone())
+        m.fc.weight = torch.nn.Parameter(fc_w.clone())
+        m.fc.bias = torch.nn.Parameter(fc_b.clone())
+    converted = fastres.from_torchvision(tv)
+    assert converted.conv1.weight.shape == (64, cin, 7, 7)
+    x = torch.randn(2, cin, 35, 33)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no eager fallback warning: the plan runs)
+        want = tv(x)
+        for fr, what in ((direct, "built directly"), (converted, "from_torchvision")):
+            assert _plan.eager_reason(fr, x) is None, what
+            out = fr(x)
+            assert out.shape == (2, len(keep)), what
+            assert_close_rel(out, want, 1e-5, what)
+        with pytest.raises(_plan.InputValueError, match=f"expects {cin} input channels, got 3"):
+            converted(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
+def test_from_torchvision_of_a_setting_torch_cannot_print():
+    """A convolution given an int padding (torchvision's forward takes it; Conv2d's repr
+    raises on it) is copied as it is: from_torchvision raised from repr."""
+    tv = torchvision.models.resnet18(weights=None)
+    realistic_bn(tv, size=32, device="cpu")
+    tv.layer1[0].conv1.padding = 1
+    fr = fastres.from_torchvision(tv)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(fr(x), tv(x), 1e-5, "int padding")
+
+
+def test_from_torchvision_refuses_a_subclass_with_its_own_forward():
+    """A ResNet subclass with its own _forward_impl or forward (logits post-processed, say)
+    is refused, naming it: the converted model would silently drop that code. A subclass
+    that only adds attributes converts."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    class MultiLabel(ResNet):
+        def _forward_impl(self, x):
+            return torch.sigmoid(super()._forward_impl(x))
+
+    class Wrapped(ResNet):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Tagged(ResNet):
+        tag = "mine"
+
+    for cls, own in ((MultiLabel, "_forward_impl"), (Wrapped, "forward")):
+        with pytest.raises(TypeError, match=f"{cls.__name__} has its own {own}, which"):
+            fastres.from_torchvision(cls(BasicBlock, [1, 1, 1, 1], num_classes=3))
+    patched = torchvision.models.resnet18(weights=None)
+    patched.forward = lambda x: x
+    with pytest.raises(TypeError, match="has its own forward"):
+        fastres.from_torchvision(patched)
+    tv = Tagged(BasicBlock, [1, 1, 1, 1], num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_rel(fastres.from_torchvision(tv)(x), tv(x), 1e-5, "a subclass")
+
+
 @pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
 def test_from_torchvision_of_edited_stages():
     """Backbone edits to the stages convert (they raised TypeError, IndexError or

@@ -988,6 +988,21 @@ def test_tune_model_then_forward_needs_nothing(tuner):
     assert res["tuned"] == 0 and m.training is True
 
 
+def test_tune_model_of_a_stem_weight_assigned_with_other_channels(tuner):
+    """A grayscale stem made by assigning conv1's weight (conv1.in_channels still says 3):
+    tune_model feeds the weight's channel count (it fed 3, which the forward refuses), and a
+    later forward needs no timing."""
+    m = fastres.resnet18(num_classes=10).eval()
+    m.conv1.weight = torch.nn.Parameter(m.conv1.weight.detach().sum(1, keepdim=True))
+    res = tune_small(m)
+    assert res["tuned"] > 5, res
+    calls = len(tuner.calls)
+    with torch.no_grad():
+        m(torch.randn(2, 1, 32, 32))
+        m.forward_intermediates(torch.randn(1, 1, 32, 32), [0, 4])
+    assert len(tuner.calls) == calls, "tune_model covered every layer of batch 2"
+
+
 def test_tune_model_gives_every_module_its_own_mode_back(tuner):
     """tune_model runs in eval mode and then restores each module's flag, not only the top's:
     ``train()`` on the top would put a frozen stage's BatchNorms back in training (their
