@@ -921,10 +921,12 @@ def _own_forward(model: nn.Module) -> str | None:
     """``"forward"`` or ``"_forward_impl"`` when ``model`` (its class, or the instance) has
     its own, not torchvision's ResNet's (or fastres's): a subclass that post-processes the
     logits, say. ``None`` otherwise."""
-    import torchvision.models.resnet as tvr
-
+    try:
+        from torchvision.models.resnet import ResNet as TorchvisionResNet
+    except ImportError:  # (not installed: the model given is none of its)
+        TorchvisionResNet = ResNet
     for name in ("forward", "_forward_impl"):
-        theirs = {getattr(tvr.ResNet, name), getattr(ResNet, name)}
+        theirs = {getattr(TorchvisionResNet, name), getattr(ResNet, name)}
         if name in model.__dict__ or getattr(type(model), name, None) not in theirs:
             return name
     return None
