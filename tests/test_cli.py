@@ -303,6 +303,15 @@ def test_bench_interrupted_writes_what_it_measured(capsys, monkeypatch, tmp_path
         (1, "eager_fp32"), (1, "eager_amp_cl"), (1, "fastres"), (1, "fastres_graphs")]
 
 
+def _checked_report():
+    """A bench report of one fastres row compared with torchvision (what a fake run_bench
+    returns: a report that compared nothing makes bench exit 1)."""
+    from fastres import bench
+
+    row = bench.Row("resnet18", "fp32", 1, "fastres", "fastres", rel_err=1e-6)
+    return bench.BenchReport(env={"device": "cpu"}, config={}, rows=[row])
+
+
 def test_bench_compile_options_imply_compile(capsys, monkeypatch):
     """--compile-models / --max-autotune ask for compile rows, also where compile is off by
     default (the CPU); --no-compile still wins."""
@@ -312,7 +321,7 @@ def test_bench_compile_options_imply_compile(capsys, monkeypatch):
 
     def fake_run_bench(cfg, on_update=None):
         seen.append(cfg)
-        return bench.BenchReport(env={"device": "cpu"}, config={})
+        return _checked_report()
 
     monkeypatch.setattr(bench, "run_bench", fake_run_bench)
     assert run_cli(capsys, *SMALL_BENCH)[0] == 0
@@ -1461,7 +1470,7 @@ def test_bench_compile_models_any_case(capsys, monkeypatch):
 
     def fake_run_bench(cfg, on_update=None):
         seen.append(cfg)
-        return bench.BenchReport(env={"device": "cpu"}, config={})
+        return _checked_report()
 
     monkeypatch.setattr(bench, "run_bench", fake_run_bench)
     names = [MODEL_NAMES[int(i)] for i in torch.randperm(len(MODEL_NAMES))[:3]]
