@@ -55,8 +55,9 @@
 #          144 rows) + pytest_benchmarks ~50 = ~450 s
 #   part2: checks 10 + env 5 + build 0 (warm) or 60-90 (cold) + latency ~110 (two compiles,
 #          tuning at batch 1) + fastres_bench the rest, 300-390 s (tuning ~120 s, up to 300 s
-#          of torch.compile (--compile-budget: resnet50's compile rows, bf16 first), ~60 s
-#          timed; the groups its --time-budget leaves out are listed as skipped)
+#          of torch.compile (--compile-budget: resnet50's three compile rows per group, bf16
+#          first), ~60 s timed; the groups its --time-budget leaves out, likely resnet101's
+#          and resnet18's in one call, are listed as skipped: GPU_CHECK_BENCH_ARGS trades)
 # A machine stays warm 30 s after a call: start part2 at once to keep the build and caches.
 #
 # Output: OUTDIR holds at most 8 files, the device tool's limit: summary.md (printed LAST, also

@@ -318,7 +318,7 @@ def latency(d: str) -> list[str]:
     out = ["", f"## {args.get('model', 'resnet50')} batch-1 latency"
            + (" (INTERRUPTED: partial)" if rep.get("interrupted") else ""), "",
            "| dtype | implementation | median ms | p10 | p90 | x eager | x best eager "
-           "| x compile r-o | rel err | status |",
+           "| x best compile r-o | rel err | status |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rep.get("rows", []):
         status = r.get("status", "-")

@@ -31,7 +31,8 @@ Implementations (``IMPLS``):
   channels-last input in the dtype (what fastres and ``torch.compile`` are given); for fp32
   rows the ``eager_amp_cl`` row is this baseline;
 - ``compile`` / ``compile_max_autotune``: ``torch.compile(dynamic=False)`` of torchvision cast
-  to the dtype, channels-last (``max-autotune`` only when asked: it is slow to compile);
+  to the dtype, channels-last (``max-autotune-no-cudagraphs`` only when asked: it is slow to
+  compile; without CUDA graphs, so that it compares with plain fastres like for like);
 - ``compile_freezing`` (when asked): the same with inductor's ``freezing`` option (the
   parameters become constants: BatchNorm folded into the convolutions, as fastres's plan
   folds it, and the weights laid out for the kernels once);
@@ -89,7 +90,7 @@ IMPLS: dict[str, str] = {
     "eager_amp_cl": "torchvision AMP + channels_last",
     "eager_cl": "torchvision {dtype} + channels_last",
     "compile": "torch.compile",
-    "compile_max_autotune": "torch.compile max-autotune",
+    "compile_max_autotune": "torch.compile max-autotune (no graphs)",
     "compile_freezing": "torch.compile freezing",
     "compile_reduce_overhead": "torch.compile reduce-overhead",
     "fastres": "fastres",
@@ -823,7 +824,7 @@ class Runner:
         budget = self.cfg.compile_budget
         if budget is not None and self.compile_spent > budget:
             return _Impl(key, None, make_input, model)
-        mode = {"compile_max_autotune": "max-autotune",
+        mode = {"compile_max_autotune": "max-autotune-no-cudagraphs",
                 "compile_reduce_overhead": "reduce-overhead"}.get(key)
         # Every model, dtype and batch size is one more compiled entry on torchvision's
         # ResNet.forward: past dynamo's recompile limit (8) it would silently run eager.
@@ -916,15 +917,22 @@ class Runner:
             peak += (_tensor_bytes(inputs) + _param_bytes(impl.model)
                      + _plan_bytes(impl.model))
             row.peak_mib = peak / 2**20
+            if row.impl == "compile_freezing":
+                _add_note(row, "peak MiB leaves out inductor's frozen copy of the weights "
+                               "(made when it compiled, before the measurement)")
             try:
                 row.host_ms = statistics.median(host_times(impl.fn, inputs, dev))
-                if row.impl in FASTRES_IMPLS:
-                    syncs = host_syncs(impl.fn, inputs[0])
-                    if syncs:
-                        _add_note(row, f"the call synchronizes with the GPU {len(syncs)} "
-                                       f"time(s) (torch's sync debug mode), first: {syncs[0]}")
             except Exception as exc:  # (it ran just before: note it, keep the timing)
                 _add_note(row, f"host time not measured: {short_error(exc)}")
+            if row.impl in FASTRES_IMPLS:
+                try:
+                    syncs = host_syncs(impl.fn, inputs[0])
+                except Exception as exc:
+                    _add_note(row, f"synchronizations not probed: {short_error(exc)}")
+                    syncs = []
+                if syncs:
+                    _add_note(row, f"synchronizing CUDA operations (torch's sync debug mode): "
+                                   f"{len(syncs)}, first: {syncs[0]}")
         rounds = [times]
         set_times(row, rounds)
         return inputs, rounds

@@ -230,7 +230,8 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="time torch.compile (default: on with a GPU, off on the CPU)")
     p.add_argument("--max-autotune", action="store_true",
-                   help="also time torch.compile(mode='max-autotune') (slow to compile)")
+                   help="also time torch.compile(mode='max-autotune-no-cudagraphs') (slow to "
+                        "compile; without CUDA graphs, a baseline of plain fastres)")
     p.add_argument("--compile-freezing", action="store_true",
                    help="also time torch.compile with inductor's freezing option (BatchNorm "
                         "folded into constant weights, as fastres folds it); fastres's 'x "
@@ -334,13 +335,13 @@ def _bench_run(args: argparse.Namespace) -> int:
         return 130
     if not report.ok:
         return 1
+    if out_dir and report.output_error:  # the run was fine, but --out did not get it
+        print(f"{PROG} bench: error: {report.output_error}", file=sys.stderr)
+        return 2
     if not report.checked:  # (a gate on bench must not pass having compared nothing)
         print(f"{PROG} bench: error: no fastres output was compared with torchvision (every "
               "group skipped: see the table)", file=sys.stderr)
         return 1
-    if out_dir and report.output_error:  # the run was fine, but --out did not get it
-        print(f"{PROG} bench: error: {report.output_error}", file=sys.stderr)
-        return 2
     return 0
 
 
@@ -486,7 +487,8 @@ register_command(
     description="Check that fastres agrees with torchvision on the same input, then time it "
                 "against eager fp32, eager AMP + channels_last and torch.compile (same run, "
                 "same inputs). Without a GPU: ResNet-50 on the CPU, about a minute. Exit 1 if "
-                "any fastres output disagrees (those rows are FAILED and not timed).")
+                "any fastres output disagrees (those rows are FAILED and not timed), or if "
+                "no fastres output was compared (every group skipped).")
 register_command(
     "verify", "compare fastres with torchvision on random batches and real photographs",
     _verify_arguments, _verify_run,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import operator
 import os
 import pickle
@@ -920,16 +921,39 @@ def _is_container_slot(name: str, m: nn.Module) -> bool:
 def _own_forward(model: nn.Module) -> str | None:
     """``"forward"`` or ``"_forward_impl"`` when ``model`` (its class, or the instance) has
     its own, not torchvision's ResNet's (or fastres's): a subclass that post-processes the
-    logits, say. ``None`` otherwise."""
+    logits, say. A wrapper set on the instance that wraps torchvision's own (accelerate's
+    hooks, an autocast decorator, a ``functools.partial`` of it) is torchvision's: like the
+    source's hooks, it stays with the source. ``None`` otherwise."""
     try:
         from torchvision.models.resnet import ResNet as TorchvisionResNet
     except ImportError:  # (not installed: the model given is none of its)
         TorchvisionResNet = ResNet
     for name in ("forward", "_forward_impl"):
         theirs = {getattr(TorchvisionResNet, name), getattr(ResNet, name)}
-        if name in model.__dict__ or getattr(type(model), name, None) not in theirs:
+        if getattr(type(model), name, None) not in theirs:
+            return name
+        if name in model.__dict__ and not _unwraps_to(model.__dict__[name], theirs):
             return name
     return None
+
+
+def _unwraps_to(fn, targets: set) -> bool:
+    """Whether ``fn``, unwrapped (bound methods, ``functools.wraps``' ``__wrapped__``,
+    ``functools.partial``), is one of ``targets``."""
+    for _ in range(32):  # (a wrapper chain that long, or a cycle: not one of them)
+        fn = getattr(fn, "__func__", fn)
+        try:
+            if fn in targets:
+                return True
+        except TypeError:  # (unhashable)
+            return False
+        nxt = getattr(fn, "__wrapped__", None)
+        if nxt is None and isinstance(fn, functools.partial):
+            nxt = fn.func
+        if nxt is None:
+            return False
+        fn = nxt
+    return False
 
 
 def _same_layout(ours: nn.Module, theirs: nn.Module) -> bool:

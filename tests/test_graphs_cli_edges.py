@@ -132,14 +132,17 @@ BENCH = ["bench", "--image-size", "64", "--iters", "1", "--warmup", "1", "--no-p
 
 @pytest.fixture
 def fake_bench(monkeypatch):
-    """``run_bench`` replaced: the configs the CLI built, nothing timed."""
+    """``run_bench`` replaced: the configs the CLI built, nothing timed (the report has one
+    fastres row compared with torchvision: a report that compared nothing makes bench exit
+    1)."""
     from fastres import bench
 
     seen = []
 
     def fake_run_bench(cfg, on_update=None):
         seen.append(cfg)
-        return bench.BenchReport(env={"device": "cpu"}, config={})
+        row = bench.Row("resnet18", "fp32", 1, "fastres", "fastres", rel_err=1e-6)
+        return bench.BenchReport(env={"device": "cpu"}, config={}, rows=[row])
 
     monkeypatch.setattr(bench, "run_bench", fake_run_bench)
     return seen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import warnings
 
@@ -1151,6 +1152,25 @@ def test_from_torchvision_refuses_a_subclass_with_its_own_forward():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert_close_rel(fastres.from_torchvision(tv)(x), tv(x), 1e-5, "a subclass")
+
+    # a wrapper set on the instance around torchvision's own forward (accelerate's hooks
+    # wrap it so, with functools.wraps; an autocast decorator; a partial of the class's)
+    # converts: like the source's hooks, it stays with the source
+    def wrapped(m):
+        inner = m.forward
+
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            return inner(*args, **kwargs)
+        return forward
+
+    for what, wrap in (("functools.wraps", wrapped),
+                       ("autocast", lambda m: torch.autocast("cpu", enabled=False)(m.forward)),
+                       ("partial", lambda m: functools.partial(type(m).forward, m))):
+        tv = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+        tv.forward = wrap(tv)
+        with torch.no_grad():
+            assert_close_rel(fastres.from_torchvision(tv)(x), tv(x), 1e-5, what)
 
 
 @pytest.mark.filterwarnings("ignore:fastres. eval-mode forward runs eagerly")
