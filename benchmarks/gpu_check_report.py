@@ -302,8 +302,9 @@ def bench(d: str) -> list[str]:
     out += ["", "\"best\": the faster of fastres and fastres + CUDA graphs. \"eager CL\": "
             "torchvision cast to the dtype, channels-last input. \"compile frz\": torch.compile "
             "with inductor's freezing (BatchNorm folded into the constant weights). \"x "
-            "compile\" is like for like: fastres against the faster of torch.compile's default "
-            "mode and freezing, fastres + CUDA graphs against its reduce-overhead mode "
+            "compile\" is like for like: fastres against the fastest torch.compile row without "
+            "CUDA graphs (default mode, freezing), fastres + CUDA graphs against its "
+            "reduce-overhead mode "
             "(\"compile r-o\"). cuDNN benchmark mode: "
             + {True: "on", False: "off"}.get(env.get("cudnn_benchmark"), "not recorded") + "."]
     out += [f"- note: {_cell(n)[:240]}" for n in rep.get("notes", [])[:12]]
