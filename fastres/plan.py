@@ -201,7 +201,7 @@ def conv_in_channels(conv: nn.Conv2d) -> int:
     stem: ``conv1.weight = nn.Parameter(w.sum(1, keepdim=True))``)."""
     if _uninitialized(conv):  # (a lazy stem: what it was declared with, 0 for "any")
         return conv.in_channels
-    return conv.weight.shape[1] * conv.groups
+    return _sizes(conv.weight)[1] * conv.groups  # (plain ints under torch.jit.trace too)
 
 
 def eager_reason(model: nn.Module, x, head: bool = True) -> str | None:
