@@ -1785,13 +1785,17 @@ def test_bench_compile_speedup_is_against_the_fastest_compile_without_graphs():
     runner = bench.Runner(cfg, None)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "compile", fake_compile)
-        for key in ("compile", "compile_freezing", "compile_reduce_overhead"):
+        # (max-autotune without CUDA graphs: its mode of that name turns them on)
+        modes = {"compile": None, "compile_freezing": None,
+                 "compile_max_autotune": "max-autotune-no-cudagraphs",
+                 "compile_reduce_overhead": "reduce-overhead"}
+        for key, want in modes.items():
             seen.clear()
             runner.compiled_impl(key, torch.nn.Identity(), lambda x: x)
             (mode, kwargs), = seen.items()
             assert kwargs.get("options") == ({"freezing": True} if key == "compile_freezing"
                                              else None), key
-            assert mode == ("reduce-overhead" if key == "compile_reduce_overhead" else None)
+            assert mode == want, key
 
 
 def test_bench_host_syncs_reports_the_calls_syncs_and_restores_the_mode(monkeypatch):
