@@ -804,8 +804,7 @@ class Runner:
                     self.eager_fp32_cache[(name, batch)] = row
             self.more_rounds(rows, timed)
             fill_speedups(rows)
-            rows["fastres"].note = (rows["fastres"].note + "; " if rows["fastres"].note else "") \
-                + eager_note
+            _add_note(rows["fastres"], eager_note)
             del base, ref, eager_same
             bar.update(1)
             self.update()
@@ -1133,10 +1132,9 @@ def summary_lines(report: BenchReport) -> list[str]:
     if moved:
         out.append(f"round medians differing by more than {ROUND_SPREAD_NOTE:.0%} (the host or "
                    f"the GPU was busier in some rounds): {', '.join(moved)}")
-    checked = report.checked
     untimed = sum(r.impl in FASTRES_IMPLS and r.status == "error" for r in report.rows)
     out.append("result: " + ("FAILED: fastres outputs disagree with torchvision (not timed)"
-                             if not report.ok else "all outputs agree" if checked
+                             if not report.ok else "all outputs agree" if report.checked
                              else "nothing was checked (every group skipped)")
                + (f"; {untimed} fastres row{'s' if untimed > 1 else ''} not timed (error, "
                   "see above)" if untimed else "")
