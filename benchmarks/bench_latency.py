@@ -96,11 +96,12 @@ def time_ms(fn, x, iters: int, warmup: int) -> dict:
 
 
 def _percentiles(times: list[float]) -> dict:
-    """Median, p10 and p90 of the sorted ``times`` (nearest rank)."""
-    def pct(q):
-        return times[min(len(times) - 1, int(q * len(times)))]
+    """Median, p10 and p90 of ``times``, interpolated as ``fastres bench``'s (numpy's
+    default)."""
+    from fastres.bench import percentile
 
-    return {"median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9)}
+    return {"median_ms": percentile(times, 50), "p10_ms": percentile(times, 10),
+            "p90_ms": percentile(times, 90)}
 
 
 def merge_rounds(row: dict, rounds: list[dict]) -> None:
