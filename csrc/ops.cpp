@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "bodies.h"
@@ -93,7 +94,8 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t,
 void check_int32_index(const char* op, const at::Tensor& t) {
   // Per-element bodies index tiles with 32-bit ints; extents must fit.
   for (int64_t s : t.sizes()) {
-    TORCH_CHECK(s < (int64_t{1} << 30), op, ": dimension ", s, " is too large (max 2^30)");
+    TORCH_CHECK(s < (int64_t{1} << 30), op, ": every dimension of x must be below 2^30 (32-bit ",
+                "tile indices), got shape ", t.sizes());
   }
 }
 
@@ -520,6 +522,16 @@ TORCH_LIBRARY_IMPL(fastres_C, CPU, m) {
   m.impl("stem", &fastres::stem_cpu);
   m.impl("avgpool_linear", &fastres::avgpool_linear_cpu);
   m.impl("conv1x1", &fastres::conv1x1_cpu);
+}
+
+// The ops are inference-only: an input that requires grad gets a grad_fn whose backward raises
+// "derivative for fastres_C::<op> is not implemented" (torch's fallback for ops without an
+// Autograd kernel only warns, and backward then leaves those inputs' .grad unset)
+TORCH_LIBRARY_IMPL(fastres_C, Autograd, m) {
+  m.impl("preprocess", torch::autograd::autogradNotImplementedFallback());
+  m.impl("stem", torch::autograd::autogradNotImplementedFallback());
+  m.impl("avgpool_linear", torch::autograd::autogradNotImplementedFallback());
+  m.impl("conv1x1", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(fastres_C, CUDA, m) {

@@ -52,9 +52,9 @@ def _register_fakes() -> None:
     def fake_stem(x, weight, bias):
         fp32_bias("stem", bias)
         out = stem_fake(x, weight, bias)
-        for size in x.shape:
-            if size >= STEM_MAX_DIM:
-                raise ValueError(f"fastres_C::stem: dimension {size} is too large (max 2^30)")
+        if any(size >= STEM_MAX_DIM for size in x.shape):
+            raise ValueError("fastres_C::stem: every dimension of x must be below 2^30 (32-bit "
+                             f"tile indices), got shape {list(x.shape)}")
         if x.shape[1] > STEM_MAX_CIN_INDEX:
             raise ValueError(f"fastres_C::stem: C_in = {x.shape[1]} is too large (max "
                              f"{STEM_MAX_CIN_INDEX}: 32-bit tile indices)")

@@ -426,6 +426,38 @@ def test_stem_declines_what_the_cuda_op_refuses():
 
 
 @needs_ext
+@pytest.mark.parametrize("op", ["stem", "conv1x1", "avgpool_linear"])
+def test_compiled_ops_refuse_backward(op):
+    """The compiled ops are inference-only. An input that requires grad used to get torch's
+    warning fallback: ``backward()`` ran, warned, and left that input's ``.grad`` unset (a
+    silently missing gradient). Now backward raises, naming the op; without grad (and for
+    inputs that do not require it) the op is what it was."""
+    c = int(torch.randint(2, 6, ()))
+    if op == "stem":
+        x, w, b = torch.randn(1, 3, 11, 11), torch.randn(c, 3, 7, 7), torch.randn(c)
+        call = lambda x, w: torch.ops.fastres_C.stem(x, w, b)  # noqa: E731
+    elif op == "conv1x1":
+        x, w, b = torch.randn(2, c, 5, 5), torch.randn(3, c, 1, 1), torch.randn(3)
+        call = lambda x, w: torch.ops.fastres_C.conv1x1(x, w, b, 1, None, True,  # noqa: E731
+                                                         False)
+    else:
+        x, w, b = torch.randn(2, c, 3, 3), torch.randn(4, c), torch.randn(4)
+        call = lambda x, w: torch.ops.fastres_C.avgpool_linear(x, w, b, False)  # noqa: E731
+    want = call(x, w)
+    assert not want.requires_grad
+    for grad_x in (True, False):
+        xi, wi = x.clone().requires_grad_(grad_x), w.clone().requires_grad_(not grad_x)
+        y = call(xi, wi)
+        torch.testing.assert_close(y.detach(), want, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match=f"derivative for fastres_C::{op} is not "
+                                               "implemented"):
+            y.sum().backward()
+        assert xi.grad is None and wi.grad is None
+        with torch.no_grad():
+            assert not call(xi, wi).requires_grad
+
+
+@needs_ext
 def test_a_gpu_the_build_has_no_kernels_for_is_declined(monkeypatch):
     """On a GPU the extension holds no code for (a Volta or Turing card against the default
     sm_80/sm_90 build), its stem, head and preprocessing raised "no kernel image" on every
@@ -722,10 +754,15 @@ _BAD_EXT_CALLS = {  # name: (op, args, a phrase of both the op's and its fake's 
                                                   torch.randn(4, 8, 1, 1), torch.randn(4), 1,
                                                   torch.randn(2, 4, 5, 5).double(), True,
                                                   False), "residual dtype must equal x's"),
-    # csrc's 32-bit tile indices (the fake returned a shape for these; the op refused them)
+    # csrc's 32-bit tile indices (the fake returned a shape for these; the op refused them).
+    # 2^30 itself is refused: the message said "too large (max 2^30)" and gave no shape
+    "stem_2pow30_wide": ("stem", lambda: (torch.zeros(1, 3, 9, 1).expand(1, 3, 9, 2**30),
+                                          torch.randn(4, 3, 7, 7), torch.randn(4)),
+                         r"every dimension of x must be below 2\^30 \(32-bit tile indices\), "
+                         r"got shape \[1, 3, 9, 1073741824\]"),
     "stem_2pow32_wide": ("stem", lambda: (torch.zeros(1, 3, 9, 1).expand(1, 3, 9, 2**32),
                                           torch.randn(4, 3, 7, 7), torch.randn(4)),
-                         r"dimension 4294967296 is too large \(max 2\^30\)"),
+                         r"must be below 2\^30 .*got shape \[1, 3, 9, 4294967296\]"),
     "stem_c_in_past_int32": ("stem", lambda: (torch.randn(1, 684785, 1, 1),
                                               torch.zeros(1, 1, 1, 1).expand(1, 684785, 7, 7),
                                               torch.zeros(1)), "C_in = 684785 is too large"),
