@@ -826,10 +826,11 @@ def _finite_args(args: tuple) -> tuple:
 
 def _rel_err(out: Any, ref: Any) -> float:
     """The larger of the norm-wise relative error and the worst element's error relative to
-    the largest reference magnitude (both in float64)."""
-    if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor):
-        return 0.0
-    if out.shape != ref.shape:
+    the largest reference magnitude (both in float64); infinite where ``out`` is not a
+    tensor of the reference's shape (a candidate returning ``None`` is wrong, not exact)."""
+    if not isinstance(ref, torch.Tensor):
+        return 0.0  # (nothing to compare with)
+    if not isinstance(out, torch.Tensor) or out.shape != ref.shape:
         return math.inf
     ref64, out64 = ref.detach().double(), out.detach().double()
     finite = torch.isfinite(ref64)

@@ -185,6 +185,26 @@ def test_fp32_candidate_one_percent_off_is_rejected(fresh):
     assert timer.calls == ["good"]
 
 
+def test_a_candidate_returning_no_tensor_is_rejected(fresh):
+    """A candidate whose output is not a tensor (``None``: a launcher that forgot to return
+    its output) is wrong, however fast: its error counted as 0, so it was chosen, cached, and
+    the op returned ``None``."""
+
+    def hook(op, device, args, kwargs):
+        ref = _backend.implementations(op)["torch"].fn
+        return [tuning.Candidate("triton", "none", None, lambda *a, **k: None),
+                tuning.Candidate("triton", "good", None, ref)]
+
+    timer = FakeTimer({"none": 0.1, "good": 1.0})
+    tuning.configure(timer=timer, devices=("cpu",), candidates=hook)
+    h, w = rand_hw()
+    x = torch.randn(1, 8, h, w)
+    assert_close_rel(pool(x), torch.nn.functional.max_pool2d(x, 3, 2, 1), 0.0)
+    rec, = read_cache()["entries"].values()
+    assert rec["label"] == "good" and "relative error inf" in rec["rejected"]["triton:none"]
+    assert timer.calls == ["good"]
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_a_non_finite_timing_never_wins(fresh, bad):
     """A candidate whose timing is NaN or infinite is not a winner (NaN compared as
