@@ -533,14 +533,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_environment() -> None:
-    """A ``FASTRES_BACKEND`` that names no backend is a usage error of every command (each runs
-    models), said before anything runs: not a traceback from the first forward."""
+    """A ``FASTRES_BACKEND`` that names no backend, or a ``FASTRES_COMPILE_THREADS`` that is
+    not a positive integer, is a usage error of every command (each runs models), said before
+    anything runs: not a traceback from the first forward (the second is read by the tuner's
+    first compile, on a GPU only)."""
     from fastres.ops._backend import get_backend
 
     try:
         get_backend()
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if os.environ.get("FASTRES_COMPILE_THREADS", "").strip():
+        from fastres.kernels._direct import compile_threads
+
+        try:
+            compile_threads()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -914,7 +914,8 @@ class InferencePlan:
             chosen.append(impl)
             return impl.fn(*args)
 
-        out = self._forward(x, features_only, choose_and_run, taps)
+        with _backend.deferred_writes():  # (the tuning cache: one write for the forward)
+            out = self._forward(x, features_only, choose_and_run, taps)
         # Remembered when every choice is final (one deferred during CUDA graph capture is
         # not the tuned one) and the state did not change during the forward (another thread
         # setting FASTRES_TUNE or the TF32 flags meanwhile: the choices would be a mix)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -84,7 +85,8 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
               weights: str | None = None, cache_dir: str | None = None,
               progress: bool | None = None, echo: Callable[[str], None] = print) -> int:
     """Build ``model`` on ``device`` and :func:`fastres.tuning.tune_model` it for every
-    dtype and batch size; print one line per dtype and the cache file. Returns 0; raises
+    dtype and batch size; print one line per dtype and the cache file. Returns 0, or 1 when
+    choices could not be written to the cache file (said on stderr); raises
     :class:`TuneUsageError` for bad arguments."""
     from fastres import tuning
     from fastres._env import environ
@@ -105,7 +107,7 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
             raise TuneUsageError("--cache-dir must name a directory, got an empty string")
         check_cache_dir(cache_dir, "--cache-dir")
     else:
-        from_env = bool(os.environ.get("FASTRES_CACHE_DIR"))
+        from_env = bool(os.environ.get("FASTRES_CACHE_DIR", "").strip())
         try:
             default = tuning.cache_dir()
         except OSError as exc:  # no home directory, or a ~user that names none
@@ -165,6 +167,12 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
             echo(f"{model} {name} batch {', '.join(map(str, batch_list))} at {image_size}px: "
                  f"tuned {res['tuned']} layer(s), {res['disk_hits']} already cached, "
                  f"{res['timed']} candidate(s) timed in {res['seconds']:.1f} s")
+            if res["unsaved"]:  # (the command's point is the file: saying "cache: ..." and
+                # exiting 0 told a build step that every later process would start tuned)
+                print(f"fastres tune: error: {res['unsaved']} choice(s) could not be written "
+                      f"to {res['cache']} ({res['write_error']}); later processes will tune "
+                      "them again", file=sys.stderr)
+                return 1
         echo(f"cache: {tuning.cache_path(dev)}")
     return 0
 

@@ -239,12 +239,14 @@ def expand_user(path: str | os.PathLike, what: str) -> Path:
 
 def cache_dir() -> Path:
     """``$FASTRES_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastres``, else ``~/.cache/fastres``
-    (``OSError`` where one of these names a home directory that cannot be found)."""
+    (``OSError`` where one of these names a home directory that cannot be found). A variable
+    that is empty or blank counts as unset (a blank one made a folder named by its spaces in
+    the working directory)."""
     env = os.environ.get("FASTRES_CACHE_DIR")
-    if env:
+    if env and env.strip():
         return expand_user(env, "FASTRES_CACHE_DIR")
     xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
+    if xdg and xdg.strip():
         return expand_user(xdg, "XDG_CACHE_HOME") / "fastres"
     try:
         home = Path.home()
@@ -362,8 +364,14 @@ class TuningCache:
     """One environment's choices: ``{layer key: record}``, backed by one JSON file.
 
     :meth:`get` reads memory; :meth:`put` records a new choice and writes the file at once
-    (lock, re-read, merge, atomic replace). Every failure to read or write is a
-    :class:`TuningCacheWarning`, never an exception.
+    (lock, re-read, merge, atomic replace), or, inside
+    :func:`fastres.ops._backend.deferred_writes`, when the outermost one ends (a forward that
+    chooses its layers writes once, not once per layer: each write re-reads and rewrites the
+    whole file, under its lock). Every failure to read or write is a :class:`TuningCacheWarning`,
+    never an exception; the choices not written stay in memory (:attr:`unsaved`) and go with
+    the next write. After a failed write, later writes do not wait for the file's lock (a
+    writer that holds it, stopped or on a slow disk, held up every new layer's forward for the
+    lock's full timeout, again and again); :meth:`save` with ``wait=True`` does.
     """
 
     def __init__(self, path: str | os.PathLike | None, env: dict):
@@ -373,6 +381,7 @@ class TuningCache:
         self.entries: dict[str, dict] = {}
         self._new: dict[str, dict] = {}
         self._write_failed = False
+        self.write_error: str | None = None  # why the last write failed (None: it did not)
         self.entries = self._read(warn=True)
 
     # reading
@@ -425,28 +434,40 @@ class TuningCache:
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
 
+    @property
+    def unsaved(self) -> int:
+        """Choices made in this process and not written to the file yet."""
+        return 0 if self.path is None else len(self._new)
+
     def put(self, key: str, record: dict) -> None:
         self.entries[key] = record
         self._new[key] = record
-        self.save()
+        if not _backend.defer_write(self.save):
+            self.save()
 
-    def save(self) -> None:
-        """Merge this process's new entries into the file, under the lock, atomically."""
+    def save(self, wait: bool | None = None) -> None:
+        """Merge this process's new entries into the file, under the lock, atomically.
+        ``wait``: wait up to a minute for the lock (``None``: unless a write failed
+        before)."""
         if not self._new:
             return
         if self.path is None:  # (said when the cache was made)
             self._new.clear()
             return
+        if wait is None:
+            wait = not self._write_failed
         try:
             import filelock
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with filelock.FileLock(str(self.path) + ".lock", timeout=_LOCK_TIMEOUT_S):
+            with filelock.FileLock(str(self.path) + ".lock",
+                                   timeout=_LOCK_TIMEOUT_S if wait else 0):
                 merged = self._read(warn=False, for_merge=True)
                 merged.update(self._new)
                 self._write(merged)
                 self._sweep_temporaries()
         except Exception as exc:  # read-only directory, lock timeout, disk full, ...
+            self.write_error = f"{type(exc).__name__}: {exc}"
             if not self._write_failed:
                 self._write_failed = True
                 blocker = self._not_a_directory()
@@ -457,6 +478,7 @@ class TuningCache:
                            "its choices in memory")
             return
         self._new.clear()
+        self.write_error = None
         merged.update(self.entries)  # keep what this process decided in memory
         self.entries = merged
 
@@ -1181,8 +1203,10 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
     (default: the model's parameter dtype); fp16/bf16 on an fp32 model run under autocast,
     which gives the same layers as a model converted to that dtype. Every module's mode
     (``training``) is restored afterwards. Returns ``{"tuned", "disk_hits", "timed", "cache",
-    "seconds"}`` (``cache``: ``None`` when no cache directory could be named and the choices
-    stay in memory). Choices this process made before are looked up again in the cache file
+    "unsaved", "write_error", "seconds"}`` (``cache``: ``None`` when no cache directory could
+    be named and the choices stay in memory; ``unsaved``: choices the cache file could not
+    take, with ``write_error`` saying why; the file is written once per batch size, and at
+    the end, waiting for its lock, with anything an earlier write left). Choices this process made before are looked up again in the cache file
     in force now, so that a layer chosen while another cache directory was set is written to
     this one.
 
@@ -1213,7 +1237,8 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
         tuned = ", ".join(sorted(_backend._TUNED_DEVICE_TYPES)) or "no"
         _warnings.warn(f"fastres: tune_model: the model is on {device.type}, and only {tuned} "
                        "calls are tuned (others run a fixed choice): nothing to tune")
-        return {"tuned": 0, "disk_hits": 0, "timed": 0, "cache": None, "seconds": 0.0}
+        return {"tuned": 0, "disk_hits": 0, "timed": 0, "cache": None, "unsaved": 0,
+                "write_error": None, "seconds": 0.0}
     # Forget this process's remembered choices first: each layer is then looked up in the
     # cache file in force now (FASTRES_CACHE_DIR, or ``fastres tune --cache-dir``, may name
     # another one than the earlier calls used) and written there when it is missing.
@@ -1249,7 +1274,7 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
     try:
         for bs in batch_sizes:
             x = torch.randn(bs, in_ch, *image_size, device=device, dtype=pdtype)
-            with torch.no_grad(), ctx:
+            with torch.no_grad(), ctx, _backend.deferred_writes():
                 _forward_to_tune(run_model, x)(x)
                 for net in nets:
                     _tune_stage0(net, bs, image_size)
@@ -1264,12 +1289,15 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
         if bar is not None:
             bar.close()
     after = stats()
-    path = cache_for(device).path
+    cache = cache_for(device)
+    cache.save(wait=True)  # (what an earlier write could not write, waiting for the lock)
     return {
         "tuned": after["tuned"] - before["tuned"],
         "disk_hits": after["disk_hits"] - before["disk_hits"],
         "timed": after["timed"] - before["timed"],
-        "cache": None if path is None else str(path),
+        "cache": None if cache.path is None else str(cache.path),
+        "unsaved": cache.unsaved,
+        "write_error": cache.write_error if cache.unsaved else None,
         "seconds": time.perf_counter() - t0,
     }
 

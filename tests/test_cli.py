@@ -1084,6 +1084,18 @@ def test_a_bad_backend_variable_is_a_usage_error_of_every_command(capsys, monkey
     assert "Traceback" not in err and out == ""
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_a_bad_compile_threads_variable_is_a_usage_error(capsys, monkeypatch, value):
+    """``FASTRES_COMPILE_THREADS`` is read by the tuner's first compile, on a GPU only: a bad
+    value was a traceback from deep inside ``fastres tune`` there (and passed unseen on a
+    CPU). Every command now says so first, exit 2."""
+    monkeypatch.setenv("FASTRES_COMPILE_THREADS", value)
+    code, out, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu")
+    assert_usage_error(code, err, "FASTRES_COMPILE_THREADS must be a positive integer",
+                       repr(value))
+    assert out == ""
+
+
 def test_tune_batch_option_without_a_number(capsys):
     """``fastres tune --batch ,`` tuned batch size 1 as if nothing had been asked."""
     code, out, err = run_cli(capsys, "tune", "resnet18", "--device", "cpu", "--batch", ",")

@@ -5,9 +5,11 @@ let through.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -331,3 +333,114 @@ def test_check_is_not_disarmed_by_an_infinity_in_a_head_input(fresh):
     torch.ops.fastres.avgpool_linear(x, wt, b)
     rec, = read_cache()["entries"].values()
     assert rec["label"] == "good" and "triton:zeros" in rec["rejected"], rec
+
+
+# -- writing the file --------------------------------------------------------------------------
+
+def test_a_forward_writes_the_cache_file_once(fresh, monkeypatch):
+    """A forward that chooses its layers writes the cache file once at its end: each write
+    re-reads and rewrites the whole file under its lock, so a write per new layer cost a
+    large cache's full rewrite for each of ResNet-50's 27 layers. The choices are all there,
+    and a later process finds them."""
+    import fastres
+
+    writes = []
+    real_write = tuning.TuningCache._write
+    monkeypatch.setattr(tuning.TuningCache, "_write",
+                        lambda self, entries: (writes.append(len(entries)),
+                                               real_write(self, entries)))
+    tuning.configure(timer=FakeTimer({"a": 2.0, "b": 1.0}), devices=("cpu",),
+                     candidates=fake_candidates(("a", "b")))
+    m = fastres.resnet18(num_classes=int(torch.randint(2, 20, ()))).eval()
+    with torch.no_grad():
+        m(torch.randn(int(torch.randint(1, 4, ())), 3, 32, 32))
+    tuned = tuning.stats()["tuned"]
+    assert tuned > 5 and writes == [tuned], (tuned, writes)
+    assert len(read_cache()["entries"]) == tuned
+    # a forward that raises midway (at its head, the last op) writes what it chose before
+    writes.clear()
+    fakes = fake_candidates(("a", "b"))
+
+    def hook(op, device, args, kwargs):
+        if op == "avgpool_linear":
+            raise RuntimeError("the head broke in this test")
+        return fakes(op, device, args, kwargs)
+
+    tuning.configure(candidates=hook)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="head broke"):
+        m(torch.randn(1, 3, 40, 40))  # (new shapes: every layer is chosen again)
+    more = tuning.stats()["tuned"] - tuned
+    assert more > 5 and writes == [tuned + more], (more, writes)
+    assert len(read_cache()["entries"]) == tuned + more
+
+
+_HOLD_LOCK = """
+import sys, time, filelock
+lock = filelock.FileLock(sys.argv[1], timeout=10)
+lock.acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_held_lock_holds_up_only_the_first_write(fresh, monkeypatch, capsys):
+    """Another process holding the cache's lock (stopped with Ctrl-Z, or on a slow disk) made
+    every new layer's forward wait the lock's full timeout, again and again, with one warning
+    for the first. Now only the first write waits: later ones try the lock without waiting and
+    keep their choices in memory, and a write that gets the lock writes them all. ``fastres
+    tune`` fails (exit 1, saying why) when its choices could not be written."""
+    import subprocess
+    import sys
+    import time
+
+    from fastres import tune_cli
+
+    monkeypatch.setattr(tuning, "_LOCK_TIMEOUT_S", 1.0)
+    tuning.configure(timer=FakeTimer({"a": 2.0, "b": 1.0}), devices=("cpu",),
+                     candidates=fake_candidates(("a", "b")))
+    path = tuning.cache_path("cpu")
+    path.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path) + ".lock"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        first = int(torch.randint(7, 12, ()))
+        times = []
+        for s in range(first, first + 4):  # four new layers
+            t0 = time.perf_counter()
+            with pytest.warns(tuning.TuningCacheWarning) if s == first else _no_warning():
+                pool(torch.randn(1, 4, s, s))
+            times.append(time.perf_counter() - t0)
+        assert times[0] >= 1.0 and max(times[1:]) < 0.5, times
+        cache = tuning.cache_for("cpu")
+        assert cache.unsaved == 4 and "Timeout" in cache.write_error
+        assert not path.exists()
+        rc = tune_cli.tune_main("resnet18", [1], ["fp32"], 32, "cpu", num_classes=10)
+        err = capsys.readouterr().err
+        assert rc == 1 and "could not be written" in err and str(path) in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+    pool(torch.randn(1, 4, first + 4, first + 4))  # the lock is free: everything is written
+    assert cache.unsaved == 0 and cache.write_error is None
+    assert len(read_cache()["entries"]) == tuning.stats()["tuned"] >= 5 + 4
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tuning.TuningCacheWarning)
+        yield
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_a_blank_cache_dir_variable_counts_as_unset(fresh, monkeypatch, value):
+    """``FASTRES_CACHE_DIR="  "`` put the cache in a folder named by its spaces in the working
+    directory (``fastres tune --cache-dir "  "`` is refused); blank counts as unset."""
+    xdg = fresh / f"xdg{int(torch.randint(0, 1000, ()))}"
+    monkeypatch.setenv("FASTRES_CACHE_DIR", value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    assert tuning.cache_dir() == xdg / "fastres"
+    monkeypatch.setenv("XDG_CACHE_HOME", value)
+    monkeypatch.setenv("HOME", str(xdg))
+    assert tuning.cache_dir() == xdg / ".cache" / "fastres"

@@ -261,6 +261,41 @@ def triton_interpret_env() -> bool:
 _interpreter_lock = threading.RLock()
 
 
+class _Deferred(threading.local):
+    def __init__(self):
+        self.depth = 0
+        self.pending: dict[Callable[[], None], None] = {}  # (ordered, one per write)
+
+
+_deferred = _Deferred()
+
+
+def defer_write(write: Callable[[], None]) -> bool:
+    """Inside :func:`deferred_writes` (in this thread): keep ``write`` (a callable that does
+    not raise; equal callables, such as one object's bound method, run once) for the end of
+    the outermost block, and return True; outside, False (the caller writes now)."""
+    if not _deferred.depth:
+        return False
+    _deferred.pending[write] = None
+    return True
+
+
+@contextlib.contextmanager
+def deferred_writes():
+    """The writes :func:`defer_write` is given in this block run once when the outermost
+    block ends, an exception included: the plan's forward that chooses its layers writes the
+    tuning cache once (:class:`fastres.tuning.TuningCache`), not once per layer."""
+    _deferred.depth += 1
+    try:
+        yield
+    finally:
+        _deferred.depth -= 1
+        if not _deferred.depth:
+            pending, _deferred.pending = _deferred.pending, {}
+            for write in pending:
+                write()
+
+
 def launching() -> contextlib.AbstractContextManager:
     """Hold around a Triton kernel launch: one interpreted launch at a time in this process
     (nothing when the kernels are compiled)."""
