@@ -48,6 +48,61 @@ def test_cpu_fallback_runs_the_model_with_one_note():
     assert g.num_graphs == 0
 
 
+class _StandInReplay:
+    """A captured graph's stand-in on the CPU: a replay runs the model from the entry's
+    static input into its static output, as a replay overwrites the captured output."""
+
+    def __init__(self, model, entry):
+        self.model, self.entry = model, entry
+
+    def replay(self):
+        self.entry.static_output.copy_(self.model(self.entry.static_input))
+
+
+class _StandInEvent:
+    def record(self, stream=None):
+        pass
+
+
+def test_replays_return_results_of_their_own_cpu_stand_in(monkeypatch):
+    """The graphs' output rule without a GPU (the GPU test is
+    ``test_outputs_are_never_overwritten_by_later_calls``): the wrapper's replay path with the
+    capture, the replay and the stream stood in for on the CPU. Each call returns a tensor of
+    its own, which the next replay does not overwrite and the caller may modify. (Mutant:
+    returning the static output itself, which every CPU test passed.)"""
+    from fastres import graphs
+
+    m = small_model().eval()
+    g = fastres.optimize(m, cuda_graphs=True)
+    entries = []
+
+    def capture(self, key, x):
+        with torch.no_grad():
+            entry = graphs._Graph(None, x.clone(), m(x), done=_StandInEvent())
+        entry.graph = _StandInReplay(m, entry)
+        self._graphs[key] = entry
+        entries.append(entry)
+        return entry
+
+    monkeypatch.setattr(CUDAGraphModule, "_capture", capture)
+    monkeypatch.setattr(CUDAGraphModule, "_check_valid", lambda self, tree_checked=False: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "stream")
+    x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y1 = g._graphed(m, x1)
+        keep = y1.clone()
+        y2 = g._graphed(m, x2)
+        assert len(entries) == 1 and g.num_graphs == 1, "one signature, one capture"
+        assert torch.equal(y1, keep), "the second replay overwrote the first result"
+        static = entries[0].static_output.data_ptr()
+        assert static not in (y1.data_ptr(), y2.data_ptr()) and y1.data_ptr() != y2.data_ptr()
+        assert_close_rel(y1, m(x1), 1e-6)
+        assert_close_rel(y2, m(x2), 1e-6)
+        y2.add_(1.0)  # the caller may modify its result: the next replay is unaffected
+        assert_close_rel(g._graphed(m, x2), m(x2), 1e-6)
+        assert torch.equal(y1, keep)
+
+
 def test_wrapper_stands_in_for_the_model():
     m = small_model()
     g = fastres.optimize(m)
@@ -374,8 +429,8 @@ def test_outputs_are_never_overwritten_by_later_calls():
         y1 = g(x1)
         keep = y1.clone()
         y2 = g(x2)
-        y3 = g(x1)
         assert torch.equal(y1, keep), "a later replay overwrote a returned result"
+        y3 = g(x1)
         assert y1.data_ptr() != y2.data_ptr() != y3.data_ptr()
         assert_close_rel(y2, m(x2), 1e-5)
         y2.add_(1.0)  # the caller may modify its result; the next replay is unaffected
