@@ -1505,7 +1505,7 @@ def test_tune_dtype_any_case(capsys, monkeypatch, tmp_path):
 
     def fake_tune_model(net, batches, dtype, image_size, progress=None):
         tuned.append(dtype)
-        return {"tuned": 0, "disk_hits": 0, "timed": 0, "seconds": 0.0}
+        return {"tuned": 0, "disk_hits": 0, "timed": 0, "unsaved": 0, "seconds": 0.0}
 
     monkeypatch.setattr(tuning, "tune_model", fake_tune_model)
     names = [tune_cli.DTYPE_CHOICES[int(i)]
@@ -1613,14 +1613,17 @@ def test_bench_fastres_gate_is_max_of_design_bound_and_twice_eager(capsys, monke
     """fp32 on the CPU, fastres off by a relative 1e-3: its tolerance is max(DESIGN.md's 1e-5,
     2 x eager fp32's own error on the same input), exactly, with eager's error measured here.
     Where that is below 1e-3 (eager's real error; eager made off by less than 5e-4) the row
-    is FAILED and not timed; where twice eager's error is above 1e-3, the row passes."""
+    is FAILED and not timed; where twice eager's error is above 1e-3, the row passes. Near
+    the bound on both sides: batch 3's error is 1.1 x its tolerance (FAILED), batch 2's
+    0.9 x (passes), so a looser gate (``rel_err <= 2 * tolerance``) or a tighter one fails."""
     from fastres import bench
 
     refs, eagers = {}, {}
     real_ref, real_eager = bench.reference_forward, bench.eager_forward
-    # eager's own error by batch size (1: the real one, ~1e-7, so the design bound rules)
-    eager_off = {2: float(torch.empty(()).uniform_(6e-4, 9e-4)),   # 2 x it > 1e-3: passes
-                 3: float(torch.empty(()).uniform_(1e-5, 4e-4))}   # 1e-5 < 2 x it < 1e-3
+    # eager's own error by batch size (1: the real one, ~1e-7, so the design bound rules);
+    # the tolerance is 2 x it: fastres's 1e-3 is 0.9 x the tolerance at 2, 1.1 x it at 3
+    eager_off = {2: 1e-3 / (2 * 0.9),   # 2 x it > 1e-3: passes
+                 3: 1e-3 / (2 * 1.1)}   # 1e-5 < 2 x it < 1e-3: FAILED
 
     def spy_reference(tv, x, *args, **kwargs):
         out = real_ref(tv, x, *args, **kwargs)
@@ -1652,6 +1655,8 @@ def test_bench_fastres_gate_is_max_of_design_bound_and_twice_eager(capsys, monke
         assert row["rel_err"] == pytest.approx(1e-3, rel=1e-3), row
     assert rows[1]["tolerance"] == 1e-5  # eager's own error is far below half of it
     assert rows[3]["tolerance"] > 1e-5   # twice eager's error, not the design bound
+    for b, ratio in ((2, 0.9), (3, 1.1)):  # how close to the bound each comes
+        assert rows[b]["rel_err"] / rows[b]["tolerance"] == pytest.approx(ratio, rel=2e-3), b
     for b in (1, 3):
         row = rows[b]
         assert row["status"] == "FAILED" and row["median_ms"] is None and row["iters"] == 0
@@ -2028,6 +2033,53 @@ def test_verify_eager_rule_counts_failed_batches_and_uses_channels_last(capsys, 
     assert part["batch_errors"] == pytest.approx([1e-3, 1e-3], rel=1e-3)
     assert part["failures"] == 1 and part["ok"] is False, part
     assert "FAILED (1/2 batches)" in out and "verify: FAILED" in out
+
+
+def test_verify_bound_is_tight_on_both_sides(capsys, monkeypatch, tmp_path):
+    """A random --tol, and fastres off by 1.2 x it on one of two batches and by 0.8 x it on
+    the other (in random order; eager fp32's own error is far below it): exactly one batch
+    fails. Kills a looser per-batch check (``e <= 1.5 * t`` passes both; the only other
+    near test was 100 x over its bound, so ``e <= 50 * t`` passed every test) and a tighter
+    one (both fail)."""
+    from fastres import verify as verify_mod
+
+    tol = float(f"{float(torch.empty(()).uniform_(1e-4, 1e-3)):.3e}")
+    factors = [1.2, 0.8] if bool(torch.rand(()) < 0.5) else [0.8, 1.2]
+    refs, eagers = [], []
+    real_ref, real_eager = verify_mod.reference_forward, verify_mod.eager_forward
+
+    def spy_reference(tv, x, *args, **kwargs):
+        out = real_ref(tv, x, *args, **kwargs)
+        refs.append(out.clone())
+        return out
+
+    def spy_eager(tv, x, *args, **kwargs):
+        out = real_eager(tv, x, *args, **kwargs)
+        eagers.append(out.clone())
+        return out
+
+    original, calls = ResNet.forward, []
+
+    def off_by_a_factor_of_tol(self, x):
+        calls.append(x.shape[0])
+        return original(self, x) * (1 + factors[len(calls) - 1] * tol)
+
+    monkeypatch.setattr(verify_mod, "reference_forward", spy_reference)
+    monkeypatch.setattr(verify_mod, "eager_forward", spy_eager)
+    monkeypatch.setattr(ResNet, "forward", off_by_a_factor_of_tol)
+    out_json = tmp_path / "v.json"
+    code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--tol", repr(tol),
+                             *fresh_seed_args(), "--json", str(out_json))
+    assert len(calls) == 2 and len(refs) == 2 and len(eagers) == 2, (calls, out + err)
+    part = json.loads(out_json.read_text())["parts"][0]
+    assert part["name"] == "random" and part["images"] == 4, part
+    # the bound is --tol itself: twice eager fp32's own error is far below it
+    assert max(2 * rel_err(e, r) for e, r in zip(eagers, refs)) < tol / 10
+    assert part["tolerances"] == [tol, tol], (part, tol)
+    assert part["batch_errors"] == pytest.approx([f * tol for f in factors], rel=1e-2), part
+    assert part["failures"] == 1 and part["ok"] is False, (factors, part)
+    assert code == 1, out + err
+    assert "FAILED (1/2 batches)" in out and "verify: FAILED" in out, out
 
 
 def test_verify_reports_top5_apart_from_top1(capsys, monkeypatch, tmp_path):

@@ -386,6 +386,63 @@ def test_a_few_wrong_elements_are_rejected(tmp_path, monkeypatch):
         tuning.reset()
 
 
+# (dtype, the check's bound: 5e-3 for fp32, 3e-2 for 16-bit, and a relative error to give)
+TOLERANCE_CASES = [
+    pytest.param(torch.float32, 5e-3, 1.2, id="fp32-0.6pct-rejected"),
+    pytest.param(torch.float32, 5e-3, 0.6, id="fp32-0.3pct-accepted"),
+    pytest.param(torch.bfloat16, 3e-2, 1.5, id="bf16-4.5pct-rejected"),
+    pytest.param(torch.bfloat16, 3e-2, 1 / 3, id="bf16-1pct-accepted"),
+    pytest.param(torch.float16, 3e-2, 1.5, id="fp16-4.5pct-rejected"),
+    pytest.param(torch.float16, 3e-2, 1 / 3, id="fp16-1pct-accepted"),
+]
+
+
+@pytest.mark.parametrize("dtype, bound, ratio", TOLERANCE_CASES)
+def test_candidate_check_bound_per_dtype(tmp_path, monkeypatch, dtype, bound, ratio):
+    """A fast candidate off everywhere by ``ratio`` x the dtype's bound (a pure scale error:
+    norm-wise and worst-element error alike, plus the dtype's rounding) is rejected over
+    the bound and chosen under it: fp32 0.6% rejected, 0.3% chosen; bf16/fp16 4.5% rejected,
+    1% chosen. Kills a looser bound (3e-2 -> 3e-1, 5e-3 -> 9e-3 passed every test: the only
+    fp32 case was 1% off, none was 16-bit) and a tighter one."""
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
+    tuning.reset()
+    scale = 1 + ratio * bound
+
+    def off(*a, _ref, **k):  # computed in float64, rounded once to the dtype
+        return (_ref(*_float64(a), **k) * scale).to(dtype)
+
+    def hook(op, device, args, kwargs):
+        ref = _backend.implementations(op)["torch"].fn
+        return [tuning.Candidate("triton", "off", None,
+                                 lambda *a, **k: off(*a, _ref=ref, **k)),
+                tuning.Candidate("triton", "good", None, ref)]
+
+    timer = FakeTimer({"off": 0.1, "good": 1.0})
+    tuning.configure(timer=timer, devices=("cpu",), candidates=hook)
+    h, w = (int(v) for v in torch.randint(7, 20, (2,)))
+    x = torch.randn(1, 8, h, w).to(dtype)
+    ref = torch.nn.functional.max_pool2d(x.double(), 3, 2, 1)
+    # the error the check sees, on the intended side of the bound by a wide margin
+    err = tuning._rel_err((ref * scale).to(dtype), ref.to(dtype))
+    rejected = ratio > 1
+    assert (err > 1.15 * bound) if rejected else (err < 0.7 * bound), (err, bound)
+    try:
+        with _backend.use_backend("auto"):
+            y = pool(x)
+        (rec,) = read_cache()["entries"].values()
+        if rejected:
+            assert rec["label"] == "good", rec
+            assert rec["rejected"]["triton:off"].endswith(f"> {bound:g}"), rec
+            assert timer.calls == ["good"]
+            assert_close_rel(y, ref, 0.0)  # (a max is exact in any dtype)
+        else:
+            assert rec["label"] == "off" and not rec["rejected"], rec
+            assert sorted(timer.calls) == ["good", "off"]
+            assert_close_rel(y, ref * scale, torch.finfo(dtype).eps)  # what "off" returned
+    finally:
+        tuning.reset()
+
+
 def test_configure_takes_one_device_type_as_a_string():
     from fastres.ops import _backend as backend
 
