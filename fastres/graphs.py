@@ -113,12 +113,24 @@ def _checked(model: nn.Module, max_graphs, warmup) -> tuple[nn.Module, int, int]
                 if type(inner).__name__ == "ResNet" else "")
         raise TypeError(f"optimize expects a fastres.ResNet, got {type(inner).__module__}."
                         f"{type(inner).__qualname__}{hint}")
-    max_graphs, warmup = _count("max_graphs", max_graphs), _count("warmup", warmup)
-    if max_graphs < 0:
-        raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
-    if warmup < 1:
-        raise ValueError(f"warmup must be >= 1, got {warmup}")
-    return inner, max_graphs, warmup
+    return inner, _max_graphs(max_graphs), _warmup(warmup)
+
+
+def _max_graphs(value) -> int:
+    value = _count("max_graphs", value)
+    if value < 0:
+        raise ValueError(f"max_graphs must be >= 0, got {value}")
+    return value
+
+
+def _warmup(value) -> int:
+    value = _count("warmup", value)
+    if value < 1:
+        raise ValueError(f"warmup must be >= 1, got {value}")
+    return value
+
+
+_SETTINGS = {"max_graphs": _max_graphs, "warmup": _warmup}
 
 
 class CUDAGraphModule(nn.Module):
@@ -151,6 +163,22 @@ class CUDAGraphModule(nn.Module):
     # -- standing in for the wrapped model ----------------------------------------------------
     _OWN = frozenset({"module", "max_graphs", "warmup", "captures", "training"})
 
+    @property
+    def training(self) -> bool:
+        """The wrapped model's flag (nn.Module's own flag would say ``True`` for a wrapper
+        of an ``eval()`` model, and ``was = g.training; ...; g.train(was)`` would then put
+        the model in training); ``train()`` / ``eval()`` on either set it."""
+        module = self.__dict__.get("_modules", {}).get("module")
+        return self.__dict__.get("_training", True) if module is None else module.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        module = self.__dict__.get("_modules", {}).get("module")
+        if module is None:  # (nn.Module.__init__, before the model is set)
+            self.__dict__["_training"] = mode
+        else:
+            module.training = mode
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -164,8 +192,10 @@ class CUDAGraphModule(nn.Module):
         if (module is not None and not name.startswith("_") and name not in self._OWN
                 and hasattr(module, name)):
             setattr(module, name, value)
-        else:
-            super().__setattr__(name, value)
+            return
+        if name in _SETTINGS:  # (checked as optimize's arguments, also when set later)
+            value = _SETTINGS[name](value)
+        super().__setattr__(name, value)
 
     def __getstate__(self):  # deepcopy and pickling: the model, not its graphs
         state = dict(self.__dict__)
@@ -235,6 +265,13 @@ class CUDAGraphModule(nn.Module):
             return self._graphed(model, x)
 
     def _graphed(self, model: nn.Module, x: Tensor) -> Tensor:
+        if model._forward_hooks or model._forward_pre_hooks:
+            # a replay runs the captured kernels, not the model's __call__: its own hooks
+            # would run at warm-up and capture only, then never (and a hook keeping the output
+            # would keep the graph's static output, which later replays overwrite)
+            self._say_once("hooks", "the model has forward hooks or pre-hooks of its own, "
+                           "which a CUDA graph's replay would skip; running it without graphs")
+            return model(x)
         self._check_valid(tree_checked=True)  # (forward's eager_reason has walked the tree)
         key = self._key(x)
         entry = self._graphs.get(key)

@@ -647,8 +647,10 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype,
 
     ``traced=True`` (a traced forward, whose graph records the fold and runs it on every call)
     folds in fp32, so an exported program run eagerly does not materialize float64 copies of
-    the weights per call, and skips the finiteness check (it is data-dependent). Devices
-    without float64 (Apple's ``mps``) fold in fp32 too.
+    the weights per call, and skips the finiteness check (it is data-dependent) except under
+    ``torch.jit.trace``, whose parameters are real tensors: a fold that overflows then traces
+    torchvision's code, as an eager forward runs it. Devices without float64 (Apple's
+    ``mps``) fold in fp32 too.
     """
     _check_fold_sizes(conv, bn, name)
     work = fold_dtype(conv.weight.device, traced)
@@ -665,8 +667,7 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype,
     shift = shift.float().expand(_sizes(conv.weight)[0])
     # the weight is promoted to ``work`` inside the multiply (no converted copy of it)
     folded = (conv.weight * scale.view(-1, 1, 1, 1)).to(dtype)
-    if not traced and (not bool(torch.isfinite(folded).all())
-                  or not bool(torch.isfinite(shift).all())):
+    if _fold_checkable(traced, folded) and not _all_finite(folded, shift):
         raise FloatingPointError(f"folding {name or 'a BatchNorm'} gives non-finite weights in "
                                  f"{dtype}")
     return ConvStep(
@@ -678,6 +679,24 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype,
         groups=conv.groups,
         name=name,
     )
+
+
+def _fold_checkable(traced: bool, folded: Tensor) -> bool:
+    """Whether :func:`fold_batchnorm` can check its fold's finiteness: always untraced; under
+    ``torch.jit.trace`` where the weights hold data (the check is a Python branch, which the
+    trace does not record: it is decided for the weights traced); never under dynamo or
+    export (fake tensors) or for weights without data."""
+    if not traced:
+        return True
+    if not torch.jit.is_tracing() or _dynamo_tracing() or _exporting():
+        return False
+    return type(folded) is Tensor and folded.device.type != "meta"
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    with warnings.catch_warnings():  # (under torch.jit.trace: a branch on the traced weights)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _check_fold_sizes(conv: nn.Conv2d, bn: nn.Module, name: str) -> None:

@@ -326,6 +326,48 @@ def test_jit_trace_eval():
         assert_resnet18_is_torchvisions(y2, m, x2, "jit.trace after a weight change")
 
 
+def _fp16_fold_overflows():
+    """An fp16 resnet18 whose layer1.0.conv1 fold overflows fp16 (gamma 3000 over a zero
+    running variance: |w'| ~ 4.7e5) on an output channel that reads only a stem channel
+    which is always 0 after its ReLU: torchvision gives that channel 0 (finite), the fold
+    gives inf x 0 = NaN. Returns the fastres model and its torchvision twin (fp16)."""
+    import torchvision
+
+    m = small_model("cpu")
+    c = int(torch.randint(0, 64, ()))
+    o = int(torch.randint(0, 64, ()))
+    with torch.no_grad():
+        m.bn1.weight[c] = 0.0
+        m.bn1.bias[c] = -10.0  # stem channel c: always 0 after the ReLU
+        w = m.layer1[0].conv1.weight
+        w[o].zero_()
+        w[o, c] = 0.5  # output channel o reads channel c only
+        bn = m.layer1[0].bn1
+        bn.weight[o], bn.running_var[o], bn.running_mean[o], bn.bias[o] = 3000.0, 0, 0, 0
+    tv = torchvision.models.resnet18(num_classes=10).eval()
+    tv.load_state_dict(m.state_dict())
+    return m.half(), tv.half()
+
+
+def test_jit_trace_of_a_fold_that_overflows_traces_torchvisions_code():
+    """A fold that overflows the compute dtype makes an eager forward run torchvision's code;
+    under ``torch.jit.trace`` the finiteness check was skipped (as under dynamo, where the
+    weights are fake), so the traced module gave NaN while the model itself was finite. The
+    trace's weights are real: it now checks and records torchvision's code."""
+    m, tv = _fp16_fold_overflows()
+    x = torch.randn(2, 3, 32, 32).half()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the eager path's note)
+        traced = torch.jit.trace(m, (x,), check_trace=False)
+        x2 = torch.randn(2, 3, 32, 32).half()
+        y = traced(x2)
+        ref = tv.float()(x2.float())
+    assert bool(torch.isfinite(y).all()), "the traced fold overflowed"
+    assert "fastres::conv_bias_act" not in str(traced.graph)
+    assert_close_rel(y.float(), ref, 1e-2)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_jit_load_with_fastres_imported(tmp_path):
     """``import fastres`` broke ``torch.jit.load`` of any TorchScript file with nested

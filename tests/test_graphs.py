@@ -64,16 +64,11 @@ class _StandInEvent:
         pass
 
 
-def test_replays_return_results_of_their_own_cpu_stand_in(monkeypatch):
-    """The graphs' output rule without a GPU (the GPU test is
-    ``test_outputs_are_never_overwritten_by_later_calls``): the wrapper's replay path with the
-    capture, the replay and the stream stood in for on the CPU. Each call returns a tensor of
-    its own, which the next replay does not overwrite and the caller may modify. (Mutant:
-    returning the static output itself, which every CPU test passed.)"""
+def _stand_in_graphs(monkeypatch, m) -> list:
+    """Capture, replay and stream stood in for on the CPU, for the wrapper's replay path
+    (``CUDAGraphModule._graphed``); returns the list the captured entries go to."""
     from fastres import graphs
 
-    m = small_model().eval()
-    g = fastres.optimize(m, cuda_graphs=True)
     entries = []
 
     def capture(self, key, x):
@@ -87,6 +82,67 @@ def test_replays_return_results_of_their_own_cpu_stand_in(monkeypatch):
     monkeypatch.setattr(CUDAGraphModule, "_capture", capture)
     monkeypatch.setattr(CUDAGraphModule, "_check_valid", lambda self, tree_checked=False: None)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "stream")
+    return entries
+
+
+def test_hooks_on_the_model_itself_run_without_graphs_cpu_stand_in(monkeypatch):
+    """A replay runs the captured kernels, not the model's ``__call__``: a forward hook (or
+    pre-hook) on the wrapped model itself ran at warm-up and capture, then never, so its
+    edit of the output was lost on every later call. With such hooks the wrapper runs the
+    model without graphs (said once) and the hooks run on every call."""
+    m = small_model().eval()
+    g = fastres.optimize(m, cuda_graphs=True)
+    entries = _stand_in_graphs(monkeypatch, m)
+    x = torch.randn(int(torch.randint(1, 4, ())), 3, 32, 32)
+    with torch.no_grad():
+        plain = m(x)
+        g._graphed(m, x)  # captured before the hooks exist
+        assert len(entries) == 1
+        seen = []
+        pre = m.register_forward_pre_hook(lambda mod, args: seen.append("pre"))
+        post = m.register_forward_hook(lambda mod, args, out: torch.softmax(out, 1))
+        with pytest.warns(RuntimeWarning, match="hooks or pre-hooks of its own"):
+            y1 = g._graphed(m, x)
+        y2 = g._graphed(m, x)
+        assert seen == ["pre", "pre"] and len(entries) == 1
+        for y in (y1, y2):
+            assert_close_rel(y, torch.softmax(plain, 1), 1e-6)
+        pre.remove()
+        post.remove()
+        assert_close_rel(g._graphed(m, x), plain, 1e-6)  # no hooks: the graph again
+        assert len(entries) == 1
+
+
+def test_wrapper_training_flag_is_the_models():
+    """``optimize(model.eval())``'s wrapper said ``training == True`` (nn.Module's own flag),
+    so ``was = g.training; g.eval(); ...; g.train(was)`` put the model in training: every
+    later inference ran train-mode BatchNorm (updating its statistics). The flag is the
+    wrapped model's, whichever of the two is switched."""
+    m = small_model().eval()
+    g = fastres.optimize(m, cuda_graphs=True)
+    assert g.training is False
+    was = g.training
+    g.eval()
+    g.train(was)
+    assert m.training is False and not any(mod.training for mod in m.modules())
+    g.train()
+    assert m.training is True and g.training is True
+    m.eval()
+    assert g.training is False
+    import copy
+
+    assert copy.deepcopy(g).training is False
+
+
+def test_replays_return_results_of_their_own_cpu_stand_in(monkeypatch):
+    """The graphs' output rule without a GPU (the GPU test is
+    ``test_outputs_are_never_overwritten_by_later_calls``): the wrapper's replay path with the
+    capture, the replay and the stream stood in for on the CPU. Each call returns a tensor of
+    its own, which the next replay does not overwrite and the caller may modify. (Mutant:
+    returning the static output itself, which every CPU test passed.)"""
+    m = small_model().eval()
+    g = fastres.optimize(m, cuda_graphs=True)
+    entries = _stand_in_graphs(monkeypatch, m)
     x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         y1 = g._graphed(m, x1)
@@ -212,6 +268,13 @@ def test_optimize_rejects_bad_arguments():
     import numpy
     g = fastres.optimize(m, max_graphs=numpy.int64(3), warmup=numpy.int32(2))
     assert (g.max_graphs, g.warmup) == (3, 2) and type(g.max_graphs) is int
+    # set later, the same checks (None was taken, and failed at the next CUDA call)
+    with pytest.raises(TypeError, match="max_graphs must be an int, got None"):
+        g.max_graphs = None
+    with pytest.raises(ValueError, match="warmup must be >= 1, got 0"):
+        g.warmup = 0
+    g.max_graphs = numpy.int16(5)
+    assert g.max_graphs == 5 and type(g.max_graphs) is int and g.warmup == 2
     with pytest.raises(TypeError, match="cuda_graphs must be True or False, got 'False'"):
         fastres.optimize(m, cuda_graphs="False")  # (a true string: it returned a graph wrapper)
 
