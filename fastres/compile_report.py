@@ -14,20 +14,22 @@ and checked:
 - ``smem``: shared memory <= 232448 bytes (H100's per-block maximum);
 - ``spill``: no stack or local memory (``cuobjdump --dump-resource-usage`` from Triton's
   bundled binaries), registers <= 255;
-- ``wgmma``: the dot runs on Hopper tensor cores (``wgmma.mma_async`` in the PTX); for a
+- ``wgmma``: every dot runs on Hopper tensor cores (``wgmma.mma_async`` in the PTX, and no
+  ``tt.dot`` left in the TTGIR: :func:`dots_on_tensor_cores`); for a
   TMA row, every ``wgmma`` reads both operands from shared memory (two matrix descriptors,
   :func:`wgmma_from_shared`: the tiles go from the TMA buffers to the tensor cores, not
   through registers);
 - ``A16``/``B16``: the activation and weight tiles are loaded with 16-byte async copies
   (``ttg.async_copy_global_to_local`` of the tile with contiguity x element size >= 16 in the
-  TTGIR, lowered to ``cp.async ... 0x10``). The stem's activation rows (3 channels, 7 taps,
-  stride 2) cannot be 16-byte aligned: that column reads ``n/a`` there. A TMA row
-  (``... t``) loads both tiles by the tensor memory accelerator instead: each must be an
-  ``ttng.async_tma_copy_global_to_local`` of the whole tile in the TTGIR, lowered to a
-  global->shared ``cp.async.bulk.tensor`` in the PTX, with no pointer load of a tile of its
-  shape (:func:`tma_tile_ok`);
-- max-pool, global average pool and the split-K rows' epilogue kernel: no spills and
-  16-byte vector loads (``ld.global.v4``).
+  TTGIR, lowered to ``cp.async ... 0x10``), and never synchronously; each tile's copies are
+  found by the kernel variable they load (``a``, ``b``: :func:`pointer_tile_ok`). The
+  stem's activation rows (3 channels, 7 taps, stride 2) cannot be 16-byte aligned: that
+  column reads ``n/a`` there. A TMA row (``... t``) loads both tiles by the tensor memory
+  accelerator instead: each must be an ``ttng.async_tma_copy_global_to_local`` of the whole
+  tile in the TTGIR, lowered to a global->shared ``cp.async.bulk.tensor`` in the PTX, with
+  no pointer load of a tile of its shape (:func:`tma_tile_ok`);
+- max-pool, global average pool and the split-K rows' epilogue kernel: no spills, and every
+  global load 16 bytes wide (``ld.global...v4``: :func:`global_loads_v4`).
 
 Prints a table and exits non-zero when any check fails. A failing configuration is removed
 from :mod:`fastres.kernels.configs` (or fixed), not kept.
@@ -296,8 +298,14 @@ def wgmma_from_shared(ptx: str) -> bool:
     return "wgmma.mma_async" in ptx and not _WGMMA_RS.search(ptx)
 
 
-def _tile_copies(ttgir: str) -> list[tuple[int, int, int | None]]:
-    """(rows, cols, bytes per copy or None) of every async global->shared tile copy."""
+# the SSA name Triton gives an op's result after the kernel's variable (``%a_105 = ...``:
+# the ``a`` of ``a = tl.load(...)``; 3.6 and 3.8 alike)
+_RESULT = re.compile(r"^\s*%([A-Za-z_]\w*?)(?:_\d+)?\s*=")
+
+
+def _tile_copies(ttgir: str) -> list[tuple[str | None, int, int, int | None]]:
+    """(the kernel variable it loads, rows, cols, bytes per copy or None) of every async
+    global->shared tile copy."""
     out = []
     for line in ttgir.splitlines():
         if "async_copy_global_to_local" not in line:
@@ -307,8 +315,36 @@ def _tile_copies(ttgir: str) -> list[tuple[int, int, int | None]]:
             continue
         contig = int(m.group(2)) if m.group(2) else None
         size = contig * _ELEM.get(m.group(5), 0) if contig else None
-        out.append((int(m.group(3)), int(m.group(4)), size))
+        name = _RESULT.match(line)
+        out.append((name.group(1) if name else None, int(m.group(3)), int(m.group(4)), size))
     return out
+
+
+def pointer_tile_ok(ttgir: str, tile: str) -> bool:
+    """The kernel's operand tile ``tile`` (its variable: ``a`` the activations, ``b`` the
+    weights) is loaded only by async global->shared copies of 16 bytes or more, and never
+    synchronously as a tile (a 2-D ``tt.load``). The copies are told apart by the variable
+    they load, not by their shape: an activation and a weight tile can have one shape
+    (64x64x64), and a 2-byte load of one passed beside the other's 16-byte copies."""
+    mine = [c for c in _tile_copies(ttgir) if c[0] == tile]
+    sync = re.compile(rf"^\s*%{tile}(?:_\d+)?\s*=\s*tt\.load\b.*:\s*tensor<\d+x\d+x!tt\.ptr<",
+                      re.M)  # (a 2-D tile: a grouped tile's exact slow path loads 1-D rows)
+    return (bool(mine) and all(c[3] is not None and c[3] >= 16 for c in mine)
+            and not sync.search(ttgir))
+
+
+def dots_on_tensor_cores(ttgir: str, ptx: str) -> bool:
+    """Every dot of the kernel was lowered to Hopper's ``wgmma`` (``ttng.warp_group_dot``; no
+    ``tt.dot`` left for FMA or ``mma.sync``), and the PTX has ``wgmma`` instructions: one
+    dot on tensor cores beside another on FMAs passed a test for any ``wgmma``."""
+    return "wgmma.mma_async" in ptx and not re.search(r"\btt\.dot\b", ttgir)
+
+
+def global_loads_v4(ptx: str) -> bool:
+    """Every global load of the PTX is 16 bytes wide (``ld.global...v4``), for the
+    elementwise kernels (pools, split-K epilogue): one such load passed beside scalar ones."""
+    loads = re.findall(r"\bld\.global[.\w]*", ptx)
+    return bool(loads) and all(".v4." in ld + "." for ld in loads)
 
 
 def compile_job(job: Job) -> dict:
@@ -357,26 +393,17 @@ def compile_job(job: Job) -> dict:
         "spill": rsc["stack"] == 0 and rsc["local"] == 0 and (rsc["reg"] or 0) <= 255,
     }
     if job.dot:
-        checks["wgmma"] = wgmma_from_shared(ptx) if job.tma else "wgmma.mma_async" in ptx
-        copies = _tile_copies(ttgir)
-        ptx_sizes = set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(0x[0-9a-f]+)",
-                                   ptx))
+        checks["wgmma"] = (wgmma_from_shared(ptx) if job.tma else True) \
+            and dots_on_tensor_cores(ttgir, ptx)
         for tile, shape in job.tiles.items():
             if job.tma:  # the whole tile by the tensor memory accelerator
                 checks[tile + "16"] = tma_tile_ok(ttgir, ptx, shape)
-                continue
-            if shape is None:
+            elif shape is None:
                 res[tile + "16"] = "n/a"
-                continue
-            mine = [c for c in copies if (c[0], c[1]) == tuple(shape)]
-            if not mine:
-                checks[tile + "16"] = False  # not an async copy at all
-            elif all(c[2] is not None for c in mine):
-                checks[tile + "16"] = all(c[2] >= 16 for c in mine)
-            else:  # no contiguity attribute in this Triton's TTGIR: judge by the PTX
-                checks[tile + "16"] = ptx_sizes == {"0x10"}
+            else:
+                checks[tile + "16"] = pointer_tile_ok(ttgir, tile.lower())
     else:
-        checks["v4"] = bool(re.search(r"ld\.global(\.\w+)*\.v4\.", ptx))
+        checks["v4"] = global_loads_v4(ptx)
     res["checks"] = checks
     res["ok"] = all(checks.values())
     return res

@@ -1206,9 +1206,9 @@ def tune_model(model: torch.nn.Module, batch_sizes: int | Iterable[int] = (1,),
     "unsaved", "write_error", "seconds"}`` (``cache``: ``None`` when no cache directory could
     be named and the choices stay in memory; ``unsaved``: choices the cache file could not
     take, with ``write_error`` saying why; the file is written once per batch size, and at
-    the end, waiting for its lock, with anything an earlier write left). Choices this process made before are looked up again in the cache file
-    in force now, so that a layer chosen while another cache directory was set is written to
-    this one.
+    the end, waiting for its lock, with anything an earlier write left). Choices this
+    process made before are looked up again in the cache file in force now, so that a layer
+    chosen while another cache directory was set is written to this one.
 
     The layers timed are those of the model's forward (of ``forward_features`` for a backbone
     whose ``fc`` is ``nn.Identity()``), and the two that

@@ -140,3 +140,77 @@ def test_wgmma_check_wants_both_operands_from_shared_memory():
     assert wgmma_from_shared(ss) and wgmma_from_shared(ss + "\n" + ss)
     assert not wgmma_from_shared(rs) and not wgmma_from_shared(ss + "\n" + rs)
     assert not wgmma_from_shared("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1};")
+
+
+def _copy(name: str, rows: int, cols: int, contiguity: int, dtype: str = "f16") -> str:
+    """One async global->shared tile copy line, as Triton 3.8 writes it in TTGIR."""
+    return (f"    %{name} = ttg.async_copy_global_to_local %{name}_ptrs_93, %x_102 mask "
+            f"%m_104 other %cst_2 {{contiguity = {contiguity} : i32}} : "
+            f"tensor<{rows}x{cols}x!tt.ptr<{dtype}>, #blocked2> -> <{rows}x{cols}x{dtype}, "
+            "#shared, #smem, mutable>")
+
+
+def test_tile_check_finds_each_tile_by_its_variable():
+    """The A16/B16 check on TTGIR text: each tile's copies are the ones of its kernel
+    variable (``a``, ``b``), not those of its shape. An activation tile loaded by 2-byte
+    copies (or synchronously) beside 16-byte weight copies of the same shape (a 64x64x64
+    row) passed: it looked for any copy of that shape."""
+    from fastres.compile_report import pointer_tile_ok
+
+    good = "\n".join([_copy("a_105", 64, 64, 8), _copy("b_110", 64, 64, 8),
+                      _copy("a_160", 64, 64, 8), _copy("b_165", 64, 64, 8)])
+    assert pointer_tile_ok(good, "a") and pointer_tile_ok(good, "b")
+    narrow_a = "\n".join([_copy("a_105", 64, 64, 1), _copy("b_110", 64, 64, 8)])
+    assert not pointer_tile_ok(narrow_a, "a") and pointer_tile_ok(narrow_a, "b")
+    sync_a = (_copy("b_110", 64, 64, 8) + "\n    %a_175 = tt.load %a_ptrs_93, %m_1, %cst : "
+              "tensor<64x64x!tt.ptr<f16>, #blocked2>")
+    assert not pointer_tile_ok(sync_a, "a") and pointer_tile_ok(sync_a, "b")
+    # (a 1-D load of that name is not a tile: a grouped tile's exact slow path, per row)
+    rows = ("\n    %a_343 = tt.load %a_342, %row_ok_328, %cst_0 : tensor<64x!tt.ptr<f16>, "
+            "#ttg.slice<{dim = 1, parent = #blocked}>>")
+    assert pointer_tile_ok(good + rows, "a")
+    # a 4-byte element needs contiguity 4; a copy of another variable (the residual) is
+    # neither tile's, and a tile with no copy at all fails
+    fp32 = _copy("a_7", 128, 32, 4, "f32") + "\n" + _copy("res_9", 128, 32, 1, "f32")
+    assert pointer_tile_ok(fp32, "a") and not pointer_tile_ok(fp32, "b")
+    assert not pointer_tile_ok(_copy("a_ptrs_9", 64, 64, 8), "a")  # (not the variable a)
+
+
+def test_wgmma_check_wants_every_dot_on_tensor_cores():
+    """One dot on wgmma beside another left as ``tt.dot`` (an fp32 "ieee" dot: FMAs) passed
+    a check for any wgmma in the PTX; every dot must be a ``ttng.warp_group_dot``."""
+    from fastres.compile_report import dots_on_tensor_cores
+
+    wg = ("    %acc_3 = ttng.warp_group_dot %a_1, %b_2, %acc_0 {inputPrecision = 0 : i32} : "
+          "!ttg.memdesc<128x64xf16> * !ttg.memdesc<64x128xf16> -> tensor<128x128xf32>")
+    fma = ("    %acc_9 = tt.dot %x_7, %y_8, %acc_3, inputPrecision = ieee : tensor<128x32xf32> "
+           "* tensor<32x128xf32> -> tensor<128x128xf32>")
+    ptx = "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%r1}, %rd1, %rd2, 1, 1, 1, 1;"
+    assert dots_on_tensor_cores(wg, ptx)
+    assert not dots_on_tensor_cores(wg + "\n" + fma, ptx)
+    assert not dots_on_tensor_cores(wg, "fma.rn.f32 %f1, %f2, %f3, %f4;")
+
+
+def test_v4_check_wants_every_global_load_16_bytes():
+    """The elementwise kernels' check on PTX text: one ``ld.global.v4`` beside scalar loads
+    (a gather, an unaligned mask) passed; every global load must be 16 bytes wide."""
+    from fastres.compile_report import global_loads_v4
+
+    v4 = "ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];"
+    nc = "ld.global.nc.v4.b32 { %r5, %r6, %r7, %r8 }, [ %rd2 + 0 ];"
+    assert global_loads_v4(v4 + "\n" + nc)
+    assert not global_loads_v4(v4 + "\n" + "ld.global.b32 { %r9 }, [ %rd3 + 0 ];")
+    assert not global_loads_v4(v4 + "\n" + "ld.global.b16 { %rs1 }, [ %rd4 + 0 ];")
+    assert not global_loads_v4("st.global.v4.b32 [ %rd1 + 0 ], { %r1, %r2, %r3, %r4 };")
+
+
+def test_compile_report_catches_an_fp32_dot_without_tensor_cores():
+    """A real compile: an fp32 row with full-precision ("ieee") dots runs on FMAs and the
+    report says so (the wgmma check), as it says spills above."""
+    from fastres import compile_report as cr
+
+    job = next(j for j in cr.conv_jobs([s for s in cr.SHAPES if s[0] == "l3 3x3 256"],
+                                       ["fp32"]) if not j.tma)
+    job.constexprs.update(PRECISION="ieee", ROUND_TF32=False)
+    (res,) = cr.compile_jobs([job], 1)
+    assert not res["ok"] and not res["checks"]["wgmma"], res
