@@ -543,6 +543,8 @@ def _check_environment() -> None:
         get_backend()
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    # (blank is unset, as compile_threads reads it; checked first so that a command which
+    # does not set it does not import the kernels' module, and Triton with it, to find out)
     if os.environ.get("FASTRES_COMPILE_THREADS", "").strip():
         from fastres.kernels._direct import compile_threads
 

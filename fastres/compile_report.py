@@ -303,9 +303,9 @@ def wgmma_from_shared(ptx: str) -> bool:
 _RESULT = re.compile(r"^\s*%([A-Za-z_]\w*?)(?:_\d+)?\s*=")
 
 
-def _tile_copies(ttgir: str) -> list[tuple[str | None, int, int, int | None]]:
-    """(the kernel variable it loads, rows, cols, bytes per copy or None) of every async
-    global->shared tile copy."""
+def _tile_copies(ttgir: str) -> list[tuple[str | None, int | None]]:
+    """(the kernel variable it loads, bytes per copy or None) of every async global->shared
+    tile copy."""
     out = []
     for line in ttgir.splitlines():
         if "async_copy_global_to_local" not in line:
@@ -316,7 +316,7 @@ def _tile_copies(ttgir: str) -> list[tuple[str | None, int, int, int | None]]:
         contig = int(m.group(2)) if m.group(2) else None
         size = contig * _ELEM.get(m.group(5), 0) if contig else None
         name = _RESULT.match(line)
-        out.append((name.group(1) if name else None, int(m.group(3)), int(m.group(4)), size))
+        out.append((name.group(1) if name else None, size))
     return out
 
 
@@ -326,10 +326,10 @@ def pointer_tile_ok(ttgir: str, tile: str) -> bool:
     synchronously as a tile (a 2-D ``tt.load``). The copies are told apart by the variable
     they load, not by their shape: an activation and a weight tile can have one shape
     (64x64x64), and a 2-byte load of one passed beside the other's 16-byte copies."""
-    mine = [c for c in _tile_copies(ttgir) if c[0] == tile]
+    sizes = [size for name, size in _tile_copies(ttgir) if name == tile]
     sync = re.compile(rf"^\s*%{tile}(?:_\d+)?\s*=\s*tt\.load\b.*:\s*tensor<\d+x\d+x!tt\.ptr<",
                       re.M)  # (a 2-D tile: a grouped tile's exact slow path loads 1-D rows)
-    return (bool(mine) and all(c[3] is not None and c[3] >= 16 for c in mine)
+    return (bool(sizes) and all(size is not None and size >= 16 for size in sizes)
             and not sync.search(ttgir))
 
 

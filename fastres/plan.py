@@ -690,7 +690,7 @@ def _fold_checkable(traced: bool, folded: Tensor) -> bool:
         return True
     if not torch.jit.is_tracing() or _dynamo_tracing() or _exporting():
         return False
-    return type(folded) is Tensor and folded.device.type != "meta"
+    return not without_data(folded)
 
 
 def _all_finite(*tensors: Tensor) -> bool:

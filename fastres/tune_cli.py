@@ -107,7 +107,7 @@ def tune_main(model: str, batches: Iterable = (1,), dtypes: Iterable[str] = ("bf
             raise TuneUsageError("--cache-dir must name a directory, got an empty string")
         check_cache_dir(cache_dir, "--cache-dir")
     else:
-        from_env = bool(os.environ.get("FASTRES_CACHE_DIR", "").strip())
+        from_env = tuning.dir_variable("FASTRES_CACHE_DIR") is not None
         try:
             default = tuning.cache_dir()
         except OSError as exc:  # no home directory, or a ~user that names none

@@ -237,16 +237,22 @@ def expand_user(path: str | os.PathLike, what: str) -> Path:
                       f"found ({exc})") from exc
 
 
+def dir_variable(name: str) -> str | None:
+    """The directory environment variable ``name``, or ``None`` where it is unset, empty or
+    blank (a blank one made a folder named by its spaces in the working directory)."""
+    value = os.environ.get(name)
+    return value if value and value.strip() else None
+
+
 def cache_dir() -> Path:
     """``$FASTRES_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastres``, else ``~/.cache/fastres``
     (``OSError`` where one of these names a home directory that cannot be found). A variable
-    that is empty or blank counts as unset (a blank one made a folder named by its spaces in
-    the working directory)."""
-    env = os.environ.get("FASTRES_CACHE_DIR")
-    if env and env.strip():
+    that is empty or blank counts as unset (:func:`dir_variable`)."""
+    env = dir_variable("FASTRES_CACHE_DIR")
+    if env:
         return expand_user(env, "FASTRES_CACHE_DIR")
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and xdg.strip():
+    xdg = dir_variable("XDG_CACHE_HOME")
+    if xdg:
         return expand_user(xdg, "XDG_CACHE_HOME") / "fastres"
     try:
         home = Path.home()

@@ -78,27 +78,6 @@ def test_bench_latency_fails_when_fastres_raises(tmp_path, monkeypatch, capsys):
     assert "expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
-def test_bench_latency_percentiles_are_fastres_bench_s():
-    """bench_latency's median, p10 and p90 are interpolated as ``fastres bench``'s p90 is
-    (numpy's default; ``statistics``' inclusive method is the same): they were nearest rank,
-    so the two tables' p90 of one set of times could differ."""
-    import importlib.util
-    import statistics
-
-    spec = importlib.util.spec_from_file_location("bench_latency_under_test",
-                                                  REPO / "benchmarks" / "bench_latency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    for n in (1, 2, 7, 10, 31):
-        times = (torch.rand(n, dtype=torch.float64) * 5).tolist()
-        got = mod._percentiles(sorted(times))
-        deciles = statistics.quantiles(times, n=10, method="inclusive") if n > 1 else times * 9
-        want = {"median_ms": statistics.median(times), "p10_ms": deciles[0],
-                "p90_ms": deciles[8]}
-        for k, v in want.items():
-            assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-12), (n, k, got, want)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs instead")
 def test_bench_latency_needs_gpu_without_smoke(tmp_path):
     res = _run("benchmarks/bench_latency.py", "--out", str(tmp_path))

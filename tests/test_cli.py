@@ -1988,6 +1988,17 @@ def test_bench_graphs_row_with_wrong_outputs_fails_on_gpu(capsys, monkeypatch, t
     assert rows["fastres"]["status"] == "ok" and rows["fastres"]["median_ms"] > 0
 
 
+def _recording(fn, into: list):
+    """``fn``, appending a copy of each of its outputs to ``into`` (a spy on the reference
+    and eager forwards that verify compares)."""
+    def spy(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        into.append(out.clone())
+        return out
+
+    return spy
+
+
 def test_verify_eager_rule_counts_failed_batches_and_uses_channels_last(capsys, monkeypatch,
                                                                        tmp_path):
     """fastres off by a relative 1e-3 on two random batches: the first passes (eager made off
@@ -1999,12 +2010,7 @@ def test_verify_eager_rule_counts_failed_batches_and_uses_channels_last(capsys, 
     refs, eagers, layouts = [], [], []
     eager_off = [float(torch.empty(()).uniform_(6e-4, 9e-4)),
                  float(torch.empty(()).uniform_(1e-7, 2e-6))]
-    real_ref = verify_mod.reference_forward
-
-    def spy_reference(tv, x, *args, **kwargs):
-        out = real_ref(tv, x, *args, **kwargs)
-        refs.append(out.clone())
-        return out
+    spy_reference = _recording(verify_mod.reference_forward, refs)
 
     def controlled_eager(tv, x, dtype, *args, **kwargs):
         out = (refs[-1] * (1 + eager_off[len(eagers)])).to(dtype)
@@ -2046,26 +2052,15 @@ def test_verify_bound_is_tight_on_both_sides(capsys, monkeypatch, tmp_path):
     tol = float(f"{float(torch.empty(()).uniform_(1e-4, 1e-3)):.3e}")
     factors = [1.2, 0.8] if bool(torch.rand(()) < 0.5) else [0.8, 1.2]
     refs, eagers = [], []
-    real_ref, real_eager = verify_mod.reference_forward, verify_mod.eager_forward
-
-    def spy_reference(tv, x, *args, **kwargs):
-        out = real_ref(tv, x, *args, **kwargs)
-        refs.append(out.clone())
-        return out
-
-    def spy_eager(tv, x, *args, **kwargs):
-        out = real_eager(tv, x, *args, **kwargs)
-        eagers.append(out.clone())
-        return out
-
     original, calls = ResNet.forward, []
 
     def off_by_a_factor_of_tol(self, x):
         calls.append(x.shape[0])
         return original(self, x) * (1 + factors[len(calls) - 1] * tol)
 
-    monkeypatch.setattr(verify_mod, "reference_forward", spy_reference)
-    monkeypatch.setattr(verify_mod, "eager_forward", spy_eager)
+    monkeypatch.setattr(verify_mod, "reference_forward",
+                        _recording(verify_mod.reference_forward, refs))
+    monkeypatch.setattr(verify_mod, "eager_forward", _recording(verify_mod.eager_forward, eagers))
     monkeypatch.setattr(ResNet, "forward", off_by_a_factor_of_tol)
     out_json = tmp_path / "v.json"
     code, out, err = run_cli(capsys, *SMALL_VERIFY, "--no-photos", "--tol", repr(tol),

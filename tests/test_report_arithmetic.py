@@ -236,6 +236,22 @@ def test_latency_time_ms_reports_the_median(latency_mod):
         statistics.quantiles(t["times"], n=10, method="inclusive")[8]), t
 
 
+def test_latency_percentiles_are_fastres_bench_s(latency_mod):
+    """bench_latency's median, p10 and p90 are interpolated as ``fastres bench``'s p90 is
+    (numpy's default; ``statistics``' inclusive method is the same): they were nearest rank,
+    so the two tables' p90 of one set of times could differ."""
+    import statistics
+
+    for n in (1, 2, 7, 10, 31):
+        times = (torch.rand(n, dtype=torch.float64) * 5).tolist()
+        got = latency_mod._percentiles(sorted(times))
+        deciles = statistics.quantiles(times, n=10, method="inclusive") if n > 1 else times * 9
+        want = {"median_ms": statistics.median(times), "p10_ms": deciles[0],
+                "p90_ms": deciles[8]}
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-12), (n, k, got, want)
+
+
 def test_latency_rounds_are_pooled(latency_mod):
     """A row timed in rounds: median / p10 / p90 over every call of every round, and each
     round's own median kept (how much the row's figure moved between rounds)."""
