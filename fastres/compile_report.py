@@ -438,9 +438,17 @@ def _fmt(res: dict) -> list[str]:
     wg = mark("wgmma") if res["kernel"] == "conv" else "-"
     a = mark("A16") if res["kernel"] == "conv" else mark("v4")
     b = mark("B16") if res["kernel"] == "conv" else "-"
-    spill = "0" if res["checks"]["spill"] else f"FAIL st{res['stack']}/lc{res['local']}"
-    return [res["layer"], res["dtype"], res["config"], f"{res['smem'] / 1024:.0f}",
-            str(res["regs"]), spill, wg, a, b, "ok" if res["ok"] else "FAIL"]
+    # a failed check is named in its own column (the status column only says that one did)
+    smem = f"{res['smem'] / 1024:.0f}"
+    if not res["checks"]["smem"]:
+        smem = f"FAIL {smem}"
+    regs = str(res["regs"])
+    if not res["checks"]["spill"] and (res["regs"] or 0) > 255:
+        regs = f"FAIL {regs}"
+    spill = "0" if res["stack"] == 0 and res["local"] == 0 else \
+        f"FAIL st{res['stack']}/lc{res['local']}"
+    return [res["layer"], res["dtype"], res["config"], smem, regs, spill, wg, a, b,
+            "ok" if res["ok"] else "FAIL"]
 
 
 HEADER = ["layer [schedule]", "dtype", "config (MxNxK group warps stages)", "smem KiB",

@@ -214,3 +214,31 @@ def test_compile_report_catches_an_fp32_dot_without_tensor_cores():
     job.constexprs.update(PRECISION="ieee", ROUND_TF32=False)
     (res,) = cr.compile_jobs([job], 1)
     assert not res["ok"] and not res["checks"]["wgmma"], res
+
+
+def test_table_names_the_failed_check():
+    """Each failing check is marked FAIL in its own column of the printed table, not only in
+    the status column (a row over the shared-memory limit showed just its size)."""
+    from fastres.compile_report import HEADER, SMEM_LIMIT, _fmt
+
+    def row(fields=(), **checks):
+        res = {"kernel": "conv", "layer": "l3 3x3 256 [conv]", "dtype": "bf16",
+               "config": "128x128x64 g8 w4 s3", "smem": 96 * 1024, "regs": 154, "stack": 0,
+               "local": 0, "checks": {"smem": True, "spill": True, "wgmma": True,
+                                      "A16": True, "B16": True}}
+        res.update(fields)
+        res["checks"].update(checks)
+        res["ok"] = all(res["checks"].values())
+        return dict(zip(HEADER, _fmt(res)))
+
+    good = row()
+    assert good["status"] == "ok" and not any("FAIL" in v for v in good.values())
+    over = row({"smem": SMEM_LIMIT + 1024}, smem=False)
+    assert over["smem KiB"] == f"FAIL {SMEM_LIMIT // 1024 + 1}" and over["status"] == "FAIL"
+    spilled = row({"stack": 144, "regs": 255}, spill=False)
+    assert spilled["spill"] == "FAIL st144/lc0" and spilled["regs"] == "255"
+    too_many = row({"regs": 256}, spill=False)
+    assert too_many["regs"] == "FAIL 256" and too_many["spill"] == "0"
+    for column, check in (("wgmma", "wgmma"), ("A/act 16B", "A16"), ("B/wt 16B", "B16")):
+        failed = row(**{check: False})
+        assert failed[column] == "FAIL" and failed["status"] == "FAIL"
