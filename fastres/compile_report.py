@@ -13,7 +13,7 @@ and checked:
 
 - ``smem``: shared memory <= 232448 bytes (H100's per-block maximum);
 - ``spill``: no stack or local memory (``cuobjdump --dump-resource-usage`` from Triton's
-  bundled binaries), registers <= 255;
+  bundled binaries); ``regs``: registers <= 255;
 - ``wgmma``: every dot runs on Hopper tensor cores (``wgmma.mma_async`` in the PTX, and no
   ``tt.dot`` left in the TTGIR: :func:`dots_on_tensor_cores`); for a
   TMA row, every ``wgmma`` reads both operands from shared memory (two matrix descriptors,
@@ -390,7 +390,8 @@ def compile_job(job: Job) -> dict:
     res.update(smem=shared, regs=rsc["reg"], stack=rsc["stack"], local=rsc["local"])
     checks = {
         "smem": shared <= SMEM_LIMIT,
-        "spill": rsc["stack"] == 0 and rsc["local"] == 0 and (rsc["reg"] or 0) <= 255,
+        "spill": rsc["stack"] == 0 and rsc["local"] == 0,
+        "regs": (rsc["reg"] or 0) <= 255,
     }
     if job.dot:
         checks["wgmma"] = (wgmma_from_shared(ptx) if job.tma else True) \
@@ -432,21 +433,18 @@ def _fmt(res: dict) -> list[str]:
             return "ok" if res["checks"][name] else "FAIL"
         return res.get(name, "-")
 
+    def failed(name):  # each column says FAIL for its own check (the status: that one did)
+        return not res["checks"].get(name, True)
+
     if "error" in res:
         return [res["layer"], res["dtype"], res["config"], "-", "-", "-", "-", "-", "-",
                 "FAIL: " + res["error"][:60]]
     wg = mark("wgmma") if res["kernel"] == "conv" else "-"
     a = mark("A16") if res["kernel"] == "conv" else mark("v4")
     b = mark("B16") if res["kernel"] == "conv" else "-"
-    # a failed check is named in its own column (the status column only says that one did)
-    smem = f"{res['smem'] / 1024:.0f}"
-    if not res["checks"]["smem"]:
-        smem = f"FAIL {smem}"
-    regs = str(res["regs"])
-    if not res["checks"]["spill"] and (res["regs"] or 0) > 255:
-        regs = f"FAIL {regs}"
-    spill = "0" if res["stack"] == 0 and res["local"] == 0 else \
-        f"FAIL st{res['stack']}/lc{res['local']}"
+    smem = ("FAIL " if failed("smem") else "") + f"{res['smem'] / 1024:.0f}"
+    regs = ("FAIL " if failed("regs") else "") + str(res["regs"])
+    spill = f"FAIL st{res['stack']}/lc{res['local']}" if failed("spill") else "0"
     return [res["layer"], res["dtype"], res["config"], smem, regs, spill, wg, a, b,
             "ok" if res["ok"] else "FAIL"]
 

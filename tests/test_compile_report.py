@@ -224,8 +224,8 @@ def test_table_names_the_failed_check():
     def row(fields=(), **checks):
         res = {"kernel": "conv", "layer": "l3 3x3 256 [conv]", "dtype": "bf16",
                "config": "128x128x64 g8 w4 s3", "smem": 96 * 1024, "regs": 154, "stack": 0,
-               "local": 0, "checks": {"smem": True, "spill": True, "wgmma": True,
-                                      "A16": True, "B16": True}}
+               "local": 0, "checks": {"smem": True, "spill": True, "regs": True,
+                                      "wgmma": True, "A16": True, "B16": True}}
         res.update(fields)
         res["checks"].update(checks)
         res["ok"] = all(res["checks"].values())
@@ -237,7 +237,7 @@ def test_table_names_the_failed_check():
     assert over["smem KiB"] == f"FAIL {SMEM_LIMIT // 1024 + 1}" and over["status"] == "FAIL"
     spilled = row({"stack": 144, "regs": 255}, spill=False)
     assert spilled["spill"] == "FAIL st144/lc0" and spilled["regs"] == "255"
-    too_many = row({"regs": 256}, spill=False)
+    too_many = row({"regs": 256}, regs=False)
     assert too_many["regs"] == "FAIL 256" and too_many["spill"] == "0"
     for column, check in (("wgmma", "wgmma"), ("A/act 16B", "A16"), ("B/wt 16B", "B16")):
         failed = row(**{check: False})
