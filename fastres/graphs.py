@@ -113,24 +113,18 @@ def _checked(model: nn.Module, max_graphs, warmup) -> tuple[nn.Module, int, int]
                 if type(inner).__name__ == "ResNet" else "")
         raise TypeError(f"optimize expects a fastres.ResNet, got {type(inner).__module__}."
                         f"{type(inner).__qualname__}{hint}")
-    return inner, _max_graphs(max_graphs), _warmup(warmup)
+    return inner, _setting("max_graphs", max_graphs), _setting("warmup", warmup)
 
 
-def _max_graphs(value) -> int:
-    value = _count("max_graphs", value)
-    if value < 0:
-        raise ValueError(f"max_graphs must be >= 0, got {value}")
+# optimize's settings that the wrapper keeps, and the least value each may take
+_SETTINGS = {"max_graphs": 0, "warmup": 1}
+
+
+def _setting(name: str, value) -> int:
+    value = _count(name, value)
+    if value < _SETTINGS[name]:
+        raise ValueError(f"{name} must be >= {_SETTINGS[name]}, got {value}")
     return value
-
-
-def _warmup(value) -> int:
-    value = _count("warmup", value)
-    if value < 1:
-        raise ValueError(f"warmup must be >= 1, got {value}")
-    return value
-
-
-_SETTINGS = {"max_graphs": _max_graphs, "warmup": _warmup}
 
 
 class CUDAGraphModule(nn.Module):
@@ -194,7 +188,7 @@ class CUDAGraphModule(nn.Module):
             setattr(module, name, value)
             return
         if name in _SETTINGS:  # (checked as optimize's arguments, also when set later)
-            value = _SETTINGS[name](value)
+            value = _setting(name, value)
         super().__setattr__(name, value)
 
     def __getstate__(self):  # deepcopy and pickling: the model, not its graphs
