@@ -80,6 +80,23 @@ def fake_candidates(labels=("a", "b", "c"), perturb=(), backend="torch"):
     return hook
 
 
+def bad_then_good(label: str, make_bad):
+    """Candidates for any op: ``label``, which runs ``make_bad(ref)`` (``ref``: the op's torch
+    reference), then ``good``, which runs the reference."""
+
+    def hook(op, device, args, kwargs):
+        ref = _backend.implementations(op)["torch"].fn
+        return [tuning.Candidate("triton", label, None, make_bad(ref)),
+                tuning.Candidate("triton", "good", None, ref)]
+
+    return hook
+
+
+def zeros_of(ref):
+    """A candidate that computes zeros of the reference's shape."""
+    return lambda *a, **k: torch.zeros_like(ref(*a, **k))
+
+
 @pytest.fixture
 def tuner(tmp_path, monkeypatch):
     """A fresh tuner that tunes CPU calls with fake candidates a/b/c (b fastest)."""
@@ -325,12 +342,7 @@ def test_check_is_not_disarmed_by_a_non_finite_first_input(poison, tmp_path, mon
     monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
     tuning.reset()
 
-    def hook(op, device, args, kwargs):
-        ref = _backend.implementations(op)["torch"].fn
-        return [tuning.Candidate("triton", "zeros", None,
-                                 lambda *a, **k: torch.zeros_like(ref(*a, **k))),
-                tuning.Candidate("triton", "good", None, ref)]
-
+    hook = bad_then_good("zeros", zeros_of)
     timer = FakeTimer({"zeros": 0.1, "good": 1.0})
     tuning.configure(timer=timer, devices=("cpu",), candidates=hook)
     try:
@@ -357,16 +369,15 @@ def test_a_few_wrong_elements_are_rejected(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path))
     tuning.reset()
 
-    def hook(op, device, args, kwargs):
-        ref = _backend.implementations(op)["torch"].fn
-
-        def one_wrong(*a, **k):
+    def one_wrong(ref):
+        def fn(*a, **k):
             y = ref(*a, **k).clone()
             y.view(-1)[y.numel() // 2] += 2.0
             return y
 
-        return [tuning.Candidate("triton", "one_wrong", None, one_wrong),
-                tuning.Candidate("triton", "good", None, ref)]
+        return fn
+
+    hook = bad_then_good("one_wrong", one_wrong)
 
     tuning.configure(timer=FakeTimer({"one_wrong": 0.1, "good": 1.0}), devices=("cpu",),
                      candidates=hook)
@@ -408,15 +419,10 @@ def test_candidate_check_bound_per_dtype(tmp_path, monkeypatch, dtype, bound, ra
     tuning.reset()
     scale = 1 + ratio * bound
 
-    def off(*a, _ref, **k):  # computed in float64, rounded once to the dtype
-        return (_ref(*_float64(a), **k) * scale).to(dtype)
+    def off(ref):  # computed in float64, rounded once to the dtype
+        return lambda *a, **k: (ref(*_float64(a), **k) * scale).to(dtype)
 
-    def hook(op, device, args, kwargs):
-        ref = _backend.implementations(op)["torch"].fn
-        return [tuning.Candidate("triton", "off", None,
-                                 lambda *a, **k: off(*a, _ref=ref, **k)),
-                tuning.Candidate("triton", "good", None, ref)]
-
+    hook = bad_then_good("off", off)
     timer = FakeTimer({"off": 0.1, "good": 1.0})
     tuning.configure(timer=timer, devices=("cpu",), candidates=hook)
     h, w = (int(v) for v in torch.randint(7, 20, (2,)))

@@ -14,7 +14,8 @@ import warnings
 import pytest
 import torch
 from conftest import assert_close_rel
-from test_tuning import FakeTimer, fake_candidates, pool, read_cache
+from test_tuning import (FakeTimer, bad_then_good, fake_candidates, pool, read_cache,
+                         zeros_of)
 
 from fastres import tuning
 from fastres.ops import _backend
@@ -172,11 +173,7 @@ def test_fp32_candidate_one_percent_off_is_rejected(fresh):
     """fp32 candidates must match the reference to 5e-3: one 1% off everywhere is rejected,
     however fast. (Mutant: fp32 tolerance 3e-2.)"""
 
-    def hook(op, device, args, kwargs):
-        ref = _backend.implementations(op)["torch"].fn
-        return [tuning.Candidate("triton", "off", None, lambda *a, **k: ref(*a, **k) * 1.01),
-                tuning.Candidate("triton", "good", None, ref)]
-
+    hook = bad_then_good("off", lambda ref: lambda *a, **k: ref(*a, **k) * 1.01)
     timer = FakeTimer({"off": 0.1, "good": 1.0})
     tuning.configure(timer=timer, devices=("cpu",), candidates=hook)
     h, w = rand_hw()
@@ -192,11 +189,7 @@ def test_a_candidate_returning_no_tensor_is_rejected(fresh):
     its output) is wrong, however fast: its error counted as 0, so it was chosen, cached, and
     the op returned ``None``."""
 
-    def hook(op, device, args, kwargs):
-        ref = _backend.implementations(op)["torch"].fn
-        return [tuning.Candidate("triton", "none", None, lambda *a, **k: None),
-                tuning.Candidate("triton", "good", None, ref)]
-
+    hook = bad_then_good("none", lambda ref: lambda *a, **k: None)
     timer = FakeTimer({"none": 0.1, "good": 1.0})
     tuning.configure(timer=timer, devices=("cpu",), candidates=hook)
     h, w = rand_hw()
@@ -318,14 +311,8 @@ def test_check_is_not_disarmed_by_an_infinity_in_a_head_input(fresh):
     feeds every class): the check must run on finite data, not compare nothing and accept a
     candidate that computes zeros. (Mutant: only NaN inputs replaced for the check.)"""
 
-    def hook(op, device, args, kwargs):
-        ref = _backend.implementations(op)["torch"].fn
-        return [tuning.Candidate("triton", "zeros", None,
-                                 lambda *a, **k: torch.zeros_like(ref(*a, **k))),
-                tuning.Candidate("triton", "good", None, ref)]
-
     tuning.configure(timer=FakeTimer({"zeros": 0.1, "good": 1.0}), devices=("cpu",),
-                     candidates=hook)
+                     candidates=bad_then_good("zeros", zeros_of))
     h, w = rand_hw()
     x = torch.randn(1, 8, h, w)  # (one sample: each output row is non-finite)
     x[0, int(torch.randint(0, 8, ()).item()), 1, 1] = float("inf")
