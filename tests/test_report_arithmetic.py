@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -230,8 +231,6 @@ def test_latency_time_ms_reports_the_median(latency_mod):
     t = latency_mod.time_ms(fn, torch.zeros(1), iters=5, warmup=0)
     # (p90 interpolated between the 4th and 5th of 5 calls: 0.6 of the way to the slow one)
     assert t["median_ms"] < 20 and t["p10_ms"] < 20 and t["p90_ms"] >= 150, t
-    import statistics
-
     assert t["p90_ms"] == pytest.approx(
         statistics.quantiles(t["times"], n=10, method="inclusive")[8]), t
 
@@ -240,8 +239,6 @@ def test_latency_percentiles_are_fastres_bench_s(latency_mod):
     """bench_latency's median, p10 and p90 are interpolated as ``fastres bench``'s p90 is
     (numpy's default; ``statistics``' inclusive method is the same): they were nearest rank,
     so the two tables' p90 of one set of times could differ."""
-    import statistics
-
     for n in (1, 2, 7, 10, 31):
         times = (torch.rand(n, dtype=torch.float64) * 5).tolist()
         got = latency_mod._percentiles(sorted(times))
@@ -261,8 +258,6 @@ def test_latency_rounds_are_pooled(latency_mod):
         rounds.append({"times": times, "median_ms": times[len(times) // 2]})
     row = {}
     latency_mod.merge_rounds(row, rounds)
-    import statistics
-
     pooled = sorted(t for r in rounds for t in r["times"])
     deciles = statistics.quantiles(pooled, n=10, method="inclusive")  # (numpy's default)
     assert row["iters"] == len(pooled)
